@@ -1,0 +1,366 @@
+"""The ``hivemarket`` command line.
+
+Exit codes: 0 ok, 1 a failure while running, 2 usage or bad input (a one-line ``Error: ...`` naming the
+problem, never a traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from peer import __version__
+from peer.identity import Identity, IdentityError, default_identity_path, load_identity, save_identity
+from peer.settings import PeerSettings, load_settings
+
+
+class InputError(click.ClickException):
+    """Bad input from the user: printed as one line, exit status 2."""
+
+    exit_code = 2
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _identity_path(path: str | None, settings: PeerSettings) -> Path:
+    return Path(path) if path else default_identity_path(settings.home)
+
+
+def _load_identity(path: str | None, settings: PeerSettings, *, create_default: bool = False) -> Identity:
+    """Load the identity; the default file is created on first use when ``create_default``."""
+    resolved = _identity_path(path, settings)
+    if path is None and create_default and not resolved.exists():
+        identity = Identity.generate()
+        save_identity(identity, resolved)
+        click.echo(f"created a new identity at {resolved}", err=True)
+        return identity
+    try:
+        return load_identity(resolved)
+    except IdentityError as e:
+        raise InputError(str(e)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="hivemarket")
+def main() -> None:
+    """hivemarket: rent out a GPU, run a peer node, launch a collaborative training run.
+
+    \b
+    Example:
+      hivemarket identity new
+      hivemarket peer start --listen /ip4/0.0.0.0/tcp/31337
+    """
+
+
+# ---------------------------------------------------------------------------------------------- identity
+
+
+@main.group()
+def identity() -> None:
+    """Create and show the Ed25519 key that is your account.
+
+    \b
+    Example:
+      hivemarket identity new && hivemarket identity show
+    """
+
+
+@identity.command("new")
+@click.option(
+    "--path", type=click.Path(dir_okay=False), help="Key file [default: $HIVEMARKET_HOME/identity.pem]."
+)
+@click.option("--force", is_flag=True, help="Replace an existing key file (the old account is lost).")
+def identity_new(path: str | None, force: bool) -> None:
+    """Write a new private key (PKCS8 PEM, mode 0600) and print its account id.
+
+    \b
+    Example:
+      hivemarket identity new --path ./alice.pem
+    """
+    resolved = _identity_path(path, load_settings())
+    new = Identity.generate()
+    try:
+        save_identity(new, resolved, force=force)
+    except IdentityError as e:
+        raise InputError(str(e)) from None
+    except OSError as e:
+        raise InputError(f"cannot write identity file {resolved}: {e.strerror}") from None
+    click.echo(new.account)
+
+
+@identity.command("show")
+@click.option(
+    "--path", type=click.Path(dir_okay=False), help="Key file [default: $HIVEMARKET_HOME/identity.pem]."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def identity_show(path: str | None, as_json: bool) -> None:
+    """Print the account id (64 hex characters) of a key file.
+
+    \b
+    Example:
+      hivemarket identity show --json
+    """
+    settings = load_settings()
+    loaded = _load_identity(path, settings)
+    if as_json:
+        _echo_json({"account": loaded.account, "path": str(_identity_path(path, settings))})
+    else:
+        click.echo(loaded.account)
+
+
+# -------------------------------------------------------------------------------------------------- peer
+
+
+@main.group()
+def peer() -> None:
+    """Run a peer node and probe this machine.
+
+    \b
+    Example:
+      hivemarket peer probe
+    """
+
+
+@peer.command("probe")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def peer_probe(as_json: bool) -> None:
+    """Report CPU, RAM, GPUs and a short benchmark (fp32/bf16 TFLOP/s, memory bandwidth).
+
+    \b
+    Example:
+      hivemarket peer probe --json
+    """
+    from peer.hardware import probe
+
+    result = probe(benchmark_seconds=load_settings().probe_seconds)
+    if as_json:
+        _echo_json(result)
+        return
+    bench = result["benchmark"]
+    click.echo(f"cpu      {result['cpu']['model']} ({result['cpu']['logical_cores']} threads)")
+    click.echo(f"ram      {result['ram_gb']:.1f} GiB")
+    for gpu in result["gpus"]:
+        click.echo(
+            f"gpu {gpu['index']}    {gpu['name']}, {gpu['vram_gb']:.1f} GiB, sm {gpu['compute_capability']}"
+        )
+    if not result["gpus"]:
+        click.echo("gpu      none")
+    bf16 = f", bf16 {bench['bf16_tflops']:.2f} TFLOP/s" if bench.get("bf16_tflops") else ""
+    click.echo(
+        f"bench    {bench['device']}: fp32 {bench['fp32_tflops']:.3f} TFLOP/s{bf16}, "
+        f"memory {bench['memory_bandwidth_gbps']:.1f} GB/s ({bench['seconds']:.1f} s)"
+    )
+
+
+def _maddrs(values: tuple[str, ...], option: str) -> list[str]:
+    from peer.node import NodeError, parse_maddrs
+
+    try:
+        return parse_maddrs(values, option)
+    except NodeError as e:
+        raise InputError(str(e)) from None
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by SIGINT/SIGTERM in this process.
+
+    The handlers are installed before hivemind forks its DHT process; a forked child that inherits them
+    restores the default action and re-raises, so that signalling the child still stops it.
+    """
+    stop = threading.Event()
+    owner = os.getpid()
+
+    def handle(signum: int, _frame: Any) -> None:
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _write_json_atomically(path: Path, value: Any) -> None:
+    """Readers never see a half-written file: write a sibling, then rename over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+@peer.command("start")
+@click.option(
+    "--listen", multiple=True, metavar="MADDR", help="Address to listen on [default: /ip4/0.0.0.0/tcp/0]."
+)
+@click.option(
+    "--announce", multiple=True, metavar="MADDR", help="Public address others should dial (behind NAT)."
+)
+@click.option(
+    "--initial-peers", multiple=True, metavar="MADDR", help="A running peer to join; repeat for more."
+)
+@click.option("--client-mode", is_flag=True, help="Do not accept incoming connections (behind NAT/firewall).")
+@click.option(
+    "--identity", "identity_path", type=click.Path(dir_okay=False), help="Key file of your account."
+)
+@click.option(
+    "--role", "roles", multiple=True, type=click.Choice(["trainer", "validator"]), help="[default: trainer]"
+)
+@click.option(
+    "--status-file", type=click.Path(dir_okay=False), help="Keep a JSON status object up to date here."
+)
+def peer_start(
+    listen: tuple[str, ...],
+    announce: tuple[str, ...],
+    initial_peers: tuple[str, ...],
+    client_mode: bool,
+    identity_path: str | None,
+    roles: tuple[str, ...],
+    status_file: str | None,
+) -> None:
+    """Start a DHT peer node that publishes its signed capability record; stop it with Ctrl-C.
+
+    \b
+    Example:
+      hivemarket peer start --listen /ip4/0.0.0.0/tcp/31337
+      hivemarket peer start --initial-peers /ip4/10.0.0.5/tcp/31337/p2p/12D3KooW...
+    """
+    from peer.node import DEFAULT_LISTEN, NodeError, PeerNode, start_dht, stop_dht
+
+    settings = load_settings()
+    listen_maddrs = _maddrs(listen, "--listen") or list(DEFAULT_LISTEN)
+    announce_maddrs = _maddrs(announce, "--announce")
+    bootstrap = _maddrs(initial_peers, "--initial-peers")
+    loaded = _load_identity(identity_path, settings, create_default=True)
+
+    from peer.hardware import probe, summary
+
+    hardware = summary(probe(benchmark_seconds=settings.probe_seconds))
+    with _stop_on_signals() as stop:
+        try:
+            dht, rsa = start_dht(
+                settings,
+                initial_peers=bootstrap,
+                listen=listen_maddrs,
+                announce=announce_maddrs,
+                client_mode=client_mode,
+            )
+        except NodeError as e:
+            raise InputError(str(e)) from None
+        node = PeerNode(dht, rsa, loaded, settings, hardware, sorted(set(roles or ("trainer",))))
+        try:
+            node.publish()
+            click.echo(f"peer id  {node.peer_id}")
+            click.echo(f"account  {loaded.account}")
+            for maddr in node.maddrs():
+                click.echo(f"maddr    {maddr}")
+            sys.stdout.flush()
+            next_status = 0.0
+            while not stop.is_set():
+                if node.publish_due():
+                    node.publish()
+                if status_file and time.monotonic() >= next_status:
+                    _write_json_atomically(Path(status_file), node.status())
+                    next_status = time.monotonic() + settings.status_interval
+                stop.wait(min(settings.status_interval, settings.record_refresh))
+        finally:
+            stop_dht(dht, settings)
+    click.echo("stopped", err=True)
+
+
+# ------------------------------------------------------------------------------------------------- peers
+
+
+@main.command("peers")
+@click.option("--initial-peers", multiple=True, required=True, metavar="MADDR", help="A running peer to ask.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of records.")
+def peers(initial_peers: tuple[str, ...], as_json: bool) -> None:
+    """List the live capability records of the swarm, then exit.
+
+    \b
+    Example:
+      hivemarket peers --initial-peers /ip4/127.0.0.1/tcp/31337/p2p/12D3KooW... --json
+    """
+    from peer.node import NodeError, fetch_records, start_dht, stop_dht
+
+    settings = load_settings()
+    bootstrap = _maddrs(initial_peers, "--initial-peers")
+    try:
+        dht, _ = start_dht(settings, initial_peers=bootstrap, client_mode=True)
+    except NodeError as e:
+        raise InputError(str(e)) from None
+    try:
+        records = fetch_records(dht)
+    finally:
+        stop_dht(dht, settings)
+    if as_json:
+        _echo_json(records)
+    else:
+        _print_records(records)
+
+
+def _print_records(records: list[dict[str, Any]]) -> None:
+    if not records:
+        click.echo("no live peers found")
+        return
+    now = time.time()
+    click.echo(f"{'ACCOUNT':<14}{'PEER ID':<56}{'GPU':<12}{'TFLOP/S':>8}  {'ROLES':<18}EXPIRES")
+    for r in records:
+        hw = r["hardware"]
+        click.echo(
+            f"{r['account'][:12]:<14}{r['peer_id']:<56}{hw.get('gpu', '?'):<12}{hw.get('tflops', 0):>8.2f}  "
+            f"{','.join(r['roles']):<18}{r['expires_at'] - now:.0f} s"
+        )
+
+
+# -------------------------------------------------------------------------------------------------- demo
+
+
+@main.command("demo")
+def demo() -> None:
+    """Start two local peers on 127.0.0.1, show both peers' records as the swarm sees them, stop.
+
+    \b
+    Example:
+      hivemarket demo
+    """
+    from peer.hardware import probe, summary
+    from peer.node import PeerNode, fetch_records, start_dht, stop_dht
+
+    settings = load_settings()
+    hardware = summary(probe(benchmark_seconds=settings.probe_seconds))
+    loopback = ["/ip4/127.0.0.1/tcp/0"]
+    nodes: list[PeerNode] = []
+    try:
+        for _ in range(2):
+            bootstrap = nodes[0].maddrs() if nodes else []
+            dht, rsa = start_dht(settings, initial_peers=bootstrap, listen=loopback)
+            nodes.append(PeerNode(dht, rsa, Identity.generate(), settings, hardware, ["trainer"]))
+            nodes[-1].publish()
+        records = fetch_records(nodes[1].dht)
+        click.echo(f"a local swarm of {len(nodes)} peers; records seen by peer {nodes[1].peer_id}:")
+        _print_records(records)
+        if len(records) != len(nodes):
+            raise click.ClickException(f"expected {len(nodes)} peer records, found {len(records)}")
+    finally:
+        for node in nodes:
+            stop_dht(node.dht, settings)

@@ -1,0 +1,223 @@
+"""The DHT peer node: a hivemind DHT that publishes this peer's signed capability record.
+
+hivemind runs the DHT in a child process which runs p2pd; both are reaped on shutdown, including after
+a failed start, so that no p2pd is ever left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import re
+import socket
+import time
+from collections.abc import Sequence
+from concurrent.futures import TimeoutError as FutureTimeoutError
+from dataclasses import dataclass, field
+from typing import Any
+
+import hivemind
+import multiaddr
+import psutil
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+from hivemind.utils import get_dht_time, get_logger
+from hivemind.utils.crypto import RSAPrivateKey
+
+from peer import __version__
+from peer.identity import Identity
+from peer.records import CAPABILITY_KEY, build_record, public_record, record_is_authentic, record_validators
+from peer.settings import PeerSettings
+
+logger = get_logger(__name__)
+
+DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/0",)
+_GO_TIMESTAMP = re.compile(r"\d{4}/\d{2}/\d{2} \d{2}:\d{2}:\d{2} ")
+
+
+class NodeError(RuntimeError):
+    """A node that cannot start as asked; the message names the option or address at fault."""
+
+
+def parse_maddrs(values: Sequence[str], option: str) -> list[str]:
+    """Validate multiaddrs with the ``multiaddr`` package; the error quotes the bad value and its option."""
+    parsed = []
+    for value in values:
+        try:
+            parsed.append(str(multiaddr.Multiaddr(value)))
+        except Exception as e:  # multiaddr raises several unrelated exception types for bad input
+            raise NodeError(f"{option} {value!r} is not a valid multiaddr: {e}") from None
+    return parsed
+
+
+def _check_ports_free(listen: Sequence[str]) -> None:
+    """Fail early on a listen port that is taken.
+
+    libp2p binds with SO_REUSEPORT and would silently share a port with another process; a plain bind
+    (without it) fails if anyone holds the port, which is the check users expect.
+    """
+    for value in listen:
+        addr = multiaddr.Multiaddr(value)
+        protocols = {p.name for p in addr.protocols()}
+        if "tcp" not in protocols or addr.value_for_protocol("tcp") == "0":
+            continue
+        family, host = (
+            (socket.AF_INET6, addr.value_for_protocol("ip6"))
+            if "ip6" in protocols
+            else (socket.AF_INET, addr.value_for_protocol("ip4") if "ip4" in protocols else "0.0.0.0")
+        )
+        port = int(addr.value_for_protocol("tcp"))
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise NodeError(f"--listen {value!r}: port {port} is already in use") from None
+                raise NodeError(f"--listen {value!r}: cannot bind {host}:{port}: {e.strerror}") from None
+
+
+def _process_tree(pid: int | None) -> list[psutil.Process]:
+    """``pid`` and its descendants, listed before they exit (p2pd is re-parented once its parent dies)."""
+    if pid is None:
+        return []
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _reap(processes: list[psutil.Process], timeout: float) -> None:
+    """Terminate, then kill, whatever of ``processes`` is still alive (p2pd outlives a killed DHT process)."""
+    alive = [p for p in processes if p.is_running()]
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(alive, timeout=timeout)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=timeout)
+
+
+def start_dht(
+    settings: PeerSettings,
+    *,
+    initial_peers: Sequence[str] = (),
+    listen: Sequence[str] = DEFAULT_LISTEN,
+    announce: Sequence[str] = (),
+    client_mode: bool = False,
+) -> tuple[hivemind.DHT, RSASignatureValidator]:
+    """Start a DHT node with hivemarket's record validators, or raise :class:`NodeError` within
+    ``settings.bootstrap_timeout`` seconds, leaving no process behind."""
+    if not client_mode:
+        _check_ports_free(listen)
+    rsa = RSASignatureValidator(RSAPrivateKey())
+    dht = hivemind.DHT(
+        initial_peers=list(initial_peers) or None,
+        start=False,
+        client_mode=client_mode,
+        host_maddrs=list(listen),
+        announce_maddrs=list(announce) or None,
+        record_validators=record_validators(rsa),
+        startup_timeout=settings.bootstrap_timeout,
+        wait_timeout=settings.dht_request_timeout,
+        shutdown_timeout=settings.shutdown_timeout,
+    )
+    try:
+        dht.run_in_background(await_ready=True, timeout=settings.bootstrap_timeout)
+    except (P2PDaemonError, FutureTimeoutError, OSError, RuntimeError, ValueError) as e:
+        stop_dht(dht, settings)
+        raise NodeError(_explain_start_failure(e, initial_peers, settings)) from None
+    return dht, rsa
+
+
+def _explain_start_failure(error: Exception, initial_peers: Sequence[str], settings: PeerSettings) -> str:
+    text = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    text = _GO_TIMESTAMP.sub("", text)  # p2pd prefixes its log lines with a date and time
+    if isinstance(error, FutureTimeoutError):
+        return f"the DHT did not start within {settings.bootstrap_timeout:g} s (HIVEMARKET_BOOTSTRAP_TIMEOUT)"
+    if "bootstrap" in text and initial_peers:
+        return f"cannot reach any of the initial peers {', '.join(initial_peers)}: {text}"
+    return f"the DHT failed to start: {text}"
+
+
+def stop_dht(dht: hivemind.DHT, settings: PeerSettings) -> None:
+    """Shut the DHT down and reap its p2pd even if the DHT process had to be terminated."""
+    tree = _process_tree(dht.pid)
+    if dht.is_alive():
+        dht.shutdown()
+    _reap(tree, settings.shutdown_timeout)
+
+
+@dataclass
+class PeerNode:
+    """A running DHT node that keeps this peer's capability record published."""
+
+    dht: hivemind.DHT
+    rsa: RSASignatureValidator
+    identity: Identity
+    settings: PeerSettings
+    hardware: dict[str, Any]
+    roles: list[str]
+    published_at: float = field(default=0.0)
+
+    @property
+    def peer_id(self) -> str:
+        return str(self.dht.peer_id)
+
+    def maddrs(self) -> list[str]:
+        return [str(m) for m in self.dht.get_visible_maddrs()]
+
+    def publish(self) -> bool:
+        """Store a fresh record expiring ``record_ttl`` seconds from now; True if any peer accepted it."""
+        expires_at = get_dht_time() + self.settings.record_ttl
+        record = build_record(
+            self.identity,
+            self.rsa.local_public_key,
+            peer_id=self.peer_id,
+            maddrs=self.maddrs(),
+            hardware=self.hardware,
+            roles=self.roles,
+            version=__version__,
+            expires_at=expires_at,
+        )
+        stored = self.dht.store(CAPABILITY_KEY, record, expires_at, subkey=self.rsa.local_public_key)
+        self.published_at = time.monotonic()
+        return bool(stored)
+
+    def publish_due(self) -> bool:
+        return time.monotonic() - self.published_at >= self.settings.record_refresh
+
+    def neighbors(self) -> list[str]:
+        return self.dht.run_coroutine(_routing_table_peers)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "peer_id": self.peer_id,
+            "account": self.identity.account,
+            "maddrs": self.maddrs(),
+            "dht_neighbors": self.neighbors(),
+            "roles": self.roles,
+            "hardware": self.hardware,
+            "version": __version__,
+            "record_published_at": time.time() - (time.monotonic() - self.published_at),
+        }
+
+
+async def _routing_table_peers(_dht: hivemind.DHT, node: Any) -> list[str]:
+    return sorted(str(peer_id) for peer_id in node.protocol.routing_table.peer_id_to_uid)
+
+
+def fetch_records(dht: hivemind.DHT) -> list[dict[str, Any]]:
+    """Live capability records in the DHT, each re-checked against its account signature."""
+    found = dht.get(CAPABILITY_KEY, latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return []
+    records = []
+    now = get_dht_time()
+    for subkey, item in found.value.items():
+        record = item.value
+        if item.expiration_time > now and isinstance(record, dict) and record_is_authentic(record, subkey):
+            records.append(public_record(record, item.expiration_time))
+    return sorted(records, key=lambda r: (r["account"], r["peer_id"]))

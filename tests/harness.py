@@ -1,0 +1,171 @@
+"""Real peer processes for tests: each in its own process group, always reaped (p2pd included)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+
+from peer.identity import Identity, save_identity
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parent.parent
+
+# Short intervals so that tests exercise expiry and refresh in seconds, not minutes.
+FAST_ENV = {
+    "HIVEMARKET_PROBE_SECONDS": "0.2",
+    "HIVEMARKET_RECORD_TTL": "6",
+    "HIVEMARKET_RECORD_REFRESH": "1",
+    "HIVEMARKET_STATUS_INTERVAL": "0.5",
+    "HIVEMARKET_BOOTSTRAP_TIMEOUT": "20",
+    "HIVEMIND_LOGLEVEL": "WARNING",
+}
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
+    """Poll ``predicate`` until it returns something truthy; fail naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def cli_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a CLI run whose HIVEMARKET_HOME is ``home`` (with an identity in it)."""
+    key_file = home / "identity.pem"
+    if not key_file.exists():
+        save_identity(Identity.generate(), key_file)
+    return {**os.environ, **FAST_ENV, "HIVEMARKET_HOME": str(home), **extra}
+
+
+def run_cli(
+    *args: str, env: dict[str, str], timeout: float = 60, **kwargs: Any
+) -> subprocess.CompletedProcess:
+    """Run ``hivemarket ARGS`` to completion in its own process group, reaping the group afterwards."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "peer", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+        **kwargs,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        kill_group(proc.pid)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    """Live (non-zombie) processes of a process group."""
+    members = []
+    for p in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(p)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return members
+
+
+def kill_group(pgid: int, grace: float = 10.0) -> None:
+    """SIGTERM the group, then SIGKILL whatever is left after ``grace`` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not group_members(pgid):
+            return
+
+
+@dataclass
+class PeerProcess:
+    """A running ``hivemarket peer start`` with a status file."""
+
+    proc: subprocess.Popen
+    status_file: Path
+    log: Path
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(self.status_file.read_text())
+
+    @property
+    def maddrs(self) -> list[str]:
+        return self.status()["maddrs"]
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+
+class PeerSwarm:
+    """Starts peer processes and reaps every one of them (and their p2pd) at the end."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.peers: list[PeerProcess] = []
+
+    def start(self, *args: str, env: dict[str, str] | None = None, timeout: float = 60) -> PeerProcess:
+        n = len(self.peers)
+        home = self.root / f"peer{n}"
+        home.mkdir(parents=True)
+        status_file, log = home / "status.json", home / "peer.log"
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "peer",
+                    "peer",
+                    "start",
+                    "--listen",
+                    "/ip4/127.0.0.1/tcp/0",
+                    "--status-file",
+                    str(status_file),
+                    *args,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env or cli_env(home),
+                start_new_session=True,
+            )
+        peer = PeerProcess(proc, status_file, log)
+        self.peers.append(peer)
+        wait_until(
+            lambda: status_file.exists() or proc.poll() is not None, timeout, f"peer {n} to write its status"
+        )
+        if proc.poll() is not None:
+            raise AssertionError(f"peer {n} exited with {proc.returncode}:\n{log.read_text()}")
+        return peer
+
+    def close(self) -> list[psutil.Process]:
+        """Reap every peer's process group; return what survived (tests assert it is empty)."""
+        survivors = []
+        for peer in self.peers:
+            kill_group(peer.proc.pid)
+            if peer.proc.poll() is None:
+                peer.proc.wait(timeout=10)
+            survivors += group_members(peer.proc.pid)
+        return survivors
