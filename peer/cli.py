@@ -364,3 +364,11 @@ def demo() -> None:
     finally:
         for node in nodes:
             stop_dht(node.dht, settings)
+
+
+# The market commands live next to the coordinator client; imported last because they use the helpers above.
+from coordinator.cli import register  # noqa: E402
+from coordinator.serve import coordinator_group  # noqa: E402
+
+register(main)
+main.add_command(coordinator_group)

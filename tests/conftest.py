@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import PeerSwarm
+from peer.identity import Identity
+from tests.harness import CoordinatorProcess, PeerSwarm, group_members, start_coordinator
 
 
 @pytest.fixture
@@ -17,3 +18,14 @@ def swarm(tmp_path: Path) -> Iterator[PeerSwarm]:
     finally:
         survivors = peers.close()
         assert not survivors, f"processes left behind: {survivors}"
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path) -> Iterator[CoordinatorProcess]:
+    """A real coordinator process on a free port with a fresh SQLite file; its admin is ``.admin``."""
+    server = start_coordinator(tmp_path / "coordinator", Identity.generate())
+    try:
+        yield server
+    finally:
+        server.stop()
+        assert not group_members(server.proc.pid), "the coordinator left processes behind"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -169,3 +170,70 @@ class PeerSwarm:
                 peer.proc.wait(timeout=10)
             survivors += group_members(peer.proc.pid)
         return survivors
+
+
+@dataclass
+class CoordinatorProcess:
+    """A running ``hivemarket coordinator serve`` on a free port with its own SQLite file."""
+
+    proc: subprocess.Popen
+    url: str
+    db_path: Path
+    admin: Identity
+    home: Path
+    log: Path
+    env: dict[str, str]
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=timeout)
+        kill_group(self.proc.pid)
+        return code
+
+    def restart(self, timeout: float = 60) -> CoordinatorProcess:
+        """Start a new server process on the same database (the previous one must be stopped)."""
+        return start_coordinator(self.home, self.admin, db_path=self.db_path, env=self.env, timeout=timeout)
+
+
+def start_coordinator(
+    home: Path,
+    admin: Identity,
+    *,
+    db_path: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+) -> CoordinatorProcess:
+    """Start the coordinator as a subprocess (own process group) and wait until it accepts requests."""
+    home.mkdir(parents=True, exist_ok=True)
+    admin_key = home / "admin.pem"
+    if not admin_key.exists():
+        save_identity(admin, admin_key)
+    db_path = db_path or home / "coordinator.db"
+    run_env = env if env is not None else cli_env(home)
+    log = home / f"coordinator-{time.monotonic_ns()}.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "peer", "coordinator", "serve", "--port", "0",
+             "--db", f"sqlite:///{db_path}", "--admin-key", str(admin_key)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=run_env,
+            start_new_session=True,
+        )
+
+    def listening() -> str | None:
+        if proc.poll() is not None:
+            raise AssertionError(f"coordinator exited with {proc.returncode}:\n{log.read_text()}")
+        found = re.search(r"listening on (http://\S+)", log.read_text())
+        return found.group(1) if found else None
+
+    try:
+        url = wait_until(listening, timeout, "the coordinator to listen", interval=0.05)
+    except BaseException:
+        kill_group(proc.pid)
+        raise
+    return CoordinatorProcess(proc, url, db_path, admin, home, log, run_env)

@@ -1,0 +1,415 @@
+"""The coordinator's HTTP API: an aiohttp application over a :class:`coordinator.store.Store`.
+
+Each route is declared once in :data:`ROUTES` (method, path, auth, body and response models); the same
+table drives dispatch, validation and ``/openapi.json``. Signed routes verify the envelope, its freshness
+and the per-account rate limit before anything else runs; nonces are claimed inside the store's
+transaction. Client input never causes a 500: every refusal is an :class:`ApiError` with a JSON body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import msgpack
+from aiohttp import web
+from hivemind.utils import get_logger
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+
+from coordinator import market
+from coordinator.errors import ApiError, BadRequest, BodyTooLarge, Forbidden, RateLimited, Unauthorized
+from coordinator.filters import FieldKind, FilterError, compile_filter, parse_sort
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.money import from_units, to_units
+from coordinator.openapi import build_openapi
+from coordinator.ratelimit import Bucket, take
+from coordinator.schemas import (
+    AccountView,
+    AuditView,
+    ClearingRoundView,
+    DepositBody,
+    LeaseView,
+    MarketView,
+    OfferBody,
+    OfferResponse,
+    OfferView,
+    RunBody,
+    RunView,
+)
+from coordinator.settings import ServerSettings
+from coordinator.store import Store
+from peer.envelope import Envelope, EnvelopeError, check_fresh, verify_request
+from peer.identity import ACCOUNT_RE
+
+logger = get_logger(__name__)
+
+MSGPACK = "application/msgpack"
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+# Fields of the offer filter language, and the offer attribute each reads.
+OFFER_FIELDS = {
+    "account": FieldKind.STRING,
+    "gpu": FieldKind.STRING,
+    "gpu_count": FieldKind.NUMBER,
+    "vram_gb": FieldKind.NUMBER,
+    "tflops": FieldKind.NUMBER,
+    "price": FieldKind.NUMBER,
+    "reliability": FieldKind.NUMBER,
+    "state": FieldKind.STRING,
+    "min_lease_seconds": FieldKind.NUMBER,
+}
+
+
+@dataclass
+class Context:
+    """What a handler gets: the request, the time it arrived, its verified envelope and parsed body."""
+
+    request: web.Request
+    now: float
+    envelope: Envelope | None = None
+    body: Any = None
+
+    def path_id(self, name: str) -> str:
+        value = self.request.match_info[name]
+        pattern = ACCOUNT_RE if name == "account" else _ID_RE
+        if not pattern.match(value):
+            raise BadRequest(f"{name} {value[:80]!r} is malformed", field=name)
+        return value
+
+
+Handler = Callable[["Coordinator", Context], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    auth: Literal["none", "signed", "admin"] = "none"
+    body: type[BaseModel] | None = None
+    response: type[BaseModel] | None = None
+    status: int = 200
+    query: tuple[tuple[str, str], ...] = ()
+    content_type: str | None = None
+
+
+@dataclass
+class Coordinator:
+    """Application state: settings, the store, metrics, the admin account and rate-limit buckets."""
+
+    settings: ServerSettings
+    store: Store
+    admin: str
+    clock: Callable[[], float] = time.time
+    metrics: CoordinatorMetrics = field(default_factory=CoordinatorMetrics)
+    market_config: market.MarketConfig = field(default_factory=market.MarketConfig)
+    buckets: dict[str, Bucket] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------------------------- handlers
+
+    async def healthz(self, ctx: Context) -> dict[str, str]:
+        return {"status": "ok"}
+
+    async def openapi(self, ctx: Context) -> dict[str, Any]:
+        return build_openapi(ROUTES)
+
+    async def prometheus(self, ctx: Context) -> web.Response:
+        counts = await self.store.counts()
+        for state in ("pending", "recruiting", "running", "settling", "finished", "cancelled", "failed"):
+            self.metrics.runs.labels(state).set(counts.get(f"runs_{state}", 0))
+        self.metrics.live_peers.set(counts["live_leases"])
+        self.metrics.ledger_conserved.set(1 if (await self.store.audit()).conserved else 0)
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def deposit(self, ctx: Context) -> AccountView:
+        return await self.store.deposit(ctx.now, ctx.envelope, ctx.path_id("account"), to_units(ctx.body.amount))
+
+    async def account(self, ctx: Context) -> AccountView:
+        return await self.store.account(ctx.path_id("account"))
+
+    async def ledger_audit(self, ctx: Context) -> AuditView:
+        result = await self.store.audit()
+        self.metrics.ledger_conserved.set(1 if result.conserved else 0)
+        return AuditView(
+            conserved=result.conserved, deposits=from_units(result.deposits), holdings=from_units(result.holdings)
+        )
+
+    async def post_offer(self, ctx: Context) -> OfferResponse:
+        return await self.store.post_offer(ctx.now, ctx.envelope, ctx.body)
+
+    async def heartbeat(self, ctx: Context) -> LeaseView:
+        return await self.store.heartbeat(ctx.now, ctx.envelope, ctx.path_id("lease_id"))
+
+    async def list_offers(self, ctx: Context) -> dict[str, list[OfferView]]:
+        query = ctx.request.query
+        try:
+            keep = compile_filter(query.get("q", ""), OFFER_FIELDS)
+        except FilterError as e:
+            raise BadRequest(str(e), field="q", code="bad_filter") from None
+        try:
+            sort_field, descending = parse_sort(query.get("sort", "price"), OFFER_FIELDS)
+        except FilterError as e:
+            raise BadRequest(str(e), field="sort", code="bad_sort") from None
+        rows = [(offer, _filter_record(offer)) for offer in await self.store.offers()]
+        rows = [row for row in rows if keep(row[1])]
+        rows.sort(key=lambda row: (row[1][sort_field] is None, row[1][sort_field]), reverse=descending)
+        return {"offers": [offer for offer, _ in rows]}
+
+    async def create_run(self, ctx: Context) -> RunView:
+        return await self.store.create_run(ctx.now, ctx.envelope, ctx.body)
+
+    async def list_runs(self, ctx: Context) -> dict[str, list[RunView]]:
+        return {"runs": await self.store.runs()}
+
+    async def get_run(self, ctx: Context) -> RunView:
+        return await self.store.run(ctx.path_id("run_id"))
+
+    async def cancel_run(self, ctx: Context) -> RunView:
+        return await self.store.cancel_run(ctx.now, ctx.envelope, ctx.path_id("run_id"))
+
+    async def market_view(self, ctx: Context) -> MarketView:
+        rounds = await self.store.rounds(self.settings.market_history)
+        supply, demand = await self.store.market_depth()
+        price = next((r.clearing_price for r in rounds if r.clearing_price is not None), None)
+        return MarketView(clearing_price=price, supply=supply, demand=demand, rounds=rounds)
+
+    async def clear_market(self, ctx: Context) -> ClearingRoundView:
+        return await self._clear(ctx.now, ctx.envelope)
+
+    async def _clear(self, now: float, envelope: Envelope | None) -> ClearingRoundView:
+        result = await self.store.clear_market(now, envelope, self.market_config)
+        self.metrics.clearing_rounds.inc()
+        self.metrics.trades.inc(result.trades)
+        if result.clearing_price is not None:
+            self.metrics.clearing_price.set(float(result.clearing_price))
+        return result
+
+    # -------------------------------------------------------------------------------------- dispatch
+
+    def endpoint(self, route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            ctx = Context(request, self.clock())
+            raw = await _read_body(request, self.settings.max_body_bytes)
+            if route.auth != "none":
+                ctx.envelope = self._authenticate(request, raw, ctx.now, admin=route.auth == "admin")
+            if route.body is not None:
+                ctx.body = _parse_body(route.body, request, raw)
+            result = await route.handler(self, ctx)
+            if isinstance(result, web.StreamResponse):
+                return result
+            return encode(request, result, route.status)
+
+        return handle
+
+    def _authenticate(self, request: web.Request, raw: bytes, now: float, *, admin: bool) -> Envelope:
+        try:
+            envelope = verify_request(request.headers, request.method, request.raw_path, raw)
+            check_fresh(envelope, now, self.settings.signature_window)
+        except EnvelopeError as e:
+            raise Unauthorized(str(e), field=e.field, code="bad_signature") from None
+        decision = take(
+            self.buckets.get(envelope.account), now, self.settings.rate_limit_per_second, self.settings.rate_limit_burst
+        )
+        self.buckets[envelope.account] = decision.bucket
+        if not decision.allowed:
+            raise RateLimited(
+                f"account {envelope.account[:12]}... exceeds {self.settings.rate_limit_per_second:g} requests/s",
+                decision.retry_after,
+            )
+        if admin and envelope.account != self.admin:
+            raise Forbidden(f"only the admin key may do this; {envelope.account} is not it", field="X-Hivemarket-Key")
+        return envelope
+
+    # ---------------------------------------------------------------------------------- background
+
+    async def background(self, app: web.Application) -> AsyncIterator[None]:
+        """Open the store, resume leases, and run clearing and lapse sweeps while the app lives."""
+        await self.store.open()
+        resumed = await self.store.resume_leases(self.clock())
+        if resumed:
+            logger.info(f"Resumed {resumed} active leases after a restart")
+        tasks = [
+            asyncio.create_task(self._every(self.settings.clearing_interval, self._clearing_round)),
+            asyncio.create_task(self._every(self.settings.sweep_interval, self._sweep)),
+        ]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.store.close()
+
+    async def _every(self, interval: float, job: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await job()
+            except Exception:
+                logger.exception(f"Background job {job.__name__} failed; retrying in {interval:g} s")
+
+    async def _clearing_round(self) -> None:
+        supply, demand = await self.store.market_depth()
+        if supply and demand:
+            await self._clear(self.clock(), None)
+
+    async def _sweep(self) -> None:
+        lapses = await self.store.sweep(self.clock(), nonce_horizon=2 * self.settings.signature_window)
+        for lapse in lapses:
+            logger.info(f"Lease {lapse.lease_id} of {lapse.account[:12]} lapsed: {lapse.reason}")
+        self.metrics.lapsed_leases.inc(len(lapses))
+
+
+def _filter_record(offer: OfferView) -> dict[str, Any]:
+    record = offer.model_dump(include={"account", "gpu", "gpu_count", "vram_gb", "tflops", "reliability", "state"})
+    record["price"] = offer.price_per_hour
+    record["min_lease_seconds"] = offer.min_lease_seconds
+    return record
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"body of {request.content_length} bytes exceeds the limit of {limit} bytes")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BodyTooLarge(f"body exceeds the limit of {limit} bytes") from None
+
+
+def _parse_body(model: type[BaseModel], request: web.Request, raw: bytes) -> BaseModel:
+    try:
+        if request.content_type == MSGPACK:
+            data = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        else:
+            data = json.loads(raw or b"null")
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+        kind = "msgpack" if request.content_type == MSGPACK else "JSON"
+        raise BadRequest(f"body is not valid {kind}: {e}", code="malformed_body") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        error = e.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in error["loc"]) or None
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] != "value_error":
+            message += f" (got {_short(error.get('input'))})"
+        raise BadRequest(f"{where or 'body'}: {message}", field=where) from None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def encode(request: web.Request, value: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """JSON for people and curl; msgpack when the client's Accept header asks for it."""
+    data = _jsonable(value)
+    if MSGPACK in request.headers.get("Accept", ""):
+        return web.Response(body=msgpack.packb(data, use_bin_type=True), status=status, content_type=MSGPACK, headers=headers)
+    return web.Response(text=json.dumps(data), status=status, content_type="application/json", headers=headers)
+
+
+@web.middleware
+async def _errors_and_metrics(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    """Every refusal becomes the documented error body; every request is counted and timed."""
+    coordinator: Coordinator = request.app["coordinator"]
+    started = time.perf_counter()
+    info = request.match_info.route.resource
+    route = info.canonical if info is not None else "unmatched"
+    try:
+        response = await handler(request)
+    except ApiError as e:
+        headers = {"Retry-After": f"{e.retry_after:.3f}"} if isinstance(e, RateLimited) else None
+        response = encode(request, e.body(), e.status, headers)
+    except web.HTTPException as e:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(e.status, "http_error")
+        response = encode(request, ApiError(f"{request.method} {request.path}: {e.reason}", code=code).body(), e.status)
+    except Exception:
+        logger.exception(f"Unhandled error in {request.method} {request.path}")
+        response = encode(request, ApiError("internal error", code="internal").body(), 500)
+    coordinator.metrics.requests.labels(route, request.method, str(response.status)).inc()
+    coordinator.metrics.latency.labels(route).observe(time.perf_counter() - started)
+    return response
+
+
+ROUTES: Sequence[Route] = (
+    Route("GET", "/healthz", Coordinator.healthz, "Liveness"),
+    Route("GET", "/openapi.json", Coordinator.openapi, "This OpenAPI document", content_type="application/json"),
+    Route("GET", "/metrics", Coordinator.prometheus, "Prometheus metrics", content_type=CONTENT_TYPE_LATEST),
+    Route(
+        "POST", "/v1/accounts/{account}/deposit", Coordinator.deposit, "Credit an account (admin)",
+        auth="admin", body=DepositBody, response=AccountView,
+    ),
+    Route("GET", "/v1/accounts/{account}", Coordinator.account, "An account's money", response=AccountView),
+    Route("GET", "/v1/ledger/audit", Coordinator.ledger_audit, "Holdings against deposits", response=AuditView),
+    Route(
+        "POST", "/v1/offers", Coordinator.post_offer, "Create or update your offer; returns its lease",
+        auth="signed", body=OfferBody, response=OfferResponse,
+    ),
+    Route(
+        "POST", "/v1/leases/{lease_id}/heartbeat", Coordinator.heartbeat, "Renew your lease",
+        auth="signed", response=LeaseView,
+    ),
+    Route(
+        "GET", "/v1/offers", Coordinator.list_offers, "List offers",
+        query=(("q", "filter, e.g. 'gpu=H100 vram_gb>=40 price<=2.5'"), ("sort", "field, '-' for descending")),
+    ),
+    Route(
+        "POST", "/v1/runs", Coordinator.create_run, "Create a run, escrowing its budget",
+        auth="signed", body=RunBody, response=RunView, status=201,
+    ),
+    Route("GET", "/v1/runs", Coordinator.list_runs, "List runs"),
+    Route("GET", "/v1/runs/{run_id}", Coordinator.get_run, "One run", response=RunView),
+    Route(
+        "POST", "/v1/runs/{run_id}/cancel", Coordinator.cancel_run, "Cancel your run; refunds what is unspent",
+        auth="signed", response=RunView,
+    ),
+    Route("GET", "/v1/market", Coordinator.market_view, "Clearing price, supply, demand", response=MarketView),
+    Route(
+        "POST", "/v1/market/clear", Coordinator.clear_market, "Run a clearing round now (admin)",
+        auth="admin", response=ClearingRoundView,
+    ),
+)
+
+
+def create_app(coordinator: Coordinator) -> web.Application:
+    # aiohttp's own limit sits above ours so that our check produces the documented error body.
+    app = web.Application(middlewares=[_errors_and_metrics], client_max_size=coordinator.settings.max_body_bytes + 1)
+    app["coordinator"] = coordinator
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, coordinator.endpoint(route))
+    app.cleanup_ctx.append(coordinator.background)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def serving(coordinator: Coordinator, host: str, port: int) -> AsyncIterator[str]:
+    """Run the app on ``host:port`` (0 picks a free port); yields the URL it accepts requests on."""
+    runner = web.AppRunner(create_app(coordinator), access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, reuse_address=False)
+        await site.start()
+        bound = site._server.sockets[0].getsockname()  # the real port when port 0 was asked for
+        yield f"http://{host}:{bound[1]}"
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,357 @@
+"""Market commands of the ``hivemarket`` CLI: rent, offers, market, account, deposit.
+
+They talk to a coordinator through :class:`coordinator.client.CoordinatorClient`. ``peer/cli.py`` calls
+:func:`register` once, after its own commands are defined (this module imports its helpers, so import
+``peer.cli`` rather than this module directly). Exit status follows the rest of the CLI: 0 ok, 1 a
+failure (coordinator unreachable, a server error), 2 bad input, including a request the coordinator
+refused as invalid, unpaid, forbidden, unknown or conflicting: one ``Error: ...`` line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from typing import TypeVar
+
+import click
+
+from coordinator.client import AlreadyApplied, CoordinatorClient, CoordinatorError, CoordinatorUnreachable
+from coordinator.money import parse_money
+from coordinator.schemas import AccountView, HardwareSummary, LeaseView, OfferBody, OfferResponse
+from coordinator.settings import ClientSettings
+from peer.cli import InputError, _echo_json, _load_identity
+from peer.identity import Identity, IdentityError, load_identity
+from peer.settings import load_settings
+
+T = TypeVar("T")
+#: Refusals caused by what the user asked for; anything else from the coordinator is a failure (exit 1).
+INPUT_STATUSES = frozenset({400, 402, 403, 404, 409})
+
+coordinator_option = click.option(
+    "--coordinator",
+    metavar="URL",
+    default=lambda: ClientSettings().coordinator,
+    help="Coordinator to talk to [default: $HIVEMARKET_COORDINATOR, else http://127.0.0.1:8470].",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+def register(main: click.Group) -> None:
+    """Add the market commands to the top-level ``hivemarket`` group."""
+    for command in (rent, offers, market, account, deposit):
+        main.add_command(command)
+
+
+def _client(url: str, identity: Identity | None = None) -> CoordinatorClient:
+    try:
+        return CoordinatorClient(url, identity)
+    except ValueError as e:
+        raise InputError(f"--coordinator: {e}") from None
+
+
+def _call(client: CoordinatorClient, op: Callable[[CoordinatorClient], Awaitable[T]]) -> T:
+    """Run one request to completion, turning the client's failures into the CLI's exit codes."""
+
+    async def go() -> T:
+        async with client:
+            return await op(client)
+
+    try:
+        return asyncio.run(go())
+    except CoordinatorUnreachable as e:
+        raise click.ClickException(str(e)) from None
+    except CoordinatorError as e:
+        if e.status in INPUT_STATUSES:
+            raise InputError(str(e)) from None
+        raise click.ClickException(str(e)) from None
+
+
+def _money(value: str, name: str, *, positive: bool = False) -> Decimal:
+    """Validate money on the command line, so a typo is exit 2 naming the option and the value."""
+    try:
+        amount = parse_money(value)
+    except ValueError as e:
+        raise InputError(f"invalid {name}: {e}") from None
+    if positive and amount <= 0:
+        raise InputError(f"invalid {name}: {value!r} must be greater than 0")
+    return amount
+
+
+def _fmt_money(amount: Decimal | None) -> str:
+    """Money for people: at least 2 decimals, no trailing zeros beyond them."""
+    if amount is None:
+        return "-"
+    return f"{amount:.2f}" if amount == round(amount, 2) else f"{amount.normalize():f}"
+
+
+def _print_account(view: AccountView) -> None:
+    click.echo(f"account     {view.account}")
+    click.echo(f"balance     {_fmt_money(view.balance)}")
+    click.echo(f"escrow      {_fmt_money(view.escrow)}")
+    click.echo(f"earned      {_fmt_money(view.earned)}")
+    click.echo(f"reputation  {view.reputation:.3f}")
+
+
+# -------------------------------------------------------------------------------------------------- rent
+
+
+@click.command("rent")
+@coordinator_option
+@click.option("--price-per-hour", required=True, metavar="X", help="Your ask per GPU-hour, e.g. 1.20.")
+@click.option(
+    "--identity", "identity_path", type=click.Path(dir_okay=False), help="Key file of your account."
+)
+@click.option(
+    "--role", "roles", multiple=True, type=click.Choice(["trainer", "validator"]), help="[default: trainer]"
+)
+@click.option(
+    "--min-lease-seconds", type=click.IntRange(min=0), default=0, help="Shortest lease you take [default: 0]."
+)
+def rent(
+    coordinator: str,
+    price_per_hour: str,
+    identity_path: str | None,
+    roles: tuple[str, ...],
+    min_lease_seconds: int,
+) -> None:
+    """Benchmark this machine, post a signed offer and keep its lease alive until Ctrl-C.
+
+    Prints the offer and the lease, then a line whenever the lease changes state or is assigned to a
+    run. A lapsed lease is renewed by posting the offer again; while the coordinator is unreachable it
+    keeps retrying.
+
+    \b
+    Example:
+      hivemarket rent --coordinator http://10.0.0.2:8470 --price-per-hour 1.20
+    """
+    price = _money(price_per_hour, "--price-per-hour")
+    settings = load_settings()
+    client = _client(coordinator, _load_identity(identity_path, settings, create_default=True))
+    from peer.hardware import probe, summary
+
+    hardware = HardwareSummary(**summary(probe(benchmark_seconds=settings.probe_seconds)))
+    body = OfferBody(
+        price_per_hour=f"{price:f}",
+        hardware=hardware,
+        roles=sorted(set(roles or ("trainer",))),
+        min_lease_seconds=min_lease_seconds,
+    )
+    _call(client, functools.partial(_rent_until_signal, body=body))
+    click.echo("stopped", err=True)
+
+
+async def _rent_until_signal(client: CoordinatorClient, body: OfferBody) -> None:
+    """Hold the lease until SIGINT/SIGTERM, which cancel this task so the session closes cleanly."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await _hold_lease(client, body)
+    except asyncio.CancelledError:
+        return
+
+
+async def _hold_lease(client: CoordinatorClient, body: OfferBody) -> None:
+    """Heartbeat every lease interval; post the offer again when the lease lapsed or is unknown."""
+    lease = await _post_offer(client, body)
+    while True:
+        await asyncio.sleep(lease.heartbeat_interval)
+        try:
+            renewed = await _persist(client.settings, functools.partial(client.heartbeat, lease.id))
+        except AlreadyApplied:
+            continue  # the retried heartbeat's first attempt renewed the lease
+        except CoordinatorError as e:
+            if e.code != "lease_lapsed" and e.status != 404:
+                raise
+            click.echo(f"lease {lease.id} is gone ({e.message}); posting the offer again")
+            lease = await _post_offer(client, body)
+            continue
+        if (renewed.state, renewed.run_id) != (lease.state, lease.run_id):
+            click.echo(_lease_change(lease, renewed))
+        lease = renewed
+
+
+async def _post_offer(client: CoordinatorClient, body: OfferBody) -> LeaseView:
+    """Post until an answer comes; re-posting is safe because an account has one offer, updated in place."""
+    while True:
+        try:
+            response = await _persist(client.settings, functools.partial(client.post_offer, body))
+        except AlreadyApplied:
+            continue  # posted, but the answer with the lease was lost: post again to get it
+        _print_offer(response)
+        return response.lease
+
+
+async def _persist(settings: ClientSettings, op: Callable[[], Awaitable[T]]) -> T:
+    """Retry ``op`` with backoff while the coordinator is unreachable, rate-limiting or failing (5xx)."""
+    failures = 0
+    while True:
+        try:
+            result = await op()
+        except (CoordinatorUnreachable, CoordinatorError) as e:
+            if isinstance(e, CoordinatorError) and e.status != 429 and e.status < 500:
+                raise
+            delay = min(settings.retry_backoff * 2**failures, settings.retry_backoff_max)
+            failures += 1
+            click.echo(f"coordinator unavailable ({e}); retrying in {delay:g} s")
+            await asyncio.sleep(delay)
+            continue
+        if failures:
+            click.echo("coordinator reachable again")
+        return result
+
+
+def _print_offer(response: OfferResponse) -> None:
+    offer, lease = response.offer, response.lease
+    click.echo(f"account  {offer.account}")
+    click.echo(
+        f"offer    {_fmt_money(offer.price_per_hour)}/h, {offer.gpu} x{offer.gpu_count}, "
+        f"{offer.vram_gb:.1f} GB VRAM, {offer.tflops:.2f} TFLOP/s, roles {','.join(offer.roles)}, "
+        f"state {offer.state}"
+    )
+    click.echo(
+        f"lease    {lease.id} {lease.state}, expires in {lease.expires_at - time.time():.1f} s, "
+        f"heartbeat every {lease.heartbeat_interval:g} s"
+    )
+
+
+def _lease_change(old: LeaseView, new: LeaseView) -> str:
+    changes = []
+    if new.state != old.state:
+        changes.append(f"{old.state} -> {new.state}")
+    if new.run_id != old.run_id:
+        changes.append(
+            f"assigned to run {new.run_id} at {_fmt_money(new.price_per_hour)}/h"
+            if new.run_id
+            else f"released from run {old.run_id}"
+        )
+    return f"lease {new.id}: {', '.join(changes)}"
+
+
+# ------------------------------------------------------------------------------------- offers and market
+
+
+@click.command("offers")
+@click.argument("filter_expr", metavar="[FILTER]", default="")
+@click.option("--sort", metavar="FIELD", help="Order by FIELD; -FIELD for descending (e.g. -price).")
+@coordinator_option
+@json_option
+def offers(filter_expr: str, sort: str | None, coordinator: str, as_json: bool) -> None:
+    """List the market's offers, optionally filtered: FIELD OP VALUE terms, OP one of = != < <= > >= in.
+
+    \b
+    Example:
+      hivemarket offers 'gpu=H100 vram_gb>=40 price<=2.5' --sort price
+      hivemarket offers 'reliability>0.9' --sort -tflops --json
+    """
+    found = _call(_client(coordinator), lambda c: c.offers(filter_expr, sort))
+    if as_json:
+        _echo_json([o.model_dump(mode="json") for o in found])
+        return
+    if not found:
+        click.echo("no offers match")
+        return
+    click.echo(f"{'ACCOUNT':<14}{'GPU':<22}{'VRAM GB':>8}{'TFLOP/S':>9}{'PRICE/H':>10}{'RELIAB':>8}  STATE")
+    for o in found:
+        gpu = f"{o.gpu} x{o.gpu_count}" if o.gpu_count > 1 else o.gpu
+        click.echo(
+            f"{o.account[:12]:<14}{gpu[:21]:<22}{o.vram_gb:>8.1f}{o.tflops:>9.2f}"
+            f"{_fmt_money(o.price_per_hour):>10}{o.reliability:>8.3f}  {o.state}"
+        )
+
+
+@click.command("market")
+@coordinator_option
+@json_option
+def market(coordinator: str, as_json: bool) -> None:
+    """Show the clearing price, supply, demand and the recent clearing rounds.
+
+    \b
+    Example:
+      hivemarket market --json
+    """
+    view = _call(_client(coordinator), lambda c: c.market())
+    if as_json:
+        _echo_json(view.model_dump(mode="json"))
+        return
+    click.echo(f"clearing price  {_fmt_money(view.clearing_price)} per effective TFLOP-hour")
+    click.echo(f"supply          {view.supply} open offers")
+    click.echo(f"demand          {view.demand} peers wanted")
+    if view.rounds:
+        click.echo(f"{'AT':<10}{'PRICE':>10}{'TRADES':>8}{'SUPPLY':>8}{'DEMAND':>8}  REASON")
+    for r in view.rounds:
+        at = time.strftime("%H:%M:%S", time.localtime(r.at))
+        click.echo(
+            f"{at:<10}{_fmt_money(r.clearing_price):>10}{r.trades:>8}{r.supply:>8}{r.demand:>8}  {r.reason}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- accounts
+
+
+@click.command("account")
+@click.argument("account_id", metavar="[ID]", required=False)
+@coordinator_option
+@click.option(
+    "--identity", "identity_path", type=click.Path(dir_okay=False), help="Key file whose account to show."
+)
+@json_option
+def account(account_id: str | None, coordinator: str, identity_path: str | None, as_json: bool) -> None:
+    """Show an account's balance, escrow, earnings and reputation (your own by default).
+
+    \b
+    Example:
+      hivemarket account
+      hivemarket account 170d094c3df1f0c6b3e7f8b6f8f4c1d6e8a0a4c2b9d7e5f3a1c9b7d5e3f1a2b4 --json
+    """
+    account_id = account_id or _load_identity(identity_path, load_settings()).account
+    view = _call(_client(coordinator), lambda c: c.account(account_id))
+    if as_json:
+        _echo_json(view.model_dump(mode="json"))
+    else:
+        _print_account(view)
+
+
+@click.command("deposit")
+@click.argument("account_id", metavar="ACCOUNT")
+@click.argument("amount")
+@click.option(
+    "--admin-key", required=True, type=click.Path(dir_okay=False), help="The coordinator's admin key file."
+)
+@coordinator_option
+@json_option
+def deposit(account_id: str, amount: str, admin_key: str, coordinator: str, as_json: bool) -> None:
+    """Credit AMOUNT to ACCOUNT; only the coordinator's admin key may.
+
+    A deposit whose answer was lost is retried with the same nonce, so it is applied exactly once.
+
+    \b
+    Example:
+      hivemarket deposit 170d094c3df1...a2b4 12.50 --admin-key ./admin.pem
+    """
+    value = _money(amount, "AMOUNT", positive=True)
+    try:
+        admin = load_identity(admin_key)
+    except IdentityError as e:
+        raise InputError(f"--admin-key: {e}") from None
+    client = _client(coordinator, admin)
+    view = _call(client, functools.partial(_deposit_once, account=account_id, amount=value))
+    if as_json:
+        _echo_json(view.model_dump(mode="json"))
+    else:
+        _print_account(view)
+
+
+async def _deposit_once(client: CoordinatorClient, account: str, amount: Decimal) -> AccountView:
+    """Deposit; when a retry learns the first attempt was applied, read the account instead."""
+    try:
+        return await client.deposit(account, amount)
+    except AlreadyApplied:
+        return await client.account(account)
+

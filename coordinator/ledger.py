@@ -1,0 +1,104 @@
+"""Double-entry ledger: every movement of money is an entry that debits one book and credits another.
+
+Books are named ``external`` (where deposits come from), ``balance:<account>``, ``escrow:<run>``,
+``earned:<account>`` and ``fees``. A deposit moves money from ``external`` into a balance; escrow, payouts,
+refunds and fees move it between the other books, so the sum of all non-external books (the holdings)
+always equals the deposits. The functions here are pure: they turn a request into entries, or refuse it
+with a reason, given the current books; the store applies the entries in one transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+EXTERNAL = "external"
+FEES = "fees"
+EntryKind = Literal["deposit", "escrow_hold", "payout", "refund", "fee"]
+
+
+def balance_book(account: str) -> str:
+    return f"balance:{account}"
+
+
+def escrow_book(run_id: str) -> str:
+    return f"escrow:{run_id}"
+
+
+def earned_book(account: str) -> str:
+    return f"earned:{account}"
+
+
+class InsufficientFunds(ValueError):
+    """A book would go below zero; the message says which and by how much."""
+
+    def __init__(self, book: str, needed: int, available: int):
+        super().__init__(f"{book} holds {available} units, {needed} needed")
+        self.book, self.needed, self.available = book, needed, available
+
+
+@dataclass(frozen=True)
+class Entry:
+    """``amount`` units (see coordinator.money) move from ``debit`` to ``credit``."""
+
+    kind: EntryKind
+    debit: str
+    credit: str
+    amount: int
+
+    def __post_init__(self) -> None:
+        if self.amount <= 0:
+            raise ValueError(f"a ledger entry moves a positive amount, got {self.amount}")
+
+
+def deposit(account: str, units: int) -> list[Entry]:
+    return [Entry("deposit", EXTERNAL, balance_book(account), units)]
+
+
+def hold_escrow(owner: str, run_id: str, units: int) -> list[Entry]:
+    return [Entry("escrow_hold", balance_book(owner), escrow_book(run_id), units)]
+
+
+def payout(run_id: str, account: str, units: int, fee_units: int = 0) -> list[Entry]:
+    """Pay a peer from a run's escrow; an optional market fee goes to ``fees``."""
+    entries = [Entry("payout", escrow_book(run_id), earned_book(account), units)]
+    if fee_units:
+        entries.append(Entry("fee", escrow_book(run_id), FEES, fee_units))
+    return entries
+
+
+def refund(run_id: str, owner: str, units: int) -> list[Entry]:
+    return [Entry("refund", escrow_book(run_id), balance_book(owner), units)] if units else []
+
+
+def apply(books: Mapping[str, int], entries: Iterable[Entry]) -> dict[str, int]:
+    """The books after ``entries``, or :class:`InsufficientFunds` if any non-external book goes negative."""
+    after = dict(books)
+    for entry in entries:
+        available = after.get(entry.debit, 0)
+        if entry.debit != EXTERNAL and available < entry.amount:
+            raise InsufficientFunds(entry.debit, entry.amount, available)
+        after[entry.debit] = available - entry.amount
+        after[entry.credit] = after.get(entry.credit, 0) + entry.amount
+    return after
+
+
+@dataclass(frozen=True)
+class Audit:
+    conserved: bool
+    deposits: int
+    holdings: int
+    reason: str
+
+
+def audit(books: Mapping[str, int]) -> Audit:
+    """Money is conserved when the holdings equal the deposits and no book is negative."""
+    deposits = -books.get(EXTERNAL, 0)
+    holdings = sum(v for k, v in books.items() if k != EXTERNAL)
+    negative = sorted(k for k, v in books.items() if k != EXTERNAL and v < 0)
+    if negative:
+        return Audit(False, deposits, holdings, f"negative books: {', '.join(negative)}")
+    if holdings != deposits:
+        return Audit(False, deposits, holdings, f"holdings {holdings} != deposits {deposits}")
+    return Audit(True, deposits, holdings, "holdings equal deposits")

@@ -1,0 +1,307 @@
+"""Market clearing: McAfee's trade-reduction double auction over normalised GPU offers.
+
+Everything here is a pure function of its arguments (no I/O, no clock, no randomness) so that a
+clearing round can be replayed, tested with generated markets and benchmarked in isolation.
+
+Why McAfee: it is dominant-strategy truthful for single-unit traders (a peer gains nothing by
+misstating its price) and weakly budget-balanced (the market never pays out more than it takes in),
+at the cost of at most one efficient trade per round.
+
+Exactness: prices are money, so every comparison that decides who trades and at what price is done
+on exact integers counted in ``MarketConfig.price_quantum`` units ("quanta"). Each trader's price is
+first moved onto that grid in the direction that protects the trader: a normalised ask is rounded
+*up* (a seller never gets less than it asked for), a bid is rounded *down* (a buyer never pays more
+than it offered). Prices that come out of the auction are therefore already on the grid.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from operator import attrgetter, itemgetter
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """An open offer: one peer selling its GPU time, one unit of supply.
+
+    ``price_per_hour`` is money per GPU-hour; ``tflops`` (measured) and ``reliability`` (observed,
+    0..1) turn it into money per *effective* TFLOP-hour, the unit all runs bid in.
+    """
+
+    account: str
+    price_per_hour: Decimal
+    tflops: float
+    vram_gb: float
+    reliability: float
+
+
+@dataclass(frozen=True, slots=True)
+class Bid:
+    """A run wanting ``units`` more peers, paying at most ``max_price`` per effective TFLOP-hour."""
+
+    run_id: str
+    max_price: Decimal
+    units: int
+    min_vram_gb: float
+
+
+@dataclass(frozen=True, slots=True)
+class MarketConfig:
+    """Clearing parameters; ``price_quantum`` is the money grid every reported price lies on."""
+
+    price_quantum: Decimal = Decimal("0.000001")
+
+    def __post_init__(self) -> None:
+        if not (self.price_quantum.is_finite() and self.price_quantum > 0):
+            raise ValueError(f"price_quantum must be a positive finite Decimal, got {self.price_quantum}")
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """One peer booked for one run.
+
+    The seller is paid ``price_per_hour`` per GPU-hour: ``unit_price * tflops * reliability`` rounded
+    *up* to the quantum, so never below its ask. The buyer pays ``buyer_unit_price`` per effective
+    TFLOP-hour of this peer (never above its bid, never below ``unit_price``).
+    """
+
+    run_id: str
+    account: str
+    unit_price: Decimal
+    price_per_hour: Decimal
+    buyer_unit_price: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class ClearingResult:
+    """The outcome of one clearing round.
+
+    ``clearing_price`` is what sellers receive per effective TFLOP-hour (in a uniform-price round also
+    what buyers pay); ``None`` when no trade is priced. ``supply`` counts tradeable asks, ``demand``
+    the units wanted by valid bids; ``excluded_asks`` / ``excluded_bids`` count orders left out
+    (no capacity, a non-finite price, or a second order from the same account / run).
+    """
+
+    clearing_price: Decimal | None
+    matches: tuple[Match, ...]
+    supply: int
+    demand: int
+    reason: str
+    excluded_asks: int = 0
+    excluded_bids: int = 0
+
+
+# A seller on the quantum grid: (normalised ask in quanta, account, the ask).
+_Seller = tuple[int, str, Ask]
+# A buyer on the quantum grid: (max price in quanta, the bid).
+_Buyer = tuple[int, Bid]
+
+
+@dataclass(frozen=True, slots=True)
+class _Grid:
+    """The price grid: ``quantum = num / den = coefficient * 10**exponent``."""
+
+    num: int
+    den: int
+    coefficient: int
+    exponent: int
+
+    @classmethod
+    def of(cls, quantum: Decimal) -> _Grid:
+        _, digits, exponent = quantum.as_tuple()
+        assert isinstance(exponent, int)  # MarketConfig guarantees a positive finite quantum
+        return cls(*quantum.as_integer_ratio(), int("".join(map(str, digits))), exponent)
+
+    def decimal(self, quanta: int) -> Decimal:
+        """quanta * quantum as an exact Decimal (construction from a string never rounds)."""
+        return Decimal(f"{quanta * self.coefficient}E{self.exponent}")
+
+
+def clear(asks: Sequence[Ask], bids: Sequence[Bid], config: MarketConfig | None = None) -> ClearingResult:
+    """Clear one round: McAfee trade reduction on prices, then a VRAM-feasible assignment.
+
+    Steps: (1) normalise asks and expand bids into unit demands, both on the quantum grid; (2) k is
+    the number of efficient trades (k-th highest unit bid >= k-th lowest ask); (3) if a (k+1)-th
+    pair exists and p = (b_{k+1} + a_{k+1}) / 2 lies in [a_k, b_k], the k best pairs trade at p,
+    otherwise the k-1 best pairs trade, buyers paying b_k and sellers receiving a_k; (4) the trading
+    sellers are assigned to the trading runs respecting ``min_vram_gb`` (see ``_assign``).
+    """
+    grid = _Grid.of((config or MarketConfig()).price_quantum)
+    sellers, excluded_asks = _supply(asks, grid)
+    buyers, demand, excluded_bids = _demand(bids, grid)
+
+    def result(price: int | None, matches: tuple[Match, ...], reason: str) -> ClearingResult:
+        excluded = ((excluded_asks, "asks"), (excluded_bids, "bids"))
+        if notes := [f"{n} {what} excluded" for n, what in excluded if n]:
+            reason = f"{reason} ({', '.join(notes)})"
+        cleared = None if price is None else grid.decimal(price)
+        return ClearingResult(cleared, matches, len(sellers), demand, reason, excluded_asks, excluded_bids)
+
+    if not sellers:
+        return result(None, (), "no asks")
+    if demand == 0:
+        return result(None, (), "no bids")
+
+    # Unit demands, best first; more than len(sellers) + 1 of them can never matter.
+    unit_bids: list[int] = []
+    unit_runs: list[Bid] = []
+    for price, bid in buyers:
+        n = min(bid.units, len(sellers) + 1 - len(unit_bids))
+        if n <= 0:
+            break
+        unit_bids += [price] * n
+        unit_runs += [bid] * n
+    unit_asks = list(map(itemgetter(0), sellers))
+
+    # b is non-increasing and a non-decreasing, so "b_i < a_i" flips once: binary search for k.
+    n_pairs = min(len(unit_bids), len(unit_asks))
+    k = bisect_left(range(n_pairs), True, key=lambda i: unit_bids[i] < unit_asks[i])
+    if k == 0:
+        return result(None, (), f"no bid reaches the lowest ask (best bid {grid.decimal(unit_bids[0])}"
+                                f" < lowest ask {grid.decimal(unit_asks[0])})")
+
+    a_k, b_k = unit_asks[k - 1], unit_bids[k - 1]
+    if k < n_pairs:
+        twice_p = unit_bids[k] + unit_asks[k]
+        if 2 * a_k <= twice_p <= 2 * b_k:
+            price = _half_even(twice_p)
+            matches = _matches(unit_runs[:k], sellers[:k], price, price, grid)
+            reason = f"{len(matches)} trades at uniform price {grid.decimal(price)}"
+            return result(price, matches, reason + _unmatched_note(k, matches))
+        why = "candidate price outside [ask, bid] of the last efficient pair"
+    else:
+        why = f"no pair #{k + 1} to set a price"
+
+    matches = _matches(unit_runs[: k - 1], sellers[: k - 1], a_k, b_k, grid)
+    reason = (f"trade reduction: {len(matches)} of {k} trades at bid {grid.decimal(b_k)}"
+              f" / ask {grid.decimal(a_k)} ({why})")
+    return result(a_k if k > 1 else None, matches, reason + _unmatched_note(k - 1, matches))
+
+
+def _supply(asks: Sequence[Ask], grid: _Grid) -> tuple[list[_Seller], int]:
+    """Tradeable asks on the grid, cheapest first (ties by account), and how many were excluded.
+
+    The normalised ask price_per_hour / (tflops * reliability) is computed exactly (Decimal and
+    float both convert to integer ratios without loss) and rounded *up* to the grid. An ask with no
+    positive finite capacity cannot trade. An account counts once (one peer = one unit): of several
+    asks only its most competitive one stays, so no account can be booked twice in a round. This is
+    the hot loop of a round (100k asks), hence inlined arithmetic and two stable sorts on plain keys.
+    """
+    best: dict[str, _Seller] = {}
+    excluded = 0
+    for ask in asks:
+        tflops, reliability, price = ask.tflops, ask.reliability, ask.price_per_hour
+        if not (0 < tflops < math.inf and 0 < reliability < math.inf and price.is_finite()):
+            excluded += 1
+            continue
+        p_num, p_den = price.as_integer_ratio()
+        t_num, t_den = tflops.as_integer_ratio()
+        r_num, r_den = reliability.as_integer_ratio()
+        quanta = -((-p_num * t_den * r_den * grid.den) // (p_den * t_num * r_num * grid.num))
+        seen = best.get(ask.account)
+        if seen is not None:
+            excluded += 1
+            if _seller_rank(quanta, ask) >= _seller_rank(seen[0], seen[2]):
+                continue
+        best[ask.account] = (quanta, ask.account, ask)
+    sellers = sorted(best.values(), key=itemgetter(1))
+    sellers.sort(key=itemgetter(0))
+    return sellers, excluded
+
+
+def _seller_rank(quanta: int, ask: Ask) -> tuple[int, float, float, float, Decimal]:
+    """Total order among one account's asks: cheapest, then the most capable."""
+    return (quanta, -ask.vram_gb, -ask.tflops, -ask.reliability, ask.price_per_hour)
+
+
+def _demand(bids: Sequence[Bid], grid: _Grid) -> tuple[list[_Buyer], int, int]:
+    """Valid bids on the grid, highest first (ties by run_id), total units wanted, and exclusions.
+
+    A bid is rounded *down* to the grid, so a run never pays more than it offered. A run counts
+    once: of several bids only its most competitive one stays.
+    """
+    best: dict[str, _Buyer] = {}
+    excluded = 0
+    for bid in bids:
+        if not bid.max_price.is_finite():
+            excluded += 1
+            continue
+        num, den = bid.max_price.as_integer_ratio()
+        buyer = ((num * grid.den) // (den * grid.num), bid)
+        seen = best.get(bid.run_id)
+        if seen is not None:
+            excluded += 1
+            if _buyer_rank(buyer) >= _buyer_rank(seen):
+                continue
+        best[bid.run_id] = buyer
+    buyers = sorted((b for b in best.values() if b[1].units > 0), key=lambda b: (-b[0], b[1].run_id))
+    return buyers, sum(bid.units for _, bid in buyers), excluded
+
+
+def _buyer_rank(buyer: _Buyer) -> tuple[int, int, float, Decimal]:
+    """Total order among one run's bids: highest price, then most units, then least VRAM."""
+    quanta, bid = buyer
+    return (-quanta, -bid.units, bid.min_vram_gb, -bid.max_price)
+
+
+def _assign(runs: Sequence[Bid], sellers: Sequence[Ask]) -> list[tuple[Bid, Ask]]:
+    """Pair unit demands (``runs``, one entry per unit) with ``sellers`` so that every seller has at
+    least the run's ``min_vram_gb``.
+
+    Runs are served most-demanding VRAM first and each takes the eligible seller with the *least*
+    VRAM (ties by account). Because eligibility is a threshold (vram >= min), these sets are nested
+    and this best-fit greedy yields a maximum matching: a pair is left out only when no assignment
+    could have served it. It also never looks at reported prices, so a trader cannot buy a better
+    place in the assignment by misstating its price; that keeps McAfee's truthfulness (prices are
+    uniform inside the trading set anyway). O(n log n): after sorting, sellers enter a stack in
+    descending VRAM order as the threshold drops, and the top of the stack is always the best fit.
+    """
+    wanted: dict[str, int] = {}
+    by_run: dict[str, Bid] = {}
+    for bid in runs:
+        wanted[bid.run_id] = wanted.get(bid.run_id, 0) + 1
+        by_run[bid.run_id] = bid
+    order = sorted(by_run.values(), key=lambda b: (-b.min_vram_gb, b.run_id))
+    pool = sorted(sellers, key=attrgetter("account"), reverse=True)  # two stable sorts: by VRAM, then
+    pool.sort(key=attrgetter("vram_gb"), reverse=True)  # by account, both descending
+
+    pairs: list[tuple[Bid, Ask]] = []
+    eligible: list[Ask] = []  # VRAM non-increasing from bottom to top
+    next_seller = 0
+    for bid in order:
+        while next_seller < len(pool) and pool[next_seller].vram_gb >= bid.min_vram_gb:
+            eligible.append(pool[next_seller])
+            next_seller += 1
+        for _ in range(min(wanted[bid.run_id], len(eligible))):
+            pairs.append((bid, eligible.pop()))
+    return pairs
+
+
+def _matches(
+    runs: Sequence[Bid], sellers: Sequence[_Seller], seller_quanta: int, buyer_quanta: int, grid: _Grid
+) -> tuple[Match, ...]:
+    """Assign the trading sellers to the trading unit demands and price each pair."""
+    unit_price, buyer_price = grid.decimal(seller_quanta), grid.decimal(buyer_quanta)
+    matches = []
+    for bid, ask in _assign(runs, [ask for _, _, ask in sellers]):
+        t_num, t_den = ask.tflops.as_integer_ratio()
+        r_num, r_den = ask.reliability.as_integer_ratio()
+        # unit_price * tflops * reliability in quanta, rounded up: the seller never gets below its ask.
+        per_hour = -((-seller_quanta * t_num * r_num) // (t_den * r_den))
+        matches.append(Match(bid.run_id, ask.account, unit_price, grid.decimal(per_hour), buyer_price))
+    return tuple(matches)
+
+
+def _unmatched_note(trading: int, matches: tuple[Match, ...]) -> str:
+    left = trading - len(matches)
+    return f"; {left} pairs left unmatched by min_vram_gb" if left else ""
+
+
+def _half_even(twice: int) -> int:
+    """twice / 2 rounded half to even: the candidate midpoint price on the quantum grid."""
+    half, odd = divmod(twice, 2)
+    return half + 1 if odd and half % 2 else half

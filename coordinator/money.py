@@ -1,0 +1,46 @@
+"""Money: exact decimals with a fixed number of places, stored as integer micro-units.
+
+JSON numbers are floats in most clients, so the API only accepts money as a decimal string ("12.50");
+the store keeps integers so that sums are exact and SQLite never rounds.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+
+PLACES = 6
+UNIT = 10**PLACES
+MAX_UNITS = 10**15 * UNIT  # far above any real amount, far below SQLite's 2**63
+_MONEY_RE = re.compile(rf"^[0-9]{{1,15}}(\.[0-9]{{1,{PLACES}}})?$")
+
+
+def parse_money(value: object) -> Decimal:
+    """A non-negative decimal string with at most PLACES decimals; the error says what is wrong.
+
+    A ``Decimal`` is accepted too (server-side values); wire formats cannot produce one.
+    """
+    if isinstance(value, Decimal):
+        value = format(value, "f")
+    if not isinstance(value, str):
+        raise ValueError(f"money must be a decimal string such as \"12.50\", not {type(value).__name__} {value!r}")
+    if not _MONEY_RE.match(value):
+        raise ValueError(f"{value!r} is not a non-negative decimal with at most {PLACES} decimal places")
+    return Decimal(value)
+
+
+def to_units(amount: Decimal) -> int:
+    """Exact integer micro-units of an amount that has at most PLACES decimals."""
+    units = amount * UNIT
+    if units != units.to_integral_value():
+        raise ValueError(f"{amount} has more than {PLACES} decimal places")
+    return int(units)
+
+
+def from_units(units: int) -> Decimal:
+    return (Decimal(units) / UNIT).quantize(Decimal(1).scaleb(-PLACES))
+
+
+def format_units(units: int) -> str:
+    """The API's money string: always PLACES decimals, e.g. '12.500000'."""
+    return str(from_units(units))

@@ -1,0 +1,208 @@
+"""Request and response bodies of the coordinator's HTTP API.
+
+These models are the single source of truth: handlers validate with them, the client builds bodies
+from them and ``/openapi.json`` is generated from them. Money is always a decimal string.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+)
+
+from coordinator.money import PLACES, parse_money
+
+Money = Annotated[
+    Decimal,
+    BeforeValidator(parse_money),
+    PlainSerializer(lambda d: f"{d:.{PLACES}f}", return_type=str),
+    WithJsonSchema({"type": "string", "pattern": rf"^[0-9]{{1,15}}(\.[0-9]{{1,{PLACES}}})?$", "example": "12.50"}),
+]
+
+
+def _positive(amount: Decimal) -> Decimal:
+    if amount <= 0:
+        raise ValueError(f"{amount} must be greater than 0")
+    return amount
+
+
+PositiveMoney = Annotated[Money, AfterValidator(_positive)]
+AccountId = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="64 lowercase hex characters")]
+Role = Literal["trainer", "validator"]
+
+
+class Body(BaseModel):
+    """Request bodies reject unknown fields: a typo must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class View(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(View):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(View):
+    error: ErrorDetail
+
+
+# ------------------------------------------------------------------------------------------------ accounts
+
+
+class DepositBody(Body):
+    amount: PositiveMoney = Field(description="Amount to credit, > 0.")
+
+
+class AccountView(View):
+    account: AccountId
+    balance: Money
+    escrow: Money = Field(description="Funds held for the runs this account launched.")
+    earned: Money = Field(description="Payouts received for verified work.")
+    reputation: float = Field(description="0..1, from lease uptime and lapses (and audits, later).")
+
+
+class AuditView(View):
+    conserved: bool
+    deposits: Money
+    holdings: Money = Field(description="Sum of every balance, escrow, earning and fee.")
+
+
+# -------------------------------------------------------------------------------------------- offers, leases
+
+
+class HardwareSummary(Body):
+    gpu: str = Field(min_length=1, max_length=100, description='GPU model, or "cpu".')
+    gpu_count: int = Field(ge=0, le=64)
+    vram_gb: float = Field(ge=0, le=10_000)
+    tflops: float = Field(gt=0, le=1_000_000, description="Measured by the probe's benchmark.")
+    ram_gb: float = Field(ge=0, le=1_000_000)
+    cpu_cores: int = Field(ge=1, le=100_000)
+
+
+class OfferBody(Body):
+    price_per_hour: Money = Field(description="Ask, money per GPU-hour (0 for a volunteer).")
+    hardware: HardwareSummary
+    roles: list[Role] = Field(default_factory=lambda: ["trainer"], min_length=1, max_length=2)
+    min_lease_seconds: int = Field(0, ge=0, le=30 * 24 * 3600)
+    peer_id: str | None = Field(None, max_length=100, description="The peer's libp2p id, for runs to dial.")
+    maddrs: list[Annotated[str, Field(max_length=300)]] = Field(default_factory=list, max_length=16)
+
+
+class LeaseView(View):
+    id: str
+    account: AccountId
+    state: Literal["active", "lapsed", "released"]
+    heartbeat_interval: float
+    expires_at: float = Field(description="Unix time the lease lapses without a heartbeat.")
+    run_id: str | None = None
+    price_per_hour: Money | None = Field(None, description="What the peer is paid when matched.")
+
+
+class OfferView(View):
+    account: AccountId
+    price_per_hour: Money
+    gpu: str
+    gpu_count: int
+    vram_gb: float
+    tflops: float
+    reliability: float
+    roles: list[Role]
+    min_lease_seconds: int
+    state: Literal["open", "matched", "offline"]
+    lease_id: str | None
+    peer_id: str | None
+    maddrs: list[str]
+    updated_at: float
+
+
+class OfferResponse(View):
+    offer: OfferView
+    lease: LeaseView
+
+
+# ------------------------------------------------------------------------------------------------------ runs
+
+
+class RunBody(Body):
+    spec: dict[str, Any] = Field(description="The run spec (data, never code); needs a `name`.")
+    max_price: Money = Field(description="Highest price per effective TFLOP-hour.")
+    peers_min: int = Field(ge=1, le=10_000)
+    peers_max: int = Field(ge=1, le=10_000)
+    min_vram_gb: float = Field(0.0, ge=0, le=10_000)
+    budget: PositiveMoney
+
+    @field_validator("spec")
+    @classmethod
+    def _named(cls, spec: dict[str, Any]) -> dict[str, Any]:
+        name = spec.get("name")
+        if not isinstance(name, str) or not 1 <= len(name) <= 200:
+            raise ValueError(f"spec.name must be a string of 1 to 200 characters, got {name!r}")
+        return spec
+
+    @field_validator("peers_max")
+    @classmethod
+    def _at_least_min(cls, peers_max: int, info: ValidationInfo) -> int:
+        peers_min = info.data.get("peers_min")
+        if peers_min is not None and peers_max < peers_min:
+            raise ValueError(f"peers_max ({peers_max}) is below peers_min ({peers_min})")
+        return peers_max
+
+
+class RunPeerView(View):
+    account: AccountId
+    lease_id: str
+    price_per_hour: Money
+    state: Literal["active", "dropped", "released"]
+    matched_at: float
+
+
+class RunView(View):
+    id: str
+    owner: AccountId
+    name: str
+    state: Literal["pending", "recruiting", "running", "settling", "finished", "cancelled", "failed"]
+    spec: dict[str, Any]
+    max_price: Money
+    peers_min: int
+    peers_max: int
+    min_vram_gb: float
+    budget: Money
+    escrow: Money
+    spent: Money
+    peers: list[RunPeerView]
+    created_at: float
+
+
+# ---------------------------------------------------------------------------------------------------- market
+
+
+class ClearingRoundView(View):
+    at: float
+    clearing_price: Money | None
+    trades: int
+    supply: int
+    demand: int
+    reason: str
+
+
+class MarketView(View):
+    clearing_price: Money | None = Field(description="Price per effective TFLOP-hour of the last round that traded.")
+    supply: int = Field(description="Open offers with a live lease.")
+    demand: int = Field(description="Peers wanted by recruiting runs.")
+    rounds: list[ClearingRoundView]

@@ -1,0 +1,48 @@
+"""Typed settings of the coordinator service and its client, with ``HIVEMARKET_*`` environment overrides.
+
+Every timeout, interval and limit lives here rather than as a literal in code, so operators tune them
+with environment variables and tests shorten them without patching modules.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    """The coordinator service (``hivemarket coordinator serve``)."""
+
+    model_config = SettingsConfigDict(env_prefix="HIVEMARKET_", frozen=True)
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".hivemarket")
+    max_body_bytes: int = Field(1 << 20, gt=0, description="Larger request bodies get 413.")
+    signature_window: float = Field(
+        300.0, gt=0, description="Seconds a signed timestamp may differ from the server's clock."
+    )
+    heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between a lease's heartbeats (H).")
+    lapse_after_heartbeats: float = Field(3.0, gt=1, description="A lease lapses after this many missed H.")
+    clearing_interval: float = Field(3.0, gt=0, description="Seconds between market clearing rounds.")
+    sweep_interval: float = Field(1.0, gt=0, description="Seconds between checks for lapsed leases.")
+    rate_limit_per_second: float = Field(50.0, gt=0, description="Sustained signed requests per account.")
+    rate_limit_burst: float = Field(100.0, gt=0, description="Requests an account may send at once.")
+    write_batch_max: int = Field(512, gt=0, description="Most writes committed in one SQLite transaction.")
+    market_history: int = Field(50, gt=0, description="Clearing rounds kept for /v1/market.")
+
+    @property
+    def lease_ttl(self) -> float:
+        return self.heartbeat_interval * self.lapse_after_heartbeats
+
+
+class ClientSettings(BaseSettings):
+    """How peers and the CLI talk to a coordinator."""
+
+    model_config = SettingsConfigDict(env_prefix="HIVEMARKET_", frozen=True)
+
+    coordinator: str = Field("http://127.0.0.1:8470", description="Coordinator URL used when --coordinator is omitted.")
+    request_timeout: float = Field(10.0, gt=0, description="Seconds one HTTP request may take.")
+    retries: int = Field(5, ge=0, description="Retries of a request that failed to reach the coordinator.")
+    retry_backoff: float = Field(0.2, gt=0, description="First retry delay in seconds; doubles each retry.")
+    retry_backoff_max: float = Field(5.0, gt=0, description="Longest delay between retries.")
