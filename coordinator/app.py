@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -19,7 +20,6 @@ from typing import Any, Literal
 
 import msgpack
 from aiohttp import web
-from hivemind.utils import get_logger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
@@ -48,7 +48,7 @@ from coordinator.store import Store
 from peer.envelope import Envelope, EnvelopeError, check_fresh, verify_request
 from peer.identity import ACCOUNT_RE
 
-logger = get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 MSGPACK = "application/msgpack"
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -131,7 +131,9 @@ class Coordinator:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def deposit(self, ctx: Context) -> AccountView:
-        return await self.store.deposit(ctx.now, ctx.envelope, ctx.path_id("account"), to_units(ctx.body.amount))
+        return await self.store.deposit(
+            ctx.now, ctx.envelope, ctx.path_id("account"), to_units(ctx.body.amount)
+        )
 
     async def account(self, ctx: Context) -> AccountView:
         return await self.store.account(ctx.path_id("account"))
@@ -140,7 +142,9 @@ class Coordinator:
         result = await self.store.audit()
         self.metrics.ledger_conserved.set(1 if result.conserved else 0)
         return AuditView(
-            conserved=result.conserved, deposits=from_units(result.deposits), holdings=from_units(result.holdings)
+            conserved=result.conserved,
+            deposits=from_units(result.deposits),
+            holdings=from_units(result.holdings),
         )
 
     async def post_offer(self, ctx: Context) -> OfferResponse:
@@ -217,16 +221,22 @@ class Coordinator:
         except EnvelopeError as e:
             raise Unauthorized(str(e), field=e.field, code="bad_signature") from None
         decision = take(
-            self.buckets.get(envelope.account), now, self.settings.rate_limit_per_second, self.settings.rate_limit_burst
+            self.buckets.get(envelope.account),
+            now,
+            self.settings.rate_limit_per_second,
+            self.settings.rate_limit_burst,
         )
         self.buckets[envelope.account] = decision.bucket
         if not decision.allowed:
             raise RateLimited(
-                f"account {envelope.account[:12]}... exceeds {self.settings.rate_limit_per_second:g} requests/s",
+                f"account {envelope.account[:12]}... exceeds "
+                f"{self.settings.rate_limit_per_second:g} requests/s",
                 decision.retry_after,
             )
         if admin and envelope.account != self.admin:
-            raise Forbidden(f"only the admin key may do this; {envelope.account} is not it", field="X-Hivemarket-Key")
+            raise Forbidden(
+                f"only the admin key may do this; {envelope.account} is not it", field="X-Hivemarket-Key"
+            )
         return envelope
 
     # ---------------------------------------------------------------------------------- background
@@ -270,7 +280,9 @@ class Coordinator:
 
 
 def _filter_record(offer: OfferView) -> dict[str, Any]:
-    record = offer.model_dump(include={"account", "gpu", "gpu_count", "vram_gb", "tflops", "reliability", "state"})
+    record = offer.model_dump(
+        include={"account", "gpu", "gpu_count", "vram_gb", "tflops", "reliability", "state"}
+    )
     record["price"] = offer.price_per_hour
     record["min_lease_seconds"] = offer.min_lease_seconds
     return record
@@ -320,16 +332,24 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def encode(request: web.Request, value: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def encode(
+    request: web.Request, value: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
     """JSON for people and curl; msgpack when the client's Accept header asks for it."""
     data = _jsonable(value)
     if MSGPACK in request.headers.get("Accept", ""):
-        return web.Response(body=msgpack.packb(data, use_bin_type=True), status=status, content_type=MSGPACK, headers=headers)
-    return web.Response(text=json.dumps(data), status=status, content_type="application/json", headers=headers)
+        return web.Response(
+            body=msgpack.packb(data, use_bin_type=True), status=status, content_type=MSGPACK, headers=headers
+        )
+    return web.Response(
+        text=json.dumps(data), status=status, content_type="application/json", headers=headers
+    )
 
 
 @web.middleware
-async def _errors_and_metrics(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+async def _errors_and_metrics(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+):
     """Every refusal becomes the documented error body; every request is counted and timed."""
     coordinator: Coordinator = request.app["coordinator"]
     started = time.perf_counter()
@@ -341,8 +361,12 @@ async def _errors_and_metrics(request: web.Request, handler: Callable[[web.Reque
         headers = {"Retry-After": f"{e.retry_after:.3f}"} if isinstance(e, RateLimited) else None
         response = encode(request, e.body(), e.status, headers)
     except web.HTTPException as e:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(e.status, "http_error")
-        response = encode(request, ApiError(f"{request.method} {request.path}: {e.reason}", code=code).body(), e.status)
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
+            e.status, "http_error"
+        )
+        response = encode(
+            request, ApiError(f"{request.method} {request.path}: {e.reason}", code=code).body(), e.status
+        )
     except Exception:
         logger.exception(f"Unhandled error in {request.method} {request.path}")
         response = encode(request, ApiError("internal error", code="internal").body(), 500)
@@ -353,47 +377,89 @@ async def _errors_and_metrics(request: web.Request, handler: Callable[[web.Reque
 
 ROUTES: Sequence[Route] = (
     Route("GET", "/healthz", Coordinator.healthz, "Liveness"),
-    Route("GET", "/openapi.json", Coordinator.openapi, "This OpenAPI document", content_type="application/json"),
+    Route(
+        "GET", "/openapi.json", Coordinator.openapi, "This OpenAPI document", content_type="application/json"
+    ),
     Route("GET", "/metrics", Coordinator.prometheus, "Prometheus metrics", content_type=CONTENT_TYPE_LATEST),
     Route(
-        "POST", "/v1/accounts/{account}/deposit", Coordinator.deposit, "Credit an account (admin)",
-        auth="admin", body=DepositBody, response=AccountView,
+        "POST",
+        "/v1/accounts/{account}/deposit",
+        Coordinator.deposit,
+        "Credit an account (admin)",
+        auth="admin",
+        body=DepositBody,
+        response=AccountView,
     ),
     Route("GET", "/v1/accounts/{account}", Coordinator.account, "An account's money", response=AccountView),
-    Route("GET", "/v1/ledger/audit", Coordinator.ledger_audit, "Holdings against deposits", response=AuditView),
     Route(
-        "POST", "/v1/offers", Coordinator.post_offer, "Create or update your offer; returns its lease",
-        auth="signed", body=OfferBody, response=OfferResponse,
+        "GET", "/v1/ledger/audit", Coordinator.ledger_audit, "Holdings against deposits", response=AuditView
     ),
     Route(
-        "POST", "/v1/leases/{lease_id}/heartbeat", Coordinator.heartbeat, "Renew your lease",
-        auth="signed", response=LeaseView,
+        "POST",
+        "/v1/offers",
+        Coordinator.post_offer,
+        "Create or update your offer; returns its lease",
+        auth="signed",
+        body=OfferBody,
+        response=OfferResponse,
     ),
     Route(
-        "GET", "/v1/offers", Coordinator.list_offers, "List offers",
-        query=(("q", "filter, e.g. 'gpu=H100 vram_gb>=40 price<=2.5'"), ("sort", "field, '-' for descending")),
+        "POST",
+        "/v1/leases/{lease_id}/heartbeat",
+        Coordinator.heartbeat,
+        "Renew your lease",
+        auth="signed",
+        response=LeaseView,
     ),
     Route(
-        "POST", "/v1/runs", Coordinator.create_run, "Create a run, escrowing its budget",
-        auth="signed", body=RunBody, response=RunView, status=201,
+        "GET",
+        "/v1/offers",
+        Coordinator.list_offers,
+        "List offers",
+        query=(
+            ("q", "filter, e.g. 'gpu=H100 vram_gb>=40 price<=2.5'"),
+            ("sort", "field, '-' for descending"),
+        ),
+    ),
+    Route(
+        "POST",
+        "/v1/runs",
+        Coordinator.create_run,
+        "Create a run, escrowing its budget",
+        auth="signed",
+        body=RunBody,
+        response=RunView,
+        status=201,
     ),
     Route("GET", "/v1/runs", Coordinator.list_runs, "List runs"),
     Route("GET", "/v1/runs/{run_id}", Coordinator.get_run, "One run", response=RunView),
     Route(
-        "POST", "/v1/runs/{run_id}/cancel", Coordinator.cancel_run, "Cancel your run; refunds what is unspent",
-        auth="signed", response=RunView,
+        "POST",
+        "/v1/runs/{run_id}/cancel",
+        Coordinator.cancel_run,
+        "Cancel your run; refunds what is unspent",
+        auth="signed",
+        response=RunView,
     ),
-    Route("GET", "/v1/market", Coordinator.market_view, "Clearing price, supply, demand", response=MarketView),
     Route(
-        "POST", "/v1/market/clear", Coordinator.clear_market, "Run a clearing round now (admin)",
-        auth="admin", response=ClearingRoundView,
+        "GET", "/v1/market", Coordinator.market_view, "Clearing price, supply, demand", response=MarketView
+    ),
+    Route(
+        "POST",
+        "/v1/market/clear",
+        Coordinator.clear_market,
+        "Run a clearing round now (admin)",
+        auth="admin",
+        response=ClearingRoundView,
     ),
 )
 
 
 def create_app(coordinator: Coordinator) -> web.Application:
     # aiohttp's own limit sits above ours so that our check produces the documented error body.
-    app = web.Application(middlewares=[_errors_and_metrics], client_max_size=coordinator.settings.max_body_bytes + 1)
+    app = web.Application(
+        middlewares=[_errors_and_metrics], client_max_size=coordinator.settings.max_body_bytes + 1
+    )
     app["coordinator"] = coordinator
     for route in ROUTES:
         app.router.add_route(route.method, route.path, coordinator.endpoint(route))

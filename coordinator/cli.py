@@ -23,7 +23,7 @@ from coordinator.client import AlreadyApplied, CoordinatorClient, CoordinatorErr
 from coordinator.money import parse_money
 from coordinator.schemas import AccountView, HardwareSummary, LeaseView, OfferBody, OfferResponse
 from coordinator.settings import ClientSettings
-from peer.cli import InputError, _echo_json, _load_identity
+from peer.console import InputError, echo_json, load_cli_identity
 from peer.identity import Identity, IdentityError, load_identity
 from peer.settings import load_settings
 
@@ -88,6 +88,10 @@ def _fmt_money(amount: Decimal | None) -> str:
     return f"{amount:.2f}" if amount == round(amount, 2) else f"{amount.normalize():f}"
 
 
+def _gpus(model: str, count: int) -> str:
+    return f"{model} x{count}" if count > 1 else model
+
+
 def _print_account(view: AccountView) -> None:
     click.echo(f"account     {view.account}")
     click.echo(f"balance     {_fmt_money(view.balance)}")
@@ -130,7 +134,7 @@ def rent(
     """
     price = _money(price_per_hour, "--price-per-hour")
     settings = load_settings()
-    client = _client(coordinator, _load_identity(identity_path, settings, create_default=True))
+    client = _client(coordinator, load_cli_identity(identity_path, settings, create_default=True))
     from peer.hardware import probe, summary
 
     hardware = HardwareSummary(**summary(probe(benchmark_seconds=settings.probe_seconds)))
@@ -169,7 +173,7 @@ async def _hold_lease(client: CoordinatorClient, body: OfferBody) -> None:
         except CoordinatorError as e:
             if e.code != "lease_lapsed" and e.status != 404:
                 raise
-            click.echo(f"lease {lease.id} is gone ({e.message}); posting the offer again")
+            click.echo(f"lease {lease.id} lost ({e.code}: {e.message}); posting the offer again")
             lease = await _post_offer(client, body)
             continue
         if (renewed.state, renewed.run_id) != (lease.state, lease.run_id):
@@ -211,7 +215,7 @@ def _print_offer(response: OfferResponse) -> None:
     offer, lease = response.offer, response.lease
     click.echo(f"account  {offer.account}")
     click.echo(
-        f"offer    {_fmt_money(offer.price_per_hour)}/h, {offer.gpu} x{offer.gpu_count}, "
+        f"offer    {_fmt_money(offer.price_per_hour)}/h, {_gpus(offer.gpu, offer.gpu_count)}, "
         f"{offer.vram_gb:.1f} GB VRAM, {offer.tflops:.2f} TFLOP/s, roles {','.join(offer.roles)}, "
         f"state {offer.state}"
     )
@@ -252,16 +256,15 @@ def offers(filter_expr: str, sort: str | None, coordinator: str, as_json: bool) 
     """
     found = _call(_client(coordinator), lambda c: c.offers(filter_expr, sort))
     if as_json:
-        _echo_json([o.model_dump(mode="json") for o in found])
+        echo_json([o.model_dump(mode="json") for o in found])
         return
     if not found:
         click.echo("no offers match")
         return
     click.echo(f"{'ACCOUNT':<14}{'GPU':<22}{'VRAM GB':>8}{'TFLOP/S':>9}{'PRICE/H':>10}{'RELIAB':>8}  STATE")
     for o in found:
-        gpu = f"{o.gpu} x{o.gpu_count}" if o.gpu_count > 1 else o.gpu
         click.echo(
-            f"{o.account[:12]:<14}{gpu[:21]:<22}{o.vram_gb:>8.1f}{o.tflops:>9.2f}"
+            f"{o.account[:12]:<14}{_gpus(o.gpu, o.gpu_count)[:21]:<22}{o.vram_gb:>8.1f}{o.tflops:>9.2f}"
             f"{_fmt_money(o.price_per_hour):>10}{o.reliability:>8.3f}  {o.state}"
         )
 
@@ -278,7 +281,7 @@ def market(coordinator: str, as_json: bool) -> None:
     """
     view = _call(_client(coordinator), lambda c: c.market())
     if as_json:
-        _echo_json(view.model_dump(mode="json"))
+        echo_json(view.model_dump(mode="json"))
         return
     click.echo(f"clearing price  {_fmt_money(view.clearing_price)} per effective TFLOP-hour")
     click.echo(f"supply          {view.supply} open offers")
@@ -310,10 +313,10 @@ def account(account_id: str | None, coordinator: str, identity_path: str | None,
       hivemarket account
       hivemarket account 170d094c3df1f0c6b3e7f8b6f8f4c1d6e8a0a4c2b9d7e5f3a1c9b7d5e3f1a2b4 --json
     """
-    account_id = account_id or _load_identity(identity_path, load_settings()).account
+    account_id = account_id or load_cli_identity(identity_path, load_settings()).account
     view = _call(_client(coordinator), lambda c: c.account(account_id))
     if as_json:
-        _echo_json(view.model_dump(mode="json"))
+        echo_json(view.model_dump(mode="json"))
     else:
         _print_account(view)
 
@@ -343,7 +346,7 @@ def deposit(account_id: str, amount: str, admin_key: str, coordinator: str, as_j
     client = _client(coordinator, admin)
     view = _call(client, functools.partial(_deposit_once, account=account_id, amount=value))
     if as_json:
-        _echo_json(view.model_dump(mode="json"))
+        echo_json(view.model_dump(mode="json"))
     else:
         _print_account(view)
 
@@ -354,4 +357,3 @@ async def _deposit_once(client: CoordinatorClient, account: str, amount: Decimal
         return await client.deposit(account, amount)
     except AlreadyApplied:
         return await client.account(account)
-

@@ -44,6 +44,7 @@ M = TypeVar("M", bound=BaseModel)
 MSGPACK = "application/msgpack"
 
 
+# The bodies without a model in coordinator.schemas, validated like every other answer.
 class _Health(BaseModel):
     status: str
 

@@ -9,17 +9,17 @@ and a SIGKILL can lose only requests that were never acknowledged.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hivemind.utils import get_logger
-
-logger = get_logger(__name__)
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], T]
+ErrorHook = Callable[[sqlite3.Connection, Exception], None]
 
 
 class Database:
@@ -32,7 +32,7 @@ class Database:
         self._batch_max = batch_max
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._conn: sqlite3.Connection | None = None
-        self._queue: asyncio.Queue[tuple[Operation[Any], asyncio.Future]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[Operation[Any], ErrorHook | None, asyncio.Future]] = asyncio.Queue()
         self._writer: asyncio.Task | None = None
 
     async def open(self) -> None:
@@ -75,10 +75,14 @@ class Database:
         """Run a read-only operation (it sees every write acknowledged so far)."""
         return await self._run(op, self._conn)
 
-    async def write(self, op: Operation[T]) -> T:
-        """Run ``op`` in a transaction; return once it is committed, or raise what it raised (rolled back)."""
+    async def write(self, op: Operation[T], on_error: ErrorHook | None = None) -> T:
+        """Run ``op`` in a transaction; return once it is committed, or raise what it raised.
+
+        When ``op`` raises, its changes are rolled back and ``on_error(conn, error)`` may record the refusal
+        in the same transaction (the store remembers the nonces of refused requests that way).
+        """
         future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((op, future))
+        self._queue.put_nowait((op, on_error, future))
         return await future
 
     async def _write_loop(self) -> None:
@@ -87,11 +91,11 @@ class Database:
             while len(batch) < self._batch_max and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                outcomes = await self._run(self._commit_batch, [op for op, _ in batch])
+                outcomes = await self._run(self._commit_batch, [(op, hook) for op, hook, _ in batch])
             except Exception as e:  # the COMMIT itself failed: nothing in the batch was applied
                 logger.exception("SQLite commit failed")
                 outcomes = [(False, e)] * len(batch)
-            for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+            for (_, _, future), (ok, value) in zip(batch, outcomes, strict=True):
                 if future.done():
                     continue
                 if ok:
@@ -99,21 +103,22 @@ class Database:
                 else:
                     future.set_exception(value)
 
-    def _commit_batch(self, ops: list[Operation[Any]]) -> list[tuple[bool, Any]]:
+    def _commit_batch(self, ops: list[tuple[Operation[Any], ErrorHook | None]]) -> list[tuple[bool, Any]]:
         conn = self._conn
         assert conn is not None
         outcomes: list[tuple[bool, Any]] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for op in ops:
+            for op, on_error in ops:
                 conn.execute("SAVEPOINT op")
                 try:
                     outcomes.append((True, op(conn)))
-                    conn.execute("RELEASE op")
                 except Exception as e:
                     conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
+                    if on_error is not None:
+                        on_error(conn, e)
                     outcomes.append((False, e))
+                conn.execute("RELEASE op")
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:

@@ -32,6 +32,12 @@ class NonceReplayed(Unauthorized):
     code = "nonce_replayed"
 
 
+class NonceReused(Unauthorized):
+    """The nonce was used by a request that was refused; nothing was applied then or now."""
+
+    code = "nonce_reused"
+
+
 class PaymentRequired(ApiError):
     status, code = 402, "insufficient_funds"
 

@@ -29,7 +29,9 @@ class Lapse:
 def lapsed(now: float, leases: Iterable[LeaseState], ttl: float) -> list[Lapse]:
     """Active leases not renewed for ``ttl`` seconds (3 heartbeat intervals by default) lapse."""
     return [
-        Lapse(lease.id, lease.account, f"no heartbeat for {now - lease.last_heartbeat:.1f} s (limit {ttl:g} s)")
+        Lapse(
+            lease.id, lease.account, f"no heartbeat for {now - lease.last_heartbeat:.1f} s (limit {ttl:g} s)"
+        )
         for lease in leases
         if now - lease.last_heartbeat > ttl
     ]

@@ -27,9 +27,13 @@ class CoordinatorMetrics:
         self.live_peers = Gauge("hivemarket_live_peers", "Peers holding an active lease", registry=r)
         self.lapsed_leases = Counter("hivemarket_lapsed_leases", "Leases that lapsed", registry=r)
         self.clearing_price = Gauge(
-            "hivemarket_clearing_price", "Last clearing price per effective TFLOP-hour (NaN before any trade)", registry=r
+            "hivemarket_clearing_price",
+            "Last clearing price per effective TFLOP-hour (NaN before any trade)",
+            registry=r,
         )
         self.clearing_price.set(float("nan"))
         self.clearing_rounds = Counter("hivemarket_clearing_rounds", "Market clearing rounds", registry=r)
         self.trades = Counter("hivemarket_trades", "Peers matched to runs", registry=r)
-        self.ledger_conserved = Gauge("hivemarket_ledger_conserved", "1 when the last audit balanced", registry=r)
+        self.ledger_conserved = Gauge(
+            "hivemarket_ledger_conserved", "1 when the last audit balanced", registry=r
+        )

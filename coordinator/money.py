@@ -23,7 +23,9 @@ def parse_money(value: object) -> Decimal:
     if isinstance(value, Decimal):
         value = format(value, "f")
     if not isinstance(value, str):
-        raise ValueError(f"money must be a decimal string such as \"12.50\", not {type(value).__name__} {value!r}")
+        raise ValueError(
+            f'money must be a decimal string such as "12.50", not {type(value).__name__} {value!r}'
+        )
     if not _MONEY_RE.match(value):
         raise ValueError(f"{value!r} is not a non-negative decimal with at most {PLACES} decimal places")
     return Decimal(value)

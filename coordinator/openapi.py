@@ -22,7 +22,10 @@ def build_openapi(routes: Sequence[Route]) -> dict[str, Any]:
     for route in routes:
         models.update(m for m in (route.body, route.response) if m is not None)
     keyed, schemas = models_json_schema(
-        [(m, "validation" if any(r.body is m for r in routes) else "serialization") for m in sorted(models, key=str)],
+        [
+            (m, "validation" if any(r.body is m for r in routes) else "serialization")
+            for m in sorted(models, key=str)
+        ],
         ref_template=_REF,
     )
     refs = {model: keyed[(model, mode)] for model, mode in keyed}
@@ -39,7 +42,9 @@ def build_openapi(routes: Sequence[Route]) -> dict[str, Any]:
             for name, doc in route.query
         ]
         if route.auth != "none":
-            params += [{"name": h, "in": "header", "required": True, "schema": {"type": "string"}} for h in HEADERS]
+            params += [
+                {"name": h, "in": "header", "required": True, "schema": {"type": "string"}} for h in HEADERS
+            ]
             op["description"] = "Signed request" + (" (admin key)" if route.auth == "admin" else "") + "."
         if params:
             op["parameters"] = params

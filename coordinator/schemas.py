@@ -27,7 +27,9 @@ Money = Annotated[
     Decimal,
     BeforeValidator(parse_money),
     PlainSerializer(lambda d: f"{d:.{PLACES}f}", return_type=str),
-    WithJsonSchema({"type": "string", "pattern": rf"^[0-9]{{1,15}}(\.[0-9]{{1,{PLACES}}})?$", "example": "12.50"}),
+    WithJsonSchema(
+        {"type": "string", "pattern": rf"^[0-9]{{1,15}}(\.[0-9]{{1,{PLACES}}})?$", "example": "12.50"}
+    ),
 ]
 
 
@@ -202,7 +204,9 @@ class ClearingRoundView(View):
 
 
 class MarketView(View):
-    clearing_price: Money | None = Field(description="Price per effective TFLOP-hour of the last round that traded.")
+    clearing_price: Money | None = Field(
+        description="Price per effective TFLOP-hour of the last round that traded."
+    )
     supply: int = Field(description="Open offers with a live lease.")
     demand: int = Field(description="Peers wanted by recruiting runs.")
     rounds: list[ClearingRoundView]

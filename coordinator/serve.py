@@ -13,7 +13,7 @@ import click
 from coordinator.app import Coordinator, serving
 from coordinator.settings import ServerSettings
 from coordinator.store import LeaseConfig, open_store
-from peer.cli import InputError, _load_identity
+from peer.console import InputError, load_cli_identity
 
 
 @click.group("coordinator")
@@ -28,14 +28,22 @@ def coordinator_group() -> None:
 
 @coordinator_group.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8470, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
+@click.option(
+    "--port", default=8470, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port."
+)
 @click.option("--db", "db_url", help="sqlite:///PATH [default: sqlite:///$HIVEMARKET_HOME/coordinator.db].")
 @click.option(
-    "--admin-key", type=click.Path(dir_okay=False), help="Identity file whose account may deposit funds "
-    "[default: $HIVEMARKET_HOME/identity.pem]."
+    "--admin-key",
+    type=click.Path(dir_okay=False),
+    help="Identity file whose account may deposit funds [default: $HIVEMARKET_HOME/identity.pem].",
 )
-@click.option("--sqlite-synchronous", type=click.Choice(["FULL", "NORMAL"]), default="FULL", show_default=True,
-              help="FULL survives power loss; NORMAL survives process crashes and is faster.")
+@click.option(
+    "--sqlite-synchronous",
+    type=click.Choice(["FULL", "NORMAL"]),
+    default="FULL",
+    show_default=True,
+    help="FULL survives power loss; NORMAL survives process crashes and is faster.",
+)
 def serve(host: str, port: int, db_url: str | None, admin_key: str | None, sqlite_synchronous: str) -> None:
     """Serve the coordinator's HTTP API; prints `listening on http://HOST:PORT` once it accepts requests.
 
@@ -45,7 +53,7 @@ def serve(host: str, port: int, db_url: str | None, admin_key: str | None, sqlit
       hivemarket coordinator serve --admin-key admin.pem --db sqlite:///./market.db
     """
     settings = ServerSettings()
-    admin = _load_identity(admin_key, settings).account  # type: ignore[arg-type]
+    admin = load_cli_identity(admin_key, settings).account  # type: ignore[arg-type]
     db_url = db_url or f"sqlite:///{Path(settings.home) / 'coordinator.db'}"
     try:
         store = open_store(

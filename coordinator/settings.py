@@ -41,7 +41,9 @@ class ClientSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="HIVEMARKET_", frozen=True)
 
-    coordinator: str = Field("http://127.0.0.1:8470", description="Coordinator URL used when --coordinator is omitted.")
+    coordinator: str = Field(
+        "http://127.0.0.1:8470", description="Coordinator URL used when --coordinator is omitted."
+    )
     request_timeout: float = Field(10.0, gt=0, description="Seconds one HTTP request may take.")
     retries: int = Field(5, ge=0, description="Retries of a request that failed to reach the coordinator.")
     retry_backoff: float = Field(0.2, gt=0, description="First retry delay in seconds; doubles each retry.")

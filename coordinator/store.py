@@ -12,14 +12,24 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
 
-from coordinator import ledger, leases, market
+from coordinator import leases, ledger, market
 from coordinator.db import Database
-from coordinator.errors import Conflict, Forbidden, NonceReplayed, NotFound, PaymentRequired
+from coordinator.errors import (
+    ApiError,
+    Conflict,
+    Forbidden,
+    NonceReplayed,
+    NonceReused,
+    NotFound,
+    PaymentRequired,
+    Unauthorized,
+)
 from coordinator.money import from_units, to_units
 from coordinator.schemas import (
     AccountView,
@@ -54,6 +64,7 @@ MIGRATIONS = (
         account TEXT NOT NULL,
         nonce TEXT NOT NULL,
         timestamp INTEGER NOT NULL,
+        refused TEXT,
         PRIMARY KEY (account, nonce)
     ) WITHOUT ROWID;
     CREATE INDEX nonces_timestamp ON nonces (timestamp);
@@ -148,7 +159,9 @@ class Store(Protocol):
     async def runs(self) -> list[RunView]: ...
     async def run(self, run_id: str) -> RunView: ...
     async def cancel_run(self, now: float, env: Envelope, run_id: str) -> RunView: ...
-    async def clear_market(self, now: float, env: Envelope | None, config: market.MarketConfig) -> ClearingRoundView: ...
+    async def clear_market(
+        self, now: float, env: Envelope | None, config: market.MarketConfig
+    ) -> ClearingRoundView: ...
     async def rounds(self, limit: int) -> list[ClearingRoundView]: ...
     async def market_depth(self) -> tuple[int, int]: ...
     async def sweep(self, now: float, nonce_horizon: float) -> list[leases.Lapse]: ...
@@ -166,15 +179,38 @@ def open_store(url: str, lease_config: LeaseConfig, *, synchronous: str, batch_m
 
 
 def _claim_nonce(conn: sqlite3.Connection, env: Envelope) -> None:
+    """Record the nonce as applied, or refuse a request whose nonce was seen before (a replay)."""
     try:
         conn.execute(
-            "INSERT INTO nonces (account, nonce, timestamp) VALUES (?, ?, ?)", (env.account, env.nonce, env.timestamp)
+            "INSERT INTO nonces (account, nonce, timestamp) VALUES (?, ?, ?)",
+            (env.account, env.nonce, env.timestamp),
         )
     except sqlite3.IntegrityError:
-        raise NonceReplayed(
-            f"nonce {env.nonce} was already used by this account; the request it carried was applied",
+        (refused,) = conn.execute(
+            "SELECT refused FROM nonces WHERE account = ? AND nonce = ?", (env.account, env.nonce)
+        ).fetchone()
+        if refused is None:
+            raise NonceReplayed(
+                f"nonce {env.nonce} was already used; the request it carried was applied",
+                field="X-Hivemarket-Nonce",
+            ) from None
+        raise NonceReused(
+            f"nonce {env.nonce} was already used by a request refused with {refused}; nothing was applied",
             field="X-Hivemarket-Nonce",
         ) from None
+
+
+def _remember_refusal(env: Envelope) -> Callable[[sqlite3.Connection, Exception], None]:
+    """Keep the nonce of a refused request, so that it cannot be replayed once the state would allow it."""
+
+    def hook(conn: sqlite3.Connection, error: Exception) -> None:
+        if isinstance(error, ApiError) and not isinstance(error, Unauthorized):
+            conn.execute(
+                "INSERT OR IGNORE INTO nonces (account, nonce, timestamp, refused) VALUES (?, ?, ?, ?)",
+                (env.account, env.nonce, env.timestamp, f"{error.status} {error.code}"),
+            )
+
+    return hook
 
 
 def _books(conn: sqlite3.Connection, names: set[str]) -> dict[str, int]:
@@ -191,11 +227,14 @@ def _post(conn: sqlite3.Connection, entries: list[ledger.Entry], now: float) -> 
     try:
         after = ledger.apply(_books(conn, names), entries)
     except ledger.InsufficientFunds as e:
+        owner = e.book.split(":", 1)[-1]
         raise PaymentRequired(
-            f"{e.book} holds {from_units(e.available)}, {from_units(e.needed)} needed", field="budget"
+            f"the balance of {owner} is {from_units(e.available)}, {from_units(e.needed)} is needed",
+            field="budget",
         ) from None
     conn.executemany(
-        "INSERT INTO books (name, units) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET units = excluded.units",
+        "INSERT INTO books (name, units) VALUES (?, ?)"
+        " ON CONFLICT (name) DO UPDATE SET units = excluded.units",
         [(name, after[name]) for name in names],
     )
     conn.executemany(
@@ -236,14 +275,15 @@ class SQLiteStore:
             _post(conn, ledger.deposit(account, units), now)
             return self._account(conn, account)
 
-        return await self._db.write(op)
+        return await self._db.write(op, _remember_refusal(env))
 
     async def account(self, account: str) -> AccountView:
         return await self._db.read(lambda conn: self._account(conn, account))
 
     def _account(self, conn: sqlite3.Connection, account: str) -> AccountView:
         escrow = conn.execute(
-            "SELECT COALESCE(SUM(b.units), 0) FROM runs r JOIN books b ON b.name = 'escrow:' || r.id WHERE r.owner = ?",
+            "SELECT COALESCE(SUM(b.units), 0) FROM runs r JOIN books b ON b.name = 'escrow:' || r.id"
+            " WHERE r.owner = ?",
             (account,),
         ).fetchone()[0]
         return AccountView(
@@ -260,7 +300,9 @@ class SQLiteStore:
         def op(conn: sqlite3.Connection) -> ledger.Audit:
             books = {row["name"]: row["units"] for row in conn.execute("SELECT name, units FROM books")}
             replayed: dict[str, int] = {}
-            for row in conn.execute("SELECT debit, credit, SUM(units) AS units FROM entries GROUP BY debit, credit"):
+            for row in conn.execute(
+                "SELECT debit, credit, SUM(units) AS units FROM entries GROUP BY debit, credit"
+            ):
                 replayed[row["debit"]] = replayed.get(row["debit"], 0) - row["units"]
                 replayed[row["credit"]] = replayed.get(row["credit"], 0) + row["units"]
             result = ledger.audit(books)
@@ -290,10 +332,7 @@ class SQLiteStore:
 
     @staticmethod
     def _offer_view(row: sqlite3.Row) -> OfferView:
-        if row["lease_state"] != "active":
-            state = "offline"
-        else:
-            state = "matched" if row["run_id"] else "open"
+        state = "offline" if row["lease_state"] != "active" else "matched" if row["run_id"] else "open"
         return OfferView(
             account=row["account"],
             price_per_hour=from_units(row["price_units"]),
@@ -318,7 +357,8 @@ class SQLiteStore:
             _claim_nonce(conn, env)
             conn.execute("INSERT OR IGNORE INTO peers (account) VALUES (?)", (account,))
             row = conn.execute(
-                "SELECT l.* FROM offers o JOIN leases l ON l.id = o.lease_id WHERE o.account = ? AND l.state = 'active'",
+                "SELECT l.* FROM offers o JOIN leases l ON l.id = o.lease_id"
+                " WHERE o.account = ? AND l.state = 'active'",
                 (account,),
             ).fetchone()
             if row is not None:
@@ -327,31 +367,45 @@ class SQLiteStore:
             else:
                 lease_id = secrets.token_hex(8)
                 conn.execute(
-                    "INSERT INTO leases (id, account, state, created_at, last_heartbeat) VALUES (?, ?, 'active', ?, ?)",
+                    "INSERT INTO leases (id, account, state, created_at, last_heartbeat)"
+                    " VALUES (?, ?, 'active', ?, ?)",
                     (lease_id, account, now, now),
                 )
             hw = body.hardware
             conn.execute(
-                """INSERT INTO offers (account, price_units, gpu, gpu_count, vram_gb, tflops, ram_gb, cpu_cores, roles,
-                                       min_lease_seconds, peer_id, maddrs, lease_id, updated_at)
+                """INSERT INTO offers (account, price_units, gpu, gpu_count, vram_gb, tflops, ram_gb,
+                                       cpu_cores, roles, min_lease_seconds, peer_id, maddrs, lease_id,
+                                       updated_at)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (account) DO UPDATE SET
                      price_units = excluded.price_units, gpu = excluded.gpu, gpu_count = excluded.gpu_count,
                      vram_gb = excluded.vram_gb, tflops = excluded.tflops, ram_gb = excluded.ram_gb,
                      cpu_cores = excluded.cpu_cores, roles = excluded.roles,
                      min_lease_seconds = excluded.min_lease_seconds, peer_id = excluded.peer_id,
-                     maddrs = excluded.maddrs, lease_id = excluded.lease_id, updated_at = excluded.updated_at""",
+                     maddrs = excluded.maddrs, lease_id = excluded.lease_id,
+                     updated_at = excluded.updated_at""",
                 (
-                    account, to_units(body.price_per_hour), hw.gpu, hw.gpu_count, hw.vram_gb, hw.tflops, hw.ram_gb,
-                    hw.cpu_cores, json.dumps(sorted(set(body.roles))), body.min_lease_seconds, body.peer_id,
-                    json.dumps(body.maddrs), lease_id, now,
+                    account,
+                    to_units(body.price_per_hour),
+                    hw.gpu,
+                    hw.gpu_count,
+                    hw.vram_gb,
+                    hw.tflops,
+                    hw.ram_gb,
+                    hw.cpu_cores,
+                    json.dumps(sorted(set(body.roles))),
+                    body.min_lease_seconds,
+                    body.peer_id,
+                    json.dumps(body.maddrs),
+                    lease_id,
+                    now,
                 ),
             )
             offer = conn.execute(self._OFFER_QUERY + " WHERE o.account = ?", (account,)).fetchone()
             lease = conn.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
             return OfferResponse(offer=self._offer_view(offer), lease=self._lease_view(lease))
 
-        return await self._db.write(op)
+        return await self._db.write(op, _remember_refusal(env))
 
     def _renew(self, conn: sqlite3.Connection, lease: sqlite3.Row, now: float) -> None:
         uptime = leases.credited_uptime(now, lease["last_heartbeat"], self.lease_config.ttl)
@@ -375,11 +429,13 @@ class SQLiteStore:
             self._renew(conn, lease, now)
             return self._lease_view(conn.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone())
 
-        return await self._db.write(op)
+        return await self._db.write(op, _remember_refusal(env))
 
     async def offers(self) -> list[OfferView]:
         return await self._db.read(
-            lambda conn: [self._offer_view(row) for row in conn.execute(self._OFFER_QUERY + " ORDER BY o.account")]
+            lambda conn: [
+                self._offer_view(row) for row in conn.execute(self._OFFER_QUERY + " ORDER BY o.account")
+            ]
         )
 
     # ------------------------------------------------------------------------------------------------ runs
@@ -398,7 +454,9 @@ class SQLiteStore:
                 state=m["state"],
                 matched_at=m["matched_at"],
             )
-            for m in conn.execute("SELECT * FROM matches WHERE run_id = ? ORDER BY matched_at, account", (row["id"],))
+            for m in conn.execute(
+                "SELECT * FROM matches WHERE run_id = ? ORDER BY matched_at, account", (row["id"],)
+            )
         ]
         return RunView(
             id=row["id"],
@@ -433,18 +491,28 @@ class SQLiteStore:
                                      min_vram_gb, budget_units, created_at)
                    VALUES (?, ?, ?, 'recruiting', ?, ?, ?, ?, ?, ?, ?)""",
                 (
-                    run_id, env.account, body.spec["name"], json.dumps(body.spec), to_units(body.max_price),
-                    body.peers_min, body.peers_max, body.min_vram_gb, budget, now,
+                    run_id,
+                    env.account,
+                    body.spec["name"],
+                    json.dumps(body.spec),
+                    to_units(body.max_price),
+                    body.peers_min,
+                    body.peers_max,
+                    body.min_vram_gb,
+                    budget,
+                    now,
                 ),
             )
             _post(conn, ledger.hold_escrow(env.account, run_id, budget), now)
             return self._run_view(conn, self._get_run(conn, run_id))
 
-        return await self._db.write(op)
+        return await self._db.write(op, _remember_refusal(env))
 
     async def runs(self) -> list[RunView]:
         return await self._db.read(
-            lambda conn: [self._run_view(conn, row) for row in conn.execute("SELECT * FROM runs ORDER BY created_at")]
+            lambda conn: [
+                self._run_view(conn, row) for row in conn.execute("SELECT * FROM runs ORDER BY created_at")
+            ]
         )
 
     async def run(self, run_id: str) -> RunView:
@@ -460,11 +528,13 @@ class SQLiteStore:
                 raise Conflict(f"run {run_id!r} is already {run['state']}", code="run_ended", field="run_id")
             _post(conn, ledger.refund(run_id, run["owner"], _book(conn, ledger.escrow_book(run_id))), now)
             conn.execute("UPDATE runs SET state = 'cancelled' WHERE id = ?", (run_id,))
-            conn.execute("UPDATE matches SET state = 'released' WHERE run_id = ? AND state = 'active'", (run_id,))
+            conn.execute(
+                "UPDATE matches SET state = 'released' WHERE run_id = ? AND state = 'active'", (run_id,)
+            )
             conn.execute("UPDATE leases SET run_id = NULL, price_units = NULL WHERE run_id = ?", (run_id,))
             return self._run_view(conn, self._get_run(conn, run_id))
 
-        return await self._db.write(op)
+        return await self._db.write(op, _remember_refusal(env))
 
     # ---------------------------------------------------------------------------------------------- market
 
@@ -496,12 +566,15 @@ class SQLiteStore:
             )
             price = None if result.clearing_price is None else to_units(result.clearing_price)
             cursor = conn.execute(
-                "INSERT INTO rounds (at, clearing_price_units, trades, supply, demand, reason) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO rounds (at, clearing_price_units, trades, supply, demand, reason)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
                 (now, price, len(result.matches), result.supply, result.demand, result.reason),
             )
-            return self._round_view(conn.execute("SELECT * FROM rounds WHERE id = ?", (cursor.lastrowid,)).fetchone())
+            return self._round_view(
+                conn.execute("SELECT * FROM rounds WHERE id = ?", (cursor.lastrowid,)).fetchone()
+            )
 
-        return await self._db.write(op)
+        return await self._db.write(op, None if env is None else _remember_refusal(env))
 
     _ASKS_QUERY = """
         SELECT l.id AS lease_id, o.account, o.price_units, o.tflops, o.vram_gb, p.uptime, p.lapses
@@ -556,7 +629,8 @@ class SQLiteStore:
     async def rounds(self, limit: int) -> list[ClearingRoundView]:
         return await self._db.read(
             lambda conn: [
-                self._round_view(row) for row in conn.execute("SELECT * FROM rounds ORDER BY id DESC LIMIT ?", (limit,))
+                self._round_view(row)
+                for row in conn.execute("SELECT * FROM rounds ORDER BY id DESC LIMIT ?", (limit,))
             ]
         )
 
@@ -578,14 +652,17 @@ class SQLiteStore:
         def op(conn: sqlite3.Connection) -> list[leases.Lapse]:
             active = [
                 leases.LeaseState(row["id"], row["account"], row["last_heartbeat"])
-                for row in conn.execute("SELECT id, account, last_heartbeat FROM leases WHERE state = 'active'")
+                for row in conn.execute(
+                    "SELECT id, account, last_heartbeat FROM leases WHERE state = 'active'"
+                )
             ]
             lapses = leases.lapsed(now, active, self.lease_config.ttl)
             for lapse in lapses:
                 conn.execute("UPDATE leases SET state = 'lapsed' WHERE id = ?", (lapse.lease_id,))
                 conn.execute("UPDATE peers SET lapses = lapses + 1 WHERE account = ?", (lapse.account,))
                 conn.execute(
-                    "UPDATE matches SET state = 'dropped' WHERE lease_id = ? AND state = 'active'", (lapse.lease_id,)
+                    "UPDATE matches SET state = 'dropped' WHERE lease_id = ? AND state = 'active'",
+                    (lapse.lease_id,),
                 )
             conn.execute("DELETE FROM nonces WHERE timestamp < ?", (now - nonce_horizon,))
             return lapses
@@ -596,16 +673,23 @@ class SQLiteStore:
         """After a restart, give every active lease a fresh heartbeat deadline: peers could not renew
         while the coordinator was down, and that is not their fault."""
         return await self._db.write(
-            lambda conn: conn.execute(
-                "UPDATE leases SET last_heartbeat = ? WHERE state = 'active' AND last_heartbeat < ?", (now, now)
-            ).rowcount
+            lambda conn: (
+                conn.execute(
+                    "UPDATE leases SET last_heartbeat = ? WHERE state = 'active' AND last_heartbeat < ?",
+                    (now, now),
+                ).rowcount
+            )
         )
 
     async def counts(self) -> dict[str, int]:
         def op(conn: sqlite3.Connection) -> dict[str, int]:
-            counts = {f"runs_{row[0]}": row[1] for row in conn.execute("SELECT state, COUNT(*) FROM runs GROUP BY state")}
-            counts["live_leases"] = conn.execute("SELECT COUNT(*) FROM leases WHERE state = 'active'").fetchone()[0]
+            counts = {
+                f"runs_{row[0]}": row[1]
+                for row in conn.execute("SELECT state, COUNT(*) FROM runs GROUP BY state")
+            }
+            counts["live_leases"] = conn.execute(
+                "SELECT COUNT(*) FROM leases WHERE state = 'active'"
+            ).fetchone()[0]
             return counts
 
         return await self._db.read(op)
-

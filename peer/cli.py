@@ -1,56 +1,28 @@
-"""The ``hivemarket`` command line.
-
-Exit codes: 0 ok, 1 a failure while running, 2 usage or bad input (a one-line ``Error: ...`` naming the
-problem, never a traceback).
+"""The ``hivemarket`` command line: identity, peer and swarm commands; the coordinator's and the market's
+commands are registered from :mod:`coordinator.serve` and :mod:`coordinator.cli`. Exit codes are those of
+:mod:`peer.console`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
 
 from peer import __version__
-from peer.identity import Identity, IdentityError, default_identity_path, load_identity, save_identity
-from peer.settings import PeerSettings, load_settings
-
-
-class InputError(click.ClickException):
-    """Bad input from the user: printed as one line, exit status 2."""
-
-    exit_code = 2
-
-
-def _echo_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, sort_keys=True))
-
-
-def _identity_path(path: str | None, settings: PeerSettings) -> Path:
-    return Path(path) if path else default_identity_path(settings.home)
-
-
-def _load_identity(path: str | None, settings: PeerSettings, *, create_default: bool = False) -> Identity:
-    """Load the identity; the default file is created on first use when ``create_default``."""
-    resolved = _identity_path(path, settings)
-    if path is None and create_default and not resolved.exists():
-        identity = Identity.generate()
-        save_identity(identity, resolved)
-        click.echo(f"created a new identity at {resolved}", err=True)
-        return identity
-    try:
-        return load_identity(resolved)
-    except IdentityError as e:
-        raise InputError(str(e)) from None
+from peer.console import (
+    InputError,
+    echo_json,
+    identity_path,
+    load_cli_identity,
+    stop_on_signals,
+    write_json_atomically,
+)
+from peer.identity import Identity, IdentityError, save_identity
+from peer.settings import load_settings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -90,7 +62,7 @@ def identity_new(path: str | None, force: bool) -> None:
     Example:
       hivemarket identity new --path ./alice.pem
     """
-    resolved = _identity_path(path, load_settings())
+    resolved = identity_path(path, load_settings())
     new = Identity.generate()
     try:
         save_identity(new, resolved, force=force)
@@ -114,9 +86,9 @@ def identity_show(path: str | None, as_json: bool) -> None:
       hivemarket identity show --json
     """
     settings = load_settings()
-    loaded = _load_identity(path, settings)
+    loaded = load_cli_identity(path, settings)
     if as_json:
-        _echo_json({"account": loaded.account, "path": str(_identity_path(path, settings))})
+        echo_json({"account": loaded.account, "path": str(identity_path(path, settings))})
     else:
         click.echo(loaded.account)
 
@@ -147,7 +119,7 @@ def peer_probe(as_json: bool) -> None:
 
     result = probe(benchmark_seconds=load_settings().probe_seconds)
     if as_json:
-        _echo_json(result)
+        echo_json(result)
         return
     bench = result["benchmark"]
     click.echo(f"cpu      {result['cpu']['model']} ({result['cpu']['logical_cores']} threads)")
@@ -172,40 +144,6 @@ def _maddrs(values: tuple[str, ...], option: str) -> list[str]:
         return parse_maddrs(values, option)
     except NodeError as e:
         raise InputError(str(e)) from None
-
-
-@contextmanager
-def _stop_on_signals() -> Iterator[threading.Event]:
-    """An event set by SIGINT/SIGTERM in this process.
-
-    The handlers are installed before hivemind forks its DHT process; a forked child that inherits them
-    restores the default action and re-raises, so that signalling the child still stops it.
-    """
-    stop = threading.Event()
-    owner = os.getpid()
-
-    def handle(signum: int, _frame: Any) -> None:
-        if os.getpid() != owner:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        stop.set()
-
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _write_json_atomically(path: Path, value: Any) -> None:
-    """Readers never see a half-written file: write a sibling, then rename over."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 @peer.command("start")
@@ -250,12 +188,12 @@ def peer_start(
     listen_maddrs = _maddrs(listen, "--listen") or list(DEFAULT_LISTEN)
     announce_maddrs = _maddrs(announce, "--announce")
     bootstrap = _maddrs(initial_peers, "--initial-peers")
-    loaded = _load_identity(identity_path, settings, create_default=True)
+    loaded = load_cli_identity(identity_path, settings, create_default=True)
 
     from peer.hardware import probe, summary
 
     hardware = summary(probe(benchmark_seconds=settings.probe_seconds))
-    with _stop_on_signals() as stop:
+    with stop_on_signals() as stop:
         try:
             dht, rsa = start_dht(
                 settings,
@@ -279,7 +217,7 @@ def peer_start(
                 if node.publish_due():
                     node.publish()
                 if status_file and time.monotonic() >= next_status:
-                    _write_json_atomically(Path(status_file), node.status())
+                    write_json_atomically(Path(status_file), node.status())
                     next_status = time.monotonic() + settings.status_interval
                 stop.wait(min(settings.status_interval, settings.record_refresh))
         finally:
@@ -313,7 +251,7 @@ def peers(initial_peers: tuple[str, ...], as_json: bool) -> None:
     finally:
         stop_dht(dht, settings)
     if as_json:
-        _echo_json(records)
+        echo_json(records)
     else:
         _print_records(records)
 
@@ -366,8 +304,7 @@ def demo() -> None:
             stop_dht(node.dht, settings)
 
 
-# The market commands live next to the coordinator client; imported last because they use the helpers above.
-from coordinator.cli import register  # noqa: E402
+from coordinator.cli import register  # noqa: E402  (the market commands extend `main`, defined above)
 from coordinator.serve import coordinator_group  # noqa: E402
 
 register(main)

@@ -217,8 +217,19 @@ def start_coordinator(
     log = home / f"coordinator-{time.monotonic_ns()}.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "peer", "coordinator", "serve", "--port", "0",
-             "--db", f"sqlite:///{db_path}", "--admin-key", str(admin_key)],
+            [
+                sys.executable,
+                "-m",
+                "peer",
+                "coordinator",
+                "serve",
+                "--port",
+                "0",
+                "--db",
+                f"sqlite:///{db_path}",
+                "--admin-key",
+                str(admin_key),
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=run_env,

@@ -16,13 +16,13 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import aiohttp
 import pytest
 
 from coordinator.client import AlreadyApplied, CoordinatorClient, CoordinatorError, CoordinatorUnreachable
-from coordinator.schemas import HardwareSummary, OfferBody, OfferResponse
+from coordinator.schemas import HardwareSummary, OfferBody, OfferResponse, OfferView
 from coordinator.settings import ClientSettings
 from peer.identity import Identity, load_identity
 from tests.harness import CoordinatorProcess, cli_env, kill_group, run_cli, start_coordinator
@@ -63,13 +63,11 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
 def test_deposit_through_cli_shows_in_account(coordinator: CoordinatorProcess, tmp_path: Path) -> None:
     env = cli_env(tmp_path / "home", HIVEMARKET_COORDINATOR=coordinator.url)
     me = load_identity(tmp_path / "home" / "identity.pem").account
-    admin = str(coordinator.home / "admin.pem")
+    admin_key = str(coordinator.home / "admin.pem")
 
-    first = run_cli("deposit", me, "12.50", "--admin-key", admin, "--json", env=env)
-    assert first.returncode == 0, first.stderr
-    assert json.loads(first.stdout)["balance"] == "12.500000"
-    second = run_cli("deposit", me, "0.000001", "--admin-key", admin, env=env)
-    assert second.returncode == 0, second.stderr
+    deposited = run_cli("deposit", me, "12.500001", "--admin-key", admin_key, env=env)
+    assert deposited.returncode == 0, deposited.stderr
+    assert "balance     12.500001" in deposited.stdout  # no rounding on the way: money is never a float
 
     mine = run_cli("account", "--json", env=env)  # no ID: the account of HIVEMARKET_HOME's identity
     assert mine.returncode == 0, mine.stderr
@@ -77,19 +75,20 @@ def test_deposit_through_cli_shows_in_account(coordinator: CoordinatorProcess, t
     assert (view["account"], view["balance"], view["escrow"]) == (me, "12.500001", "0.000000")
 
 
-def test_non_admin_deposit_is_refused(coordinator: CoordinatorProcess, tmp_path: Path) -> None:
+async def test_non_admin_deposit_is_refused(coordinator: CoordinatorProcess, tmp_path: Path) -> None:
     env = cli_env(tmp_path / "home", HIVEMARKET_COORDINATOR=coordinator.url)
     own_key = tmp_path / "home" / "identity.pem"  # a valid key, but not the coordinator's admin
     me = load_identity(own_key).account
-    admin = str(coordinator.home / "admin.pem")
-    assert run_cli("deposit", me, "5", "--admin-key", admin, env=env).returncode == 0
+    async with CoordinatorClient(coordinator.url, coordinator.admin) as admin:
+        await admin.deposit(me, "5")
 
-    refused = run_cli("deposit", me, "100", "--admin-key", str(own_key), env=env)
-    assert refused.returncode == 2
-    assert "403" in one_line_error(refused) and "admin" in refused.stderr.lower()
-    assert json.loads(run_cli("account", me, "--json", env=env).stdout)["balance"] == "5.000000"
+        refused = run_cli("deposit", me, "100", "--admin-key", str(own_key), env=env)
+        assert refused.returncode == 2
+        assert "403" in one_line_error(refused) and "admin" in refused.stderr.lower()
+        assert (await admin.account(me)).balance == Decimal(5)
 
-    bad_amount = run_cli("deposit", me, "1e3", "--admin-key", admin, env=env)
+    admin_key = str(coordinator.home / "admin.pem")
+    bad_amount = run_cli("deposit", me, "1e3", "--admin-key", admin_key, env=env)
     assert bad_amount.returncode == 2
     assert "AMOUNT" in one_line_error(bad_amount) and "1e3" in bad_amount.stderr
 
@@ -288,15 +287,15 @@ async def test_rent_holds_its_lease_and_renews_a_lapsed_one(
     try:
         async with CoordinatorClient(fast_leases.url) as client:
 
-            async def my_offer() -> dict[str, Any] | None:
-                return next((o.model_dump() for o in await client.offers() if o.account == me), None)
+            async def my_offer() -> OfferView | None:
+                return next((o for o in await client.offers() if o.account == me), None)
 
             first = await _wait_for(my_offer, 60, "the rented offer to be listed", rent, log)
-            assert (first["price_per_hour"], first["state"]) == (Decimal("1.2"), "open")
+            assert (first.price_per_hour, first.state) == (Decimal("1.2"), "open")
             await asyncio.sleep(4)  # 8 heartbeat intervals, more than twice the lease's 1.5 s life
             later = await my_offer()
-            assert later is not None and (later["state"], later["lease_id"]) == ("open", first["lease_id"])
-            assert f"lease    {first['lease_id']} active" in log.read_text()
+            assert later is not None and (later.state, later.lease_id) == ("open", first.lease_id)
+            assert f"lease    {first.lease_id} active" in log.read_text()
             assert "posting the offer again" not in log.read_text()
 
             rent.send_signal(signal.SIGSTOP)  # miss heartbeats until the lease lapses

@@ -1,0 +1,84 @@
+"""Helpers every ``hivemarket`` command shares: errors users see, JSON output, identities, signals.
+
+Exit codes: 0 ok, 1 a failure while running, 2 usage or bad input (a one-line ``Error: ...`` naming the
+problem, never a traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from peer.identity import Identity, IdentityError, default_identity_path, load_identity, save_identity
+from peer.settings import PeerSettings
+
+
+class InputError(click.ClickException):
+    """Bad input from the user: printed as one line, exit status 2."""
+
+    exit_code = 2
+
+
+def echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
+def identity_path(path: str | None, settings: PeerSettings) -> Path:
+    return Path(path) if path else default_identity_path(settings.home)
+
+
+def load_cli_identity(path: str | None, settings: PeerSettings, *, create_default: bool = False) -> Identity:
+    """Load the identity; the default file is created on first use when ``create_default``."""
+    resolved = identity_path(path, settings)
+    if path is None and create_default and not resolved.exists():
+        identity = Identity.generate()
+        save_identity(identity, resolved)
+        click.echo(f"created a new identity at {resolved}", err=True)
+        return identity
+    try:
+        return load_identity(resolved)
+    except IdentityError as e:
+        raise InputError(str(e)) from None
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by SIGINT/SIGTERM in this process.
+
+    The handlers are installed before hivemind forks its DHT process; a forked child that inherits them
+    restores the default action and re-raises, so that signalling the child still stops it.
+    """
+    stop = threading.Event()
+    owner = os.getpid()
+
+    def handle(signum: int, _frame: Any) -> None:
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def write_json_atomically(path: Path, value: Any) -> None:
+    """Readers never see a half-written file: write a sibling, then rename over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
