@@ -88,7 +88,7 @@ def parse_sort(spec: str, fields: Mapping[str, FieldKind]) -> tuple[str, bool]:
     """``price`` -> ("price", False); ``-price`` -> ("price", True), i.e. (field, descending)."""
     text = spec.strip()
     descending = text.startswith("-")
-    name = text.lstrip("+-")
+    name = text[1:] if text[:1] in ("-", "+") else text
     if not name:
         raise FilterError(spec, "empty sort field; give a field name, '-' in front for descending")
     _check_field(spec, name, fields)
@@ -111,9 +111,13 @@ def _term(expr: str, tokens: list[_Token], i: int, fields: Mapping[str, FieldKin
     op_token, value_at = tokens[i + 1], i + 2
     # The value is the word or list right after the operator, unless a space separates them and an
     # operator follows it: then it is the next term's field ('gpu= price<2' lacks a value).
-    has_value = value_at < len(tokens) and tokens[value_at].kind in ("word", "list") and (
-        tokens[value_at].start == op_token.end
-        or not (value_at + 1 < len(tokens) and tokens[value_at + 1].kind == "op")
+    has_value = (
+        value_at < len(tokens)
+        and tokens[value_at].kind in ("word", "list")
+        and (
+            tokens[value_at].start == op_token.end
+            or not (value_at + 1 < len(tokens) and tokens[value_at + 1].kind == "op")
+        )
     )
     op = "in" if op_token.text.lower() == "in" else "=" if op_token.text == "==" else op_token.text
     if op not in _OPERATORS or (op_token.kind != "op" and op != "in"):  # 'gpu~x', 'gpu like x', 'gpu x'

@@ -5,7 +5,11 @@ clearing round can be replayed, tested with generated markets and benchmarked in
 
 Why McAfee: it is dominant-strategy truthful for single-unit traders (a peer gains nothing by
 misstating its price) and weakly budget-balanced (the market never pays out more than it takes in),
-at the cost of at most one efficient trade per round.
+at the cost of at most one efficient trade per round. Two limits: a run wanting several peers is a
+multi-unit buyer, and if its last unit is the (k+1)-th bid it sets the price its other units pay,
+so it may gain by asking for fewer peers (demand reduction); and the VRAM assignment can leave a
+priced pair unmatched, which McAfee's efficiency bound does not cover. The assignment never looks at
+prices, so it adds no incentive to misstate them.
 
 Exactness: prices are money, so every comparison that decides who trades and at what price is done
 on exact integers counted in ``MarketConfig.price_quantum`` units ("quanta"). Each trader's price is
@@ -17,11 +21,11 @@ than it offered). Prices that come out of the auction are therefore already on t
 from __future__ import annotations
 
 import math
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from operator import attrgetter, itemgetter
+from operator import itemgetter
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +99,9 @@ class ClearingResult:
     excluded_bids: int = 0
 
 
-# A seller on the quantum grid: (normalised ask in quanta, account, the ask).
-_Seller = tuple[int, str, Ask]
+# A seller on the quantum grid: (normalised ask in quanta, account, the ask, capacity = tflops *
+# reliability as an exact integer ratio (numerator, denominator)).
+_Seller = tuple[int, str, Ask, int, int]
 # A buyer on the quantum grid: (max price in quanta, the bid).
 _Buyer = tuple[int, Bid]
 
@@ -127,7 +132,8 @@ def clear(asks: Sequence[Ask], bids: Sequence[Bid], config: MarketConfig | None 
     Steps: (1) normalise asks and expand bids into unit demands, both on the quantum grid; (2) k is
     the number of efficient trades (k-th highest unit bid >= k-th lowest ask); (3) if a (k+1)-th
     pair exists and p = (b_{k+1} + a_{k+1}) / 2 lies in [a_k, b_k], the k best pairs trade at p,
-    otherwise the k-1 best pairs trade, buyers paying b_k and sellers receiving a_k; (4) the trading
+    otherwise the k-1 best pairs trade, buyers paying b_k and sellers receiving a_k; when no (k+1)-th
+    pair exists (a thin market), all k trade at the price of ``_thin_market_price``; (4) the trading
     sellers are assigned to the trading runs respecting ``min_vram_gb`` (see ``_assign``).
     """
     grid = _Grid.of((config or MarketConfig()).price_quantum)
@@ -148,66 +154,101 @@ def clear(asks: Sequence[Ask], bids: Sequence[Bid], config: MarketConfig | None 
 
     # Unit demands, best first; more than len(sellers) + 1 of them can never matter.
     unit_bids: list[int] = []
-    unit_runs: list[Bid] = []
     for price, bid in buyers:
         n = min(bid.units, len(sellers) + 1 - len(unit_bids))
         if n <= 0:
             break
         unit_bids += [price] * n
-        unit_runs += [bid] * n
     unit_asks = list(map(itemgetter(0), sellers))
 
     # b is non-increasing and a non-decreasing, so "b_i < a_i" flips once: binary search for k.
     n_pairs = min(len(unit_bids), len(unit_asks))
     k = bisect_left(range(n_pairs), True, key=lambda i: unit_bids[i] < unit_asks[i])
     if k == 0:
-        return result(None, (), f"no bid reaches the lowest ask (best bid {grid.decimal(unit_bids[0])}"
-                                f" < lowest ask {grid.decimal(unit_asks[0])})")
+        return result(
+            None,
+            (),
+            f"no bid reaches the lowest ask (best bid {grid.decimal(unit_bids[0])}"
+            f" < lowest ask {grid.decimal(unit_asks[0])})",
+        )
 
     a_k, b_k = unit_asks[k - 1], unit_bids[k - 1]
-    if k < n_pairs:
-        twice_p = unit_bids[k] + unit_asks[k]
-        if 2 * a_k <= twice_p <= 2 * b_k:
-            price = _half_even(twice_p)
-            matches = _matches(unit_runs[:k], sellers[:k], price, price, grid)
-            reason = f"{len(matches)} trades at uniform price {grid.decimal(price)}"
-            return result(price, matches, reason + _unmatched_note(k, matches))
-        why = "candidate price outside [ask, bid] of the last efficient pair"
-    else:
-        why = f"no pair #{k + 1} to set a price"
+    if k == n_pairs:
+        price, source = _thin_market_price(unit_asks, unit_bids, k)
+        matches = _matches(_first_units(buyers, k), sellers[:k], price, price, grid)
+        trades = _count(len(matches), "trade")
+        reason = f"thin market: {trades} at uniform price {grid.decimal(price)}, {source}"
+        return result(price, matches, reason + _unmatched_note(k, matches))
 
-    matches = _matches(unit_runs[: k - 1], sellers[: k - 1], a_k, b_k, grid)
-    reason = (f"trade reduction: {len(matches)} of {k} trades at bid {grid.decimal(b_k)}"
-              f" / ask {grid.decimal(a_k)} ({why})")
+    twice_p = unit_bids[k] + unit_asks[k]
+    if 2 * a_k <= twice_p <= 2 * b_k:
+        price = _half_even(twice_p)
+        matches = _matches(_first_units(buyers, k), sellers[:k], price, price, grid)
+        reason = f"{_count(len(matches), 'trade')} at uniform price {grid.decimal(price)}"
+        return result(price, matches, reason + _unmatched_note(k, matches))
+    p, ask, bid = grid.decimal(twice_p) / 2, grid.decimal(a_k), grid.decimal(b_k)
+    matches = _matches(_first_units(buyers, k - 1), sellers[: k - 1], a_k, b_k, grid)
+    reason = (
+        f"trade reduction: {len(matches)} of {_count(k, 'trade')} at bid {grid.decimal(b_k)}"
+        f" / ask {grid.decimal(a_k)} (candidate price {p} outside [{ask}, {bid}])"
+    )
     return result(a_k if k > 1 else None, matches, reason + _unmatched_note(k - 1, matches))
+
+
+# Words in a thin-market reason when a trading order set its own price (the round is not truthful).
+SET_BY_A_TRADER = "set by a trading order"
+
+
+def _thin_market_price(unit_asks: list[int], unit_bids: list[int], k: int) -> tuple[int, str]:
+    """The uniform price when one side is exhausted, so no (k+1)-th pair exists for McAfee.
+
+    Textbook McAfee would drop a trade here, and in a small swarm (one run, a few peers) that means
+    nothing ever trades. Instead all k efficient pairs trade at the first losing order's price when it
+    lies within [a_k, b_k], which is still truthful (a (k+1)-th price auction); otherwise the marginal
+    trading order's own price, or the midpoint when both sides are exhausted. Those last cases are not
+    truthful for the marginal trader; the reason says so with SET_BY_A_TRADER.
+    """
+    a_k, b_k = unit_asks[k - 1], unit_bids[k - 1]
+    if len(unit_asks) > k:  # every unit of demand trades; the cheapest losing ask is the reference
+        if unit_asks[k] <= b_k:
+            return unit_asks[k], "the first losing ask"
+        return b_k, f"the last bid ({SET_BY_A_TRADER})"
+    if len(unit_bids) > k:  # every seller trades; the best losing bid is the reference
+        if unit_bids[k] >= a_k:
+            return unit_bids[k], "the first losing bid"
+        return a_k, f"the last ask ({SET_BY_A_TRADER})"
+    return _half_even(a_k + b_k), f"the midpoint of the last ask and bid ({SET_BY_A_TRADER})"
 
 
 def _supply(asks: Sequence[Ask], grid: _Grid) -> tuple[list[_Seller], int]:
     """Tradeable asks on the grid, cheapest first (ties by account), and how many were excluded.
 
     The normalised ask price_per_hour / (tflops * reliability) is computed exactly (Decimal and
-    float both convert to integer ratios without loss) and rounded *up* to the grid. An ask with no
-    positive finite capacity cannot trade. An account counts once (one peer = one unit): of several
-    asks only its most competitive one stays, so no account can be booked twice in a round. This is
-    the hot loop of a round (100k asks), hence inlined arithmetic and two stable sorts on plain keys.
+    float both convert to integer ratios without loss) and rounded *up* to the grid. An ask without
+    a positive finite capacity, a finite price and a VRAM >= 0 cannot trade. An account counts once
+    (one peer = one unit): of several asks only its most competitive one stays, so no account can be
+    booked twice in a round. This is the hot loop of a round (100k asks), hence inlined arithmetic
+    and two stable sorts on plain keys.
     """
     best: dict[str, _Seller] = {}
     excluded = 0
     for ask in asks:
         tflops, reliability, price = ask.tflops, ask.reliability, ask.price_per_hour
-        if not (0 < tflops < math.inf and 0 < reliability < math.inf and price.is_finite()):
+        finite = price.is_finite() and ask.vram_gb >= 0  # False for NaN
+        if not (finite and 0 < tflops < math.inf and 0 < reliability < math.inf):
             excluded += 1
             continue
         p_num, p_den = price.as_integer_ratio()
         t_num, t_den = tflops.as_integer_ratio()
         r_num, r_den = reliability.as_integer_ratio()
-        quanta = -((-p_num * t_den * r_den * grid.den) // (p_den * t_num * r_num * grid.num))
+        cap_num, cap_den = t_num * r_num, t_den * r_den
+        quanta = -((-p_num * cap_den * grid.den) // (p_den * cap_num * grid.num))
         seen = best.get(ask.account)
         if seen is not None:
             excluded += 1
             if _seller_rank(quanta, ask) >= _seller_rank(seen[0], seen[2]):
                 continue
-        best[ask.account] = (quanta, ask.account, ask)
+        best[ask.account] = (quanta, ask.account, ask, cap_num, cap_den)
     sellers = sorted(best.values(), key=itemgetter(1))
     sellers.sort(key=itemgetter(0))
     return sellers, excluded
@@ -227,7 +268,7 @@ def _demand(bids: Sequence[Bid], grid: _Grid) -> tuple[list[_Buyer], int, int]:
     best: dict[str, _Buyer] = {}
     excluded = 0
     for bid in bids:
-        if not bid.max_price.is_finite():
+        if not (bid.max_price.is_finite() and bid.min_vram_gb == bid.min_vram_gb):  # NaN != NaN
             excluded += 1
             continue
         num, den = bid.max_price.as_integer_ratio()
@@ -248,11 +289,22 @@ def _buyer_rank(buyer: _Buyer) -> tuple[int, int, float, Decimal]:
     return (-quanta, -bid.units, bid.min_vram_gb, -bid.max_price)
 
 
-def _assign(runs: Sequence[Bid], sellers: Sequence[Ask]) -> list[tuple[Bid, Ask]]:
-    """Pair unit demands (``runs``, one entry per unit) with ``sellers`` so that every seller has at
+def _first_units(buyers: Sequence[_Buyer], m: int) -> list[tuple[Bid, int]]:
+    """The runs holding the best ``m`` unit demands, each with how many of them it holds."""
+    runs = []
+    for _, bid in buyers:
+        if m <= 0:
+            break
+        runs.append((bid, min(bid.units, m)))
+        m -= bid.units
+    return runs
+
+
+def _assign(runs: Sequence[tuple[Bid, int]], sellers: Sequence[_Seller]) -> list[tuple[Bid, _Seller]]:
+    """Pair the runs (each wanting a number of peers) with ``sellers`` so that every seller has at
     least the run's ``min_vram_gb``.
 
-    Runs are served most-demanding VRAM first and each takes the eligible seller with the *least*
+    Runs are served most-demanding VRAM first and each takes the eligible sellers with the *least*
     VRAM (ties by account). Because eligibility is a threshold (vram >= min), these sets are nested
     and this best-fit greedy yields a maximum matching: a pair is left out only when no assignment
     could have served it. It also never looks at reported prices, so a trader cannot buy a better
@@ -260,45 +312,48 @@ def _assign(runs: Sequence[Bid], sellers: Sequence[Ask]) -> list[tuple[Bid, Ask]
     uniform inside the trading set anyway). O(n log n): after sorting, sellers enter a stack in
     descending VRAM order as the threshold drops, and the top of the stack is always the best fit.
     """
-    wanted: dict[str, int] = {}
-    by_run: dict[str, Bid] = {}
-    for bid in runs:
-        wanted[bid.run_id] = wanted.get(bid.run_id, 0) + 1
-        by_run[bid.run_id] = bid
-    order = sorted(by_run.values(), key=lambda b: (-b.min_vram_gb, b.run_id))
-    pool = sorted(sellers, key=attrgetter("account"), reverse=True)  # two stable sorts: by VRAM, then
-    pool.sort(key=attrgetter("vram_gb"), reverse=True)  # by account, both descending
+    order = sorted(runs, key=lambda run: (-run[0].min_vram_gb, run[0].run_id))
+    pool = sorted(sellers, key=itemgetter(1), reverse=True)  # two stable sorts: by VRAM, then by
+    pool.sort(key=lambda s: s[2].vram_gb, reverse=True)  # account, both descending
+    minus_vram = [-s[2].vram_gb for s in pool]  # ascending, for bisect
 
-    pairs: list[tuple[Bid, Ask]] = []
-    eligible: list[Ask] = []  # VRAM non-increasing from bottom to top
-    next_seller = 0
-    for bid in order:
-        while next_seller < len(pool) and pool[next_seller].vram_gb >= bid.min_vram_gb:
-            eligible.append(pool[next_seller])
-            next_seller += 1
-        for _ in range(min(wanted[bid.run_id], len(eligible))):
-            pairs.append((bid, eligible.pop()))
+    pairs: list[tuple[Bid, _Seller]] = []
+    eligible: list[_Seller] = []  # VRAM non-increasing from bottom to top
+    pushed = 0
+    for bid, wanted in order:
+        reach = bisect_right(minus_vram, -bid.min_vram_gb)  # pool[:reach] have vram >= min_vram_gb
+        eligible += pool[pushed:reach]
+        pushed = max(pushed, reach)
+        take = min(wanted, len(eligible))
+        if take:
+            pairs += [(bid, seller) for seller in reversed(eligible[-take:])]
+            del eligible[-take:]
     return pairs
 
 
 def _matches(
-    runs: Sequence[Bid], sellers: Sequence[_Seller], seller_quanta: int, buyer_quanta: int, grid: _Grid
+    runs: Sequence[tuple[Bid, int]],
+    sellers: Sequence[_Seller],
+    seller_quanta: int,
+    buyer_quanta: int,
+    grid: _Grid,
 ) -> tuple[Match, ...]:
-    """Assign the trading sellers to the trading unit demands and price each pair."""
+    """Assign the trading sellers to the trading runs and price each pair."""
     unit_price, buyer_price = grid.decimal(seller_quanta), grid.decimal(buyer_quanta)
-    matches = []
-    for bid, ask in _assign(runs, [ask for _, _, ask in sellers]):
-        t_num, t_den = ask.tflops.as_integer_ratio()
-        r_num, r_den = ask.reliability.as_integer_ratio()
-        # unit_price * tflops * reliability in quanta, rounded up: the seller never gets below its ask.
-        per_hour = -((-seller_quanta * t_num * r_num) // (t_den * r_den))
-        matches.append(Match(bid.run_id, ask.account, unit_price, grid.decimal(per_hour), buyer_price))
-    return tuple(matches)
+    return tuple(
+        # unit_price * capacity in quanta, rounded up: the seller never gets below its ask per hour.
+        Match(bid.run_id, account, unit_price, grid.decimal(-((-seller_quanta * num) // den)), buyer_price)
+        for bid, (_, account, _, num, den) in _assign(runs, sellers)
+    )
 
 
 def _unmatched_note(trading: int, matches: tuple[Match, ...]) -> str:
     left = trading - len(matches)
-    return f"; {left} pairs left unmatched by min_vram_gb" if left else ""
+    return f"; {_count(left, 'pair')} left unmatched by min_vram_gb" if left else ""
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _half_even(twice: int) -> int:

@@ -126,8 +126,15 @@ def test_parse_sort() -> None:
     assert parse_sort("gpu", FIELDS) == ("gpu", False)
 
 
-@pytest.mark.parametrize(("spec", "reason"), [("", "empty sort field"), ("-", "empty sort field"),
-                                              ("-cost", "unknown field 'cost'")])
+@pytest.mark.parametrize(
+    ("spec", "reason"),
+    [
+        ("", "empty sort field"),
+        ("-", "empty sort field"),
+        ("-cost", "unknown field 'cost'"),
+        ("--price", "unknown field '-price'"),
+    ],
+)
 def test_parse_sort_rejects_bad_specs(spec: str, reason: str) -> None:
     with pytest.raises(FilterError, match=reason) as info:
         parse_sort(spec, FIELDS)

@@ -11,10 +11,10 @@ from decimal import Decimal
 from fractions import Fraction
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from coordinator.market import Ask, Bid, ClearingResult, MarketConfig, Match, clear
+from coordinator.market import SET_BY_A_TRADER, Ask, Bid, ClearingResult, MarketConfig, Match, clear
 
 D = Decimal
 CONFIG = MarketConfig()
@@ -64,9 +64,19 @@ def reference(
         k += 1
     if k == 0:
         return Fraction(0), Fraction(0), [], []
-    if k < len(a) and k < len(b) and a[k - 1] <= (p := (a[k] + b[k]) / 2) <= b[k - 1]:
+    everyone = [s for _, _, s in sellers[:k]], [u for _, _, u in units[:k]]
+    if k == len(b) and k < len(a):  # thin market, all demand trades: the first losing ask if it can
+        price = min(a[k], b[k - 1])
+        return price, price, *everyone
+    if k == len(a) and k < len(b):  # thin market, all supply trades: the first losing bid if it can
+        price = max(b[k], a[k - 1])
+        return price, price, *everyone
+    if k == len(a) == len(b):
+        price = round((a[k - 1] + b[k - 1]) / 2 / q) * q
+        return price, price, *everyone
+    if a[k - 1] <= (p := (a[k] + b[k]) / 2) <= b[k - 1]:
         price = round(p / q) * q  # Fraction rounds half to even
-        return price, price, [s for _, _, s in sellers[:k]], [u for _, _, u in units[:k]]
+        return price, price, *everyone
     return a[k - 1], b[k - 1], [s for _, _, s in sellers[: k - 1]], [u for _, _, u in units[: k - 1]]
 
 
@@ -181,17 +191,49 @@ def utility(result: ClearingResult, truth: Ask | Bid, asks: list[Ask]) -> Fracti
 def test_single_unit_traders_gain_nothing_by_misstating_their_price(
     asks: list[Ask], bids: list[Bid], data: st.DataObject
 ) -> None:
-    """McAfee is truthful for single-unit traders; the VRAM assignment must not break that."""
+    """McAfee is truthful for single-unit traders; the VRAM assignment must not break that.
+
+    Thin-market rounds priced by a trading order are the documented exception (see
+    ``coordinator.market._thin_market_price``): a lie that lands there may pay, so such rounds are skipped.
+    """
     lie = data.draw(prices, label="lie")
     truthful = clear(asks, bids, CONFIG)
+    assume(SET_BY_A_TRADER not in truthful.reason)  # the documented thin-market exception
     if asks and data.draw(st.booleans(), label="seller lies"):
         i = data.draw(st.integers(0, len(asks) - 1), label="seller")
         lying = clear([*asks[:i], replace(asks[i], price_per_hour=lie), *asks[i + 1 :]], bids, CONFIG)
+        assume(SET_BY_A_TRADER not in lying.reason)
         assert utility(lying, asks[i], asks) <= utility(truthful, asks[i], asks)
     else:
         j = data.draw(st.integers(0, len(bids) - 1), label="buyer")
         lying = clear(asks, [*bids[:j], replace(bids[j], max_price=lie), *bids[j + 1 :]], CONFIG)
+        assume(SET_BY_A_TRADER not in lying.reason)
         assert utility(lying, bids[j], asks) <= utility(truthful, bids[j], asks)
+
+
+@settings(max_examples=300, deadline=None)
+@given(asks_st, bids_st, st.data())
+def test_who_gets_whom_ignores_prices_inside_the_trading_set(
+    asks: list[Ask], bids: list[Bid], data: st.DataObject
+) -> None:
+    """A trading seller that asks less, or a run that bids more, keeps the same partners: the VRAM
+    assignment must not sell better places to traders who misstate their price."""
+    result = clear(asks, bids, CONFIG)
+    _, _, sellers, units = reference(asks, bids, CONFIG)
+    whole_runs = sorted(
+        run
+        for run, n in Counter(u.run_id for u in units).items()
+        if n == next(b.units for b in bids if b.run_id == run)
+    )
+    if sellers and data.draw(st.booleans(), label="seller"):
+        account = data.draw(st.sampled_from([s.account for s in sellers]), label="account")
+        asks = [replace(a, price_per_hour=D(0)) if a.account == account else a for a in asks]
+    elif whole_runs:
+        run = data.draw(st.sampled_from(whole_runs), label="run")
+        bids = [replace(b, max_price=D(1000)) if b.run_id == run else b for b in bids]
+    assert {(m.run_id, m.account) for m in clear(asks, bids, CONFIG).matches} == {
+        (m.run_id, m.account) for m in result.matches
+    }
 
 
 # Hand-computed rounds. Normalised asks: 1.00/(10*1)=0.10, 0.80/(4*1)=0.20, 1.50/(10*0.5)=0.30,
@@ -206,15 +248,21 @@ SELLERS = [
 
 
 def pairs(result: ClearingResult) -> set[tuple[str, str, str, str, str]]:
-    return {(m.run_id, m.account, str(m.unit_price), str(m.price_per_hour), str(m.buyer_unit_price))
-            for m in result.matches}
+    return {
+        (m.run_id, m.account, str(m.unit_price), str(m.price_per_hour), str(m.buyer_unit_price))
+        for m in result.matches
+    }
 
 
 def test_uniform_price_round() -> None:
     # Unit bids 0.9, 0.9, 0.7, 0.35, 0.05 against asks 0.1 .. 0.5: k = 3 (0.35 < 0.40);
     # p = (0.35 + 0.40) / 2 = 0.375 lies in [a_3, b_3] = [0.30, 0.70], so all 3 trade at 0.375.
-    bids = [Bid("ra", D("0.90"), 2, 0.0), Bid("rb", D("0.70"), 1, 0.0), Bid("rc", D("0.35"), 1, 0.0),
-            Bid("rd", D("0.05"), 3, 0.0)]
+    bids = [
+        Bid("ra", D("0.90"), 2, 0.0),
+        Bid("rb", D("0.70"), 1, 0.0),
+        Bid("rc", D("0.35"), 1, 0.0),
+        Bid("rd", D("0.05"), 3, 0.0),
+    ]
     result = clear(SELLERS, bids, CONFIG)
     assert result.clearing_price == D("0.375")
     assert result.reason == "3 trades at uniform price 0.375000"
@@ -232,24 +280,50 @@ def test_trade_reduction_round() -> None:
     bids = [Bid("ra", D("0.90"), 2, 0.0), Bid("rb", D("0.70"), 1, 0.0), Bid("rc", D("0.15"), 1, 0.0)]
     result = clear(SELLERS, bids, CONFIG)
     assert result.clearing_price == D("0.3")
-    assert result.reason.startswith("trade reduction: 2 of 3 trades at bid 0.700000 / ask 0.300000")
+    assert result.reason == (
+        "trade reduction: 2 of 3 trades at bid 0.700000 / ask 0.300000"
+        " (candidate price 0.275000 outside [0.300000, 0.700000])"
+    )
     assert pairs(result) == {
         ("ra", "s1", "0.300000", "3.000000", "0.700000"),
         ("ra", "s2", "0.300000", "1.200000", "0.700000"),
     }
 
 
-def test_trade_reduction_when_no_pair_sets_the_price() -> None:
-    result = clear(SELLERS[:2], [Bid("ra", D("0.9"), 2, 0.0)], CONFIG)
-    assert "1 of 2 trades at bid 0.900000 / ask 0.200000" in result.reason
-    assert pairs(result) == {("ra", "s1", "0.200000", "2.000000", "0.900000")}
+def test_thin_market_trades_every_efficient_pair() -> None:
+    # One run wanting 2 peers, normalised asks s4 0.40, s2 0.20, s1 0.10 (and more): every unit of demand
+    # trades, priced by the first losing ask (s4, 0.40 <= the bid 0.9), which no trader sets itself.
+    result = clear(SELLERS, [Bid("ra", D("0.9"), 2, 0.0)], CONFIG)
+    assert result.reason == "thin market: 2 trades at uniform price 0.300000, the first losing ask"
+    assert {m.account for m in result.matches} == {"s1", "s2"}
+
+
+def test_thin_market_of_one_peer_and_one_run_trades() -> None:
+    # McAfee alone would drop the only efficient trade; the swarm of one must still run.
+    result = clear([SELLERS[0]], [Bid("ra", D("0.3"), 1, 0.0)], CONFIG)
+    assert result.reason == (
+        "thin market: 1 trade at uniform price 0.200000, the midpoint of the last ask and bid"
+        f" ({SET_BY_A_TRADER})"
+    )
+    assert pairs(result) == {("ra", "s1", "0.200000", "2.000000", "0.200000")}
+
+
+def test_thin_market_with_excess_demand_is_priced_by_the_first_losing_bid() -> None:
+    bids = [Bid("ra", D("0.9"), 1, 0.0), Bid("rb", D("0.5"), 1, 0.0), Bid("rc", D("0.15"), 1, 0.0)]
+    result = clear(SELLERS[:2], bids, CONFIG)
+    expected = f"thin market: 2 trades at uniform price 0.200000, the last ask ({SET_BY_A_TRADER})"
+    assert result.reason == expected
+    assert {m.run_id for m in result.matches} == {"ra", "rb"}
 
 
 def test_vram_assignment_serves_every_pair_it_can() -> None:
     # k = 2 at uniform price (0.05 + 0.90) / 2 = 0.475. Handing the cheapest seller (s1, 80 GB) to
     # the highest bidder (16 GB needed) would strand the run needing 40 GB; best fit serves both.
-    asks = [Ask("s1", D("0.1"), 1.0, 80.0, 1.0), Ask("s2", D("0.2"), 1.0, 24.0, 1.0),
-            Ask("s3", D("0.9"), 1.0, 80.0, 1.0)]
+    asks = [
+        Ask("s1", D("0.1"), 1.0, 80.0, 1.0),
+        Ask("s2", D("0.2"), 1.0, 24.0, 1.0),
+        Ask("s3", D("0.9"), 1.0, 80.0, 1.0),
+    ]
     bids = [Bid("r1", D("0.8"), 1, 16.0), Bid("r2", D("0.7"), 1, 40.0), Bid("r3", D("0.05"), 1, 0.0)]
     result = clear(asks, bids, CONFIG)
     assert result.reason == "2 trades at uniform price 0.475000"
@@ -257,21 +331,25 @@ def test_vram_assignment_serves_every_pair_it_can() -> None:
 
 
 def test_pair_left_unmatched_by_vram_does_not_trade() -> None:
-    asks = [Ask("s1", D("0.1"), 1.0, 24.0, 1.0), Ask("s2", D("0.2"), 1.0, 24.0, 1.0),
-            Ask("s3", D("0.9"), 1.0, 80.0, 1.0)]
+    asks = [
+        Ask("s1", D("0.1"), 1.0, 24.0, 1.0),
+        Ask("s2", D("0.2"), 1.0, 24.0, 1.0),
+        Ask("s3", D("0.9"), 1.0, 80.0, 1.0),
+    ]
     bids = [Bid("r1", D("0.8"), 1, 80.0), Bid("r2", D("0.7"), 1, 16.0), Bid("r3", D("0.05"), 1, 0.0)]
     result = clear(asks, bids, CONFIG)
-    assert result.reason == "1 trades at uniform price 0.475000; 1 pairs left unmatched by min_vram_gb"
+    assert result.reason == "1 trade at uniform price 0.475000; 1 pair left unmatched by min_vram_gb"
     assert [(m.run_id, m.account) for m in result.matches] == [("r2", "s1")]
 
 
 def test_prices_are_rounded_in_the_traders_favour() -> None:
-    # Normalised ask 1/3 rounds up to 0.34; the bid 0.999 rounds down to 0.99; one pair, no (k+1)-th
-    # pair, so nothing trades, but the reason shows the grid prices.
+    # Normalised ask 1/3 rounds up to 0.34; the bid 0.999 rounds down to 0.99; a thin market of one pair
+    # trades at the midpoint 0.665, rounded half to even onto the grid: 0.66. The seller's 0.66 * 3 TFLOPs
+    # is 1.98 per hour, above its ask of 1.
     config = MarketConfig(D("0.01"))
     result = clear([Ask("s", D("1"), 3.0, 8.0, 1.0)], [Bid("r", D("0.999"), 1, 0.0)], config)
-    assert result.matches == ()
-    assert result.reason.startswith("trade reduction: 0 of 1 trades at bid 0.99 / ask 0.34")
+    assert result.matches == (Match("r", "s", D("0.66"), D("1.98"), D("0.66")),)
+    assert result.clearing_price == D("0.66")
 
 
 @pytest.mark.parametrize(
@@ -281,21 +359,58 @@ def test_prices_are_rounded_in_the_traders_favour() -> None:
         ([], [Bid("r", D("1"), 2, 0.0)], "no asks", 0, 2),
         (SELLERS, [], "no bids", 5, 0),
         (SELLERS, [Bid("r", D("1"), 0, 0.0)], "no bids", 5, 0),
-        ([Ask("s", D("1"), 0.0, 8.0, 1.0), Ask("t", D("1"), 1.0, 8.0, 0.0)], [Bid("r", D("9"), 1, 0.0)],
-         "no asks (2 asks excluded)", 0, 1),
-        (SELLERS, [Bid("r", D("0.05"), 3, 0.0)],
-         "no bid reaches the lowest ask (best bid 0.050000 < lowest ask 0.100000)", 5, 3),
+        (
+            [Ask("s", D("1"), 0.0, 8.0, 1.0), Ask("t", D("1"), 1.0, 8.0, 0.0)],
+            [Bid("r", D("9"), 1, 0.0)],
+            "no asks (2 asks excluded)",
+            0,
+            1,
+        ),
+        (
+            [
+                Ask("n", D("1"), math.nan, 8.0, 1.0),
+                Ask("i", D("1"), math.inf, 8.0, 1.0),
+                Ask("p", D("NaN"), 1.0, 8.0, 1.0),
+                Ask("v", D("1"), 1.0, math.nan, 1.0),
+            ],
+            [Bid("r", D("9"), 1, 0.0)],
+            "no asks (4 asks excluded)",
+            0,
+            1,
+        ),
+        (
+            SELLERS,
+            [Bid("r", D("0.05"), 3, 0.0)],
+            "no bid reaches the lowest ask (best bid 0.050000 < lowest ask 0.100000)",
+            5,
+            3,
+        ),
     ],
 )
 def test_empty_rounds(asks: list[Ask], bids: list[Bid], reason: str, supply: int, demand: int) -> None:
-    assert clear(asks, bids, CONFIG) == ClearingResult(None, (), supply, demand, reason,
-                                                       excluded_asks=len(asks) - supply)
+    assert clear(asks, bids, CONFIG) == ClearingResult(
+        None, (), supply, demand, reason, excluded_asks=len(asks) - supply
+    )
+
+
+def test_bids_that_cannot_trade_are_excluded() -> None:
+    bids = [Bid("r", D("NaN"), 1, 0.0), Bid("s", D("1"), 1, math.nan), Bid("t", D("Infinity"), 1, 0.0)]
+    assert clear(SELLERS, bids, CONFIG) == ClearingResult(
+        None, (), 5, 0, "no bids (3 bids excluded)", excluded_bids=3
+    )
 
 
 def test_an_accounts_cheapest_ask_is_the_one_that_counts() -> None:
-    asks = [Ask("s1", D("0.9"), 1.0, 24.0, 1.0), Ask("s1", D("0.1"), 1.0, 24.0, 1.0),
-            Ask("s2", D("0.5"), 1.0, 24.0, 1.0)]
+    asks = [
+        Ask("s1", D("0.9"), 1.0, 24.0, 1.0),
+        Ask("s1", D("0.1"), 1.0, 24.0, 1.0),
+        Ask("s2", D("0.5"), 1.0, 24.0, 1.0),
+    ]
     result = clear(asks, [Bid("r", D("1"), 2, 0.0), Bid("z", D("0.2"), 1, 0.0)], CONFIG)
     assert result.excluded_asks == 1 and result.supply == 2
-    assert [m.account for m in result.matches] == ["s1"]  # s1 at 0.1 and s2 at 0.5 efficient; reduced to 1
-    assert result.matches[0] == Match("r", "s1", D("0.5"), D("0.5"), D("1"))
+    # s1 at 0.1 and s2 at 0.5 both trade (every seller does: a thin market) at s2's ask, as the losing
+    # bid 0.2 is below it; s1's expensive second ask played no part.
+    assert result.matches == (
+        Match("r", "s1", D("0.5"), D("0.5"), D("0.5")),
+        Match("r", "s2", D("0.5"), D("0.5"), D("0.5")),
+    )
