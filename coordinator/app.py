@@ -35,12 +35,15 @@ from coordinator.schemas import (
     AuditView,
     ClearingRoundView,
     DepositBody,
+    Health,
     LeaseView,
     MarketView,
     OfferBody,
+    OfferList,
     OfferResponse,
     OfferView,
     RunBody,
+    RunList,
     RunView,
 )
 from coordinator.settings import ServerSettings
@@ -115,8 +118,8 @@ class Coordinator:
 
     # ------------------------------------------------------------------------------------- handlers
 
-    async def healthz(self, ctx: Context) -> dict[str, str]:
-        return {"status": "ok"}
+    async def healthz(self, ctx: Context) -> Health:
+        return Health(status="ok")
 
     async def openapi(self, ctx: Context) -> dict[str, Any]:
         return build_openapi(ROUTES)
@@ -153,7 +156,7 @@ class Coordinator:
     async def heartbeat(self, ctx: Context) -> LeaseView:
         return await self.store.heartbeat(ctx.now, ctx.envelope, ctx.path_id("lease_id"))
 
-    async def list_offers(self, ctx: Context) -> dict[str, list[OfferView]]:
+    async def list_offers(self, ctx: Context) -> OfferList:
         query = ctx.request.query
         try:
             keep = compile_filter(query.get("q", ""), OFFER_FIELDS)
@@ -166,13 +169,13 @@ class Coordinator:
         rows = [(offer, _filter_record(offer)) for offer in await self.store.offers()]
         rows = [row for row in rows if keep(row[1])]
         rows.sort(key=lambda row: (row[1][sort_field] is None, row[1][sort_field]), reverse=descending)
-        return {"offers": [offer for offer, _ in rows]}
+        return OfferList(offers=[offer for offer, _ in rows])
 
     async def create_run(self, ctx: Context) -> RunView:
         return await self.store.create_run(ctx.now, ctx.envelope, ctx.body)
 
-    async def list_runs(self, ctx: Context) -> dict[str, list[RunView]]:
-        return {"runs": await self.store.runs()}
+    async def list_runs(self, ctx: Context) -> RunList:
+        return RunList(runs=await self.store.runs())
 
     async def get_run(self, ctx: Context) -> RunView:
         return await self.store.run(ctx.path_id("run_id"))
@@ -376,7 +379,7 @@ async def _errors_and_metrics(
 
 
 ROUTES: Sequence[Route] = (
-    Route("GET", "/healthz", Coordinator.healthz, "Liveness"),
+    Route("GET", "/healthz", Coordinator.healthz, "Liveness", response=Health),
     Route(
         "GET", "/openapi.json", Coordinator.openapi, "This OpenAPI document", content_type="application/json"
     ),
@@ -420,6 +423,7 @@ ROUTES: Sequence[Route] = (
             ("q", "filter, e.g. 'gpu=H100 vram_gb>=40 price<=2.5'"),
             ("sort", "field, '-' for descending"),
         ),
+        response=OfferList,
     ),
     Route(
         "POST",
@@ -431,7 +435,7 @@ ROUTES: Sequence[Route] = (
         response=RunView,
         status=201,
     ),
-    Route("GET", "/v1/runs", Coordinator.list_runs, "List runs"),
+    Route("GET", "/v1/runs", Coordinator.list_runs, "List runs", response=RunList),
     Route("GET", "/v1/runs/{run_id}", Coordinator.get_run, "One run", response=RunView),
     Route(
         "POST",

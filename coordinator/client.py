@@ -28,12 +28,15 @@ from coordinator.schemas import (
     AuditView,
     ClearingRoundView,
     DepositBody,
+    Health,
     LeaseView,
     MarketView,
     OfferBody,
+    OfferList,
     OfferResponse,
     OfferView,
     RunBody,
+    RunList,
     RunView,
 )
 from coordinator.settings import ClientSettings
@@ -45,18 +48,6 @@ MSGPACK = "application/msgpack"
 
 
 # The bodies without a model in coordinator.schemas, validated like every other answer.
-class _Health(BaseModel):
-    status: str
-
-
-class _OfferList(BaseModel):
-    offers: list[OfferView]
-
-
-class _RunList(BaseModel):
-    runs: list[RunView]
-
-
 class CoordinatorError(Exception):
     """The coordinator answered with an error status; fields are those of its error body."""
 
@@ -116,7 +107,7 @@ class CoordinatorClient:
 
     async def health(self) -> str:
         """The service's status ("ok" when it serves requests)."""
-        return (await self._request(_Health, "GET", "/healthz")).status
+        return (await self._request(Health, "GET", "/healthz")).status
 
     async def account(self, account: str) -> AccountView:
         return await self._request(AccountView, "GET", f"/v1/accounts/{_seg(account)}")
@@ -143,14 +134,14 @@ class CoordinatorClient:
         if sort:
             params["sort"] = sort
         path = "/v1/offers" + (f"?{urlencode(params, quote_via=quote)}" if params else "")
-        return (await self._request(_OfferList, "GET", path)).offers
+        return (await self._request(OfferList, "GET", path)).offers
 
     async def create_run(self, body: RunBody) -> RunView:
         """Launch a run; its budget moves from this identity's balance into escrow (402 when short)."""
         return await self._request(RunView, "POST", "/v1/runs", body)
 
     async def runs(self) -> list[RunView]:
-        return (await self._request(_RunList, "GET", "/v1/runs")).runs
+        return (await self._request(RunList, "GET", "/v1/runs")).runs
 
     async def run(self, run_id: str) -> RunView:
         return await self._request(RunView, "GET", f"/v1/runs/{_seg(run_id)}")

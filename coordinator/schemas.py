@@ -138,6 +138,10 @@ class OfferResponse(View):
     lease: LeaseView
 
 
+class OfferList(View):
+    offers: list[OfferView]
+
+
 # ------------------------------------------------------------------------------------------------------ runs
 
 
@@ -189,6 +193,14 @@ class RunView(View):
     spent: Money
     peers: list[RunPeerView]
     created_at: float
+
+
+class RunList(View):
+    runs: list[RunView]
+
+
+class Health(View):
+    status: str
 
 
 # ---------------------------------------------------------------------------------------------------- market
