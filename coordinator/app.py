@@ -54,7 +54,7 @@ from peer.identity import ACCOUNT_RE
 logger = logging.getLogger(__name__)
 
 MSGPACK = "application/msgpack"
-_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 # Fields of the offer filter language, and the offer attribute each reads.
 OFFER_FIELDS = {
@@ -82,7 +82,7 @@ class Context:
     def path_id(self, name: str) -> str:
         value = self.request.match_info[name]
         pattern = ACCOUNT_RE if name == "account" else _ID_RE
-        if not pattern.match(value):
+        if not pattern.fullmatch(value):
             raise BadRequest(f"{name} {value[:80]!r} is malformed", field=name)
         return value
 
@@ -306,6 +306,8 @@ def _parse_body(model: type[BaseModel], request: web.Request, raw: bytes) -> Bas
             data = msgpack.unpackb(raw, raw=False, strict_map_key=True)
         else:
             data = json.loads(raw or b"null")
+    except RecursionError:
+        raise BadRequest("body is nested too deeply", code="malformed_body") from None
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
         kind = "msgpack" if request.content_type == MSGPACK else "JSON"
         raise BadRequest(f"body is not valid {kind}: {e}", code="malformed_body") from None

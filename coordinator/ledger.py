@@ -30,6 +30,14 @@ def earned_book(account: str) -> str:
     return f"earned:{account}"
 
 
+class BookLimit(ValueError):
+    """A book would hold more than the store can represent."""
+
+    def __init__(self, book: str, limit: int):
+        super().__init__(f"{book} would exceed {limit} units")
+        self.book, self.limit = book, limit
+
+
 class InsufficientFunds(ValueError):
     """A book would go below zero; the message says which and by how much."""
 
@@ -72,8 +80,9 @@ def refund(run_id: str, owner: str, units: int) -> list[Entry]:
     return [Entry("refund", escrow_book(run_id), balance_book(owner), units)] if units else []
 
 
-def apply(books: Mapping[str, int], entries: Iterable[Entry]) -> dict[str, int]:
-    """The books after ``entries``, or :class:`InsufficientFunds` if any non-external book goes negative."""
+def apply(books: Mapping[str, int], entries: Iterable[Entry], limit: int) -> dict[str, int]:
+    """The books after ``entries``; :class:`InsufficientFunds` if a non-external book would go negative,
+    :class:`BookLimit` if one would hold more than ``limit`` units."""
     after = dict(books)
     for entry in entries:
         available = after.get(entry.debit, 0)
@@ -81,6 +90,8 @@ def apply(books: Mapping[str, int], entries: Iterable[Entry]) -> dict[str, int]:
             raise InsufficientFunds(entry.debit, entry.amount, available)
         after[entry.debit] = available - entry.amount
         after[entry.credit] = after.get(entry.credit, 0) + entry.amount
+        if after[entry.credit] > limit:
+            raise BookLimit(entry.credit, limit)
     return after
 
 

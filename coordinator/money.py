@@ -11,23 +11,32 @@ from decimal import Decimal
 
 PLACES = 6
 UNIT = 10**PLACES
-MAX_UNITS = 10**15 * UNIT  # far above any real amount, far below SQLite's 2**63
-_MONEY_RE = re.compile(rf"^[0-9]{{1,15}}(\.[0-9]{{1,{PLACES}}})?$")
+INTEGER_DIGITS = 12
+# SQLite integers stop at 2**63 - 1 (about 9.2e18 micro-units); no book may hold more than this, so that
+# sums of amounts (each below 10**12, i.e. 10**18 units) are checked before they could overflow.
+MAX_UNITS = 2**63 - 1
+_MONEY_RE = re.compile(rf"[0-9]{{1,{INTEGER_DIGITS}}}(\.[0-9]{{1,{PLACES}}})?")
 
 
 def parse_money(value: object) -> Decimal:
     """A non-negative decimal string with at most PLACES decimals; the error says what is wrong.
 
-    A ``Decimal`` is accepted too (server-side values); wire formats cannot produce one.
+    A ``Decimal`` is accepted too, without the digit limit (server-side sums); wire formats cannot
+    produce one.
     """
-    if isinstance(value, Decimal):
-        value = format(value, "f")
+    if isinstance(value, Decimal):  # a sum the server computed, which may exceed any single amount
+        if not value.is_finite() or value < 0 or value != value.quantize(Decimal(1).scaleb(-PLACES)):
+            raise ValueError(f"{value} is not a non-negative amount with at most {PLACES} decimal places")
+        return value
     if not isinstance(value, str):
         raise ValueError(
             f'money must be a decimal string such as "12.50", not {type(value).__name__} {value!r}'
         )
-    if not _MONEY_RE.match(value):
-        raise ValueError(f"{value!r} is not a non-negative decimal with at most {PLACES} decimal places")
+    if not _MONEY_RE.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a non-negative decimal below 10**{INTEGER_DIGITS}"
+            f" with at most {PLACES} decimal places"
+        )
     return Decimal(value)
 
 

@@ -6,6 +6,7 @@ from them and ``/openapi.json`` is generated from them. Money is always a decima
 
 from __future__ import annotations
 
+import math
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -21,14 +22,18 @@ from pydantic import (
     field_validator,
 )
 
-from coordinator.money import PLACES, parse_money
+from coordinator.money import INTEGER_DIGITS, PLACES, parse_money
 
 Money = Annotated[
     Decimal,
     BeforeValidator(parse_money),
     PlainSerializer(lambda d: f"{d:.{PLACES}f}", return_type=str),
     WithJsonSchema(
-        {"type": "string", "pattern": rf"^[0-9]{{1,15}}(\.[0-9]{{1,{PLACES}}})?$", "example": "12.50"}
+        {
+            "type": "string",
+            "pattern": rf"^[0-9]{{1,{INTEGER_DIGITS}}}(\.[0-9]{{1,{PLACES}}})?$",
+            "example": "12.50",
+        }
     ),
 ]
 
@@ -145,6 +150,33 @@ class OfferList(View):
 # ------------------------------------------------------------------------------------------------------ runs
 
 
+SPEC_MAX_DEPTH = 32
+
+
+def _check_plain_data(value: Any, where: str, depth: int) -> None:
+    """A run spec is data that JSON and msgpack both carry: no bytes, no giant ints, bounded nesting."""
+    if depth < 0:
+        raise ValueError(f"{where} is nested more than {SPEC_MAX_DEPTH} levels deep")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{where} has a non-string key {key!r}")
+            _check_plain_data(item, f"{where}.{key}", depth - 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_plain_data(item, f"{where}[{i}]", depth - 1)
+    elif isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    elif isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            raise ValueError(f"{where} = {value} does not fit in 64 bits")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{where} = {value} is not a finite number")
+    else:
+        raise ValueError(f"{where} holds a {type(value).__name__}, not JSON data")
+
+
 class RunBody(Body):
     spec: dict[str, Any] = Field(description="The run spec (data, never code); needs a `name`.")
     max_price: Money = Field(description="Highest price per effective TFLOP-hour.")
@@ -156,6 +188,7 @@ class RunBody(Body):
     @field_validator("spec")
     @classmethod
     def _named(cls, spec: dict[str, Any]) -> dict[str, Any]:
+        _check_plain_data(spec, "spec", SPEC_MAX_DEPTH)
         name = spec.get("name")
         if not isinstance(name, str) or not 1 <= len(name) <= 200:
             raise ValueError(f"spec.name must be a string of 1 to 200 characters, got {name!r}")

@@ -30,7 +30,7 @@ from coordinator.errors import (
     PaymentRequired,
     Unauthorized,
 )
-from coordinator.money import from_units, to_units
+from coordinator.money import MAX_UNITS, from_units, to_units
 from coordinator.schemas import (
     AccountView,
     ClearingRoundView,
@@ -225,7 +225,13 @@ def _post(conn: sqlite3.Connection, entries: list[ledger.Entry], now: float) -> 
         return
     names = {e.debit for e in entries} | {e.credit for e in entries}
     try:
-        after = ledger.apply(_books(conn, names), entries)
+        after = ledger.apply(_books(conn, names), entries, MAX_UNITS)
+    except ledger.BookLimit as e:
+        raise Conflict(
+            f"{e.book.split(':', 1)[-1]} would hold more than {from_units(e.limit)}",
+            code="limit_exceeded",
+            field="amount",
+        ) from None
     except ledger.InsufficientFunds as e:
         owner = e.book.split(":", 1)[-1]
         raise PaymentRequired(

@@ -29,9 +29,9 @@ SIGNATURE_HEADER = "X-Hivemarket-Signature"
 HEADERS = (KEY_HEADER, TIMESTAMP_HEADER, NONCE_HEADER, SIGNATURE_HEADER)
 
 NONCE_BYTES = 16
-_TIMESTAMP_RE = re.compile(r"^[0-9]{1,12}$")
-_NONCE_RE = re.compile(rf"^(?:[0-9a-f]{{2}}){{{NONCE_BYTES},128}}$")
-_SIGNATURE_RE = re.compile(r"^[0-9a-f]{128}$")
+_TIMESTAMP_RE = re.compile(r"[0-9]{1,12}")
+_NONCE_RE = re.compile(rf"(?:[0-9a-f]{{2}}){{{NONCE_BYTES},128}}")
+_SIGNATURE_RE = re.compile(r"[0-9a-f]{128}")
 
 
 class EnvelopeError(ValueError):
@@ -87,15 +87,15 @@ def verify_request(headers: Mapping[str, str], method: str, path: str, body: byt
             raise EnvelopeError(name, "header is missing")
         values[name] = value
     account, ts, nonce, signature = (values[name] for name in HEADERS)
-    if not ACCOUNT_RE.match(account):
+    if not ACCOUNT_RE.fullmatch(account):
         raise EnvelopeError(KEY_HEADER, f"{account[:80]!r} is not 64 lowercase hex characters")
-    if not _TIMESTAMP_RE.match(ts):
+    if not _TIMESTAMP_RE.fullmatch(ts):
         raise EnvelopeError(TIMESTAMP_HEADER, f"{ts[:80]!r} is not unix seconds")
-    if not _NONCE_RE.match(nonce):
+    if not _NONCE_RE.fullmatch(nonce):
         raise EnvelopeError(
             NONCE_HEADER, f"{nonce[:80]!r} is not {NONCE_BYTES} to 128 bytes of lowercase hex"
         )
-    if not _SIGNATURE_RE.match(signature):
+    if not _SIGNATURE_RE.fullmatch(signature):
         raise EnvelopeError(SIGNATURE_HEADER, "is not 64 bytes of lowercase hex")
     try:
         public_key_of(account).verify(bytes.fromhex(signature), signed_bytes(method, path, ts, nonce, body))

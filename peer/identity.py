@@ -16,7 +16,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-ACCOUNT_RE = re.compile(r"^[0-9a-f]{64}$")
+ACCOUNT_RE = re.compile(r"[0-9a-f]{64}")  # use with fullmatch: "$" would accept a trailing newline
 IDENTITY_FILENAME = "identity.pem"
 
 
@@ -54,7 +54,7 @@ def account_of(public_key: Ed25519PublicKey) -> str:
 
 def public_key_of(account: str) -> Ed25519PublicKey:
     """Parse an account id back into a public key, rejecting anything but 64 lowercase hex characters."""
-    if not isinstance(account, str) or not ACCOUNT_RE.match(account):
+    if not isinstance(account, str) or not ACCOUNT_RE.fullmatch(account):
         raise IdentityError(f"account id {account!r} is not 64 lowercase hex characters")
     return Ed25519PublicKey.from_public_bytes(bytes.fromhex(account))
 

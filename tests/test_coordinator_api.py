@@ -446,3 +446,16 @@ async def test_a_refused_request_cannot_be_replayed_once_it_would_succeed(api: A
     assert error["code"] == "nonce_reused" and "402 insufficient_funds" in error["message"]
     account = await api.ok("GET", f"/v1/accounts/{launcher.account}")
     assert (account["balance"], account["escrow"]) == ("50.000000", "0.000000")
+
+
+async def test_a_book_never_exceeds_what_the_store_can_hold(api: Api) -> None:
+    whale = Identity.generate()
+    largest = "999999999999.999999"  # the largest amount the API accepts
+    for _ in range(9):  # 9 of them fit in a 64-bit book of micro-units
+        await api.fund(whale.account, largest)
+    error = await api.error(
+        409, "POST", f"/v1/accounts/{whale.account}/deposit", api.admin, {"amount": largest}
+    )
+    assert error["code"] == "limit_exceeded" and error["field"] == "amount"
+    assert (await api.ok("GET", f"/v1/accounts/{whale.account}"))["balance"] == "8999999999999.999991"
+    assert (await api.audit())["conserved"] is True
