@@ -156,7 +156,7 @@ class Manifest:
                 shard = ShardInfo(**item)
             except TypeError as e:
                 raise DatasetError(f"{where}: shards[{i}] is malformed: {e}") from None
-            if not (isinstance(shard.file, str) and re.fullmatch(r"[A-Za-z0-9._-]+", shard.file)):
+            if not (isinstance(shard.file, str) and re.fullmatch(r"(?!\.\.?$)[A-Za-z0-9._-]+", shard.file)):
                 raise DatasetError(f"{where}: shards[{i}].file {shard.file!r} is not a plain file name")
             if not (isinstance(shard.sha256, str) and VERSION_RE.fullmatch(shard.sha256)):
                 raise DatasetError(f"{where}: shards[{i}].sha256 {shard.sha256!r} is not a SHA-256")

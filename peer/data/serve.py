@@ -1,0 +1,205 @@
+"""Serving datasets over HTTP, so that the coordinator or any peer can be a run's data location.
+
+    GET /datasets                              {"datasets": [{"version", "name", "shards", "samples"}]}
+    GET /datasets/{version}/manifest.json      the manifest's exact bytes (their SHA-256 is the version)
+    GET /datasets/{version}/{file}             a shard named in that manifest; Range requests get 206
+
+Only files the manifest names are ever served, looked up by name in the manifest rather than joined onto
+a path from the URL, so no URL (``..``, ``%2e%2e``, absolute paths) reaches another file. Everything else
+under ``/datasets`` is a 404 with the documented error body ``{"error": {"code", "message", "field"}}``.
+The routes are plain route definitions so that the coordinator's app and a peer's app can mount them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import signal
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+from aiohttp import web
+
+from peer.console import InputError
+from peer.data.format import MANIFEST, DatasetError, Manifest
+
+DEFAULT_PORT = 8471
+
+
+@dataclass(frozen=True)
+class _Served:
+    root: Path
+    raw: bytes
+    manifest: Manifest
+    files: frozenset[str]
+
+
+def _error(status: int, code: str, message: str, field: str | None) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message, "field": field}}, status=status)
+
+
+def open_datasets(paths: Iterable[Path]) -> dict[str, Path]:
+    """Key dataset folders by version, checking that each is a dataset whose shards are all present.
+
+    Only sizes are checked (a stat per shard), so that start-up stays instant on large datasets; clients
+    verify every hash themselves and never trust the server.
+    """
+    datasets: dict[str, Path] = {}
+    for path in paths:
+        root = Path(path)
+        raw = _read_manifest(root)
+        manifest = Manifest.from_bytes(raw, str(root / MANIFEST))
+        for shard in manifest.shards:
+            try:
+                size = (root / shard.file).stat().st_size
+            except FileNotFoundError:
+                raise DatasetError(f"{root}: shard {shard.file} is missing") from None
+            if size != shard.size:
+                raise DatasetError(
+                    f"{root}: shard {shard.file} has {size} bytes, the manifest says {shard.size}"
+                )
+        datasets[hashlib.sha256(raw).hexdigest()] = root
+    return datasets
+
+
+def _read_manifest(root: Path) -> bytes:
+    try:
+        return (root / MANIFEST).read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        raise DatasetError(f"{root} is not a dataset: {MANIFEST} is missing") from None
+    except OSError as e:
+        raise DatasetError(f"{root}: cannot read {MANIFEST}: {e.strerror}") from None
+
+
+def dataset_routes(datasets: Mapping[str, Path]) -> list[web.RouteDef]:
+    """Routes serving each dataset folder under its version; the manifests are read once, here.
+
+    Raises DatasetError when a folder's manifest is not the version it is keyed by, so a mistaken
+    mapping fails at start-up instead of serving bytes whose hash clients would reject.
+    """
+    served: dict[str, _Served] = {}
+    for version, path in datasets.items():
+        root = Path(path)
+        raw = _read_manifest(root)
+        if hashlib.sha256(raw).hexdigest() != version:
+            raise DatasetError(f"{root} does not hold version {version}")
+        manifest = Manifest.from_bytes(raw, str(root / MANIFEST))
+        served[version] = _Served(root, raw, manifest, frozenset(s.file for s in manifest.shards))
+
+    async def list_datasets(_request: web.Request) -> web.Response:
+        items = [
+            {
+                "version": v,
+                "name": s.manifest.name,
+                "shards": len(s.manifest.shards),
+                "samples": s.manifest.samples,
+            }
+            for v, s in sorted(served.items())
+        ]
+        return web.json_response({"datasets": items})
+
+    async def get_manifest(request: web.Request) -> web.StreamResponse:
+        dataset = served.get(request.match_info["version"])
+        if dataset is None:
+            return _unknown_version(request)
+        return web.Response(body=dataset.raw, content_type="application/json")
+
+    async def get_shard(request: web.Request) -> web.StreamResponse:
+        dataset = served.get(request.match_info["version"])
+        if dataset is None:
+            return _unknown_version(request)
+        name = request.match_info["file"]
+        if name not in dataset.files:
+            return _error(
+                404, "not_found", f"{name!r} is not a file of dataset {dataset.manifest.name}", "file"
+            )
+        path = dataset.root / name
+        # Manifest names hold no "/"; the format admits "." and "..", but they are folders: refused here.
+        if not path.is_file():
+            return _error(404, "missing_shard", f"shard {name} is missing on this server", "file")
+        return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+
+    async def not_found(request: web.Request) -> web.Response:
+        return _error(404, "not_found", f"no dataset resource at {request.path}", None)
+
+    return [
+        web.get("/datasets", list_datasets),
+        web.get(f"/datasets/{{version}}/{MANIFEST}", get_manifest),
+        web.get("/datasets/{version}/{file}", get_shard),
+        web.route("*", "/datasets/{tail:.*}", not_found),
+    ]
+
+
+def _unknown_version(request: web.Request) -> web.Response:
+    version = request.match_info["version"]
+    return _error(404, "unknown_version", f"no dataset with version {version!r} here", "version")
+
+
+def dataset_app(datasets: Mapping[str, Path]) -> web.Application:
+    app = web.Application()
+    app.add_routes(dataset_routes(datasets))
+    return app
+
+
+@asynccontextmanager
+async def serving(app: web.Application, host: str, port: int) -> AsyncIterator[str]:
+    """Run ``app`` on ``host:port`` (0 picks a free port); yields the base URL it accepts requests on.
+
+    A port that is taken raises InputError, found by binding itself rather than by probing first, which
+    would race with whoever takes the port in between.
+    """
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except OSError as e:
+            reason = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be bound: {e.strerror}"
+            raise InputError(f"--port {port} on {host} {reason}") from None
+        bound = site._server.sockets[0].getsockname()  # type: ignore[union-attr]  # the real port for 0
+        yield f"http://{f'[{host}]' if ':' in host else host}:{bound[1]}"
+    finally:
+        await runner.cleanup()
+
+
+@click.command("serve")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    default=DEFAULT_PORT,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="0 picks a free port.",
+)
+def serve_command(paths: tuple[Path, ...], host: str, port: int) -> None:
+    """Serve dataset folders over HTTP (with range requests) until SIGINT/SIGTERM.
+
+    \b
+    Example:
+      hivemarket data serve ./digits ./tiny-text --port 8471
+      hivemarket data info ./digits     # the version a run names with this server's URL
+    """
+    try:
+        datasets = open_datasets(paths)
+    except DatasetError as e:
+        raise InputError(str(e)) from None
+    asyncio.run(_serve(dataset_app(datasets), datasets, host, port))
+    click.echo("stopped", err=True)
+
+
+async def _serve(app: web.Application, datasets: Mapping[str, Path], host: str, port: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with serving(app, host, port) as url:
+        click.echo(f"serving {len(datasets)} dataset{'' if len(datasets) == 1 else 's'} on {url}")
+        for version, root in datasets.items():
+            click.echo(f"  {version}  {root}")
+        await stop.wait()
