@@ -306,6 +306,10 @@ def demo() -> None:
 
 from coordinator.cli import register  # noqa: E402  (the market commands extend `main`, defined above)
 from coordinator.serve import coordinator_group  # noqa: E402
+from peer.data.cli import data_group  # noqa: E402
+from peer.data.serve import serve_command  # noqa: E402
 
 register(main)
 main.add_command(coordinator_group)
+data_group.add_command(serve_command)
+main.add_command(data_group)

@@ -28,7 +28,8 @@ FORMAT = "hivemarket-dataset/1"
 MANIFEST = "manifest.json"
 VERSION_RE = re.compile(r"[0-9a-f]{64}")
 FieldKind = Literal["tensor", "int", "float", "text", "bytes"]
-_DTYPES = ("uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64", "bool")
+TENSOR_DTYPES = ("uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64", "bool")
+_SCALAR_TYPES: dict[str, type] = {"int": int, "float": float, "text": str, "bytes": bytes}
 _CHUNK = 1 << 20
 
 
@@ -51,8 +52,13 @@ class FieldSpec:
         return value
 
     def decode(self, value: Any) -> Any:
+        """The stored value as the schema says it is; a value of another kind is refused, not passed on."""
         if self.kind == "tensor":
+            if not isinstance(value, bytes):
+                raise ValueError(f"a tensor is stored as bytes, not {type(value).__name__}")
             return np.frombuffer(value, dtype=np.dtype(self.dtype).newbyteorder("<")).reshape(self.shape)
+        if type(value) is not _SCALAR_TYPES[self.kind]:
+            raise ValueError(f"holds a value of type {type(value).__name__}, the schema says {self.kind}")
         return value
 
 
@@ -83,9 +89,9 @@ class Schema:
                 raise DatasetError(f"manifest schema: field {name!r} has unknown kind {kind!r}")
             if kind == "tensor":
                 dtype, shape = spec.get("dtype"), spec.get("shape", [])
-                if dtype not in _DTYPES:
+                if dtype not in TENSOR_DTYPES:
                     raise DatasetError(f"manifest schema: field {name!r} has unsupported dtype {dtype!r}")
-                if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
+                if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
                     raise DatasetError(f"manifest schema: field {name!r} has a bad shape {shape!r}")
                 fields[name] = FieldSpec("tensor", dtype, tuple(shape))
             else:
@@ -172,7 +178,7 @@ class Manifest:
             name=str(data.get("name", "")),
             schema=Schema.from_json(data.get("schema")),
             shards=tuple(shards),
-            dropped={str(k): int(v) for k, v in (data.get("dropped") or {}).items()},
+            dropped=_counts(data.get("dropped"), where),
             source=str(data.get("source", "")),
         )
         if data.get("samples") != manifest.samples:
@@ -180,6 +186,14 @@ class Manifest:
                 f"{where}: 'samples' says {data.get('samples')!r} but the shards hold {manifest.samples}"
             )
         return manifest
+
+
+def _counts(value: Any, where: str) -> dict[str, int]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(type(v) is int and v >= 0 for v in value.values()):
+        raise DatasetError(f"{where}: 'dropped' must map reasons to counts, got {value!r}")
+    return dict(value)
 
 
 def load_manifest(root: Path) -> Manifest:
@@ -224,7 +238,16 @@ def read_records(path: Path, shard: ShardInfo, schema: Schema) -> Iterator[tuple
     """Decode a shard that :func:`check_shard` accepted; its records must match the manifest too."""
     expected = shard.first_id
     with open(path, "rb") as f:
-        for item in msgpack.Unpacker(f, raw=False, max_buffer_size=64 << 20):
+        unpacker = msgpack.Unpacker(f, raw=False, max_buffer_size=64 << 20)
+        while True:
+            try:
+                item = next(unpacker)
+            except StopIteration:
+                break
+            except (ValueError, msgpack.UnpackException) as e:
+                raise DatasetError(
+                    f"shard {shard.file} cannot be decoded at record {expected}: {e}"
+                ) from None
             if not (isinstance(item, list) and len(item) == 2 and item[0] == expected):
                 raise DatasetError(f"shard {shard.file}: record {expected} is malformed or out of order")
             yield expected, decode_record(item[1], schema, f"shard {shard.file} record {expected}")
@@ -245,10 +268,28 @@ def encode_record(record: Mapping[str, Any], schema: Schema) -> dict[str, Any]:
 def decode_record(stored: Any, schema: Schema, where: str) -> dict[str, Any]:
     if not isinstance(stored, dict) or set(stored) != set(schema.fields):
         raise DatasetError(f"{where} does not have the schema's fields {sorted(schema.fields)}")
-    try:
-        return {name: spec.decode(stored[name]) for name, spec in schema.fields.items()}
-    except (TypeError, ValueError) as e:
-        raise DatasetError(f"{where} does not match the schema: {e}") from None
+    decoded = {}
+    for name, spec in schema.fields.items():
+        try:
+            decoded[name] = spec.decode(stored[name])
+        except (TypeError, ValueError) as e:
+            raise DatasetError(f"{where}: field {name!r} does not match the schema: {e}") from None
+    return decoded
+
+
+def verify_dataset(root: Path) -> Manifest:
+    """Check a dataset end to end: the manifest, every shard's size and SHA-256, then every record.
+
+    A hash only proves a shard is the one the manifest names, not that the manifest tells the truth about
+    what is inside it (counts, ids, kinds), hence the decoding.
+    """
+    root = Path(root)
+    manifest = load_manifest(root)
+    for shard in manifest.shards:
+        check_shard(root / shard.file, shard)
+        for _ in read_records(root / shard.file, shard, manifest.schema):
+            pass
+    return manifest
 
 
 class ShardWriter:

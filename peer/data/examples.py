@@ -1,0 +1,65 @@
+"""Example datasets built from data that installed packages already ship, so nothing is downloaded at run
+time and every machine with the same package versions builds the same dataset version.
+
+    digits  scikit-learn's bundled handwritten digits: 1,797 8x8 images, float32 ``x`` in [0, 1], int ``y``
+    text    CPython's own documentation (``pydoc_data.topics``) as fixed-length ``tokens`` of raw bytes:
+            byte-level, so a tiny language model needs no tokenizer (vocabulary of 256)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from peer.data.format import DatasetError, FieldSpec, Schema
+from peer.data.pack import PackReport, write_dataset
+
+TEXT_TOKENS = 128  # bytes per text sample
+_MAX_RECORD_BYTES = 1 << 20
+
+
+def _digits() -> tuple[Schema, Iterator[dict]]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DatasetError("the digits example needs scikit-learn: pip install scikit-learn") from None
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)  # the pixels are counts 0..16
+    schema = Schema({"x": FieldSpec("tensor", "float32", (8, 8)), "y": FieldSpec("int")}, label="y")
+    return schema, ({"x": x, "y": int(y)} for x, y in zip(images, digits.target, strict=True))
+
+
+def _text() -> tuple[Schema, Iterator[dict]]:
+    """The topics in sorted order, joined; the tail shorter than one sample is left out."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise DatasetError("the text example needs pydoc_data, part of CPython's standard library") from None
+    corpus = "\n\n".join(topics[key] for key in sorted(topics)).encode()
+    count = len(corpus) // TEXT_TOKENS
+    tokens = np.frombuffer(corpus, dtype=np.uint8, count=count * TEXT_TOKENS).reshape(count, TEXT_TOKENS)
+    schema = Schema({"tokens": FieldSpec("tensor", "uint8", (TEXT_TOKENS,))})
+    return schema, ({"tokens": row} for row in tokens)
+
+
+_BUILDERS: dict[str, Callable[[], tuple[Schema, Iterator[dict]]]] = {"digits": _digits, "text": _text}
+EXAMPLES = tuple(_BUILDERS)
+
+
+def build_example(name: str, out: Path, shard_bytes: int) -> PackReport:
+    """Write the example dataset ``name`` to ``out`` (absent or empty), cleaned like any packed source."""
+    builder = _BUILDERS.get(name)
+    if builder is None:
+        raise DatasetError(f"unknown example {name!r}; the examples are {', '.join(EXAMPLES)}")
+    schema, records = builder()
+    return write_dataset(
+        records,
+        schema,
+        out,
+        shard_bytes=shard_bytes,
+        max_record_bytes=_MAX_RECORD_BYTES,
+        name=name,
+        source=f"example:{name}",
+    )
