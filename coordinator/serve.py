@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 
 import click
+import uvloop
 
 from coordinator.app import Coordinator, serving
 from coordinator.settings import ServerSettings
@@ -65,7 +66,7 @@ def serve(host: str, port: int, db_url: str | None, admin_key: str | None, sqlit
     except ValueError as e:
         raise InputError(str(e)) from None
     _check_port(host, port)
-    asyncio.run(_serve(Coordinator(settings, store, admin), host, port))
+    uvloop.run(_serve(Coordinator(settings, store, admin), host, port))  # measured cheaper per request
     click.echo("stopped", err=True)
 
 

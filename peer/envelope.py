@@ -18,9 +18,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidSignature
-
-from peer.identity import ACCOUNT_RE, Identity, public_key_of
+from peer.identity import ACCOUNT_RE, Identity, verify_signature
 
 KEY_HEADER = "X-Hivemarket-Key"
 TIMESTAMP_HEADER = "X-Hivemarket-Timestamp"
@@ -97,12 +95,10 @@ def verify_request(headers: Mapping[str, str], method: str, path: str, body: byt
         )
     if not _SIGNATURE_RE.fullmatch(signature):
         raise EnvelopeError(SIGNATURE_HEADER, "is not 64 bytes of lowercase hex")
-    try:
-        public_key_of(account).verify(bytes.fromhex(signature), signed_bytes(method, path, ts, nonce, body))
-    except InvalidSignature:
-        raise EnvelopeError(SIGNATURE_HEADER, "does not match the request") from None
-    except ValueError:  # bytes that are not a point on the curve
-        raise EnvelopeError(KEY_HEADER, f"{account!r} is not a valid Ed25519 public key") from None
+    if not verify_signature(account, bytes.fromhex(signature), signed_bytes(method, path, ts, nonce, body)):
+        raise EnvelopeError(
+            SIGNATURE_HEADER, "does not match the request (or the key is not a valid Ed25519 key)"
+        )
     return Envelope(account=account, timestamp=int(ts), nonce=nonce)
 
 

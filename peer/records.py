@@ -18,7 +18,6 @@ from typing import Any
 
 import msgpack
 import pydantic.v1 as pydantic
-from cryptography.exceptions import InvalidSignature
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
@@ -26,7 +25,7 @@ from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_logger
 
-from peer.identity import Identity, IdentityError, public_key_of
+from peer.identity import Identity, IdentityError, verify_signature
 
 logger = get_logger(__name__)
 
@@ -88,10 +87,9 @@ def build_record(
 def record_is_authentic(record: dict[str, Any], subkey: bytes) -> bool:
     """True when the record's signature was made by the account it names, for this subkey."""
     try:
-        public_key_of(record["account"]).verify(record["signature"], _payload_bytes(record, subkey))
-    except (KeyError, TypeError, IdentityError, InvalidSignature, ValueError):
+        return verify_signature(record["account"], record["signature"], _payload_bytes(record, subkey))
+    except (KeyError, TypeError, IdentityError):
         return False
-    return True
 
 
 class AccountSignatureValidator(RecordValidatorBase):
