@@ -18,6 +18,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +32,7 @@ FieldKind = Literal["tensor", "int", "float", "text", "bytes"]
 TENSOR_DTYPES = ("uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64", "bool")
 _SCALAR_TYPES: dict[str, type] = {"int": int, "float": float, "text": str, "bytes": bytes}
 _CHUNK = 1 << 20
+MAX_RECORD_BYTES = 64 << 20  # the most one encoded record may take; readers refuse larger ones
 
 
 class DatasetError(ValueError):
@@ -48,15 +50,22 @@ class FieldSpec:
             array = np.asarray(value, dtype=self.dtype)
             if array.shape != self.shape:
                 raise DatasetError(f"tensor of shape {array.shape} does not match the schema's {self.shape}")
-            return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+            return array.astype(self._stored_dtype, copy=False).tobytes()
+        if type(value) is not _SCALAR_TYPES[self.kind]:
+            raise DatasetError(f"a value of type {type(value).__name__} cannot be stored as {self.kind}")
         return value
+
+    @cached_property
+    def _stored_dtype(self) -> np.dtype:
+        """Little-endian dtype, computed once: decoding looks it up for every record."""
+        return np.dtype(self.dtype).newbyteorder("<")
 
     def decode(self, value: Any) -> Any:
         """The stored value as the schema says it is; a value of another kind is refused, not passed on."""
         if self.kind == "tensor":
             if not isinstance(value, bytes):
                 raise ValueError(f"a tensor is stored as bytes, not {type(value).__name__}")
-            return np.frombuffer(value, dtype=np.dtype(self.dtype).newbyteorder("<")).reshape(self.shape)
+            return np.frombuffer(value, dtype=self._stored_dtype).reshape(self.shape)
         if type(value) is not _SCALAR_TYPES[self.kind]:
             raise ValueError(f"holds a value of type {type(value).__name__}, the schema says {self.kind}")
         return value
@@ -119,7 +128,7 @@ class Manifest:
     dropped: dict[str, int] = field(default_factory=dict)  # cleaning: reason -> records dropped
     source: str = ""
 
-    @property
+    @cached_property
     def samples(self) -> int:
         return sum(s.samples for s in self.shards)
 
@@ -238,7 +247,7 @@ def read_records(path: Path, shard: ShardInfo, schema: Schema) -> Iterator[tuple
     """Decode a shard that :func:`check_shard` accepted; its records must match the manifest too."""
     expected = shard.first_id
     with open(path, "rb") as f:
-        unpacker = msgpack.Unpacker(f, raw=False, max_buffer_size=64 << 20)
+        unpacker = msgpack.Unpacker(f, raw=False, max_buffer_size=MAX_RECORD_BYTES)
         while True:
             try:
                 item = next(unpacker)
