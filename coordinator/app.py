@@ -341,14 +341,12 @@ def encode(
     request: web.Request, value: Any, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
     """JSON for people and curl; msgpack when the client's Accept header asks for it."""
-    data = _jsonable(value)
     if MSGPACK in request.headers.get("Accept", ""):
-        return web.Response(
-            body=msgpack.packb(data, use_bin_type=True), status=status, content_type=MSGPACK, headers=headers
-        )
-    return web.Response(
-        text=json.dumps(data), status=status, content_type="application/json", headers=headers
-    )
+        body = msgpack.packb(_jsonable(value), use_bin_type=True)
+        return web.Response(body=body, status=status, content_type=MSGPACK, headers=headers)
+    # pydantic serialises a model straight to JSON bytes (in Rust): the hot path of every heartbeat.
+    body = value.model_dump_json().encode() if isinstance(value, BaseModel) else json.dumps(value).encode()
+    return web.Response(body=body, status=status, content_type="application/json", headers=headers)
 
 
 @web.middleware

@@ -1,18 +1,20 @@
-"""Per-account token buckets: a pure step function, the state kept by the caller."""
+"""Per-account token buckets: a pure step function, the state kept by the caller.
+
+Named tuples rather than frozen dataclasses: ``take`` runs on every signed request, and a tuple is built
+several times faster.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class Bucket:
+class Bucket(NamedTuple):
     tokens: float
     updated: float
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     allowed: bool
     bucket: Bucket
     retry_after: float
