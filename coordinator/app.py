@@ -9,7 +9,6 @@ transaction. Client input never causes a 500: every refusal is an :class:`ApiErr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import re
@@ -469,17 +468,3 @@ def create_app(coordinator: Coordinator) -> web.Application:
         app.router.add_route(route.method, route.path, coordinator.endpoint(route))
     app.cleanup_ctx.append(coordinator.background)
     return app
-
-
-@contextlib.asynccontextmanager
-async def serving(coordinator: Coordinator, host: str, port: int) -> AsyncIterator[str]:
-    """Run the app on ``host:port`` (0 picks a free port); yields the URL it accepts requests on."""
-    runner = web.AppRunner(create_app(coordinator), access_log=None, handle_signals=False)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port, reuse_address=False)
-        await site.start()
-        bound = site._server.sockets[0].getsockname()  # the real port when port 0 was asked for
-        yield f"http://{host}:{bound[1]}"
-    finally:
-        await runner.cleanup()

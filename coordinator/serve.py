@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import errno
-import signal
-import socket
 from pathlib import Path
 
 import click
 import uvloop
 
-from coordinator.app import Coordinator, serving
+from coordinator.app import Coordinator, create_app
 from coordinator.settings import ServerSettings
 from coordinator.store import LeaseConfig, open_store
 from peer.console import InputError, load_cli_identity
+from peer.web import serve_until_signal
 
 
 @click.group("coordinator")
@@ -65,27 +62,7 @@ def serve(host: str, port: int, db_url: str | None, admin_key: str | None, sqlit
         )
     except ValueError as e:
         raise InputError(str(e)) from None
-    _check_port(host, port)
-    uvloop.run(_serve(Coordinator(settings, store, admin), host, port))  # measured cheaper per request
+    app = create_app(Coordinator(settings, store, admin))
+    ready = lambda url: click.echo(f"listening on {url}")  # noqa: E731
+    uvloop.run(serve_until_signal(app, host, port, ready))  # uvloop: measured cheaper per request
     click.echo("stopped", err=True)
-
-
-def _check_port(host: str, port: int) -> None:
-    if port == 0:
-        return
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as e:
-            reason = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be bound: {e.strerror}"
-            raise InputError(f"--port {port} on {host} {reason}") from None
-
-
-async def _serve(coordinator: Coordinator, host: str, port: int) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    async with serving(coordinator, host, port) as url:
-        click.echo(f"listening on {url}")
-        await stop.wait()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,8 +16,8 @@ import pytest
 
 from coordinator.app import ROUTES
 from peer.envelope import NONCE_HEADER, sign_request
-from peer.identity import Identity
-from tests.harness import CoordinatorProcess, cli_env, start_coordinator, wait_until
+from peer.identity import Identity, save_identity
+from tests.harness import CoordinatorProcess, cli_env, run_cli, start_coordinator, wait_until
 
 HEARTBEAT = 0.5
 H100 = {"gpu": "H100", "gpu_count": 1, "vram_gb": 80.0, "tflops": 400.0, "ram_gb": 256.0, "cpu_cores": 32}
@@ -459,3 +460,23 @@ async def test_a_book_never_exceeds_what_the_store_can_hold(api: Api) -> None:
     assert error["code"] == "limit_exceeded" and error["field"] == "amount"
     assert (await api.ok("GET", f"/v1/accounts/{whale.account}"))["balance"] == "8999999999999.999991"
     assert (await api.audit())["conserved"] is True
+
+
+def test_serve_refuses_bad_input_with_one_line(tmp_path: Path) -> None:
+    admin_key = tmp_path / "admin.pem"
+    save_identity(Identity.generate(), admin_key)
+    env = cli_env(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = {
+            f"--port {port} on 127.0.0.1 is already in use": ["--port", str(port)],
+            "only sqlite:///PATH is supported": ["--port", "0", "--db", "postgresql://db/market"],
+            "does not exist": ["--port", "0", "--admin-key", str(tmp_path / "nope.pem")],
+        }
+        for message, args in cases.items():
+            base = ["--admin-key", str(admin_key), "--db", f"sqlite:///{tmp_path / 'm.db'}"]
+            result = run_cli("coordinator", "serve", *base, *args, env=env)
+            assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+            assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -37,7 +37,8 @@ from peer.data.format import (
     file_sha256,
     write_manifest,
 )
-from peer.data.serve import dataset_app, dataset_routes, open_datasets, serve_command, serving
+from peer.data.serve import dataset_app, dataset_routes, open_datasets, serve_command
+from peer.web import serving
 from tests.harness import REPO, group_members, kill_group
 
 SCHEMA = Schema({"x": FieldSpec("tensor", "uint8", (64,)), "y": FieldSpec("int")}, label="y")
@@ -438,9 +439,8 @@ def _next_line(lines: queue.Queue, deadline: float) -> str:
 def test_serve_command_prints_its_url_answers_a_range_request_and_stops_on_sigint(tmp_path, dataset):
     root, manifest = dataset
     shard = manifest.shards[1]
-    code = "from peer.data.serve import serve_command; serve_command()"
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(root), "--port", "0"],
+        [sys.executable, "-m", "peer", "data", "serve", str(root), "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -13,11 +13,8 @@ The routes are plain route definitions so that the coordinator's app and a peer'
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
-import signal
-from collections.abc import AsyncIterator, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +23,7 @@ from aiohttp import web
 
 from peer.console import InputError
 from peer.data.format import MANIFEST, DatasetError, Manifest
+from peer.web import serve_until_signal
 
 DEFAULT_PORT = 8471
 
@@ -145,28 +143,6 @@ def dataset_app(datasets: Mapping[str, Path]) -> web.Application:
     return app
 
 
-@asynccontextmanager
-async def serving(app: web.Application, host: str, port: int) -> AsyncIterator[str]:
-    """Run ``app`` on ``host:port`` (0 picks a free port); yields the base URL it accepts requests on.
-
-    A port that is taken raises InputError, found by binding itself rather than by probing first, which
-    would race with whoever takes the port in between.
-    """
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port)
-        try:
-            await site.start()
-        except OSError as e:
-            reason = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be bound: {e.strerror}"
-            raise InputError(f"--port {port} on {host} {reason}") from None
-        bound = site._server.sockets[0].getsockname()  # type: ignore[union-attr]  # the real port for 0
-        yield f"http://{f'[{host}]' if ':' in host else host}:{bound[1]}"
-    finally:
-        await runner.cleanup()
-
-
 @click.command("serve")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
@@ -189,17 +165,11 @@ def serve_command(paths: tuple[Path, ...], host: str, port: int) -> None:
         datasets = open_datasets(paths)
     except DatasetError as e:
         raise InputError(str(e)) from None
-    asyncio.run(_serve(dataset_app(datasets), datasets, host, port))
-    click.echo("stopped", err=True)
 
-
-async def _serve(app: web.Application, datasets: Mapping[str, Path], host: str, port: int) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    async with serving(app, host, port) as url:
+    def ready(url: str) -> None:
         click.echo(f"serving {len(datasets)} dataset{'' if len(datasets) == 1 else 's'} on {url}")
         for version, root in datasets.items():
             click.echo(f"  {version}  {root}")
-        await stop.wait()
+
+    asyncio.run(serve_until_signal(dataset_app(datasets), host, port, ready))
+    click.echo("stopped", err=True)
