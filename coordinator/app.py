@@ -275,7 +275,12 @@ class Coordinator:
             await self._clear(self.clock(), None)
 
     async def _sweep(self) -> None:
-        lapses = await self.store.sweep(self.clock(), nonce_horizon=2 * self.settings.signature_window)
+        now = self.clock()
+        lapses = await self.store.sweep(now, nonce_horizon=2 * self.settings.signature_window)
+        # A bucket idle long enough to refill is the same as no bucket: forget it, or keys (free to make)
+        # would grow this dict without bound.
+        refill = self.settings.rate_limit_burst / self.settings.rate_limit_per_second
+        self.buckets = {k: b for k, b in self.buckets.items() if now - b.updated < refill}
         for lapse in lapses:
             logger.info(f"Lease {lapse.lease_id} of {lapse.account[:12]} lapsed: {lapse.reason}")
         self.metrics.lapsed_leases.inc(len(lapses))

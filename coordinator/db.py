@@ -22,6 +22,10 @@ Operation = Callable[[sqlite3.Connection], T]
 ErrorHook = Callable[[sqlite3.Connection, Exception], None]
 
 
+class StoreUnavailable(RuntimeError):
+    """The database file cannot be opened or migrated; the message names the file and the reason."""
+
+
 class Database:
     """SQLite in WAL mode behind a single-thread executor (sqlite3 connections are not thread-safe)."""
 
@@ -40,6 +44,12 @@ class Database:
         self._writer = asyncio.create_task(self._write_loop(), name="sqlite-writer")
 
     def _open(self) -> None:
+        try:
+            self._connect()
+        except (OSError, sqlite3.Error) as e:
+            raise StoreUnavailable(f"cannot open the database {self.path}: {e}") from None
+
+    def _connect(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row

@@ -89,6 +89,8 @@ def apply(books: Mapping[str, int], entries: Iterable[Entry], limit: int) -> dic
         if entry.debit != EXTERNAL and available < entry.amount:
             raise InsufficientFunds(entry.debit, entry.amount, available)
         after[entry.debit] = available - entry.amount
+        if after[entry.debit] < -limit:  # only `external` goes negative: by the sum of all deposits
+            raise BookLimit(entry.debit, limit)
         after[entry.credit] = after.get(entry.credit, 0) + entry.amount
         if after[entry.credit] > limit:
             raise BookLimit(entry.credit, limit)

@@ -8,6 +8,7 @@ import click
 import uvloop
 
 from coordinator.app import Coordinator, create_app
+from coordinator.db import StoreUnavailable
 from coordinator.settings import ServerSettings
 from coordinator.store import LeaseConfig, open_store
 from peer.console import InputError, load_cli_identity
@@ -29,7 +30,11 @@ def coordinator_group() -> None:
 @click.option(
     "--port", default=8470, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port."
 )
-@click.option("--db", "db_url", help="sqlite:///PATH [default: sqlite:///$HIVEMARKET_HOME/coordinator.db].")
+@click.option(
+    "--db",
+    "db_url",
+    help="sqlite:///RELATIVE or sqlite:////ABSOLUTE path [default: $HIVEMARKET_HOME/coordinator.db].",
+)
 @click.option(
     "--admin-key",
     type=click.Path(dir_okay=False),
@@ -52,7 +57,7 @@ def serve(host: str, port: int, db_url: str | None, admin_key: str | None, sqlit
     """
     settings = ServerSettings()
     admin = load_cli_identity(admin_key, settings).account  # type: ignore[arg-type]
-    db_url = db_url or f"sqlite:///{Path(settings.home) / 'coordinator.db'}"
+    db_url = db_url or f"sqlite:///{(Path(settings.home) / 'coordinator.db').absolute()}"
     try:
         store = open_store(
             db_url,
@@ -64,5 +69,8 @@ def serve(host: str, port: int, db_url: str | None, admin_key: str | None, sqlit
         raise InputError(str(e)) from None
     app = create_app(Coordinator(settings, store, admin))
     ready = lambda url: click.echo(f"listening on {url}")  # noqa: E731
-    uvloop.run(serve_until_signal(app, host, port, ready))  # uvloop: measured cheaper per request
+    try:
+        uvloop.run(serve_until_signal(app, host, port, ready))  # uvloop: measured cheaper per request
+    except StoreUnavailable as e:
+        raise InputError(f"--db: {e}") from None
     click.echo("stopped", err=True)

@@ -169,11 +169,15 @@ class Store(Protocol):
 
 
 def open_store(url: str, lease_config: LeaseConfig, *, synchronous: str, batch_max: int) -> Store:
-    """A store for ``sqlite:///PATH`` (the only backend so far); other schemes are refused by name."""
+    """A store for ``sqlite:///PATH`` (the only backend so far); other schemes are refused by name.
+
+    As in SQLAlchemy, ``sqlite:///market.db`` is relative to the working directory and
+    ``sqlite:////var/lib/market.db`` (four slashes) is absolute.
+    """
     parsed = urlparse(url)
-    if parsed.scheme != "sqlite" or not parsed.path:
+    if parsed.scheme != "sqlite" or parsed.netloc or len(parsed.path) < 2:
         raise ValueError(f"--db {url!r}: only sqlite:///PATH is supported (PostgreSQL is planned)")
-    path = Path(parsed.netloc + parsed.path) if parsed.netloc else Path(parsed.path)
+    path = Path(parsed.path[1:])
     return SQLiteStore(path, lease_config, synchronous=synchronous, batch_max=batch_max)
 
 
@@ -232,8 +236,9 @@ def _post(conn: sqlite3.Connection, entries: list[ledger.Entry], now: float) -> 
     try:
         after = ledger.apply(_books(conn, names), entries, MAX_UNITS)
     except ledger.BookLimit as e:
+        holder = "the total of all deposits" if e.book == ledger.EXTERNAL else e.book.split(":", 1)[-1]
         raise Conflict(
-            f"{e.book.split(':', 1)[-1]} would hold more than {from_units(e.limit)}",
+            f"{holder} would exceed {from_units(e.limit)}",
             code="limit_exceeded",
             field="amount",
         ) from None

@@ -154,9 +154,12 @@ async def test_msgpack_and_json_clients_get_the_same_models(coordinator: Coordin
             from_json = await getattr(as_json, name)(*args)
             assert from_json == await getattr(as_msgpack, name)(*args), name
         assert (await as_msgpack.offers())[0] == posted.offer
-        async with aiohttp.ClientSession() as raw, raw.get(
-            f"{coordinator.url}/v1/accounts/{peer.account}", headers={"Accept": "application/msgpack"}
-        ) as resp:
+        async with (
+            aiohttp.ClientSession() as raw,
+            raw.get(
+                f"{coordinator.url}/v1/accounts/{peer.account}", headers={"Accept": "application/msgpack"}
+            ) as resp,
+        ):
             assert resp.content_type == "application/msgpack"  # msgpack really travelled
 
 

@@ -474,9 +474,24 @@ def test_serve_refuses_bad_input_with_one_line(tmp_path: Path) -> None:
             f"--port {port} on 127.0.0.1 is already in use": ["--port", str(port)],
             "only sqlite:///PATH is supported": ["--port", "0", "--db", "postgresql://db/market"],
             "does not exist": ["--port", "0", "--admin-key", str(tmp_path / "nope.pem")],
+            "cannot open the database /proc/nope/m.db": ["--port", "0", "--db", "sqlite:////proc/nope/m.db"],
         }
         for message, args in cases.items():
             base = ["--admin-key", str(admin_key), "--db", f"sqlite:///{tmp_path / 'm.db'}"]
             result = run_cli("coordinator", "serve", *base, *args, env=env)
             assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
             assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+async def test_total_deposits_never_exceed_what_the_store_can_hold(own_api: Api) -> None:
+    api, largest = own_api, "999999999999.999999"
+    statuses = [
+        (
+            await api.call(
+                "POST", f"/v1/accounts/{Identity.generate().account}/deposit", api.admin, {"amount": largest}
+            )
+        )[0]
+        for _ in range(10)
+    ]
+    assert statuses == [200] * 9 + [409]  # the tenth would take the deposits' book past 64 bits
+    assert (await api.audit())["conserved"] is True

@@ -20,6 +20,8 @@ from peer.data.format import (
     MANIFEST,
     DatasetError,
     FieldSpec,
+    Schema,
+    ShardWriter,
     check_shard,
     load_manifest,
     read_records,
@@ -520,3 +522,23 @@ def test_example_command_builds_the_text_corpus(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["samples"] == load_manifest(tmp_path / "text").samples > 1000
     assert _cli("verify", tmp_path / "text").exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.update(shards=5), "'shards' must be a list"),
+        (lambda m: m["schema"].update(label=[]), "label [] is not one of the fields"),
+        (lambda m: m.update(dropped={"x": "a"}), "'dropped' must map reasons to counts"),
+    ],
+)
+def test_malformed_manifests_are_dataset_errors(tmp_path: Path, edit, message: str) -> None:
+    root = tmp_path / "ds"
+    writer = ShardWriter(root, Schema({"y": FieldSpec("int")}), 1 << 20)
+    writer.add({"y": 1})
+    writer.finish("tiny")
+    data = json.loads((root / MANIFEST).read_bytes())
+    edit(data)
+    (root / MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        load_manifest(root)

@@ -16,7 +16,12 @@ from peer import hardware
 
 PROBE_DEADLINE_S = 30.0
 SUMMARY_TYPES: dict[str, type] = {
-    "gpu": str, "gpu_count": int, "vram_gb": float, "tflops": float, "ram_gb": float, "cpu_cores": int,
+    "gpu": str,
+    "gpu_count": int,
+    "vram_gb": float,
+    "tflops": float,
+    "ram_gb": float,
+    "cpu_cores": int,
 }
 
 
@@ -89,8 +94,13 @@ def test_summary_of_real_probe(probed: tuple[dict[str, Any], float]) -> None:
 
 def _gpu(index: int, name: str, vram_gb: float) -> dict[str, Any]:
     return {
-        "index": index, "name": name, "vram_gb": vram_gb, "compute_capability": "8.0",
-        "power_w": None, "temperature_c": None, "utilization_pct": None,
+        "index": index,
+        "name": name,
+        "vram_gb": vram_gb,
+        "compute_capability": "8.0",
+        "power_w": None,
+        "temperature_c": None,
+        "utilization_pct": None,
     }
 
 
@@ -101,12 +111,21 @@ def test_summary_of_two_gpu_probe() -> None:
         "gpus": [_gpu(0, "NVIDIA H100 80GB HBM3", 79.1), _gpu(1, "NVIDIA A100-SXM4-40GB", 39.4)],
         "torch_version": "2.4.0",
         "cuda_available": True,
-        "benchmark": {"device": "cuda:0", "fp32_tflops": 51.2, "bf16_tflops": 612.5,
-                      "memory_bandwidth_gbps": 2900.0, "seconds": 1.5},
+        "benchmark": {
+            "device": "cuda:0",
+            "fp32_tflops": 51.2,
+            "bf16_tflops": 612.5,
+            "memory_bandwidth_gbps": 2900.0,
+            "seconds": 1.5,
+        },
     }
     assert hardware.summary(result) == {
-        "gpu": "NVIDIA H100 80GB HBM3", "gpu_count": 2, "vram_gb": 79.1, "tflops": 612.5,
-        "ram_gb": 251.5, "cpu_cores": 32,
+        "gpu": "NVIDIA H100 80GB HBM3",
+        "gpu_count": 2,
+        "vram_gb": 79.1,
+        "tflops": 612.5,
+        "ram_gb": 251.5,
+        "cpu_cores": 32,
     }
     result["benchmark"]["bf16_tflops"] = None  # pre-Ampere GPU: bf16 not measured, fall back to fp32
     assert hardware.summary(result)["tflops"] == 51.2

@@ -106,7 +106,7 @@ class Schema:
             else:
                 fields[name] = FieldSpec(kind)
         label = data.get("label")
-        if label is not None and label not in fields:
+        if label is not None and (not isinstance(label, str) or label not in fields):
             raise DatasetError(f"manifest schema: label {label!r} is not one of the fields")
         return cls(fields, label)
 
@@ -145,7 +145,7 @@ class Manifest:
         }
         return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
-    @property
+    @cached_property
     def version(self) -> str:
         return hashlib.sha256(self.to_bytes()).hexdigest()
 
@@ -166,7 +166,10 @@ class Manifest:
             raise DatasetError(f"{where}: 'format' must be {FORMAT!r}")
         shards = []
         next_id = 0
-        for i, item in enumerate(data.get("shards") or []):
+        listed = data.get("shards") or []
+        if not isinstance(listed, list):
+            raise DatasetError(f"{where}: 'shards' must be a list, got {listed!r}")
+        for i, item in enumerate(listed):
             try:
                 shard = ShardInfo(**item)
             except TypeError as e:
