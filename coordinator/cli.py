@@ -1,8 +1,7 @@
 """Market commands of the ``hivemarket`` CLI: rent, offers, market, account, deposit.
 
-They talk to a coordinator through :class:`coordinator.client.CoordinatorClient`. ``peer/cli.py`` calls
-:func:`register` once, after its own commands are defined (this module imports its helpers, so import
-``peer.cli`` rather than this module directly). Exit status follows the rest of the CLI: 0 ok, 1 a
+They talk to a coordinator through :class:`coordinator.client.CoordinatorClient`; ``peer/cli.py`` imports
+them lazily, when one is used. Exit status follows the rest of the CLI: 0 ok, 1 a
 failure (coordinator unreachable, a server error), 2 bad input, including a request the coordinator
 refused as invalid, unpaid, forbidden, unknown or conflicting: one ``Error: ...`` line, never a traceback.
 """
@@ -38,12 +37,6 @@ coordinator_option = click.option(
     help="Coordinator to talk to [default: $HIVEMARKET_COORDINATOR, else http://127.0.0.1:8470].",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-
-
-def register(main: click.Group) -> None:
-    """Add the market commands to the top-level ``hivemarket`` group."""
-    for command in (rent, offers, market, account, deposit):
-        main.add_command(command)
 
 
 def _client(url: str, identity: Identity | None = None) -> CoordinatorClient:

@@ -5,6 +5,7 @@ commands are registered from :mod:`coordinator.serve` and :mod:`coordinator.cli`
 
 from __future__ import annotations
 
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,40 @@ from peer.identity import Identity, IdentityError, save_identity
 from peer.settings import load_settings
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class LazyGroup(click.Group):
+    """A group whose commands from other modules are imported only when used or listed by --help.
+
+    The coordinator, market and data commands pull in aiohttp, pydantic and numpy; `identity show` or
+    `peer start` should not pay for them at every start.
+    """
+
+    def __init__(self, *args: Any, lazy: dict[str, str], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy  # command name -> "module:attribute"
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy:
+            module, attribute = self.lazy[cmd_name].split(":")
+            return getattr(importlib.import_module(module), attribute)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy={
+        "coordinator": "coordinator.serve:coordinator_group",
+        "rent": "coordinator.cli:rent",
+        "offers": "coordinator.cli:offers",
+        "market": "coordinator.cli:market",
+        "account": "coordinator.cli:account",
+        "deposit": "coordinator.cli:deposit",
+        "data": "peer.data.cli:data_group",
+    },
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="hivemarket")
 def main() -> None:
     """hivemarket: rent out a GPU, run a peer node, launch a collaborative training run.
@@ -302,14 +336,3 @@ def demo() -> None:
     finally:
         for node in nodes:
             stop_dht(node.dht, settings)
-
-
-from coordinator.cli import register  # noqa: E402  (the market commands extend `main`, defined above)
-from coordinator.serve import coordinator_group  # noqa: E402
-from peer.data.cli import data_group  # noqa: E402
-from peer.data.serve import serve_command  # noqa: E402
-
-register(main)
-main.add_command(coordinator_group)
-data_group.add_command(serve_command)
-main.add_command(data_group)

@@ -16,6 +16,7 @@ from peer.console import InputError, echo_json
 from peer.data.examples import EXAMPLES, build_example
 from peer.data.format import MANIFEST, VERSION_RE, DatasetError, Manifest, load_manifest, verify_dataset
 from peer.data.pack import PackReport, pack
+from peer.data.serve import serve_command
 
 _UNITS = {
     "": 1,
@@ -245,3 +246,6 @@ def _human(size: int) -> str:
             break
         value, unit = value / 1024, bigger
     return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+data_group.add_command(serve_command)
