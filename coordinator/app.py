@@ -9,6 +9,7 @@ transaction. Client input never causes a 500: every refusal is an :class:`ApiErr
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -121,7 +122,7 @@ class Coordinator:
         return Health(status="ok")
 
     async def openapi(self, ctx: Context) -> dict[str, Any]:
-        return build_openapi(ROUTES)
+        return _openapi_document()
 
     async def prometheus(self, ctx: Context) -> web.Response:
         counts = await self.store.counts()
@@ -461,6 +462,12 @@ ROUTES: Sequence[Route] = (
         response=ClearingRoundView,
     ),
 )
+
+
+@functools.cache
+def _openapi_document() -> dict[str, Any]:
+    """Built once: the routes and schemas do not change while the process runs."""
+    return build_openapi(ROUTES)
 
 
 def create_app(coordinator: Coordinator) -> web.Application:

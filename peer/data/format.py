@@ -208,13 +208,18 @@ def _counts(value: Any, where: str) -> dict[str, int]:
     return dict(value)
 
 
-def load_manifest(root: Path) -> Manifest:
-    path = Path(root) / MANIFEST
+def read_manifest_bytes(root: Path) -> bytes:
+    """The manifest's exact bytes (its SHA-256 is the version), with an error that says what is wrong."""
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+        return (Path(root) / MANIFEST).read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
         raise DatasetError(f"{root} is not a dataset: {MANIFEST} is missing") from None
-    return Manifest.from_bytes(raw, str(path))
+    except OSError as e:
+        raise DatasetError(f"{root}: cannot read {MANIFEST}: {e.strerror}") from None
+
+
+def load_manifest(root: Path) -> Manifest:
+    return Manifest.from_bytes(read_manifest_bytes(root), str(Path(root) / MANIFEST))
 
 
 def write_manifest(root: Path, manifest: Manifest) -> str:

@@ -22,7 +22,7 @@ import click
 from aiohttp import web
 
 from peer.console import InputError
-from peer.data.format import MANIFEST, DatasetError, Manifest
+from peer.data.format import MANIFEST, DatasetError, Manifest, read_manifest_bytes
 from peer.web import serve_until_signal
 
 DEFAULT_PORT = 8471
@@ -49,7 +49,7 @@ def open_datasets(paths: Iterable[Path]) -> dict[str, Path]:
     datasets: dict[str, Path] = {}
     for path in paths:
         root = Path(path)
-        raw = _read_manifest(root)
+        raw = read_manifest_bytes(root)
         manifest = Manifest.from_bytes(raw, str(root / MANIFEST))
         for shard in manifest.shards:
             try:
@@ -64,15 +64,6 @@ def open_datasets(paths: Iterable[Path]) -> dict[str, Path]:
     return datasets
 
 
-def _read_manifest(root: Path) -> bytes:
-    try:
-        return (root / MANIFEST).read_bytes()
-    except (FileNotFoundError, NotADirectoryError):
-        raise DatasetError(f"{root} is not a dataset: {MANIFEST} is missing") from None
-    except OSError as e:
-        raise DatasetError(f"{root}: cannot read {MANIFEST}: {e.strerror}") from None
-
-
 def dataset_routes(datasets: Mapping[str, Path]) -> list[web.RouteDef]:
     """Routes serving each dataset folder under its version; the manifests are read once, here.
 
@@ -82,7 +73,7 @@ def dataset_routes(datasets: Mapping[str, Path]) -> list[web.RouteDef]:
     served: dict[str, _Served] = {}
     for version, path in datasets.items():
         root = Path(path)
-        raw = _read_manifest(root)
+        raw = read_manifest_bytes(root)
         if hashlib.sha256(raw).hexdigest() != version:
             raise DatasetError(f"{root} does not hold version {version}")
         manifest = Manifest.from_bytes(raw, str(root / MANIFEST))
