@@ -92,8 +92,11 @@ def assign(
     cut = blocks(shards, block_size)
     owner = _owners(seed, accounts, len(cut))
     samples, needed = {}, {}
-    for index, account in enumerate(accounts):
-        mine = [b for b, o in zip(cut, owner, strict=True) if o == index]
+    by_owner = np.split(
+        np.argsort(owner, kind="stable"), np.cumsum(np.bincount(owner, minlength=len(accounts)))[:-1]
+    )
+    for account, blocks_of_account in zip(accounts, by_owner, strict=True):
+        mine = [cut[i] for i in blocks_of_account]
         ids = np.concatenate(
             [np.arange(b.start, b.stop, dtype=np.int64) for b in mine] or [np.empty(0, np.int64)]
         )

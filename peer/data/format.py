@@ -149,12 +149,6 @@ class Manifest:
     def version(self) -> str:
         return hashlib.sha256(self.to_bytes()).hexdigest()
 
-    def shard_of(self, sample_id: int) -> ShardInfo:
-        for shard in self.shards:
-            if shard.first_id <= sample_id < shard.first_id + shard.samples:
-                return shard
-        raise DatasetError(f"sample id {sample_id} is outside the dataset's {self.samples} samples")
-
     @classmethod
     def from_bytes(cls, raw: bytes, where: str = MANIFEST) -> Manifest:
         """Parse and check a manifest: counts must add up and shards must tile the sample ids."""
@@ -267,7 +261,7 @@ def read_records(path: Path, shard: ShardInfo, schema: Schema) -> Iterator[tuple
                 ) from None
             if not (isinstance(item, list) and len(item) == 2 and item[0] == expected):
                 raise DatasetError(f"shard {shard.file}: record {expected} is malformed or out of order")
-            yield expected, decode_record(item[1], schema, f"shard {shard.file} record {expected}")
+            yield expected, decode_record(item[1], schema, shard, expected)
             expected += 1
     if expected != shard.first_id + shard.samples:
         raise DatasetError(
@@ -282,15 +276,21 @@ def encode_record(record: Mapping[str, Any], schema: Schema) -> dict[str, Any]:
     return {name: spec.encode(record[name]) for name, spec in schema.fields.items()}
 
 
-def decode_record(stored: Any, schema: Schema, where: str) -> dict[str, Any]:
-    if not isinstance(stored, dict) or set(stored) != set(schema.fields):
-        raise DatasetError(f"{where} does not have the schema's fields {sorted(schema.fields)}")
+def decode_record(stored: Any, schema: Schema, shard: ShardInfo, sample_id: int) -> dict[str, Any]:
+    """A stored record as the schema's values. The loader calls this per sample, so the happy path
+    builds nothing it does not return (the error message is only formatted on failure)."""
+    if not isinstance(stored, dict) or stored.keys() != schema.fields.keys():
+        raise DatasetError(
+            f"shard {shard.file} record {sample_id} does not have the schema's fields {sorted(schema.fields)}"
+        )
     decoded = {}
     for name, spec in schema.fields.items():
         try:
             decoded[name] = spec.decode(stored[name])
         except (TypeError, ValueError) as e:
-            raise DatasetError(f"{where}: field {name!r} does not match the schema: {e}") from None
+            raise DatasetError(
+                f"shard {shard.file} record {sample_id}: field {name!r} does not match the schema: {e}"
+            ) from None
     return decoded
 
 

@@ -118,14 +118,15 @@ class DatasetReader:
             os.close(fd)
 
     def _decode(self, raw: bytes | memoryview, sample_id: int, shard: ShardInfo) -> dict[str, Any]:
-        where = f"shard {shard.file} record {sample_id}"
         try:
             item = msgpack.unpackb(raw, raw=False)
         except (msgpack.UnpackException, ValueError) as e:
-            raise DatasetError(f"{where} cannot be decoded: {e}") from None
+            raise DatasetError(f"shard {shard.file} record {sample_id} cannot be decoded: {e}") from None
         if not (isinstance(item, list) and len(item) == 2 and type(item[0]) is int and item[0] == sample_id):
-            raise DatasetError(f"{where} is malformed or holds another sample's id")
-        return decode_record(item[1], self.manifest.schema, where)
+            raise DatasetError(
+                f"shard {shard.file} record {sample_id} is malformed or holds another sample's id"
+            )
+        return decode_record(item[1], self.manifest.schema, shard, sample_id)
 
     def _open(self, number: int) -> tuple[int, _Indexed]:
         """An open descriptor of the shard's checked file; a file that changed since is checked again."""
