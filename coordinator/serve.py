@@ -12,6 +12,8 @@ from coordinator.db import StoreUnavailable
 from coordinator.settings import ServerSettings
 from coordinator.store import LeaseConfig, open_store
 from peer.console import InputError, load_cli_identity
+from peer.data.format import DatasetError
+from peer.data.serve import dataset_routes, open_datasets
 from peer.web import serve_until_signal
 
 
@@ -47,13 +49,27 @@ def coordinator_group() -> None:
     show_default=True,
     help="FULL survives power loss; NORMAL survives process crashes and is faster.",
 )
-def serve(host: str, port: int, db_url: str | None, admin_key: str | None, sqlite_synchronous: str) -> None:
+@click.option(
+    "--dataset",
+    "datasets",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="A dataset folder to serve at /datasets/VERSION/ for the runs that name it; repeat for more.",
+)
+def serve(
+    host: str,
+    port: int,
+    db_url: str | None,
+    admin_key: str | None,
+    sqlite_synchronous: str,
+    datasets: tuple[Path, ...],
+) -> None:
     """Serve the coordinator's HTTP API; prints `listening on http://HOST:PORT` once it accepts requests.
 
     \b
     Example:
       hivemarket identity new --path admin.pem
-      hivemarket coordinator serve --admin-key admin.pem --db sqlite:///./market.db
+      hivemarket coordinator serve --admin-key admin.pem --db sqlite:///market.db --dataset ./digits
     """
     settings = ServerSettings()
     admin = load_cli_identity(admin_key, settings).account  # type: ignore[arg-type]
@@ -68,6 +84,10 @@ def serve(host: str, port: int, db_url: str | None, admin_key: str | None, sqlit
     except ValueError as e:
         raise InputError(str(e)) from None
     app = create_app(Coordinator(settings, store, admin))
+    try:
+        app.add_routes(dataset_routes(open_datasets(datasets)))
+    except DatasetError as e:
+        raise InputError(f"--dataset: {e}") from None
     ready = lambda url: click.echo(f"listening on {url}")  # noqa: E731
     try:
         uvloop.run(serve_until_signal(app, host, port, ready))  # uvloop: measured cheaper per request

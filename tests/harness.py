@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -205,6 +205,7 @@ def start_coordinator(
     *,
     db_path: Path | None = None,
     env: dict[str, str] | None = None,
+    args: Sequence[str] = (),
     timeout: float = 60,
 ) -> CoordinatorProcess:
     """Start the coordinator as a subprocess (own process group) and wait until it accepts requests."""
@@ -229,6 +230,7 @@ def start_coordinator(
                 f"sqlite:///{db_path}",
                 "--admin-key",
                 str(admin_key),
+                *args,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,

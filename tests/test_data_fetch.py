@@ -38,8 +38,9 @@ from peer.data.format import (
     write_manifest,
 )
 from peer.data.serve import dataset_app, dataset_routes, open_datasets, serve_command
+from peer.identity import Identity
 from peer.web import serving
-from tests.harness import REPO, group_members, kill_group
+from tests.harness import REPO, group_members, kill_group, start_coordinator
 
 SCHEMA = Schema({"x": FieldSpec("tensor", "uint8", (64,)), "y": FieldSpec("int")}, label="y")
 CUT = 5000  # bytes a cut or stalled first response delivers
@@ -474,3 +475,18 @@ def test_serve_command_prints_its_url_answers_a_range_request_and_stops_on_sigin
         proc.stdout.close()
         proc.stderr.close()
     assert not group_members(proc.pid)
+
+
+async def test_the_coordinator_serves_datasets_for_its_runs(tmp_path, dataset):
+    root, manifest = dataset
+    coordinator = start_coordinator(
+        tmp_path / "coordinator", Identity.generate(), args=["--dataset", str(root)]
+    )
+    try:
+        fetched = await fetch_manifest(coordinator.url, manifest.version, fast(tmp_path))
+        paths = await fetch_shards(coordinator.url, fetched, [manifest.shards[2]], ShardCache(tmp_path / "c"))
+        assert file_sha256(paths[manifest.shards[2].file]) == manifest.shards[2].sha256
+        with pytest.raises(DatasetError, match="unknown version"):
+            await fetch_manifest(coordinator.url, "0" * 64, fast(tmp_path))
+    finally:
+        assert coordinator.stop() == 0
