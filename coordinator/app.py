@@ -129,7 +129,7 @@ class Coordinator:
         for state in ("pending", "recruiting", "running", "settling", "finished", "cancelled", "failed"):
             self.metrics.runs.labels(state).set(counts.get(f"runs_{state}", 0))
         self.metrics.live_peers.set(counts["live_leases"])
-        self.metrics.ledger_conserved.set(1 if (await self.store.audit()).conserved else 0)
+        self.metrics.ledger_conserved.set(1 if (await self.store.audit(replay=False)).conserved else 0)
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -142,7 +142,7 @@ class Coordinator:
         return await self.store.account(ctx.path_id("account"))
 
     async def ledger_audit(self, ctx: Context) -> AuditView:
-        result = await self.store.audit()
+        result = await self.store.audit(replay=True)
         self.metrics.ledger_conserved.set(1 if result.conserved else 0)
         return AuditView(
             conserved=result.conserved,
@@ -189,11 +189,13 @@ class Coordinator:
         price = next((r.clearing_price for r in rounds if r.clearing_price is not None), None)
         return MarketView(clearing_price=price, supply=supply, demand=demand, rounds=rounds)
 
-    async def clear_market(self, ctx: Context) -> ClearingRoundView:
+    async def clear_market(self, ctx: Context) -> ClearingRoundView | None:  # None only when unsigned
         return await self._clear(ctx.now, ctx.envelope)
 
-    async def _clear(self, now: float, envelope: Envelope | None) -> ClearingRoundView:
+    async def _clear(self, now: float, envelope: Envelope | None) -> ClearingRoundView | None:
         result = await self.store.clear_market(now, envelope, self.market_config)
+        if result is None:  # a scheduled round with nothing to trade
+            return None
         self.metrics.clearing_rounds.inc()
         self.metrics.trades.inc(result.trades)
         if result.clearing_price is not None:
@@ -271,9 +273,7 @@ class Coordinator:
                 logger.exception(f"Background job {job.__name__} failed; retrying in {interval:g} s")
 
     async def _clearing_round(self) -> None:
-        supply, demand = await self.store.market_depth()
-        if supply and demand:
-            await self._clear(self.clock(), None)
+        await self._clear(self.clock(), None)
 
     async def _sweep(self) -> None:
         now = self.clock()

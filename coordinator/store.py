@@ -150,7 +150,7 @@ class Store(Protocol):
     async def close(self) -> None: ...
     async def deposit(self, now: float, env: Envelope, account: str, units: int) -> AccountView: ...
     async def account(self, account: str) -> AccountView: ...
-    async def audit(self) -> ledger.Audit: ...
+    async def audit(self, *, replay: bool) -> ledger.Audit: ...
     async def post_offer(self, now: float, env: Envelope, body: OfferBody) -> OfferResponse: ...
     async def heartbeat(self, now: float, env: Envelope, lease_id: str) -> LeaseView: ...
     async def offers(self) -> list[OfferView]: ...
@@ -160,7 +160,7 @@ class Store(Protocol):
     async def cancel_run(self, now: float, env: Envelope, run_id: str) -> RunView: ...
     async def clear_market(
         self, now: float, env: Envelope | None, config: market.MarketConfig
-    ) -> ClearingRoundView: ...
+    ) -> ClearingRoundView | None: ...
     async def rounds(self, limit: int) -> list[ClearingRoundView]: ...
     async def market_depth(self) -> tuple[int, int]: ...
     async def sweep(self, now: float, nonce_horizon: float) -> list[leases.Lapse]: ...
@@ -310,11 +310,14 @@ class SQLiteStore:
             reputation=_reliability(conn, account),
         )
 
-    async def audit(self) -> ledger.Audit:
-        """Check the books against themselves and against the entries they were derived from."""
+    async def audit(self, *, replay: bool) -> ledger.Audit:
+        """Check the books against the deposits, and with ``replay`` against every entry too (a scan of
+        the whole ledger, kept for the audit endpoint rather than every metrics scrape)."""
 
         def op(conn: sqlite3.Connection) -> ledger.Audit:
             books = {row["name"]: row["units"] for row in conn.execute("SELECT name, units FROM books")}
+            if not replay:
+                return ledger.audit(books)
             replayed: dict[str, int] = {}
             for row in conn.execute(
                 "SELECT debit, credit, SUM(units) AS units FROM entries GROUP BY debit, credit"
@@ -556,14 +559,20 @@ class SQLiteStore:
 
     async def clear_market(
         self, now: float, env: Envelope | None, config: market.MarketConfig
-    ) -> ClearingRoundView:
-        """One clearing round over the live book, decided by :func:`coordinator.market.clear`."""
+    ) -> ClearingRoundView | None:
+        """One clearing round over the live book, decided by :func:`coordinator.market.clear`.
 
-        def op(conn: sqlite3.Connection) -> ClearingRoundView:
+        A scheduled round (no ``env``) over an empty side of the book is skipped and returns None, so the
+        history only holds rounds that could have traded; an admin's round is always recorded.
+        """
+
+        def op(conn: sqlite3.Connection) -> ClearingRoundView | None:
             if env is not None:
                 _claim_nonce(conn, env)
             asks, lease_of = self._asks(conn)
             bids = self._bids(conn)
+            if env is None and not (asks and bids):
+                return None
             result = market.clear(asks, bids, config)
             for match in result.matches:
                 units = to_units(match.price_per_hour)
@@ -654,9 +663,7 @@ class SQLiteStore:
         """(supply, demand): open trainer offers with a live lease, and peers wanted by live runs."""
 
         def op(conn: sqlite3.Connection) -> tuple[int, int]:
-            supply = len(conn.execute(self._ASKS_QUERY).fetchall())
-            demand = sum(max(0, row["peers_max"] - row["active"]) for row in conn.execute(self._BIDS_QUERY))
-            return supply, demand
+            return len(self._asks(conn)[0]), sum(bid.units for bid in self._bids(conn))
 
         return await self._db.read(op)
 

@@ -495,3 +495,23 @@ async def test_total_deposits_never_exceed_what_the_store_can_hold(own_api: Api)
     ]
     assert statuses == [200] * 9 + [409]  # the tenth would take the deposits' book past 64 bits
     assert (await api.audit())["conserved"] is True
+
+
+async def test_scheduled_rounds_match_without_being_asked(tmp_path: Path) -> None:
+    env = cli_env(tmp_path, HIVEMARKET_CLEARING_INTERVAL="0.2")
+    server = start_coordinator(tmp_path, Identity.generate(), env=env)
+    try:
+        async with aiohttp.ClientSession() as session:
+            api = Api(server, session)
+            assert (await api.ok("GET", "/v1/market"))["rounds"] == []  # empty books are not rounds
+            peer, launcher = Identity.generate(), Identity.generate()
+            await api.offer(peer, "1.00", H100)
+            await api.fund(launcher.account, "10")
+            run = await api.ok("POST", "/v1/runs", launcher, _run_body())
+            deadline = time.monotonic() + 15
+            while not (await api.ok("GET", f"/v1/runs/{run['id']}"))["peers"]:
+                assert time.monotonic() < deadline, "no scheduled round matched the peer"
+                await asyncio.sleep(0.1)
+            assert (await api.ok("GET", "/v1/market"))["rounds"][0]["trades"] == 1
+    finally:
+        server.stop()
