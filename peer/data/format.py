@@ -33,6 +33,7 @@ TENSOR_DTYPES = ("uint8", "int8", "int16", "int32", "int64", "float16", "float32
 _SCALAR_TYPES: dict[str, type] = {"int": int, "float": float, "text": str, "bytes": bytes}
 _CHUNK = 1 << 20
 MAX_RECORD_BYTES = 64 << 20  # the most one encoded record may take; readers refuse larger ones
+_ARRAY_OF_TWO = b"\x92"  # msgpack's header of a 2-element array: a record is [sample_id, fields]
 
 
 class DatasetError(ValueError):
@@ -276,6 +277,11 @@ def encode_record(record: Mapping[str, Any], schema: Schema) -> dict[str, Any]:
     return {name: spec.encode(record[name]) for name, spec in schema.fields.items()}
 
 
+def pack_fields(record: Mapping[str, Any], schema: Schema) -> bytes:
+    """A record's fields encoded by the schema and packed: the second element of a stored record."""
+    return msgpack.packb(encode_record(record, schema), use_bin_type=True)
+
+
 def decode_record(stored: Any, schema: Schema, shard: ShardInfo, sample_id: int) -> dict[str, Any]:
     """A stored record as the schema's values. The loader calls this per sample, so the happy path
     builds nothing it does not return (the error message is only formatted on failure)."""
@@ -332,7 +338,12 @@ class ShardWriter:
 
     def add(self, record: Mapping[str, Any]) -> int:
         """Write one record; return its sample id."""
-        packed = msgpack.packb([self._next_id, encode_record(record, self.schema)], use_bin_type=True)
+        return self.add_packed(pack_fields(record, self.schema))
+
+    def add_packed(self, fields: bytes) -> int:
+        """Write a record whose fields :func:`pack_fields` already packed (``pack`` needs those bytes to
+        check size and duplicates); the record is ``[sample_id, fields]`` without packing them again."""
+        packed = _ARRAY_OF_TWO + msgpack.packb(self._next_id) + fields
         if self._file is None:
             self._file = open(self.root / f"shard-{len(self.shards):05d}.msgpack", "wb")  # noqa: SIM115
         self._file.write(packed)

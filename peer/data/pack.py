@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import numpy as np
 
 from peer.data.format import (
@@ -40,7 +39,7 @@ from peer.data.format import (
     Manifest,
     Schema,
     ShardWriter,
-    encode_record,
+    pack_fields,
 )
 from peer.data.sources import INT64, READERS, Candidate, Drop, Fields, read_folder
 
@@ -128,7 +127,7 @@ def write_dataset(
         writer = ShardWriter(partial, schema, shard_bytes)
         for candidate in records:
             try:
-                writer.add(_clean(candidate, schema, max_record_bytes, seen))
+                writer.add_packed(_clean(candidate, schema, max_record_bytes, seen))
                 kept += 1
             except Drop as drop:
                 dropped[drop.reason] += 1
@@ -148,8 +147,8 @@ def write_dataset(
 # ------------------------------------------------------------------------------------------------ cleaning
 
 
-def _clean(candidate: Candidate, schema: Schema, max_record_bytes: int, seen: set[bytes]) -> dict[str, Any]:
-    """Return the record's values conformed to the schema, or raise Drop with the reason."""
+def _clean(candidate: Candidate, schema: Schema, max_record_bytes: int, seen: set[bytes]) -> bytes:
+    """Return the record's fields conformed to the schema and packed, or raise Drop with the reason."""
     if isinstance(candidate, str):
         raise Drop(candidate)
     if any(key not in schema.fields and value is not None for key, value in candidate.items()):
@@ -173,14 +172,14 @@ def _clean(candidate: Candidate, schema: Schema, max_record_bytes: int, seen: se
         raise Drop("empty")
     if missing:
         raise Drop("incomplete")
-    encoded = msgpack.packb(encode_record(values, schema), use_bin_type=True)
+    encoded = pack_fields(values, schema)
     if len(encoded) > max_record_bytes:
         raise Drop("oversized")
     digest = hashlib.sha256(encoded).digest()
     if digest in seen:
         raise Drop("duplicate")
     seen.add(digest)
-    return values
+    return encoded
 
 
 def _conform(value: Any, spec: FieldSpec) -> Any:
