@@ -31,6 +31,7 @@ from coordinator.money import from_units, to_units
 from coordinator.openapi import build_openapi
 from coordinator.ratelimit import Bucket, take
 from coordinator.schemas import (
+    MSGPACK,
     AccountView,
     AuditView,
     ClearingRoundView,
@@ -53,7 +54,6 @@ from peer.identity import ACCOUNT_RE
 
 logger = logging.getLogger(__name__)
 
-MSGPACK = "application/msgpack"
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 # Fields of the offer filter language, and the offer attribute each reads.

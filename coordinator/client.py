@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from yarl import URL
 
 from coordinator.schemas import (
+    MSGPACK,
     AccountView,
     AuditView,
     ClearingRoundView,
@@ -44,7 +45,6 @@ from peer.envelope import sign_request
 from peer.identity import Identity
 
 M = TypeVar("M", bound=BaseModel)
-MSGPACK = "application/msgpack"
 
 
 # The bodies without a model in coordinator.schemas, validated like every other answer.

@@ -47,6 +47,7 @@ def _positive(amount: Decimal) -> Decimal:
 PositiveMoney = Annotated[Money, AfterValidator(_positive)]
 AccountId = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="64 lowercase hex characters")]
 Role = Literal["trainer", "validator"]
+MSGPACK = "application/msgpack"  # the content type of msgpack bodies, both ways
 
 
 class Body(BaseModel):
