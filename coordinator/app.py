@@ -10,20 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
 import logging
 import re
 import time
+import typing
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import msgpack
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
-from coordinator import market
+from coordinator import market, model_files, runs
 from coordinator.errors import ApiError, BadRequest, BodyTooLarge, Forbidden, RateLimited, Unauthorized
 from coordinator.filters import FieldKind, FilterError, compile_filter, parse_sort
 from coordinator.metrics import CoordinatorMetrics
@@ -31,30 +35,37 @@ from coordinator.money import from_units, to_units
 from coordinator.openapi import build_openapi
 from coordinator.ratelimit import Bucket, take
 from coordinator.schemas import (
+    FIELD_ERROR,
     MSGPACK,
     AccountView,
     AuditView,
     ClearingRoundView,
     DepositBody,
     Health,
+    JoinBody,
     LeaseView,
     MarketView,
     OfferBody,
     OfferList,
     OfferResponse,
     OfferView,
+    ReportBody,
+    ReportList,
+    ReportView,
     RunBody,
     RunList,
     RunView,
 )
 from coordinator.settings import ServerSettings
 from coordinator.store import Store
-from peer.envelope import Envelope, EnvelopeError, check_fresh, verify_request
+from peer.envelope import Envelope, EnvelopeError, check_fresh, verify_request_digest
 from peer.identity import ACCOUNT_RE
 
 logger = logging.getLogger(__name__)
 
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+OCTET_STREAM = "application/octet-stream"
+SHA256_HEADER = "X-Hivemarket-Sha256"
 
 # Fields of the offer filter language, and the offer attribute each reads.
 OFFER_FIELDS = {
@@ -102,6 +113,9 @@ class Route:
     status: int = 200
     query: tuple[tuple[str, str], ...] = ()
     content_type: str | None = None
+    # The request body is raw bytes of this type, streamed by the handler (which verifies the envelope
+    # against the digest it computes); the dispatcher then neither reads nor authenticates it.
+    raw_body: str | None = None
 
 
 @dataclass
@@ -115,6 +129,9 @@ class Coordinator:
     metrics: CoordinatorMetrics = field(default_factory=CoordinatorMetrics)
     market_config: market.MarketConfig = field(default_factory=market.MarketConfig)
     buckets: dict[str, Bucket] = field(default_factory=dict)
+    # Serialises publishing a model file with recording it, so that an upload that will be refused never
+    # replaces the file of one that is being recorded.
+    model_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     # ------------------------------------------------------------------------------------- handlers
 
@@ -126,7 +143,7 @@ class Coordinator:
 
     async def prometheus(self, ctx: Context) -> web.Response:
         counts = await self.store.counts()
-        for state in ("pending", "recruiting", "running", "settling", "finished", "cancelled", "failed"):
+        for state in typing.get_args(runs.RunState):
             self.metrics.runs.labels(state).set(counts.get(f"runs_{state}", 0))
         self.metrics.live_peers.set(counts["live_leases"])
         self.metrics.ledger_conserved.set(1 if (await self.store.audit(replay=False)).conserved else 0)
@@ -183,6 +200,55 @@ class Coordinator:
     async def cancel_run(self, ctx: Context) -> RunView:
         return await self.store.cancel_run(ctx.now, ctx.envelope, ctx.path_id("run_id"))
 
+    async def join_run(self, ctx: Context) -> RunView:
+        return await self.store.join(ctx.now, ctx.envelope, ctx.path_id("run_id"), ctx.body)
+
+    async def post_report(self, ctx: Context) -> ReportView:
+        """Accept an epoch's report and pay it: ``floor(price_units * min(seconds, now - since) / 3600)``
+        units, where ``since`` is the later of the match's join and its previous report and the price is the
+        matched hourly price, capped by what the escrow holds (see :func:`coordinator.runs.report_pay`)."""
+        return await self.store.report(ctx.now, ctx.envelope, ctx.path_id("run_id"), ctx.body)
+
+    async def list_reports(self, ctx: Context) -> ReportList:
+        return ReportList(reports=await self.store.reports(ctx.path_id("run_id")))
+
+    async def put_model(self, ctx: Context) -> RunView:
+        """Stream the model to disk while hashing it, verify the envelope against that hash, then record it
+        and finish the run. The file takes its final name only while no other upload can (the lock) and
+        only when the run still takes a model; if the transaction refuses, the file is removed, so the
+        store never references a file that is not complete, nor a file another upload replaced."""
+        run_id = ctx.path_id("run_id")
+        limit = self.settings.max_model_bytes
+        length = ctx.request.content_length
+        if length is not None and length > limit:
+            raise BodyTooLarge(f"model of {length} bytes exceeds the limit of {limit} bytes")
+        received = await model_files.receive(ctx.request.content, self.settings.model_dir, limit)
+        published: Path | None = None
+        try:
+            if received.size == 0:
+                raise BadRequest("the model is empty (0 bytes)", code="empty_model")
+            envelope = self._authenticate(ctx.request, received.sha256, ctx.now, admin=False)
+            async with self.model_lock:
+                if await self.store.accepts_model(run_id):
+                    published = model_files.final_path(self.settings.model_dir, run_id)
+                    await asyncio.to_thread(model_files.publish, received, published)
+                view = await self.store.record_model(
+                    self.clock(), envelope, run_id, received.sha256, received.size
+                )
+                published = None  # recorded: the file is the run's now
+                return view
+        finally:
+            received.path.unlink(missing_ok=True)
+            if published is not None:
+                published.unlink(missing_ok=True)
+
+    async def get_model(self, ctx: Context) -> web.StreamResponse:
+        run_id = ctx.path_id("run_id")
+        model = await self.store.model(run_id)
+        path = model_files.final_path(self.settings.model_dir, run_id)
+        headers = {SHA256_HEADER: model.sha256, "Content-Type": OCTET_STREAM}
+        return web.FileResponse(path, headers=headers)
+
     async def market_view(self, ctx: Context) -> MarketView:
         rounds = await self.store.rounds(self.settings.market_history)
         supply, demand = await self.store.market_depth()
@@ -207,11 +273,13 @@ class Coordinator:
     def endpoint(self, route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
             ctx = Context(request, self.clock())
-            raw = await _read_body(request, self.settings.max_body_bytes)
-            if route.auth != "none":
-                ctx.envelope = self._authenticate(request, raw, ctx.now, admin=route.auth == "admin")
-            if route.body is not None:
-                ctx.body = _parse_body(route.body, request, raw)
+            if route.raw_body is None:  # else the handler streams and authenticates the body itself
+                raw = await _read_body(request, self.settings.max_body_bytes)
+                if route.auth != "none":
+                    digest = hashlib.sha256(raw).hexdigest()
+                    ctx.envelope = self._authenticate(request, digest, ctx.now, admin=route.auth == "admin")
+                if route.body is not None:
+                    ctx.body = _parse_body(route.body, request, raw)
             result = await route.handler(self, ctx)
             if isinstance(result, web.StreamResponse):
                 return result
@@ -219,9 +287,9 @@ class Coordinator:
 
         return handle
 
-    def _authenticate(self, request: web.Request, raw: bytes, now: float, *, admin: bool) -> Envelope:
+    def _authenticate(self, request: web.Request, body_sha256: str, now: float, *, admin: bool) -> Envelope:
         try:
-            envelope = verify_request(request.headers, request.method, request.raw_path, raw)
+            envelope = verify_request_digest(request.headers, request.method, request.raw_path, body_sha256)
             check_fresh(envelope, now, self.settings.signature_window)
         except EnvelopeError as e:
             raise Unauthorized(str(e), field=e.field, code="bad_signature") from None
@@ -249,6 +317,9 @@ class Coordinator:
     async def background(self, app: web.Application) -> AsyncIterator[None]:
         """Open the store, resume leases, and run clearing and lapse sweeps while the app lives."""
         await self.store.open()
+        removed = await asyncio.to_thread(model_files.remove_partials, self.settings.model_dir)
+        if removed:
+            logger.info(f"Removed {removed} partial model uploads left by an earlier process")
         resumed = await self.store.resume_leases(self.clock())
         if resumed:
             logger.info(f"Resumed {resumed} active leases after a restart")
@@ -303,6 +374,8 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise BodyTooLarge(f"body exceeds the limit of {limit} bytes") from None
+    except (ConnectionError, HttpProcessingError) as e:  # the client hung up, or sent a broken chunk
+        raise BadRequest(f"the body ended before it was complete: {e}", code="body_incomplete") from None
 
 
 def _parse_body(model: type[BaseModel], request: web.Request, raw: bytes) -> BaseModel:
@@ -320,6 +393,8 @@ def _parse_body(model: type[BaseModel], request: web.Request, raw: bytes) -> Bas
         return model.model_validate(data)
     except ValidationError as e:
         error = e.errors(include_url=False)[0]
+        if error["type"] == FIELD_ERROR:  # a check that names its own field (a dotted path in the spec)
+            raise BadRequest(error["msg"], field=error["ctx"]["field"]) from None
         where = ".".join(str(part) for part in error["loc"]) or None
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] != "value_error":
@@ -449,6 +524,44 @@ ROUTES: Sequence[Route] = (
         "Cancel your run; refunds what is unspent",
         auth="signed",
         response=RunView,
+    ),
+    Route(
+        "POST",
+        "/v1/runs/{run_id}/join",
+        Coordinator.join_run,
+        "Join a run you are matched to: say where other peers reach you",
+        auth="signed",
+        body=JoinBody,
+        response=RunView,
+    ),
+    Route(
+        "POST",
+        "/v1/runs/{run_id}/reports",
+        Coordinator.post_report,
+        "Report an epoch's work; paid the matched price for its compute time, capped by wall clock",
+        auth="signed",
+        body=ReportBody,
+        response=ReportView,
+        status=201,
+    ),
+    Route(
+        "GET", "/v1/runs/{run_id}/reports", Coordinator.list_reports, "A run's reports", response=ReportList
+    ),
+    Route(
+        "PUT",
+        "/v1/runs/{run_id}/model",
+        Coordinator.put_model,
+        "Upload the final model of a settling run (raw bytes, signed over their SHA-256); finishes the run",
+        auth="signed",
+        response=RunView,
+        raw_body=OCTET_STREAM,
+    ),
+    Route(
+        "GET",
+        "/v1/runs/{run_id}/model",
+        Coordinator.get_model,
+        f"The run's final model; its SHA-256 is in {SHA256_HEADER}",
+        content_type=OCTET_STREAM,
     ),
     Route(
         "GET", "/v1/market", Coordinator.market_view, "Clearing price, supply, demand", response=MarketView

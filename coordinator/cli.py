@@ -14,7 +14,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 
@@ -25,6 +25,9 @@ from coordinator.settings import ClientSettings
 from peer.console import InputError, echo_json, load_cli_identity
 from peer.identity import Identity, IdentityError, load_identity
 from peer.settings import load_settings
+
+if TYPE_CHECKING:
+    from peer.worker import TrainerSupervisor
 
 T = TypeVar("T")
 #: Refusals caused by what the user asked for; anything else from the coordinator is a failure (exit 1).
@@ -108,26 +111,46 @@ def _print_account(view: AccountView) -> None:
 @click.option(
     "--min-lease-seconds", type=click.IntRange(min=0), default=0, help="Shortest lease you take [default: 0]."
 )
+@click.option(
+    "--listen",
+    multiple=True,
+    metavar="MADDR",
+    help="Address the run's DHT listens on [default: /ip4/0.0.0.0/tcp/0]; 127.0.0.1 for one machine.",
+)
 def rent(
     coordinator: str,
     price_per_hour: str,
     identity_path: str | None,
     roles: tuple[str, ...],
     min_lease_seconds: int,
+    listen: tuple[str, ...],
 ) -> None:
-    """Benchmark this machine, post a signed offer and keep its lease alive until Ctrl-C.
+    """Benchmark this machine, post a signed offer, keep its lease alive and train the runs it is matched
+    to, until Ctrl-C. A price of 0 volunteers the machine.
 
     Prints the offer and the lease, then a line whenever the lease changes state or is assigned to a
-    run. A lapsed lease is renewed by posting the offer again; while the coordinator is unreachable it
-    keeps retrying.
+    run. When assigned, a trainer process joins the run (its log follows); it stops when the match ends.
+    A lapsed lease is renewed by posting the offer again; while the coordinator is unreachable it keeps
+    retrying.
 
     \b
     Example:
       hivemarket rent --coordinator http://10.0.0.2:8470 --price-per-hour 1.20
     """
+    from peer.console import identity_path as resolve_identity
+    from peer.node import DEFAULT_LISTEN, NodeError, parse_maddrs
+    from peer.worker import TrainerSupervisor
+
     price = _money(price_per_hour, "--price-per-hour")
     settings = load_settings()
     client = _client(coordinator, load_cli_identity(identity_path, settings, create_default=True))
+    try:
+        listen_maddrs = parse_maddrs(listen, "--listen") or list(DEFAULT_LISTEN)
+    except NodeError as e:
+        raise InputError(str(e)) from None
+    supervisor = TrainerSupervisor(
+        client.base_url, resolve_identity(identity_path, settings), settings, listen_maddrs
+    )
     from peer.hardware import probe, summary
 
     hardware = HardwareSummary(**summary(probe(benchmark_seconds=settings.probe_seconds)))
@@ -137,11 +160,13 @@ def rent(
         roles=sorted(set(roles or ("trainer",))),
         min_lease_seconds=min_lease_seconds,
     )
-    _call(client, functools.partial(_rent_until_signal, body=body))
+    _call(client, functools.partial(_rent_until_signal, body=body, supervisor=supervisor))
     click.echo("stopped", err=True)
 
 
-async def _rent_until_signal(client: CoordinatorClient, body: OfferBody) -> None:
+async def _rent_until_signal(
+    client: CoordinatorClient, body: OfferBody, supervisor: TrainerSupervisor
+) -> None:
     """Hold the lease until SIGINT/SIGTERM, which cancel this task so the session closes cleanly."""
     task = asyncio.current_task()
     assert task is not None
@@ -149,14 +174,18 @@ async def _rent_until_signal(client: CoordinatorClient, body: OfferBody) -> None
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
     try:
-        await _hold_lease(client, body)
+        await _hold_lease(client, body, supervisor)
     except asyncio.CancelledError:
         return
+    finally:
+        await supervisor.stop()
 
 
-async def _hold_lease(client: CoordinatorClient, body: OfferBody) -> None:
-    """Heartbeat every lease interval; post the offer again when the lease lapsed or is unknown."""
+async def _hold_lease(client: CoordinatorClient, body: OfferBody, supervisor: TrainerSupervisor) -> None:
+    """Heartbeat every lease interval; post the offer again when the lease lapsed or is unknown; keep the
+    trainer in step with the run the lease is matched to."""
     lease = await _post_offer(client, body)
+    await supervisor.follow(lease.run_id)
     while True:
         await asyncio.sleep(lease.heartbeat_interval)
         try:
@@ -172,6 +201,7 @@ async def _hold_lease(client: CoordinatorClient, body: OfferBody) -> None:
         if (renewed.state, renewed.run_id) != (lease.state, lease.run_id):
             click.echo(_lease_change(lease, renewed))
         lease = renewed
+        await supervisor.follow(lease.run_id)
 
 
 async def _post_offer(client: CoordinatorClient, body: OfferBody) -> LeaseView:

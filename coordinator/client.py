@@ -12,10 +12,15 @@ is answered "nonce_replayed" the first attempt was applied, which :class:`Alread
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import os
+import secrets
+from collections.abc import Callable
 from decimal import Decimal
+from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
@@ -30,12 +35,16 @@ from coordinator.schemas import (
     ClearingRoundView,
     DepositBody,
     Health,
+    JoinBody,
     LeaseView,
     MarketView,
     OfferBody,
     OfferList,
     OfferResponse,
     OfferView,
+    ReportBody,
+    ReportList,
+    ReportView,
     RunBody,
     RunList,
     RunView,
@@ -45,6 +54,9 @@ from peer.envelope import sign_request
 from peer.identity import Identity
 
 M = TypeVar("M", bound=BaseModel)
+OCTET_STREAM = "application/octet-stream"
+SHA256_HEADER = "X-Hivemarket-Sha256"
+HASH_CHUNK = 1 << 20
 
 
 # The bodies without a model in coordinator.schemas, validated like every other answer.
@@ -150,6 +162,63 @@ class CoordinatorClient:
         """Cancel a run this identity launched; what is unspent is refunded."""
         return await self._request(RunView, "POST", f"/v1/runs/{_seg(run_id)}/cancel", b"")
 
+    async def join(self, run_id: str, peer_id: str, maddrs: list[str]) -> RunView:
+        """Tell the run where this matched peer is reached (its libp2p id and multiaddrs)."""
+        body = JoinBody(peer_id=peer_id, maddrs=maddrs)
+        return await self._request(RunView, "POST", f"/v1/runs/{_seg(run_id)}/join", body)
+
+    async def report(self, run_id: str, body: ReportBody) -> ReportView:
+        """Report an epoch's work; the answer says what it was paid."""
+        return await self._request(ReportView, "POST", f"/v1/runs/{_seg(run_id)}/reports", body)
+
+    async def reports(self, run_id: str) -> list[ReportView]:
+        return (await self._request(ReportList, "GET", f"/v1/runs/{_seg(run_id)}/reports")).reports
+
+    async def upload_model(self, run_id: str, path: Path) -> RunView:
+        """Upload the final model of a settling run from ``path``; signed over the file's SHA-256 and
+        streamed, so the file is never held in memory. The run finishes when it is recorded."""
+        digest = await asyncio.to_thread(_sha256_file, path)
+        headers = {"Content-Type": OCTET_STREAM}
+        route = f"/v1/runs/{_seg(run_id)}/model"
+        return await self._request(
+            RunView, "PUT", route, lambda: path.open("rb"), headers=headers, body_sha256=digest
+        )
+
+    async def download_model(self, run_id: str, out: Path) -> str:
+        """Download the run's final model to ``out`` (written atomically) and return its SHA-256; a body
+        that does not match the coordinator's hash is a :class:`CoordinatorError` and leaves ``out`` as it
+        was."""
+        session = self._open_session()
+        url = URL(self._origin + self._prefix + f"/v1/runs/{_seg(run_id)}/model", encoded=True)
+        timeout = aiohttp.ClientTimeout(total=self.settings.model_transfer_timeout)
+        partial = out.parent / f".{out.name}.{secrets.token_hex(4)}.partial"
+        try:
+            for attempt in self._attempts():
+                try:
+                    async with session.get(url, timeout=timeout) as resp:
+                        if resp.status >= 400:
+                            _raise_error(resp.status, await resp.read(), resp.content_type, retried=False)
+                        expected = resp.headers.get(SHA256_HEADER, "")
+                        digest = hashlib.sha256()
+                        with partial.open("wb") as f:
+                            async for chunk in resp.content.iter_chunked(HASH_CHUNK):
+                                digest.update(chunk)
+                                await asyncio.to_thread(f.write, chunk)
+                    break
+                except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as e:
+                    await self._backoff(attempt, e)
+            if digest.hexdigest() != expected:
+                raise CoordinatorError(
+                    200,
+                    "hash_mismatch",
+                    f"the model of run {run_id} has SHA-256 {digest.hexdigest()}, "
+                    f"the coordinator says {expected or 'nothing'}",
+                )
+            os.replace(partial, out)
+        finally:
+            partial.unlink(missing_ok=True)
+        return expected
+
     async def market(self) -> MarketView:
         return await self._request(MarketView, "GET", "/v1/market")
 
@@ -160,45 +229,71 @@ class CoordinatorClient:
     # ------------------------------------------------------------------------------------------ transport
 
     async def _request(
-        self, model: type[M], method: str, path: str, body: BaseModel | bytes | None = None
+        self,
+        model: type[M],
+        method: str,
+        path: str,
+        body: BaseModel | bytes | Callable[[], Any] | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+        body_sha256: str | None = None,
     ) -> M:
-        """Send, retry only while no HTTP answer comes, parse the answer as ``model`` or raise its error."""
-        if self._session is None:
-            raise RuntimeError("CoordinatorClient is used outside `async with`")
+        """Send, retry only while no HTTP answer comes, parse the answer as ``model`` or raise its error.
+
+        ``body`` may be a callable that opens a fresh payload for each attempt (a file to stream); it is
+        then signed by ``body_sha256`` and may take the model transfer timeout rather than a request's.
+        """
+        session = self._open_session()
         full_path = self._prefix + path
-        headers = {"Accept": MSGPACK} if self.use_msgpack else {}
+        headers = dict(headers or {})
+        if self.use_msgpack:
+            headers["Accept"] = MSGPACK
         data = self._encode(body) if isinstance(body, BaseModel) else body
-        if method == "POST":
+        if method != "GET":
             if self.identity is None:
-                raise ValueError(f"POST {path} must be signed: create the client with an identity")
+                raise ValueError(f"{method} {path} must be signed: create the client with an identity")
             if isinstance(body, BaseModel):
                 headers["Content-Type"] = MSGPACK if self.use_msgpack else "application/json"
-            headers |= sign_request(self.identity, method, full_path, data or b"")
+            signed = data if isinstance(data, bytes) else b""
+            headers |= sign_request(self.identity, method, full_path, signed, body_sha256=body_sha256)
         url = URL(self._origin + full_path, encoded=True)  # encoded: send the path exactly as signed
-        s = self.settings
-        for attempt in range(s.retries + 1):
+        streamed = callable(data)
+        options: dict[str, Any] = {}
+        if streamed:
+            options["timeout"] = aiohttp.ClientTimeout(total=self.settings.model_transfer_timeout)
+        for attempt in self._attempts():
+            payload = data() if callable(data) else data
             try:
-                async with self._session.request(method, url, data=data, headers=headers) as resp:
+                async with session.request(method, url, data=payload, headers=headers, **options) as resp:
                     raw = await resp.read()
                     status, content_type = resp.status, resp.content_type
                 break
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as e:
-                if attempt == s.retries:
-                    raise CoordinatorUnreachable(
-                        f"cannot reach the coordinator at {self.base_url} after {attempt + 1} attempts: "
-                        f"{str(e) or type(e).__name__}"
-                    ) from e
-                await asyncio.sleep(min(s.retry_backoff * 2**attempt, s.retry_backoff_max))
-        decoded = _decode(raw, content_type)
+                await self._backoff(attempt, e)
+            finally:
+                if streamed:
+                    payload.close()
         if status < 400:
-            return _parse(model, status, decoded)
-        error = decoded.get("error") if isinstance(decoded, dict) else None
-        if not isinstance(error, dict):
-            text = raw.decode("utf-8", "replace")[:200] or "no error body"
-            raise CoordinatorError(status, f"http_{status}", text)
-        code, field = str(error.get("code")), error.get("field")
-        cls = AlreadyApplied if attempt > 0 and code == "nonce_replayed" else CoordinatorError
-        raise cls(status, code, str(error.get("message")), field if isinstance(field, str) else None)
+            return _parse(model, status, _decode(raw, content_type))
+        _raise_error(status, raw, content_type, retried=attempt > 0)
+
+    def _open_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("CoordinatorClient is used outside `async with`")
+        return self._session
+
+    def _attempts(self) -> range:
+        return range(self.settings.retries + 1)
+
+    async def _backoff(self, attempt: int, error: Exception) -> None:
+        """Wait before the next attempt, or raise :class:`CoordinatorUnreachable` after the last one."""
+        s = self.settings
+        if attempt == s.retries:
+            raise CoordinatorUnreachable(
+                f"cannot reach the coordinator at {self.base_url} after {attempt + 1} attempts: "
+                f"{str(error) or type(error).__name__}"
+            ) from error
+        await asyncio.sleep(min(s.retry_backoff * 2**attempt, s.retry_backoff_max))
 
     def _encode(self, body: BaseModel) -> bytes:
         value = body.model_dump(mode="json")
@@ -208,6 +303,27 @@ class CoordinatorClient:
 def _seg(value: str) -> str:
     """One path segment, quoted so an id can never change which route is called."""
     return quote(value, safe="")
+
+
+def _raise_error(status: int, raw: bytes, content_type: str, *, retried: bool) -> NoReturn:
+    """Raise the coordinator's error body as a :class:`CoordinatorError` (:class:`AlreadyApplied` for a
+    retry answered "nonce_replayed": the first attempt was applied)."""
+    decoded = _decode(raw, content_type)
+    error = decoded.get("error") if isinstance(decoded, dict) else None
+    if not isinstance(error, dict):
+        text = raw.decode("utf-8", "replace")[:200] or "no error body"
+        raise CoordinatorError(status, f"http_{status}", text)
+    code, field = str(error.get("code")), error.get("field")
+    cls = AlreadyApplied if retried and code == "nonce_replayed" else CoordinatorError
+    raise cls(status, code, str(error.get("message")), field if isinstance(field, str) else None)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _decode(raw: bytes, content_type: str) -> Any:

@@ -54,6 +54,9 @@ def build_openapi(routes: Sequence[Route]) -> dict[str, Any]:
                 "required": True,
                 "content": {"application/json": content, "application/msgpack": content},
             }
+        elif route.raw_body is not None:
+            binary = {"schema": {"type": "string", "format": "binary"}}
+            op["requestBody"] = {"required": True, "content": {route.raw_body: binary}}
         ok: dict[str, Any] = {"description": "OK"}
         if route.response is not None:
             schema = {"schema": refs[route.response]}

@@ -17,12 +17,16 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    ValidationError,
     ValidationInfo,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from coordinator.money import INTEGER_DIGITS, PLACES, parse_money
+from peer.spec import RunSpec, describe
 
 Money = Annotated[
     Decimal,
@@ -48,6 +52,16 @@ PositiveMoney = Annotated[Money, AfterValidator(_positive)]
 AccountId = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="64 lowercase hex characters")]
 Role = Literal["trainer", "validator"]
 MSGPACK = "application/msgpack"  # the content type of msgpack bodies, both ways
+
+
+# The error type of a check whose field is not where pydantic would locate it (a model-level check, or a
+# dotted path inside the run spec); the API reports ``ctx["field"]`` as the field at fault.
+FIELD_ERROR = "field_error"
+
+
+def field_error(field: str, message: str) -> PydanticCustomError:
+    """A validation error that names ``field`` (a dotted path) instead of the validator's location."""
+    return PydanticCustomError(FIELD_ERROR, "{message}", {"field": field, "message": message})
 
 
 class Body(BaseModel):
@@ -178,8 +192,31 @@ def _check_plain_data(value: Any, where: str, depth: int) -> None:
         raise ValueError(f"{where} holds a {type(value).__name__}, not JSON data")
 
 
+def check_run_spec(spec: dict[str, Any]) -> RunSpec:
+    """The spec as a :class:`peer.spec.RunSpec`, with ``stop.samples`` set; else an error naming the path.
+
+    The coordinator counts samples, not epochs: it does not know the dataset's size, so the launcher turns
+    ``stop.epochs`` into samples before posting (``RunSpec.target_samples``).
+    """
+    try:
+        run_spec = RunSpec.model_validate(spec)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        where = ".".join(["spec", *(str(part) for part in first["loc"])])
+        raise field_error(where, describe(e, "spec")) from None
+    if run_spec.stop.samples is None:
+        raise field_error(
+            "spec.stop.samples",
+            "spec.stop.samples: the coordinator needs the run's total samples; convert stop.epochs into "
+            "samples before posting (hivemarket launch does)",
+        )
+    return run_spec
+
+
 class RunBody(Body):
-    spec: dict[str, Any] = Field(description="The run spec (data, never code); needs a `name`.")
+    spec: dict[str, Any] = Field(
+        description="The run spec (data, never code): a valid peer.spec.RunSpec with stop.samples set."
+    )
     max_price: Money = Field(description="Highest price per effective TFLOP-hour.")
     peers_min: int = Field(ge=1, le=10_000)
     peers_max: int = Field(ge=1, le=10_000)
@@ -188,12 +225,10 @@ class RunBody(Body):
 
     @field_validator("spec")
     @classmethod
-    def _named(cls, spec: dict[str, Any]) -> dict[str, Any]:
+    def _valid_spec(cls, spec: dict[str, Any]) -> dict[str, Any]:
         _check_plain_data(spec, "spec", SPEC_MAX_DEPTH)
-        name = spec.get("name")
-        if not isinstance(name, str) or not 1 <= len(name) <= 200:
-            raise ValueError(f"spec.name must be a string of 1 to 200 characters, got {name!r}")
-        return spec
+        check_run_spec(spec)
+        return spec  # stored as given: defaults the coordinator would fill in stay the launcher's choice
 
     @field_validator("peers_max")
     @classmethod
@@ -205,18 +240,38 @@ class RunBody(Body):
 
 
 class RunPeerView(View):
+    """One match of a peer to the run (a peer that dropped and was matched again has two)."""
+
     account: AccountId
     lease_id: str
     price_per_hour: Money
     state: Literal["active", "dropped", "released"]
     matched_at: float
+    joined: bool = Field(description="Whether the peer has joined the run's swarm.")
+    joined_at: float | None = Field(description="When it first joined; its pay counts from then.")
+    peer_id: str | None = Field(description="The libp2p id it joined with.")
+    maddrs: list[str] = Field(description="Where other peers reach it.")
+    samples: int = Field(description="Samples of its accepted reports under this match.")
+    paid: Money = Field(description="Paid for those reports.")
+    last_report_at: float | None
+
+
+class ModelView(View):
+    sha256: str
+    bytes: int
+    uploaded_by: AccountId
+    uploaded_at: float
 
 
 class RunView(View):
     id: str
     owner: AccountId
     name: str
-    state: Literal["pending", "recruiting", "running", "settling", "finished", "cancelled", "failed"]
+    state: Literal[
+        "pending", "recruiting", "running", "paused", "settling", "finished", "cancelled", "failed"
+    ]
+    reason: str = Field(description="Why the run is in its state.")
+    state_since: float
     spec: dict[str, Any]
     max_price: Money
     peers_min: int
@@ -225,12 +280,82 @@ class RunView(View):
     budget: Money
     escrow: Money
     spent: Money
+    refunded: Money = Field(description="Returned from the escrow to the owner.")
+    target_samples: int = Field(
+        description="spec.stop.samples (0 for a run created before specs were validated: no target)."
+    )
+    samples: int = Field(description="Samples of all accepted reports.")
+    epoch: int = Field(description="Highest reported epoch + 1; 0 before any report.")
+    loss: float | None = Field(description="Mean loss of the latest epoch that has reports.")
     peers: list[RunPeerView]
+    model: ModelView | None
     created_at: float
 
 
 class RunList(View):
     runs: list[RunView]
+
+
+# ---------------------------------------------------------------------------------------- joins, reports
+
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+Sketch = Annotated[list[FiniteFloat], Field(min_length=1, max_length=64)]
+SQLITE_INT_MAX = 2**63 - 1
+
+
+class JoinBody(Body):
+    peer_id: str = Field(min_length=1, max_length=100, description="The peer's libp2p id in the run's swarm.")
+    maddrs: list[Annotated[str, Field(max_length=300)]] = Field(
+        min_length=1, max_length=16, description="Multiaddrs other peers dial."
+    )
+
+
+class MicroBatch(Body):
+    ids: list[Annotated[int, Field(ge=0, le=SQLITE_INT_MAX)]] = Field(
+        min_length=1, max_length=65536, description="Sample ids (the deterministic data assignment)."
+    )
+    loss: FiniteFloat = Field(ge=0)
+    sketch: Sketch = Field(description="Random projection of the micro-batch's gradient.")
+
+
+class ReportBody(Body):
+    """A peer's contribution for one epoch; ``samples`` must equal the number of ids of its micro-batches."""
+
+    epoch: int = Field(ge=0, le=1 << 40)
+    samples: int = Field(ge=1, le=1 << 50)
+    loss: FiniteFloat = Field(ge=0, description="Mean training loss over the epoch's samples.")
+    seconds: FiniteFloat = Field(gt=0, le=86400, description="Compute time of the epoch's work.")
+    group_size: int = Field(ge=1, le=100_000, description="Peers in the epoch's averaging round.")
+    param_sketch: Sketch = Field(description="Sketch of the parameters at the epoch's start.")
+    micro_batches: list[MicroBatch] = Field(min_length=1, max_length=4096)
+
+    @model_validator(mode="after")
+    def _samples_are_the_ids(self) -> ReportBody:
+        ids = sum(len(batch.ids) for batch in self.micro_batches)
+        if self.samples != ids:
+            raise field_error(
+                "samples", f"samples ({self.samples}) must equal the number of micro-batch ids ({ids})"
+            )
+        return self
+
+
+class ReportView(View):
+    run_id: str
+    account: AccountId
+    epoch: int
+    samples: int
+    loss: float
+    seconds: float
+    group_size: int
+    paid: Money = Field(description="The matched price for min(seconds, wall clock), capped by the escrow.")
+    accepted_at: float
+    param_sketch: list[float]
+    micro_batches: list[MicroBatch]
+
+
+class ReportList(View):
+    reports: list[ReportView]
 
 
 class Health(View):

@@ -9,6 +9,7 @@ import uvloop
 
 from coordinator.app import Coordinator, create_app
 from coordinator.db import StoreUnavailable
+from coordinator.runs import RunPolicy
 from coordinator.settings import ServerSettings
 from coordinator.store import LeaseConfig, open_store
 from peer.console import InputError, load_cli_identity
@@ -80,6 +81,7 @@ def serve(
             LeaseConfig(settings.heartbeat_interval, settings.lease_ttl),
             synchronous=sqlite_synchronous,
             batch_max=settings.write_batch_max,
+            run_policy=RunPolicy(settle_timeout=settings.settle_timeout),
         )
     except ValueError as e:
         raise InputError(str(e)) from None

@@ -30,6 +30,14 @@ class ServerSettings(BaseSettings):
     rate_limit_burst: float = Field(100.0, gt=0, description="Requests an account may send at once.")
     write_batch_max: int = Field(512, gt=0, description="Most writes committed in one SQLite transaction.")
     market_history: int = Field(50, gt=0, description="Clearing rounds kept for /v1/market.")
+    settle_timeout: float = Field(
+        60.0, gt=0, description="Seconds a settling run waits for its model before it finishes without one."
+    )
+    model_dir: Path = Field(
+        default_factory=lambda data: Path(data["home"]) / "models",
+        description="Where final models are kept [default: $HIVEMARKET_HOME/models].",
+    )
+    max_model_bytes: int = Field(256 << 20, gt=0, description="Larger model uploads get 413.")
 
     @property
     def lease_ttl(self) -> float:
@@ -48,3 +56,6 @@ class ClientSettings(BaseSettings):
     retries: int = Field(5, ge=0, description="Retries of a request that failed to reach the coordinator.")
     retry_backoff: float = Field(0.2, gt=0, description="First retry delay in seconds; doubles each retry.")
     retry_backoff_max: float = Field(5.0, gt=0, description="Longest delay between retries.")
+    model_transfer_timeout: float = Field(
+        600.0, gt=0, description="Seconds a model upload or download may take (they can be large)."
+    )

@@ -2,9 +2,10 @@
 
 Every signed write claims its nonce in the same transaction as its effect, so a request is applied at
 most once even when it is replayed after a crash, and an acknowledged request is never lost (group
-commit in :mod:`coordinator.db`). Decisions (ledger checks, lapses, clearing) are pure functions from
-:mod:`coordinator.ledger`, :mod:`coordinator.leases` and :mod:`coordinator.market`; this module only
-reads the state they need and writes what they decide.
+commit in :mod:`coordinator.db`). Decisions (ledger checks, lapses, clearing, run states) are pure functions
+from :mod:`coordinator.ledger`, :mod:`coordinator.leases`, :mod:`coordinator.market` and
+:mod:`coordinator.runs`; this module (and :mod:`coordinator.run_store` for runs) only reads the state they
+need and writes what they decide.
 """
 
 from __future__ import annotations
@@ -12,34 +13,28 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from coordinator import leases, ledger, market
+from coordinator import leases, ledger, market, run_store, runs, sql
 from coordinator.db import Database
-from coordinator.errors import (
-    ApiError,
-    Conflict,
-    Forbidden,
-    NonceReplayed,
-    NonceReused,
-    NotFound,
-    PaymentRequired,
-    Unauthorized,
-)
-from coordinator.money import MAX_UNITS, from_units, to_units
+from coordinator.errors import Conflict, Forbidden, NotFound
+from coordinator.money import from_units, to_units
 from coordinator.schemas import (
     AccountView,
     ClearingRoundView,
+    JoinBody,
     LeaseView,
+    ModelView,
     OfferBody,
     OfferResponse,
     OfferView,
+    ReportBody,
+    ReportView,
     RunBody,
-    RunPeerView,
     RunView,
 )
 from peer.envelope import Envelope
@@ -132,9 +127,8 @@ MIGRATIONS = (
         reason TEXT NOT NULL
     )
     """,
+    run_store.MIGRATION,
 )
-
-LIVE_RUN_STATES = ("recruiting", "running")
 
 
 @dataclass(frozen=True)
@@ -158,6 +152,14 @@ class Store(Protocol):
     async def runs(self) -> list[RunView]: ...
     async def run(self, run_id: str) -> RunView: ...
     async def cancel_run(self, now: float, env: Envelope, run_id: str) -> RunView: ...
+    async def join(self, now: float, env: Envelope, run_id: str, body: JoinBody) -> RunView: ...
+    async def report(self, now: float, env: Envelope, run_id: str, body: ReportBody) -> ReportView: ...
+    async def reports(self, run_id: str) -> list[ReportView]: ...
+    async def accepts_model(self, run_id: str) -> bool: ...
+    async def record_model(
+        self, now: float, env: Envelope, run_id: str, sha256: str, size: int
+    ) -> RunView: ...
+    async def model(self, run_id: str) -> ModelView: ...
     async def clear_market(
         self, now: float, env: Envelope | None, config: market.MarketConfig
     ) -> ClearingRoundView | None: ...
@@ -168,7 +170,14 @@ class Store(Protocol):
     async def counts(self) -> dict[str, int]: ...
 
 
-def open_store(url: str, lease_config: LeaseConfig, *, synchronous: str, batch_max: int) -> Store:
+def open_store(
+    url: str,
+    lease_config: LeaseConfig,
+    *,
+    synchronous: str,
+    batch_max: int,
+    run_policy: runs.RunPolicy | None = None,
+) -> Store:
     """A store for ``sqlite:///PATH`` (the only backend so far); other schemes are refused by name.
 
     As in SQLAlchemy, ``sqlite:///market.db`` is relative to the working directory and
@@ -178,90 +187,9 @@ def open_store(url: str, lease_config: LeaseConfig, *, synchronous: str, batch_m
     if parsed.scheme != "sqlite" or parsed.netloc or len(parsed.path) < 2:
         raise ValueError(f"--db {url!r}: only sqlite:///PATH is supported (PostgreSQL is planned)")
     path = Path(parsed.path[1:])
-    return SQLiteStore(path, lease_config, synchronous=synchronous, batch_max=batch_max)
-
-
-def _claim_nonce(conn: sqlite3.Connection, env: Envelope) -> None:
-    """Record the nonce as applied, or refuse a request whose nonce was seen before (a replay).
-
-    Nonces are keyed by (timestamp, account, nonce): the timestamp is signed, so a replay always carries
-    the one it was signed with, and keying by time first makes inserts append-only and lets the sweep
-    forget old nonces by a range of the primary key (measured: a third of the bytes written per request).
-    """
-    try:
-        conn.execute(
-            "INSERT INTO nonces (account, nonce, timestamp) VALUES (?, ?, ?)",
-            (env.account, env.nonce, env.timestamp),
-        )
-    except sqlite3.IntegrityError:
-        (refused,) = conn.execute(
-            "SELECT refused FROM nonces WHERE timestamp = ? AND account = ? AND nonce = ?",
-            (env.timestamp, env.account, env.nonce),
-        ).fetchone()
-        if refused is None:
-            raise NonceReplayed(
-                f"nonce {env.nonce} was already used; the request it carried was applied",
-                field="X-Hivemarket-Nonce",
-            ) from None
-        raise NonceReused(
-            f"nonce {env.nonce} was already used by a request refused with {refused}; nothing was applied",
-            field="X-Hivemarket-Nonce",
-        ) from None
-
-
-def _remember_refusal(env: Envelope) -> Callable[[sqlite3.Connection, Exception], None]:
-    """Keep the nonce of a refused request, so that it cannot be replayed once the state would allow it."""
-
-    def hook(conn: sqlite3.Connection, error: Exception) -> None:
-        if isinstance(error, ApiError) and not isinstance(error, Unauthorized):
-            conn.execute(
-                "INSERT OR IGNORE INTO nonces (account, nonce, timestamp, refused) VALUES (?, ?, ?, ?)",
-                (env.account, env.nonce, env.timestamp, f"{error.status} {error.code}"),
-            )
-
-    return hook
-
-
-def _books(conn: sqlite3.Connection, names: set[str]) -> dict[str, int]:
-    marks = ",".join("?" * len(names))
-    rows = conn.execute(f"SELECT name, units FROM books WHERE name IN ({marks})", tuple(names))
-    return {row["name"]: row["units"] for row in rows}
-
-
-def _post(conn: sqlite3.Connection, entries: list[ledger.Entry], now: float) -> None:
-    """Apply ledger entries, refusing (and writing nothing) if a book would go negative."""
-    if not entries:
-        return
-    names = {e.debit for e in entries} | {e.credit for e in entries}
-    try:
-        after = ledger.apply(_books(conn, names), entries, MAX_UNITS)
-    except ledger.BookLimit as e:
-        holder = "the total of all deposits" if e.book == ledger.EXTERNAL else e.book.split(":", 1)[-1]
-        raise Conflict(
-            f"{holder} would exceed {from_units(e.limit)}",
-            code="limit_exceeded",
-            field="amount",
-        ) from None
-    except ledger.InsufficientFunds as e:
-        owner = e.book.split(":", 1)[-1]
-        raise PaymentRequired(
-            f"the balance of {owner} is {from_units(e.available)}, {from_units(e.needed)} is needed",
-            field="budget",
-        ) from None
-    conn.executemany(
-        "INSERT INTO books (name, units) VALUES (?, ?)"
-        " ON CONFLICT (name) DO UPDATE SET units = excluded.units",
-        [(name, after[name]) for name in names],
+    return SQLiteStore(
+        path, lease_config, synchronous=synchronous, batch_max=batch_max, run_policy=run_policy
     )
-    conn.executemany(
-        "INSERT INTO entries (kind, debit, credit, units, created_at) VALUES (?, ?, ?, ?, ?)",
-        [(e.kind, e.debit, e.credit, e.amount, now) for e in entries],
-    )
-
-
-def _book(conn: sqlite3.Connection, name: str) -> int:
-    row = conn.execute("SELECT units FROM books WHERE name = ?", (name,)).fetchone()
-    return row["units"] if row else 0
 
 
 def _reliability(conn: sqlite3.Connection, account: str) -> float:
@@ -272,9 +200,18 @@ def _reliability(conn: sqlite3.Connection, account: str) -> float:
 class SQLiteStore:
     """The SQLite implementation of :class:`Store` (WAL mode, group commit)."""
 
-    def __init__(self, path: Path, lease_config: LeaseConfig, *, synchronous: str, batch_max: int):
+    def __init__(
+        self,
+        path: Path,
+        lease_config: LeaseConfig,
+        *,
+        synchronous: str,
+        batch_max: int,
+        run_policy: runs.RunPolicy | None = None,
+    ):
         self.path = path
         self.lease_config = lease_config
+        self.run_policy = run_policy or runs.RunPolicy()
         self._db = Database(path, MIGRATIONS, synchronous=synchronous, batch_max=batch_max)
 
     async def open(self) -> None:
@@ -287,11 +224,11 @@ class SQLiteStore:
 
     async def deposit(self, now: float, env: Envelope, account: str, units: int) -> AccountView:
         def op(conn: sqlite3.Connection) -> AccountView:
-            _claim_nonce(conn, env)
-            _post(conn, ledger.deposit(account, units), now)
+            sql.claim_nonce(conn, env)
+            sql.post(conn, ledger.deposit(account, units), now)
             return self._account(conn, account)
 
-        return await self._db.write(op, _remember_refusal(env))
+        return await self._db.write(op, sql.remember_refusal(env))
 
     async def account(self, account: str) -> AccountView:
         return await self._db.read(lambda conn: self._account(conn, account))
@@ -304,9 +241,9 @@ class SQLiteStore:
         ).fetchone()[0]
         return AccountView(
             account=account,
-            balance=from_units(_book(conn, ledger.balance_book(account))),
+            balance=from_units(sql.book(conn, ledger.balance_book(account))),
             escrow=from_units(escrow),
-            earned=from_units(_book(conn, ledger.earned_book(account))),
+            earned=from_units(sql.book(conn, ledger.earned_book(account))),
             reputation=_reliability(conn, account),
         )
 
@@ -373,7 +310,7 @@ class SQLiteStore:
         account = env.account
 
         def op(conn: sqlite3.Connection) -> OfferResponse:
-            _claim_nonce(conn, env)
+            sql.claim_nonce(conn, env)
             conn.execute("INSERT OR IGNORE INTO peers (account) VALUES (?)", (account,))
             row = conn.execute(
                 "SELECT l.* FROM offers o JOIN leases l ON l.id = o.lease_id"
@@ -424,7 +361,7 @@ class SQLiteStore:
             lease = conn.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
             return OfferResponse(offer=self._offer_view(offer), lease=self._lease_view(lease))
 
-        return await self._db.write(op, _remember_refusal(env))
+        return await self._db.write(op, sql.remember_refusal(env))
 
     def _renew(self, conn: sqlite3.Connection, lease: sqlite3.Row, now: float) -> None:
         uptime = leases.credited_uptime(now, lease["last_heartbeat"], self.lease_config.ttl)
@@ -433,7 +370,7 @@ class SQLiteStore:
 
     async def heartbeat(self, now: float, env: Envelope, lease_id: str) -> LeaseView:
         def op(conn: sqlite3.Connection) -> LeaseView:
-            _claim_nonce(conn, env)
+            sql.claim_nonce(conn, env)
             lease = conn.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
             if lease is None:
                 raise NotFound(f"lease {lease_id!r} does not exist", field="lease_id")
@@ -448,7 +385,7 @@ class SQLiteStore:
             self._renew(conn, lease, now)
             return self._lease_view({**dict(lease), "last_heartbeat": now})
 
-        return await self._db.write(op, _remember_refusal(env))
+        return await self._db.write(op, sql.remember_refusal(env))
 
     async def offers(self) -> list[OfferView]:
         return await self._db.read(
@@ -459,101 +396,51 @@ class SQLiteStore:
 
     # ------------------------------------------------------------------------------------------------ runs
 
-    @staticmethod
-    def _run_view(conn: sqlite3.Connection, row: sqlite3.Row) -> RunView:
-        spent = conn.execute(
-            "SELECT COALESCE(SUM(units), 0) FROM entries WHERE debit = ? AND kind IN ('payout', 'fee')",
-            (ledger.escrow_book(row["id"]),),
-        ).fetchone()[0]
-        peers = [
-            RunPeerView(
-                account=m["account"],
-                lease_id=m["lease_id"],
-                price_per_hour=from_units(m["price_units"]),
-                state=m["state"],
-                matched_at=m["matched_at"],
-            )
-            for m in conn.execute(
-                "SELECT * FROM matches WHERE run_id = ? ORDER BY matched_at, account", (row["id"],)
-            )
-        ]
-        return RunView(
-            id=row["id"],
-            owner=row["owner"],
-            name=row["name"],
-            state=row["state"],
-            spec=json.loads(row["spec"]),
-            max_price=from_units(row["max_price_units"]),
-            peers_min=row["peers_min"],
-            peers_max=row["peers_max"],
-            min_vram_gb=row["min_vram_gb"],
-            budget=from_units(row["budget_units"]),
-            escrow=from_units(_book(conn, ledger.escrow_book(row["id"]))),
-            spent=from_units(spent),
-            peers=peers,
-            created_at=row["created_at"],
-        )
-
-    def _get_run(self, conn: sqlite3.Connection, run_id: str) -> sqlite3.Row:
-        row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
-        if row is None:
-            raise NotFound(f"run {run_id!r} does not exist", field="run_id")
-        return row
-
     async def create_run(self, now: float, env: Envelope, body: RunBody) -> RunView:
-        def op(conn: sqlite3.Connection) -> RunView:
-            _claim_nonce(conn, env)
-            run_id = f"run-{secrets.token_hex(6)}"
-            budget = to_units(body.budget)
-            conn.execute(
-                """INSERT INTO runs (id, owner, name, state, spec, max_price_units, peers_min, peers_max,
-                                     min_vram_gb, budget_units, created_at)
-                   VALUES (?, ?, ?, 'recruiting', ?, ?, ?, ?, ?, ?, ?)""",
-                (
-                    run_id,
-                    env.account,
-                    body.spec["name"],
-                    json.dumps(body.spec),
-                    to_units(body.max_price),
-                    body.peers_min,
-                    body.peers_max,
-                    body.min_vram_gb,
-                    budget,
-                    now,
-                ),
-            )
-            _post(conn, ledger.hold_escrow(env.account, run_id, budget), now)
-            return self._run_view(conn, self._get_run(conn, run_id))
-
-        return await self._db.write(op, _remember_refusal(env))
+        return await self._db.write(
+            lambda conn: run_store.create_run(conn, now, env, body), sql.remember_refusal(env)
+        )
 
     async def runs(self) -> list[RunView]:
         return await self._db.read(
-            lambda conn: [
-                self._run_view(conn, row) for row in conn.execute("SELECT * FROM runs ORDER BY created_at")
-            ]
+            lambda conn: run_store.run_views(
+                conn, conn.execute("SELECT * FROM runs ORDER BY created_at").fetchall()
+            )
         )
 
     async def run(self, run_id: str) -> RunView:
-        return await self._db.read(lambda conn: self._run_view(conn, self._get_run(conn, run_id)))
+        return await self._db.read(lambda conn: run_store.run_view(conn, run_id))
 
     async def cancel_run(self, now: float, env: Envelope, run_id: str) -> RunView:
-        def op(conn: sqlite3.Connection) -> RunView:
-            _claim_nonce(conn, env)
-            run = self._get_run(conn, run_id)
-            if run["owner"] != env.account:
-                raise Forbidden(f"run {run_id!r} belongs to another account", field="run_id")
-            if run["state"] not in ("pending", *LIVE_RUN_STATES):
-                raise Conflict(f"run {run_id!r} is already {run['state']}", code="run_ended", field="run_id")
-            _post(conn, ledger.refund(run_id, run["owner"], _book(conn, ledger.escrow_book(run_id))), now)
-            conn.execute("UPDATE runs SET state = 'cancelled' WHERE id = ?", (run_id,))
-            conn.execute(
-                "UPDATE matches SET state = 'released' WHERE run_id = ? AND state = 'active'", (run_id,)
-            )
-            conn.execute("UPDATE leases SET run_id = NULL, price_units = NULL WHERE run_id = ?", (run_id,))
-            return self._run_view(conn, self._get_run(conn, run_id))
+        return await self._db.write(
+            lambda conn: run_store.cancel_run(conn, now, env, run_id), sql.remember_refusal(env)
+        )
 
-        return await self._db.write(op, _remember_refusal(env))
+    async def join(self, now: float, env: Envelope, run_id: str, body: JoinBody) -> RunView:
+        return await self._db.write(
+            lambda conn: run_store.join(conn, now, env, run_id, body), sql.remember_refusal(env)
+        )
+
+    async def report(self, now: float, env: Envelope, run_id: str, body: ReportBody) -> ReportView:
+        return await self._db.write(
+            lambda conn: run_store.add_report(conn, now, env, run_id, body, self.run_policy),
+            sql.remember_refusal(env),
+        )
+
+    async def reports(self, run_id: str) -> list[ReportView]:
+        return await self._db.read(lambda conn: run_store.reports(conn, run_id))
+
+    async def accepts_model(self, run_id: str) -> bool:
+        return await self._db.read(lambda conn: run_store.accepts_model(conn, run_id))
+
+    async def record_model(self, now: float, env: Envelope, run_id: str, sha256: str, size: int) -> RunView:
+        return await self._db.write(
+            lambda conn: run_store.record_model(conn, now, env, run_id, sha256, size),
+            sql.remember_refusal(env),
+        )
+
+    async def model(self, run_id: str) -> ModelView:
+        return await self._db.read(lambda conn: run_store.model(conn, run_id))
 
     # ---------------------------------------------------------------------------------------------- market
 
@@ -568,7 +455,7 @@ class SQLiteStore:
 
         def op(conn: sqlite3.Connection) -> ClearingRoundView | None:
             if env is not None:
-                _claim_nonce(conn, env)
+                sql.claim_nonce(conn, env)
             asks, lease_of = self._asks(conn)
             bids = self._bids(conn)
             if env is None and not (asks and bids):
@@ -585,10 +472,7 @@ class SQLiteStore:
                     "UPDATE leases SET run_id = ?, price_units = ? WHERE id = ?",
                     (match.run_id, units, lease_of[match.account]),
                 )
-            conn.execute(
-                """UPDATE runs SET state = 'running' WHERE state = 'recruiting' AND peers_min <=
-                   (SELECT COUNT(*) FROM matches m WHERE m.run_id = runs.id AND m.state = 'active')"""
-            )
+            run_store.advance(conn, now, self.run_policy)  # recruiting or paused runs may now run
             price = None if result.clearing_price is None else to_units(result.clearing_price)
             cursor = conn.execute(
                 "INSERT INTO rounds (at, clearing_price_units, trades, supply, demand, reason)"
@@ -599,7 +483,7 @@ class SQLiteStore:
                 conn.execute("SELECT * FROM rounds WHERE id = ?", (cursor.lastrowid,)).fetchone()
             )
 
-        return await self._db.write(op, None if env is None else _remember_refusal(env))
+        return await self._db.write(op, None if env is None else sql.remember_refusal(env))
 
     _ASKS_QUERY = """
         SELECT l.id AS lease_id, o.account, o.price_units, o.tflops, o.vram_gb, p.uptime, p.lapses
@@ -609,7 +493,7 @@ class SQLiteStore:
     _BIDS_QUERY = """
         SELECT r.id, r.max_price_units, r.peers_max, r.min_vram_gb,
                (SELECT COUNT(*) FROM matches m WHERE m.run_id = r.id AND m.state = 'active') AS active
-        FROM runs r WHERE r.state IN ('recruiting', 'running')
+        FROM runs r WHERE r.state IN ('recruiting', 'running', 'paused')
     """
 
     def _asks(self, conn: sqlite3.Connection) -> tuple[list[market.Ask], dict[str, str]]:
@@ -670,7 +554,8 @@ class SQLiteStore:
     # ------------------------------------------------------------------------------------------ upkeep
 
     async def sweep(self, now: float, nonce_horizon: float) -> list[leases.Lapse]:
-        """Lapse leases that missed their heartbeats (dropping their matches) and forget old nonces."""
+        """Lapse leases that missed their heartbeats (dropping their matches), move the runs on (a drop
+        may pause a run; a pause or a settling may time out) and forget old nonces."""
 
         def op(conn: sqlite3.Connection) -> list[leases.Lapse]:
             active = [
@@ -687,6 +572,7 @@ class SQLiteStore:
                     "UPDATE matches SET state = 'dropped' WHERE lease_id = ? AND state = 'active'",
                     (lapse.lease_id,),
                 )
+            run_store.advance(conn, now, self.run_policy)
             conn.execute("DELETE FROM nonces WHERE timestamp < ?", (now - nonce_horizon,))
             return lapses
 

@@ -57,6 +57,8 @@ class LazyGroup(click.Group):
         "account": "coordinator.cli:account",
         "deposit": "coordinator.cli:deposit",
         "data": "peer.data.cli:data_group",
+        "launch": "coordinator.launch:launch",
+        "runs": "coordinator.launch:runs_group",
     },
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
@@ -308,31 +310,25 @@ def _print_records(records: list[dict[str, Any]]) -> None:
 
 
 @main.command("demo")
-def demo() -> None:
-    """Start two local peers on 127.0.0.1, show both peers' records as the swarm sees them, stop.
+@click.option(
+    "--peers", "n_peers", default=3, show_default=True, type=click.IntRange(2, 8), help="Local peers."
+)
+@click.option("--no-drop", is_flag=True, help="Do not kill a peer mid-run.")
+@click.option("--timeout", default=600.0, show_default=True, help="Give up after this many seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
+def demo(n_peers: int, no_drop: bool, timeout: float, as_json: bool) -> None:
+    """Run the whole market on this machine: a coordinator, N renting peers and a digits training run
+    in which one peer is killed mid-run; print the losses, the test accuracy and the settled ledger.
 
     \b
     Example:
       hivemarket demo
+      hivemarket demo --peers 4 --json
     """
-    from peer.hardware import probe, summary
-    from peer.node import PeerNode, fetch_records, start_dht, stop_dht
+    from peer.demo import print_result, run_demo
 
-    settings = load_settings()
-    hardware = summary(probe(benchmark_seconds=settings.probe_seconds))
-    loopback = ["/ip4/127.0.0.1/tcp/0"]
-    nodes: list[PeerNode] = []
-    try:
-        for _ in range(2):
-            bootstrap = nodes[0].maddrs() if nodes else []
-            dht, rsa = start_dht(settings, initial_peers=bootstrap, listen=loopback)
-            nodes.append(PeerNode(dht, rsa, Identity.generate(), settings, hardware, ["trainer"]))
-            nodes[-1].publish()
-        records = fetch_records(nodes[1].dht)
-        click.echo(f"a local swarm of {len(nodes)} peers; records seen by peer {nodes[1].peer_id}:")
-        _print_records(records)
-        if len(records) != len(nodes):
-            raise click.ClickException(f"expected {len(nodes)} peer records, found {len(records)}")
-    finally:
-        for node in nodes:
-            stop_dht(node.dht, settings)
+    result = run_demo(n_peers, not no_drop, as_json, timeout)
+    if as_json:
+        echo_json(result)
+    else:
+        print_result(result)

@@ -52,7 +52,12 @@ class Envelope:
 
 def signed_bytes(method: str, path: str, timestamp: str, nonce: str, body: bytes) -> bytes:
     """The exact bytes that are signed; ``path`` includes the query string as sent."""
-    return "\n".join([method, path, timestamp, nonce, hashlib.sha256(body).hexdigest()]).encode("utf-8")
+    return signed_digest_bytes(method, path, timestamp, nonce, hashlib.sha256(body).hexdigest())
+
+
+def signed_digest_bytes(method: str, path: str, timestamp: str, nonce: str, body_sha256: str) -> bytes:
+    """:func:`signed_bytes` from the body's hex SHA-256, for bodies streamed rather than held in memory."""
+    return "\n".join([method, path, timestamp, nonce, body_sha256]).encode("utf-8")
 
 
 def sign_request(
@@ -63,11 +68,16 @@ def sign_request(
     *,
     timestamp: int | None = None,
     nonce: str | None = None,
+    body_sha256: str | None = None,
 ) -> dict[str, str]:
-    """Headers that authenticate ``method path body`` as sent by ``identity``."""
+    """Headers that authenticate ``method path body`` as sent by ``identity``.
+
+    ``body_sha256`` (hex) signs a body by its digest instead, so a large file need not be read into memory.
+    """
     ts = str(int(time.time()) if timestamp is None else timestamp)
     nonce = secrets.token_hex(NONCE_BYTES) if nonce is None else nonce
-    signature = identity.sign(signed_bytes(method, path, ts, nonce, body))
+    digest = hashlib.sha256(body).hexdigest() if body_sha256 is None else body_sha256
+    signature = identity.sign(signed_digest_bytes(method, path, ts, nonce, digest))
     return {
         KEY_HEADER: identity.account,
         TIMESTAMP_HEADER: ts,
@@ -78,6 +88,11 @@ def sign_request(
 
 def verify_request(headers: Mapping[str, str], method: str, path: str, body: bytes) -> Envelope:
     """Check the envelope's form and signature; raise :class:`EnvelopeError` naming the bad header."""
+    return verify_request_digest(headers, method, path, hashlib.sha256(body).hexdigest())
+
+
+def verify_request_digest(headers: Mapping[str, str], method: str, path: str, body_sha256: str) -> Envelope:
+    """:func:`verify_request` for a body known by its hex SHA-256 (hashed while it was streamed to disk)."""
     values = {}
     for name in HEADERS:
         value = headers.get(name)
@@ -95,7 +110,8 @@ def verify_request(headers: Mapping[str, str], method: str, path: str, body: byt
         )
     if not _SIGNATURE_RE.fullmatch(signature):
         raise EnvelopeError(SIGNATURE_HEADER, "is not 64 bytes of lowercase hex")
-    if not verify_signature(account, bytes.fromhex(signature), signed_bytes(method, path, ts, nonce, body)):
+    signed = signed_digest_bytes(method, path, ts, nonce, body_sha256)
+    if not verify_signature(account, bytes.fromhex(signature), signed):
         raise EnvelopeError(
             SIGNATURE_HEADER, "does not match the request (or the key is not a valid Ed25519 key)"
         )

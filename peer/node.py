@@ -100,6 +100,11 @@ def _reap(processes: list[psutil.Process], timeout: float) -> None:
     psutil.wait_procs(alive, timeout=timeout)
 
 
+def terminate_tree(pid: int, timeout: float) -> None:
+    """Stop a process and everything it started (a trainer's DHT, averager and p2pd included)."""
+    _reap(_process_tree(pid), timeout)
+
+
 def start_dht(
     settings: PeerSettings,
     *,

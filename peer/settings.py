@@ -35,6 +35,25 @@ class PeerSettings(BaseSettings):
         2.0, gt=0, description="Seconds of benchmark the hardware probe runs before a peer posts its record."
     )
     status_interval: float = Field(2.0, gt=0, description="Seconds between status-file updates.")
+    bootstrap_wait: float = Field(
+        120.0, gt=0, description="Seconds a matched peer waits for the run's first peer to join."
+    )
+    state_load_timeout: float = Field(
+        60.0, gt=0, description="Seconds to download the training state from the run's other peers."
+    )
+    run_poll_interval: float = Field(
+        1.0, gt=0, description="Seconds between looks at a paused or settling run."
+    )
+    report_drain_timeout: float = Field(
+        30.0, gt=0, description="Seconds a stopping trainer waits for its queued reports to be sent."
+    )
+    trainer_stop_timeout: float = Field(
+        30.0, gt=0, description="Seconds a trainer has to stop before it is killed."
+    )
+    trainer_restarts: int = Field(
+        5, ge=0, description="Times a trainer that failed is started again for the same run."
+    )
+    train_threads: int = Field(1, ge=1, description="Threads torch uses for training on the CPU.")
 
 
 def load_settings() -> PeerSettings:

@@ -32,6 +32,18 @@ FAST_ENV = {
 }
 
 
+def minimal_spec(name: str, **sections: Any) -> dict[str, Any]:
+    """A small valid run spec (``peer.spec.RunSpec``) the coordinator accepts; ``sections`` replace or add
+    top-level keys, e.g. ``minimal_spec("x", stop={"samples": 10}, peers={"min": 1, "wait_seconds": 2})``."""
+    spec: dict[str, Any] = {
+        "name": name,
+        "task": "digits-mlp",
+        "dataset": {"version": "0" * 64, "location": "coordinator"},
+        "stop": {"samples": 1000},
+    }
+    return {**spec, **sections}
+
+
 def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
     """Poll ``predicate`` until it returns something truthy; fail naming ``what`` at the deadline."""
     deadline = time.monotonic() + timeout

@@ -17,7 +17,7 @@ import pytest
 from coordinator.app import ROUTES
 from peer.envelope import NONCE_HEADER, sign_request
 from peer.identity import Identity, save_identity
-from tests.harness import CoordinatorProcess, cli_env, run_cli, start_coordinator, wait_until
+from tests.harness import CoordinatorProcess, cli_env, minimal_spec, run_cli, start_coordinator, wait_until
 
 HEARTBEAT = 0.5
 H100 = {"gpu": "H100", "gpu_count": 1, "vram_gb": 80.0, "tflops": 400.0, "ram_gb": 256.0, "cpu_cores": 32}
@@ -126,7 +126,13 @@ class Api:
 
 
 def _run_body(**overrides: Any) -> dict[str, Any]:
-    body = {"spec": {"name": "tiny-lm"}, "max_price": "0.01", "peers_min": 1, "peers_max": 1, "budget": "10"}
+    body = {
+        "spec": minimal_spec("tiny-lm"),
+        "max_price": "0.01",
+        "peers_min": 1,
+        "peers_max": 1,
+        "budget": "10",
+    }
     return {**body, **overrides}
 
 

@@ -38,7 +38,14 @@ import pytest
 from coordinator.money import UNIT, format_units
 from peer.envelope import sign_request
 from peer.identity import Identity
-from tests.harness import CoordinatorProcess, cli_env, group_members, kill_group, start_coordinator
+from tests.harness import (
+    CoordinatorProcess,
+    cli_env,
+    group_members,
+    kill_group,
+    minimal_spec,
+    start_coordinator,
+)
 
 CYCLES = 20
 RUNS_PER_CYCLE = 12
@@ -86,7 +93,7 @@ def _presign_cycle(cycle: int, admin: Identity, launcher: Identity, accounts: li
         name = f"crash-c{cycle:02d}-r{i:02d}"
         budget = UNIT + (cycle * RUNS_PER_CYCLE + i) * 12_500  # 1.0125, 1.025, ...: distinct budgets
         payload = {
-            "spec": {"name": name},
+            "spec": minimal_spec(name),
             "max_price": "0.5",
             "peers_min": 1,
             "peers_max": 2,

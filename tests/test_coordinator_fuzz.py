@@ -40,23 +40,26 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from coordinator.app import OFFER_FIELDS, ROUTES, Route
-from coordinator.schemas import DepositBody, HardwareSummary, OfferBody, RunBody
+from coordinator.schemas import DepositBody, HardwareSummary, JoinBody, OfferBody, ReportBody, RunBody
 from coordinator.settings import ServerSettings
 from peer.envelope import HEADERS, sign_request
 from peer.identity import Identity
-from tests.harness import CoordinatorProcess, cli_env, group_members, start_coordinator
+from tests.harness import CoordinatorProcess, cli_env, group_members, minimal_spec, start_coordinator
 
 MSGPACK = "application/msgpack"
 MAX_BODY = ServerSettings.model_fields["max_body_bytes"].default
-# No rate limit (the fuzz is one client sending fast) and leases that outlive the module.
+# No rate limit (the fuzz is one client sending fast), leases and settling runs that outlive the module,
+# and no scheduled clearing (the fixture matches peers to runs one at a time).
 SERVER_ENV = {
     "HIVEMARKET_RATE_LIMIT_PER_SECOND": "1000000",
     "HIVEMARKET_RATE_LIMIT_BURST": "1000000",
     "HIVEMARKET_HEARTBEAT_INTERVAL": "3600",
+    "HIVEMARKET_SETTLE_TIMEOUT": "3600",
+    "HIVEMARKET_CLEARING_INTERVAL": "3600",
 }
 
 # Examples per route, sized so that the module runs in well under a minute on a 2-core machine.
-EXAMPLES_WITH_BODY = 800  # deposit, offers, runs
+EXAMPLES_WITH_BODY = 800  # deposit, offers, runs, join, reports
 EXAMPLES_SIGNED = 400  # heartbeat, cancel, clear
 EXAMPLES_QUERY = 600  # GET /v1/offers
 EXAMPLES_PATH = 300  # GET with a path parameter
@@ -81,12 +84,22 @@ VALID_BODIES: dict[type, dict[str, Any]] = {
         "maddrs": ["/ip4/127.0.0.1/tcp/4000"],
     },
     RunBody: {
-        "spec": {"name": "fuzz"},
+        "spec": minimal_spec("fuzz"),
         "max_price": "0.5",
         "peers_min": 1,
         "peers_max": 2,
         "min_vram_gb": 0.0,
         "budget": "0.01",
+    },
+    JoinBody: {"peer_id": "12D3KooWfuzz", "maddrs": ["/ip4/127.0.0.1/tcp/4001"]},
+    ReportBody: {
+        "epoch": 0,
+        "samples": 2,
+        "loss": 0.5,
+        "seconds": 1.0,
+        "group_size": 1,
+        "param_sketch": [0.1, -0.2],
+        "micro_batches": [{"ids": [0, 1], "loss": 0.5, "sketch": [0.3, 0.4]}],
     },
 }
 MONEY_FIELDS = {"amount", "price_per_hour", "max_price", "budget"}
@@ -118,14 +131,43 @@ class Market:
     peer: Identity
     launcher: Identity
     stranger: Identity
+    worker: Identity  # matched to and joined in ``live_run``
+    finisher: Identity  # matched to ``settling_run``, which waits for its model
     lease_id: str = ""
-    run_id: str = ""
+    run_id: str = ""  # a recruiting run (the fuzz of /cancel cancels it)
+    live_run: str = ""  # a running run that takes joins and reports
+    settling_run: str = ""  # takes one model upload
+    modeled_run: str = ""  # finished, with a model to download
     statuses: dict[str, Counter[int]] = field(default_factory=dict)
     _conn: http.client.HTTPConnection | None = None
 
     @property
     def identities(self) -> list[Identity]:
-        return [self.server.admin, self.peer, self.launcher, self.stranger]
+        return [self.server.admin, self.peer, self.launcher, self.stranger, self.worker, self.finisher]
+
+    def run_with_peer(self, peer: Identity, target: int) -> str:
+        """A run of ``target`` samples with ``peer`` matched to it and joined (a round that trades)."""
+        status, offer = self.signed(peer, "POST", "/v1/offers", VALID_BODIES[OfferBody])
+        assert status == 200, offer
+        body = {**VALID_BODIES[RunBody], "spec": minimal_spec("fuzz", stop={"samples": target})}
+        status, run = self.signed(self.launcher, "POST", "/v1/runs", {**body, "peers_max": 1, "budget": "5"})
+        assert status == 201, run
+        status, cleared = self.signed(self.server.admin, "POST", "/v1/market/clear", None)
+        assert status == 200 and cleared["trades"] == 1, cleared
+        status, view = self.signed(peer, "POST", f"/v1/runs/{run['id']}/join", VALID_BODIES[JoinBody])
+        assert status == 200 and view["state"] == "running", view
+        return run["id"]
+
+    def settle(self, peer: Identity, run_id: str) -> None:
+        """Report the run's only sample, which moves it to settling."""
+        report = {
+            **VALID_BODIES[ReportBody],
+            "samples": 1,
+            "micro_batches": [{"ids": [0], "loss": 1.0, "sketch": [1.0]}],
+        }
+        status, view = self.signed(peer, "POST", f"/v1/runs/{run_id}/reports", report)
+        assert status == 201, view
+        assert self.get(f"/v1/runs/{run_id}")[1]["state"] == "settling"
 
     def send(self, request: Request) -> tuple[int, str, bytes]:
         """(status, content type, body); reconnects once if the server closed the connection."""
@@ -152,7 +194,7 @@ class Market:
         raise AssertionError("unreachable")
 
     def signed(self, identity: Identity, method: str, target: str, payload: Any) -> tuple[int, Any]:
-        body = json.dumps(payload).encode()
+        body = b"" if payload is None else json.dumps(payload).encode()
         headers = {"Content-Type": "application/json", **sign_request(identity, method, target, body)}
         status, _, raw = self.send(Request(method, target, body, headers))
         return status, json.loads(raw)
@@ -170,7 +212,7 @@ class Market:
 def market(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Market]:
     home: Path = tmp_path_factory.mktemp("fuzz") / "coordinator"
     server = start_coordinator(home, Identity.generate(), env=cli_env(home, **SERVER_ENV))
-    m = Market(server, Identity.generate(), Identity.generate(), Identity.generate())
+    m = Market(server, *(Identity.generate() for _ in range(5)))
     try:
         for model, body in VALID_BODIES.items():
             model.model_validate(body)  # the templates the fuzz mutates are valid to begin with
@@ -178,6 +220,18 @@ def market(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Market]:
             server.admin, "POST", f"/v1/accounts/{m.launcher.account}/deposit", {"amount": "100000"}
         )
         assert status == 200, view
+        # One peer per run, matched before the next offer is posted, so each round has one trade.
+        m.live_run = m.run_with_peer(m.worker, target=1 << 40)
+        m.settling_run = m.run_with_peer(m.finisher, target=1)
+        m.settle(m.finisher, m.settling_run)
+        modeler = Identity.generate()
+        m.modeled_run = m.run_with_peer(modeler, target=1)
+        m.settle(modeler, m.modeled_run)
+        model = b"fuzzed model"
+        target = f"/v1/runs/{m.modeled_run}/model"
+        headers = {"Content-Type": "application/octet-stream", **sign_request(modeler, "PUT", target, model)}
+        status, _, raw = m.send(Request("PUT", target, model, headers))
+        assert status == 200, raw
         status, offer = m.signed(m.peer, "POST", "/v1/offers", VALID_BODIES[OfferBody])
         assert status == 200, offer
         m.lease_id = offer["lease"]["id"]
@@ -575,7 +629,7 @@ def requests_for(draw: st.DrawFn, route: Route, market: Market) -> Request:
     real = {
         "account": [i.account for i in market.identities],
         "lease_id": [market.lease_id],
-        "run_id": [market.run_id],
+        "run_id": _runs_of(route, market),
     }
     raw_path = draw(st.booleans())
     path = route.path
@@ -597,11 +651,7 @@ def requests_for(draw: st.DrawFn, route: Route, market: Market) -> Request:
     else:
         body, content_type = b"", draw(st.sampled_from(CONTENT_TYPES))
 
-    owners = {"/v1/offers": market.peer, "/v1/leases/": market.peer, "/v1/runs": market.launcher}
-    owner = None
-    if route.auth != "none":
-        starts = (who for start, who in owners.items() if route.path.startswith(start))
-        owner = next(starts, market.server.admin)
+    owner = _owner_of(route, market) if route.auth != "none" else None
     headers = draw(envelopes(market, method, target, body, owner))
     if content_type is not None:
         headers["Content-Type"] = content_type
@@ -609,6 +659,28 @@ def requests_for(draw: st.DrawFn, route: Route, market: Market) -> Request:
         headers["Accept"] = MSGPACK
     chunked = bool(body) and not draw(st.integers(0, 10))
     return Request(method, target, body, headers, chunked)
+
+
+def _runs_of(route: Route, market: Market) -> list[str]:
+    """Real run ids for the route: the ones whose state lets its requests succeed (and whose success does
+    not end a run another route needs, as /cancel would)."""
+    if route.path.endswith(("/join", "/reports")):
+        return [market.live_run]
+    if route.path.endswith("/model"):
+        return [market.settling_run] if route.method == "PUT" else [market.modeled_run]
+    if route.path.endswith("/cancel"):
+        return [market.run_id]
+    return [market.run_id, market.live_run, market.settling_run, market.modeled_run]
+
+
+def _owner_of(route: Route, market: Market) -> Identity:
+    """Who may act on a signed route, so that half of the fuzz's valid signatures can succeed."""
+    if route.path.endswith(("/join", "/reports")):
+        return market.worker
+    if route.path.endswith("/model"):
+        return market.finisher
+    owners = {"/v1/offers": market.peer, "/v1/leases/": market.peer, "/v1/runs": market.launcher}
+    return next((who for start, who in owners.items() if route.path.startswith(start)), market.server.admin)
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -665,6 +737,8 @@ def _assert_conserved(market: Market) -> None:
 def test_random_and_malformed_requests_never_cause_a_5xx(market: Market, route: Route) -> None:
     log_offset = len(market.server.output())
     statuses = market.statuses.setdefault(f"{route.method} {route.path}", Counter())
+    # Prometheus text, or a model's bytes (also when the fuzz turns the PUT of a model into a GET).
+    text_ok = route.content_type is not None or route.path.endswith("/model")
 
     @settings(
         max_examples=_examples(route),
@@ -676,7 +750,7 @@ def test_random_and_malformed_requests_never_cause_a_5xx(market: Market, route: 
     def fuzz(request: Request) -> None:
         status, content_type, raw = market.send(request)
         statuses[status] += 1
-        check_response(request, status, content_type, raw, text_ok=route.content_type is not None)
+        check_response(request, status, content_type, raw, text_ok=text_ok)
 
     fuzz()
     assert market.server.proc.poll() is None, "the coordinator died"
@@ -713,10 +787,12 @@ def _deep_json(depth: int) -> Any:
 JSON = "application/json"
 DEPOSIT = "/v1/accounts/{me}/deposit"
 HUGE_RUN = _run_body(max_price="999999999999999")
-DEEP_SPEC = _run_body(spec={"name": "deep", "x": _deep_json(300)})
+DEEP_SPEC = _run_body(spec={**minimal_spec("deep"), "options": {"x": _deep_json(300)}})
 DEEP_BODY = b"[" * 1001 + b"]" * 1001
 HUGE_OFFER = json.dumps({**VALID_BODIES[OfferBody], "price_per_hour": "999999999999999"}).encode()
-BIN_SPEC = msgpack.packb({**VALID_BODIES[RunBody], "spec": {"name": "b", "blob": b"\x00"}}, use_bin_type=True)
+BIN_SPEC = msgpack.packb(
+    {**VALID_BODIES[RunBody], "spec": {**minimal_spec("b"), "options": {"blob": b"\x00"}}}, use_bin_type=True
+)
 EDGE_CASES: dict[str, tuple[str, str, bytes, str]] = {
     "deposit beyond 2**63 units": ("admin", DEPOSIT, b'{"amount": "999999999999999"}', JSON),
     "run max_price beyond 2**63 units": ("launcher", "/v1/runs", HUGE_RUN, JSON),
@@ -732,7 +808,12 @@ EDGE_CASES: dict[str, tuple[str, str, bytes, str]] = {
         b'{"amount": "1"}',
         JSON,
     ),
-    "run spec holding 2**64": ("launcher", "/v1/runs", _run_body(spec={"name": "big", "n": 2**64}), JSON),
+    "run spec holding 2**64": (
+        "launcher",
+        "/v1/runs",
+        _run_body(spec={**minimal_spec("big"), "options": {"n": 2**64}}),
+        JSON,
+    ),
     "run spec nested 300 deep": ("launcher", "/v1/runs", DEEP_SPEC, JSON),
 }
 

@@ -20,13 +20,22 @@ import re
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from peer.data.format import MANIFEST, VERSION_RE, DatasetError, Manifest, ShardInfo, check_shard, file_sha256
+from peer.data.format import (
+    MANIFEST,
+    VERSION_RE,
+    DatasetError,
+    Manifest,
+    ShardInfo,
+    check_shard,
+    file_sha256,
+    load_manifest,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -221,6 +230,29 @@ async def fetch_manifest(
     if cache is not None:
         cache.keep_manifest(raw)
     return manifest
+
+
+async def list_datasets(location: str, settings: FetchSettings | None = None) -> list[dict[str, Any]]:
+    """The datasets at a location, ``{version, name, samples}`` each: a server's /datasets, or a folder."""
+    if not _is_url(location):
+        manifest = load_manifest(Path(location))
+        return [{"version": manifest.version, "name": manifest.name, "samples": manifest.samples}]
+    url = f"{location.rstrip('/')}/datasets"
+    settings = settings or FetchSettings()
+
+    async def get() -> list[dict[str, Any]]:
+        async with session.get(url) as response:
+            if response.status >= 500:
+                raise _Retry(f"HTTP {response.status}")
+            if response.status != 200:
+                raise DatasetError(f"{url} answered HTTP {response.status}: not a dataset server")
+            body = await response.json(content_type=None)
+        if not isinstance(body, dict) or not isinstance(body.get("datasets"), list):
+            raise DatasetError(f"{url} did not answer with a list of datasets")
+        return body["datasets"]
+
+    async with _session(settings) as session:
+        return await _with_retries(url, settings, get)
 
 
 async def _get_manifest(session: aiohttp.ClientSession, url: str, version: str) -> bytes:

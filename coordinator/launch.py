@@ -1,0 +1,284 @@
+"""Researcher commands: ``hivemarket launch SPEC`` and ``hivemarket runs [show|cancel|fetch]``.
+
+``launch`` validates the spec locally (errors name the field), resolves ``stop.epochs`` into samples from
+the dataset's manifest, escrows the budget by creating the run, and follows it with a progress line
+until it ends. Exit status: 0 when the run finished, 1 when it failed or was cancelled (or on a failure
+to reach the coordinator), 2 for bad input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from coordinator.cli import _call, _client, _fmt_money, _money, coordinator_option, json_option
+from coordinator.client import CoordinatorClient
+from coordinator.schemas import RunBody, RunView
+from peer.console import InputError, echo_json, load_cli_identity
+from peer.settings import load_settings
+from peer.spec import RunSpec, SpecError, load_spec
+
+ENDED = ("finished", "cancelled", "failed")
+
+
+def _peers_range(value: str | None, spec: RunSpec) -> tuple[int, int]:
+    if value is None:
+        return spec.peers.min, spec.peers.max
+    low, sep, high = value.partition(":")
+    try:
+        lo, hi = int(low), int(high if sep else low)
+    except ValueError:
+        raise InputError(f"--peers {value!r}: expected MIN:MAX, e.g. 2:4") from None
+    if not 1 <= lo <= hi:
+        raise InputError(f"--peers {value!r}: need 1 <= MIN <= MAX")
+    return lo, hi
+
+
+def resolve_spec(spec: RunSpec, coordinator: str) -> dict[str, Any]:
+    """The spec as posted: the dataset version filled in from its location when it was left out, and
+    ``stop.epochs`` turned into ``stop.samples`` with the dataset's training split."""
+    from peer.data.fetch import fetch_manifest, list_datasets
+    from peer.data.format import DatasetError
+    from peer.trainer import test_ids
+
+    data = spec.model_dump(mode="json", exclude_none=True)
+    location = coordinator if spec.dataset.location == "coordinator" else spec.dataset.location
+    try:
+        version = spec.dataset.version
+        if version is None:
+            found = asyncio.run(list_datasets(location))
+            named = [d for d in found if spec.dataset.name in (None, d["name"])]
+            if len(named) != 1:
+                served = ", ".join(f"{d['name']} ({d['version'][:12]})" for d in found) or "none"
+                raise InputError(
+                    f"spec.dataset.version: {location} serves {served}; set dataset.version"
+                    + ("" if spec.dataset.name else " or dataset.name")
+                )
+            version = data["dataset"]["version"] = named[0]["version"]
+        manifest = asyncio.run(fetch_manifest(location, version))
+    except DatasetError as e:
+        raise InputError(f"spec.dataset: {e}") from None
+    if spec.stop.samples is None:
+        train = manifest.samples - len(test_ids(manifest.samples, spec.dataset.test_every))
+        data["stop"] = {"samples": spec.target_samples(train)}
+    return data
+
+
+@dataclass
+class Progress:
+    """Samples per second over the run so far, for the ETA."""
+
+    started: float
+    first_samples: int | None = None
+
+    def line(self, view: RunView, now: float) -> str:
+        if self.first_samples is None and view.samples:
+            self.first_samples, self.started = view.samples, now
+        done = min(view.samples, view.target_samples)
+        width = 24
+        filled = int(width * done / max(1, view.target_samples))
+        bar = "#" * filled + "." * (width - filled)
+        live = sum(1 for p in view.peers if p.state == "active")
+        loss = "-" if view.loss is None else f"{view.loss:.4f}"
+        eta = "-"
+        elapsed = now - self.started
+        if self.first_samples is not None and elapsed > 0 and view.samples > self.first_samples:
+            rate = (view.samples - self.first_samples) / elapsed
+            eta = f"{max(0.0, (view.target_samples - view.samples) / rate):.0f}s"
+        return (
+            f"[{bar}] {done}/{view.target_samples} samples  loss {loss}  peers {live}  "
+            f"spent {_fmt_money(view.spent)}  eta {eta}  {view.state}"
+        )
+
+
+async def watch(client: CoordinatorClient, run_id: str, interval: float, echo: bool) -> RunView:
+    """Poll the run until it ends, printing a progress line (redrawn in place on a terminal)."""
+    progress = Progress(time.monotonic())
+    tty = sys.stderr.isatty()
+    last_print = 0.0
+    while True:
+        view = await client.run(run_id)
+        now = time.monotonic()
+        if echo and (tty or now - last_print >= 5 or view.state in ENDED):
+            text = progress.line(view, now)
+            click.echo(f"\r{text}\033[K" if tty else text, err=True, nl=not tty)
+            last_print = now
+        if view.state in ENDED:
+            if echo and tty:
+                click.echo("", err=True)
+            return view
+        await asyncio.sleep(interval)
+
+
+def print_run(view: RunView) -> None:
+    click.echo(f"run       {view.id}  {view.name}")
+    click.echo(f"state     {view.state}  ({view.reason})")
+    click.echo(
+        f"progress  {view.samples}/{view.target_samples} samples, epoch {view.epoch}, loss "
+        f"{'-' if view.loss is None else f'{view.loss:.4f}'}"
+    )
+    click.echo(
+        f"money     budget {_fmt_money(view.budget)}, spent {_fmt_money(view.spent)}, "
+        f"escrow {_fmt_money(view.escrow)}, refunded {_fmt_money(view.refunded)}"
+    )
+    if view.model is not None:
+        click.echo(f"model     {view.model.bytes} bytes, sha256 {view.model.sha256}")
+    if view.peers:
+        click.echo(f"{'PEER':<14}{'STATE':<10}{'PRICE/H':>9}{'SAMPLES':>9}{'PAID':>12}")
+    for p in view.peers:
+        click.echo(
+            f"{p.account[:12]:<14}{p.state:<10}{_fmt_money(p.price_per_hour):>9}{p.samples:>9}"
+            f"{_fmt_money(p.paid):>12}"
+        )
+
+
+@click.command("launch")
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False, path_type=Path))
+@coordinator_option
+@click.option("--budget", metavar="B", help="Funds to escrow for the run [default: spec price.budget].")
+@click.option(
+    "--max-price", metavar="P", help="Highest price per effective TFLOP-hour [default: spec price.max]."
+)
+@click.option("--peers", "peers", metavar="MIN:MAX", help="Peers to train with [default: spec peers].")
+@click.option("--detach", is_flag=True, help="Create the run and exit without following it.")
+@click.option(
+    "--identity", "identity_path", type=click.Path(dir_okay=False), help="Key file of your account."
+)
+@json_option
+def launch(
+    spec_path: Path,
+    coordinator: str,
+    budget: str | None,
+    max_price: str | None,
+    peers: str | None,
+    detach: bool,
+    identity_path: str | None,
+    as_json: bool,
+) -> None:
+    """Launch a collaborative training run described by the TOML file SPEC and follow it to the end.
+
+    \b
+    Example:
+      hivemarket launch examples/digits.toml --budget 5 --max-price 20 --peers 2:3
+    """
+    try:
+        spec = load_spec(spec_path)
+    except SpecError as e:
+        raise InputError(str(e)) from None
+    budget = budget or spec.price.budget
+    max_price = max_price or spec.price.max
+    if budget is None:
+        raise InputError("--budget is required (or set price.budget in the spec)")
+    if max_price is None:
+        raise InputError("--max-price is required (or set price.max in the spec)")
+    budget_value = _money(budget, "--budget", positive=True)
+    price_value = _money(max_price, "--max-price")
+    peers_min, peers_max = _peers_range(peers, spec)
+    client = _client(coordinator, load_cli_identity(identity_path, load_settings(), create_default=True))
+    body = RunBody(
+        spec=resolve_spec(spec, client.base_url),
+        max_price=f"{price_value:f}",
+        peers_min=peers_min,
+        peers_max=peers_max,
+        budget=f"{budget_value:f}",
+    )
+    created = _call(client, lambda c: c.create_run(body))
+    if not as_json:
+        click.echo(
+            f"run {created.id} created: escrowed {_fmt_money(created.budget)}, "
+            f"{created.target_samples} samples, {peers_min}-{peers_max} peers"
+        )
+    if detach:
+        if as_json:
+            echo_json(created.model_dump(mode="json"))
+        return
+    try:
+        view = _call(_client(coordinator), lambda c: watch(c, created.id, 1.0, echo=not as_json))
+    except KeyboardInterrupt:
+        click.echo(
+            f"\nstopped following; the run goes on. Cancel it with: hivemarket runs cancel {created.id}"
+        )
+        return
+    if as_json:
+        echo_json(view.model_dump(mode="json"))
+    else:
+        print_run(view)
+    if view.state != "finished":
+        sys.exit(1)
+
+
+@click.group("runs", invoke_without_command=True)
+@coordinator_option
+@json_option
+@click.pass_context
+def runs_group(ctx: click.Context, coordinator: str, as_json: bool) -> None:
+    """List runs; `runs show|cancel|fetch ID` for one.
+
+    \b
+    Example:
+      hivemarket runs --json
+      hivemarket runs show run-0123456789ab
+      hivemarket runs fetch run-0123456789ab model.pt
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    found = _call(_client(coordinator), lambda c: c.runs())
+    if as_json:
+        echo_json([r.model_dump(mode="json") for r in found])
+        return
+    if not found:
+        click.echo("no runs")
+        return
+    click.echo(f"{'RUN':<18}{'NAME':<20}{'STATE':<11}{'SAMPLES':>17}{'PEERS':>7}{'SPENT':>10}")
+    for r in found:
+        live = sum(1 for p in r.peers if p.state == "active")
+        click.echo(
+            f"{r.id:<18}{r.name[:19]:<20}{r.state:<11}{f'{r.samples}/{r.target_samples}':>17}{live:>7}"
+            f"{_fmt_money(r.spent):>10}"
+        )
+
+
+@runs_group.command("show")
+@click.argument("run_id")
+@coordinator_option
+@json_option
+def runs_show(run_id: str, coordinator: str, as_json: bool) -> None:
+    """Show one run: state and why, progress, money, and each peer's samples and pay."""
+    view = _call(_client(coordinator), lambda c: c.run(run_id))
+    if as_json:
+        echo_json(view.model_dump(mode="json"))
+    else:
+        print_run(view)
+
+
+@runs_group.command("cancel")
+@click.argument("run_id")
+@coordinator_option
+@click.option(
+    "--identity", "identity_path", type=click.Path(dir_okay=False), help="Key file of your account."
+)
+@json_option
+def runs_cancel(run_id: str, coordinator: str, identity_path: str | None, as_json: bool) -> None:
+    """Cancel a run you launched; what is unspent returns to your balance."""
+    client = _client(coordinator, load_cli_identity(identity_path, load_settings()))
+    view = _call(client, lambda c: c.cancel_run(run_id))
+    if as_json:
+        echo_json(view.model_dump(mode="json"))
+    else:
+        click.echo(f"run {view.id} cancelled; refunded {_fmt_money(view.refunded)}")
+
+
+@runs_group.command("fetch")
+@click.argument("run_id")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@coordinator_option
+def runs_fetch(run_id: str, out: Path, coordinator: str) -> None:
+    """Download a finished run's model to OUT, checking its SHA-256 against the one the run recorded."""
+    sha256 = _call(_client(coordinator), lambda c: c.download_model(run_id, out))
+    click.echo(f"{out}  sha256 {sha256}")

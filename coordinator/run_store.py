@@ -1,0 +1,501 @@
+"""Persistence of runs: creation, joins, contribution reports and pay, the final model, and state changes.
+
+Every function takes the connection of the write (or read) it is part of;
+:class:`coordinator.store.SQLiteStore` runs them inside one transaction with the request's nonce. Decisions
+are :mod:`coordinator.runs`'s pure functions: this module gathers the state they need and writes what they
+return, with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import sqlite3
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from coordinator import ledger, runs, sql
+from coordinator.errors import Conflict, Forbidden, NotFound
+from coordinator.money import from_units, to_units
+from coordinator.schemas import (
+    JoinBody,
+    MicroBatch,
+    ModelView,
+    ReportBody,
+    ReportView,
+    RunBody,
+    RunPeerView,
+    RunView,
+    check_run_spec,
+)
+from peer.envelope import Envelope
+
+logger = logging.getLogger(__name__)
+
+# Appended to coordinator.store.MIGRATIONS (existing databases migrate on open). Runs created before specs
+# were validated get no target (0) and the spec's default wait; their state dates from their creation.
+MIGRATION = """
+    ALTER TABLE runs ADD COLUMN state_since REAL;
+    ALTER TABLE runs ADD COLUMN reason TEXT;
+    ALTER TABLE runs ADD COLUMN target_samples INTEGER;
+    ALTER TABLE runs ADD COLUMN wait_seconds REAL;
+    ALTER TABLE runs ADD COLUMN model_sha256 TEXT;
+    ALTER TABLE runs ADD COLUMN model_bytes INTEGER;
+    ALTER TABLE runs ADD COLUMN model_by TEXT;
+    ALTER TABLE runs ADD COLUMN model_at REAL;
+    UPDATE runs SET
+        state_since = created_at,
+        reason = '',
+        target_samples = CASE
+            WHEN json_type(spec, '$.stop.samples') = 'integer' AND json_extract(spec, '$.stop.samples') > 0
+            THEN json_extract(spec, '$.stop.samples') ELSE 0 END,
+        wait_seconds = CASE
+            WHEN json_type(spec, '$.peers.wait_seconds') IN ('integer', 'real')
+                 AND json_extract(spec, '$.peers.wait_seconds') > 0
+            THEN json_extract(spec, '$.peers.wait_seconds') ELSE 120.0 END;
+    ALTER TABLE matches ADD COLUMN peer_id TEXT;
+    ALTER TABLE matches ADD COLUMN maddrs TEXT;
+    ALTER TABLE matches ADD COLUMN joined_at REAL;
+    ALTER TABLE matches ADD COLUMN last_report_at REAL;
+    CREATE INDEX matches_run_account ON matches (run_id, account);
+    CREATE INDEX runs_state ON runs (state);
+    CREATE TABLE reports (
+        run_id TEXT NOT NULL,
+        account TEXT NOT NULL,
+        epoch INTEGER NOT NULL,
+        lease_id TEXT NOT NULL,
+        samples INTEGER NOT NULL,
+        loss REAL NOT NULL,
+        seconds REAL NOT NULL,
+        paid_units INTEGER NOT NULL,
+        accepted_at REAL NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (run_id, account, epoch)
+    )
+"""
+
+_STATUS_QUERY = """
+    SELECT r.*,
+           (SELECT COUNT(*) FROM matches m WHERE m.run_id = r.id AND m.state = 'active') AS active,
+           (SELECT COALESCE(SUM(p.samples), 0) FROM reports p WHERE p.run_id = r.id) AS done,
+           COALESCE((SELECT b.units FROM books b WHERE b.name = 'escrow:' || r.id), 0) AS escrow_units
+    FROM runs r
+"""
+
+
+def get_run(conn: sqlite3.Connection, run_id: str) -> sqlite3.Row:
+    row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"run {run_id!r} does not exist", field="run_id")
+    return row
+
+
+# ------------------------------------------------------------------------------------------ state changes
+
+
+def advance(
+    conn: sqlite3.Connection, now: float, policy: runs.RunPolicy, run_ids: Sequence[str] | None = None
+) -> list[tuple[str, runs.Transition]]:
+    """Apply every transition :func:`coordinator.runs.advance` decides for the given runs (all live runs
+    when ``run_ids`` is None); returns them, in order, with their run ids."""
+    if run_ids is None:
+        marks = ",".join("?" * len(runs.LIVE))
+        rows = conn.execute(f"{_STATUS_QUERY} WHERE r.state IN ({marks})", runs.LIVE).fetchall()
+    else:
+        marks = ",".join("?" * len(run_ids))
+        rows = conn.execute(f"{_STATUS_QUERY} WHERE r.id IN ({marks})", tuple(run_ids)).fetchall()
+    applied = []
+    for row in rows:
+        status = runs.RunStatus(
+            state=row["state"],
+            state_since=row["state_since"],
+            active=row["active"],
+            samples=row["done"],
+            escrow_units=row["escrow_units"],
+        )
+        config = runs.RunConfig(
+            peers_min=row["peers_min"],
+            target_samples=row["target_samples"] or 0,
+            wait_seconds=row["wait_seconds"],
+            settle_timeout=policy.settle_timeout,
+        )
+        for step in runs.advance(now, status, config):
+            set_state(conn, now, row["id"], row["owner"], step)
+            logger.info(f"Run {row['id']} is {step.state}: {step.reason}")
+            applied.append((row["id"], step))
+    return applied
+
+
+def set_state(conn: sqlite3.Connection, now: float, run_id: str, owner: str, step: runs.Transition) -> None:
+    if step.state in runs.ENDED:
+        end_run(conn, now, run_id, owner, step)
+        return
+    conn.execute(
+        "UPDATE runs SET state = ?, state_since = ?, reason = ? WHERE id = ?",
+        (step.state, now, step.reason, run_id),
+    )
+
+
+def end_run(conn: sqlite3.Connection, now: float, run_id: str, owner: str, step: runs.Transition) -> None:
+    """The one way a run ends (finished, failed, cancelled): refund what the escrow holds to the owner,
+    release the active matches and free their leases, so the peers return to the open market."""
+    sql.post(conn, ledger.refund(run_id, owner, sql.book(conn, ledger.escrow_book(run_id))), now)
+    conn.execute(
+        "UPDATE runs SET state = ?, state_since = ?, reason = ? WHERE id = ?",
+        (step.state, now, step.reason, run_id),
+    )
+    conn.execute("UPDATE matches SET state = 'released' WHERE run_id = ? AND state = 'active'", (run_id,))
+    conn.execute("UPDATE leases SET run_id = NULL, price_units = NULL WHERE run_id = ?", (run_id,))
+
+
+# -------------------------------------------------------------------------------------------------- runs
+
+
+def create_run(conn: sqlite3.Connection, now: float, env: Envelope, body: RunBody) -> RunView:
+    sql.claim_nonce(conn, env)
+    spec = check_run_spec(body.spec)
+    run_id = f"run-{secrets.token_hex(6)}"
+    budget = to_units(body.budget)
+    conn.execute(
+        """INSERT INTO runs (id, owner, name, state, spec, max_price_units, peers_min, peers_max,
+                             min_vram_gb, budget_units, created_at, state_since, reason, target_samples,
+                             wait_seconds)
+           VALUES (?, ?, ?, 'recruiting', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+        (
+            run_id,
+            env.account,
+            spec.name,
+            json.dumps(body.spec),
+            to_units(body.max_price),
+            body.peers_min,
+            body.peers_max,
+            body.min_vram_gb,
+            budget,
+            now,
+            now,
+            f"recruiting {body.peers_min} to {body.peers_max} peers",
+            spec.stop.samples,
+            spec.peers.wait_seconds,
+        ),
+    )
+    sql.post(conn, ledger.hold_escrow(env.account, run_id, budget), now)
+    return run_view(conn, run_id)
+
+
+def cancel_run(conn: sqlite3.Connection, now: float, env: Envelope, run_id: str) -> RunView:
+    sql.claim_nonce(conn, env)
+    run = get_run(conn, run_id)
+    if run["owner"] != env.account:
+        raise Forbidden(f"run {run_id!r} belongs to another account", field="run_id")
+    if run["state"] in runs.ENDED:
+        raise Conflict(f"run {run_id!r} is already {run['state']}", code="run_ended", field="run_id")
+    end_run(conn, now, run_id, run["owner"], runs.Transition("cancelled", "cancelled by its owner"))
+    return run_view(conn, run_id)
+
+
+def run_view(conn: sqlite3.Connection, run_id: str) -> RunView:
+    return run_views(conn, [get_run(conn, run_id)], one=True)[0]
+
+
+def run_views(conn: sqlite3.Connection, rows: Sequence[sqlite3.Row], *, one: bool = False) -> list[RunView]:
+    """Views of ``rows``: one run (``one``) or every run, each aggregate gathered by one GROUP BY query
+    over the run (or over all runs) rather than a query per run or per report."""
+    if not rows:
+        return []
+    if one:
+        run_id = rows[0]["id"]
+        where, args = "WHERE run_id = ?", (run_id,)
+        escrow_where, escrow_args = "= ?", (ledger.escrow_book(run_id),)
+    else:
+        where, args = "", ()
+        escrow_where, escrow_args = ">= 'escrow:' AND {col} < 'escrow;'", ()  # the 'escrow:' prefix range
+    matches = defaultdict(list)
+    for m in conn.execute(f"SELECT * FROM matches {where} ORDER BY matched_at, account", args):
+        matches[m["run_id"]].append(m)
+    per_match: dict[tuple[str, str], tuple[int, int]] = {
+        (r["run_id"], r["lease_id"]): (r["samples"], r["paid"])
+        for r in conn.execute(
+            f"SELECT run_id, lease_id, SUM(samples) AS samples, SUM(paid_units) AS paid FROM reports {where}"
+            " GROUP BY run_id, lease_id",
+            args,
+        )
+    }
+    latest = {
+        r["run_id"]: (r["epoch"], r["loss"])
+        for r in conn.execute(
+            f"""SELECT p.run_id, p.epoch, AVG(p.loss) AS loss FROM reports p
+                JOIN (SELECT run_id, MAX(epoch) AS epoch FROM reports {where} GROUP BY run_id) last
+                  ON p.run_id = last.run_id AND p.epoch = last.epoch
+                GROUP BY p.run_id""",
+            args,
+        )
+    }
+    totals = {
+        r["run_id"]: r["samples"]
+        for r in conn.execute(
+            f"SELECT run_id, SUM(samples) AS samples FROM reports {where} GROUP BY run_id", args
+        )
+    }
+    flows: dict[str, dict[str, int]] = defaultdict(dict)
+    for r in conn.execute(
+        f"SELECT debit, kind, SUM(units) AS units FROM entries WHERE debit {escrow_where.format(col='debit')}"
+        " AND kind IN ('payout', 'fee', 'refund') GROUP BY debit, kind",
+        escrow_args,
+    ):
+        flows[r["debit"]][r["kind"]] = r["units"]
+    escrows = {
+        r["name"]: r["units"]
+        for r in conn.execute(
+            f"SELECT name, units FROM books WHERE name {escrow_where.format(col='name')}", escrow_args
+        )
+    }
+    views = []
+    for row in rows:
+        book = ledger.escrow_book(row["id"])
+        flow = flows.get(book, {})
+        epoch_loss = latest.get(row["id"])
+        views.append(
+            RunView(
+                id=row["id"],
+                owner=row["owner"],
+                name=row["name"],
+                state=row["state"],
+                reason=row["reason"] or "",
+                state_since=row["state_since"] if row["state_since"] is not None else row["created_at"],
+                spec=json.loads(row["spec"]),
+                max_price=from_units(row["max_price_units"]),
+                peers_min=row["peers_min"],
+                peers_max=row["peers_max"],
+                min_vram_gb=row["min_vram_gb"],
+                budget=from_units(row["budget_units"]),
+                escrow=from_units(escrows.get(book, 0)),
+                spent=from_units(flow.get("payout", 0) + flow.get("fee", 0)),
+                refunded=from_units(flow.get("refund", 0)),
+                target_samples=row["target_samples"] or 0,
+                samples=totals.get(row["id"], 0),
+                epoch=0 if epoch_loss is None else epoch_loss[0] + 1,
+                loss=None if epoch_loss is None else epoch_loss[1],
+                peers=[
+                    _peer_view(m, per_match.get((row["id"], m["lease_id"]), (0, 0)))
+                    for m in matches[row["id"]]
+                ],
+                model=_model_view(row),
+                created_at=row["created_at"],
+            )
+        )
+    return views
+
+
+def _peer_view(m: sqlite3.Row, work: tuple[int, int]) -> RunPeerView:
+    return RunPeerView(
+        account=m["account"],
+        lease_id=m["lease_id"],
+        price_per_hour=from_units(m["price_units"]),
+        state=m["state"],
+        matched_at=m["matched_at"],
+        joined=m["joined_at"] is not None,
+        joined_at=m["joined_at"],
+        peer_id=m["peer_id"],
+        maddrs=json.loads(m["maddrs"]) if m["maddrs"] else [],
+        samples=work[0],
+        paid=from_units(work[1]),
+        last_report_at=m["last_report_at"],
+    )
+
+
+def _model_view(row: sqlite3.Row) -> ModelView | None:
+    if row["model_sha256"] is None:
+        return None
+    return ModelView(
+        sha256=row["model_sha256"],
+        bytes=row["model_bytes"],
+        uploaded_by=row["model_by"],
+        uploaded_at=row["model_at"],
+    )
+
+
+# ----------------------------------------------------------------------------------------- joins, reports
+
+
+def active_match(conn: sqlite3.Connection, run_id: str, account: str) -> sqlite3.Row:
+    """The signer's active match in the run, or 403 ``not_in_run`` saying what became of its last one."""
+    rows = conn.execute(
+        "SELECT * FROM matches WHERE run_id = ? AND account = ? ORDER BY matched_at DESC", (run_id, account)
+    ).fetchall()
+    for row in rows:
+        if row["state"] == "active":
+            return row
+    who = f"account {account[:12]}..."
+    if not rows:
+        message = f"{who} was never matched to run {run_id!r}"
+    elif rows[0]["state"] == "dropped":
+        message = (
+            f"{who} was dropped from run {run_id!r} when its lease lapsed; nothing is paid after a drop "
+            "(post the offer again to be matched anew)"
+        )
+    else:
+        message = f"{who} was released from run {run_id!r} when the run ended"
+    raise Forbidden(message, code="not_in_run", field="run_id")
+
+
+def _refuse_unless(run: sqlite3.Row, allowed: Sequence[str], doing: str) -> None:
+    state = run["state"]
+    if state in allowed:
+        return
+    if state in runs.ENDED:
+        code = "run_ended"
+    elif state in ("pending", "recruiting"):
+        code = "run_not_started"
+    else:
+        code = f"run_{state}"
+    raise Conflict(f"run {run['id']!r} is {state}; {doing}", code=code, field="run_id")
+
+
+def join(conn: sqlite3.Connection, now: float, env: Envelope, run_id: str, body: JoinBody) -> RunView:
+    """Record where a matched peer can be reached; a re-join updates the address but keeps ``joined_at``
+    (pay counts from the first join)."""
+    sql.claim_nonce(conn, env)
+    run = get_run(conn, run_id)
+    _refuse_unless(run, runs.BIDDING, "peers join while it recruits, runs or is paused")
+    match = active_match(conn, run_id, env.account)
+    conn.execute(
+        "UPDATE matches SET peer_id = ?, maddrs = ?, joined_at = COALESCE(joined_at, ?)"
+        " WHERE run_id = ? AND lease_id = ?",
+        (body.peer_id, json.dumps(body.maddrs), now, run_id, match["lease_id"]),
+    )
+    return run_view(conn, run_id)
+
+
+def add_report(
+    conn: sqlite3.Connection,
+    now: float,
+    env: Envelope,
+    run_id: str,
+    body: ReportBody,
+    policy: runs.RunPolicy,
+) -> ReportView:
+    """Accept an epoch's contribution and pay it (:func:`coordinator.runs.report_pay`), then move the run
+    on (target reached or escrow empty: settling). A dropped peer has no active match and is refused,
+    so nothing is paid after a drop."""
+    sql.claim_nonce(conn, env)
+    run = get_run(conn, run_id)
+    _refuse_unless(run, runs.REPORTING, "reports are accepted while it runs, is paused or settles")
+    match = active_match(conn, run_id, env.account)
+    if match["joined_at"] is None:
+        raise Conflict(
+            f"account {env.account[:12]}... has not joined run {run_id!r}; join before reporting",
+            code="not_joined",
+            field="run_id",
+        )
+    if conn.execute(
+        "SELECT 1 FROM reports WHERE run_id = ? AND account = ? AND epoch = ?",
+        (run_id, env.account, body.epoch),
+    ).fetchone():
+        raise Conflict(
+            f"epoch {body.epoch} of run {run_id!r} is already reported by this account",
+            code="report_exists",
+            field="epoch",
+        )
+    since = max(match["joined_at"], match["last_report_at"] or match["joined_at"])
+    escrow = sql.book(conn, ledger.escrow_book(run_id))
+    pay = runs.report_pay(now, match["price_units"], since, body.seconds, escrow)
+    if pay.units:
+        sql.post(conn, ledger.payout(run_id, env.account, pay.units), now)
+    extra = {
+        "group_size": body.group_size,
+        "param_sketch": body.param_sketch,
+        "micro_batches": [b.model_dump(mode="json") for b in body.micro_batches],
+    }
+    conn.execute(
+        """INSERT INTO reports (run_id, account, epoch, lease_id, samples, loss, seconds, paid_units,
+                                accepted_at, body)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+        (
+            run_id,
+            env.account,
+            body.epoch,
+            match["lease_id"],
+            body.samples,
+            body.loss,
+            body.seconds,
+            pay.units,
+            now,
+            json.dumps(extra),
+        ),
+    )
+    conn.execute(
+        "UPDATE matches SET last_report_at = ? WHERE run_id = ? AND lease_id = ?",
+        (now, run_id, match["lease_id"]),
+    )
+    advance(conn, now, policy, [run_id])
+    row = conn.execute(
+        "SELECT * FROM reports WHERE run_id = ? AND account = ? AND epoch = ?",
+        (run_id, env.account, body.epoch),
+    ).fetchone()
+    return _report_view(row)
+
+
+def reports(conn: sqlite3.Connection, run_id: str) -> list[ReportView]:
+    get_run(conn, run_id)
+    return [
+        _report_view(row)
+        for row in conn.execute("SELECT * FROM reports WHERE run_id = ? ORDER BY epoch, account", (run_id,))
+    ]
+
+
+def _report_view(row: sqlite3.Row) -> ReportView:
+    extra: dict[str, Any] = json.loads(row["body"])
+    return ReportView(
+        run_id=row["run_id"],
+        account=row["account"],
+        epoch=row["epoch"],
+        samples=row["samples"],
+        loss=row["loss"],
+        seconds=row["seconds"],
+        group_size=extra["group_size"],
+        paid=from_units(row["paid_units"]),
+        accepted_at=row["accepted_at"],
+        param_sketch=extra["param_sketch"],
+        micro_batches=[MicroBatch.model_validate(b) for b in extra["micro_batches"]],
+    )
+
+
+# ------------------------------------------------------------------------------------------------- model
+
+
+def accepts_model(conn: sqlite3.Connection, run_id: str) -> bool:
+    """Whether an upload could be recorded now (settling, no model yet): a hint read before the transaction
+    decides, so that an upload bound to fail never touches the run's model file."""
+    row = conn.execute("SELECT state, model_sha256 FROM runs WHERE id = ?", (run_id,)).fetchone()
+    return row is not None and row["state"] == "settling" and row["model_sha256"] is None
+
+
+def record_model(
+    conn: sqlite3.Connection, now: float, env: Envelope, run_id: str, sha256: str, size: int
+) -> RunView:
+    """Record the final model of a settling run, uploaded by one of its active peers, and finish the run."""
+    sql.claim_nonce(conn, env)
+    run = get_run(conn, run_id)
+    if run["state"] != "settling":
+        raise Conflict(
+            f"run {run_id!r} is {run['state']}; a model is accepted only while the run settles",
+            code="run_not_settling",
+            field="run_id",
+        )
+    active_match(conn, run_id, env.account)
+    conn.execute(
+        "UPDATE runs SET model_sha256 = ?, model_bytes = ?, model_by = ?, model_at = ? WHERE id = ?",
+        (sha256, size, env.account, now, run_id),
+    )
+    reason = f"model {sha256[:12]} ({size} bytes) uploaded by {env.account[:12]}..."
+    end_run(conn, now, run_id, run["owner"], runs.Transition("finished", reason))
+    return run_view(conn, run_id)
+
+
+def model(conn: sqlite3.Connection, run_id: str) -> ModelView:
+    view = _model_view(get_run(conn, run_id))
+    if view is None:
+        raise NotFound(f"run {run_id!r} has no model", code="no_model", field="run_id")
+    return view

@@ -1,0 +1,133 @@
+"""Run lifecycle decisions and the pay rule: pure functions of (now, state, config), no I/O and no clock.
+
+A run moves ``recruiting -> running -> settling -> finished``; ``running <-> paused`` while its live peers
+fall below the minimum and replacements arrive; ``paused -> failed`` when none arrive in time, and any
+live run can be ``cancelled`` by its owner. The store gathers a :class:`RunStatus`, asks :func:`decide`
+(or :func:`advance`, which follows a chain of transitions) and writes what it returns, with the reason,
+so that every change of state can be explained from the run's own record.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from fractions import Fraction
+from typing import Literal
+
+RunState = Literal[
+    "pending", "recruiting", "running", "paused", "settling", "finished", "cancelled", "failed"
+]
+ENDED: tuple[RunState, ...] = ("finished", "cancelled", "failed")
+# States in which the run still wants peers from the market (a paused run wants replacements).
+BIDDING: tuple[RunState, ...] = ("recruiting", "running", "paused")
+# States that :func:`decide` may still move on its own (the sweep re-evaluates these).
+LIVE: tuple[RunState, ...] = ("recruiting", "running", "paused", "settling")
+# States in which peers may report work: the work was done before the state changed to paused/settling.
+REPORTING: tuple[RunState, ...] = ("running", "paused", "settling")
+SECONDS_PER_HOUR = 3600
+
+
+@dataclass(frozen=True)
+class RunPolicy:
+    """Coordinator-wide run settings (from :class:`coordinator.settings.ServerSettings`)."""
+
+    settle_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What one run was launched with.
+
+    ``target_samples`` is ``spec.stop.samples``; 0 only for runs created before specs were validated,
+    which have no target and never settle by samples. ``wait_seconds`` is ``spec.peers.wait_seconds``.
+    """
+
+    peers_min: int
+    target_samples: int
+    wait_seconds: float
+    settle_timeout: float
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """What the store knows of a run now: its state and since when, live peers, work and money left."""
+
+    state: RunState
+    state_since: float
+    active: int  # matches whose lease is alive
+    samples: int  # samples of accepted reports
+    escrow_units: int  # what the escrow still holds
+
+
+@dataclass(frozen=True)
+class Transition:
+    state: RunState
+    reason: str
+
+
+def decide(now: float, status: RunStatus, config: RunConfig) -> Transition | None:
+    """The run's next state and why, or None when it stays where it is.
+
+    Reaching the target (or emptying the escrow) wins over counting peers: the work is done or cannot be
+    paid, so there is nothing left to wait for. A paused run resumes as soon as enough peers are live,
+    even past its wait bound, because failing it then would throw away a run that can go on.
+    """
+    state = status.state
+    if state in ENDED or state == "pending":
+        return None
+    if state == "settling":
+        if now - status.state_since > config.settle_timeout:
+            return Transition("finished", f"no model uploaded within {config.settle_timeout:g} s")
+        return None
+    live = f"{status.active} of min {config.peers_min} peers live"
+    if state in ("running", "paused"):
+        if config.target_samples > 0 and status.samples >= config.target_samples:
+            return Transition(
+                "settling", f"target of {config.target_samples} samples reached ({status.samples})"
+            )
+        if status.escrow_units <= 0:
+            return Transition("settling", "budget exhausted")
+    if status.active >= config.peers_min:
+        return Transition("running", live) if state in ("recruiting", "paused") else None
+    if state == "running":
+        return Transition("paused", f"{live}; waiting up to {config.wait_seconds:g} s for replacements")
+    if state == "paused" and now - status.state_since > config.wait_seconds:
+        return Transition("failed", f"paused {config.wait_seconds:g} s without replacements ({live})")
+    return None
+
+
+def advance(now: float, status: RunStatus, config: RunConfig) -> list[Transition]:
+    """Every transition :func:`decide` makes in a row at ``now`` (e.g. recruiting -> running -> settling
+    when the last missing peer arrives after the target was met); at most one visit per state."""
+    steps: list[Transition] = []
+    seen = {status.state}
+    while (step := decide(now, status, config)) is not None and step.state not in seen:
+        steps.append(step)
+        seen.add(step.state)
+        status = replace(status, state=step.state, state_since=now)
+    return steps
+
+
+@dataclass(frozen=True)
+class Pay:
+    units: int
+    reason: str
+
+
+def report_pay(now: float, price_units: int, since: float, seconds: float, escrow_units: int) -> Pay:
+    """What a report earns: the matched hourly price for the compute time it claims, capped by wall clock.
+
+    ``units = floor(price_units * min(seconds, now - since) / 3600)``, where ``since`` is when the peer
+    joined or last reported, whichever is later: a peer cannot claim more compute time than has passed
+    since its previous claim, whatever it reports. The result is then capped by what the escrow holds.
+    Exact rational arithmetic (floats are exact rationals), so the figure is reproducible to the unit.
+    """
+    elapsed = max(0.0, now - since)
+    billable = min(seconds, elapsed)
+    units = math.floor(Fraction(price_units) * Fraction(billable) / SECONDS_PER_HOUR)
+    why = f"{billable:.3f} s at {price_units} units/h" + (
+        " (capped by wall clock)" if elapsed < seconds else ""
+    )
+    if units > escrow_units:
+        return Pay(max(0, escrow_units), f"{why}; capped by the escrow's {escrow_units} units")
+    return Pay(units, why)

@@ -1,0 +1,221 @@
+"""Lock-step averaging rounds over hivemind's DecentralizedAverager, and the training state peers share.
+
+Why not ``hivemind.Optimizer``: its progress tracker lets each peer step whenever the swarm's samples
+reach the target batch, as seen through DHT records refreshed every fraction of a second. With steps of
+milliseconds (the digits task on CPUs) each peer reached the target alone before the others' progress
+arrived, the peers fell out of step, and the laggard then waited the full averaging timeout for a group
+that had moved on ("could not find a group"; measured here: 10 epochs took 0.6 s on two peers and 50 s
+on the third, and the parameters no longer agreed). A run here instead moves in lock-step: every epoch
+each live peer computes its share of the target batch, then the peers all-reduce under a group key that
+includes the epoch number, so a peer can only ever average with peers at the same epoch; every member of
+a round applies the same averaged update, and the parameters agree after each epoch (to float rounding).
+
+hivemind's all-reduce still does what it is good at: matchmaking over the DHT, splitting the tensors into
+parts reduced by different peers, compression, banning a sender that fails mid-round, and serving the
+training state to a peer that joins late (:meth:`RunAverager.load_state`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import hivemind
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.compression import (
+    CompressionBase,
+    CompressionInfo,
+    Float16Compression,
+    NoCompression,
+    Uniform8BitQuantization,
+)
+from hivemind.utils import MPFuture, get_logger
+
+logger = get_logger(__name__)
+
+EPOCH_BITS = 16  # the group key carries the epoch modulo 2**16: peers 65k epochs apart never meet
+
+
+def compression(name: str) -> CompressionBase:
+    return {"none": NoCompression, "fp16": Float16Compression, "8bit": Uniform8BitQuantization}[name]()
+
+
+@dataclass
+class TrainingState:
+    """Parameters and optimizer states, flattened into tensors plus the metadata to rebuild them."""
+
+    epoch: int
+    tensors: list[torch.Tensor]
+    layout: list[list[Any]]  # per optimizer: [[param index, key], ...] of its tensor states
+    scalars: list[dict[str, Any]]  # per optimizer: its non-tensor states and param-group hyperparameters
+
+
+def capture(
+    epoch: int, params: Sequence[torch.Tensor], optimizers: Sequence[torch.optim.Optimizer]
+) -> TrainingState:
+    """A copy of the state (the caller holds the lock that keeps training from changing it meanwhile)."""
+    tensors = [p.detach().clone() for p in params]
+    layout, scalars = [], []
+    for optimizer in optimizers:
+        state = optimizer.state_dict()
+        entries, plain = [], {}
+        for index, values in sorted(state["state"].items()):
+            for key, value in sorted(values.items()):
+                if isinstance(value, torch.Tensor):
+                    entries.append([index, key])
+                    tensors.append(value.detach().clone())
+                else:
+                    plain[f"{index}/{key}"] = value
+        layout.append(entries)
+        scalars.append({"plain": plain, "groups": _groups(state["param_groups"])})
+    return TrainingState(epoch, tensors, layout, scalars)
+
+
+def restore(
+    state: TrainingState, params: Sequence[torch.Tensor], optimizers: Sequence[torch.optim.Optimizer]
+) -> None:
+    """Load a state captured by a peer with the same model and optimizers; ValueError if it does not fit."""
+    if len(state.layout) != len(optimizers) or len(state.tensors) < len(params):
+        raise ValueError("the state does not match this run's model and optimizers")
+    for p, value in zip(params, state.tensors, strict=False):
+        if p.shape != value.shape:
+            raise ValueError(f"a parameter of shape {tuple(value.shape)} was sent for {tuple(p.shape)}")
+        with torch.no_grad():
+            p.copy_(value)
+    rest = iter(state.tensors[len(params) :])
+    for optimizer, entries, scalars in zip(optimizers, state.layout, state.scalars, strict=True):
+        loaded: dict[int, dict[str, Any]] = {}
+        for index, key in entries:
+            loaded.setdefault(int(index), {})[key] = next(rest)
+        for name, value in scalars["plain"].items():
+            index, key = name.split("/", 1)
+            loaded.setdefault(int(index), {})[key] = value
+        current = optimizer.state_dict()
+        for group, sent in zip(current["param_groups"], scalars["groups"], strict=True):
+            group.update({k: v for k, v in sent.items() if k != "params"})
+        optimizer.load_state_dict({"state": loaded, "param_groups": current["param_groups"]})
+
+
+def _groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Hyperparameters as msgpack-friendly values (tuples become lists)."""
+    return [
+        {k: list(v) if isinstance(v, tuple) else v for k, v in g.items() if k != "params"} for g in groups
+    ]
+
+
+class RunAverager(DecentralizedAverager):
+    """One run's averager: averages ``buffers`` in rounds keyed by epoch and serves the training state.
+
+    ``share_state`` is called (in this process) when another peer downloads the state; it returns a
+    :class:`TrainingState`.
+    """
+
+    def __init__(
+        self,
+        buffers: Sequence[torch.Tensor],
+        dht: hivemind.DHT,
+        *,
+        prefix: str,
+        share_state: Callable[[], TrainingState],
+        max_peers: int,
+        matchmaking_seconds: float,
+        timeout_seconds: float,
+        compression_name: str,
+    ):
+        self._share_state = share_state
+        # hivemind waits forever by default for a peer that died mid-round (measured: the survivors of
+        # a peer killed while averaging hung until killed); every wait here has a bound. A sender silent
+        # for next_chunk_timeout is banned from the round (a reducer after twice that, hivemind's rule).
+        super().__init__(
+            buffers,
+            dht,
+            start=True,
+            prefix=prefix,
+            target_group_size=1 << max(1, (max_peers - 1).bit_length()),  # a power of 2, as hivemind asks
+            min_group_size=2,
+            min_matchmaking_time=matchmaking_seconds,
+            # below min_matchmaking_time, as hivemind's matchmaking requires to rule out deadlocks
+            request_timeout=matchmaking_seconds / 2,
+            allreduce_timeout=timeout_seconds,
+            next_chunk_timeout=max(matchmaking_seconds, timeout_seconds / 5),
+            compression=compression(compression_name),
+            state_compression=NoCompression(),
+            allow_state_sharing=True,
+        )
+
+    def set_target_group_size(self, size: int) -> None:
+        """Assemble a group as soon as ``size`` peers are in it (the live peers), not only after waiting
+        the matchmaking time for peers that are not coming."""
+        future = MPFuture()
+        self._outer_pipe.send(("_set_target_group_size", [], dict(size=max(2, size), future=future)))
+        future.result()
+
+    async def _set_target_group_size(self, size: int, future: MPFuture) -> None:  # in the averager process
+        self._matchmaking.target_group_size = size
+        self._matchmaking.potential_leaders.target_group_size = size
+        future.set_result(None)
+
+    def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], Sequence[Any]]:
+        state = self._share_state()
+        metadata = {"epoch": state.epoch, "layout": state.layout, "scalars": state.scalars}
+        return metadata, state.tensors, [CompressionInfo.from_tensor(t) for t in state.tensors]
+
+    def average(
+        self, values: Sequence[torch.Tensor], *, epoch: int, weight: float, gather: Any, timeout: float
+    ) -> dict[str, Any] | None:
+        """All-reduce ``values`` (in place) with the peers at the same ``epoch``; their gathered data by
+        peer id, or None when no group formed within ``timeout`` seconds (``values`` are then unchanged).
+        """
+        self.set_group_bits(format(epoch % (1 << EPOCH_BITS), f"0{EPOCH_BITS}b"))
+        with self.get_tensors() as tensors:
+            for mine, shared in zip(values, tensors, strict=True):
+                shared.copy_(mine)
+        try:
+            gathered = self.step(gather=gather, weight=weight, timeout=timeout)
+        except Exception as e:  # hivemind raises a variety of errors for a round that broke up
+            logger.warning(f"Averaging round of epoch {epoch} failed: {e!r}")
+            return None
+        if not gathered:
+            return None
+        with self.get_tensors() as tensors:
+            for mine, shared in zip(values, tensors, strict=True):
+                mine.copy_(shared)
+        return {str(peer): data for peer, data in gathered.items()}
+
+    def load_state(self, deadline: float) -> TrainingState | None:
+        """The state of the most advanced peer, or None if none answered within ``deadline`` seconds.
+
+        hivemind's own retry loop can go on forever when the only donor left (seen here); this waits for
+        one attempt with a deadline and abandons it after.
+        """
+        future = self.load_state_from_peers(wait=False, timeout=deadline)
+        try:
+            loaded = future.result(timeout=deadline)
+        except (concurrent.futures.TimeoutError, TimeoutError):
+            future.cancel()
+            return None
+        except Exception as e:
+            logger.warning(f"Loading the state from peers failed: {e!r}")
+            return None
+        if loaded is None:
+            return None
+        metadata, tensors = loaded
+        if not isinstance(metadata, dict) or "epoch" not in metadata:
+            return None
+        return TrainingState(int(metadata["epoch"]), list(tensors), metadata["layout"], metadata["scalars"])
+
+
+def learning_rate(base: float, schedule: str, warmup: int, epoch: int, total_epochs: int) -> float:
+    """The learning rate of optimizer step ``epoch``: linear warm-up, then constant, linear or cosine."""
+    if warmup and epoch < warmup:
+        return base * (epoch + 1) / warmup
+    if schedule == "constant" or total_epochs <= warmup:
+        return base
+    progress = min(1.0, (epoch - warmup) / max(1, total_epochs - warmup))
+    if schedule == "linear":
+        return base * (1.0 - progress)
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))

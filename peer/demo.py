@@ -1,0 +1,379 @@
+"""``hivemarket demo``: the whole product on one machine, in one command.
+
+It starts a coordinator (SQLite in a temporary folder) serving the digits dataset, deposits demo funds for
+a researcher, starts N peers that rent out this machine (``hivemarket rent``, each in its own process
+group), launches ``examples/digits.toml`` on them, kills one peer with SIGKILL mid-run, follows the run
+to its end, evaluates the model it produced on the held-out digits, and prints the settled ledger. Every
+process it started is stopped (and, if needed, killed with its children) before it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import psutil
+
+from coordinator.client import CoordinatorClient
+from coordinator.schemas import RunBody, RunView
+from peer.identity import Identity, save_identity
+from peer.settings import load_settings
+
+T = TypeVar("T")
+DEMO_FUNDS = "100"
+BUDGET = "20"
+BID_OVER_ASKS = Decimal("1.5")  # the launcher bids this much above the dearest offer's effective price
+DROP_AT = 0.4  # the share of the run's samples after which one peer is killed
+SPEC = "digits.toml"
+
+
+class DemoError(click.ClickException):
+    """Something in the demo did not happen in time; the message says what and where the logs are."""
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+    tree: list[psutil.Process] = field(default_factory=list)
+
+    def remember_tree(self) -> None:
+        """Note the process and its descendants while they run (children of a killed parent move)."""
+        try:
+            root = psutil.Process(self.proc.pid)
+            known = {p.pid for p in self.tree}
+            self.tree += [p for p in [root, *root.children(recursive=True)] if p.pid not in known]
+        except psutil.Error:
+            pass
+
+    def kill_group(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self, timeout: float) -> None:
+        self.remember_tree()
+        self.kill_group(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout)
+        self.kill_group(signal.SIGKILL)
+        for p in self.tree:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(self.tree, timeout=timeout)
+        if self.proc.poll() is None:
+            self.proc.wait(timeout)
+
+
+def example_spec() -> Path:
+    """examples/digits.toml: next to the package in a checkout, or installed with it."""
+    checkout = Path(__file__).resolve().parent.parent / "examples" / SPEC
+    if checkout.exists():
+        return checkout
+    return Path(str(resources.files("peer").joinpath(f"examples/{SPEC}")))
+
+
+class Demo:
+    def __init__(self, peers: int, drop: bool, echo: Callable[[str], None], timeout: float):
+        self.n_peers = peers
+        self.drop = drop
+        self.echo = echo
+        self.deadline = time.monotonic() + timeout
+        self.tmp = Path(tempfile.mkdtemp(prefix="hivemarket-demo-"))
+        self.children: list[Child] = []
+        self.peers: dict[str, Child] = {}  # account -> its rent process
+        self.dropped_names: set[str] = set()  # processes the demo killed on purpose
+        self.settings = load_settings()
+
+    # -------------------------------------------------------------------------------------- processes
+
+    def _env(self, home: Path, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEMARKET_")}
+        env |= {
+            "HIVEMARKET_HOME": str(home),
+            "HIVEMARKET_PROBE_SECONDS": "0.3",
+            "HIVEMARKET_HEARTBEAT_INTERVAL": "1",  # a killed peer lapses within 3 s
+            "HIVEMARKET_CLEARING_INTERVAL": "1",
+            "HIVEMARKET_SETTLE_TIMEOUT": "60",
+            "PYTHONUNBUFFERED": "1",
+            **extra,
+        }
+        return env
+
+    def _spawn(self, name: str, args: list[str], home: Path) -> Child:
+        home.mkdir(parents=True, exist_ok=True)
+        log = self.tmp / f"{name}.log"
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "peer", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self._env(home),
+                start_new_session=True,  # its own process group: the demo can kill it with all it started
+            )
+        child = Child(name, proc, log)
+        self.children.append(child)
+        return child
+
+    def _wait(self, what: str, check: Callable[[], T | None], interval: float = 0.2) -> T:
+        while time.monotonic() < self.deadline:
+            for child in self.children:
+                if child.proc.poll() is not None and child.name not in self.dropped_names:
+                    raise DemoError(f"{child.name} exited with {child.proc.returncode}; see {child.log}")
+            result = check()
+            if result is not None:
+                return result
+            time.sleep(interval)
+        raise DemoError(f"timed out waiting for {what}; logs are in {self.tmp}")
+
+    def close(self) -> list[psutil.Process]:
+        """Stop every process the demo started; return those still alive after (none, normally)."""
+        for child in reversed(self.children):
+            child.stop(self.settings.shutdown_timeout)
+        return [p for child in self.children for p in child.tree if p.is_running() and p.status() != "zombie"]
+
+    # ------------------------------------------------------------------------------------------ steps
+
+    def start_coordinator(self) -> str:
+        from peer.data.examples import build_example
+
+        report = build_example("digits", self.tmp / "digits", shard_bytes=1 << 20)
+        self.echo(
+            f"dataset   digits, {report.manifest.samples} samples, version {report.manifest.version[:12]}"
+        )
+        self.admin = Identity.generate()
+        save_identity(self.admin, self.tmp / "admin.pem")
+        child = self._spawn(
+            "coordinator",
+            [
+                "coordinator",
+                "serve",
+                "--port",
+                "0",
+                "--db",
+                f"sqlite:///{self.tmp / 'market.db'}",
+                "--admin-key",
+                str(self.tmp / "admin.pem"),
+                "--dataset",
+                str(self.tmp / "digits"),
+            ],
+            self.tmp / "coordinator",
+        )
+
+        def listening() -> str | None:
+            found = re.search(r"listening on (http://\S+)", child.log.read_text())
+            return found.group(1) if found else None
+
+        self.url = self._wait("the coordinator to listen", listening)
+        self.echo(f"coordinator {self.url} (SQLite in {self.tmp})")
+        return self.url
+
+    def _client(self, identity: Identity | None = None) -> CoordinatorClient:
+        return CoordinatorClient(self.url, identity)
+
+    def _ask(self, op: Callable[[CoordinatorClient], Any], identity: Identity | None = None) -> Any:
+        async def go() -> Any:
+            async with self._client(identity) as client:
+                return await op(client)
+
+        return asyncio.run(go())
+
+    def fund_launcher(self) -> None:
+        self.launcher = Identity.generate()
+        save_identity(self.launcher, self.tmp / "launcher.pem")
+        self._ask(lambda c: c.deposit(self.launcher.account, Decimal(DEMO_FUNDS)), self.admin)
+        self.echo(f"launcher  {self.launcher.account[:12]} funded with {DEMO_FUNDS}")
+
+    def add_peer(self) -> str:
+        """Start one more renting peer (``hivemarket rent``) with a fresh identity; its account."""
+        i = len(self.peers)
+        home = self.tmp / f"peer-{i}"
+        home.mkdir(parents=True)
+        identity = Identity.generate()
+        save_identity(identity, home / "identity.pem")
+        price = f"{1 + i / 10:.2f}"
+        listen = "/ip4/127.0.0.1/tcp/0"
+        args = ["rent", "--coordinator", self.url, "--price-per-hour", price, "--listen", listen]
+        self.peers[identity.account] = self._spawn(f"peer-{i}", args, home)
+        self.echo(f"peer-{i}    {identity.account[:12]} rents this machine at {price}/h")
+        return identity.account
+
+    def wait_offers(self, count: int) -> None:
+        def posted() -> bool | None:
+            offers = self._ask(lambda c: c.offers())
+            return True if len(offers) >= count else None
+
+        self._wait(f"{count} offers", posted, interval=0.5)
+
+    def launch(self, peers_min: int, peers_max: int, samples: int | None = None) -> RunView:
+        """Launch examples/digits.toml (with ``stop.samples`` instead of its epochs when given)."""
+        from coordinator.launch import resolve_spec
+        from peer.spec import load_spec
+
+        spec = load_spec(example_spec())
+        if samples is not None:
+            spec = spec.model_copy(
+                update={"stop": spec.stop.model_copy(update={"samples": samples, "epochs": None})}
+            )
+        offers = self._ask(lambda c: c.offers())
+        dearest = max(o.price_per_hour / Decimal(o.tflops * o.reliability) for o in offers)
+        body = RunBody(
+            spec=resolve_spec(spec, self.url),
+            max_price=f"{(dearest * BID_OVER_ASKS).quantize(Decimal('0.01'))}",
+            peers_min=peers_min,
+            peers_max=peers_max,
+            budget=BUDGET,
+        )
+        run = self._ask(lambda c: c.create_run(body), self.launcher)
+        self.echo(f"run       {run.id} launched: {run.target_samples} samples, budget {BUDGET}")
+        return run
+
+    def follow(self, run: RunView) -> tuple[RunView, list[str], dict[str, Decimal]]:
+        from coordinator.launch import ENDED, Progress
+
+        progress = Progress(time.monotonic())
+        dropped: list[str] = []
+        paid_at_drop: dict[str, Decimal] = {}
+        last = 0.0
+        while True:
+            view = self._ask(lambda c: c.run(run.id))
+            now = time.monotonic()
+            if now - last >= 2 or view.state in ENDED:
+                self.echo(progress.line(view, now))
+                last = now
+            if view.state in ENDED:
+                return view, dropped, paid_at_drop
+            if self.drop and not dropped and view.samples >= DROP_AT * view.target_samples:
+                victim = self._victim(view)
+                if victim is not None:
+                    self.peers[victim].remember_tree()
+                    self.peers[victim].kill_group(signal.SIGKILL)
+                    self.dropped_names.add(self.peers[victim].name)
+                    dropped.append(victim)
+                    self.echo(f"dropped   {self.peers[victim].name} ({victim[:12]}) with SIGKILL")
+            for account in dropped:
+                if account not in paid_at_drop:
+                    mine = [p for p in view.peers if p.account == account]
+                    if mine and all(p.state != "active" for p in mine):  # its lease lapsed
+                        paid_at_drop[account] = sum((p.paid for p in mine), Decimal(0))
+            if time.monotonic() > self.deadline:
+                raise DemoError(f"the run did not finish in time; logs are in {self.tmp}")
+            time.sleep(0.5)
+
+    def _victim(self, view: RunView) -> str | None:
+        """A live peer other than the first in match order (which uploads the model at the end)."""
+        live = sorted((p for p in view.peers if p.state == "active"), key=lambda p: (p.matched_at, p.account))
+        return live[-1].account if len(live) > 1 else None
+
+    def evaluate(self, run: RunView) -> dict[str, float]:
+        from peer.data.format import load_manifest
+        from peer.data.reader import DatasetReader
+        from peer.spec import validate_spec
+        from peer.trainer import load_model_file, test_ids
+
+        path = self.tmp / "model.pt"
+        self._ask(lambda c: c.download_model(run.id, path))
+        task, model, _ = load_model_file(path)
+        spec = validate_spec(run.spec)
+        manifest = load_manifest(self.tmp / "digits")
+        reader = DatasetReader(manifest, lambda s: self.tmp / "digits" / s.file)
+        batch = task.batch(reader.read(test_ids(manifest.samples, spec.dataset.test_every).tolist()))
+        initial = task.evaluate(task.build_model(spec.seed), batch)
+        final = task.evaluate(model, batch)
+        return {"initial_loss": initial["loss"], "final_loss": final["loss"], "accuracy": final["accuracy"]}
+
+
+def ledger(run: RunView, audit_conserved: bool, launcher: str, paid_at_drop: dict[str, Decimal]) -> dict:
+    accounts: dict[str, dict[str, Any]] = {}
+    for p in run.peers:
+        entry = accounts.setdefault(
+            p.account, {"account": p.account, "role": "peer", "samples": 0, "paid": Decimal(0)}
+        )
+        entry["samples"] += p.samples
+        entry["paid"] += p.paid
+    rows = []
+    for entry in accounts.values():
+        row = {**entry, "paid": str(entry["paid"])}
+        if entry["account"] in paid_at_drop:
+            row["dropped"] = True
+            row["paid_at_drop"] = str(paid_at_drop[entry["account"]])
+            row["paid_after_drop"] = str(entry["paid"] - paid_at_drop[entry["account"]])
+        rows.append(row)
+    rows.append(
+        {
+            "account": launcher,
+            "role": "launcher",
+            "samples": 0,
+            "paid": "0",
+            "spent": str(run.spent),
+            "refunded": str(run.refunded),
+            "budget": str(run.budget),
+        }
+    )
+    return {"conserved": audit_conserved, "accounts": rows}
+
+
+def run_demo(peers: int, drop: bool, as_json: bool, timeout: float) -> dict[str, Any]:
+    echo = (lambda _text: None) if as_json else (lambda text: click.echo(text, err=False))
+    demo = Demo(peers, drop, echo, timeout)
+    started = time.monotonic()
+    try:
+        demo.start_coordinator()
+        demo.fund_launcher()
+        for _ in range(peers):
+            demo.add_peer()
+        demo.wait_offers(peers)
+        run = demo.launch(peers_min=max(1, peers - 1), peers_max=peers)
+        final, dropped, paid_at_drop = demo.follow(run)
+        if final.state != "finished" or final.model is None:
+            raise DemoError(f"run {final.id} ended {final.state}: {final.reason}; logs are in {demo.tmp}")
+        metrics = demo.evaluate(final)
+        audit = demo._ask(lambda c: c.audit())
+        result = {
+            "run_id": final.id,
+            **metrics,
+            "samples": final.samples,
+            "epochs": final.epoch,
+            "peers": peers,
+            "dropped": dropped,
+            "ledger": ledger(final, audit.conserved, demo.launcher.account, paid_at_drop),
+            "seconds": round(time.monotonic() - started, 1),
+            "logs": str(demo.tmp),
+        }
+    finally:
+        demo.close()
+    return result
+
+
+def print_result(result: dict[str, Any]) -> None:
+    click.echo("")
+    click.echo(
+        f"run       {result['run_id']}: {result['samples']} samples in {result['epochs']} steps, "
+        f"{result['seconds']} s"
+    )
+    click.echo(f"loss      {result['initial_loss']:.4f} -> {result['final_loss']:.4f} (held-out digits)")
+    click.echo(f"accuracy  {result['accuracy']:.1%} on the held-out digits")
+    click.echo(f"{'ACCOUNT':<14}{'ROLE':<10}{'SAMPLES':>9}{'PAID':>12}  NOTE")
+    for row in result["ledger"]["accounts"]:
+        if row["role"] == "launcher":
+            note = f"spent {row['spent']}, refunded {row['refunded']} of {row['budget']}"
+        elif row.get("dropped"):
+            note = f"dropped mid-run; paid after the drop: {row['paid_after_drop']}"
+        else:
+            note = ""
+        click.echo(f"{row['account'][:12]:<14}{row['role']:<10}{row['samples']:>9}{row['paid']:>12}  {note}")
+    click.echo(f"ledger    {'conserved' if result['ledger']['conserved'] else 'NOT CONSERVED'}")

@@ -1,0 +1,142 @@
+"""The trainer's line to the coordinator: blocking calls for a synchronous training loop, and reports
+sent in the background so that a slow or absent coordinator never stalls training.
+
+Training does not depend on the coordinator: if it is unreachable the trainer keeps the last view of the
+run it had, and reports wait in a queue (each is signed once, so a retried report is applied once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hivemind.utils import get_logger
+
+from coordinator.client import AlreadyApplied, CoordinatorClient, CoordinatorError, CoordinatorUnreachable
+from coordinator.schemas import ReportBody, RunView
+from peer.identity import Identity
+
+logger = get_logger(__name__)
+T = TypeVar("T")
+
+#: Answers to a report that mean this peer's part in the run is over (dropped, released, run ended).
+FINAL_CODES = frozenset({"not_in_run", "run_ended", "not_joined"})
+
+
+class RunLink:
+    """A coordinator client on its own event loop thread; use as a context manager."""
+
+    def __init__(self, url: str, identity: Identity, run_id: str):
+        self.run_id = run_id
+        self._client = CoordinatorClient(url, identity)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="run-link", daemon=True)
+        self._reports: asyncio.Queue[ReportBody] | None = None
+        self._sender: asyncio.Future[None] | None = None
+        self.ended: str | None = None  # why the coordinator stopped taking this peer's reports
+        self.paid_reports = 0
+
+    def __enter__(self) -> RunLink:
+        self._thread.start()
+        self.call(self._client.__aenter__)
+        self._reports = self.call(lambda: _make_queue())
+        self._sender = asyncio.run_coroutine_threadsafe(self._send_reports(), self._loop)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+        self.call(lambda: self._client.__aexit__(None, None, None))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    def call(self, op: Callable[[], Coroutine[Any, Any, T]], timeout: float | None = None) -> T:
+        """Run the coroutine ``op()`` on the link's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(op(), self._loop).result(timeout)
+
+    @property
+    def client(self) -> CoordinatorClient:
+        return self._client
+
+    def view(self) -> RunView | None:
+        """The run as the coordinator sees it now, or None when it cannot be reached."""
+        try:
+            return self.call(lambda: self._client.run(self.run_id))
+        except CoordinatorUnreachable as e:
+            logger.warning(f"Coordinator unreachable, training on: {e}")
+            return None
+        except CoordinatorError as e:
+            if e.status >= 500:
+                logger.warning(f"Coordinator failed, training on: {e}")
+                return None
+            raise
+
+    def join(self, peer_id: str, maddrs: list[str]) -> RunView:
+        try:
+            return self.call(lambda: self._client.join(self.run_id, peer_id, maddrs))
+        except AlreadyApplied:
+            return self.call(lambda: self._client.run(self.run_id))
+
+    def report(self, body: ReportBody) -> None:
+        """Queue a report; it is sent in order, retried while the coordinator is unreachable."""
+        assert self._reports is not None
+        self._loop.call_soon_threadsafe(self._reports.put_nowait, body)
+
+    def upload_model(self, path: Path) -> RunView:
+        return self.call(lambda: self._client.upload_model(self.run_id, path))
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every queued report was answered; False if some are still queued after ``timeout``."""
+        assert self._reports is not None
+        queue = self._reports
+
+        async def empty() -> None:
+            await queue.join()
+
+        try:
+            self.call(lambda: asyncio.wait_for(empty(), timeout))
+            return True
+        except TimeoutError:
+            return False
+
+    async def _send_reports(self) -> None:
+        assert self._reports is not None
+        settings = self._client.settings
+        while True:
+            body = await self._reports.get()
+            try:
+                await self._send_one(body, settings.retry_backoff, settings.retry_backoff_max)
+            finally:
+                self._reports.task_done()
+
+    async def _send_one(self, body: ReportBody, backoff: float, backoff_max: float) -> None:
+        failures = 0
+        while self.ended is None:
+            try:
+                view = await self._client.report(self.run_id, body)
+                self.paid_reports += 1
+                logger.info(
+                    f"Report of epoch {body.epoch} accepted: {body.samples} samples, paid {view.paid}"
+                )
+                return
+            except AlreadyApplied:
+                return
+            except CoordinatorUnreachable as e:
+                logger.warning(f"Report of epoch {body.epoch} waits for the coordinator: {e}")
+            except CoordinatorError as e:
+                if e.code in FINAL_CODES:
+                    self.ended = f"{e.code}: {e.message}"
+                    logger.info(f"The coordinator takes no more reports from this peer ({self.ended})")
+                    return
+                if e.status != 429 and e.status < 500:
+                    logger.warning(f"Report of epoch {body.epoch} refused: {e}")
+                    return
+            await asyncio.sleep(min(backoff * 2**failures, backoff_max))
+            failures += 1
+
+
+async def _make_queue() -> asyncio.Queue[Any]:
+    return asyncio.Queue()

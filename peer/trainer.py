@@ -1,0 +1,523 @@
+"""One peer's part in a collaborative run, as a process: ``python -m peer.trainer RUN_ID --coordinator URL``.
+
+The worker (``hivemarket rent``) starts it when its lease is matched to a run and stops it when the
+match ends. The trainer:
+
+1. reads the run's spec from the coordinator and refuses a task this peer has not installed (exit 3);
+2. fetches the dataset version the spec names (only the shards of its assigned blocks), checking hashes;
+3. starts a hivemind DHT for the run, bootstrapped from the peers that joined before it (the first peer
+   in match order starts alone; the others wait for it, so the run's DHT never starts as two swarms),
+   and joins the run at the coordinator with its addresses;
+4. loads the training state from the other peers if the run is under way (with a deadline), else
+   resumes its local checkpoint after a crash, else starts from the spec's seed;
+5. trains in lock-step epochs (:mod:`peer.averaging`): its share of the target batch from its assigned
+   samples, one all-reduce with the peers at the same epoch, the same update everywhere; after each
+   epoch it queues a signed contribution report (samples, loss, per-micro-batch gradient sketches, a
+   sketch of the parameters the epoch started from) and checkpoints locally;
+6. when the run is settling, the first live peer in match order uploads the final model.
+
+A round whose group disagrees with this peer's parameters, or that found no group while others are
+live, means this peer fell out of step: it loads the state from the others instead of reporting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hivemind.utils import get_logger
+from hivemind.utils.logging import use_hivemind_log_handler
+
+from coordinator.schemas import MicroBatch, ReportBody, RunPeerView, RunView
+from peer.averaging import RunAverager, TrainingState, capture, learning_rate, restore
+from peer.data.assign import assign
+from peer.data.fetch import FetchSettings, ShardCache, fetch_manifest, fetch_shards
+from peer.data.format import DatasetError, Manifest
+from peer.data.reader import DatasetReader
+from peer.identity import Identity, load_identity
+from peer.node import NodeError, start_dht, stop_dht
+from peer.run_link import RunLink
+from peer.settings import PeerSettings, load_settings
+from peer.sketch import Sketcher, grad_seed, params_seed, relative_distance
+from peer.spec import RunSpec, SpecError, validate_spec
+from peer.tasks import Task, TaskError, load_task
+
+logger = get_logger(__name__)
+
+EXIT_REFUSED = 3  # the run cannot be trained here (task not installed, bad spec): do not restart
+EXIT_RETRY = 4  # something transient (no bootstrap peer, no state donor): the worker may start it again
+LIVE_STATES = ("recruiting", "running", "paused")
+#: Two peers whose parameter sketches differ by more than this have diverged (float rounding is ~1e-7).
+AGREEMENT_TOLERANCE = 1e-4
+
+
+class TrainerExit(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def live_peers(view: RunView) -> list[RunPeerView]:
+    """The run's active peers in match order (the order that picks the bootstrap seed and the uploader)."""
+    return sorted((p for p in view.peers if p.state == "active"), key=lambda p: (p.matched_at, p.account))
+
+
+def model_bytes(task_name: str, options: dict[str, Any], epoch: int, model: torch.nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(
+        {"task": task_name, "options": options, "epoch": epoch, "state_dict": model.state_dict()}, buffer
+    )
+    return buffer.getvalue()
+
+
+def load_model_file(path: Path) -> tuple[Task, torch.nn.Module, dict[str, Any]]:
+    """A model file written by a run (``hivemarket runs fetch``): its task, the model, and the metadata."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    task = load_task(saved["task"], saved["options"])
+    model = task.build_model(0)
+    model.load_state_dict(saved["state_dict"])
+    return task, model, saved
+
+
+def make_optimizer(spec: RunSpec, params: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    o = spec.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def train_ids(ids: np.ndarray, test_every: int) -> np.ndarray:
+    """The training split: every sample but each ``test_every``-th (id % N == N - 1, the test split)."""
+    return ids[ids % test_every != test_every - 1]
+
+
+def test_ids(total: int, test_every: int) -> np.ndarray:
+    ids = np.arange(total, dtype=np.int64)
+    return ids[ids % test_every == test_every - 1]
+
+
+@dataclass
+class SampleStream:
+    """This peer's training samples in assignment order, pass after pass over its blocks.
+
+    The assignment (:func:`peer.data.assign.assign`) depends on the live peers; when they change, the
+    current pass is re-assigned and this peer continues through its new list.
+    """
+
+    manifest: Manifest
+    seed: int
+    test_every: int
+    block_size: int
+    account: str
+    passes: int = 0
+    position: int = 0
+    peers: tuple[str, ...] = ()
+    order: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+
+    def take(self, count: int, peers: Sequence[str]) -> list[int]:
+        if tuple(sorted(peers)) != self.peers:
+            self.peers = tuple(sorted(peers))
+            self._assign()
+        taken: list[int] = []
+        while len(taken) < count:
+            if self.position >= len(self.order):
+                self.passes += 1
+                self._assign()
+                if not len(self.order):
+                    raise TrainerExit(EXIT_REFUSED, "this peer was assigned no training samples")
+            end = min(len(self.order), self.position + count - len(taken))
+            taken += self.order[self.position : end].tolist()
+            self.position = end
+        return taken
+
+    def shards_needed(self) -> list[int]:
+        result = assign(self.seed, self.passes, self.peers, self.manifest.shards, self.block_size)
+        return list(result.shards[self.account])
+
+    def _assign(self) -> None:
+        result = assign(self.seed, self.passes, self.peers, self.manifest.shards, self.block_size)
+        self.order = train_ids(result.samples[self.account], self.test_every)
+        self.position = 0
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+
+
+class Trainer:
+    def __init__(
+        self, run_id: str, link: RunLink, identity: Identity, settings: PeerSettings, listen: list[str]
+    ):
+        self.run_id = run_id
+        self.link = link
+        self.identity = identity
+        self.settings = settings
+        self.listen = listen
+        self.stop = threading.Event()
+        self.lock = threading.Lock()  # held while parameters change; the averager copies state under it
+        self.workdir = settings.home / "runs" / run_id
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.dht = None
+        self.averager: RunAverager | None = None
+        self.epoch = 0
+        self.group_target = 0
+
+    # ---------------------------------------------------------------------------------------- set-up
+
+    def prepare(self) -> RunView:
+        view = self.link.view()
+        if view is None:
+            raise TrainerExit(EXIT_RETRY, "the coordinator is unreachable")
+        try:
+            self.spec = validate_spec(view.spec)
+            self.task = load_task(self.spec.task, dict(self.spec.options))
+        except (SpecError, TaskError) as e:
+            raise TrainerExit(EXIT_REFUSED, f"refusing run {self.run_id}: {e}") from None
+        self.target = view.target_samples
+        self.total_epochs = math.ceil(self.target / self.spec.batch.target)
+        self.model = self.task.build_model(self.spec.seed)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.spec, self.params)
+        self.optimizers = [self.optimizer]
+        self.outer: torch.optim.Optimizer | None = None
+        if self.spec.averaging.local_updates:
+            a = self.spec.averaging
+            self.outer = torch.optim.SGD(self.params, lr=a.outer_lr, momentum=a.outer_momentum, nesterov=True)
+            self.optimizers.append(self.outer)
+        self.buffers = [torch.zeros_like(p) for p in self.params]
+        self.n_params = sum(p.numel() for p in self.params)
+        self._open_dataset()
+        return view
+
+    def _open_dataset(self) -> None:
+        location = self.spec.dataset.location
+        if location == "coordinator":
+            location = self.link.client.base_url
+        self.location = location
+        fetch_settings = FetchSettings()
+        self.cache = ShardCache(fetch_settings.cache_root)
+        try:
+            self.manifest = asyncio.run(
+                fetch_manifest(location, self.spec.dataset.version, fetch_settings, self.cache)
+            )
+        except DatasetError as e:
+            raise TrainerExit(EXIT_RETRY, f"dataset {self.spec.dataset.version[:12]}: {e}") from None
+        self.reader = DatasetReader(self.manifest, lambda s: self.cache.dir / s.sha256)
+        self.stream = SampleStream(
+            self.manifest,
+            self.spec.seed,
+            self.spec.dataset.test_every,
+            self.spec.batch.per_peer,
+            self.identity.account,
+        )
+
+    def _fetch_shards(self) -> None:
+        wanted = [self.manifest.shards[i] for i in self.stream.shards_needed()]
+        missing = [s for s in wanted if self.cache.path(s) is None]
+        if missing:
+            try:
+                asyncio.run(fetch_shards(self.location, self.manifest, missing, self.cache))
+            except DatasetError as e:
+                raise TrainerExit(EXIT_RETRY, f"dataset {self.manifest.version[:12]}: {e}") from None
+
+    def connect(self, view: RunView) -> RunView:
+        """Start the run's DHT from the peers that joined before this one, then join at the coordinator."""
+        deadline = time.monotonic() + self.settings.bootstrap_wait
+        while True:
+            live = live_peers(view)
+            if not any(p.account == self.identity.account for p in live):
+                raise TrainerExit(EXIT_REFUSED, f"this peer is not (or no longer) matched to {self.run_id}")
+            bootstrap = [m for p in live if p.joined and p.account != self.identity.account for m in p.maddrs]
+            if bootstrap or live[0].account == self.identity.account:
+                break
+            if time.monotonic() > deadline or self.stop.is_set():
+                raise TrainerExit(EXIT_RETRY, "no peer of the run joined to bootstrap from")
+            self.stop.wait(self.settings.run_poll_interval)
+            view = self.link.view() or view
+        try:
+            self.dht, _ = start_dht(self.settings, initial_peers=bootstrap, listen=self.listen)
+        except NodeError as e:
+            raise TrainerExit(EXIT_RETRY, f"the run's DHT did not start: {e}") from None
+        maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
+        self.averager = RunAverager(
+            self.buffers,
+            self.dht,
+            prefix=f"{self.run_id}_grads",
+            share_state=self._share_state,
+            max_peers=max(view.peers_max, 2),
+            matchmaking_seconds=self.spec.averaging.matchmaking_seconds,
+            timeout_seconds=self.spec.averaging.timeout_seconds,
+            compression_name=self.spec.averaging.compression,
+        )
+        view = self.link.join(str(self.dht.peer_id), maddrs)
+        logger.info(f"Joined run {self.run_id} as {self.dht.peer_id} ({len(bootstrap)} bootstrap addresses)")
+        self._initial_state(bool(bootstrap))
+        return view
+
+    def _share_state(self) -> TrainingState:
+        with self.lock:
+            return capture(self.epoch, self.params, self.optimizers)
+
+    def _initial_state(self, others: bool) -> None:
+        checkpoint = self.workdir / "checkpoint.pt"
+        local = None
+        if checkpoint.exists():
+            saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+            local = TrainingState(saved["epoch"], saved["tensors"], saved["layout"], saved["scalars"])
+        if others:
+            assert self.averager is not None
+            loaded = self.averager.load_state(self.settings.state_load_timeout)
+            if loaded is not None and (local is None or loaded.epoch >= local.epoch):
+                self._apply_state(loaded, "the other peers")
+                return
+            if local is None:
+                logger.warning("No peer sent the training state in time; starting from the spec's seed")
+        if local is not None:
+            self._apply_state(local, f"the local checkpoint {checkpoint}")
+
+    def _apply_state(self, state: TrainingState, source: str) -> None:
+        with self.lock:
+            restore(state, self.params, self.optimizers)
+            self.epoch = state.epoch
+        if self.averager is not None:
+            self.averager.state_sharing_priority = self.epoch
+        logger.info(f"Loaded the training state of epoch {self.epoch} from {source}")
+
+    # ---------------------------------------------------------------------------------------- training
+
+    def run(self) -> int:
+        view = self.prepare()
+        view = self.connect(view)
+        last_view = view
+        while not self.stop.is_set():
+            view = self.link.view() or last_view
+            last_view = view
+            mine = next((p for p in view.peers if p.account == self.identity.account), None)
+            if mine is None or mine.state != "active" or self.link.ended:
+                logger.info(f"This peer's part in {self.run_id} is over ({self.link.ended or 'match ended'})")
+                return 0
+            if view.state == "settling":
+                return self._finish(view)
+            if view.state not in LIVE_STATES:
+                logger.info(f"Run {self.run_id} is {view.state}: {view.reason}")
+                return 0
+            if view.state != "running":  # paused or recruiting: wait for peers
+                self.stop.wait(self.settings.run_poll_interval)
+                continue
+            live = [p.account for p in live_peers(view) if p.joined]
+            if self.identity.account not in live:
+                live.append(self.identity.account)
+            if len(live) < view.peers_min:  # the first peers wait for each other, never train alone
+                self.stop.wait(self.settings.run_poll_interval)
+                continue
+            self._epoch(live)
+        return 0
+
+    def _epoch(self, live: list[str]) -> None:
+        started = time.monotonic()
+        epoch, spec = self.epoch, self.spec
+        share = math.ceil(spec.batch.target / len(live))
+        ids = self.stream.take(share, live)
+        self._fetch_shards()
+        sketch = Sketcher(self.n_params, grad_seed(self.run_id, epoch, self.identity.account))
+        param_sketch = Sketcher(self.n_params, params_seed(self.run_id, epoch))(self.params)
+        start = [p.detach().clone() for p in self.params] if self.outer else None
+        lr = learning_rate(
+            spec.optimizer.lr, spec.schedule.name, spec.schedule.warmup_epochs, epoch, self.total_epochs
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        for b in self.buffers:
+            b.zero_()
+        micro: list[MicroBatch] = []
+        for offset in range(0, len(ids), spec.batch.per_peer):
+            chunk = ids[offset : offset + spec.batch.per_peer]
+            loss = self.task.loss(self.model, self.task.batch(self.reader.read(chunk)))
+            self.model.zero_grad(set_to_none=True)
+            loss.backward()
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            micro.append(MicroBatch(ids=chunk, loss=float(loss.detach()), sketch=sketch(grads)))
+            if self.outer is not None:  # local updates: an inner step per micro-batch
+                with self.lock:
+                    self.optimizer.step()
+            else:
+                for b, g in zip(self.buffers, grads, strict=True):
+                    b.add_(g, alpha=len(chunk) / len(ids))
+        if start is not None:
+            for b, s, p in zip(self.buffers, start, self.params, strict=True):
+                b.copy_(s - p.detach())
+        group_size, in_step = self._average(epoch, len(ids), live, param_sketch)
+        if not in_step:
+            return
+        self._apply(start)
+        seconds = time.monotonic() - started
+        samples = len(ids)
+        loss = sum(m.loss * len(m.ids) for m in micro) / samples
+        self.link.report(
+            ReportBody(
+                epoch=epoch,
+                samples=samples,
+                loss=loss,
+                seconds=max(seconds, 1e-6),
+                group_size=group_size,
+                param_sketch=param_sketch,
+                micro_batches=micro,
+            )
+        )
+        self._checkpoint()
+        logger.info(
+            f"Epoch {epoch}: {samples} samples, loss {loss:.4f}, group of {group_size}, {seconds:.2f} s"
+        )
+
+    def _average(
+        self, epoch: int, samples: int, live: list[str], param_sketch: list[float]
+    ) -> tuple[int, bool]:
+        """All-reduce this epoch's update; (group size, whether this peer is in step with the others)."""
+        assert self.averager is not None
+        if len(live) == 1:
+            return 1, True
+        if len(live) != self.group_target:
+            self.averager.set_target_group_size(len(live))
+            self.group_target = len(live)
+        gathered = self.averager.average(
+            self.buffers,
+            epoch=epoch,
+            weight=samples,
+            gather={"account": self.identity.account, "params": param_sketch},
+            timeout=self.spec.averaging.timeout_seconds,
+        )
+        if gathered is None:
+            logger.warning(f"Epoch {epoch}: no averaging group formed; catching up from the other peers")
+            return 1, self._catch_up(epoch)
+        if self._defers_to_group(gathered, param_sketch):
+            logger.warning(f"Epoch {epoch}: parameters differ from the group's; loading theirs")
+            return len(gathered), self._catch_up(epoch, same_epoch=True)
+        return len(gathered), True
+
+    def _defers_to_group(self, gathered: dict[str, Any], param_sketch: list[float]) -> bool:
+        """Whether the group's members disagree with this peer's parameters and this peer should give way:
+        when fewer agree with it than disagree, or as many and the smallest account is among the others
+        (a deterministic tie-break, so that exactly one side of a two-peer split gives way)."""
+        agree, differ = 1, []
+        for data in gathered.values():
+            if data.get("account") == self.identity.account:
+                continue
+            if relative_distance(param_sketch, data["params"]) <= AGREEMENT_TOLERANCE:
+                agree += 1
+            else:
+                differ.append(str(data.get("account")))
+        if not differ:
+            return False
+        return agree < len(differ) or (agree == len(differ) and min(differ) < self.identity.account)
+
+    def _catch_up(self, epoch: int, *, same_epoch: bool = False) -> bool:
+        """Load the state of a peer that is ahead (or, with ``same_epoch``, at this epoch); True if this
+        peer should still apply this epoch's update (it is in step again, or nobody was ahead)."""
+        assert self.averager is not None
+        loaded = self.averager.load_state(self.settings.state_load_timeout)
+        if loaded is None or loaded.epoch < epoch or (loaded.epoch == epoch and not same_epoch):
+            return True
+        self._apply_state(loaded, "the other peers")
+        return loaded.epoch == epoch
+
+    def _apply(self, start: list[torch.Tensor] | None) -> None:
+        with self.lock:
+            if start is not None:  # outer step from the epoch's start, along the averaged change
+                assert self.outer is not None
+                for p, s, b in zip(self.params, start, self.buffers, strict=True):
+                    p.data.copy_(s)
+                    p.grad = b.clone()
+                self.outer.step()
+            else:
+                for p, b in zip(self.params, self.buffers, strict=True):
+                    p.grad = b.clone()
+                self.optimizer.step()
+            self.model.zero_grad(set_to_none=True)
+            self.epoch += 1
+        assert self.averager is not None
+        self.averager.state_sharing_priority = self.epoch
+
+    def _checkpoint(self) -> None:
+        state = self._share_state()
+        tmp = self.workdir / "checkpoint.pt.tmp"
+        torch.save(
+            {
+                "epoch": state.epoch,
+                "tensors": state.tensors,
+                "layout": state.layout,
+                "scalars": state.scalars,
+            },
+            tmp,
+        )
+        os.replace(tmp, self.workdir / "checkpoint.pt")
+
+    # ---------------------------------------------------------------------------------------- the end
+
+    def _finish(self, view: RunView) -> int:
+        """Drain the reports; the first live peer uploads the final model, the others wait for the end."""
+        self.link.drain(self.settings.report_drain_timeout)
+        while not self.stop.is_set():
+            if view.state != "settling" or view.model is not None:
+                return 0
+            live = [p for p in live_peers(view) if p.joined]
+            if live and live[0].account == self.identity.account:
+                path = self.workdir / "model.pt"
+                path.write_bytes(model_bytes(self.spec.task, dict(self.spec.options), self.epoch, self.model))
+                view = self.link.upload_model(path)
+                logger.info(f"Uploaded the final model of {self.run_id} (epoch {self.epoch})")
+                return 0
+            self.stop.wait(self.settings.run_poll_interval)
+            view = self.link.view() or view
+        return 0
+
+    def close(self) -> None:
+        if self.averager is not None:
+            self.averager.shutdown()
+        if self.dht is not None:
+            stop_dht(self.dht, self.settings)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m peer.trainer", description=__doc__.splitlines()[0])
+    parser.add_argument("run_id")
+    parser.add_argument("--coordinator", required=True)
+    parser.add_argument("--identity", required=True, type=Path)
+    parser.add_argument("--listen", action="append", default=[])
+    args = parser.parse_args(argv)
+    use_hivemind_log_handler("in_root_logger")  # this module's INFO lines too, in hivemind's format
+    settings = load_settings()
+    torch.set_num_threads(settings.train_threads)
+    identity = load_identity(args.identity)
+    with RunLink(args.coordinator, identity, args.run_id) as link:
+        trainer = Trainer(args.run_id, link, identity, settings, args.listen or ["/ip4/127.0.0.1/tcp/0"])
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: trainer.stop.set())
+        try:
+            return trainer.run()
+        except TrainerExit as e:
+            print(f"trainer: {e}", file=sys.stderr, flush=True)
+            return e.code
+        finally:
+            link.drain(settings.report_drain_timeout)
+            trainer.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,624 @@
+"""Collaborative runs against a real coordinator process: joins, reports and pay, drops, pauses, the model.
+
+Every test gets its own server (a clearing round matches every open offer, so tests must not share a
+market) with fast leases: a peer that stops heartbeating lapses within 1.5 s. Peers keep their leases
+alive with a background heartbeat task, as ``hivemarket rent`` does; rounds are cleared on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import math
+import time
+from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from coordinator.client import CoordinatorClient, CoordinatorError
+from coordinator.db import Database
+from coordinator.money import UNIT, from_units, to_units
+from coordinator.runs import RunPolicy
+from coordinator.schemas import (
+    HardwareSummary,
+    MicroBatch,
+    OfferBody,
+    ReportBody,
+    RunBody,
+    RunPeerView,
+    RunView,
+)
+from coordinator.settings import ClientSettings
+from coordinator.store import MIGRATIONS, LeaseConfig, SQLiteStore
+from peer.envelope import sign_request
+from peer.identity import Identity
+from tests.harness import CoordinatorProcess, cli_env, group_members, minimal_spec, start_coordinator
+
+HEARTBEAT = 0.5  # lease TTL 1.5 s
+MAX_MODEL = 4096
+SERVER_ENV = {
+    "HIVEMARKET_HEARTBEAT_INTERVAL": str(HEARTBEAT),
+    "HIVEMARKET_SWEEP_INTERVAL": "0.1",
+    "HIVEMARKET_CLEARING_INTERVAL": "3600",  # rounds on demand: each test decides when peers are matched
+    "HIVEMARKET_MAX_MODEL_BYTES": str(MAX_MODEL),
+    "HIVEMARKET_RATE_LIMIT_PER_SECOND": "1000",
+    "HIVEMARKET_RATE_LIMIT_BURST": "1000",
+}
+FAST = ClientSettings(retries=2, retry_backoff=0.05, retry_backoff_max=0.2, request_timeout=10)
+H100 = HardwareSummary(gpu="H100", gpu_count=1, vram_gb=80.0, tflops=400.0, ram_gb=256.0, cpu_cores=32)
+
+
+def start(tmp_path: Path, **env: str) -> CoordinatorProcess:
+    home = tmp_path / "coordinator"
+    return start_coordinator(home, Identity.generate(), env=cli_env(home, **{**SERVER_ENV, **env}))
+
+
+def stop(server: CoordinatorProcess) -> None:
+    server.stop()
+    assert not group_members(server.proc.pid), "the coordinator left processes behind"
+    assert "Unhandled error" not in server.output(), server.output()[-3000:]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[CoordinatorProcess]:
+    process = start(tmp_path)
+    try:
+        yield process
+    finally:
+        stop(process)
+
+
+class Peer:
+    """A GPU owner's side: an offer, a lease kept alive in the background, joins and reports."""
+
+    def __init__(self, url: str, price: str = "1.00"):
+        self.identity = Identity.generate()
+        self.account = self.identity.account
+        self.client = CoordinatorClient(url, self.identity, settings=FAST)
+        self.price = price
+        self.lease_id = ""
+        self._beats: asyncio.Task | None = None
+
+    async def __aenter__(self) -> Peer:
+        await self.client.__aenter__()
+        offer = await self.client.post_offer(OfferBody(price_per_hour=self.price, hardware=H100))
+        self.lease_id = offer.lease.id
+        self._beats = asyncio.create_task(self._heartbeat())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.go_silent()
+        await self.client.__aexit__(None, None, None)
+
+    async def _heartbeat(self) -> None:
+        while True:  # the renewal cadence of a live peer, well inside the 1.5 s TTL
+            await self.client.heartbeat(self.lease_id)
+            await asyncio.sleep(HEARTBEAT / 4)
+
+    async def go_silent(self) -> None:
+        """Stop heartbeating, as a peer that crashed or lost its network: its lease will lapse."""
+        if self._beats is not None:
+            self._beats.cancel()
+            with contextlib.suppress(asyncio.CancelledError, CoordinatorError):
+                await self._beats
+            self._beats = None
+
+    async def join(self, run_id: str) -> RunView:
+        return await self.client.join(
+            run_id, f"12D3KooW{self.account[:12]}", [f"/ip4/127.0.0.1/tcp/{self.port}"]
+        )
+
+    @property
+    def port(self) -> int:
+        return 4000 + int(self.account[:3], 16)
+
+
+def report(epoch: int, samples: int = 4, *, seconds: float = 0.25, loss: float = 1.5) -> ReportBody:
+    ids = list(range(epoch * samples, (epoch + 1) * samples))
+    half = samples // 2 or 1
+    batches = [MicroBatch(ids=ids[:half], loss=loss, sketch=[0.5, -0.25])]
+    if ids[half:]:
+        batches.append(MicroBatch(ids=ids[half:], loss=loss, sketch=[0.125, 1.0]))
+    return ReportBody(
+        epoch=epoch,
+        samples=samples,
+        loss=loss,
+        seconds=seconds,
+        group_size=2,
+        param_sketch=[1.0, 2.0, 3.0],
+        micro_batches=batches,
+    )
+
+
+class Market:
+    """The launcher's and the admin's side of one server."""
+
+    def __init__(self, server: CoordinatorProcess, client: CoordinatorClient, admin: CoordinatorClient):
+        self.server, self.client, self.admin = server, client, admin
+        self.launcher = client.identity
+        assert self.launcher is not None
+
+    async def launch(
+        self, *, peers: tuple[int, int] = (1, 1), target: int = 1000, wait: float = 30.0, budget: str = "10"
+    ) -> RunView:
+        spec = minimal_spec(
+            "test-run", stop={"samples": target}, peers={"min": peers[0], "wait_seconds": wait}
+        )
+        body = RunBody(spec=spec, max_price="0.01", peers_min=peers[0], peers_max=peers[1], budget=budget)
+        return await self.client.create_run(body)
+
+    async def clear(self) -> None:
+        await self.admin.clear_market()
+
+    async def run(self, run_id: str) -> RunView:
+        return await self.client.run(run_id)
+
+    async def until(self, run_id: str, what: str, check: Any, timeout: float = 10.0) -> RunView:
+        """Poll the run until ``check(view)`` holds; fail naming ``what`` at the deadline."""
+        deadline = time.monotonic() + timeout
+        while True:
+            view = await self.run(run_id)
+            if check(view):
+                return view
+            assert time.monotonic() < deadline, f"timed out waiting for {what}: {view}"
+            await asyncio.sleep(0.05)
+
+    async def conserved(self) -> None:
+        audit = await self.client.audit()
+        assert audit.conserved, audit
+
+
+@pytest.fixture
+async def market(server: CoordinatorProcess) -> AsyncIterator[Market]:
+    launcher = Identity.generate()
+    async with (
+        CoordinatorClient(server.url, launcher, settings=FAST) as client,
+        CoordinatorClient(server.url, server.admin, settings=FAST) as admin,
+    ):
+        await admin.deposit(launcher.account, "100")
+        yield Market(server, client, admin)
+
+
+async def wait_for_clock(moment: float) -> None:
+    """Wait until the wall clock has passed ``moment`` (the server and the tests share the clock)."""
+    while time.time() <= moment:
+        await asyncio.sleep(0.02)
+
+
+def expected_pay(price: Decimal, seconds: float, accepted_at: float, since: float) -> Decimal:
+    billable = min(Fraction(seconds), Fraction(accepted_at) - Fraction(since))
+    return from_units(math.floor(Fraction(to_units(price)) * billable / 3600))
+
+
+def peer_of(view: RunView, account: str) -> RunPeerView:
+    """The account's active match in the run, else its latest one."""
+    matches = [p for p in view.peers if p.account == account]
+    return next((p for p in matches if p.state == "active"), matches[-1])
+
+
+# ------------------------------------------------------------------------------------- join, report, pay
+
+
+async def test_join_report_pay_exactly_and_conserve(market: Market) -> None:
+    async with Peer(market.server.url) as a, Peer(market.server.url) as b:
+        run = await market.launch(peers=(2, 2), target=1000)
+        assert (
+            run.state == "recruiting" and run.target_samples == 1000 and run.epoch == 0 and run.loss is None
+        )
+        await market.clear()
+        run = await market.run(run.id)
+        assert run.state == "running" and run.reason == "2 of min 2 peers live", run
+
+        joined = await a.join(run.id)
+        mine = peer_of(joined, a.account)
+        assert mine.joined and mine.peer_id == f"12D3KooW{a.account[:12]}" and mine.maddrs
+        first_join = mine.joined_at
+        again = await a.client.join(run.id, "12D3KooWnew", ["/ip4/10.0.0.1/tcp/1"])  # a re-join
+        mine = peer_of(again, a.account)
+        assert (mine.peer_id, mine.maddrs, mine.joined_at) == (
+            "12D3KooWnew",
+            ["/ip4/10.0.0.1/tcp/1"],
+            first_join,
+        )
+        await b.join(run.id)
+        price = mine.price_per_hour
+
+        # Compute time shorter than the wall clock since joining: paid for the compute time.
+        await wait_for_clock(first_join + 0.3)
+        r0 = await a.client.report(run.id, report(0, seconds=0.25, loss=2.0))
+        assert r0.paid == expected_pay(price, 0.25, r0.accepted_at, first_join) > 0
+        assert r0.paid == from_units(math.floor(Fraction(to_units(price)) * Fraction(0.25) / 3600))
+        # Claimed compute time longer than the wall clock since the last report: capped by the clock.
+        r1 = await a.client.report(run.id, report(1, seconds=86400.0, loss=1.0))
+        assert r1.paid == expected_pay(price, 86400.0, r1.accepted_at, r0.accepted_at)
+        assert r1.paid < from_units(to_units(price) * 10 // 3600)  # far less than a day's pay
+        b_join = peer_of(await market.run(run.id), b.account).joined_at
+        rb = await b.client.report(run.id, report(1, seconds=0.001, loss=3.0))
+        assert rb.paid == expected_pay(price, 0.001, rb.accepted_at, b_join)
+
+        view = await market.run(run.id)
+        assert (view.samples, view.epoch, view.loss) == (12, 2, 2.0)  # latest epoch: mean of 1.0 and 3.0
+        paid = r0.paid + r1.paid + rb.paid
+        assert view.spent == paid and view.escrow == Decimal("10") - paid and view.refunded == 0
+        assert peer_of(view, a.account).paid == r0.paid + r1.paid and peer_of(view, a.account).samples == 8
+        assert peer_of(view, a.account).last_report_at == r1.accepted_at
+        assert (await a.client.account(a.account)).earned == r0.paid + r1.paid
+        launcher = await market.client.account(market.launcher.account)
+        assert (launcher.balance, launcher.escrow) == (Decimal("90"), view.escrow)
+
+        listed = await market.client.reports(run.id)
+        assert [(r.epoch, r.account) for r in listed] == sorted(
+            [(0, a.account), (1, a.account), (1, b.account)]
+        )
+        assert listed[0] == r0 and listed[0].micro_batches == report(0, loss=2.0).micro_batches
+        assert listed[0].param_sketch == [1.0, 2.0, 3.0] and listed[0].group_size == 2
+        await market.conserved()
+
+
+async def refused(call: Any, status: int, code: str, field: str | None) -> CoordinatorError:
+    """Await ``call``; it must fail with this status, code and field."""
+    with pytest.raises(CoordinatorError) as caught:
+        await call
+    error = caught.value
+    assert (error.status, error.code, error.field) == (status, code, field), error
+    return error
+
+
+async def test_report_and_join_refusals_name_the_code_and_field(market: Market) -> None:
+    url = market.server.url
+    async with Peer(url) as a, CoordinatorClient(url, Identity.generate(), settings=FAST) as stranger:
+        run = await market.launch(peers=(1, 1))
+        await market.clear()
+        await refused(a.client.report("run-nope", report(0)), 404, "not_found", "run_id")
+        error = await refused(stranger.report(run.id, report(0)), 403, "not_in_run", "run_id")
+        assert "never matched" in error.message
+        await refused(stranger.join(run.id, "12D3KooWx", ["/ip4/1.2.3.4/tcp/1"]), 403, "not_in_run", "run_id")
+        await refused(a.client.report(run.id, report(0)), 409, "not_joined", "run_id")
+        await a.join(run.id)
+        await a.client.report(run.id, report(0))
+        error = await refused(a.client.report(run.id, report(0)), 409, "report_exists", "epoch")
+        assert "epoch 0" in error.message
+
+        # Bodies the schema refuses: the field and the bad value are named, nothing is applied.
+        raw = report(5).model_dump(mode="json")
+        cases = [
+            ({**raw, "samples": 5}, "samples", "must equal the number of micro-batch ids (4)"),
+            ({**raw, "loss": float("nan")}, "loss", "finite"),
+            ({**raw, "seconds": 86401}, "seconds", "86400"),
+            ({**raw, "seconds": 0}, "seconds", "greater than 0"),
+            ({**raw, "param_sketch": []}, "param_sketch", "at least 1"),
+            ({**raw, "group_size": 0}, "group_size", "greater than or equal to 1"),
+            (
+                {**raw, "micro_batches": [{"ids": [-1], "loss": 1, "sketch": [1]}]},
+                "micro_batches.0.ids.0",
+                "-1",
+            ),
+            ({**raw, "micro_batches": []}, "micro_batches", "at least 1"),
+            ({**raw, "epoch": -1}, "epoch", "-1"),
+        ]
+        joins = [
+            ({"peer_id": "", "maddrs": ["/ip4/1.2.3.4/tcp/1"]}, "peer_id"),
+            ({"peer_id": "x", "maddrs": []}, "maddrs"),
+            ({"peer_id": "x", "maddrs": ["/ip4/1.2.3.4/tcp/1"] * 17}, "maddrs"),
+            ({"peer_id": "x", "maddrs": ["a" * 301]}, "maddrs.0"),
+        ]
+        async with aiohttp.ClientSession() as session:
+            for body, field, words in cases:
+                status, data = await _post(session, url, a.identity, f"/v1/runs/{run.id}/reports", body)
+                error = data["error"]
+                assert (status, error["field"]) == (400, field) and words in error["message"], (body, data)
+            for body, field in joins:
+                status, data = await _post(session, url, a.identity, f"/v1/runs/{run.id}/join", body)
+                assert (status, data["error"]["field"]) == (400, field), data
+
+            # A retried POST (same nonce) is applied once: the retry is refused and nothing is paid twice.
+            path, body = f"/v1/runs/{run.id}/reports", json.dumps(report(7).model_dump(mode="json")).encode()
+            headers = {"Content-Type": "application/json", **sign_request(a.identity, "POST", path, body)}
+            async with session.post(url + path, data=body, headers=headers) as resp:
+                assert resp.status == 201
+            async with session.post(url + path, data=body, headers=headers) as resp:
+                assert resp.status == 401 and (await resp.json())["error"]["code"] == "nonce_replayed"
+        assert [r.epoch for r in await market.client.reports(run.id)] == [0, 7]
+
+        # Joins and reports stop when the run ends.
+        await market.client.cancel_run(run.id)
+        await refused(a.client.report(run.id, report(8)), 409, "run_ended", "run_id")
+        error = await refused(a.join(run.id), 409, "run_ended", "run_id")
+        assert "cancelled" in error.message
+
+        # Reports wait for the run to start: one of two peers is matched, the run still recruits.
+        waiting = await market.launch(peers=(2, 2))
+        await market.clear()  # a is back on the market, and the only open offer
+        view = await a.join(waiting.id)
+        assert view.state == "recruiting"
+        await refused(a.client.report(waiting.id, report(0)), 409, "run_not_started", "run_id")
+        await market.conserved()
+
+
+async def _post(
+    session: aiohttp.ClientSession, url: str, signer: Identity, path: str, body: Any
+) -> tuple[int, Any]:
+    raw = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **sign_request(signer, "POST", path, raw)}
+    async with session.post(url + path, data=raw, headers=headers) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_specs_are_validated_with_dotted_fields(market: Market) -> None:
+    async with aiohttp.ClientSession() as session:
+        cases = [
+            (minimal_spec("x", batch={"target": 0}), "spec.batch.target", "greater than or equal to 1"),
+            (minimal_spec("x", stop={"epochs": 2}), "spec.stop.samples", "convert stop.epochs into samples"),
+            ({"name": "x"}, "spec.task", "required"),
+            (minimal_spec("bad name!"), "spec.name", "bad name!"),
+            (minimal_spec("x", peers={"wait_seconds": -1}), "spec.peers.wait_seconds", "greater than 0"),
+        ]
+        for spec, field, words in cases:
+            payload = {"spec": spec, "max_price": "0.01", "peers_min": 1, "peers_max": 1, "budget": "1"}
+            status, data = await _post(session, market.server.url, market.launcher, "/v1/runs", payload)
+            assert status == 400 and data["error"]["field"] == field and words in data["error"]["message"], (
+                data
+            )
+    with pytest.raises(ValueError, match=r"spec\.stop\.samples"):
+        RunBody(
+            spec=minimal_spec("x", stop={"epochs": 2}), max_price="0.01", peers_min=1, peers_max=1, budget="1"
+        )
+    stored = (await market.launch()).spec
+    assert stored == minimal_spec("test-run", stop={"samples": 1000}, peers={"min": 1, "wait_seconds": 30.0})
+
+
+# --------------------------------------------------------------------------------------- drops and pauses
+
+
+async def test_a_dropped_peer_is_refused_and_its_pay_stops(market: Market) -> None:
+    async with Peer(market.server.url) as a, Peer(market.server.url) as b:
+        run = await market.launch(peers=(1, 2))
+        await market.clear()
+        await a.join(run.id)
+        await b.join(run.id)
+        paid = (await b.client.report(run.id, report(0, seconds=0.001))).paid
+        await b.go_silent()
+        view = await market.until(
+            run.id, "b's match to drop", lambda v: peer_of(v, b.account).state == "dropped"
+        )
+        assert view.state == "running"  # a alone still meets the minimum of 1
+        with pytest.raises(CoordinatorError) as caught:
+            await b.client.report(run.id, report(1, seconds=10.0))
+        assert (caught.value.status, caught.value.code) == (
+            403,
+            "not_in_run",
+        ) and "dropped" in caught.value.message
+        await a.client.report(run.id, report(1, seconds=0.001))
+        view = await market.run(run.id)
+        assert peer_of(view, b.account).paid == paid and peer_of(view, b.account).samples == 4
+        assert (await b.client.account(b.account)).earned == paid
+        assert [r.account for r in await market.client.reports(run.id)].count(b.account) == 1
+        await market.conserved()
+
+
+async def test_pause_below_the_minimum_and_resume_with_a_replacement(market: Market) -> None:
+    url = market.server.url
+    async with Peer(url) as a, Peer(url) as b:
+        run = await market.launch(peers=(2, 2), wait=30.0)
+        await market.clear()
+        await a.join(run.id)
+        await b.join(run.id)
+        await a.go_silent()
+        view = await market.until(run.id, "the run to pause", lambda v: v.state == "paused")
+        assert view.reason == "1 of min 2 peers live; waiting up to 30 s for replacements", view.reason
+        assert (
+            await b.client.report(run.id, report(0, seconds=0.001))
+        ).epoch == 0  # paused runs take reports
+        async with Peer(url) as c:
+            await market.clear()
+            view = await market.until(run.id, "the run to resume", lambda v: v.state == "running")
+            assert view.reason == "2 of min 2 peers live"
+            assert {p.account for p in view.peers if p.state == "active"} == {b.account, c.account}
+            assert [p.state for p in view.peers if p.account == a.account] == ["dropped"]
+            await c.join(run.id)
+            await c.client.report(run.id, report(1, seconds=0.001))
+        await market.conserved()
+
+
+async def test_a_pause_without_replacements_fails_and_refunds_the_rest(market: Market) -> None:
+    async with Peer(market.server.url) as a:
+        run = await market.launch(peers=(1, 1), wait=1.0, budget="10")
+        await market.clear()
+        await a.join(run.id)
+        await wait_for_clock(time.time() + 0.1)
+        paid = (await a.client.report(run.id, report(0, seconds=0.05))).paid
+        assert paid > 0
+        await a.go_silent()
+        await market.until(run.id, "the run to pause", lambda v: v.state == "paused")
+        view = await market.until(run.id, "the run to fail", lambda v: v.state == "failed")
+        assert view.reason == "paused 1 s without replacements (0 of min 1 peers live)", view.reason
+        assert view.escrow == 0 and view.spent == paid and view.refunded == Decimal("10") - paid
+        launcher = await market.client.account(market.launcher.account)
+        assert (launcher.balance, launcher.escrow) == (Decimal("100") - paid, 0)
+        assert all(p.state != "active" for p in view.peers)
+        await market.conserved()
+
+
+async def test_an_empty_escrow_settles_the_run(market: Market) -> None:
+    async with Peer(market.server.url) as a:
+        run = await market.launch(budget="0.0001")  # 100 units: under a second of a 1.00/h peer
+        await market.clear()
+        joined_at = peer_of(await a.join(run.id), a.account).joined_at
+        await wait_for_clock(joined_at + 0.5)
+        r0 = await a.client.report(run.id, report(0, seconds=1.0))
+        assert r0.paid == Decimal("0.0001")  # capped by what the escrow held
+        view = await market.run(run.id)
+        assert (view.state, view.reason, view.escrow) == ("settling", "budget exhausted", 0)
+        r1 = await a.client.report(run.id, report(1, seconds=1.0))  # settling runs take reports, unpaid
+        assert r1.paid == 0
+        assert (await a.client.account(a.account)).earned == Decimal("0.0001")
+        await market.conserved()
+
+
+# --------------------------------------------------------------------------------------- settle, the model
+
+
+async def test_target_settles_then_the_model_finishes_the_run(market: Market, tmp_path: Path) -> None:
+    url = market.server.url
+    models = market.server.home / "models"
+    async with Peer(url) as a, CoordinatorClient(url, Identity.generate()) as stranger:
+        run = await market.launch(target=8, budget="10")
+        await market.clear()
+        await wait_for_clock(peer_of(await a.join(run.id), a.account).joined_at + 0.2)
+        assert (await a.client.report(run.id, report(0, seconds=0.2))).paid > 0
+        assert (await market.run(run.id)).state == "running"
+        await a.client.report(run.id, report(1, seconds=0.001))
+        view = await market.run(run.id)
+        assert (view.state, view.reason) == ("settling", "target of 8 samples reached (8)")
+        await a.client.report(run.id, report(2, seconds=0.001))  # work done before it settled is still taken
+
+        with pytest.raises(CoordinatorError) as caught:
+            await market.client.download_model(run.id, tmp_path / "none.bin")
+        assert (caught.value.status, caught.value.code) == (404, "no_model")
+
+        model = tmp_path / "model.bin"
+        model.write_bytes(bytes(range(256)) * 10)  # 2560 bytes, under the 4096-byte limit
+        digest = hashlib.sha256(model.read_bytes()).hexdigest()
+        target = f"/v1/runs/{run.id}/model"
+        async with aiohttp.ClientSession() as session:
+            # Signed over other bytes: 401, nothing recorded, no file left.
+            headers = sign_request(a.identity, "PUT", target, b"another model")
+            async with session.put(url + target, data=model.read_bytes(), headers=headers) as resp:
+                assert resp.status == 401 and (await resp.json())["error"]["code"] == "bad_signature"
+            headers = sign_request(a.identity, "PUT", target, b"")
+            async with session.put(url + target, data=b"", headers=headers) as resp:
+                assert resp.status == 400 and (await resp.json())["error"]["code"] == "empty_model"
+            # Too large, declared or streamed without a length: 413.
+            big = b"x" * (MAX_MODEL + 1)
+            headers = sign_request(a.identity, "PUT", target, big)
+            async with session.put(url + target, data=big, headers=headers) as resp:
+                assert resp.status == 413 and (await resp.json())["error"]["code"] == "body_too_large"
+
+            async def chunks() -> AsyncIterator[bytes]:
+                for _ in range(MAX_MODEL // 1024 + 1):
+                    yield b"y" * 1024
+
+            headers = sign_request(a.identity, "PUT", target, b"y" * (MAX_MODEL // 1024 + 1) * 1024)
+            async with session.put(url + target, data=chunks(), headers=headers) as resp:
+                assert resp.status == 413, await resp.text()
+        view = await market.run(run.id)
+        assert view.state == "settling" and view.model is None
+        assert not models.exists() or list(models.iterdir()) == []  # no partial upload is left
+
+        with pytest.raises(CoordinatorError) as caught:
+            await stranger.upload_model(run.id, model)
+        assert (caught.value.status, caught.value.code) == (403, "not_in_run")
+        finished = await a.client.upload_model(run.id, model)
+        assert (finished.state, finished.model.sha256, finished.model.bytes) == ("finished", digest, 2560)
+        assert finished.model.uploaded_by == a.account and finished.escrow == 0
+        assert finished.refunded == Decimal("10") - finished.spent and finished.spent > 0
+        assert finished.reason.startswith(f"model {digest[:12]}")
+        assert all(p.state == "released" for p in finished.peers)
+        offers = {o.account: o for o in await market.client.offers()}
+        assert offers[a.account].state == "open"  # the peer is back on the market
+        launcher = await market.client.account(market.launcher.account)
+        assert launcher.balance == Decimal("100") - finished.spent
+        assert [p.name for p in models.iterdir()] == [f"{run.id}.model"]
+
+        out = tmp_path / "downloaded.bin"
+        assert await market.client.download_model(run.id, out) == digest
+        assert out.read_bytes() == model.read_bytes()
+        with pytest.raises(CoordinatorError) as caught:
+            await a.client.upload_model(run.id, model)  # a second upload: the run no longer settles
+        assert (caught.value.status, caught.value.code) == (409, "run_not_settling")
+        assert out.read_bytes() == model.read_bytes()
+
+        # A model file damaged on the server's disk is refused by the client, and `out` is left alone.
+        (models / f"{run.id}.model").write_bytes(b"rotten")
+        with pytest.raises(CoordinatorError) as caught:
+            await market.client.download_model(run.id, out)
+        assert caught.value.code == "hash_mismatch"
+        assert out.read_bytes() == model.read_bytes() and list(tmp_path.glob(".downloaded*")) == []
+        await market.conserved()
+
+
+async def test_settle_timeout_finishes_without_a_model(tmp_path: Path) -> None:
+    server = start(tmp_path, HIVEMARKET_SETTLE_TIMEOUT="1")
+    try:
+        async with (
+            CoordinatorClient(server.url, Identity.generate(), settings=FAST) as client,
+            CoordinatorClient(server.url, server.admin, settings=FAST) as admin,
+        ):
+            await admin.deposit(client.identity.account, "10")
+            market = Market(server, client, admin)
+            async with Peer(server.url) as a:
+                run = await market.launch(target=4, budget="10")
+                await market.clear()
+                await a.join(run.id)
+                await a.client.report(run.id, report(0, seconds=0.001))
+                assert (await market.run(run.id)).state == "settling"
+                view = await market.until(run.id, "the settle timeout", lambda v: v.state == "finished")
+                assert (view.reason, view.model) == ("no model uploaded within 1 s", None)
+                assert view.escrow == 0 and view.refunded == Decimal("10") - view.spent
+                assert all(p.state == "released" for p in view.peers)
+                await market.conserved()
+    finally:
+        stop(server)
+
+
+# ------------------------------------------------------------------------------------------------ schema
+
+
+async def test_an_existing_database_migrates(tmp_path: Path) -> None:
+    """A database made by the first schema opens with the second: old runs get no target and a state date."""
+    path = tmp_path / "old.db"
+    old = Database(path, MIGRATIONS[:1], synchronous="NORMAL", batch_max=8)
+    await old.open()
+    spec = json.dumps({"name": "legacy"})
+    await old.write(
+        lambda conn: conn.execute(
+            "INSERT INTO runs (id, owner, name, state, spec, max_price_units, peers_min, peers_max,"
+            " min_vram_gb, budget_units, created_at)"
+            " VALUES ('run-old', ?, 'legacy', 'running', ?, 1, 1, 1, 0, ?, 123.0)",
+            ("a" * 64, spec, UNIT),
+        )
+    )
+    await old.write(
+        lambda conn: conn.execute(
+            "INSERT INTO books (name, units) VALUES ('external', ?), ('escrow:run-old', ?)", (-UNIT, UNIT)
+        )
+    )
+    await old.close()
+    store = SQLiteStore(
+        path, LeaseConfig(1.0, 3.0), synchronous="NORMAL", batch_max=8, run_policy=RunPolicy()
+    )
+    await store.open()
+    try:
+        view = await store.run("run-old")
+        assert (view.target_samples, view.state_since, view.reason, view.samples, view.model) == (
+            0,
+            123.0,
+            "",
+            0,
+            None,
+        )
+        assert await store.sweep(10**9, nonce_horizon=600) == []
+        assert (await store.run("run-old")).state == "paused"  # no live peer: it waits for replacements
+    finally:
+        await store.close()
+
+
+async def test_openapi_documents_the_run_routes(server: CoordinatorProcess) -> None:
+    async with aiohttp.ClientSession() as session, session.get(server.url + "/openapi.json") as resp:
+        paths = (await resp.json())["paths"]
+    assert paths["/v1/runs/{run_id}/model"]["put"]["requestBody"]["content"] == {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+    }
+    assert (
+        "application/octet-stream" in paths["/v1/runs/{run_id}/model"]["get"]["responses"]["200"]["content"]
+    )
+    for path in ("/v1/runs/{run_id}/join", "/v1/runs/{run_id}/reports"):
+        assert "requestBody" in paths[path]["post"]
+    assert "201" in paths["/v1/runs/{run_id}/reports"]["post"]["responses"]

@@ -1,0 +1,122 @@
+"""Collaborative training end to end: a real coordinator, real renting peers (``hivemarket rent``, each
+with its trainer, hivemind DHT, averager and p2pd) on 127.0.0.1, the digits task.
+
+One run is trained once for the module: two peers start it, a third joins once it is under way. The
+tests then check what that run left behind: the joiner loaded the state and was paid for its work,
+the peers' parameters agreed at every epoch, and the swarm's model is as good as one process's.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from coordinator.schemas import ReportView, RunView
+from peer.data.format import load_manifest
+from peer.data.reader import DatasetReader
+from peer.demo import Demo
+from peer.sketch import relative_distance
+from peer.spec import validate_spec
+from peer.trainer import AGREEMENT_TOLERANCE, load_model_file, make_optimizer, train_ids
+from tests.harness import wait_until
+
+EPOCHS = 24
+JOIN_AT_EPOCH = 6
+
+
+@dataclass
+class FinishedRun:
+    demo: Demo
+    run: RunView
+    reports: list[ReportView]
+    joiner: str
+    model: Path
+
+
+@pytest.fixture(scope="module")
+def finished_run() -> Iterator[FinishedRun]:
+    demo = Demo(peers=3, drop=False, echo=print, timeout=240)
+    try:
+        demo.start_coordinator()
+        demo.fund_launcher()
+        demo.add_peer()
+        demo.add_peer()
+        demo.wait_offers(2)
+        run = demo.launch(peers_min=2, peers_max=3, samples=256 * EPOCHS)
+        wait_until(
+            lambda: demo._ask(lambda c: c.run(run.id)).epoch >= JOIN_AT_EPOCH, 120, "the run to get under way"
+        )
+        joiner = demo.add_peer()
+        final, _, _ = demo.follow(run)
+        assert final.state == "finished", final.reason
+        reports = demo._ask(lambda c: c.reports(run.id))
+        model = demo.tmp / "model.pt"
+        demo._ask(lambda c: c.download_model(run.id, model))
+        yield FinishedRun(demo, final, reports, joiner, model)
+    finally:
+        survivors = demo.close()
+        assert not survivors, f"processes left behind: {survivors}"
+
+
+@pytest.mark.timeout(300)
+def test_a_peer_that_joins_a_running_swarm_loads_the_state_and_its_work_counts(finished_run: FinishedRun):
+    log = finished_run.demo.peers[finished_run.joiner].log.read_text()
+    loaded = [line for line in log.splitlines() if "Loaded the training state of epoch" in line]
+    assert loaded and "from the other peers" in loaded[0], log[-3000:]
+    loaded_epoch = int(loaded[0].split("epoch ")[1].split()[0])
+    assert loaded_epoch >= JOIN_AT_EPOCH, loaded[0]
+
+    mine = [r for r in finished_run.reports if r.account == finished_run.joiner]
+    assert mine, "the joiner's reports were not accepted"
+    assert min(r.epoch for r in mine) >= loaded_epoch  # it went on from the state, not from scratch
+    peer = next(p for p in finished_run.run.peers if p.account == finished_run.joiner)
+    assert peer.samples == sum(r.samples for r in mine) > 0
+    assert peer.paid > 0
+    assert finished_run.run.samples >= finished_run.run.target_samples
+
+
+@pytest.mark.timeout(300)
+def test_peers_parameters_agree_after_each_epoch(finished_run: FinishedRun):
+    by_epoch: dict[int, list[ReportView]] = defaultdict(list)
+    for report in finished_run.reports:
+        by_epoch[report.epoch].append(report)
+    shared = [epoch for epoch, reports in by_epoch.items() if len(reports) > 1]
+    assert len(shared) >= EPOCHS // 2, f"only epochs {sorted(shared)} had several peers"
+    for epoch in shared:
+        first, *others = by_epoch[epoch]
+        for other in others:
+            distance = relative_distance(first.param_sketch, other.param_sketch)
+            assert distance <= AGREEMENT_TOLERANCE, (epoch, first.account[:8], other.account[:8], distance)
+    assert any(len(by_epoch[e]) == 3 for e in shared), "the joiner never trained in step with the others"
+
+
+@pytest.mark.timeout(300)
+def test_swarm_loss_is_within_5_percent_of_one_process_on_the_same_data(finished_run: FinishedRun):
+    demo, run = finished_run.demo, finished_run.run
+    spec = validate_spec(run.spec)
+    manifest = load_manifest(demo.tmp / "digits")
+    reader = DatasetReader(manifest, lambda s: demo.tmp / "digits" / s.file)
+    train = train_ids(np.arange(manifest.samples), spec.dataset.test_every)
+    task, swarm_model, saved = load_model_file(finished_run.model)
+    everything = task.batch(reader.read(train.tolist()))
+
+    # One process: the same model, optimizer, total batch per step and number of steps.
+    model = task.build_model(spec.seed)
+    optimizer = make_optimizer(spec, list(model.parameters()))
+    order = np.random.default_rng(0).permutation(train)
+    for step in range(saved["epoch"]):  # the swarm's optimizer steps
+        ids = np.take(order, range(step * spec.batch.target, (step + 1) * spec.batch.target), mode="wrap")
+        optimizer.zero_grad()
+        task.loss(model, task.batch(reader.read(ids.tolist()))).backward()
+        optimizer.step()
+
+    with torch.no_grad():
+        swarm = task.evaluate(swarm_model, everything)["loss"]
+        single = task.evaluate(model, everything)["loss"]
+    assert abs(swarm - single) <= 0.05 * single, (swarm, single)
