@@ -141,7 +141,7 @@ class RunAverager(DecentralizedAverager):
             # below min_matchmaking_time, as hivemind's matchmaking requires to rule out deadlocks
             request_timeout=matchmaking_seconds / 2,
             allreduce_timeout=timeout_seconds,
-            next_chunk_timeout=max(matchmaking_seconds, timeout_seconds / 5),
+            next_chunk_timeout=max(matchmaking_seconds, timeout_seconds / 3),
             compression=compression(compression_name),
             state_compression=NoCompression(),
             allow_state_sharing=True,

@@ -315,8 +315,9 @@ def _print_records(records: list[dict[str, Any]]) -> None:
 )
 @click.option("--no-drop", is_flag=True, help="Do not kill a peer mid-run.")
 @click.option("--timeout", default=600.0, show_default=True, help="Give up after this many seconds.")
+@click.option("--keep", is_flag=True, help="Keep the temporary folder (database, dataset, model, logs).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
-def demo(n_peers: int, no_drop: bool, timeout: float, as_json: bool) -> None:
+def demo(n_peers: int, no_drop: bool, timeout: float, keep: bool, as_json: bool) -> None:
     """Run the whole market on this machine: a coordinator, N renting peers and a digits training run
     in which one peer is killed mid-run; print the losses, the test accuracy and the settled ledger.
 
@@ -327,7 +328,7 @@ def demo(n_peers: int, no_drop: bool, timeout: float, as_json: bool) -> None:
     """
     from peer.demo import print_result, run_demo
 
-    result = run_demo(n_peers, not no_drop, as_json, timeout)
+    result = run_demo(n_peers, not no_drop, as_json, timeout, keep)
     if as_json:
         echo_json(result)
     else:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -219,21 +220,28 @@ class Demo:
 
         self._wait(f"{count} offers", posted, interval=0.5)
 
-    def launch(self, peers_min: int, peers_max: int, samples: int | None = None) -> RunView:
-        """Launch examples/digits.toml (with ``stop.samples`` instead of its epochs when given)."""
+    def launch(
+        self,
+        peers_min: int,
+        peers_max: int,
+        *,
+        bid_over_asks: Decimal = BID_OVER_ASKS,
+        changes: dict[str, dict[str, Any]] | None = None,
+    ) -> RunView:
+        """Launch examples/digits.toml, with ``changes`` to its sections (``{"stop": {"samples": 1000}}``),
+        bidding ``bid_over_asks`` times the dearest offer's price per effective TFLOP-hour."""
         from coordinator.launch import resolve_spec
-        from peer.spec import load_spec
+        from peer.spec import load_spec, validate_spec
 
-        spec = load_spec(example_spec())
-        if samples is not None:
-            spec = spec.model_copy(
-                update={"stop": spec.stop.model_copy(update={"samples": samples, "epochs": None})}
-            )
+        data = load_spec(example_spec()).model_dump(mode="json", exclude_none=True)
+        for section, values in (changes or {}).items():
+            data[section] = values if section == "stop" else {**data[section], **values}
+        spec = validate_spec(data)
         offers = self._ask(lambda c: c.offers())
         dearest = max(o.price_per_hour / Decimal(o.tflops * o.reliability) for o in offers)
         body = RunBody(
             spec=resolve_spec(spec, self.url),
-            max_price=f"{(dearest * BID_OVER_ASKS).quantize(Decimal('0.01'))}",
+            max_price=f"{(dearest * bid_over_asks).quantize(Decimal('0.01'))}",
             peers_min=peers_min,
             peers_max=peers_max,
             budget=BUDGET,
@@ -327,7 +335,9 @@ def ledger(run: RunView, audit_conserved: bool, launcher: str, paid_at_drop: dic
     return {"conserved": audit_conserved, "accounts": rows}
 
 
-def run_demo(peers: int, drop: bool, as_json: bool, timeout: float) -> dict[str, Any]:
+def run_demo(peers: int, drop: bool, as_json: bool, timeout: float, keep: bool = False) -> dict[str, Any]:
+    """Run the demo; its temporary folder (database, dataset, logs) is removed on success unless ``keep``,
+    and kept (and named in the error) when something failed."""
     echo = (lambda _text: None) if as_json else (lambda text: click.echo(text, err=False))
     demo = Demo(peers, drop, echo, timeout)
     started = time.monotonic()
@@ -352,10 +362,15 @@ def run_demo(peers: int, drop: bool, as_json: bool, timeout: float) -> dict[str,
             "dropped": dropped,
             "ledger": ledger(final, audit.conserved, demo.launcher.account, paid_at_drop),
             "seconds": round(time.monotonic() - started, 1),
-            "logs": str(demo.tmp),
         }
+        if keep:
+            result["folder"] = str(demo.tmp)
     finally:
-        demo.close()
+        survivors = demo.close()
+    if survivors:
+        raise DemoError(f"processes survived the demo: {survivors}; logs are in {demo.tmp}")
+    if not keep:
+        shutil.rmtree(demo.tmp, ignore_errors=True)
     return result
 
 

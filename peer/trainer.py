@@ -114,6 +114,24 @@ def test_ids(total: int, test_every: int) -> np.ndarray:
     return ids[ids % test_every == test_every - 1]
 
 
+def shares(target: int, owned: dict[str, int]) -> dict[str, int]:
+    """Split ``target`` samples among peers in proportion to the training samples each owns, summing to
+    ``target`` exactly (largest remainders, ties to the smaller account).
+
+    Proportional shares make every peer go through its blocks at the same pace, so the swarm visits each
+    sample once per pass like one process would; equal shares would over-sample the peers that own less.
+    """
+    total = sum(owned.values())
+    if total == 0:
+        raise ValueError("the live peers own no training samples")
+    exact = {a: target * n / total for a, n in owned.items()}
+    result = {a: math.floor(x) for a, x in exact.items()}
+    by_remainder = sorted(owned, key=lambda a: (result[a] - exact[a], a))
+    for a in by_remainder[: target - sum(result.values())]:
+        result[a] += 1
+    return result
+
+
 @dataclass
 class SampleStream:
     """This peer's training samples in assignment order, pass after pass over its blocks.
@@ -131,18 +149,19 @@ class SampleStream:
     position: int = 0
     peers: tuple[str, ...] = ()
     order: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    owned: dict[str, int] = field(default_factory=dict)
 
-    def take(self, count: int, peers: Sequence[str]) -> list[int]:
+    def take(self, target: int, peers: Sequence[str]) -> list[int]:
+        """This peer's share of a step of ``target`` samples over ``peers``, in its training order."""
         if tuple(sorted(peers)) != self.peers:
             self.peers = tuple(sorted(peers))
             self._assign()
+        count = shares(target, self.owned)[self.account]
         taken: list[int] = []
         while len(taken) < count:
             if self.position >= len(self.order):
                 self.passes += 1
                 self._assign()
-                if not len(self.order):
-                    raise TrainerExit(EXIT_REFUSED, "this peer was assigned no training samples")
             end = min(len(self.order), self.position + count - len(taken))
             taken += self.order[self.position : end].tolist()
             self.position = end
@@ -154,8 +173,11 @@ class SampleStream:
 
     def _assign(self) -> None:
         result = assign(self.seed, self.passes, self.peers, self.manifest.shards, self.block_size)
+        self.owned = {a: len(train_ids(ids, self.test_every)) for a, ids in result.samples.items()}
         self.order = train_ids(result.samples[self.account], self.test_every)
         self.position = 0
+        if not len(self.order):
+            raise TrainerExit(EXIT_REFUSED, "this peer was assigned no training samples")
 
 
 # ------------------------------------------------------------------------------------------------ trainer
@@ -333,8 +355,7 @@ class Trainer:
     def _epoch(self, live: list[str]) -> None:
         started = time.monotonic()
         epoch, spec = self.epoch, self.spec
-        share = math.ceil(spec.batch.target / len(live))
-        ids = self.stream.take(share, live)
+        ids = self.stream.take(spec.batch.target, live)
         self._fetch_shards()
         sketch = Sketcher(self.n_params, grad_seed(self.run_id, epoch, self.identity.account))
         param_sketch = Sketcher(self.n_params, params_seed(self.run_id, epoch))(self.params)
@@ -369,6 +390,8 @@ class Trainer:
         self._apply(start)
         seconds = time.monotonic() - started
         samples = len(ids)
+        if not samples:  # this peer owns too little of the data for a share of this step
+            return
         loss = sum(m.loss * len(m.ids) for m in micro) / samples
         self.link.report(
             ReportBody(

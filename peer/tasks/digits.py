@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -28,7 +29,7 @@ class DigitsMLP(Task):
             torch.random.set_rng_state(generator_state)
 
     def batch(self, records: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.stack([torch.as_tensor(r["x"], dtype=torch.float32) for r in records])
+        x = torch.from_numpy(np.stack([r["x"] for r in records]).astype(np.float32))  # a writable copy
         y = torch.tensor([int(r["y"]) for r in records], dtype=torch.long)
         return x, y
 
