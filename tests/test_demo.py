@@ -1,0 +1,56 @@
+"""``hivemarket demo`` end to end, as a user runs it: one command, one JSON object, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.harness import cli_env, group_members, kill_group
+
+
+@pytest.mark.timeout(600)
+def test_demo_trains_the_digits_through_a_drop_and_settles_the_ledger(tmp_path: Path):
+    daemons_before = _p2pd()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "peer", "demo", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(tmp_path),
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=540)
+    finally:
+        kill_group(proc.pid)
+    assert proc.returncode == 0, err[-4000:]
+    assert not group_members(proc.pid), "the demo left processes behind"
+    assert _p2pd() <= daemons_before, "the demo left p2pd daemons behind"  # its peers have own sessions
+    result = json.loads(out)
+
+    assert result["accuracy"] >= 0.85, result
+    assert result["final_loss"] < result["initial_loss"] / 5, result
+    assert result["peers"] == 3
+    assert len(result["dropped"]) == 1
+    ledger = result["ledger"]
+    assert ledger["conserved"] is True
+    peers = [a for a in ledger["accounts"] if a["role"] == "peer"]
+    (launcher,) = [a for a in ledger["accounts"] if a["role"] == "launcher"]
+    (dropped,) = [a for a in peers if a["account"] in result["dropped"]]
+    assert Decimal(dropped["paid_after_drop"]) == 0, dropped
+    survivors = [a for a in peers if a is not dropped]
+    assert all(a["samples"] > 0 and Decimal(a["paid"]) > 0 for a in survivors), survivors
+    assert sum(a["samples"] for a in peers) == result["samples"]
+    paid = sum(Decimal(a["paid"]) for a in peers)
+    assert paid == Decimal(launcher["spent"])  # every unit the launcher spent reached a peer
+    assert Decimal(launcher["spent"]) + Decimal(launcher["refunded"]) == Decimal(launcher["budget"])
+
+
+def _p2pd() -> set[int]:
+    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "p2pd"}
