@@ -9,8 +9,10 @@ refused as invalid, unpaid, forbidden, unknown or conflicting: one ``Error: ...`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
@@ -42,14 +44,14 @@ coordinator_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
-def _client(url: str, identity: Identity | None = None) -> CoordinatorClient:
+def client_for(url: str, identity: Identity | None = None) -> CoordinatorClient:
     try:
         return CoordinatorClient(url, identity)
     except ValueError as e:
         raise InputError(f"--coordinator: {e}") from None
 
 
-def _call(client: CoordinatorClient, op: Callable[[CoordinatorClient], Awaitable[T]]) -> T:
+def call(client: CoordinatorClient, op: Callable[[CoordinatorClient], Awaitable[T]]) -> T:
     """Run one request to completion, turning the client's failures into the CLI's exit codes."""
 
     async def go() -> T:
@@ -66,7 +68,7 @@ def _call(client: CoordinatorClient, op: Callable[[CoordinatorClient], Awaitable
         raise click.ClickException(str(e)) from None
 
 
-def _money(value: str, name: str, *, positive: bool = False) -> Decimal:
+def money_option(value: str, name: str, *, positive: bool = False) -> Decimal:
     """Validate money on the command line, so a typo is exit 2 naming the option and the value."""
     try:
         amount = parse_money(value)
@@ -77,7 +79,7 @@ def _money(value: str, name: str, *, positive: bool = False) -> Decimal:
     return amount
 
 
-def _fmt_money(amount: Decimal | None) -> str:
+def fmt_money(amount: Decimal | None) -> str:
     """Money for people: at least 2 decimals, no trailing zeros beyond them."""
     if amount is None:
         return "-"
@@ -90,9 +92,9 @@ def _gpus(model: str, count: int) -> str:
 
 def _print_account(view: AccountView) -> None:
     click.echo(f"account     {view.account}")
-    click.echo(f"balance     {_fmt_money(view.balance)}")
-    click.echo(f"escrow      {_fmt_money(view.escrow)}")
-    click.echo(f"earned      {_fmt_money(view.earned)}")
+    click.echo(f"balance     {fmt_money(view.balance)}")
+    click.echo(f"escrow      {fmt_money(view.escrow)}")
+    click.echo(f"earned      {fmt_money(view.earned)}")
     click.echo(f"reputation  {view.reputation:.3f}")
 
 
@@ -141,9 +143,9 @@ def rent(
     from peer.node import DEFAULT_LISTEN, NodeError, parse_maddrs
     from peer.worker import TrainerSupervisor
 
-    price = _money(price_per_hour, "--price-per-hour")
+    price = money_option(price_per_hour, "--price-per-hour")
     settings = load_settings()
-    client = _client(coordinator, load_cli_identity(identity_path, settings, create_default=True))
+    client = client_for(coordinator, load_cli_identity(identity_path, settings, create_default=True))
     try:
         listen_maddrs = parse_maddrs(listen, "--listen") or list(DEFAULT_LISTEN)
     except NodeError as e:
@@ -160,7 +162,7 @@ def rent(
         roles=sorted(set(roles or ("trainer",))),
         min_lease_seconds=min_lease_seconds,
     )
-    _call(client, functools.partial(_rent_until_signal, body=body, supervisor=supervisor))
+    call(client, functools.partial(_rent_until_signal, body=body, supervisor=supervisor))
     click.echo("stopped", err=True)
 
 
@@ -179,6 +181,38 @@ async def _rent_until_signal(
         return
     finally:
         await supervisor.stop()
+
+
+def serve_runs_in_background(
+    client: CoordinatorClient, body: OfferBody, supervisor: TrainerSupervisor
+) -> Callable[[float], None]:
+    """Hold the offer's lease and train its runs on an event loop in a thread (``peer start
+    --coordinator``); returns the function that stops it all within the given number of seconds."""
+    loop = asyncio.new_event_loop()
+
+    async def main() -> None:
+        async with client:
+            try:
+                await _hold_lease(client, body, supervisor)
+            finally:
+                await supervisor.stop()
+
+    task = loop.create_task(main())
+
+    def run() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(task)
+        loop.close()
+
+    thread = threading.Thread(target=run, name="lease", daemon=True)
+    thread.start()
+
+    def stop(timeout: float) -> None:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(task.cancel)
+        thread.join(timeout)
+
+    return stop
 
 
 async def _hold_lease(client: CoordinatorClient, body: OfferBody, supervisor: TrainerSupervisor) -> None:
@@ -238,7 +272,7 @@ def _print_offer(response: OfferResponse) -> None:
     offer, lease = response.offer, response.lease
     click.echo(f"account  {offer.account}")
     click.echo(
-        f"offer    {_fmt_money(offer.price_per_hour)}/h, {_gpus(offer.gpu, offer.gpu_count)}, "
+        f"offer    {fmt_money(offer.price_per_hour)}/h, {_gpus(offer.gpu, offer.gpu_count)}, "
         f"{offer.vram_gb:.1f} GB VRAM, {offer.tflops:.2f} TFLOP/s, roles {','.join(offer.roles)}, "
         f"state {offer.state}"
     )
@@ -254,7 +288,7 @@ def _lease_change(old: LeaseView, new: LeaseView) -> str:
         changes.append(f"{old.state} -> {new.state}")
     if new.run_id != old.run_id:
         changes.append(
-            f"assigned to run {new.run_id} at {_fmt_money(new.price_per_hour)}/h"
+            f"assigned to run {new.run_id} at {fmt_money(new.price_per_hour)}/h"
             if new.run_id
             else f"released from run {old.run_id}"
         )
@@ -277,7 +311,7 @@ def offers(filter_expr: str, sort: str | None, coordinator: str, as_json: bool) 
       hivemarket offers 'gpu=H100 vram_gb>=40 price<=2.5' --sort price
       hivemarket offers 'reliability>0.9' --sort -tflops --json
     """
-    found = _call(_client(coordinator), lambda c: c.offers(filter_expr, sort))
+    found = call(client_for(coordinator), lambda c: c.offers(filter_expr, sort))
     if as_json:
         echo_json([o.model_dump(mode="json") for o in found])
         return
@@ -288,7 +322,7 @@ def offers(filter_expr: str, sort: str | None, coordinator: str, as_json: bool) 
     for o in found:
         click.echo(
             f"{o.account[:12]:<14}{_gpus(o.gpu, o.gpu_count)[:21]:<22}{o.vram_gb:>8.1f}{o.tflops:>9.2f}"
-            f"{_fmt_money(o.price_per_hour):>10}{o.reliability:>8.3f}  {o.state}"
+            f"{fmt_money(o.price_per_hour):>10}{o.reliability:>8.3f}  {o.state}"
         )
 
 
@@ -302,11 +336,11 @@ def market(coordinator: str, as_json: bool) -> None:
     Example:
       hivemarket market --json
     """
-    view = _call(_client(coordinator), lambda c: c.market())
+    view = call(client_for(coordinator), lambda c: c.market())
     if as_json:
         echo_json(view.model_dump(mode="json"))
         return
-    click.echo(f"clearing price  {_fmt_money(view.clearing_price)} per effective TFLOP-hour")
+    click.echo(f"clearing price  {fmt_money(view.clearing_price)} per effective TFLOP-hour")
     click.echo(f"supply          {view.supply} open offers")
     click.echo(f"demand          {view.demand} peers wanted")
     if view.rounds:
@@ -314,7 +348,7 @@ def market(coordinator: str, as_json: bool) -> None:
     for r in view.rounds:
         at = time.strftime("%H:%M:%S", time.localtime(r.at))
         click.echo(
-            f"{at:<10}{_fmt_money(r.clearing_price):>10}{r.trades:>8}{r.supply:>8}{r.demand:>8}  {r.reason}"
+            f"{at:<10}{fmt_money(r.clearing_price):>10}{r.trades:>8}{r.supply:>8}{r.demand:>8}  {r.reason}"
         )
 
 
@@ -337,7 +371,7 @@ def account(account_id: str | None, coordinator: str, identity_path: str | None,
       hivemarket account 170d094c3df1f0c6b3e7f8b6f8f4c1d6e8a0a4c2b9d7e5f3a1c9b7d5e3f1a2b4 --json
     """
     account_id = account_id or load_cli_identity(identity_path, load_settings()).account
-    view = _call(_client(coordinator), lambda c: c.account(account_id))
+    view = call(client_for(coordinator), lambda c: c.account(account_id))
     if as_json:
         echo_json(view.model_dump(mode="json"))
     else:
@@ -361,13 +395,13 @@ def deposit(account_id: str, amount: str, admin_key: str, coordinator: str, as_j
     Example:
       hivemarket deposit 170d094c3df1...a2b4 12.50 --admin-key ./admin.pem
     """
-    value = _money(amount, "AMOUNT", positive=True)
+    value = money_option(amount, "AMOUNT", positive=True)
     try:
         admin = load_identity(admin_key)
     except IdentityError as e:
         raise InputError(f"--admin-key: {e}") from None
-    client = _client(coordinator, admin)
-    view = _call(client, functools.partial(_deposit_once, account=account_id, amount=value))
+    client = client_for(coordinator, admin)
+    view = call(client, functools.partial(_deposit_once, account=account_id, amount=value))
     if as_json:
         echo_json(view.model_dump(mode="json"))
     else:

@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from coordinator.cli import _call, _client, _fmt_money, _money, coordinator_option, json_option
+from coordinator.cli import call, client_for, coordinator_option, fmt_money, json_option, money_option
 from coordinator.client import CoordinatorClient
 from coordinator.schemas import RunBody, RunView
 from peer.console import InputError, echo_json, load_cli_identity
@@ -93,7 +93,7 @@ class Progress:
             eta = f"{max(0.0, (view.target_samples - view.samples) / rate):.0f}s"
         return (
             f"[{bar}] {done}/{view.target_samples} samples  loss {loss}  peers {live}  "
-            f"spent {_fmt_money(view.spent)}  eta {eta}  {view.state}"
+            f"spent {fmt_money(view.spent)}  eta {eta}  {view.state}"
         )
 
 
@@ -124,8 +124,8 @@ def print_run(view: RunView) -> None:
         f"{'-' if view.loss is None else f'{view.loss:.4f}'}"
     )
     click.echo(
-        f"money     budget {_fmt_money(view.budget)}, spent {_fmt_money(view.spent)}, "
-        f"escrow {_fmt_money(view.escrow)}, refunded {_fmt_money(view.refunded)}"
+        f"money     budget {fmt_money(view.budget)}, spent {fmt_money(view.spent)}, "
+        f"escrow {fmt_money(view.escrow)}, refunded {fmt_money(view.refunded)}"
     )
     if view.model is not None:
         click.echo(f"model     {view.model.bytes} bytes, sha256 {view.model.sha256}")
@@ -133,8 +133,8 @@ def print_run(view: RunView) -> None:
         click.echo(f"{'PEER':<14}{'STATE':<10}{'PRICE/H':>9}{'SAMPLES':>9}{'PAID':>12}")
     for p in view.peers:
         click.echo(
-            f"{p.account[:12]:<14}{p.state:<10}{_fmt_money(p.price_per_hour):>9}{p.samples:>9}"
-            f"{_fmt_money(p.paid):>12}"
+            f"{p.account[:12]:<14}{p.state:<10}{fmt_money(p.price_per_hour):>9}{p.samples:>9}"
+            f"{fmt_money(p.paid):>12}"
         )
 
 
@@ -177,10 +177,10 @@ def launch(
         raise InputError("--budget is required (or set price.budget in the spec)")
     if max_price is None:
         raise InputError("--max-price is required (or set price.max in the spec)")
-    budget_value = _money(budget, "--budget", positive=True)
-    price_value = _money(max_price, "--max-price")
+    budget_value = money_option(budget, "--budget", positive=True)
+    price_value = money_option(max_price, "--max-price")
     peers_min, peers_max = _peers_range(peers, spec)
-    client = _client(coordinator, load_cli_identity(identity_path, load_settings(), create_default=True))
+    client = client_for(coordinator, load_cli_identity(identity_path, load_settings(), create_default=True))
     body = RunBody(
         spec=resolve_spec(spec, client.base_url),
         max_price=f"{price_value:f}",
@@ -188,10 +188,10 @@ def launch(
         peers_max=peers_max,
         budget=f"{budget_value:f}",
     )
-    created = _call(client, lambda c: c.create_run(body))
+    created = call(client, lambda c: c.create_run(body))
     if not as_json:
         click.echo(
-            f"run {created.id} created: escrowed {_fmt_money(created.budget)}, "
+            f"run {created.id} created: escrowed {fmt_money(created.budget)}, "
             f"{created.target_samples} samples, {peers_min}-{peers_max} peers"
         )
     if detach:
@@ -199,7 +199,7 @@ def launch(
             echo_json(created.model_dump(mode="json"))
         return
     try:
-        view = _call(_client(coordinator), lambda c: watch(c, created.id, 1.0, echo=not as_json))
+        view = call(client_for(coordinator), lambda c: watch(c, created.id, 1.0, echo=not as_json))
     except KeyboardInterrupt:
         click.echo(
             f"\nstopped following; the run goes on. Cancel it with: hivemarket runs cancel {created.id}"
@@ -228,7 +228,7 @@ def runs_group(ctx: click.Context, coordinator: str, as_json: bool) -> None:
     """
     if ctx.invoked_subcommand is not None:
         return
-    found = _call(_client(coordinator), lambda c: c.runs())
+    found = call(client_for(coordinator), lambda c: c.runs())
     if as_json:
         echo_json([r.model_dump(mode="json") for r in found])
         return
@@ -240,7 +240,7 @@ def runs_group(ctx: click.Context, coordinator: str, as_json: bool) -> None:
         live = sum(1 for p in r.peers if p.state == "active")
         click.echo(
             f"{r.id:<18}{r.name[:19]:<20}{r.state:<11}{f'{r.samples}/{r.target_samples}':>17}{live:>7}"
-            f"{_fmt_money(r.spent):>10}"
+            f"{fmt_money(r.spent):>10}"
         )
 
 
@@ -250,7 +250,7 @@ def runs_group(ctx: click.Context, coordinator: str, as_json: bool) -> None:
 @json_option
 def runs_show(run_id: str, coordinator: str, as_json: bool) -> None:
     """Show one run: state and why, progress, money, and each peer's samples and pay."""
-    view = _call(_client(coordinator), lambda c: c.run(run_id))
+    view = call(client_for(coordinator), lambda c: c.run(run_id))
     if as_json:
         echo_json(view.model_dump(mode="json"))
     else:
@@ -266,12 +266,12 @@ def runs_show(run_id: str, coordinator: str, as_json: bool) -> None:
 @json_option
 def runs_cancel(run_id: str, coordinator: str, identity_path: str | None, as_json: bool) -> None:
     """Cancel a run you launched; what is unspent returns to your balance."""
-    client = _client(coordinator, load_cli_identity(identity_path, load_settings()))
-    view = _call(client, lambda c: c.cancel_run(run_id))
+    client = client_for(coordinator, load_cli_identity(identity_path, load_settings()))
+    view = call(client, lambda c: c.cancel_run(run_id))
     if as_json:
         echo_json(view.model_dump(mode="json"))
     else:
-        click.echo(f"run {view.id} cancelled; refunded {_fmt_money(view.refunded)}")
+        click.echo(f"run {view.id} cancelled; refunded {fmt_money(view.refunded)}")
 
 
 @runs_group.command("fetch")
@@ -280,5 +280,5 @@ def runs_cancel(run_id: str, coordinator: str, identity_path: str | None, as_jso
 @coordinator_option
 def runs_fetch(run_id: str, out: Path, coordinator: str) -> None:
     """Download a finished run's model to OUT, checking its SHA-256 against the one the run recorded."""
-    sha256 = _call(_client(coordinator), lambda c: c.download_model(run_id, out))
+    sha256 = call(client_for(coordinator), lambda c: c.download_model(run_id, out))
     click.echo(f"{out}  sha256 {sha256}")

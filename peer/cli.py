@@ -6,8 +6,10 @@ commands are registered from :mod:`coordinator.serve` and :mod:`coordinator.cli`
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from peer.console import (
     write_json_atomically,
 )
 from peer.identity import Identity, IdentityError, save_identity
-from peer.settings import load_settings
+from peer.settings import PeerSettings, load_settings
 
 
 class LazyGroup(click.Group):
@@ -202,6 +204,12 @@ def _maddrs(values: tuple[str, ...], option: str) -> list[str]:
 @click.option(
     "--status-file", type=click.Path(dir_okay=False), help="Keep a JSON status object up to date here."
 )
+@click.option(
+    "--coordinator",
+    metavar="URL",
+    help="Also volunteer for runs at this coordinator: an offer at price 0 whose matched runs this node "
+    "trains.",
+)
 def peer_start(
     listen: tuple[str, ...],
     announce: tuple[str, ...],
@@ -210,6 +218,7 @@ def peer_start(
     identity_path: str | None,
     roles: tuple[str, ...],
     status_file: str | None,
+    coordinator: str | None,
 ) -> None:
     """Start a DHT peer node that publishes its signed capability record; stop it with Ctrl-C.
 
@@ -217,6 +226,7 @@ def peer_start(
     Example:
       hivemarket peer start --listen /ip4/0.0.0.0/tcp/31337
       hivemarket peer start --initial-peers /ip4/10.0.0.5/tcp/31337/p2p/12D3KooW...
+      hivemarket peer start --coordinator http://10.0.0.2:8470
     """
     from peer.node import DEFAULT_LISTEN, NodeError, PeerNode, start_dht, stop_dht
 
@@ -241,6 +251,9 @@ def peer_start(
         except NodeError as e:
             raise InputError(str(e)) from None
         node = PeerNode(dht, rsa, loaded, settings, hardware, sorted(set(roles or ("trainer",))))
+        stop_volunteering = _volunteer(
+            coordinator, loaded, identity_path, settings, hardware, node.roles, listen_maddrs
+        )
         try:
             node.publish()
             click.echo(f"peer id  {node.peer_id}")
@@ -257,8 +270,33 @@ def peer_start(
                     next_status = time.monotonic() + settings.status_interval
                 stop.wait(min(settings.status_interval, settings.record_refresh))
         finally:
+            stop_volunteering(settings.trainer_stop_timeout)
             stop_dht(dht, settings)
     click.echo("stopped", err=True)
+
+
+def _volunteer(
+    coordinator: str | None,
+    loaded: Identity,
+    path: str | None,
+    settings: PeerSettings,
+    hardware: dict[str, Any],
+    roles: list[str],
+    listen: list[str],
+) -> Callable[[float], None]:
+    """With a coordinator, offer this node's capacity at price 0 and train the runs it is matched to."""
+    if coordinator is None:
+        return lambda _timeout: None
+    from coordinator.cli import client_for, serve_runs_in_background
+    from coordinator.schemas import HardwareSummary, OfferBody
+    from peer.worker import TrainerSupervisor
+
+    client = client_for(coordinator, loaded)
+    body = OfferBody(price_per_hour="0", hardware=HardwareSummary(**hardware), roles=roles)
+    # The run's DHT listens on the node's hosts, on ports of its own (the node holds the given ones).
+    run_listen = [re.sub(r"/(tcp|udp)/\d+", r"/\1/0", maddr) for maddr in listen]
+    supervisor = TrainerSupervisor(client.base_url, identity_path(path, settings), settings, run_listen)
+    return serve_runs_in_background(client, body, supervisor)
 
 
 # ------------------------------------------------------------------------------------------------- peers

@@ -186,7 +186,7 @@ class Demo:
     def _client(self, identity: Identity | None = None) -> CoordinatorClient:
         return CoordinatorClient(self.url, identity)
 
-    def _ask(self, op: Callable[[CoordinatorClient], Any], identity: Identity | None = None) -> Any:
+    def ask(self, op: Callable[[CoordinatorClient], Any], identity: Identity | None = None) -> Any:
         async def go() -> Any:
             async with self._client(identity) as client:
                 return await op(client)
@@ -196,7 +196,7 @@ class Demo:
     def fund_launcher(self) -> None:
         self.launcher = Identity.generate()
         save_identity(self.launcher, self.tmp / "launcher.pem")
-        self._ask(lambda c: c.deposit(self.launcher.account, Decimal(DEMO_FUNDS)), self.admin)
+        self.ask(lambda c: c.deposit(self.launcher.account, Decimal(DEMO_FUNDS)), self.admin)
         self.echo(f"launcher  {self.launcher.account[:12]} funded with {DEMO_FUNDS}")
 
     def add_peer(self) -> str:
@@ -215,7 +215,7 @@ class Demo:
 
     def wait_offers(self, count: int) -> None:
         def posted() -> bool | None:
-            offers = self._ask(lambda c: c.offers())
+            offers = self.ask(lambda c: c.offers())
             return True if len(offers) >= count else None
 
         self._wait(f"{count} offers", posted, interval=0.5)
@@ -237,7 +237,7 @@ class Demo:
         for section, values in (changes or {}).items():
             data[section] = values if section == "stop" else {**data[section], **values}
         spec = validate_spec(data)
-        offers = self._ask(lambda c: c.offers())
+        offers = self.ask(lambda c: c.offers())
         dearest = max(o.price_per_hour / Decimal(o.tflops * o.reliability) for o in offers)
         body = RunBody(
             spec=resolve_spec(spec, self.url),
@@ -246,7 +246,7 @@ class Demo:
             peers_max=peers_max,
             budget=BUDGET,
         )
-        run = self._ask(lambda c: c.create_run(body), self.launcher)
+        run = self.ask(lambda c: c.create_run(body), self.launcher)
         self.echo(f"run       {run.id} launched: {run.target_samples} samples, budget {BUDGET}")
         return run
 
@@ -258,7 +258,7 @@ class Demo:
         paid_at_drop: dict[str, Decimal] = {}
         last = 0.0
         while True:
-            view = self._ask(lambda c: c.run(run.id))
+            view = self.ask(lambda c: c.run(run.id))
             now = time.monotonic()
             if now - last >= 2 or view.state in ENDED:
                 self.echo(progress.line(view, now))
@@ -294,7 +294,7 @@ class Demo:
         from peer.trainer import load_model_file, test_ids
 
         path = self.tmp / "model.pt"
-        self._ask(lambda c: c.download_model(run.id, path))
+        self.ask(lambda c: c.download_model(run.id, path))
         task, model, _ = load_model_file(path)
         spec = validate_spec(run.spec)
         manifest = load_manifest(self.tmp / "digits")
@@ -352,7 +352,7 @@ def run_demo(peers: int, drop: bool, as_json: bool, timeout: float, keep: bool =
         if final.state != "finished" or final.model is None:
             raise DemoError(f"run {final.id} ended {final.state}: {final.reason}; logs are in {demo.tmp}")
         metrics = demo.evaluate(final)
-        audit = demo._ask(lambda c: c.audit())
+        audit = demo.ask(lambda c: c.audit())
         result = {
             "run_id": final.id,
             **metrics,

@@ -180,9 +180,3 @@ def test_malformed_key_file(tmp_path: Path) -> None:
     result = run_cli("peer", "start", "--identity", str(bad), env=cli_env(tmp_path))
     _assert_one_line_error(result, str(bad), "malformed")
 
-
-def test_demo_prints_both_peers(tmp_path: Path) -> None:
-    result = run_cli("demo", env=cli_env(tmp_path), timeout=90)
-    assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if "12D3KooW" in line and "trainer" in line]
-    assert len(rows) == 2, result.stdout

@@ -63,14 +63,14 @@ def finished_run() -> Iterator[FinishedRun]:
             },
         )
         wait_until(
-            lambda: demo._ask(lambda c: c.run(run.id)).epoch >= JOIN_AT_EPOCH, 120, "the run to get under way"
+            lambda: demo.ask(lambda c: c.run(run.id)).epoch >= JOIN_AT_EPOCH, 120, "the run to get under way"
         )
         joiner = demo.add_peer()
         final, _, _ = demo.follow(run)
         assert final.state == "finished", final.reason
-        reports = demo._ask(lambda c: c.reports(run.id))
+        reports = demo.ask(lambda c: c.reports(run.id))
         model = demo.tmp / "model.pt"
-        demo._ask(lambda c: c.download_model(run.id, model))
+        demo.ask(lambda c: c.download_model(run.id, model))
         yield FinishedRun(demo, final, reports, joiner, model)
     finally:
         survivors = demo.close()

@@ -1,0 +1,124 @@
+"""The README's three user stories, run with the commands it shows, as three users on one machine:
+
+- a GPU owner rents out its machine (``hivemarket rent --price-per-hour 1.20``),
+- someone runs a peer node that volunteers for runs (``hivemarket peer start --coordinator URL``),
+- a researcher launches ``examples/digits.toml`` and follows it to the end, then lists, shows and
+  fetches the run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from peer.identity import Identity
+from peer.trainer import load_model_file
+from tests.harness import cli_env, group_members, kill_group, run_cli, start_coordinator, wait_until
+
+REPO = Path(__file__).resolve().parent.parent
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+FAST = {
+    "HIVEMARKET_HEARTBEAT_INTERVAL": "1",
+    "HIVEMARKET_CLEARING_INTERVAL": "1",
+    "HIVEMARKET_PROBE_SECONDS": "0.3",
+}
+
+
+def _cli(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return run_cli(*args, env=cli_env(home, **FAST), timeout=timeout)
+
+
+def _spawn(args: list[str], home: Path, log: Path) -> subprocess.Popen:
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "peer", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=cli_env(home, **FAST),
+            start_new_session=True,
+        )
+
+
+@pytest.mark.timeout(300)
+def test_rent_volunteer_and_launch_as_the_readme_shows(tmp_path: Path):
+    digits = tmp_path / "digits"
+    assert _cli(tmp_path / "admin", "data", "example", "digits", str(digits)).returncode == 0
+    server = start_coordinator(
+        tmp_path / "coordinator",
+        Identity.generate(),
+        env=cli_env(tmp_path / "coordinator", **FAST),
+        args=["--dataset", str(digits)],
+    )
+    url = server.url
+    launcher_home = tmp_path / "launcher"
+    launcher = _cli(launcher_home, "identity", "show").stdout.strip()
+    admin_key = server.home / "admin.pem"
+    deposit = _cli(
+        launcher_home, "deposit", launcher, "10", "--admin-key", str(admin_key), "--coordinator", url
+    )
+    assert deposit.returncode == 0, deposit.stderr
+
+    renter_home, volunteer_home = tmp_path / "renter", tmp_path / "volunteer"
+    renter_account = _cli(renter_home, "identity", "show").stdout.strip()
+    volunteer_account = _cli(volunteer_home, "identity", "show").stdout.strip()
+    peers = [
+        _spawn(
+            ["rent", "--coordinator", url, "--price-per-hour", "1.20", "--listen", LOOPBACK],
+            renter_home,
+            tmp_path / "renter.log",
+        ),
+        _spawn(
+            ["peer", "start", "--listen", LOOPBACK, "--coordinator", url],
+            volunteer_home,
+            tmp_path / "volunteer.log",
+        ),
+    ]
+    try:
+
+        def offers() -> bool:
+            listed = _cli(launcher_home, "offers", "--coordinator", url, "--json")
+            return len(json.loads(listed.stdout or "[]")) == 2
+
+        wait_until(offers, 90, "both offers to be posted")
+        launched = _cli(
+            launcher_home,
+            *("launch", str(REPO / "examples" / "digits.toml"), "--budget", "5", "--max-price", "1000"),
+            *("--peers", "2:2", "--coordinator", url, "--json"),
+            timeout=240,
+        )
+        assert launched.returncode == 0, launched.stderr[-3000:]
+        run = json.loads(launched.stdout)
+        assert run["state"] == "finished", run["reason"]
+        assert run["samples"] >= run["target_samples"] == 11504
+        by_account = {p["account"]: p for p in run["peers"]}
+        assert by_account[renter_account]["samples"] > 0 and Decimal(by_account[renter_account]["paid"]) > 0
+        assert by_account[volunteer_account]["samples"] > 0
+        assert Decimal(by_account[volunteer_account]["paid"]) == 0  # a volunteer asks nothing
+        assert Decimal(run["spent"]) + Decimal(run["refunded"]) == Decimal("5")
+
+        listed = json.loads(_cli(launcher_home, "runs", "--coordinator", url, "--json").stdout)
+        assert [r["id"] for r in listed] == [run["id"]]
+        shown = _cli(launcher_home, "runs", "show", run["id"], "--coordinator", url)
+        assert "finished" in shown.stdout and renter_account[:12] in shown.stdout
+        model = tmp_path / "model.pt"
+        fetched = _cli(launcher_home, "runs", "fetch", run["id"], str(model), "--coordinator", url)
+        assert fetched.returncode == 0 and run["model"]["sha256"] in fetched.stdout
+        _, _, saved = load_model_file(model)
+        assert saved["task"] == "digits-mlp" and saved["epoch"] >= 40
+
+        earned = json.loads(
+            _cli(renter_home, "account", renter_account, "--coordinator", url, "--json").stdout
+        )
+        assert Decimal(earned["earned"]) == Decimal(by_account[renter_account]["paid"])
+    finally:
+        for proc in peers:
+            kill_group(proc.pid)
+            proc.wait(timeout=30)
+        server.stop()
+        left = [p for proc in peers for p in group_members(proc.pid)] + group_members(server.proc.pid)
+        assert not left, f"processes left behind: {left}"
