@@ -203,6 +203,9 @@ class Coordinator:
     async def join_run(self, ctx: Context) -> RunView:
         return await self.store.join(ctx.now, ctx.envelope, ctx.path_id("run_id"), ctx.body)
 
+    async def leave_run(self, ctx: Context) -> RunView:
+        return await self.store.leave(ctx.now, ctx.envelope, ctx.path_id("run_id"))
+
     async def post_report(self, ctx: Context) -> ReportView:
         """Accept an epoch's report and pay it: ``floor(price_units * min(seconds, now - since) / 3600)``
         units, where ``since`` is the later of the match's join and its previous report and the price is the
@@ -532,6 +535,14 @@ ROUTES: Sequence[Route] = (
         "Join a run you are matched to: say where other peers reach you",
         auth="signed",
         body=JoinBody,
+        response=RunView,
+    ),
+    Route(
+        "POST",
+        "/v1/runs/{run_id}/leave",
+        Coordinator.leave_run,
+        "Give up your place in a run you cannot train; the run recruits a replacement",
+        auth="signed",
         response=RunView,
     ),
     Route(

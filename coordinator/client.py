@@ -167,6 +167,10 @@ class CoordinatorClient:
         body = JoinBody(peer_id=peer_id, maddrs=maddrs)
         return await self._request(RunView, "POST", f"/v1/runs/{_seg(run_id)}/join", body)
 
+    async def leave(self, run_id: str) -> RunView:
+        """Give up this identity's place in a run (a run it cannot train); the run recruits another peer."""
+        return await self._request(RunView, "POST", f"/v1/runs/{_seg(run_id)}/leave", b"")
+
     async def report(self, run_id: str, body: ReportBody) -> ReportView:
         """Report an epoch's work; the answer says what it was paid."""
         return await self._request(ReportView, "POST", f"/v1/runs/{_seg(run_id)}/reports", body)

@@ -368,6 +368,29 @@ def join(conn: sqlite3.Connection, now: float, env: Envelope, run_id: str, body:
     return run_view(conn, run_id)
 
 
+def leave(
+    conn: sqlite3.Connection, now: float, env: Envelope, run_id: str, policy: runs.RunPolicy
+) -> RunView:
+    """A matched peer gives up its place (it cannot train the run: a task it has not installed, say).
+
+    The match becomes ``left``, not dropped: leaving is not a lapse and costs no reliability. The lease
+    goes back to the open market, the run recruits a replacement (or pauses, below its minimum), and the
+    market never pairs this peer with this run again.
+    """
+    sql.claim_nonce(conn, env)
+    get_run(conn, run_id)
+    match = active_match(conn, run_id, env.account)
+    conn.execute(
+        "UPDATE matches SET state = 'left' WHERE run_id = ? AND lease_id = ?", (run_id, match["lease_id"])
+    )
+    conn.execute(
+        "UPDATE leases SET run_id = NULL, price_units = NULL WHERE id = ? AND run_id = ?",
+        (match["lease_id"], run_id),
+    )
+    advance(conn, now, policy, [run_id])
+    return run_view(conn, run_id)
+
+
 def add_report(
     conn: sqlite3.Connection,
     now: float,

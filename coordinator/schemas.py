@@ -245,7 +245,7 @@ class RunPeerView(View):
     account: AccountId
     lease_id: str
     price_per_hour: Money
-    state: Literal["active", "dropped", "released"]
+    state: Literal["active", "dropped", "released", "left"]
     matched_at: float
     joined: bool = Field(description="Whether the peer has joined the run's swarm.")
     joined_at: float | None = Field(description="When it first joined; its pay counts from then.")

@@ -153,6 +153,7 @@ class Store(Protocol):
     async def run(self, run_id: str) -> RunView: ...
     async def cancel_run(self, now: float, env: Envelope, run_id: str) -> RunView: ...
     async def join(self, now: float, env: Envelope, run_id: str, body: JoinBody) -> RunView: ...
+    async def leave(self, now: float, env: Envelope, run_id: str) -> RunView: ...
     async def report(self, now: float, env: Envelope, run_id: str, body: ReportBody) -> ReportView: ...
     async def reports(self, run_id: str) -> list[ReportView]: ...
     async def accepts_model(self, run_id: str) -> bool: ...
@@ -421,6 +422,11 @@ class SQLiteStore:
             lambda conn: run_store.join(conn, now, env, run_id, body), sql.remember_refusal(env)
         )
 
+    async def leave(self, now: float, env: Envelope, run_id: str) -> RunView:
+        return await self._db.write(
+            lambda conn: run_store.leave(conn, now, env, run_id, self.run_policy), sql.remember_refusal(env)
+        )
+
     async def report(self, now: float, env: Envelope, run_id: str, body: ReportBody) -> ReportView:
         return await self._db.write(
             lambda conn: run_store.add_report(conn, now, env, run_id, body, self.run_policy),
@@ -489,6 +495,11 @@ class SQLiteStore:
         SELECT l.id AS lease_id, o.account, o.price_units, o.tflops, o.vram_gb, p.uptime, p.lapses
         FROM leases l JOIN offers o ON o.lease_id = l.id JOIN peers p ON p.account = o.account
         WHERE l.state = 'active' AND l.run_id IS NULL AND o.roles LIKE '%"trainer"%'
+          -- a peer that gave a run its place back (it cannot train it) sits out while that run bids:
+          -- the market would otherwise pick it for the run again and again
+          AND o.account NOT IN (
+            SELECT m.account FROM matches m JOIN runs r ON r.id = m.run_id
+            WHERE m.state = 'left' AND r.state IN ('recruiting', 'running', 'paused'))
     """
     _BIDS_QUERY = """
         SELECT r.id, r.max_price_units, r.peers_max, r.min_vram_gb,

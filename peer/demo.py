@@ -226,7 +226,7 @@ class Demo:
         peers_max: int,
         *,
         bid_over_asks: Decimal = BID_OVER_ASKS,
-        changes: dict[str, dict[str, Any]] | None = None,
+        changes: dict[str, Any] | None = None,
     ) -> RunView:
         """Launch examples/digits.toml, with ``changes`` to its sections (``{"stop": {"samples": 1000}}``),
         bidding ``bid_over_asks`` times the dearest offer's price per effective TFLOP-hour."""
@@ -234,8 +234,8 @@ class Demo:
         from peer.spec import load_spec, validate_spec
 
         data = load_spec(example_spec()).model_dump(mode="json", exclude_none=True)
-        for section, values in (changes or {}).items():
-            data[section] = values if section == "stop" else {**data[section], **values}
+        for key, value in (changes or {}).items():  # a section's values are merged; stop is replaced
+            data[key] = {**data[key], **value} if isinstance(value, dict) and key != "stop" else value
         spec = validate_spec(data)
         offers = self.ask(lambda c: c.offers())
         dearest = max(o.price_per_hour / Decimal(o.tflops * o.reliability) for o in offers)

@@ -80,6 +80,15 @@ class RunLink:
         except AlreadyApplied:
             return self.call(lambda: self._client.run(self.run_id))
 
+    def leave(self) -> None:
+        """Give up this peer's place in the run; best effort (the lease lapses anyway if this fails)."""
+        try:
+            self.call(lambda: self._client.leave(self.run_id))
+        except AlreadyApplied:
+            pass
+        except (CoordinatorUnreachable, CoordinatorError) as e:
+            logger.warning(f"Could not leave run {self.run_id}: {e}")
+
     def report(self, body: ReportBody) -> None:
         """Queue a report; it is sent in order, retried while the coordinator is unreachable."""
         assert self._reports is not None

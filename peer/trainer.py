@@ -211,6 +211,7 @@ class Trainer:
             self.spec = validate_spec(view.spec)
             self.task = load_task(self.spec.task, dict(self.spec.options))
         except (SpecError, TaskError) as e:
+            self.link.leave()  # give the place back, so that the run recruits a peer that can train it
             raise TrainerExit(EXIT_REFUSED, f"refusing run {self.run_id}: {e}") from None
         self.target = view.target_samples
         self.total_epochs = math.ceil(self.target / self.spec.batch.target)

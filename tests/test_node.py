@@ -179,4 +179,3 @@ def test_malformed_key_file(tmp_path: Path) -> None:
     bad.write_bytes(b"\x00\x01garbage")
     result = run_cli("peer", "start", "--identity", str(bad), env=cli_env(tmp_path))
     _assert_one_line_error(result, str(bad), "malformed")
-

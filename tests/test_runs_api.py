@@ -622,3 +622,32 @@ async def test_openapi_documents_the_run_routes(server: CoordinatorProcess) -> N
     for path in ("/v1/runs/{run_id}/join", "/v1/runs/{run_id}/reports"):
         assert "requestBody" in paths[path]["post"]
     assert "201" in paths["/v1/runs/{run_id}/reports"]["post"]["responses"]
+
+
+async def test_a_peer_that_leaves_is_not_matched_to_the_run_again(market: Market) -> None:
+    async with Peer(market.server.url) as a, Peer(market.server.url) as b:
+        run = await market.launch(peers=(1, 1))
+        await market.clear()
+        view = await market.run(run.id)
+        (matched,) = [p for p in view.peers if p.state == "active"]
+        leaver = a if matched.account == a.account else b
+        other = b if leaver is a else a
+        with pytest.raises(CoordinatorError) as refused:
+            await other.client.leave(run.id)  # never matched to it
+        assert (refused.value.status, refused.value.code) == (403, "not_in_run")
+
+        left = await leaver.client.leave(run.id)
+        assert peer_of(left, leaver.account).state == "left" and left.state == "paused", left
+        assert (await leaver.client.heartbeat(leaver.lease_id)).run_id is None  # back on the market
+        with pytest.raises(CoordinatorError) as again:
+            await leaver.client.leave(run.id)
+        assert (again.value.status, again.value.code) == (403, "not_in_run")
+
+        await market.clear()  # the other peer takes the place; the leaver is never paired with it again
+        await market.clear()
+        view = await market.run(run.id)
+        assert [(p.account, p.state) for p in view.peers if p.state == "active"] == [
+            (other.account, "active")
+        ]
+        assert [p.state for p in view.peers if p.account == leaver.account] == ["left"]
+        await market.conserved()

@@ -132,3 +132,37 @@ def test_swarm_loss_is_within_5_percent_of_one_process_on_the_same_data(finished
         swarm = task.evaluate(swarm_model, everything)["loss"]
         single = task.evaluate(model, everything)["loss"]
     assert abs(swarm - single) <= 0.05 * single, (swarm, single)
+
+
+@pytest.mark.timeout(180)
+def test_a_peer_refuses_a_task_it_has_not_installed_and_gives_its_place_back():
+    demo = Demo(peers=1, drop=False, echo=print, timeout=120)
+    try:
+        demo.start_coordinator()
+        demo.fund_launcher()
+        account = demo.add_peer()
+        demo.wait_offers(1)
+        run = demo.launch(
+            peers_min=1, peers_max=1, changes={"task": "not-installed", "stop": {"samples": 256}}
+        )
+        log = demo.peers[account].log
+
+        def released() -> RunView | None:
+            view = demo.ask(lambda c: c.run(run.id))
+            return view if view.peers and all(p.state == "left" for p in view.peers) else None
+
+        view = wait_until(released, 90, "the peer to give its place back")
+        text = log.read_text()
+        assert "spec.task: 'not-installed' is not installed on this peer (installed: digits-mlp" in text, text
+        assert view.samples == 0 and view.spent == 0
+        assert view.state in ("recruiting", "paused")  # waiting for a peer that can train it
+        # Later clearing rounds never pair the peer with this run again; its offer is open for others.
+        rounds_before = len(demo.ask(lambda c: c.market()).rounds)
+        wait_until(lambda: len(demo.ask(lambda c: c.market()).rounds) >= rounds_before + 2, 30, "two rounds")
+        assert len(demo.ask(lambda c: c.run(run.id)).peers) == 1
+        assert text.count("trainer for") == log.read_text().count("trainer for") == 1
+        (offer,) = demo.ask(lambda c: c.offers())
+        assert offer.state == "open"
+    finally:
+        survivors = demo.close()
+        assert not survivors, f"processes left behind: {survivors}"
