@@ -15,6 +15,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -163,6 +164,37 @@ def test_a_peer_refuses_a_task_it_has_not_installed_and_gives_its_place_back():
         assert text.count("trainer for") == log.read_text().count("trainer for") == 1
         (offer,) = demo.ask(lambda c: c.offers())
         assert offer.state == "open"
+    finally:
+        survivors = demo.close()
+        assert not survivors, f"processes left behind: {survivors}"
+
+
+@pytest.mark.timeout(240)
+def test_a_trainer_that_crashes_resumes_from_its_local_checkpoint():
+    demo = Demo(peers=1, drop=False, echo=print, timeout=180)
+    try:
+        demo.start_coordinator()
+        demo.fund_launcher()
+        account = demo.add_peer()
+        demo.wait_offers(1)
+        run = demo.launch(peers_min=1, peers_max=1, changes={"stop": {"samples": 256 * 400}})
+        wait_until(lambda: demo.ask(lambda c: c.run(run.id)).epoch >= 20, 120, "20 epochs")
+
+        rent = psutil.Process(demo.peers[account].proc.pid)
+        (trainer,) = [p for p in rent.children() if "peer.trainer" in " ".join(p.cmdline())]
+        trainer.kill()  # a crash: no chance to clean up or send what it has queued
+        log = demo.peers[account].log
+        wait_until(lambda: "from the local checkpoint" in log.read_text(), 60, "the trainer to resume")
+
+        final, _, _ = demo.follow(run)
+        assert final.state == "finished", final.reason
+        resumed = next(line for line in log.read_text().splitlines() if "from the local checkpoint" in line)
+        epoch = int(resumed.split("epoch ")[1].split()[0])
+        assert epoch >= 20, resumed
+        reports = demo.ask(lambda c: c.reports(run.id))
+        epochs = [r.epoch for r in reports]
+        assert len(epochs) == len(set(epochs))  # no epoch was paid twice
+        assert max(epochs) >= final.epoch - 1 and min(e for e in epochs if e >= epoch) == epoch
     finally:
         survivors = demo.close()
         assert not survivors, f"processes left behind: {survivors}"

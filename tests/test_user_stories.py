@@ -112,6 +112,20 @@ def test_rent_volunteer_and_launch_as_the_readme_shows(tmp_path: Path):
         _, _, saved = load_model_file(model)
         assert saved["task"] == "digits-mlp" and saved["epoch"] >= 40
 
+        detached = _cli(
+            launcher_home,
+            *("launch", str(REPO / "examples" / "digits.toml"), "--budget", "2", "--max-price", "1000"),
+            *("--peers", "2:2", "--coordinator", url, "--detach", "--json"),
+        )
+        second = json.loads(detached.stdout)
+        assert second["state"] == "recruiting" and Decimal(second["escrow"]) == 2
+        cancelled = _cli(launcher_home, "runs", "cancel", second["id"], "--coordinator", url)
+        assert cancelled.returncode == 0 and "refunded" in cancelled.stdout, cancelled.stderr
+        shown = _cli(launcher_home, "runs", "show", second["id"], "--coordinator", url, "--json")
+        second = json.loads(shown.stdout)
+        assert second["state"] == "cancelled"
+        assert Decimal(second["spent"]) + Decimal(second["refunded"]) == 2 and Decimal(second["escrow"]) == 0
+
         earned = json.loads(
             _cli(renter_home, "account", renter_account, "--coordinator", url, "--json").stdout
         )
