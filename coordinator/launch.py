@@ -43,7 +43,7 @@ def _peers_range(value: str | None, spec: RunSpec) -> tuple[int, int]:
 def resolve_spec(spec: RunSpec, coordinator: str) -> dict[str, Any]:
     """The spec as posted: the dataset version filled in from its location when it was left out, and
     ``stop.epochs`` turned into ``stop.samples`` with the dataset's training split."""
-    from peer.data.fetch import fetch_manifest, list_datasets
+    from peer.data.fetch import DatasetUnreachable, fetch_manifest, list_datasets
     from peer.data.format import DatasetError
     from peer.trainer import test_ids
 
@@ -62,6 +62,8 @@ def resolve_spec(spec: RunSpec, coordinator: str) -> dict[str, Any]:
                 )
             version = data["dataset"]["version"] = named[0]["version"]
         manifest = asyncio.run(fetch_manifest(location, version))
+    except DatasetUnreachable as e:
+        raise click.ClickException(f"cannot reach the dataset at {location}: {e}") from None
     except DatasetError as e:
         raise InputError(f"spec.dataset: {e}") from None
     if spec.stop.samples is None:

@@ -58,7 +58,7 @@ def capture(
     epoch: int, params: Sequence[torch.Tensor], optimizers: Sequence[torch.optim.Optimizer]
 ) -> TrainingState:
     """A copy of the state (the caller holds the lock that keeps training from changing it meanwhile)."""
-    tensors = [p.detach().clone() for p in params]
+    tensors = [p.detach().to("cpu", copy=True) for p in params]  # sent to peers and saved: on the CPU
     layout, scalars = [], []
     for optimizer in optimizers:
         state = optimizer.state_dict()
@@ -67,7 +67,7 @@ def capture(
             for key, value in sorted(values.items()):
                 if isinstance(value, torch.Tensor):
                     entries.append([index, key])
-                    tensors.append(value.detach().clone())
+                    tensors.append(value.detach().to("cpu", copy=True))
                 else:
                     plain[f"{index}/{key}"] = value
         layout.append(entries)
@@ -79,11 +79,16 @@ def restore(
     state: TrainingState, params: Sequence[torch.Tensor], optimizers: Sequence[torch.optim.Optimizer]
 ) -> None:
     """Load a state captured by a peer with the same model and optimizers; ValueError if it does not fit."""
-    if len(state.layout) != len(optimizers) or len(state.tensors) < len(params):
-        raise ValueError("the state does not match this run's model and optimizers")
-    for p, value in zip(params, state.tensors, strict=False):
+    expected = len(params) + sum(len(entries) for entries in state.layout)
+    if len(state.layout) != len(optimizers) or len(state.tensors) != expected:
+        raise ValueError(
+            f"the state holds {len(state.tensors)} tensors for {len(state.layout)} optimizers; this run's "
+            f"model and optimizers need {expected} for {len(optimizers)}"
+        )
+    for p, value in zip(params, state.tensors, strict=False):  # check everything before changing anything
         if p.shape != value.shape:
             raise ValueError(f"a parameter of shape {tuple(value.shape)} was sent for {tuple(p.shape)}")
+    for p, value in zip(params, state.tensors, strict=False):
         with torch.no_grad():
             p.copy_(value)
     rest = iter(state.tensors[len(params) :])

@@ -110,6 +110,7 @@ class Demo:
             "HIVEMARKET_HEARTBEAT_INTERVAL": "1",  # a killed peer lapses within 3 s
             "HIVEMARKET_CLEARING_INTERVAL": "1",
             "HIVEMARKET_SETTLE_TIMEOUT": "60",
+            "HIVEMARKET_TRAIN_THREADS": "1",  # several trainers share this machine's cores
             "PYTHONUNBUFFERED": "1",
             **extra,
         }

@@ -53,7 +53,12 @@ class PeerSettings(BaseSettings):
     trainer_restarts: int = Field(
         5, ge=0, description="Times a trainer that failed is started again for the same run."
     )
-    train_threads: int = Field(1, ge=1, description="Threads torch uses for training on the CPU.")
+    train_threads: int = Field(
+        0, ge=0, description="Threads torch uses for training on the CPU; 0 keeps torch's default."
+    )
+    device: str | None = Field(
+        None, description="Training device, e.g. cuda:1 or cpu [default: cuda when available, else cpu]."
+    )
 
 
 def load_settings() -> PeerSettings:

@@ -22,7 +22,8 @@ class SpecError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `seed = true` or `target = "256"` is a mistake to report, not a value to convert
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class DatasetSpec(Section):
@@ -61,6 +62,12 @@ class ScheduleSpec(Section):
 class BatchSpec(Section):
     target: int = Field(256, ge=1, le=1 << 24, description="Samples per optimizer step, over all peers.")
     per_peer: int = Field(32, ge=1, le=1 << 20, description="Micro-batch size on one peer.")
+
+    @model_validator(mode="after")
+    def _fits(self) -> BatchSpec:
+        if self.per_peer > self.target:
+            raise ValueError(f"per_peer ({self.per_peer}) exceeds target ({self.target})")
+        return self
 
 
 class StopSpec(Section):
@@ -139,14 +146,6 @@ class RunSpec(Section):
         0.05, ge=0, le=1, description="Share of micro-batches the coordinator audits."
     )
     price: PriceSpec = PriceSpec()
-
-    @model_validator(mode="after")
-    def _batches(self) -> RunSpec:
-        if self.batch.per_peer > self.batch.target:
-            raise ValueError(
-                f"batch.per_peer ({self.batch.per_peer}) exceeds batch.target ({self.batch.target})"
-            )
-        return self
 
     def unresolved(self) -> str | None:
         """Why the coordinator cannot take this spec as it is (the launcher resolves both), or None."""

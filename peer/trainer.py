@@ -46,6 +46,7 @@ from peer.averaging import RunAverager, TrainingState, capture, learning_rate, r
 from peer.data.assign import assign
 from peer.data.fetch import FetchSettings, ShardCache, fetch_manifest, fetch_shards
 from peer.data.format import DatasetError, Manifest
+from peer.data.loader import PrefetchLoader
 from peer.data.reader import DatasetReader
 from peer.identity import Identity, load_identity
 from peer.node import NodeError, start_dht, stop_dht
@@ -200,6 +201,8 @@ class Trainer:
         self.averager: RunAverager | None = None
         self.epoch = 0
         self.group_target = 0
+        self.device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.loader_device = self.device if self.device.type == "cuda" else None
 
     # ---------------------------------------------------------------------------------------- set-up
 
@@ -215,7 +218,7 @@ class Trainer:
             raise TrainerExit(EXIT_REFUSED, f"refusing run {self.run_id}: {e}") from None
         self.target = view.target_samples
         self.total_epochs = math.ceil(self.target / self.spec.batch.target)
-        self.model = self.task.build_model(self.spec.seed)
+        self.model = self.task.build_model(self.spec.seed).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.spec, self.params)
         self.optimizers = [self.optimizer]
@@ -224,7 +227,10 @@ class Trainer:
             a = self.spec.averaging
             self.outer = torch.optim.SGD(self.params, lr=a.outer_lr, momentum=a.outer_momentum, nesterov=True)
             self.optimizers.append(self.outer)
-        self.buffers = [torch.zeros_like(p) for p in self.params]
+        # What is averaged lives on the CPU (hivemind shares it with its averager process); gradients are
+        # summed on the training device and copied over once an epoch.
+        self.buffers = [torch.zeros_like(p, device="cpu") for p in self.params]
+        self.sums = [torch.zeros_like(p) for p in self.params]
         self.n_params = sum(p.numel() for p in self.params)
         self._open_dataset()
         return view
@@ -299,29 +305,43 @@ class Trainer:
             return capture(self.epoch, self.params, self.optimizers)
 
     def _initial_state(self, others: bool) -> None:
+        """The others' state when the run is under way, else the local checkpoint (a restart after a
+        crash), whichever is further along; else the spec's seed."""
         checkpoint = self.workdir / "checkpoint.pt"
         local = None
         if checkpoint.exists():
-            saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
-            local = TrainingState(saved["epoch"], saved["tensors"], saved["layout"], saved["scalars"])
+            try:
+                saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+                local = TrainingState(saved["epoch"], saved["tensors"], saved["layout"], saved["scalars"])
+            except Exception as e:  # a checkpoint cut short by the crash itself, say
+                logger.warning(f"Ignoring the unreadable checkpoint {checkpoint}: {e!r}")
         if others:
             assert self.averager is not None
             loaded = self.averager.load_state(self.settings.state_load_timeout)
-            if loaded is not None and (local is None or loaded.epoch >= local.epoch):
-                self._apply_state(loaded, "the other peers")
+            if (
+                loaded is not None
+                and (local is None or loaded.epoch >= local.epoch)
+                and self._apply_state(loaded, "the other peers")
+            ):
                 return
             if local is None:
-                logger.warning("No peer sent the training state in time; starting from the spec's seed")
+                logger.warning("No peer sent a usable training state in time; starting from the spec's seed")
         if local is not None:
             self._apply_state(local, f"the local checkpoint {checkpoint}")
 
-    def _apply_state(self, state: TrainingState, source: str) -> None:
+    def _apply_state(self, state: TrainingState, source: str) -> bool:
+        """Load ``state``; False (and nothing changed but, at worst, the optimizer) if it does not fit."""
         with self.lock:
-            restore(state, self.params, self.optimizers)
+            try:
+                restore(state, self.params, self.optimizers)
+            except (ValueError, TypeError, KeyError, IndexError) as e:  # a peer's state is untrusted data
+                logger.warning(f"Refusing the training state from {source}: {e}")
+                return False
             self.epoch = state.epoch
         if self.averager is not None:
             self.averager.state_sharing_priority = self.epoch
         logger.info(f"Loaded the training state of epoch {self.epoch} from {source}")
+        return True
 
     # ---------------------------------------------------------------------------------------- training
 
@@ -366,25 +386,31 @@ class Trainer:
         )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        for b in self.buffers:
-            b.zero_()
+        for total in self.sums:
+            total.zero_()
         micro: list[MicroBatch] = []
-        for offset in range(0, len(ids), spec.batch.per_peer):
-            chunk = ids[offset : offset + spec.batch.per_peer]
-            loss = self.task.loss(self.model, self.task.batch(self.reader.read(chunk)))
-            self.model.zero_grad(set_to_none=True)
-            loss.backward()
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-            micro.append(MicroBatch(ids=chunk, loss=float(loss.detach()), sketch=sketch(grads)))
-            if self.outer is not None:  # local updates: an inner step per micro-batch
-                with self.lock:
-                    self.optimizer.step()
-            else:
-                for b, g in zip(self.buffers, grads, strict=True):
-                    b.add_(g, alpha=len(chunk) / len(ids))
+        chunks = [ids[o : o + spec.batch.per_peer] for o in range(0, len(ids), spec.batch.per_peer)]
+        loader = PrefetchLoader(
+            self.reader, ids, spec.batch.per_peer, collate=self.task.batch, device=self.loader_device
+        )
+        with loader:
+            for chunk, batch in zip(chunks, loader, strict=True):
+                loss = self.task.loss(self.model, batch)
+                self.model.zero_grad(set_to_none=True)
+                loss.backward()
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+                micro.append(MicroBatch(ids=chunk, loss=float(loss.detach()), sketch=sketch(grads)))
+                if self.outer is not None:  # local updates: an inner step per micro-batch
+                    with self.lock:
+                        self.optimizer.step()
+                else:
+                    for total, g in zip(self.sums, grads, strict=True):
+                        total.add_(g, alpha=len(chunk) / len(ids))
         if start is not None:
-            for b, s, p in zip(self.buffers, start, self.params, strict=True):
-                b.copy_(s - p.detach())
+            for total, s, p in zip(self.sums, start, self.params, strict=True):
+                total.copy_(s - p.detach())
+        for b, total in zip(self.buffers, self.sums, strict=True):
+            b.copy_(total)
         group_size, in_step = self._average(epoch, len(ids), live, param_sketch)
         if not in_step:
             return
@@ -458,7 +484,8 @@ class Trainer:
         loaded = self.averager.load_state(self.settings.state_load_timeout)
         if loaded is None or loaded.epoch < epoch or (loaded.epoch == epoch and not same_epoch):
             return True
-        self._apply_state(loaded, "the other peers")
+        if not self._apply_state(loaded, "the other peers"):
+            return True
         return loaded.epoch == epoch
 
     def _apply(self, start: list[torch.Tensor] | None) -> None:
@@ -467,11 +494,11 @@ class Trainer:
                 assert self.outer is not None
                 for p, s, b in zip(self.params, start, self.buffers, strict=True):
                     p.data.copy_(s)
-                    p.grad = b.clone()
+                    p.grad = b.to(p.device, copy=True)
                 self.outer.step()
             else:
                 for p, b in zip(self.params, self.buffers, strict=True):
-                    p.grad = b.clone()
+                    p.grad = b.to(p.device, copy=True)
                 self.optimizer.step()
             self.model.zero_grad(set_to_none=True)
             self.epoch += 1
@@ -527,7 +554,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     use_hivemind_log_handler("in_root_logger")  # this module's INFO lines too, in hivemind's format
     settings = load_settings()
-    torch.set_num_threads(settings.train_threads)
+    if settings.train_threads:
+        torch.set_num_threads(settings.train_threads)
     identity = load_identity(args.identity)
     with RunLink(args.coordinator, identity, args.run_id) as link:
         trainer = Trainer(args.run_id, link, identity, settings, args.listen or ["/ip4/127.0.0.1/tcp/0"])

@@ -45,6 +45,10 @@ _MANIFEST_MAX_BYTES = 64 << 20  # far above any real manifest; stops a hostile s
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 
 
+class DatasetUnreachable(DatasetError):
+    """The dataset's location did not answer (after every retry): the network, not the dataset."""
+
+
 class FetchSettings(BaseSettings):
     """Timeouts, retries and the cache folder; ``HIVEMARKET_<FIELD>`` overrides each one."""
 
@@ -195,7 +199,7 @@ async def _with_retries(what: str, settings: FetchSettings, attempt: Callable[[]
             reason = str(e) or type(e).__name__
             failures += 1
             if failures > settings.fetch_retries:
-                raise DatasetError(f"{what}: gave up after {failures} attempts: {reason}") from None
+                raise DatasetUnreachable(f"{what}: gave up after {failures} attempts: {reason}") from None
             logger.warning("%s: attempt %d failed (%s); retrying", what, failures, reason)
             await asyncio.sleep(settings.backoff(failures - 1))
 

@@ -45,6 +45,8 @@ class Task:
         values = dict(self.options)
         for name, value in options.items():
             default = self.options[name]
+            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)  # TOML writes 1 for 1.0
             if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, type(default)):
                 raise TaskError(f"spec.options.{name}: expected {type(default).__name__}, got {value!r}")
             values[name] = value

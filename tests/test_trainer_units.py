@@ -1,0 +1,409 @@
+"""The trainer's pieces without a swarm: shares of a step, the sample stream over the real digits dataset,
+the training state that peers hand each other, the learning-rate schedule and the optimizers."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from coordinator.schemas import RunPeerView, RunView
+from peer import trainer
+from peer.averaging import TrainingState, capture, learning_rate, restore
+from peer.data.assign import assign
+from peer.data.examples import build_example
+from peer.data.format import Manifest, load_manifest
+from peer.spec import validate_spec
+from peer.tasks.digits import DigitsMLP
+from peer.trainer import SampleStream, live_peers, make_optimizer, shares, train_ids
+from tests.harness import minimal_spec
+
+A, B, C = "a" * 64, "b" * 64, "c" * 64
+PEERS = [A, B, C]
+SEED, TEST_EVERY, BLOCK = 0, 5, 32
+DIGITS = 1797
+
+
+# ------------------------------------------------------------------------------------------------ shares
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    target=st.integers(0, 100_000),
+    owned=st.dictionaries(
+        st.text("0123456789abcdef", min_size=1, max_size=8), st.integers(0, 5000), min_size=1
+    ),
+)
+def test_shares_sum_to_the_target_in_proportion(target: int, owned: dict[str, int]) -> None:
+    if not sum(owned.values()):
+        return  # covered by test_shares_need_someone_with_samples
+    result = shares(target, owned)
+    assert result.keys() == owned.keys()
+    assert sum(result.values()) == target
+    total = sum(owned.values())
+    for account, n in owned.items():
+        assert abs(result[account] - target * n / total) < 1, (account, result)
+        assert result[account] >= 0
+
+
+def test_shares_give_the_remainder_by_largest_fraction_then_smaller_account() -> None:
+    assert shares(1, {B: 1, A: 1}) == {A: 1, B: 0}
+    assert shares(2, {C: 1, B: 1, A: 1}) == {A: 1, B: 1, C: 0}
+    assert shares(1, {A: 1, B: 2}) == {A: 0, B: 1}  # B's 0.67 beats A's 0.33, whatever the names
+    assert shares(2, {A: 1, B: 2}) == {A: 1, B: 1}  # A's 0.67 beats B's 0.33
+    assert shares(256, {A: 0, B: 10}) == {A: 0, B: 256}
+
+
+def test_shares_need_someone_with_samples() -> None:
+    for owned in ({}, {A: 0}, {A: 0, B: 0}):
+        with pytest.raises(ValueError, match="own no training samples"):
+            shares(256, owned)
+
+
+def test_train_and_test_ids_split_the_dataset() -> None:
+    ids = np.arange(DIGITS, dtype=np.int64)
+    train, test = train_ids(ids, TEST_EVERY), trainer.test_ids(DIGITS, TEST_EVERY)
+    assert len(train) == 1438 and len(test) == 359
+    assert sorted(np.concatenate([train, test]).tolist()) == ids.tolist()
+    assert all(i % TEST_EVERY == TEST_EVERY - 1 for i in test.tolist())
+    assert train_ids(np.array([9, 3, 4, 0], dtype=np.int64), TEST_EVERY).tolist() == [3, 0]  # keeps order
+
+
+# ------------------------------------------------------------------------------------------------ the stream
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
+    root = tmp_path_factory.mktemp("data") / "digits"
+    build_example("digits", root, shard_bytes=1 << 20)
+    found = load_manifest(root)
+    assert found.samples == DIGITS
+    return found
+
+
+def stream(manifest: Manifest, account: str) -> SampleStream:
+    return SampleStream(manifest, SEED, TEST_EVERY, BLOCK, account)
+
+
+def order(manifest: Manifest, account: str, peers: Sequence[str], passes: int) -> list[int]:
+    """The account's training samples in the order of pass ``passes``, as every peer computes it."""
+    ids = assign(SEED, passes, peers, manifest.shards, BLOCK).samples[account]
+    return train_ids(ids, TEST_EVERY).tolist()
+
+
+def all_train_ids() -> list[int]:
+    return train_ids(np.arange(DIGITS, dtype=np.int64), TEST_EVERY).tolist()
+
+
+def test_a_step_of_the_whole_split_covers_it_once(manifest: Manifest) -> None:
+    target = len(all_train_ids())
+    taken = {a: stream(manifest, a).take(target, PEERS) for a in PEERS}
+    union = [i for ids in taken.values() for i in ids]
+    assert len(union) == len(set(union)) == target  # disjoint
+    assert sorted(union) == all_train_ids()  # and covering
+    for a in PEERS:
+        assert taken[a] == order(manifest, a, PEERS, 0)
+
+
+def test_steps_hold_out_the_test_split_and_add_up_to_the_target(manifest: Manifest) -> None:
+    streams = {a: stream(manifest, a) for a in PEERS}
+    for _ in range(8):
+        step = {a: s.take(256, PEERS) for a, s in streams.items()}
+        assert sum(len(ids) for ids in step.values()) == 256
+        for a, ids in step.items():
+            assert len(ids) == shares(256, streams[a].owned)[a]
+            assert not [i for i in ids if i % TEST_EVERY == TEST_EVERY - 1], "a test sample was trained on"
+        for a, b in itertools.combinations(PEERS, 2):
+            assert not set(step[a]) & set(step[b])  # peers never train on the same sample
+
+
+def test_taking_goes_on_into_the_next_pass(manifest: Manifest) -> None:
+    s = stream(manifest, A)
+    first, second = order(manifest, A, PEERS, 0), order(manifest, A, PEERS, 1)
+    assert sorted(first) == sorted(second) and first != second  # same samples, reshuffled
+    taken: list[int] = []
+    while len(taken) <= len(first):  # the last step straddles the end of the pass
+        taken += s.take(256, PEERS)
+    assert s.passes == 1
+    assert taken == first + second[: len(taken) - len(first)]
+
+
+def test_when_a_peer_leaves_the_others_take_over_its_samples(manifest: Manifest) -> None:
+    streams = {a: stream(manifest, a) for a in PEERS}
+    for s in streams.values():
+        s.take(256, PEERS)
+        s.take(256, PEERS)
+    before = set(order(manifest, A, PEERS, 0))
+    remaining = [A, B]
+    step = {a: streams[a].take(256, remaining) for a in remaining}
+    assert sum(len(ids) for ids in step.values()) == 256
+    for a in remaining:
+        assert streams[a].owned.keys() == set(remaining)
+        mine = order(manifest, a, remaining, streams[a].passes)
+        assert step[a] == mine[: len(step[a])]  # the new list, from its start
+        assert len(step[a]) == shares(256, streams[a].owned)[a]
+    assert set(order(manifest, A, remaining, 0)) >= before  # A keeps its blocks and gains some of C's
+    covered = order(manifest, A, remaining, 0) + order(manifest, B, remaining, 0)
+    assert sorted(covered) == all_train_ids()
+    assert not set(step[A]) & set(step[B])
+
+
+def test_shards_needed_are_the_shards_of_the_assignment(manifest: Manifest) -> None:
+    s = stream(manifest, A)
+    s.take(1, PEERS)
+    assert s.shards_needed() == [0]  # the digits fit in one shard of 1 MiB
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+
+def _records(n: int, seed: int) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.random((8, 8), dtype=np.float32), "y": int(rng.integers(10))} for _ in range(n)]
+
+
+def _train(
+    model: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer], steps: int, seed: int
+) -> None:
+    task = DigitsMLP()
+    for step in range(steps):
+        loss = task.loss(model, task.batch(_records(16, seed + step)))
+        for o in optimizers:
+            o.zero_grad()
+        loss.backward()
+        for o in optimizers:
+            o.step()
+
+
+def _optimizers(kind: str, params: list[torch.nn.Parameter], lr: float) -> list[torch.optim.Optimizer]:
+    if kind == "adam":
+        return [torch.optim.Adam(params, lr=lr)]
+    if kind == "sgd":
+        return [torch.optim.SGD(params, lr=lr, momentum=0.9)]
+    # local updates: an inner Adam and the outer Nesterov SGD over the same parameters
+    return [torch.optim.Adam(params, lr=lr), torch.optim.SGD(params, lr=0.7, momentum=0.9, nesterov=True)]
+
+
+def _plain(value: Any) -> Any:
+    """Hyperparameters compared regardless of tuple/list (the state carries lists, for msgpack)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd", "adam+outer"])
+def test_capture_restore_round_trips_parameters_and_optimizer_state(kind: str) -> None:
+    task = DigitsMLP()
+    model = task.build_model(0)
+    params = list(model.parameters())
+    optimizers = _optimizers(kind, params, lr=0.01)
+    _train(model, optimizers, 3, seed=0)
+    state = capture(3, params, optimizers)
+
+    fresh = task.build_model(1)
+    fresh_params = list(fresh.parameters())
+    fresh_optimizers = _optimizers(kind, fresh_params, lr=0.5)  # other hyperparameters: the state's win
+    restore(state, fresh_params, fresh_optimizers)
+
+    assert state.epoch == 3
+    assert all(torch.equal(p, q) for p, q in zip(params, fresh_params, strict=True))
+    for original, restored in zip(optimizers, fresh_optimizers, strict=True):
+        want, got = original.state_dict(), restored.state_dict()
+        assert want["state"].keys() == got["state"].keys() and want["state"]
+        for index, values in want["state"].items():
+            assert values.keys() == got["state"][index].keys()
+            for key, value in values.items():
+                assert torch.equal(value, got["state"][index][key]), (index, key)
+        if "step" in want["state"][0]:
+            assert int(got["state"][0]["step"]) == 3
+        for group, restored_group in zip(want["param_groups"], got["param_groups"], strict=True):
+            assert {k: _plain(v) for k, v in group.items()} == {
+                k: _plain(v) for k, v in restored_group.items()
+            }
+    # the proof that nothing was missed: one more identical step keeps the two models identical
+    _train(model, optimizers, 1, seed=100)
+    _train(fresh, fresh_optimizers, 1, seed=100)
+    assert all(torch.equal(p, q) for p, q in zip(params, fresh_params, strict=True))
+
+
+def test_the_state_survives_the_wire() -> None:
+    """Its metadata goes through msgpack when a peer downloads it (hivemind's serializer)."""
+    task = DigitsMLP()
+    model = task.build_model(0)
+    params = list(model.parameters())
+    optimizers = _optimizers("adam+outer", params, lr=0.01)
+    _train(model, optimizers, 2, seed=0)
+    state = capture(2, params, optimizers)
+    layout, scalars = msgpack.unpackb(msgpack.packb([state.layout, state.scalars]), strict_map_key=False)
+    sent = TrainingState(state.epoch, [t.clone() for t in state.tensors], layout, scalars)
+    fresh = task.build_model(1)
+    fresh_optimizers = _optimizers("adam+outer", list(fresh.parameters()), lr=0.5)
+    restore(sent, list(fresh.parameters()), fresh_optimizers)
+    _train(model, optimizers, 1, seed=50)
+    _train(fresh, fresh_optimizers, 1, seed=50)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), fresh.parameters(), strict=True))
+
+
+def test_capture_is_a_copy() -> None:
+    model = DigitsMLP().build_model(0)
+    params = list(model.parameters())
+    optimizers = _optimizers("adam", params, lr=0.01)
+    _train(model, optimizers, 1, seed=0)
+    state = capture(1, params, optimizers)
+    kept = [t.clone() for t in state.tensors]
+    _train(model, optimizers, 2, seed=1)  # training goes on after the state was handed out
+    assert all(torch.equal(t, k) for t, k in zip(state.tensors, kept, strict=True))
+
+
+def test_restore_refuses_a_state_of_another_model() -> None:
+    small = DigitsMLP(hidden=8).build_model(0)
+    state = capture(1, list(small.parameters()), _optimizers("adam", list(small.parameters()), 0.01))
+    large = DigitsMLP(hidden=16).build_model(0)
+    large_params = list(large.parameters())
+    with pytest.raises(ValueError, match=r"shape \(8, 64\) was sent for \(16, 64\)"):
+        restore(state, large_params, _optimizers("adam", large_params, 0.01))
+    with pytest.raises(ValueError, match=r"for 1 optimizers; .* need .* for 2"):  # one optimizer's for two
+        restore(state, list(small.parameters()), _optimizers("adam+outer", list(small.parameters()), 0.01))
+
+
+def test_restore_refuses_a_truncated_state_with_value_error() -> None:
+    """A broken or hostile donor's state whose layout names more tensors than it carries is refused."""
+    model = DigitsMLP().build_model(0)
+    params = list(model.parameters())
+    optimizers = _optimizers("adam", params, 0.01)
+    _train(model, optimizers, 1, seed=0)
+    state = capture(1, params, optimizers)
+    truncated = TrainingState(state.epoch, state.tensors[: len(params) + 2], state.layout, state.scalars)
+    with pytest.raises(ValueError):
+        restore(truncated, params, _optimizers("adam", params, 0.01))
+
+
+def test_a_refused_restore_leaves_the_model_as_it_was() -> None:
+    """Shapes are checked before anything is copied: a state whose last layer does not fit changes
+    nothing."""
+    donor = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.ReLU(), torch.nn.Linear(8, 10)
+    )
+    state = capture(1, list(donor.parameters()), _optimizers("adam", list(donor.parameters()), 0.01))
+    other = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.ReLU(), torch.nn.Linear(8, 12)
+    )
+    params = list(other.parameters())
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"shape \(10, 8\) was sent for \(12, 8\)"):
+        restore(state, params, _optimizers("adam", params, 0.01))
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+
+
+# ------------------------------------------------------------------------------------------------ schedule
+
+
+def test_constant_schedule() -> None:
+    assert {learning_rate(0.1, "constant", 0, e, 50) for e in range(0, 60)} == {0.1}
+
+
+def test_warm_up_is_linear_from_base_over_warmup_to_base() -> None:
+    rates = [learning_rate(0.1, "constant", 4, e, 50) for e in range(8)]
+    assert rates[:4] == pytest.approx([0.025, 0.05, 0.075, 0.1])
+    assert rates[4:] == [0.1] * 4
+    assert learning_rate(0.1, "linear", 10, 3, 5) == pytest.approx(0.04)  # warm-up even when it is all
+
+
+def test_linear_schedule_decays_to_zero_at_the_end() -> None:
+    rates = [learning_rate(0.1, "linear", 0, e, 10) for e in range(11)]
+    assert rates[0] == 0.1
+    assert rates[-1] == 0.0
+    assert all(math.isclose(a - b, 0.01, rel_tol=1e-9) for a, b in itertools.pairwise(rates))
+    after_warmup = [learning_rate(0.1, "linear", 2, e, 12) for e in range(2, 13)]
+    assert after_warmup[0] == 0.1 and after_warmup[-1] == 0.0 and after_warmup == sorted(after_warmup)[::-1]
+    assert learning_rate(0.1, "linear", 0, 20, 10) == 0.0  # never negative past the end
+
+
+def test_cosine_schedule() -> None:
+    assert learning_rate(0.1, "cosine", 0, 0, 10) == 0.1
+    assert learning_rate(0.1, "cosine", 0, 5, 10) == pytest.approx(0.05)
+    assert learning_rate(0.1, "cosine", 0, 10, 10) == pytest.approx(0.0, abs=1e-15)
+    assert learning_rate(0.1, "cosine", 3, 3, 13) == 0.1  # the decay starts after the warm-up
+    rates = [learning_rate(0.1, "cosine", 0, e, 10) for e in range(11)]
+    assert rates == sorted(rates, reverse=True)
+
+
+# ------------------------------------------------------------------------------------------------ optimizers
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"), [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)]
+)
+def test_make_optimizer(name: str, cls: type[torch.optim.Optimizer]) -> None:
+    spec = validate_spec(
+        minimal_spec("opt", optimizer={"name": name, "lr": 0.02, "weight_decay": 0.125, "momentum": 0.5})
+    )
+    params = list(DigitsMLP().build_model(0).parameters())
+    optimizer = make_optimizer(spec, params)
+    assert type(optimizer) is cls  # AdamW subclasses Adam: the exact class matters
+    (group,) = optimizer.param_groups
+    assert (group["lr"], group["weight_decay"]) == (0.02, 0.125)
+    assert group["params"] == params
+    if name == "sgd":
+        assert group["momentum"] == 0.5
+
+
+# ------------------------------------------------------------------------------------------------ live peers
+
+
+def _peer(account: str, state: str, matched_at: float) -> RunPeerView:
+    return RunPeerView(
+        account=account,
+        lease_id=f"lease-{account[:4]}-{matched_at}",
+        price_per_hour="1",
+        state=state,
+        matched_at=matched_at,
+        joined=True,
+        joined_at=matched_at,
+        peer_id=None,
+        maddrs=[],
+        samples=0,
+        paid="0",
+        last_report_at=None,
+    )
+
+
+def test_live_peers_are_the_active_ones_in_match_order() -> None:
+    d = "d" * 64
+    peers = [
+        _peer(C, "active", 5.0),
+        _peer(d, "dropped", 1.0),
+        _peer(B, "active", 2.0),
+        _peer(A, "active", 5.0),
+    ]
+    view = RunView(
+        id="run-0123456789ab",
+        owner=d,
+        name="digits",
+        state="running",
+        reason="training",
+        state_since=0.0,
+        spec={},
+        max_price="1",
+        peers_min=1,
+        peers_max=4,
+        min_vram_gb=0.0,
+        budget="5",
+        escrow="5",
+        spent="0",
+        refunded="0",
+        target_samples=1000,
+        samples=0,
+        epoch=0,
+        loss=None,
+        peers=peers,
+        model=None,
+        created_at=0.0,
+    )
+    assert [p.account for p in live_peers(view)] == [B, A, C]  # by match time, then account
