@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import psutil
 
+from coordinator.schemas import RunPeerView, RunView
 from peer.identity import Identity, save_identity
 
 T = TypeVar("T")
@@ -262,3 +263,51 @@ def start_coordinator(
         kill_group(proc.pid)
         raise
     return CoordinatorProcess(proc, url, db_path, admin, home, log, run_env)
+
+
+def peer_view(account: str, state: str = "active", matched_at: float = 1.0, **changes: Any) -> RunPeerView:
+    """A run's peer as the coordinator shows it, for tests of what peers and the CLI do with one."""
+    fields: dict[str, Any] = dict(
+        account=account,
+        lease_id=f"lease-{account[:4]}-{matched_at}",
+        price_per_hour="1.00",
+        state=state,
+        matched_at=matched_at,
+        joined=True,
+        joined_at=matched_at,
+        peer_id=None,
+        maddrs=[],
+        samples=0,
+        paid="0",
+        last_report_at=None,
+    )
+    return RunPeerView(**(fields | changes))
+
+
+def run_view(peers: list[RunPeerView], **changes: Any) -> RunView:
+    """A running run with ``peers``; ``changes`` override any field."""
+    fields: dict[str, Any] = dict(
+        id="run-0123456789ab",
+        owner="ab" * 32,
+        name="digits",
+        state="running",
+        reason="training",
+        state_since=0.0,
+        spec={},
+        max_price="1",
+        peers_min=1,
+        peers_max=4,
+        min_vram_gb=0.0,
+        budget="5",
+        escrow="5",
+        spent="0",
+        refunded="0",
+        target_samples=1000,
+        samples=0,
+        epoch=0,
+        loss=None,
+        peers=peers,
+        model=None,
+        created_at=0.0,
+    )
+    return RunView(**(fields | changes))

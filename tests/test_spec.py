@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 
 from coordinator.launch import Progress, _peers_range
-from coordinator.schemas import RunPeerView, RunView
+from coordinator.schemas import RunView
 from peer.console import InputError
 from peer.spec import RunSpec, SpecError, load_spec, validate_spec
 from peer.tasks import load_task
-from tests.harness import REPO, cli_env, minimal_spec, run_cli
+from tests.harness import REPO, cli_env, minimal_spec, peer_view, run_cli
+from tests.harness import run_view as harness_run_view
 
 EXAMPLE = REPO / "examples" / "digits.toml"
 DIGITS_SAMPLES = 1797
@@ -330,49 +331,18 @@ def test_launch_refuses_bad_peers_before_contacting_the_coordinator(
 ACCOUNT = "ab" * 32
 
 
-def _peer(account: str, state: str) -> RunPeerView:
-    return RunPeerView(
-        account=account,
-        lease_id=f"lease-{account[:4]}",
-        price_per_hour="1.00",
-        state=state,
-        matched_at=1.0,
-        joined=True,
-        joined_at=2.0,
-        peer_id="12D3KooW",
-        maddrs=[],
-        samples=0,
-        paid="0",
-        last_report_at=None,
-    )
-
-
 def run_view(samples: int, target: int = 1000, loss: float | None = None, active: int = 2) -> RunView:
     """A running run with ``active`` active peers and one that dropped."""
-    peers = [_peer(f"{i:02x}" * 32, "active") for i in range(active)] + [_peer(ACCOUNT, "dropped")]
-    return RunView(
-        id="run-0123456789ab",
+    peers = [peer_view(f"{i:02x}" * 32) for i in range(active)] + [peer_view(ACCOUNT, "dropped")]
+    return harness_run_view(
+        peers,
         owner=ACCOUNT,
-        name="digits",
-        state="running",
-        reason="training",
-        state_since=0.0,
-        spec={},
-        max_price="1",
-        peers_min=1,
-        peers_max=4,
-        min_vram_gb=0.0,
-        budget="5",
         escrow="4",
         spent=Decimal("1.25"),
-        refunded="0",
         target_samples=target,
         samples=samples,
         epoch=samples // 256,
         loss=loss,
-        peers=peers,
-        model=None,
-        created_at=0.0,
     )
 
 

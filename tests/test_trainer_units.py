@@ -15,7 +15,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.schemas import RunPeerView, RunView
 from peer import trainer
 from peer.averaging import TrainingState, capture, learning_rate, restore
 from peer.data.assign import assign
@@ -24,7 +23,7 @@ from peer.data.format import Manifest, load_manifest
 from peer.spec import validate_spec
 from peer.tasks.digits import DigitsMLP
 from peer.trainer import SampleStream, live_peers, make_optimizer, shares, train_ids
-from tests.harness import minimal_spec
+from tests.harness import minimal_spec, peer_view, run_view
 
 A, B, C = "a" * 64, "b" * 64, "c" * 64
 PEERS = [A, B, C]
@@ -357,53 +356,13 @@ def test_make_optimizer(name: str, cls: type[torch.optim.Optimizer]) -> None:
 # ------------------------------------------------------------------------------------------------ live peers
 
 
-def _peer(account: str, state: str, matched_at: float) -> RunPeerView:
-    return RunPeerView(
-        account=account,
-        lease_id=f"lease-{account[:4]}-{matched_at}",
-        price_per_hour="1",
-        state=state,
-        matched_at=matched_at,
-        joined=True,
-        joined_at=matched_at,
-        peer_id=None,
-        maddrs=[],
-        samples=0,
-        paid="0",
-        last_report_at=None,
-    )
-
-
 def test_live_peers_are_the_active_ones_in_match_order() -> None:
     d = "d" * 64
     peers = [
-        _peer(C, "active", 5.0),
-        _peer(d, "dropped", 1.0),
-        _peer(B, "active", 2.0),
-        _peer(A, "active", 5.0),
+        peer_view(C, "active", 5.0),
+        peer_view(d, "dropped", 1.0),
+        peer_view(B, "active", 2.0),
+        peer_view(A, "active", 5.0),
     ]
-    view = RunView(
-        id="run-0123456789ab",
-        owner=d,
-        name="digits",
-        state="running",
-        reason="training",
-        state_since=0.0,
-        spec={},
-        max_price="1",
-        peers_min=1,
-        peers_max=4,
-        min_vram_gb=0.0,
-        budget="5",
-        escrow="5",
-        spent="0",
-        refunded="0",
-        target_samples=1000,
-        samples=0,
-        epoch=0,
-        loss=None,
-        peers=peers,
-        model=None,
-        created_at=0.0,
-    )
+    view = run_view(peers, owner=d)
     assert [p.account for p in live_peers(view)] == [B, A, C]  # by match time, then account
