@@ -18,6 +18,7 @@ training state to a peer that joins late (:meth:`RunAverager.load_state`).
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -78,31 +79,55 @@ def capture(
 def restore(
     state: TrainingState, params: Sequence[torch.Tensor], optimizers: Sequence[torch.optim.Optimizer]
 ) -> None:
-    """Load a state captured by a peer with the same model and optimizers; ValueError if it does not fit."""
+    """Load a state captured by a peer with the same model and optimizers.
+
+    The state comes from another peer, so it is checked whole before anything changes: the number and
+    shapes of the tensors, finite values, and optimizer states shaped like their parameters. Raises
+    ValueError (or TypeError for data of the wrong kind) and leaves the model and optimizers as they were.
+    """
     expected = len(params) + sum(len(entries) for entries in state.layout)
     if len(state.layout) != len(optimizers) or len(state.tensors) != expected:
         raise ValueError(
             f"the state holds {len(state.tensors)} tensors for {len(state.layout)} optimizers; this run's "
             f"model and optimizers need {expected} for {len(optimizers)}"
         )
-    for p, value in zip(params, state.tensors, strict=False):  # check everything before changing anything
+    for p, value in zip(params, state.tensors, strict=False):
         if p.shape != value.shape:
             raise ValueError(f"a parameter of shape {tuple(value.shape)} was sent for {tuple(p.shape)}")
-    for p, value in zip(params, state.tensors, strict=False):
-        with torch.no_grad():
-            p.copy_(value)
+    if not all(bool(torch.isfinite(t).all()) for t in state.tensors if t.is_floating_point()):
+        raise ValueError("the state holds values that are not finite")
     rest = iter(state.tensors[len(params) :])
+    loaded_states = []
     for optimizer, entries, scalars in zip(optimizers, state.layout, state.scalars, strict=True):
+        ordered = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's numbering
+        shapes = {i: p.shape for i, p in enumerate(ordered)}
         loaded: dict[int, dict[str, Any]] = {}
         for index, key in entries:
-            loaded.setdefault(int(index), {})[key] = next(rest)
-        for name, value in scalars["plain"].items():
-            index, key = name.split("/", 1)
+            value = next(rest)
+            if value.numel() > 1 and value.shape != shapes.get(int(index)):
+                raise ValueError(
+                    f"optimizer state {key!r} of parameter {index} has shape {tuple(value.shape)}"
+                )
+            loaded.setdefault(int(index), {})[str(key)] = value
+        for name, value in dict(scalars["plain"]).items():
+            index, key = str(name).split("/", 1)
             loaded.setdefault(int(index), {})[key] = value
         current = optimizer.state_dict()
-        for group, sent in zip(current["param_groups"], scalars["groups"], strict=True):
-            group.update({k: v for k, v in sent.items() if k != "params"})
-        optimizer.load_state_dict({"state": loaded, "param_groups": current["param_groups"]})
+        groups = [dict(g) for g in current["param_groups"]]
+        for group, sent in zip(groups, scalars["groups"], strict=True):
+            group.update({k: v for k, v in dict(sent).items() if k != "params"})
+        loaded_states.append({"state": loaded, "param_groups": groups})
+    backups = [copy.deepcopy(optimizer.state_dict()) for optimizer in optimizers]
+    try:
+        for optimizer, loaded_state in zip(optimizers, loaded_states, strict=True):
+            optimizer.load_state_dict(loaded_state)
+    except Exception:
+        for optimizer, backup in zip(optimizers, backups, strict=True):
+            optimizer.load_state_dict(backup)
+        raise
+    with torch.no_grad():
+        for p, value in zip(params, state.tensors, strict=False):
+            p.copy_(value)
 
 
 def _groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -132,6 +157,7 @@ class RunAverager(DecentralizedAverager):
         compression_name: str,
     ):
         self._share_state = share_state
+        self.fp16 = compression_name == "fp16"
         # hivemind waits forever by default for a peer that died mid-round (measured: the survivors of
         # a peer killed while averaging hung until killed); every wait here has a bound. A sender silent
         # for next_chunk_timeout is banned from the round (a reducer after twice that, hivemind's rule).
@@ -152,12 +178,12 @@ class RunAverager(DecentralizedAverager):
             allow_state_sharing=True,
         )
 
-    def set_target_group_size(self, size: int) -> None:
+    def set_target_group_size(self, size: int, timeout: float) -> None:
         """Assemble a group as soon as ``size`` peers are in it (the live peers), not only after waiting
         the matchmaking time for peers that are not coming."""
         future = MPFuture()
         self._outer_pipe.send(("_set_target_group_size", [], dict(size=max(2, size), future=future)))
-        future.result()
+        future.result(timeout=timeout)
 
     async def _set_target_group_size(self, size: int, future: MPFuture) -> None:  # in the averager process
         self._matchmaking.target_group_size = size
@@ -188,7 +214,9 @@ class RunAverager(DecentralizedAverager):
             return None
         with self.get_tensors() as tensors:
             for mine, shared in zip(values, tensors, strict=True):
-                mine.copy_(shared)
+                # A reducer keeps its own part of the average uncompressed while the others receive it
+                # in fp16; rounding every part through fp16 makes all members hold the same values.
+                mine.copy_(shared.half() if self.fp16 else shared)
         return {str(peer): data for peer, data in gathered.items()}
 
     def load_state(self, deadline: float) -> TrainingState | None:
@@ -209,9 +237,13 @@ class RunAverager(DecentralizedAverager):
         if loaded is None:
             return None
         metadata, tensors = loaded
-        if not isinstance(metadata, dict) or "epoch" not in metadata:
+        try:  # what a donor sends is untrusted: anything malformed counts as no state
+            return TrainingState(
+                int(metadata["epoch"]), list(tensors), list(metadata["layout"]), list(metadata["scalars"])
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            logger.warning(f"A peer sent a malformed training state: {e!r}")
             return None
-        return TrainingState(int(metadata["epoch"]), list(tensors), metadata["layout"], metadata["scalars"])
 
 
 def learning_rate(base: float, schedule: str, warmup: int, epoch: int, total_epochs: int) -> float:

@@ -89,12 +89,16 @@ def example_spec() -> Path:
 
 
 class Demo:
-    def __init__(self, peers: int, drop: bool, echo: Callable[[str], None], timeout: float):
+    def __init__(
+        self, peers: int, drop: bool, echo: Callable[[str], None], timeout: float, folder: Path | None = None
+    ):
         self.n_peers = peers
         self.drop = drop
         self.echo = echo
         self.deadline = time.monotonic() + timeout
-        self.tmp = Path(tempfile.mkdtemp(prefix="hivemarket-demo-"))
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+        self.tmp = folder or Path(tempfile.mkdtemp(prefix="hivemarket-demo-"))
         self.children: list[Child] = []
         self.peers: dict[str, Child] = {}  # account -> its rent process
         self.dropped_names: set[str] = set()  # processes the demo killed on purpose

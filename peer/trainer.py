@@ -61,8 +61,10 @@ logger = get_logger(__name__)
 EXIT_REFUSED = 3  # the run cannot be trained here (task not installed, bad spec): do not restart
 EXIT_RETRY = 4  # something transient (no bootstrap peer, no state donor): the worker may start it again
 LIVE_STATES = ("recruiting", "running", "paused")
-#: Two peers whose parameter sketches differ by more than this have diverged (float rounding is ~1e-7).
-AGREEMENT_TOLERANCE = 1e-4
+#: Peers whose parameter sketches differ by more than this have diverged: float rounding leaves ~1e-7
+#: (fp16 averaging too: every member rounds the whole average the same way); 8-bit averaging leaves each
+#: reducer's own part unquantized, about 1% apart.
+AGREEMENT_TOLERANCE = {"none": 1e-4, "fp16": 1e-4, "8bit": 2e-2}
 
 
 class TrainerExit(Exception):
@@ -201,6 +203,7 @@ class Trainer:
         self.averager: RunAverager | None = None
         self.epoch = 0
         self.group_target = 0
+        self.snapshot: TrainingState | None = None  # the epoch's start, while local updates move on
         self.device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.loader_device = self.device if self.device.type == "cuda" else None
 
@@ -301,8 +304,10 @@ class Trainer:
         return view
 
     def _share_state(self) -> TrainingState:
+        """The state at the current epoch's start: with local updates the parameters move during the
+        epoch, so the snapshot taken when it began is what a joining peer gets."""
         with self.lock:
-            return capture(self.epoch, self.params, self.optimizers)
+            return self.snapshot or capture(self.epoch, self.params, self.optimizers)
 
     def _initial_state(self, others: bool) -> None:
         """The others' state when the run is under way, else the local checkpoint (a restart after a
@@ -334,10 +339,11 @@ class Trainer:
         with self.lock:
             try:
                 restore(state, self.params, self.optimizers)
-            except (ValueError, TypeError, KeyError, IndexError) as e:  # a peer's state is untrusted data
-                logger.warning(f"Refusing the training state from {source}: {e}")
+            except Exception as e:  # a peer's state is untrusted data: anything malformed is refused
+                logger.warning(f"Refusing the training state from {source}: {e!r}")
                 return False
             self.epoch = state.epoch
+            self.snapshot = None
         if self.averager is not None:
             self.averager.state_sharing_priority = self.epoch
         logger.info(f"Loaded the training state of epoch {self.epoch} from {source}")
@@ -380,7 +386,11 @@ class Trainer:
         self._fetch_shards()
         sketch = Sketcher(self.n_params, grad_seed(self.run_id, epoch, self.identity.account))
         param_sketch = Sketcher(self.n_params, params_seed(self.run_id, epoch))(self.params)
-        start = [p.detach().clone() for p in self.params] if self.outer else None
+        start = None
+        if self.outer is not None:
+            with self.lock:
+                self.snapshot = capture(epoch, self.params, self.optimizers)
+            start = [p.detach().clone() for p in self.params]
         lr = learning_rate(
             spec.optimizer.lr, spec.schedule.name, spec.schedule.warmup_epochs, epoch, self.total_epochs
         )
@@ -444,7 +454,7 @@ class Trainer:
         if len(live) == 1:
             return 1, True
         if len(live) != self.group_target:
-            self.averager.set_target_group_size(len(live))
+            self.averager.set_target_group_size(len(live), self.spec.averaging.timeout_seconds)
             self.group_target = len(live)
         gathered = self.averager.average(
             self.buffers,
@@ -464,15 +474,25 @@ class Trainer:
     def _defers_to_group(self, gathered: dict[str, Any], param_sketch: list[float]) -> bool:
         """Whether the group's members disagree with this peer's parameters and this peer should give way:
         when fewer agree with it than disagree, or as many and the smallest account is among the others
-        (a deterministic tie-break, so that exactly one side of a two-peer split gives way)."""
+        (a deterministic tie-break, so that exactly one side of a two-peer split gives way). What other
+        peers sent is untrusted: an entry that is not a sketch like ours is left out of the count."""
+        tolerance = AGREEMENT_TOLERANCE[self.spec.averaging.compression]
         agree, differ = 1, []
         for data in gathered.values():
-            if data.get("account") == self.identity.account:
+            if not isinstance(data, dict) or data.get("account") == self.identity.account:
                 continue
-            if relative_distance(param_sketch, data["params"]) <= AGREEMENT_TOLERANCE:
+            theirs, account = data.get("params"), data.get("account")
+            if not (
+                isinstance(account, str)
+                and isinstance(theirs, list)
+                and len(theirs) == len(param_sketch)
+                and all(isinstance(x, float) and math.isfinite(x) for x in theirs)
+            ):
+                continue
+            if relative_distance(param_sketch, theirs) <= tolerance:
                 agree += 1
             else:
-                differ.append(str(data.get("account")))
+                differ.append(account)
         if not differ:
             return False
         return agree < len(differ) or (agree == len(differ) and min(differ) < self.identity.account)
@@ -490,6 +510,8 @@ class Trainer:
 
     def _apply(self, start: list[torch.Tensor] | None) -> None:
         with self.lock:
+            if start is not None and self.snapshot is None:  # the group's state was loaded at this epoch
+                start = [p.detach().clone() for p in self.params]
             if start is not None:  # outer step from the epoch's start, along the averaged change
                 assert self.outer is not None
                 for p, s, b in zip(self.params, start, self.buffers, strict=True):
@@ -502,6 +524,7 @@ class Trainer:
                 self.optimizer.step()
             self.model.zero_grad(set_to_none=True)
             self.epoch += 1
+            self.snapshot = None
         assert self.averager is not None
         self.averager.state_sharing_priority = self.epoch
 
