@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from coordinator import ledger, runs, sql
-from coordinator.errors import Conflict, Forbidden, NotFound
+from coordinator.errors import BadRequest, Conflict, Forbidden, NotFound
 from coordinator.money import from_units, to_units
 from coordinator.schemas import (
     JoinBody,
@@ -31,6 +31,7 @@ from coordinator.schemas import (
     check_run_spec,
 )
 from peer.envelope import Envelope
+from peer.spec import RunSpec
 
 logger = logging.getLogger(__name__)
 
@@ -406,6 +407,13 @@ def add_report(
     run = get_run(conn, run_id)
     _refuse_unless(run, runs.REPORTING, "reports are accepted while it runs, is paused or settles")
     match = active_match(conn, run_id, env.account)
+    target = RunSpec.model_validate(json.loads(run["spec"])).batch.target  # stored valid: defaults apply
+    if body.samples > target:
+        raise BadRequest(
+            f"samples ({body.samples}) exceeds the run's batch.target ({target}): one epoch's share "
+            "cannot be larger than the whole step",
+            field="samples",
+        )
     if match["joined_at"] is None:
         raise Conflict(
             f"account {env.account[:12]}... has not joined run {run_id!r}; join before reporting",

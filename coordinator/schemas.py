@@ -204,12 +204,9 @@ def check_run_spec(spec: dict[str, Any]) -> RunSpec:
         first = e.errors(include_url=False)[0]
         where = ".".join(["spec", *(str(part) for part in first["loc"])])
         raise field_error(where, describe(e, "spec")) from None
-    if run_spec.stop.samples is None:
-        raise field_error(
-            "spec.stop.samples",
-            "spec.stop.samples: the coordinator needs the run's total samples; convert stop.epochs into "
-            "samples before posting (hivemarket launch does)",
-        )
+    unresolved = run_spec.unresolved()
+    if unresolved is not None:  # the coordinator knows neither the dataset's versions nor its size
+        raise field_error(unresolved.split(":", 1)[0], unresolved)
     return run_spec
 
 
@@ -332,11 +329,13 @@ class ReportBody(Body):
 
     @model_validator(mode="after")
     def _samples_are_the_ids(self) -> ReportBody:
-        ids = sum(len(batch.ids) for batch in self.micro_batches)
-        if self.samples != ids:
+        ids = [i for batch in self.micro_batches for i in batch.ids]
+        if self.samples != len(ids):
             raise field_error(
-                "samples", f"samples ({self.samples}) must equal the number of micro-batch ids ({ids})"
+                "samples", f"samples ({self.samples}) must equal the number of micro-batch ids ({len(ids)})"
             )
+        if len(set(ids)) != len(ids):
+            raise field_error("micro_batches", "a sample id appears twice in one epoch's report")
         return self
 
 

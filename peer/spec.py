@@ -60,13 +60,18 @@ class ScheduleSpec(Section):
 
 
 class BatchSpec(Section):
-    target: int = Field(256, ge=1, le=1 << 24, description="Samples per optimizer step, over all peers.")
-    per_peer: int = Field(32, ge=1, le=1 << 20, description="Micro-batch size on one peer.")
+    # bounded so that one epoch's report (every sample id) fits in a request: 65,536 ids, 4,096 micro-batches
+    target: int = Field(256, ge=1, le=1 << 16, description="Samples per optimizer step, over all peers.")
+    per_peer: int = Field(32, ge=1, le=1 << 16, description="Micro-batch size on one peer.")
 
     @model_validator(mode="after")
     def _fits(self) -> BatchSpec:
         if self.per_peer > self.target:
             raise ValueError(f"per_peer ({self.per_peer}) exceeds target ({self.target})")
+        if -(-self.target // self.per_peer) > 4096:
+            raise ValueError(
+                f"target / per_peer is more than 4096 micro-batches ({self.target} / {self.per_peer})"
+            )
         return self
 
 

@@ -355,7 +355,13 @@ async def test_specs_are_validated_with_dotted_fields(market: Market) -> None:
     async with aiohttp.ClientSession() as session:
         cases = [
             (minimal_spec("x", batch={"target": 0}), "spec.batch.target", "greater than or equal to 1"),
-            (minimal_spec("x", stop={"epochs": 2}), "spec.stop.samples", "convert stop.epochs into samples"),
+            (minimal_spec("x", stop={"epochs": 2}), "spec.stop.samples", "converts stop.epochs into samples"),
+            (
+                minimal_spec("x", dataset={"location": "coordinator", "name": "digits"}),
+                "spec.dataset.version",
+                "fills it in from the location",
+            ),
+            (minimal_spec("x", batch={"target": 70000}), "spec.batch.target", "less than or equal to 65536"),
             ({"name": "x"}, "spec.task", "required"),
             (minimal_spec("bad name!"), "spec.name", "bad name!"),
             (minimal_spec("x", peers={"wait_seconds": -1}), "spec.peers.wait_seconds", "greater than 0"),
@@ -651,3 +657,21 @@ async def test_a_peer_that_leaves_is_not_matched_to_the_run_again(market: Market
         ]
         assert [p.state for p in view.peers if p.account == leaver.account] == ["left"]
         await market.conserved()
+
+
+async def test_a_report_cannot_claim_more_than_a_step_or_a_sample_twice(market: Market) -> None:
+    async with Peer(market.server.url) as a:
+        run = await market.launch(peers=(1, 1))
+        await market.clear()
+        await a.join(run.id)
+        with pytest.raises(CoordinatorError) as too_many:
+            await a.client.report(run.id, report(0, samples=257))  # batch.target is 256
+        assert (too_many.value.status, too_many.value.field) == (400, "samples")
+        twice = report(0).model_copy(
+            update={"micro_batches": [MicroBatch(ids=[7, 7], loss=1.0, sketch=[0.0])], "samples": 2}
+        )
+        with pytest.raises(CoordinatorError) as duplicated:  # model_copy skips the check, as a hostile client
+            await a.client.report(run.id, twice)
+        assert (duplicated.value.status, duplicated.value.field) == (400, "micro_batches")
+        view = await market.run(run.id)
+        assert view.samples == 0 and view.spent == 0
