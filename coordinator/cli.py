@@ -219,7 +219,7 @@ async def _hold_lease(client: CoordinatorClient, body: OfferBody, supervisor: Tr
     """Heartbeat every lease interval; post the offer again when the lease lapsed or is unknown; keep the
     trainer in step with the run the lease is matched to."""
     lease = await _post_offer(client, body)
-    await supervisor.follow(lease.run_id)
+    await supervisor.follow(lease.run_id, client)
     while True:
         await asyncio.sleep(lease.heartbeat_interval)
         try:
@@ -235,7 +235,7 @@ async def _hold_lease(client: CoordinatorClient, body: OfferBody, supervisor: Tr
         if (renewed.state, renewed.run_id) != (lease.state, lease.run_id):
             click.echo(_lease_change(lease, renewed))
         lease = renewed
-        await supervisor.follow(lease.run_id)
+        await supervisor.follow(lease.run_id, client)
 
 
 async def _post_offer(client: CoordinatorClient, body: OfferBody) -> LeaseView:

@@ -19,12 +19,11 @@ import click
 
 from coordinator.cli import call, client_for, coordinator_option, fmt_money, json_option, money_option
 from coordinator.client import CoordinatorClient
+from coordinator.runs import ENDED
 from coordinator.schemas import RunBody, RunView
 from peer.console import InputError, echo_json, load_cli_identity
 from peer.settings import load_settings
 from peer.spec import RunSpec, SpecError, load_spec
-
-ENDED = ("finished", "cancelled", "failed")
 
 
 def _peers_range(value: str | None, spec: RunSpec) -> tuple[int, int]:

@@ -215,11 +215,11 @@ def run_views(conn: sqlite3.Connection, rows: Sequence[sqlite3.Row], *, one: boo
     matches = defaultdict(list)
     for m in conn.execute(f"SELECT * FROM matches {where} ORDER BY matched_at, account", args):
         matches[m["run_id"]].append(m)
-    per_match: dict[tuple[str, str], tuple[int, int]] = {
-        (r["run_id"], r["lease_id"]): (r["samples"], r["paid"])
+    per_match: dict[tuple[str, str], tuple[int, int, int | None]] = {
+        (r["run_id"], r["lease_id"]): (r["samples"], r["paid"], r["epoch"])
         for r in conn.execute(
-            f"SELECT run_id, lease_id, SUM(samples) AS samples, SUM(paid_units) AS paid FROM reports {where}"
-            " GROUP BY run_id, lease_id",
+            "SELECT run_id, lease_id, SUM(samples) AS samples, SUM(paid_units) AS paid, MAX(epoch) AS epoch"
+            f" FROM reports {where} GROUP BY run_id, lease_id",
             args,
         )
     }
@@ -279,7 +279,7 @@ def run_views(conn: sqlite3.Connection, rows: Sequence[sqlite3.Row], *, one: boo
                 epoch=0 if epoch_loss is None else epoch_loss[0] + 1,
                 loss=None if epoch_loss is None else epoch_loss[1],
                 peers=[
-                    _peer_view(m, per_match.get((row["id"], m["lease_id"]), (0, 0)))
+                    _peer_view(m, per_match.get((row["id"], m["lease_id"]), (0, 0, None)))
                     for m in matches[row["id"]]
                 ],
                 model=_model_view(row),
@@ -289,7 +289,7 @@ def run_views(conn: sqlite3.Connection, rows: Sequence[sqlite3.Row], *, one: boo
     return views
 
 
-def _peer_view(m: sqlite3.Row, work: tuple[int, int]) -> RunPeerView:
+def _peer_view(m: sqlite3.Row, work: tuple[int, int, int | None]) -> RunPeerView:
     return RunPeerView(
         account=m["account"],
         lease_id=m["lease_id"],
@@ -303,6 +303,7 @@ def _peer_view(m: sqlite3.Row, work: tuple[int, int]) -> RunPeerView:
         samples=work[0],
         paid=from_units(work[1]),
         last_report_at=m["last_report_at"],
+        epoch=work[2],
     )
 
 

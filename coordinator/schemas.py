@@ -251,6 +251,7 @@ class RunPeerView(View):
     samples: int = Field(description="Samples of its accepted reports under this match.")
     paid: Money = Field(description="Paid for those reports.")
     last_report_at: float | None
+    epoch: int | None = Field(None, description="The last epoch it reported under this match.")
 
 
 class ModelView(View):

@@ -270,7 +270,8 @@ def peer_start(
                     next_status = time.monotonic() + settings.status_interval
                 stop.wait(min(settings.status_interval, settings.record_refresh))
         finally:
-            stop_volunteering(settings.trainer_stop_timeout)
+            # the trainer's grace, then the kill of its process tree, with room to spare
+            stop_volunteering(settings.trainer_stop_timeout + 2 * settings.shutdown_timeout)
             stop_dht(dht, settings)
     click.echo("stopped", err=True)
 

@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -81,11 +80,13 @@ class Child:
 
 
 def example_spec() -> Path:
-    """examples/digits.toml: next to the package in a checkout, or installed with it."""
+    """examples/digits.toml of the checkout the package runs from (the README installs it editable)."""
     checkout = Path(__file__).resolve().parent.parent / "examples" / SPEC
-    if checkout.exists():
-        return checkout
-    return Path(str(resources.files("peer").joinpath(f"examples/{SPEC}")))
+    if not checkout.exists():
+        raise DemoError(
+            f"{checkout} is missing: the demo runs from a clone of the repository (pip install -e .)"
+        )
+    return checkout
 
 
 class Demo:
@@ -256,7 +257,8 @@ class Demo:
         return run
 
     def follow(self, run: RunView) -> tuple[RunView, list[str], dict[str, Decimal]]:
-        from coordinator.launch import ENDED, Progress
+        from coordinator.launch import Progress
+        from coordinator.runs import ENDED
 
         progress = Progress(time.monotonic())
         dropped: list[str] = []

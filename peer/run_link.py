@@ -37,7 +37,6 @@ class RunLink:
         self._reports: asyncio.Queue[ReportBody] | None = None
         self._sender: asyncio.Future[None] | None = None
         self.ended: str | None = None  # why the coordinator stopped taking this peer's reports
-        self.paid_reports = 0
 
     def __enter__(self) -> RunLink:
         self._thread.start()
@@ -80,22 +79,16 @@ class RunLink:
         except AlreadyApplied:
             return self.call(lambda: self._client.run(self.run_id))
 
-    def leave(self) -> None:
-        """Give up this peer's place in the run; best effort (the lease lapses anyway if this fails)."""
-        try:
-            self.call(lambda: self._client.leave(self.run_id))
-        except AlreadyApplied:
-            pass
-        except (CoordinatorUnreachable, CoordinatorError) as e:
-            logger.warning(f"Could not leave run {self.run_id}: {e}")
-
     def report(self, body: ReportBody) -> None:
         """Queue a report; it is sent in order, retried while the coordinator is unreachable."""
         assert self._reports is not None
         self._loop.call_soon_threadsafe(self._reports.put_nowait, body)
 
     def upload_model(self, path: Path) -> RunView:
-        return self.call(lambda: self._client.upload_model(self.run_id, path))
+        try:
+            return self.call(lambda: self._client.upload_model(self.run_id, path))
+        except AlreadyApplied:  # the retried upload's first attempt was recorded
+            return self.call(lambda: self._client.run(self.run_id))
 
     def drain(self, timeout: float) -> bool:
         """Wait until every queued report was answered; False if some are still queued after ``timeout``."""
@@ -118,6 +111,8 @@ class RunLink:
             body = await self._reports.get()
             try:
                 await self._send_one(body, settings.retry_backoff, settings.retry_backoff_max)
+            except Exception:  # one report's surprise must not stop the reports after it
+                logger.exception(f"Report of epoch {body.epoch} could not be sent")
             finally:
                 self._reports.task_done()
 
@@ -126,7 +121,6 @@ class RunLink:
         while self.ended is None:
             try:
                 view = await self._client.report(self.run_id, body)
-                self.paid_reports += 1
                 logger.info(
                     f"Report of epoch {body.epoch} accepted: {body.samples} samples, paid {view.paid}"
                 )

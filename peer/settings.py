@@ -47,6 +47,9 @@ class PeerSettings(BaseSettings):
     report_drain_timeout: float = Field(
         30.0, gt=0, description="Seconds a stopping trainer waits for its queued reports to be sent."
     )
+    finish_timeout: float = Field(
+        120.0, gt=0, description="Seconds a trainer of a settling run waits to upload or see the end."
+    )
     trainer_stop_timeout: float = Field(
         30.0, gt=0, description="Seconds a trainer has to stop before it is killed."
     )

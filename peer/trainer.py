@@ -40,7 +40,9 @@ import numpy as np
 import torch
 from hivemind.utils import get_logger
 from hivemind.utils.logging import use_hivemind_log_handler
+from pydantic import ValidationError
 
+from coordinator.runs import BIDDING
 from coordinator.schemas import MicroBatch, ReportBody, RunPeerView, RunView
 from peer.averaging import RunAverager, TrainingState, capture, learning_rate, restore
 from peer.data.assign import assign
@@ -53,14 +55,13 @@ from peer.node import NodeError, start_dht, stop_dht
 from peer.run_link import RunLink
 from peer.settings import PeerSettings, load_settings
 from peer.sketch import Sketcher, grad_seed, params_seed, relative_distance
-from peer.spec import RunSpec, SpecError, validate_spec
+from peer.spec import RunSpec, SpecError, describe, validate_spec
 from peer.tasks import Task, TaskError, load_task
 
 logger = get_logger(__name__)
 
 EXIT_REFUSED = 3  # the run cannot be trained here (task not installed, bad spec): do not restart
 EXIT_RETRY = 4  # something transient (no bootstrap peer, no state donor): the worker may start it again
-LIVE_STATES = ("recruiting", "running", "paused")
 #: Peers whose parameter sketches differ by more than this have diverged: float rounding leaves ~1e-7
 #: (fp16 averaging too: every member rounds the whole average the same way); 8-bit averaging leaves each
 #: reducer's own part unquantized, about 1% apart.
@@ -216,8 +217,7 @@ class Trainer:
         try:
             self.spec = validate_spec(view.spec)
             self.task = load_task(self.spec.task, dict(self.spec.options))
-        except (SpecError, TaskError) as e:
-            self.link.leave()  # give the place back, so that the run recruits a peer that can train it
+        except (SpecError, TaskError) as e:  # the worker then gives the place back
             raise TrainerExit(EXIT_REFUSED, f"refusing run {self.run_id}: {e}") from None
         self.target = view.target_samples
         self.total_epochs = math.ceil(self.target / self.spec.batch.target)
@@ -353,6 +353,9 @@ class Trainer:
 
     def run(self) -> int:
         view = self.prepare()
+        if view.state == "settling":  # restarted after a crash at the very end: no DHT needed to finish
+            self._initial_state(others=False)
+            return self._finish(view)
         view = self.connect(view)
         last_view = view
         while not self.stop.is_set():
@@ -364,7 +367,7 @@ class Trainer:
                 return 0
             if view.state == "settling":
                 return self._finish(view)
-            if view.state not in LIVE_STATES:
+            if view.state not in BIDDING:
                 logger.info(f"Run {self.run_id} is {view.state}: {view.reason}")
                 return 0
             if view.state != "running":  # paused or recruiting: wait for peers
@@ -398,7 +401,7 @@ class Trainer:
             group["lr"] = lr
         for total in self.sums:
             total.zero_()
-        micro: list[MicroBatch] = []
+        micro: list[dict[str, Any]] = []  # validated with the report they belong to
         chunks = [ids[o : o + spec.batch.per_peer] for o in range(0, len(ids), spec.batch.per_peer)]
         loader = PrefetchLoader(
             self.reader, ids, spec.batch.per_peer, collate=self.task.batch, device=self.loader_device
@@ -409,7 +412,7 @@ class Trainer:
                 self.model.zero_grad(set_to_none=True)
                 loss.backward()
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-                micro.append(MicroBatch(ids=chunk, loss=float(loss.detach()), sketch=sketch(grads)))
+                micro.append({"ids": chunk, "loss": float(loss.detach()), "sketch": sketch(grads)})
                 if self.outer is not None:  # local updates: an inner step per micro-batch
                     with self.lock:
                         self.optimizer.step()
@@ -429,18 +432,21 @@ class Trainer:
         samples = len(ids)
         if not samples:  # this peer owns too little of the data for a share of this step
             return
-        loss = sum(m.loss * len(m.ids) for m in micro) / samples
-        self.link.report(
-            ReportBody(
+        loss = sum(m["loss"] * len(m["ids"]) for m in micro) / samples
+        try:
+            body = ReportBody(
                 epoch=epoch,
                 samples=samples,
                 loss=loss,
                 seconds=max(seconds, 1e-6),
                 group_size=group_size,
                 param_sketch=param_sketch,
-                micro_batches=micro,
+                micro_batches=[MicroBatch(**m) for m in micro],
             )
-        )
+        except ValidationError as e:  # a loss that is not finite, say: no report, training goes on
+            logger.warning(f"Epoch {epoch} is not reported: {describe(e, 'report')}")
+        else:
+            self.link.report(body)
         self._checkpoint()
         logger.info(
             f"Epoch {epoch}: {samples} samples, loss {loss:.4f}, group of {group_size}, {seconds:.2f} s"
@@ -545,16 +551,23 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- the end
 
     def _finish(self, view: RunView) -> int:
-        """Drain the reports; the first live peer uploads the final model, the others wait for the end."""
+        """Drain the reports; the first live peer uploads the final model once the others' last reports
+        are in (or after ``report_drain_timeout``: ending the run refuses later reports), the others wait
+        for the end. Gives up after ``finish_timeout``: the coordinator then ends the run without a model.
+        """
         self.link.drain(self.settings.report_drain_timeout)
-        while not self.stop.is_set():
+        deadline = time.monotonic() + self.settings.finish_timeout
+        others_due = time.monotonic() + self.settings.report_drain_timeout
+        while not self.stop.is_set() and time.monotonic() < deadline:
             if view.state != "settling" or view.model is not None:
                 return 0
             live = [p for p in live_peers(view) if p.joined]
-            if live and live[0].account == self.identity.account:
+            lead = bool(live) and live[0].account == self.identity.account and self.epoch > 0
+            behind = [p for p in live[1:] if (p.epoch if p.epoch is not None else -1) < self.epoch - 1]
+            if lead and (not behind or time.monotonic() > others_due):
                 path = self.workdir / "model.pt"
                 path.write_bytes(model_bytes(self.spec.task, dict(self.spec.options), self.epoch, self.model))
-                view = self.link.upload_model(path)
+                self.link.upload_model(path)
                 logger.info(f"Uploaded the final model of {self.run_id} (epoch {self.epoch})")
                 return 0
             self.stop.wait(self.settings.run_poll_interval)

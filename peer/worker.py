@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from coordinator.client import CoordinatorClient, CoordinatorError, CoordinatorUnreachable
 from peer.node import terminate_tree
 from peer.settings import PeerSettings
 from peer.trainer import EXIT_REFUSED
@@ -31,8 +32,10 @@ class TrainerSupervisor:
         self.starts = 0
         self.done = False  # the trainer finished (or refused) this run: do not start it again
 
-    async def follow(self, run_id: str | None) -> None:
-        """Make the trainer match the lease: none, or one for ``run_id``."""
+    async def follow(self, run_id: str | None, client: CoordinatorClient) -> None:
+        """Make the trainer match the lease: none, or one for ``run_id``. A run the trainer refused (a task
+        this peer lacks) or kept failing on is given back to the coordinator, which recruits another peer.
+        """
         if run_id != self.run_id:
             await self.stop()
             self.run_id, self.starts, self.done = run_id, 0, False
@@ -46,6 +49,8 @@ class TrainerSupervisor:
             if code == 0 or code == EXIT_REFUSED or self.starts > self.settings.trainer_restarts:
                 self.done = True
                 click.echo(f"trainer for {self.run_id} exited with {code}; not starting it again")
+                if code != 0:
+                    await self._leave(client)
                 return
             click.echo(f"trainer for {self.run_id} exited with {code}; starting it again")
         self.starts += 1
@@ -62,6 +67,14 @@ class TrainerSupervisor:
             *listen,
         )
         click.echo(f"trainer for {self.run_id} started (pid {self.proc.pid})")
+
+    async def _leave(self, client: CoordinatorClient) -> None:
+        assert self.run_id is not None
+        try:
+            await client.leave(self.run_id)
+            click.echo(f"gave run {self.run_id} back to the coordinator")
+        except (CoordinatorError, CoordinatorUnreachable) as e:  # the lease lapses if it cannot be told
+            click.echo(f"could not give run {self.run_id} back: {e}")
 
     async def stop(self) -> None:
         """Ask the trainer to stop (SIGTERM); kill it and its children if it has not after the timeout."""
