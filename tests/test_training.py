@@ -175,7 +175,7 @@ def test_a_peer_refuses_a_task_it_has_not_installed_and_gives_its_place_back(tmp
             assert demo.ask(lambda c: c.clear_market(), demo.admin).trades == 0
         assert len(demo.ask(lambda c: c.run(run.id)).peers) == 1
         assert text.count(f"trainer for {run.id} started") == log.read_text().count("started (pid") == 1
-        assert f"gave run {run.id} back to the coordinator" in text
+        wait_until(lambda: f"gave run {run.id} back" in log.read_text(), 10, "the worker to say so")
         (offer,) = demo.ask(lambda c: c.offers())
         assert offer.state == "open"
     finally:
