@@ -37,6 +37,8 @@ from coordinator.ratelimit import Bucket, take
 from coordinator.schemas import (
     FIELD_ERROR,
     MSGPACK,
+    OCTET_STREAM,
+    SHA256_HEADER,
     AccountView,
     AuditView,
     ClearingRoundView,
@@ -64,8 +66,7 @@ from peer.identity import ACCOUNT_RE
 logger = logging.getLogger(__name__)
 
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-OCTET_STREAM = "application/octet-stream"
-SHA256_HEADER = "X-Hivemarket-Sha256"
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 # Fields of the offer filter language, and the offer attribute each reads.
 OFFER_FIELDS = {
@@ -216,21 +217,37 @@ class Coordinator:
         return ReportList(reports=await self.store.reports(ctx.path_id("run_id")))
 
     async def put_model(self, ctx: Context) -> RunView:
-        """Stream the model to disk while hashing it, verify the envelope against that hash, then record it
-        and finish the run. The file takes its final name only while no other upload can (the lock) and
-        only when the run still takes a model; if the transaction refuses, the file is removed, so the
-        store never references a file that is not complete, nor a file another upload replaced."""
+        """Check who uploads before reading a byte: the envelope is signed over the SHA-256 the client
+        declares in ``X-Hivemarket-Sha256``, and must be fresh, within the rate limit and from a peer the
+        run takes a model from. Then stream the model to disk while hashing it; a body that does not hash
+        to the declared digest is refused. The file takes its final name only while no other upload can
+        (the lock) and only when the run still takes a model; if the transaction refuses, the file is
+        removed, so the store never references a file that is not complete, nor one another upload
+        replaced."""
         run_id = ctx.path_id("run_id")
         limit = self.settings.max_model_bytes
         length = ctx.request.content_length
         if length is not None and length > limit:
             raise BodyTooLarge(f"model of {length} bytes exceeds the limit of {limit} bytes")
+        declared = ctx.request.headers.get(SHA256_HEADER, "")
+        if not _SHA256_RE.fullmatch(declared):
+            raise BadRequest(
+                f"{SHA256_HEADER} must be the model's SHA-256 in lowercase hex, got {declared[:80]!r}",
+                field=SHA256_HEADER,
+            )
+        envelope = self._authenticate(ctx.request, declared, ctx.now, admin=False)
+        await self.store.check_uploader(envelope.account, run_id)
         received = await model_files.receive(ctx.request.content, self.settings.model_dir, limit)
         published: Path | None = None
         try:
             if received.size == 0:
                 raise BadRequest("the model is empty (0 bytes)", code="empty_model")
-            envelope = self._authenticate(ctx.request, received.sha256, ctx.now, admin=False)
+            if received.sha256 != declared:
+                raise BadRequest(
+                    f"the body's SHA-256 is {received.sha256}, not the declared {declared}",
+                    field=SHA256_HEADER,
+                    code="hash_mismatch",
+                )
             async with self.model_lock:
                 if await self.store.accepts_model(run_id):
                     published = model_files.final_path(self.settings.model_dir, run_id)

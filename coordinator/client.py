@@ -30,6 +30,8 @@ from yarl import URL
 
 from coordinator.schemas import (
     MSGPACK,
+    OCTET_STREAM,
+    SHA256_HEADER,
     AccountView,
     AuditView,
     ClearingRoundView,
@@ -54,8 +56,6 @@ from peer.envelope import sign_request
 from peer.identity import Identity
 
 M = TypeVar("M", bound=BaseModel)
-OCTET_STREAM = "application/octet-stream"
-SHA256_HEADER = "X-Hivemarket-Sha256"
 HASH_CHUNK = 1 << 20
 
 
@@ -182,7 +182,7 @@ class CoordinatorClient:
         """Upload the final model of a settling run from ``path``; signed over the file's SHA-256 and
         streamed, so the file is never held in memory. The run finishes when it is recorded."""
         digest = await asyncio.to_thread(_sha256_file, path)
-        headers = {"Content-Type": OCTET_STREAM}
+        headers = {"Content-Type": OCTET_STREAM, SHA256_HEADER: digest}
         route = f"/v1/runs/{_seg(run_id)}/model"
         return await self._request(
             RunView, "PUT", route, lambda: path.open("rb"), headers=headers, body_sha256=digest

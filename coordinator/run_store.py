@@ -504,11 +504,8 @@ def accepts_model(conn: sqlite3.Connection, run_id: str) -> bool:
     return row is not None and row["state"] == "settling" and row["model_sha256"] is None
 
 
-def record_model(
-    conn: sqlite3.Connection, now: float, env: Envelope, run_id: str, sha256: str, size: int
-) -> RunView:
-    """Record the final model of a settling run, uploaded by one of its active peers, and finish the run."""
-    sql.claim_nonce(conn, env)
+def check_uploader(conn: sqlite3.Connection, run_id: str, account: str) -> sqlite3.Row:
+    """The run, if ``account`` may upload its model now: the run settles and the account is in it."""
     run = get_run(conn, run_id)
     if run["state"] != "settling":
         raise Conflict(
@@ -516,7 +513,16 @@ def record_model(
             code="run_not_settling",
             field="run_id",
         )
-    active_match(conn, run_id, env.account)
+    active_match(conn, run_id, account)
+    return run
+
+
+def record_model(
+    conn: sqlite3.Connection, now: float, env: Envelope, run_id: str, sha256: str, size: int
+) -> RunView:
+    """Record the final model of a settling run, uploaded by one of its active peers, and finish the run."""
+    sql.claim_nonce(conn, env)
+    run = check_uploader(conn, run_id, env.account)
     conn.execute(
         "UPDATE runs SET model_sha256 = ?, model_bytes = ?, model_by = ?, model_at = ? WHERE id = ?",
         (sha256, size, env.account, now, run_id),

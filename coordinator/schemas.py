@@ -52,6 +52,8 @@ PositiveMoney = Annotated[Money, AfterValidator(_positive)]
 AccountId = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="64 lowercase hex characters")]
 Role = Literal["trainer", "validator"]
 MSGPACK = "application/msgpack"  # the content type of msgpack bodies, both ways
+OCTET_STREAM = "application/octet-stream"  # model files, both ways
+SHA256_HEADER = "X-Hivemarket-Sha256"  # a model's SHA-256: declared (and signed) on upload, sent on download
 
 
 # The error type of a check whose field is not where pydantic would locate it (a model-level check, or a

@@ -157,6 +157,7 @@ class Store(Protocol):
     async def report(self, now: float, env: Envelope, run_id: str, body: ReportBody) -> ReportView: ...
     async def reports(self, run_id: str) -> list[ReportView]: ...
     async def accepts_model(self, run_id: str) -> bool: ...
+    async def check_uploader(self, account: str, run_id: str) -> None: ...
     async def record_model(
         self, now: float, env: Envelope, run_id: str, sha256: str, size: int
     ) -> RunView: ...
@@ -438,6 +439,9 @@ class SQLiteStore:
 
     async def accepts_model(self, run_id: str) -> bool:
         return await self._db.read(lambda conn: run_store.accepts_model(conn, run_id))
+
+    async def check_uploader(self, account: str, run_id: str) -> None:
+        await self._db.read(lambda conn: run_store.check_uploader(conn, run_id, account))
 
     async def record_model(self, now: float, env: Envelope, run_id: str, sha256: str, size: int) -> RunView:
         return await self._db.write(

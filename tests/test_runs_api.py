@@ -27,6 +27,7 @@ from coordinator.db import Database
 from coordinator.money import UNIT, from_units, to_units
 from coordinator.runs import RunPolicy
 from coordinator.schemas import (
+    SHA256_HEADER,
     HardwareSummary,
     MicroBatch,
     OfferBody,
@@ -494,24 +495,36 @@ async def test_target_settles_then_the_model_finishes_the_run(market: Market, tm
         digest = hashlib.sha256(model.read_bytes()).hexdigest()
         target = f"/v1/runs/{run.id}/model"
         async with aiohttp.ClientSession() as session:
-            # Signed over other bytes: 401, nothing recorded, no file left.
-            headers = sign_request(a.identity, "PUT", target, b"another model")
+
+            def signed(body: bytes, declared: bytes | None = None) -> dict[str, str]:
+                """Signed over ``body``, declaring the digest of ``declared`` (default: the same bytes)."""
+                digest = hashlib.sha256(body if declared is None else declared).hexdigest()
+                return {**sign_request(a.identity, "PUT", target, body), SHA256_HEADER: digest}
+
+            # Signed over other bytes than the declared digest: 401 before a byte is read.
+            headers = signed(b"another model", declared=model.read_bytes())
             async with session.put(url + target, data=model.read_bytes(), headers=headers) as resp:
                 assert resp.status == 401 and (await resp.json())["error"]["code"] == "bad_signature"
-            headers = sign_request(a.identity, "PUT", target, b"")
-            async with session.put(url + target, data=b"", headers=headers) as resp:
+            # Signed and declared, but the body is other bytes: refused after hashing it.
+            headers = signed(model.read_bytes())
+            async with session.put(url + target, data=b"tampered" * 10, headers=headers) as resp:
+                assert resp.status == 400 and (await resp.json())["error"]["code"] == "hash_mismatch"
+            # No declared digest at all: 400 naming the header.
+            headers = sign_request(a.identity, "PUT", target, model.read_bytes())
+            async with session.put(url + target, data=model.read_bytes(), headers=headers) as resp:
+                assert resp.status == 400 and (await resp.json())["error"]["field"] == SHA256_HEADER
+            async with session.put(url + target, data=b"", headers=signed(b"")) as resp:
                 assert resp.status == 400 and (await resp.json())["error"]["code"] == "empty_model"
             # Too large, declared or streamed without a length: 413.
             big = b"x" * (MAX_MODEL + 1)
-            headers = sign_request(a.identity, "PUT", target, big)
-            async with session.put(url + target, data=big, headers=headers) as resp:
+            async with session.put(url + target, data=big, headers=signed(big)) as resp:
                 assert resp.status == 413 and (await resp.json())["error"]["code"] == "body_too_large"
 
             async def chunks() -> AsyncIterator[bytes]:
                 for _ in range(MAX_MODEL // 1024 + 1):
                     yield b"y" * 1024
 
-            headers = sign_request(a.identity, "PUT", target, b"y" * (MAX_MODEL // 1024 + 1) * 1024)
+            headers = signed(b"y" * (MAX_MODEL // 1024 + 1) * 1024)
             async with session.put(url + target, data=chunks(), headers=headers) as resp:
                 assert resp.status == 413, await resp.text()
         view = await market.run(run.id)
