@@ -142,11 +142,13 @@ class Market:
     stranger: Identity
     worker: Identity  # matched to and joined in ``live_run``
     finisher: Identity  # matched to ``settling_run``, which waits for its model
+    leaver: Identity  # matched to ``leaving_run``, which it may leave once
     lease_id: str = ""
     run_id: str = ""  # a recruiting run (the fuzz of /cancel cancels it)
     live_run: str = ""  # a running run that takes joins and reports
     settling_run: str = ""  # takes one model upload
     modeled_run: str = ""  # finished, with a model to download
+    leaving_run: str = ""  # running with ``leaver``, who can give its place back
     statuses: dict[str, Counter[int]] = field(default_factory=dict)
     _conn: http.client.HTTPConnection | None = None
 
@@ -221,7 +223,7 @@ class Market:
 def market(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Market]:
     home: Path = tmp_path_factory.mktemp("fuzz") / "coordinator"
     server = start_coordinator(home, Identity.generate(), env=cli_env(home, **SERVER_ENV))
-    m = Market(server, *(Identity.generate() for _ in range(5)))
+    m = Market(server, *(Identity.generate() for _ in range(6)))
     try:
         for model, body in VALID_BODIES.items():
             model.model_validate(body)  # the templates the fuzz mutates are valid to begin with
@@ -231,6 +233,7 @@ def market(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Market]:
         assert status == 200, view
         # One peer per run, matched before the next offer is posted, so each round has one trade.
         m.live_run = m.run_with_peer(m.worker, target=1 << 40)
+        m.leaving_run = m.run_with_peer(m.leaver, target=1)
         m.settling_run = m.run_with_peer(m.finisher, target=1)
         m.settle(m.finisher, m.settling_run)
         modeler = Identity.generate()
@@ -685,6 +688,8 @@ def _runs_of(route: Route, market: Market) -> list[str]:
         return [market.settling_run] if route.method == "PUT" else [market.modeled_run]
     if route.path.endswith("/cancel"):
         return [market.run_id]
+    if route.path.endswith("/leave"):
+        return [market.leaving_run]
     return [market.run_id, market.live_run, market.settling_run, market.modeled_run]
 
 
@@ -694,6 +699,8 @@ def _owner_of(route: Route, market: Market) -> Identity:
         return market.worker
     if route.path.endswith("/model"):
         return market.finisher
+    if route.path.endswith("/leave"):
+        return market.leaver
     owners = {"/v1/offers": market.peer, "/v1/leases/": market.peer, "/v1/runs": market.launcher}
     return next((who for start, who in owners.items() if route.path.startswith(start)), market.server.admin)
 
