@@ -291,7 +291,9 @@ class Demo:
 
     def _victim(self, view: RunView) -> str | None:
         """A live peer other than the first in match order (which uploads the model at the end)."""
-        live = sorted((p for p in view.peers if p.state == "active"), key=lambda p: (p.matched_at, p.account))
+        from peer.trainer import live_peers
+
+        live = live_peers(view)
         return live[-1].account if len(live) > 1 else None
 
     def evaluate(self, run: RunView) -> dict[str, float]:

@@ -141,7 +141,8 @@ class SampleStream:
     """This peer's training samples in assignment order, pass after pass over its blocks.
 
     The assignment (:func:`peer.data.assign.assign`) depends on the live peers; when they change, the
-    current pass is re-assigned and this peer continues through its new list.
+    current pass is re-assigned and this peer starts its new list from the beginning (samples it already
+    trained on in this pass may come again: a change of peers costs a little repetition, never a gap).
     """
 
     manifest: Manifest
