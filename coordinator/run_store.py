@@ -81,6 +81,7 @@ _STATUS_QUERY = """
     SELECT r.*,
            (SELECT COUNT(*) FROM matches m WHERE m.run_id = r.id AND m.state = 'active') AS active,
            (SELECT COALESCE(SUM(p.samples), 0) FROM reports p WHERE p.run_id = r.id) AS done,
+           (SELECT MAX(p.accepted_at) FROM reports p WHERE p.run_id = r.id) AS last_report_at,
            COALESCE((SELECT b.units FROM books b WHERE b.name = 'escrow:' || r.id), 0) AS escrow_units
     FROM runs r
 """
@@ -115,12 +116,14 @@ def advance(
             active=row["active"],
             samples=row["done"],
             escrow_units=row["escrow_units"],
+            last_report_at=row["last_report_at"],
         )
         config = runs.RunConfig(
             peers_min=row["peers_min"],
             target_samples=row["target_samples"] or 0,
             wait_seconds=row["wait_seconds"],
             settle_timeout=policy.settle_timeout,
+            stall_timeout=policy.stall_timeout,
         )
         for step in runs.advance(now, status, config):
             set_state(conn, now, row["id"], row["owner"], step)

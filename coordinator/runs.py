@@ -32,6 +32,7 @@ class RunPolicy:
     """Coordinator-wide run settings (from :class:`coordinator.settings.ServerSettings`)."""
 
     settle_timeout: float = 60.0
+    stall_timeout: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class RunConfig:
     target_samples: int
     wait_seconds: float
     settle_timeout: float
+    stall_timeout: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class RunStatus:
     active: int  # matches whose lease is alive
     samples: int  # samples of accepted reports
     escrow_units: int  # what the escrow still holds
+    last_report_at: float | None = None  # when the last report was accepted
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,11 @@ def decide(now: float, status: RunStatus, config: RunConfig) -> Transition | Non
             )
         if status.escrow_units <= 0:
             return Transition("settling", "budget exhausted")
+    if state == "running" and status.active >= config.peers_min:
+        progress = max(status.state_since, status.last_report_at or status.state_since)
+        if now - progress > config.stall_timeout:  # live leases, but nobody's training gets anywhere
+            return Transition("failed", f"no work reported for {config.stall_timeout:g} s ({live})")
+        return None
     if status.active >= config.peers_min:
         return Transition("running", live) if state in ("recruiting", "paused") else None
     if state == "running":

@@ -81,7 +81,9 @@ def serve(
             LeaseConfig(settings.heartbeat_interval, settings.lease_ttl),
             synchronous=sqlite_synchronous,
             batch_max=settings.write_batch_max,
-            run_policy=RunPolicy(settle_timeout=settings.settle_timeout),
+            run_policy=RunPolicy(
+                settle_timeout=settings.settle_timeout, stall_timeout=settings.stall_timeout
+            ),
         )
     except ValueError as e:
         raise InputError(str(e)) from None

@@ -33,6 +33,11 @@ class ServerSettings(BaseSettings):
     settle_timeout: float = Field(
         60.0, gt=0, description="Seconds a settling run waits for its model before it finishes without one."
     )
+    stall_timeout: float = Field(
+        600.0,
+        gt=0,
+        description="A running run with live peers but no accepted report for this long fails (refunded).",
+    )
     model_dir: Path = Field(
         default_factory=lambda data: Path(data["home"]) / "models",
         description="Where final models are kept [default: $HIVEMARKET_HOME/models].",

@@ -428,6 +428,12 @@ class Trainer:
         group_size, in_step = self._average(epoch, len(ids), live, param_sketch)
         if not in_step:
             return
+        if not all(bool(torch.isfinite(b).all()) for b in self.buffers):
+            # The group averaged the same values, so every member skips this step alike and they stay in
+            # agreement; the parameters keep their last good state. The epoch is not reported.
+            logger.warning(f"Epoch {epoch}: the averaged update is not finite; skipping it")
+            self._apply(start, skip=True)
+            return
         self._apply(start)
         seconds = time.monotonic() - started
         samples = len(ids)
@@ -515,20 +521,19 @@ class Trainer:
             return True
         return loaded.epoch == epoch
 
-    def _apply(self, start: list[torch.Tensor] | None) -> None:
+    def _apply(self, start: list[torch.Tensor] | None, *, skip: bool = False) -> None:
+        """Take the epoch's step with the averaged update and move to the next epoch; with ``skip`` only
+        move on, the parameters back at the epoch's start (local updates moved them) or as they were."""
         with self.lock:
             if start is not None and self.snapshot is None:  # the group's state was loaded at this epoch
                 start = [p.detach().clone() for p in self.params]
-            if start is not None:  # outer step from the epoch's start, along the averaged change
-                assert self.outer is not None
-                for p, s, b in zip(self.params, start, self.buffers, strict=True):
+            if start is not None:
+                for p, s in zip(self.params, start, strict=True):
                     p.data.copy_(s)
-                    p.grad = b.to(p.device, copy=True)
-                self.outer.step()
-            else:
+            if not skip:  # outer step from the epoch's start along the averaged change, or the step itself
                 for p, b in zip(self.params, self.buffers, strict=True):
                     p.grad = b.to(p.device, copy=True)
-                self.optimizer.step()
+                (self.outer if start is not None else self.optimizer).step()
             self.model.zero_grad(set_to_none=True)
             self.epoch += 1
             self.snapshot = None

@@ -149,3 +149,18 @@ def test_pay_is_exact_for_large_prices() -> None:
     price = 999_999_999_999_999_999  # floats would lose the last digits
     pay = report_pay(now=1e9, price_units=price, since=0.0, seconds=0.1, escrow_units=2**63 - 1)
     assert pay.units == (price * Fraction(0.1)) // 3600
+
+
+def test_a_running_run_without_reports_fails_after_the_stall_timeout() -> None:
+    config = RunConfig(
+        peers_min=1, target_samples=1000, wait_seconds=30.0, settle_timeout=60.0, stall_timeout=100
+    )
+    quiet = RunStatus(
+        state="running", state_since=0.0, active=2, samples=10, escrow_units=5, last_report_at=50.0
+    )
+    assert decide(149.0, quiet, config) is None  # 99 s since the last report
+    step = decide(151.0, quiet, config)
+    assert step is not None and step.state == "failed" and "no work reported for 100 s" in step.reason
+    fresh = RunStatus(state="running", state_since=0.0, active=2, samples=0, escrow_units=5)
+    assert decide(99.0, fresh, config) is None  # counted from the start when nothing was reported yet
+    assert decide(101.0, fresh, config) is not None

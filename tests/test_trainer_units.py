@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -366,3 +367,44 @@ def test_live_peers_are_the_active_ones_in_match_order() -> None:
     ]
     view = run_view(peers, owner=d)
     assert [p.account for p in live_peers(view)] == [B, A, C]  # by match time, then account
+
+
+class _Priority:
+    state_sharing_priority = 0.0
+
+
+def _bare_trainer(local_updates: bool) -> trainer.Trainer:
+    """A Trainer with only what taking a step needs (no coordinator, DHT or averager process)."""
+    t = trainer.Trainer.__new__(trainer.Trainer)
+    t.lock = threading.Lock()
+    t.model = DigitsMLP(hidden=8).build_model(0)
+    t.params = list(t.model.parameters())
+    t.optimizer = torch.optim.Adam(t.params, lr=0.01)
+    t.outer = torch.optim.SGD(t.params, lr=0.7, momentum=0.9, nesterov=True) if local_updates else None
+    t.buffers = [torch.full_like(p, 0.5) for p in t.params]
+    t.averager = _Priority()  # type: ignore[assignment]
+    t.epoch, t.snapshot = 3, None
+    return t
+
+
+def test_a_skipped_step_moves_to_the_next_epoch_and_keeps_the_parameters() -> None:
+    t = _bare_trainer(local_updates=False)
+    before = [p.detach().clone() for p in t.params]
+    t._apply(None, skip=True)
+    assert t.epoch == 4 and t.averager.state_sharing_priority == 4
+    assert all(torch.equal(a, b) for a, b in zip(before, t.params, strict=True))
+    assert not t.optimizer.state  # the optimizer took no step either
+    t._apply(None)
+    assert t.epoch == 5 and not all(torch.equal(a, b) for a, b in zip(before, t.params, strict=True))
+
+
+def test_a_skipped_local_updates_step_returns_to_the_epochs_start() -> None:
+    t = _bare_trainer(local_updates=True)
+    start = [p.detach().clone() for p in t.params]
+    t.snapshot = trainer.capture(3, t.params, [t.optimizer])  # as _epoch takes it
+    with torch.no_grad():
+        for p in t.params:
+            p.add_(1.0)  # the inner steps moved the parameters
+    t._apply(start, skip=True)
+    assert t.epoch == 4 and t.snapshot is None
+    assert all(torch.equal(a, b) for a, b in zip(start, t.params, strict=True))
