@@ -115,7 +115,8 @@ class Route:
     query: tuple[tuple[str, str], ...] = ()
     content_type: str | None = None
     # The request body is raw bytes of this type, streamed by the handler (which verifies the envelope
-    # against the digest it computes); the dispatcher then neither reads nor authenticates it.
+    # against the declared digest before reading, then the body against it); the dispatcher then neither
+    # reads nor authenticates it.
     raw_body: str | None = None
 
 

@@ -1,8 +1,9 @@
 """Run lifecycle decisions and the pay rule: pure functions of (now, state, config), no I/O and no clock.
 
 A run moves ``recruiting -> running -> settling -> finished``; ``running <-> paused`` while its live peers
-fall below the minimum and replacements arrive; ``paused -> failed`` when none arrive in time, and any
-live run can be ``cancelled`` by its owner. The store gathers a :class:`RunStatus`, asks :func:`decide`
+fall below the minimum and replacements arrive; ``paused -> failed`` when none arrive in time,
+``running -> failed`` when live peers report nothing for the stall timeout, and any live run can be
+``cancelled`` by its owner. The store gathers a :class:`RunStatus`, asks :func:`decide`
 (or :func:`advance`, which follows a chain of transitions) and writes what it returns, with the reason,
 so that every change of state can be explained from the run's own record.
 """

@@ -594,16 +594,22 @@ class SQLiteStore:
         return await self._db.write(op)
 
     async def resume_leases(self, now: float) -> int:
-        """After a restart, give every active lease a fresh heartbeat deadline: peers could not renew
-        while the coordinator was down, and that is not their fault."""
-        return await self._db.write(
-            lambda conn: (
-                conn.execute(
-                    "UPDATE leases SET last_heartbeat = ? WHERE state = 'active' AND last_heartbeat < ?",
-                    (now, now),
-                ).rowcount
+        """After a restart, give every active lease a fresh heartbeat deadline, and every live run fresh
+        clocks (pause, stall and settle deadlines): peers could neither renew nor report while the
+        coordinator was down, and that is not their fault."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            marks = ",".join("?" * len(runs.LIVE))
+            conn.execute(
+                f"UPDATE runs SET state_since = ? WHERE state IN ({marks}) AND state_since < ?",
+                (now, *runs.LIVE, now),
             )
-        )
+            return conn.execute(
+                "UPDATE leases SET last_heartbeat = ? WHERE state = 'active' AND last_heartbeat < ?",
+                (now, now),
+            ).rowcount
+
+        return await self._db.write(op)
 
     async def counts(self) -> dict[str, int]:
         def op(conn: sqlite3.Connection) -> dict[str, int]:

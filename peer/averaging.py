@@ -99,6 +99,9 @@ def restore(
     rest = iter(state.tensors[len(params) :])
     loaded_states = []
     for optimizer, entries, scalars in zip(optimizers, state.layout, state.scalars, strict=True):
+        keys = {(int(index), str(key)) for index, key in entries}
+        if keys and keys != _state_keys(optimizer):
+            raise ValueError(f"the optimizer state sent is not the one a {type(optimizer).__name__} keeps")
         ordered = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's numbering
         shapes = {i: p.shape for i, p in enumerate(ordered)}
         loaded: dict[int, dict[str, Any]] = {}
@@ -111,12 +114,12 @@ def restore(
             loaded.setdefault(int(index), {})[str(key)] = value
         for name, value in dict(scalars["plain"]).items():
             index, key = str(name).split("/", 1)
+            if (int(index), key) in keys or not isinstance(value, int | float) or isinstance(value, bool):
+                raise ValueError(f"optimizer state {name!r} = {value!r} is not a plain number of its own")
             loaded.setdefault(int(index), {})[key] = value
-        current = optimizer.state_dict()
-        groups = [dict(g) for g in current["param_groups"]]
-        for group, sent in zip(groups, scalars["groups"], strict=True):
-            group.update({k: v for k, v in dict(sent).items() if k != "params"})
-        loaded_states.append({"state": loaded, "param_groups": groups})
+        # Hyperparameters come from this peer's spec, never from the donor (a `maximize` would reverse
+        # training); only the per-parameter state is taken.
+        loaded_states.append({"state": loaded, "param_groups": optimizer.state_dict()["param_groups"]})
     backups = [copy.deepcopy(optimizer.state_dict()) for optimizer in optimizers]
     try:
         for optimizer, loaded_state in zip(optimizers, loaded_states, strict=True):
@@ -128,6 +131,30 @@ def restore(
     with torch.no_grad():
         for p, value in zip(params, state.tensors, strict=False):
             p.copy_(value)
+
+
+def _state_keys(optimizer: torch.optim.Optimizer) -> set[tuple[int, str]]:
+    """The (parameter index, key) of every tensor the optimizer keeps once it has stepped, found by one
+    step of a copy on zero gradients (so it holds for any optimizer class and its options)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    twins = [torch.zeros_like(p, requires_grad=True) for p in params]
+    groups, start = [], 0
+    for group in optimizer.param_groups:
+        count = len(group["params"])
+        groups.append(
+            {**{k: v for k, v in group.items() if k != "params"}, "params": twins[start : start + count]}
+        )
+        start += count
+    probe = type(optimizer)(groups)
+    for twin in twins:
+        twin.grad = torch.zeros_like(twin)
+    probe.step()
+    return {
+        (index, key)
+        for index, values in probe.state_dict()["state"].items()
+        for key, value in values.items()
+        if isinstance(value, torch.Tensor)
+    }
 
 
 def _groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -215,8 +242,9 @@ class RunAverager(DecentralizedAverager):
         with self.get_tensors() as tensors:
             for mine, shared in zip(values, tensors, strict=True):
                 # A reducer keeps its own part of the average uncompressed while the others receive it
-                # in fp16; rounding every part through fp16 makes all members hold the same values.
-                mine.copy_(shared.half() if self.fp16 else shared)
+                # in fp16 (clamped to its range); rounding every part through fp16 the same way keeps the
+                # members within fp16 rounding of each other, and an overflow alike on all of them.
+                mine.copy_(shared.clamp(-65504, 65504).half() if self.fp16 else shared)
         return {str(peer): data for peer, data in gathered.items()}
 
     def load_state(self, deadline: float) -> TrainingState | None:

@@ -42,6 +42,7 @@ from hivemind.utils import get_logger
 from hivemind.utils.logging import use_hivemind_log_handler
 from pydantic import ValidationError
 
+from coordinator.client import CoordinatorError, CoordinatorUnreachable
 from coordinator.runs import BIDDING
 from coordinator.schemas import MicroBatch, ReportBody, RunPeerView, RunView
 from peer.averaging import RunAverager, TrainingState, capture, learning_rate, restore
@@ -467,8 +468,11 @@ class Trainer:
         if len(live) == 1:
             return 1, True
         if len(live) != self.group_target:
-            self.averager.set_target_group_size(len(live), self.spec.averaging.timeout_seconds)
-            self.group_target = len(live)
+            try:
+                self.averager.set_target_group_size(len(live), self.spec.averaging.timeout_seconds)
+                self.group_target = len(live)
+            except Exception as e:  # the round still forms, after the matchmaking time
+                logger.warning(f"Could not tell the averager to expect {len(live)} peers: {e!r}")
         gathered = self.averager.average(
             self.buffers,
             epoch=epoch,
@@ -527,7 +531,9 @@ class Trainer:
         with self.lock:
             if start is not None and self.snapshot is None:  # the group's state was loaded at this epoch
                 start = [p.detach().clone() for p in self.params]
-            if start is not None:
+            if skip and self.snapshot is not None:  # local updates: the inner optimizer's state too
+                restore(self.snapshot, self.params, self.optimizers)
+            elif start is not None:
                 for p, s in zip(self.params, start, strict=True):
                     p.data.copy_(s)
             if not skip:  # outer step from the epoch's start along the averaged change, or the step itself
@@ -561,9 +567,9 @@ class Trainer:
         are in (or after ``report_drain_timeout``: ending the run refuses later reports), the others wait
         for the end. Gives up after ``finish_timeout``: the coordinator then ends the run without a model.
         """
-        self.link.drain(self.settings.report_drain_timeout)
+        others_due = time.monotonic() + self.settings.report_drain_timeout  # one bound for all the waiting
         deadline = time.monotonic() + self.settings.finish_timeout
-        others_due = time.monotonic() + self.settings.report_drain_timeout
+        self.link.drain(self.settings.report_drain_timeout)
         while not self.stop.is_set() and time.monotonic() < deadline:
             if view.state != "settling" or view.model is not None:
                 return 0
@@ -573,9 +579,12 @@ class Trainer:
             if lead and (not behind or time.monotonic() > others_due):
                 path = self.workdir / "model.pt"
                 path.write_bytes(model_bytes(self.spec.task, dict(self.spec.options), self.epoch, self.model))
-                self.link.upload_model(path)
-                logger.info(f"Uploaded the final model of {self.run_id} (epoch {self.epoch})")
-                return 0
+                try:
+                    self.link.upload_model(path)
+                    logger.info(f"Uploaded the final model of {self.run_id} (epoch {self.epoch})")
+                    return 0
+                except (CoordinatorError, CoordinatorUnreachable) as e:  # the next view says what happened
+                    logger.warning(f"Uploading the final model failed: {e}")
             self.stop.wait(self.settings.run_poll_interval)
             view = self.link.view() or view
         return 0

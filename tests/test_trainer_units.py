@@ -208,7 +208,7 @@ def test_capture_restore_round_trips_parameters_and_optimizer_state(kind: str) -
 
     fresh = task.build_model(1)
     fresh_params = list(fresh.parameters())
-    fresh_optimizers = _optimizers(kind, fresh_params, lr=0.5)  # other hyperparameters: the state's win
+    fresh_optimizers = _optimizers(kind, fresh_params, lr=0.01)  # every peer's spec sets the same ones
     restore(state, fresh_params, fresh_optimizers)
 
     assert state.epoch == 3
@@ -243,7 +243,7 @@ def test_the_state_survives_the_wire() -> None:
     layout, scalars = msgpack.unpackb(msgpack.packb([state.layout, state.scalars]), strict_map_key=False)
     sent = TrainingState(state.epoch, [t.clone() for t in state.tensors], layout, scalars)
     fresh = task.build_model(1)
-    fresh_optimizers = _optimizers("adam+outer", list(fresh.parameters()), lr=0.5)
+    fresh_optimizers = _optimizers("adam+outer", list(fresh.parameters()), lr=0.01)
     restore(sent, list(fresh.parameters()), fresh_optimizers)
     _train(model, optimizers, 1, seed=50)
     _train(fresh, fresh_optimizers, 1, seed=50)
@@ -381,6 +381,7 @@ def _bare_trainer(local_updates: bool) -> trainer.Trainer:
     t.params = list(t.model.parameters())
     t.optimizer = torch.optim.Adam(t.params, lr=0.01)
     t.outer = torch.optim.SGD(t.params, lr=0.7, momentum=0.9, nesterov=True) if local_updates else None
+    t.optimizers = [t.optimizer, *([t.outer] if t.outer else [])]
     t.buffers = [torch.full_like(p, 0.5) for p in t.params]
     t.averager = _Priority()  # type: ignore[assignment]
     t.epoch, t.snapshot = 3, None
@@ -401,10 +402,31 @@ def test_a_skipped_step_moves_to_the_next_epoch_and_keeps_the_parameters() -> No
 def test_a_skipped_local_updates_step_returns_to_the_epochs_start() -> None:
     t = _bare_trainer(local_updates=True)
     start = [p.detach().clone() for p in t.params]
-    t.snapshot = trainer.capture(3, t.params, [t.optimizer])  # as _epoch takes it
+    t.snapshot = trainer.capture(3, t.params, t.optimizers)  # as _epoch takes it
     with torch.no_grad():
         for p in t.params:
             p.add_(1.0)  # the inner steps moved the parameters
     t._apply(start, skip=True)
     assert t.epoch == 4 and t.snapshot is None
     assert all(torch.equal(a, b) for a, b in zip(start, t.params, strict=True))
+
+
+def test_a_donors_hyperparameters_and_foreign_state_are_not_taken() -> None:
+    """Only per-parameter state crosses: a donor cannot set the learning rate or ``maximize`` (which
+    would reverse training), nor send state another optimizer keeps."""
+    model = DigitsMLP().build_model(0)
+    params = list(model.parameters())
+    donor = _optimizers("adam", params, lr=0.5)
+    donor[0].param_groups[0]["maximize"] = True
+    _train(model, donor, 1, seed=0)
+    state = capture(1, params, donor)
+    fresh = DigitsMLP().build_model(1)
+    mine = _optimizers("adam", list(fresh.parameters()), lr=0.01)
+    restore(state, list(fresh.parameters()), mine)
+    (group,) = mine[0].param_groups
+    assert group["lr"] == 0.01 and group["maximize"] is False
+    sgd_opts = _optimizers("sgd", params, lr=0.01)  # momentum buffers, no moments
+    _train(model, sgd_opts, 1, seed=0)
+    sgd_state = capture(1, params, sgd_opts)
+    with pytest.raises(ValueError, match="not the one a Adam keeps"):
+        restore(sgd_state, list(fresh.parameters()), _optimizers("adam", list(fresh.parameters()), lr=0.01))
