@@ -8,6 +8,7 @@ the peers' parameters agreed at every epoch, and the swarm's model is as good as
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +34,22 @@ TRAIN_SAMPLES = 1438  # the digits' training split (every 5th of the 1,797 sampl
 JOIN_AT_EPOCH = 6
 
 
+@contextlib.contextmanager
+def local_market(folder: Path, peers: int, timeout: float) -> Iterator[tuple[Demo, list[str]]]:
+    """A coordinator, a funded launcher and ``peers`` renting peers (their accounts), all stopped after;
+    the test fails if any process of theirs survives."""
+    demo = Demo(peers=peers, drop=False, echo=print, timeout=timeout, folder=folder)
+    try:
+        demo.start_coordinator()
+        demo.fund_launcher()
+        accounts = [demo.add_peer() for _ in range(peers)]
+        demo.wait_offers(peers)
+        yield demo, accounts
+    finally:
+        survivors = demo.close()
+        assert not survivors, f"processes left behind: {survivors}"
+
+
 @dataclass
 class FinishedRun:
     demo: Demo
@@ -44,13 +61,7 @@ class FinishedRun:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FinishedRun]:
-    demo = Demo(peers=3, drop=False, echo=print, timeout=240, folder=tmp_path_factory.mktemp("swarm"))
-    try:
-        demo.start_coordinator()
-        demo.fund_launcher()
-        demo.add_peer()
-        demo.add_peer()
-        demo.wait_offers(2)
+    with local_market(tmp_path_factory.mktemp("swarm"), peers=2, timeout=240) as (demo, _):
         # Every step is the whole training split, so one process's run is deterministic and the swarm's
         # should match it; a generous bid, as the joiner benchmarks itself while two peers train.
         run = demo.launch(
@@ -73,9 +84,6 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FinishedR
         model = demo.tmp / "model.pt"
         demo.ask(lambda c: c.download_model(run.id, model))
         yield FinishedRun(demo, final, reports, joiner, model)
-    finally:
-        survivors = demo.close()
-        assert not survivors, f"processes left behind: {survivors}"
 
 
 @pytest.mark.timeout(300)
@@ -150,12 +158,8 @@ def test_swarm_loss_is_within_5_percent_of_one_process_on_the_same_data(finished
 
 @pytest.mark.timeout(180)
 def test_a_peer_refuses_a_task_it_has_not_installed_and_gives_its_place_back(tmp_path: Path):
-    demo = Demo(peers=1, drop=False, echo=print, timeout=120, folder=tmp_path)
-    try:
-        demo.start_coordinator()
-        demo.fund_launcher()
-        account = demo.add_peer()
-        demo.wait_offers(1)
+    with local_market(tmp_path, peers=1, timeout=120) as (demo, accounts):
+        (account,) = accounts
         run = demo.launch(
             peers_min=1, peers_max=1, changes={"task": "not-installed", "stop": {"samples": 256}}
         )
@@ -178,19 +182,12 @@ def test_a_peer_refuses_a_task_it_has_not_installed_and_gives_its_place_back(tmp
         wait_until(lambda: f"gave run {run.id} back" in log.read_text(), 10, "the worker to say so")
         (offer,) = demo.ask(lambda c: c.offers())
         assert offer.state == "open"
-    finally:
-        survivors = demo.close()
-        assert not survivors, f"processes left behind: {survivors}"
 
 
 @pytest.mark.timeout(240)
 def test_a_trainer_that_crashes_resumes_from_its_local_checkpoint(tmp_path: Path):
-    demo = Demo(peers=1, drop=False, echo=print, timeout=180, folder=tmp_path)
-    try:
-        demo.start_coordinator()
-        demo.fund_launcher()
-        account = demo.add_peer()
-        demo.wait_offers(1)
+    with local_market(tmp_path, peers=1, timeout=180) as (demo, accounts):
+        (account,) = accounts
         run = demo.launch(peers_min=1, peers_max=1, changes={"stop": {"samples": 256 * 400}})
         wait_until(lambda: demo.ask(lambda c: c.run(run.id)).epoch >= 20, 120, "20 epochs")
 
@@ -209,20 +206,11 @@ def test_a_trainer_that_crashes_resumes_from_its_local_checkpoint(tmp_path: Path
         epochs = [r.epoch for r in reports]
         assert len(epochs) == len(set(epochs))  # no epoch was paid twice
         assert max(epochs) >= final.epoch - 1 and min(e for e in epochs if e >= epoch) == epoch
-    finally:
-        survivors = demo.close()
-        assert not survivors, f"processes left behind: {survivors}"
 
 
 @pytest.mark.timeout(240)
 def test_local_updates_with_fp16_averaging_train_and_keep_the_peers_in_agreement(tmp_path: Path):
-    demo = Demo(peers=2, drop=False, echo=print, timeout=180, folder=tmp_path)
-    try:
-        demo.start_coordinator()
-        demo.fund_launcher()
-        demo.add_peer()
-        demo.add_peer()
-        demo.wait_offers(2)
+    with local_market(tmp_path, peers=2, timeout=180) as (demo, _):
         run = demo.launch(
             peers_min=2,
             peers_max=2,
@@ -249,6 +237,3 @@ def test_local_updates_with_fp16_averaging_train_and_keep_the_peers_in_agreement
         first_loss = sum(r.loss for r in by_epoch[min(both)]) / 2
         last_loss = sum(r.loss for r in by_epoch[max(both)]) / 2
         assert last_loss < first_loss / 3, (first_loss, last_loss)
-    finally:
-        survivors = demo.close()
-        assert not survivors, f"processes left behind: {survivors}"
