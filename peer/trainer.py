@@ -363,8 +363,9 @@ class Trainer:
         while not self.stop.is_set():
             view = self.link.view() or last_view
             last_view = view
-            mine = next((p for p in view.peers if p.account == self.identity.account), None)
-            if mine is None or mine.state != "active" or self.link.ended:
+            # a peer dropped and matched again has two matches: the active one is the one that counts
+            matched = any(p.account == self.identity.account and p.state == "active" for p in view.peers)
+            if not matched or self.link.ended:
                 logger.info(f"This peer's part in {self.run_id} is over ({self.link.ended or 'match ended'})")
                 return 0
             if view.state == "settling":
