@@ -253,7 +253,7 @@ class Trainer:
             )
         except DatasetError as e:
             raise TrainerExit(EXIT_RETRY, f"dataset {self.spec.dataset.version[:12]}: {e}") from None
-        self.reader = DatasetReader(self.manifest, lambda s: self.cache.dir / s.sha256)
+        self.reader = DatasetReader(self.manifest, self.cache.final_path)
         self.stream = SampleStream(
             self.manifest,
             self.spec.seed,

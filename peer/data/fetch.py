@@ -88,17 +88,18 @@ class ShardCache:
         (self.dir / "partial").mkdir(parents=True, exist_ok=True)
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
-    def _final(self, shard: ShardInfo) -> Path:
+    def final_path(self, shard: ShardInfo) -> Path:
+        """Where the verified shard lives (or will): named by its hash, checked to be one."""
         if not VERSION_RE.fullmatch(shard.sha256):  # the name becomes a path: never let it be "../x"
             raise DatasetError(f"shard {shard.file}: {shard.sha256!r} is not a SHA-256")
         return self.dir / shard.sha256
 
     def partial(self, shard: ShardInfo) -> Path:
-        return self.dir / "partial" / f"{self._final(shard).name}.part"
+        return self.dir / "partial" / f"{self.final_path(shard).name}.part"
 
     def path(self, shard: ShardInfo) -> Path | None:
         """The cached shard, or None; a cheap size check catches a file truncated after it was verified."""
-        path = self._final(shard)
+        path = self.final_path(shard)
         try:
             return path if path.stat().st_size == shard.size else None
         except FileNotFoundError:
@@ -127,7 +128,7 @@ class ShardCache:
             raise
         with open(partial, "rb") as f:
             os.fsync(f.fileno())
-        final = self._final(shard)
+        final = self.final_path(shard)
         os.replace(partial, final)
         return final
 
