@@ -156,6 +156,7 @@ class SampleStream:
     peers: tuple[str, ...] = ()
     order: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     owned: dict[str, int] = field(default_factory=dict)
+    shards: tuple[int, ...] = ()  # the shards this peer's blocks sit in (ownership does not change by pass)
 
     def take(self, target: int, peers: Sequence[str]) -> list[int]:
         """This peer's share of a step of ``target`` samples over ``peers``, in its training order."""
@@ -173,14 +174,11 @@ class SampleStream:
             self.position = end
         return taken
 
-    def shards_needed(self) -> list[int]:
-        result = assign(self.seed, self.passes, self.peers, self.manifest.shards, self.block_size)
-        return list(result.shards[self.account])
-
     def _assign(self) -> None:
         result = assign(self.seed, self.passes, self.peers, self.manifest.shards, self.block_size)
         self.owned = {a: len(train_ids(ids, self.test_every)) for a, ids in result.samples.items()}
         self.order = train_ids(result.samples[self.account], self.test_every)
+        self.shards = result.shards[self.account]
         self.position = 0
         if not len(self.order):
             raise TrainerExit(EXIT_REFUSED, "this peer was assigned no training samples")
@@ -263,7 +261,7 @@ class Trainer:
         )
 
     def _fetch_shards(self) -> None:
-        wanted = [self.manifest.shards[i] for i in self.stream.shards_needed()]
+        wanted = [self.manifest.shards[i] for i in self.stream.shards]
         missing = [s for s in wanted if self.cache.path(s) is None]
         if missing:
             try:

@@ -156,10 +156,10 @@ def test_when_a_peer_leaves_the_others_take_over_its_samples(manifest: Manifest)
     assert not set(step[A]) & set(step[B])
 
 
-def test_shards_needed_are_the_shards_of_the_assignment(manifest: Manifest) -> None:
+def test_the_stream_knows_the_shards_of_its_assignment(manifest: Manifest) -> None:
     s = stream(manifest, A)
     s.take(1, PEERS)
-    assert s.shards_needed() == [0]  # the digits fit in one shard of 1 MiB
+    assert s.shards == (0,)  # the digits fit in one shard of 1 MiB
 
 
 # ------------------------------------------------------------------------------------------------ state
