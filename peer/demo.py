@@ -31,6 +31,7 @@ import psutil
 from coordinator.client import CoordinatorClient
 from coordinator.schemas import RunBody, RunView
 from peer.identity import Identity, save_identity
+from peer.node import reap
 from peer.settings import load_settings
 
 T = TypeVar("T")
@@ -71,10 +72,7 @@ class Child:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout)
         self.kill_group(signal.SIGKILL)
-        for p in self.tree:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        psutil.wait_procs(self.tree, timeout=timeout)
+        reap(self.tree, timeout)  # what left the group: p2pd daemons re-parented when their parent died
         if self.proc.poll() is None:
             self.proc.wait(timeout)
 

@@ -87,7 +87,7 @@ def _process_tree(pid: int | None) -> list[psutil.Process]:
         return []
 
 
-def _reap(processes: list[psutil.Process], timeout: float) -> None:
+def reap(processes: list[psutil.Process], timeout: float) -> None:
     """Terminate, then kill, whatever of ``processes`` is still alive (p2pd outlives a killed DHT process)."""
     alive = [p for p in processes if p.is_running()]
     for p in alive:
@@ -102,7 +102,7 @@ def _reap(processes: list[psutil.Process], timeout: float) -> None:
 
 def terminate_tree(pid: int, timeout: float) -> None:
     """Stop a process and everything it started (a trainer's DHT, averager and p2pd included)."""
-    _reap(_process_tree(pid), timeout)
+    reap(_process_tree(pid), timeout)
 
 
 def start_dht(
@@ -152,7 +152,7 @@ def stop_dht(dht: hivemind.DHT, settings: PeerSettings) -> None:
     tree = _process_tree(dht.pid)
     if dht.is_alive():
         dht.shutdown()
-    _reap(tree, settings.shutdown_timeout)
+    reap(tree, settings.shutdown_timeout)
 
 
 @dataclass
