@@ -40,12 +40,17 @@ from coordinator.schemas import (
     OCTET_STREAM,
     SHA256_HEADER,
     AccountView,
+    AuditClaimBody,
+    AuditList,
+    AuditResultBody,
+    AuditTaskList,
     AuditView,
     ClearingRoundView,
     DepositBody,
     Health,
     JoinBody,
     LeaseView,
+    LedgerAuditView,
     MarketView,
     OfferBody,
     OfferList,
@@ -160,10 +165,10 @@ class Coordinator:
     async def account(self, ctx: Context) -> AccountView:
         return await self.store.account(ctx.path_id("account"))
 
-    async def ledger_audit(self, ctx: Context) -> AuditView:
+    async def ledger_audit(self, ctx: Context) -> LedgerAuditView:
         result = await self.store.audit(replay=True)
         self.metrics.ledger_conserved.set(1 if result.conserved else 0)
-        return AuditView(
+        return LedgerAuditView(
             conserved=result.conserved,
             deposits=from_units(result.deposits),
             holdings=from_units(result.holdings),
@@ -216,6 +221,21 @@ class Coordinator:
 
     async def list_reports(self, ctx: Context) -> ReportList:
         return ReportList(reports=await self.store.reports(ctx.path_id("run_id")))
+
+    async def claim_audits(self, ctx: Context) -> AuditTaskList:
+        tasks = await self.store.claim_audits(ctx.now, ctx.envelope, ctx.path_id("run_id"), ctx.body.limit)
+        return AuditTaskList(audits=tasks)
+
+    async def submit_audit(self, ctx: Context) -> AuditView:
+        view = await self.store.submit_audit(
+            ctx.now, ctx.envelope, ctx.path_id("run_id"), ctx.path_id("audit_id"), ctx.body
+        )
+        if view.state in ("passed", "failed"):
+            self.metrics.audits.labels(view.state).inc()
+        return view
+
+    async def list_audits(self, ctx: Context) -> AuditList:
+        return AuditList(audits=await self.store.audits(ctx.path_id("run_id")))
 
     async def put_model(self, ctx: Context) -> RunView:
         """Check who uploads before reading a byte: the envelope is signed over the SHA-256 the client
@@ -496,7 +516,11 @@ ROUTES: Sequence[Route] = (
     ),
     Route("GET", "/v1/accounts/{account}", Coordinator.account, "An account's money", response=AccountView),
     Route(
-        "GET", "/v1/ledger/audit", Coordinator.ledger_audit, "Holdings against deposits", response=AuditView
+        "GET",
+        "/v1/ledger/audit",
+        Coordinator.ledger_audit,
+        "Holdings against deposits",
+        response=LedgerAuditView,
     ),
     Route(
         "POST",
@@ -567,7 +591,8 @@ ROUTES: Sequence[Route] = (
         "POST",
         "/v1/runs/{run_id}/reports",
         Coordinator.post_report,
-        "Report an epoch's work; paid the matched price for its compute time, capped by wall clock",
+        "Report an epoch's work; paid the matched price for its compute time, capped by wall clock, once "
+        "its audits pass",
         auth="signed",
         body=ReportBody,
         response=ReportView,
@@ -577,10 +602,30 @@ ROUTES: Sequence[Route] = (
         "GET", "/v1/runs/{run_id}/reports", Coordinator.list_reports, "A run's reports", response=ReportList
     ),
     Route(
+        "POST",
+        "/v1/runs/{run_id}/audits/claim",
+        Coordinator.claim_audits,
+        "Take audits to recompute: other peers' micro-batches of this run (peers of the run only)",
+        auth="signed",
+        body=AuditClaimBody,
+        response=AuditTaskList,
+    ),
+    Route(
+        "POST",
+        "/v1/runs/{run_id}/audits/{audit_id}",
+        Coordinator.submit_audit,
+        "Answer an audit you hold: the recomputed gradient sketch and loss, or declined with a reason",
+        auth="signed",
+        body=AuditResultBody,
+        response=AuditView,
+    ),
+    Route("GET", "/v1/runs/{run_id}/audits", Coordinator.list_audits, "A run's audits", response=AuditList),
+    Route(
         "PUT",
         "/v1/runs/{run_id}/model",
         Coordinator.put_model,
-        "Upload the final model of a settling run (raw bytes, signed over their SHA-256); finishes the run",
+        "Upload the final model of a settling run (raw bytes, signed over their SHA-256); the run finishes "
+        "when its audits are decided",
         auth="signed",
         response=RunView,
         raw_body=OCTET_STREAM,

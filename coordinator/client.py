@@ -33,12 +33,18 @@ from coordinator.schemas import (
     OCTET_STREAM,
     SHA256_HEADER,
     AccountView,
+    AuditClaimBody,
+    AuditList,
+    AuditResultBody,
+    AuditTask,
+    AuditTaskList,
     AuditView,
     ClearingRoundView,
     DepositBody,
     Health,
     JoinBody,
     LeaseView,
+    LedgerAuditView,
     MarketView,
     OfferBody,
     OfferList,
@@ -129,8 +135,8 @@ class CoordinatorClient:
         body = DepositBody(amount=format(amount, "f") if isinstance(amount, Decimal) else amount)
         return await self._request(AccountView, "POST", f"/v1/accounts/{_seg(account)}/deposit", body)
 
-    async def audit(self) -> AuditView:
-        return await self._request(AuditView, "GET", "/v1/ledger/audit")
+    async def audit(self) -> LedgerAuditView:
+        return await self._request(LedgerAuditView, "GET", "/v1/ledger/audit")
 
     async def post_offer(self, body: OfferBody) -> OfferResponse:
         """Create or update this identity's offer; the answer holds the lease to keep alive."""
@@ -177,6 +183,20 @@ class CoordinatorClient:
 
     async def reports(self, run_id: str) -> list[ReportView]:
         return (await self._request(ReportList, "GET", f"/v1/runs/{_seg(run_id)}/reports")).reports
+
+    async def claim_audits(self, run_id: str, limit: int) -> list[AuditTask]:
+        """Take up to ``limit`` audits of other peers' reports in a run this identity trains."""
+        body = AuditClaimBody(limit=limit)
+        return (
+            await self._request(AuditTaskList, "POST", f"/v1/runs/{_seg(run_id)}/audits/claim", body)
+        ).audits
+
+    async def submit_audit(self, run_id: str, audit_id: str, body: AuditResultBody) -> AuditView:
+        route = f"/v1/runs/{_seg(run_id)}/audits/{_seg(audit_id)}"
+        return await self._request(AuditView, "POST", route, body)
+
+    async def audits(self, run_id: str) -> list[AuditView]:
+        return (await self._request(AuditList, "GET", f"/v1/runs/{_seg(run_id)}/audits")).audits
 
     async def upload_model(self, run_id: str, path: Path) -> RunView:
         """Upload the final model of a settling run from ``path``; signed over the file's SHA-256 and

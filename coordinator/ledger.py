@@ -1,8 +1,9 @@
 """Double-entry ledger: every movement of money is an entry that debits one book and credits another.
 
 Books are named ``external`` (where deposits come from), ``balance:<account>``, ``escrow:<run>``,
-``earned:<account>`` and ``fees``. A deposit moves money from ``external`` into a balance; escrow, payouts,
-refunds and fees move it between the other books, so the sum of all non-external books (the holdings)
+``held:<run>`` (reports' pay waiting for their audits), ``earned:<account>`` and ``fees``. A deposit moves
+money from ``external`` into a balance; escrow, holds, payouts, refunds and fees move it between the other
+books, so the sum of all non-external books (the holdings)
 always equals the deposits. The functions here are pure: they turn a request into entries, or refuse it
 with a reason, given the current books; the store applies the entries in one transaction.
 """
@@ -15,7 +16,7 @@ from typing import Literal
 
 EXTERNAL = "external"
 FEES = "fees"
-EntryKind = Literal["deposit", "escrow_hold", "payout", "refund", "fee"]
+EntryKind = Literal["deposit", "escrow_hold", "payout", "refund", "fee", "pay_hold", "pay_void", "audit_fee"]
 
 
 def balance_book(account: str) -> str:
@@ -24,6 +25,10 @@ def balance_book(account: str) -> str:
 
 def escrow_book(run_id: str) -> str:
     return f"escrow:{run_id}"
+
+
+def held_book(run_id: str) -> str:
+    return f"held:{run_id}"
 
 
 def earned_book(account: str) -> str:
@@ -74,6 +79,25 @@ def payout(run_id: str, account: str, units: int, fee_units: int = 0) -> list[En
     if fee_units:
         entries.append(Entry("fee", escrow_book(run_id), FEES, fee_units))
     return entries
+
+
+def hold_pay(run_id: str, units: int) -> list[Entry]:
+    """Set a report's pay aside while its audits are pending: the escrow cannot promise it twice."""
+    return [Entry("pay_hold", escrow_book(run_id), held_book(run_id), units)] if units else []
+
+
+def release_pay(run_id: str, account: str, units: int) -> list[Entry]:
+    """Pay held pay to the peer: its audits passed."""
+    return [Entry("payout", held_book(run_id), earned_book(account), units)] if units else []
+
+
+def void_pay(run_id: str, units: int) -> list[Entry]:
+    """Return held pay to the escrow: an audit failed or expired."""
+    return [Entry("pay_void", held_book(run_id), escrow_book(run_id), units)] if units else []
+
+
+def audit_fee(run_id: str, validator: str, units: int) -> list[Entry]:
+    return [Entry("audit_fee", escrow_book(run_id), earned_book(validator), units)] if units else []
 
 
 def refund(run_id: str, owner: str, units: int) -> list[Entry]:

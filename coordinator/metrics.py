@@ -34,6 +34,9 @@ class CoordinatorMetrics:
         self.clearing_price.set(float("nan"))
         self.clearing_rounds = Counter("hivemarket_clearing_rounds", "Market clearing rounds", registry=r)
         self.trades = Counter("hivemarket_trades", "Peers matched to runs", registry=r)
+        self.audits = Counter(
+            "hivemarket_audits", "Contribution audits decided, by verdict", ["verdict"], registry=r
+        )
         self.ledger_conserved = Gauge(
             "hivemarket_ledger_conserved", "1 when the last audit balanced", registry=r
         )

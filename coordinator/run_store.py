@@ -16,10 +16,13 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from coordinator import ledger, runs, sql
+from coordinator import audit_store, ledger, runs, sql, verification
 from coordinator.errors import BadRequest, Conflict, Forbidden, NotFound
 from coordinator.money import from_units, to_units
 from coordinator.schemas import (
+    AuditResultBody,
+    AuditTask,
+    AuditView,
     JoinBody,
     MicroBatch,
     ModelView,
@@ -80,7 +83,9 @@ MIGRATION = """
 _STATUS_QUERY = """
     SELECT r.*,
            (SELECT COUNT(*) FROM matches m WHERE m.run_id = r.id AND m.state = 'active') AS active,
-           (SELECT COALESCE(SUM(p.samples), 0) FROM reports p WHERE p.run_id = r.id) AS done,
+           (SELECT COALESCE(SUM(p.samples), 0) FROM reports p
+            WHERE p.run_id = r.id AND p.pay_state != 'voided') AS done,
+           (SELECT COUNT(*) FROM audits a WHERE a.run_id = r.id AND a.state = 'pending') AS audits_pending,
            (SELECT MAX(p.accepted_at) FROM reports p WHERE p.run_id = r.id) AS last_report_at,
            COALESCE((SELECT b.units FROM books b WHERE b.name = 'escrow:' || r.id), 0) AS escrow_units
     FROM runs r
@@ -117,6 +122,8 @@ def advance(
             samples=row["done"],
             escrow_units=row["escrow_units"],
             last_report_at=row["last_report_at"],
+            model_uploaded=row["model_sha256"] is not None,
+            audits_pending=row["audits_pending"],
         )
         config = runs.RunConfig(
             peers_min=row["peers_min"],
@@ -143,8 +150,10 @@ def set_state(conn: sqlite3.Connection, now: float, run_id: str, owner: str, ste
 
 
 def end_run(conn: sqlite3.Connection, now: float, run_id: str, owner: str, step: runs.Transition) -> None:
-    """The one way a run ends (finished, failed, cancelled): refund what the escrow holds to the owner,
-    release the active matches and free their leases, so the peers return to the open market."""
+    """The one way a run ends (finished, failed, cancelled): expire its pending audits (their reports'
+    held pay goes back to the escrow), refund what the escrow holds to the owner, release the active
+    matches and free their leases, so the peers return to the open market."""
+    audit_store.expire(conn, now, run_id)
     sql.post(conn, ledger.refund(run_id, owner, sql.book(conn, ledger.escrow_book(run_id))), now)
     conn.execute(
         "UPDATE runs SET state = ?, state_since = ?, reason = ? WHERE id = ?",
@@ -165,8 +174,8 @@ def create_run(conn: sqlite3.Connection, now: float, env: Envelope, body: RunBod
     conn.execute(
         """INSERT INTO runs (id, owner, name, state, spec, max_price_units, peers_min, peers_max,
                              min_vram_gb, budget_units, created_at, state_since, reason, target_samples,
-                             wait_seconds)
-           VALUES (?, ?, ?, 'recruiting', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                             wait_seconds, audit_key)
+           VALUES (?, ?, ?, 'recruiting', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
         (
             run_id,
             env.account,
@@ -182,6 +191,7 @@ def create_run(conn: sqlite3.Connection, now: float, env: Envelope, body: RunBod
             f"recruiting {body.peers_min} to {body.peers_max} peers",
             spec.stop.samples,
             spec.peers.wait_seconds,
+            audit_store.new_key(),
         ),
     )
     sql.post(conn, ledger.hold_escrow(env.account, run_id, budget), now)
@@ -212,17 +222,36 @@ def run_views(conn: sqlite3.Connection, rows: Sequence[sqlite3.Row], *, one: boo
         run_id = rows[0]["id"]
         where, args = "WHERE run_id = ?", (run_id,)
         escrow_where, escrow_args = "= ?", (ledger.escrow_book(run_id),)
+        held_where, held_args = "= ?", (ledger.held_book(run_id),)
     else:
         where, args = "", ()
         escrow_where, escrow_args = ">= 'escrow:' AND {col} < 'escrow;'", ()  # the 'escrow:' prefix range
+        held_where, held_args = ">= 'held:' AND {col} < 'held;'", ()
     matches = defaultdict(list)
     for m in conn.execute(f"SELECT * FROM matches {where} ORDER BY matched_at, account", args):
         matches[m["run_id"]].append(m)
     per_match: dict[tuple[str, str], tuple[int, int, int | None]] = {
         (r["run_id"], r["lease_id"]): (r["samples"], r["paid"], r["epoch"])
         for r in conn.execute(
-            "SELECT run_id, lease_id, SUM(samples) AS samples, SUM(paid_units) AS paid, MAX(epoch) AS epoch"
+            "SELECT run_id, lease_id, SUM(IIF(pay_state != 'voided', samples, 0)) AS samples,"
+            " SUM(IIF(pay_state = 'paid', paid_units, 0)) AS paid, MAX(epoch) AS epoch"
             f" FROM reports {where} GROUP BY run_id, lease_id",
+            args,
+        )
+    }
+    audited: dict[tuple[str, str], tuple[int, int]] = {
+        (r["run_id"], r["account"]): (r["passed"], r["failed"])
+        for r in conn.execute(
+            "SELECT run_id, account, SUM(state = 'passed') AS passed, SUM(state = 'failed') AS failed"
+            f" FROM audits {where} GROUP BY run_id, account",
+            args,
+        )
+    }
+    fees: dict[tuple[str, str], int] = {
+        (r["run_id"], r["validator"]): r["fees"]
+        for r in conn.execute(
+            f"SELECT run_id, validator, SUM(fee_units) AS fees FROM audits {where}"
+            " GROUP BY run_id, validator",
             args,
         )
     }
@@ -239,26 +268,32 @@ def run_views(conn: sqlite3.Connection, rows: Sequence[sqlite3.Row], *, one: boo
     totals = {
         r["run_id"]: r["samples"]
         for r in conn.execute(
-            f"SELECT run_id, SUM(samples) AS samples FROM reports {where} GROUP BY run_id", args
+            f"SELECT run_id, SUM(samples) AS samples FROM reports {where}"
+            f" {'AND' if where else 'WHERE'} pay_state != 'voided' GROUP BY run_id",
+            args,
         )
     }
-    flows: dict[str, dict[str, int]] = defaultdict(dict)
-    for r in conn.execute(
-        f"SELECT debit, kind, SUM(units) AS units FROM entries WHERE debit {escrow_where.format(col='debit')}"
-        " AND kind IN ('payout', 'fee', 'refund') GROUP BY debit, kind",
-        escrow_args,
-    ):
-        flows[r["debit"]][r["kind"]] = r["units"]
-    escrows = {
+    refunds = {
+        r["debit"]: r["units"]
+        for r in conn.execute(
+            f"SELECT debit, SUM(units) AS units FROM entries WHERE debit {escrow_where.format(col='debit')}"
+            " AND kind = 'refund' GROUP BY debit",
+            escrow_args,
+        )
+    }
+    books = {  # escrow:<run> and held:<run>
         r["name"]: r["units"]
         for r in conn.execute(
-            f"SELECT name, units FROM books WHERE name {escrow_where.format(col='name')}", escrow_args
+            f"SELECT name, units FROM books WHERE name {escrow_where.format(col='name')}"
+            f" OR name {held_where.format(col='name')}",
+            escrow_args + held_args,
         )
     }
     views = []
     for row in rows:
         book = ledger.escrow_book(row["id"])
-        flow = flows.get(book, {})
+        held = books.get(ledger.held_book(row["id"]), 0)
+        refunded = refunds.get(book, 0)
         epoch_loss = latest.get(row["id"])
         views.append(
             RunView(
@@ -274,15 +309,21 @@ def run_views(conn: sqlite3.Connection, rows: Sequence[sqlite3.Row], *, one: boo
                 peers_max=row["peers_max"],
                 min_vram_gb=row["min_vram_gb"],
                 budget=from_units(row["budget_units"]),
-                escrow=from_units(escrows.get(book, 0)),
-                spent=from_units(flow.get("payout", 0) + flow.get("fee", 0)),
-                refunded=from_units(flow.get("refund", 0)),
+                escrow=from_units(books.get(book, 0)),
+                # what left escrow and holds for peers and validators
+                spent=from_units(row["budget_units"] - books.get(book, 0) - held - refunded),
+                refunded=from_units(refunded),
                 target_samples=row["target_samples"] or 0,
                 samples=totals.get(row["id"], 0),
                 epoch=0 if epoch_loss is None else epoch_loss[0] + 1,
                 loss=None if epoch_loss is None else epoch_loss[1],
                 peers=[
-                    _peer_view(m, per_match.get((row["id"], m["lease_id"]), (0, 0, None)))
+                    _peer_view(
+                        m,
+                        per_match.get((row["id"], m["lease_id"]), (0, 0, None)),
+                        audited.get((row["id"], m["account"]), (0, 0)),
+                        fees.get((row["id"], m["account"]), 0),
+                    )
                     for m in matches[row["id"]]
                 ],
                 model=_model_view(row),
@@ -292,7 +333,9 @@ def run_views(conn: sqlite3.Connection, rows: Sequence[sqlite3.Row], *, one: boo
     return views
 
 
-def _peer_view(m: sqlite3.Row, work: tuple[int, int, int | None]) -> RunPeerView:
+def _peer_view(
+    m: sqlite3.Row, work: tuple[int, int, int | None], audited: tuple[int, int], fee_units: int
+) -> RunPeerView:
     return RunPeerView(
         account=m["account"],
         lease_id=m["lease_id"],
@@ -307,6 +350,9 @@ def _peer_view(m: sqlite3.Row, work: tuple[int, int, int | None]) -> RunPeerView
         paid=from_units(work[1]),
         last_report_at=m["last_report_at"],
         epoch=work[2],
+        audits_passed=audited[0],
+        audits_failed=audited[1],
+        fees=from_units(fee_units),
     )
 
 
@@ -342,6 +388,8 @@ def active_match(conn: sqlite3.Connection, run_id: str, account: str) -> sqlite3
         )
     elif rows[0]["state"] == "left":
         message = f"{who} gave its place in run {run_id!r} back"
+    elif rows[0]["state"] == "banned":
+        message = f"{who} was banned from run {run_id!r}: its reports failed their audits"
     else:
         message = f"{who} was released from run {run_id!r} when the run ended"
     raise Forbidden(message, code="not_in_run", field="run_id")
@@ -386,16 +434,21 @@ def leave(
     """
     sql.claim_nonce(conn, env)
     get_run(conn, run_id)
-    match = active_match(conn, run_id, env.account)
+    _end_match(conn, run_id, active_match(conn, run_id, env.account), "left")
+    advance(conn, now, policy, [run_id])
+    return run_view(conn, run_id)
+
+
+def _end_match(conn: sqlite3.Connection, run_id: str, match: sqlite3.Row, state: str) -> None:
+    """End a peer's active match (``left``, ``banned``): its lease goes back to the open market, and the
+    market leaves it out of this run's clearing while the run bids."""
     conn.execute(
-        "UPDATE matches SET state = 'left' WHERE run_id = ? AND lease_id = ?", (run_id, match["lease_id"])
+        "UPDATE matches SET state = ? WHERE run_id = ? AND lease_id = ?", (state, run_id, match["lease_id"])
     )
     conn.execute(
         "UPDATE leases SET run_id = NULL, price_units = NULL WHERE id = ? AND run_id = ?",
         (match["lease_id"], run_id),
     )
-    advance(conn, now, policy, [run_id])
-    return run_view(conn, run_id)
 
 
 def add_report(
@@ -406,9 +459,10 @@ def add_report(
     body: ReportBody,
     policy: runs.RunPolicy,
 ) -> ReportView:
-    """Accept an epoch's contribution and pay it (:func:`coordinator.runs.report_pay`), then move the run
-    on (target reached or escrow empty: settling). A dropped peer has no active match and is refused,
-    so nothing is paid after a drop."""
+    """Accept an epoch's contribution, price it (:func:`coordinator.runs.report_pay`) and draw its audits
+    (:func:`coordinator.verification.choose_audits`): the pay is held until they pass, or paid at once
+    when the run audits nothing. Then move the run on (target reached or escrow empty: settling). A
+    dropped or banned peer has no active match and is refused, so nothing is paid after either."""
     sql.claim_nonce(conn, env)
     run = get_run(conn, run_id)
     _refuse_unless(run, runs.REPORTING, "reports are accepted while it runs, is paused or settles")
@@ -439,8 +493,14 @@ def add_report(
     since = max(match["joined_at"], match["last_report_at"] or match["joined_at"])
     escrow = sql.book(conn, ledger.escrow_book(run_id))
     pay = runs.report_pay(now, match["price_units"], since, body.seconds, escrow)
-    if pay.units:
-        sql.post(conn, ledger.payout(run_id, env.account, pay.units), now)
+    audits = audit_store.open_audits(conn, now, run, env.account, body, policy.audit_timeout)
+    if audits:
+        sql.post(conn, ledger.hold_pay(run_id, pay.units), now)
+        pay_state, pay_reason = "held", f"{pay.reason}; held for {audits} audits"
+    else:
+        if pay.units:
+            sql.post(conn, ledger.payout(run_id, env.account, pay.units), now)
+        pay_state, pay_reason = "paid", f"{pay.reason}; not audited"
     extra = {
         "group_size": body.group_size,
         "param_sketch": body.param_sketch,
@@ -448,8 +508,8 @@ def add_report(
     }
     conn.execute(
         """INSERT INTO reports (run_id, account, epoch, lease_id, samples, loss, seconds, paid_units,
-                                accepted_at, body)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                                accepted_at, body, pay_state, pay_reason)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
         (
             run_id,
             env.account,
@@ -461,6 +521,8 @@ def add_report(
             pay.units,
             now,
             json.dumps(extra),
+            pay_state,
+            pay_reason,
         ),
     )
     conn.execute(
@@ -494,6 +556,8 @@ def _report_view(row: sqlite3.Row) -> ReportView:
         seconds=row["seconds"],
         group_size=extra["group_size"],
         paid=from_units(row["paid_units"]),
+        pay_state=row["pay_state"],
+        pay_reason=row["pay_reason"],
         accepted_at=row["accepted_at"],
         param_sketch=extra["param_sketch"],
         micro_batches=[MicroBatch.model_validate(b) for b in extra["micro_batches"]],
@@ -524,17 +588,23 @@ def check_uploader(conn: sqlite3.Connection, run_id: str, account: str) -> sqlit
 
 
 def record_model(
-    conn: sqlite3.Connection, now: float, env: Envelope, run_id: str, sha256: str, size: int
+    conn: sqlite3.Connection,
+    now: float,
+    env: Envelope,
+    run_id: str,
+    sha256: str,
+    size: int,
+    policy: runs.RunPolicy,
 ) -> RunView:
-    """Record the final model of a settling run, uploaded by one of its active peers, and finish the run."""
+    """Record the final model of a settling run, uploaded by one of its active peers; the run finishes
+    then, or once its last audits are decided (:func:`coordinator.runs.decide`)."""
     sql.claim_nonce(conn, env)
-    run = check_uploader(conn, run_id, env.account)
+    check_uploader(conn, run_id, env.account)
     conn.execute(
         "UPDATE runs SET model_sha256 = ?, model_bytes = ?, model_by = ?, model_at = ? WHERE id = ?",
         (sha256, size, env.account, now, run_id),
     )
-    reason = f"model {sha256[:12]} ({size} bytes) uploaded by {env.account[:12]}..."
-    end_run(conn, now, run_id, run["owner"], runs.Transition("finished", reason))
+    advance(conn, now, policy, [run_id])
     return run_view(conn, run_id)
 
 
@@ -543,3 +613,57 @@ def model(conn: sqlite3.Connection, run_id: str) -> ModelView:
     if view is None:
         raise NotFound(f"run {run_id!r} has no model", code="no_model", field="run_id")
     return view
+
+
+# ------------------------------------------------------------------------------------------------ audits
+
+
+def claim_audits(
+    conn: sqlite3.Connection, now: float, env: Envelope, run_id: str, limit: int, policy: runs.RunPolicy
+) -> list[AuditTask]:
+    """Audits for a validator: a peer with an active, joined match in the run (it holds the run's
+    parameters), given other peers' micro-batches to recompute."""
+    sql.claim_nonce(conn, env)
+    run = get_run(conn, run_id)
+    _refuse_unless(run, runs.REPORTING, "audits are given out while it runs, is paused or settles")
+    if active_match(conn, run_id, env.account)["joined_at"] is None:
+        raise Conflict(
+            f"account {env.account[:12]}... has not joined run {run_id!r}; join before auditing",
+            code="not_joined",
+            field="run_id",
+        )
+    return audit_store.claim(conn, now, run_id, env.account, limit, policy.audit_claim_timeout)
+
+
+def submit_audit(
+    conn: sqlite3.Connection,
+    now: float,
+    env: Envelope,
+    run_id: str,
+    audit_id: str,
+    body: AuditResultBody,
+    policy: runs.RunPolicy,
+) -> AuditView:
+    """Record a validator's recomputation; a peer whose failed epochs reach the run's ``ban_after`` is
+    banned from the run (its match ends, its lease returns to the market, its reports are refused)."""
+    sql.claim_nonce(conn, env)
+    run = get_run(conn, run_id)
+    audit = audit_store.submit(conn, now, run, env.account, audit_id, body)
+    if audit["state"] == "failed":
+        why = verification.banned(
+            audit_store.failed_epochs(conn, run_id, audit["account"]), audit_store.policy_of(run)
+        )
+        match = conn.execute(
+            "SELECT * FROM matches WHERE run_id = ? AND account = ? AND state = 'active'",
+            (run_id, audit["account"]),
+        ).fetchone()
+        if why is not None and match is not None:
+            _end_match(conn, run_id, match, "banned")
+            logger.info(f"Peer {audit['account'][:12]}... is banned from run {run_id}: {why}")
+    advance(conn, now, policy, [run_id])
+    return audit_store.audit_view(conn, audit_id)
+
+
+def audits(conn: sqlite3.Connection, run_id: str) -> list[AuditView]:
+    get_run(conn, run_id)
+    return audit_store.audit_views(conn, run_id)

@@ -1,6 +1,7 @@
 """Run lifecycle decisions and the pay rule: pure functions of (now, state, config), no I/O and no clock.
 
-A run moves ``recruiting -> running -> settling -> finished``; ``running <-> paused`` while its live peers
+A run moves ``recruiting -> running -> settling -> finished`` (once the final model is uploaded and
+every audit decided, or after the settle timeout); ``running <-> paused`` while its live peers
 fall below the minimum and replacements arrive; ``paused -> failed`` when none arrive in time,
 ``running -> failed`` when live peers report nothing for the stall timeout, and any live run can be
 ``cancelled`` by its owner. The store gathers a :class:`RunStatus`, asks :func:`decide`
@@ -34,6 +35,8 @@ class RunPolicy:
 
     settle_timeout: float = 60.0
     stall_timeout: float = 600.0
+    audit_timeout: float = 120.0
+    audit_claim_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,8 @@ class RunStatus:
     samples: int  # samples of accepted reports
     escrow_units: int  # what the escrow still holds
     last_report_at: float | None = None  # when the last report was accepted
+    model_uploaded: bool = False
+    audits_pending: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,8 +85,17 @@ def decide(now: float, status: RunStatus, config: RunConfig) -> Transition | Non
     if state in ENDED or state == "pending":
         return None
     if state == "settling":
+        if status.model_uploaded and status.audits_pending == 0:
+            return Transition("finished", "final model uploaded; every audit decided")
         if now - status.state_since > config.settle_timeout:
-            return Transition("finished", f"no model uploaded within {config.settle_timeout:g} s")
+            if not status.model_uploaded:
+                return Transition(
+                    "finished", f"no model uploaded within {config.settle_timeout:g} s of settling"
+                )
+            return Transition(
+                "finished",
+                f"{status.audits_pending} audits undecided {config.settle_timeout:g} s into settling",
+            )
         return None
     live = f"{status.active} of min {config.peers_min} peers live"
     if state in ("running", "paused"):

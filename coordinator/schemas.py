@@ -101,7 +101,7 @@ class AccountView(View):
     reputation: float = Field(description="0..1, from lease uptime and lapses (and audits, later).")
 
 
-class AuditView(View):
+class LedgerAuditView(View):
     conserved: bool
     deposits: Money
     holdings: Money = Field(description="Sum of every balance, escrow, earning and fee.")
@@ -244,16 +244,19 @@ class RunPeerView(View):
     account: AccountId
     lease_id: str
     price_per_hour: Money
-    state: Literal["active", "dropped", "released", "left"]
+    state: Literal["active", "dropped", "released", "left", "banned"]
     matched_at: float
     joined: bool = Field(description="Whether the peer has joined the run's swarm.")
     joined_at: float | None = Field(description="When it first joined; its pay counts from then.")
     peer_id: str | None = Field(description="The libp2p id it joined with.")
     maddrs: list[str] = Field(description="Where other peers reach it.")
-    samples: int = Field(description="Samples of its accepted reports under this match.")
-    paid: Money = Field(description="Paid for those reports.")
+    samples: int = Field(description="Samples of its reports under this match that were not voided.")
+    paid: Money = Field(description="Paid for those reports (pay held for audits is not counted yet).")
     last_report_at: float | None
     epoch: int | None = Field(None, description="The last epoch it reported under this match.")
+    audits_passed: int = Field(0, description="Audits of its reports in this run that passed.")
+    audits_failed: int = Field(0, description="Audits of its reports in this run that failed.")
+    fees: Money = Field("0", description="Earned in this run by auditing other peers' reports.")
 
 
 class ModelView(View):
@@ -350,7 +353,14 @@ class ReportView(View):
     loss: float
     seconds: float
     group_size: int
-    paid: Money = Field(description="The matched price for min(seconds, wall clock), capped by the escrow.")
+    paid: Money = Field(
+        description="The report's pay: the matched price for min(seconds, wall clock), capped by the escrow; "
+        "it reaches the peer only once pay_state is paid."
+    )
+    pay_state: Literal["paid", "held", "voided"] = Field(
+        description="held while audits are pending; voided when one failed or expired (back to escrow)."
+    )
+    pay_reason: str
     accepted_at: float
     param_sketch: list[float]
     micro_batches: list[MicroBatch]
@@ -358,6 +368,64 @@ class ReportView(View):
 
 class ReportList(View):
     reports: list[ReportView]
+
+
+class AuditClaimBody(Body):
+    limit: int = Field(4, ge=1, le=64, description="Most audits to take at once.")
+
+
+class AuditTask(View):
+    """An audit given to a validator: recompute micro-batch ``index`` of ``account``'s report of ``epoch``
+    at the parameters whose sketch is ``param_sketch``, on the samples ``ids``."""
+
+    id: str
+    run_id: str
+    epoch: int
+    account: AccountId
+    index: int
+    ids: list[int]
+    param_sketch: list[float]
+
+
+class AuditTaskList(View):
+    audits: list[AuditTask]
+
+
+class AuditResultBody(Body):
+    """A validator's answer: the recomputed gradient sketch and loss, or why it cannot recompute (it does
+    not hold that epoch's parameters, say); a declined audit goes to another validator."""
+
+    sketch: Sketch | None = None
+    loss: FiniteFloat | None = Field(None, ge=0)
+    declined: str | None = Field(None, min_length=1, max_length=300)
+
+    @model_validator(mode="after")
+    def _one(self) -> AuditResultBody:
+        if self.declined is None and (self.sketch is None or self.loss is None):
+            raise field_error("sketch", "send sketch and loss, or declined with a reason")
+        if self.declined is not None and (self.sketch is not None or self.loss is not None):
+            raise field_error("declined", "a declined audit carries no sketch or loss")
+        return self
+
+
+class AuditView(View):
+    id: str
+    run_id: str
+    epoch: int
+    account: AccountId = Field(description="The audited peer.")
+    index: int = Field(description="The micro-batch of its report that is recomputed.")
+    samples: int
+    state: Literal["pending", "passed", "failed", "expired"]
+    validator: AccountId | None = Field(description="Who holds or held the audit.")
+    distance: float | None = Field(description="Relative distance of the claimed and recomputed sketch.")
+    reason: str
+    fee: Money = Field(description="Paid to the validator from the run's escrow.")
+    created_at: float
+    decided_at: float | None
+
+
+class AuditList(View):
+    audits: list[AuditView]
 
 
 class Health(View):

@@ -82,7 +82,10 @@ def serve(
             synchronous=sqlite_synchronous,
             batch_max=settings.write_batch_max,
             run_policy=RunPolicy(
-                settle_timeout=settings.settle_timeout, stall_timeout=settings.stall_timeout
+                settle_timeout=settings.settle_timeout,
+                stall_timeout=settings.stall_timeout,
+                audit_timeout=settings.audit_timeout,
+                audit_claim_timeout=settings.audit_claim_timeout,
             ),
         )
     except ValueError as e:

@@ -38,6 +38,14 @@ class ServerSettings(BaseSettings):
         gt=0,
         description="A running run with live peers but no accepted report for this long fails (refunded).",
     )
+    audit_timeout: float = Field(
+        120.0,
+        gt=0,
+        description="Seconds an audit waits for a validator; then it expires and the report is unpaid.",
+    )
+    audit_claim_timeout: float = Field(
+        30.0, gt=0, description="Seconds a validator holds an audit before it goes to another validator."
+    )
     model_dir: Path = Field(
         default_factory=lambda data: Path(data["home"]) / "models",
         description="Where final models are kept [default: $HIVEMARKET_HOME/models].",

@@ -19,12 +19,15 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from coordinator import leases, ledger, market, run_store, runs, sql
+from coordinator import audit_store, leases, ledger, market, run_store, runs, sql, verification
 from coordinator.db import Database
 from coordinator.errors import Conflict, Forbidden, NotFound
 from coordinator.money import from_units, to_units
 from coordinator.schemas import (
     AccountView,
+    AuditResultBody,
+    AuditTask,
+    AuditView,
     ClearingRoundView,
     JoinBody,
     LeaseView,
@@ -128,6 +131,7 @@ MIGRATIONS = (
     )
     """,
     run_store.MIGRATION,
+    audit_store.MIGRATION,
 )
 
 
@@ -162,6 +166,11 @@ class Store(Protocol):
         self, now: float, env: Envelope, run_id: str, sha256: str, size: int
     ) -> RunView: ...
     async def model(self, run_id: str) -> ModelView: ...
+    async def claim_audits(self, now: float, env: Envelope, run_id: str, limit: int) -> list[AuditTask]: ...
+    async def submit_audit(
+        self, now: float, env: Envelope, run_id: str, audit_id: str, body: AuditResultBody
+    ) -> AuditView: ...
+    async def audits(self, run_id: str) -> list[AuditView]: ...
     async def clear_market(
         self, now: float, env: Envelope | None, config: market.MarketConfig
     ) -> ClearingRoundView | None: ...
@@ -195,8 +204,15 @@ def open_store(
 
 
 def _reliability(conn: sqlite3.Connection, account: str) -> float:
-    row = conn.execute("SELECT uptime, lapses FROM peers WHERE account = ?", (account,)).fetchone()
-    return leases.reliability(row["uptime"], row["lapses"]) if row else leases.reliability(0.0, 0)
+    row = conn.execute("SELECT * FROM peers WHERE account = ?", (account,)).fetchone()
+    return _standing(row) if row else leases.reliability(0.0, 0)
+
+
+def _standing(row: Mapping[str, Any]) -> float:
+    """A peer's reliability as the market prices it: uptime against lapses, times its audit reputation."""
+    return leases.reliability(row["uptime"], row["lapses"]) * verification.reputation(
+        row["audits_passed"], row["audits_failed"]
+    )
 
 
 class SQLiteStore:
@@ -284,7 +300,7 @@ class SQLiteStore:
         )
 
     _OFFER_QUERY = """
-        SELECT o.*, l.state AS lease_state, l.run_id, p.uptime, p.lapses
+        SELECT o.*, l.state AS lease_state, l.run_id, p.uptime, p.lapses, p.audits_passed, p.audits_failed
         FROM offers o JOIN leases l ON l.id = o.lease_id JOIN peers p ON p.account = o.account
     """
 
@@ -298,7 +314,7 @@ class SQLiteStore:
             gpu_count=row["gpu_count"],
             vram_gb=row["vram_gb"],
             tflops=row["tflops"],
-            reliability=leases.reliability(row["uptime"], row["lapses"]),
+            reliability=_standing(row),
             roles=json.loads(row["roles"]),
             min_lease_seconds=row["min_lease_seconds"],
             state=state,
@@ -445,12 +461,29 @@ class SQLiteStore:
 
     async def record_model(self, now: float, env: Envelope, run_id: str, sha256: str, size: int) -> RunView:
         return await self._db.write(
-            lambda conn: run_store.record_model(conn, now, env, run_id, sha256, size),
+            lambda conn: run_store.record_model(conn, now, env, run_id, sha256, size, self.run_policy),
             sql.remember_refusal(env),
         )
 
     async def model(self, run_id: str) -> ModelView:
         return await self._db.read(lambda conn: run_store.model(conn, run_id))
+
+    async def claim_audits(self, now: float, env: Envelope, run_id: str, limit: int) -> list[AuditTask]:
+        return await self._db.write(
+            lambda conn: run_store.claim_audits(conn, now, env, run_id, limit, self.run_policy),
+            sql.remember_refusal(env),
+        )
+
+    async def submit_audit(
+        self, now: float, env: Envelope, run_id: str, audit_id: str, body: AuditResultBody
+    ) -> AuditView:
+        return await self._db.write(
+            lambda conn: run_store.submit_audit(conn, now, env, run_id, audit_id, body, self.run_policy),
+            sql.remember_refusal(env),
+        )
+
+    async def audits(self, run_id: str) -> list[AuditView]:
+        return await self._db.read(lambda conn: run_store.audits(conn, run_id))
 
     # ---------------------------------------------------------------------------------------------- market
 
@@ -496,14 +529,15 @@ class SQLiteStore:
         return await self._db.write(op, None if env is None else sql.remember_refusal(env))
 
     _ASKS_QUERY = """
-        SELECT l.id AS lease_id, o.account, o.price_units, o.tflops, o.vram_gb, p.uptime, p.lapses
+        SELECT l.id AS lease_id, o.account, o.price_units, o.tflops, o.vram_gb, p.uptime, p.lapses,
+               p.audits_passed, p.audits_failed
         FROM leases l JOIN offers o ON o.lease_id = l.id JOIN peers p ON p.account = o.account
         WHERE l.state = 'active' AND l.run_id IS NULL AND o.roles LIKE '%"trainer"%'
-          -- a peer that gave a run its place back (it cannot train it) sits out while that run bids:
-          -- the market would otherwise pick it for the run again and again
+          -- a peer that gave a run its place back (it cannot train it) or was banned from it sits out
+          -- while that run bids: the market would otherwise pick it for the run again and again
           AND o.account NOT IN (
             SELECT m.account FROM matches m JOIN runs r ON r.id = m.run_id
-            WHERE m.state = 'left' AND r.state IN ('recruiting', 'running', 'paused'))
+            WHERE m.state IN ('left', 'banned') AND r.state IN ('recruiting', 'running', 'paused'))
     """
     _BIDS_QUERY = """
         SELECT r.id, r.max_price_units, r.peers_max, r.min_vram_gb,
@@ -520,7 +554,7 @@ class SQLiteStore:
                     price_per_hour=from_units(row["price_units"]),
                     tflops=row["tflops"],
                     vram_gb=row["vram_gb"],
-                    reliability=leases.reliability(row["uptime"], row["lapses"]),
+                    reliability=_standing(row),
                 )
             )
             lease_of[row["account"]] = row["lease_id"]
@@ -569,8 +603,9 @@ class SQLiteStore:
     # ------------------------------------------------------------------------------------------ upkeep
 
     async def sweep(self, now: float, nonce_horizon: float) -> list[leases.Lapse]:
-        """Lapse leases that missed their heartbeats (dropping their matches), move the runs on (a drop
-        may pause a run; a pause or a settling may time out) and forget old nonces."""
+        """Lapse leases that missed their heartbeats (dropping their matches), expire audits past their
+        deadline, move the runs on (a drop may pause a run; a pause or a settling may time out) and forget
+        old nonces."""
 
         def op(conn: sqlite3.Connection) -> list[leases.Lapse]:
             active = [
@@ -587,6 +622,7 @@ class SQLiteStore:
                     "UPDATE matches SET state = 'dropped' WHERE lease_id = ? AND state = 'active'",
                     (lapse.lease_id,),
                 )
+            audit_store.expire(conn, now)
             run_store.advance(conn, now, self.run_policy)
             conn.execute("DELETE FROM nonces WHERE timestamp < ?", (now - nonce_horizon,))
             return lapses

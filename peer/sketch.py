@@ -51,10 +51,3 @@ class Sketcher:
         out = torch.zeros(self.dims, dtype=torch.float64)
         out.index_add_(0, self.buckets, (flat * self.signs).double())
         return out.tolist()
-
-
-def relative_distance(a: list[float], b: list[float]) -> float:
-    """|a - b| / max(|a|, |b|): 0 for equal sketches, about 1.4 for unrelated ones."""
-    ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
-    scale = max(float(ta.norm()), float(tb.norm()), 1e-30)
-    return float((ta - tb).norm()) / scale

@@ -126,6 +126,31 @@ class PeersSpec(Section):
         return self
 
 
+class VerificationSpec(Section):
+    """How the coordinator audits contributions (:mod:`coordinator.verification`); ``rate = 0`` turns audits
+    off and pays reports unverified."""
+
+    rate: float = Field(
+        0.04, ge=0, le=1, description="Share of reported micro-batches a validator recomputes."
+    )
+    min_audits: int = Field(
+        2, ge=1, le=64, description="Micro-batches audited in every report at least (all if it has fewer)."
+    )
+    tolerance: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="Largest relative distance between the reported and the recomputed gradient sketch "
+        "(calibrated on honest peers: bench/verification.py).",
+    )
+    loss_tolerance: float = Field(
+        0.05, gt=0, lt=1, description="Largest relative difference between reported and recomputed loss."
+    )
+    ban_after: int = Field(
+        2, ge=1, le=1000, description="Failed epochs after which a peer is banned from the run."
+    )
+
+
 class PriceSpec(Section):
     max: str | None = Field(
         None, max_length=32, description="Highest price per effective TFLOP-hour (launch --max-price wins)."
@@ -147,10 +172,17 @@ class RunSpec(Section):
     stop: StopSpec
     averaging: AveragingSpec = AveragingSpec()
     peers: PeersSpec = PeersSpec()
-    verification_rate: float = Field(
-        0.05, ge=0, le=1, description="Share of micro-batches the coordinator audits."
-    )
+    verification: VerificationSpec = VerificationSpec()
     price: PriceSpec = PriceSpec()
+
+    @model_validator(mode="after")
+    def _auditable(self) -> RunSpec:
+        if self.verification.rate > 0 and self.averaging.local_updates:
+            raise ValueError(
+                "averaging.local_updates: audits recompute gradients at the epoch's start parameters, which "
+                "inner steps move away from; set verification.rate = 0 to run local updates unverified"
+            )
+        return self
 
     def unresolved(self) -> str | None:
         """Why the coordinator cannot take this spec as it is (the launcher resolves both), or None."""

@@ -45,6 +45,7 @@ from pydantic import ValidationError
 from coordinator.client import CoordinatorError, CoordinatorUnreachable
 from coordinator.runs import BIDDING
 from coordinator.schemas import MicroBatch, ReportBody, RunPeerView, RunView
+from coordinator.verification import relative_distance
 from peer.averaging import RunAverager, TrainingState, capture, learning_rate, restore
 from peer.data.assign import assign
 from peer.data.fetch import FetchSettings, ShardCache, fetch_manifest, fetch_shards
@@ -55,7 +56,7 @@ from peer.identity import Identity, load_identity
 from peer.node import NodeError, start_dht, stop_dht
 from peer.run_link import RunLink
 from peer.settings import PeerSettings, load_settings
-from peer.sketch import Sketcher, grad_seed, params_seed, relative_distance
+from peer.sketch import Sketcher, grad_seed, params_seed
 from peer.spec import RunSpec, SpecError, describe, validate_spec
 from peer.tasks import Task, TaskError, load_task
 

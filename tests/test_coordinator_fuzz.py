@@ -43,6 +43,8 @@ from hypothesis import strategies as st
 from coordinator.app import OFFER_FIELDS, ROUTES, Route
 from coordinator.schemas import (
     SHA256_HEADER,
+    AuditClaimBody,
+    AuditResultBody,
     DepositBody,
     HardwareSummary,
     JoinBody,
@@ -110,6 +112,8 @@ VALID_BODIES: dict[type, dict[str, Any]] = {
         "param_sketch": [0.1, -0.2],
         "micro_batches": [{"ids": [0, 1], "loss": 0.5, "sketch": [0.3, 0.4]}],
     },
+    AuditClaimBody: {"limit": 4},
+    AuditResultBody: {"sketch": [0.3, 0.4], "loss": 0.5},
 }
 MONEY_FIELDS = {"amount", "price_per_hour", "max_price", "budget"}
 
@@ -143,12 +147,16 @@ class Market:
     worker: Identity  # matched to and joined in ``live_run``
     finisher: Identity  # matched to ``settling_run``, which waits for its model
     leaver: Identity  # matched to ``leaving_run``, which it may leave once
+    audited: Identity  # reported in ``audit_run``: the audits there are of its micro-batches
+    auditor: Identity  # in ``audit_run`` too, holding every audit in ``audit_ids``
     lease_id: str = ""
     run_id: str = ""  # a recruiting run (the fuzz of /cancel cancels it)
     live_run: str = ""  # a running run that takes joins and reports
     settling_run: str = ""  # takes one model upload
     modeled_run: str = ""  # finished, with a model to download
     leaving_run: str = ""  # running with ``leaver``, who can give its place back
+    audit_run: str = ""  # running with ``audited`` and ``auditor``
+    audit_ids: list[str] = field(default_factory=list)
     statuses: dict[str, Counter[int]] = field(default_factory=dict)
     _conn: http.client.HTTPConnection | None = None
 
@@ -156,18 +164,35 @@ class Market:
     def identities(self) -> list[Identity]:
         return [self.server.admin, self.peer, self.launcher, self.stranger, self.worker, self.finisher]
 
-    def run_with_peer(self, peer: Identity, target: int) -> str:
-        """A run of ``target`` samples with ``peer`` matched to it and joined (a round that trades)."""
-        status, offer = self.signed(peer, "POST", "/v1/offers", VALID_BODIES[OfferBody])
-        assert status == 200, offer
+    def run_with_peer(self, *peers: Identity, target: int) -> str:
+        """A run of ``target`` samples with ``peers`` matched to it and joined (a round that trades)."""
+        for peer in peers:
+            status, offer = self.signed(peer, "POST", "/v1/offers", VALID_BODIES[OfferBody])
+            assert status == 200, offer
         body = {**VALID_BODIES[RunBody], "spec": minimal_spec("fuzz", stop={"samples": target})}
-        status, run = self.signed(self.launcher, "POST", "/v1/runs", {**body, "peers_max": 1, "budget": "5"})
+        body.update(peers_min=len(peers), peers_max=len(peers), budget="5")
+        status, run = self.signed(self.launcher, "POST", "/v1/runs", body)
         assert status == 201, run
         status, cleared = self.signed(self.server.admin, "POST", "/v1/market/clear", None)
-        assert status == 200 and cleared["trades"] == 1, cleared
-        status, view = self.signed(peer, "POST", f"/v1/runs/{run['id']}/join", VALID_BODIES[JoinBody])
-        assert status == 200 and view["state"] == "running", view
+        assert status == 200 and cleared["trades"] == len(peers), cleared
+        for peer in peers:
+            status, view = self.signed(peer, "POST", f"/v1/runs/{run['id']}/join", VALID_BODIES[JoinBody])
+            assert status == 200, view
+        assert view["state"] == "running", view
         return run["id"]
+
+    def audits_to_hold(self, epochs: int) -> None:
+        """``audited`` reports ``epochs`` epochs in ``audit_run``; ``auditor`` claims every audit drawn."""
+        for epoch in range(epochs):
+            report = {**VALID_BODIES[ReportBody], "epoch": epoch}
+            status, view = self.signed(self.audited, "POST", f"/v1/runs/{self.audit_run}/reports", report)
+            assert status == 201 and view["pay_state"] == "held", view
+        status, claimed = self.signed(
+            self.auditor, "POST", f"/v1/runs/{self.audit_run}/audits/claim", {"limit": 64}
+        )
+        assert status == 200, claimed
+        self.audit_ids = [a["id"] for a in claimed["audits"]]
+        assert len(self.audit_ids) == epochs, self.audit_ids  # one micro-batch per report: one audit each
 
     def settle(self, peer: Identity, run_id: str) -> None:
         """Report the run's only sample, which moves it to settling."""
@@ -223,7 +248,7 @@ class Market:
 def market(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Market]:
     home: Path = tmp_path_factory.mktemp("fuzz") / "coordinator"
     server = start_coordinator(home, Identity.generate(), env=cli_env(home, **SERVER_ENV))
-    m = Market(server, *(Identity.generate() for _ in range(6)))
+    m = Market(server, *(Identity.generate() for _ in range(8)))
     try:
         for model, body in VALID_BODIES.items():
             model.model_validate(body)  # the templates the fuzz mutates are valid to begin with
@@ -234,6 +259,8 @@ def market(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Market]:
         # One peer per run, matched before the next offer is posted, so each round has one trade.
         m.live_run = m.run_with_peer(m.worker, target=1 << 40)
         m.leaving_run = m.run_with_peer(m.leaver, target=1)
+        m.audit_run = m.run_with_peer(m.audited, m.auditor, target=1 << 40)
+        m.audits_to_hold(40)
         m.settling_run = m.run_with_peer(m.finisher, target=1)
         m.settle(m.finisher, m.settling_run)
         modeler = Identity.generate()
@@ -646,6 +673,7 @@ def requests_for(draw: st.DrawFn, route: Route, market: Market) -> Request:
         "account": [i.account for i in market.identities],
         "lease_id": [market.lease_id],
         "run_id": _runs_of(route, market),
+        "audit_id": market.audit_ids,
     }
     raw_path = draw(st.booleans())
     path = route.path
@@ -690,6 +718,8 @@ def _runs_of(route: Route, market: Market) -> list[str]:
         return [market.run_id]
     if route.path.endswith("/leave"):
         return [market.leaving_run]
+    if "/audits" in route.path:
+        return [market.audit_run]
     return [market.run_id, market.live_run, market.settling_run, market.modeled_run]
 
 
@@ -701,6 +731,8 @@ def _owner_of(route: Route, market: Market) -> Identity:
         return market.finisher
     if route.path.endswith("/leave"):
         return market.leaver
+    if "/audits" in route.path:
+        return market.auditor
     owners = {"/v1/offers": market.peer, "/v1/leases/": market.peer, "/v1/runs": market.launcher}
     return next((who for start, who in owners.items() if route.path.startswith(start)), market.server.admin)
 

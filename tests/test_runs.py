@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from fractions import Fraction
 
 import pytest
@@ -79,7 +80,16 @@ def test_a_run_without_target_never_settles_by_samples() -> None:
 def test_settling_finishes_without_a_model_after_the_settle_timeout() -> None:
     assert decide(160.0, status("settling", active=0), CONFIG) is None
     step = decide(160.5, status("settling", active=0), CONFIG)
-    assert step == Transition("finished", "no model uploaded within 60 s")
+    assert step == Transition("finished", "no model uploaded within 60 s of settling")
+
+
+def test_settling_finishes_once_the_model_is_in_and_every_audit_decided() -> None:
+    uploaded = RunStatus("settling", 100.0, 2, 1000, 10**6, model_uploaded=True, audits_pending=3)
+    assert decide(120.0, uploaded, CONFIG) is None  # the last epochs' pay waits for its audits
+    assert decide(120.0, replace(uploaded, audits_pending=0), CONFIG) == Transition(
+        "finished", "final model uploaded; every audit decided"
+    )
+    assert decide(160.5, uploaded, CONFIG) == Transition("finished", "3 audits undecided 60 s into settling")
 
 
 @pytest.mark.parametrize("state", [*ENDED, "pending"])

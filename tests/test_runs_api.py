@@ -147,10 +147,20 @@ class Market:
         assert self.launcher is not None
 
     async def launch(
-        self, *, peers: tuple[int, int] = (1, 1), target: int = 1000, wait: float = 30.0, budget: str = "10"
+        self,
+        *,
+        peers: tuple[int, int] = (1, 1),
+        target: int = 1000,
+        wait: float = 30.0,
+        budget: str = "10",
+        verification: dict[str, Any] | None = None,
     ) -> RunView:
+        """A run; unaudited (reports paid at once) unless ``verification`` says otherwise."""
         spec = minimal_spec(
-            "test-run", stop={"samples": target}, peers={"min": peers[0], "wait_seconds": wait}
+            "test-run",
+            stop={"samples": target},
+            peers={"min": peers[0], "wait_seconds": wait},
+            verification=verification or {"rate": 0},
         )
         body = RunBody(spec=spec, max_price="0.01", peers_min=peers[0], peers_max=peers[1], budget=budget)
         return await self.client.create_run(body)
@@ -378,7 +388,9 @@ async def test_specs_are_validated_with_dotted_fields(market: Market) -> None:
             spec=minimal_spec("x", stop={"epochs": 2}), max_price="0.01", peers_min=1, peers_max=1, budget="1"
         )
     stored = (await market.launch()).spec
-    assert stored == minimal_spec("test-run", stop={"samples": 1000}, peers={"min": 1, "wait_seconds": 30.0})
+    assert stored == minimal_spec(
+        "test-run", stop={"samples": 1000}, peers={"min": 1, "wait_seconds": 30.0}, verification={"rate": 0}
+    )
 
 
 # --------------------------------------------------------------------------------------- drops and pauses
@@ -538,7 +550,7 @@ async def test_target_settles_then_the_model_finishes_the_run(market: Market, tm
         assert (finished.state, finished.model.sha256, finished.model.bytes) == ("finished", digest, 2560)
         assert finished.model.uploaded_by == a.account and finished.escrow == 0
         assert finished.refunded == Decimal("10") - finished.spent and finished.spent > 0
-        assert finished.reason.startswith(f"model {digest[:12]}")
+        assert finished.reason == "final model uploaded; every audit decided"
         assert all(p.state == "released" for p in finished.peers)
         offers = {o.account: o for o in await market.client.offers()}
         assert offers[a.account].state == "open"  # the peer is back on the market
@@ -579,7 +591,7 @@ async def test_settle_timeout_finishes_without_a_model(tmp_path: Path) -> None:
                 await a.client.report(run.id, report(0, seconds=0.001))
                 assert (await market.run(run.id)).state == "settling"
                 view = await market.until(run.id, "the settle timeout", lambda v: v.state == "finished")
-                assert (view.reason, view.model) == ("no model uploaded within 1 s", None)
+                assert (view.reason, view.model) == ("no model uploaded within 1 s of settling", None)
                 assert view.escrow == 0 and view.refunded == Decimal("10") - view.spent
                 assert all(p.state == "released" for p in view.peers)
                 await market.conserved()

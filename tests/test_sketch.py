@@ -9,7 +9,8 @@ import inspect
 import pytest
 import torch
 
-from peer.sketch import DIMS, Sketcher, grad_seed, params_seed, relative_distance, seed_of
+from coordinator.verification import relative_distance
+from peer.sketch import DIMS, Sketcher, grad_seed, params_seed, seed_of
 
 LENGTH = 10_000
 RUN = "run-0123456789ab"

@@ -100,8 +100,8 @@ FIELD_ERRORS = [
         {"optimizer": {"lr": 0}}, "spec.optimizer.lr", "greater than 0", "(got 0)", id="not-positive"
     ),
     pytest.param(
-        {"verification_rate": 1.5},
-        "spec.verification_rate",
+        {"verification": {"rate": 1.5}},
+        "spec.verification.rate",
         "less than or equal to 1",
         "(got 1.5)",
         id="too-large",

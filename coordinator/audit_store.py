@@ -1,0 +1,288 @@
+"""Persistence of audits: drawn when a report arrives, claimed by validators, decided, expired; and the
+pay of the audited report, held until its audits are decided.
+
+The decisions are :mod:`coordinator.verification`'s pure functions; this module reads what they need and
+writes what they return. Functions take the connection of the transaction they are part of;
+:mod:`coordinator.run_store` calls them (checking first that the caller is in the run) and bans and
+moves runs on from what they return.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+from typing import Any
+
+from coordinator import ledger, sql, verification
+from coordinator.errors import BadRequest, Conflict, NotFound
+from coordinator.money import from_units
+from coordinator.schemas import AuditResultBody, AuditTask, AuditView, ReportBody
+from coordinator.verification import AuditPolicy, PayState
+
+# Appended to coordinator.store.MIGRATIONS. Reports accepted before audits existed were paid when they
+# arrived; runs created before get a key now.
+MIGRATION = """
+    ALTER TABLE runs ADD COLUMN audit_key TEXT;
+    UPDATE runs SET audit_key = lower(hex(randomblob(32)));
+    ALTER TABLE reports ADD COLUMN pay_state TEXT NOT NULL DEFAULT 'paid';
+    ALTER TABLE reports ADD COLUMN pay_reason TEXT NOT NULL DEFAULT 'accepted before audits existed';
+    ALTER TABLE peers ADD COLUMN audits_passed INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE peers ADD COLUMN audits_failed INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE audits (
+        id TEXT PRIMARY KEY,
+        run_id TEXT NOT NULL,
+        epoch INTEGER NOT NULL,
+        account TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        samples INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        deadline REAL NOT NULL,
+        validator TEXT,
+        claimed_at REAL,
+        declined TEXT NOT NULL DEFAULT '[]',
+        distance REAL,
+        reason TEXT NOT NULL DEFAULT '',
+        fee_units INTEGER NOT NULL DEFAULT 0,
+        decided_at REAL
+    );
+    CREATE INDEX audits_run_state ON audits (run_id, state);
+    CREATE INDEX audits_report ON audits (run_id, account, epoch);
+    CREATE INDEX audits_pending_deadline ON audits (state, deadline);
+"""
+
+
+def new_key() -> str:
+    return secrets.token_hex(32)
+
+
+def policy_of(run: sqlite3.Row) -> AuditPolicy:
+    """The run's ``spec.verification`` (validated when the run was created; defaults for older runs)."""
+    section = json.loads(run["spec"]).get("verification")
+    return AuditPolicy(**section) if isinstance(section, dict) else AuditPolicy()
+
+
+def open_audits(
+    conn: sqlite3.Connection, now: float, run: sqlite3.Row, account: str, body: ReportBody, timeout: float
+) -> int:
+    """Draw the audits of a report that was just accepted; returns how many."""
+    indices = verification.choose_audits(
+        bytes.fromhex(run["audit_key"]), body.epoch, account, len(body.micro_batches), policy_of(run)
+    )
+    conn.executemany(
+        """INSERT INTO audits (id, run_id, epoch, account, idx, samples, state, created_at, deadline)
+           VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)""",
+        [
+            (
+                f"audit-{secrets.token_hex(8)}",
+                run["id"],
+                body.epoch,
+                account,
+                i,
+                len(body.micro_batches[i].ids),
+                now,
+                now + timeout,
+            )
+            for i in indices
+        ],
+    )
+    return len(indices)
+
+
+def claim(
+    conn: sqlite3.Connection, now: float, run_id: str, validator: str, limit: int, claim_timeout: float
+) -> list[AuditTask]:
+    """Give ``validator`` up to ``limit`` pending audits of other peers' reports, oldest first: unclaimed
+    ones, ones whose validator has not answered within ``claim_timeout``, never ones it declined."""
+    rows = conn.execute(
+        """SELECT a.*, p.body FROM audits a
+           JOIN reports p ON p.run_id = a.run_id AND p.account = a.account AND p.epoch = a.epoch
+           WHERE a.run_id = ? AND a.state = 'pending' AND a.account != ?
+             AND (a.validator IS NULL OR a.validator = ? OR a.claimed_at < ?)
+           ORDER BY a.created_at, a.id""",
+        (run_id, validator, validator, now - claim_timeout),
+    ).fetchall()
+    tasks = []
+    for row in rows:
+        if validator in json.loads(row["declined"]):
+            continue
+        report: dict[str, Any] = json.loads(row["body"])
+        tasks.append(
+            AuditTask(
+                id=row["id"],
+                run_id=run_id,
+                epoch=row["epoch"],
+                account=row["account"],
+                index=row["idx"],
+                ids=report["micro_batches"][row["idx"]]["ids"],
+                param_sketch=report["param_sketch"],
+            )
+        )
+        if len(tasks) == limit:
+            break
+    conn.executemany(
+        "UPDATE audits SET validator = ?, claimed_at = ? WHERE id = ?",
+        [(validator, now, t.id) for t in tasks],
+    )
+    return tasks
+
+
+def submit(
+    conn: sqlite3.Connection,
+    now: float,
+    run: sqlite3.Row,
+    validator: str,
+    audit_id: str,
+    body: AuditResultBody,
+) -> sqlite3.Row:
+    """Record a validator's answer to an audit it holds: declined (it goes back to the pool) or a verdict,
+    with the validator's fee, the audited peer's reputation and the report's pay settled. Returns the
+    audit's row as it now stands."""
+    audit = conn.execute("SELECT * FROM audits WHERE id = ? AND run_id = ?", (audit_id, run["id"])).fetchone()
+    if audit is None:
+        raise NotFound(f"audit {audit_id!r} does not exist in run {run['id']!r}", field="audit_id")
+    if audit["state"] != "pending":
+        raise Conflict(
+            f"audit {audit_id!r} is already {audit['state']}", code="audit_decided", field="audit_id"
+        )
+    if audit["validator"] != validator:
+        raise Conflict(
+            f"audit {audit_id!r} is not held by account {validator[:12]}...; claim audits first",
+            code="audit_not_held",
+            field="audit_id",
+        )
+    if body.declined is not None:
+        declined = [*json.loads(audit["declined"]), validator]
+        conn.execute(
+            "UPDATE audits SET validator = NULL, claimed_at = NULL, declined = ? WHERE id = ?",
+            (json.dumps(declined), audit_id),
+        )
+        return _row(conn, audit_id)
+    assert body.sketch is not None and body.loss is not None
+    report = _report(conn, run["id"], audit["account"], audit["epoch"])
+    claimed = json.loads(report["body"])["micro_batches"][audit["idx"]]
+    if len(body.sketch) != len(claimed["sketch"]):  # the validator's mistake, not the audited peer's
+        raise BadRequest(
+            f"sketch has {len(body.sketch)} values; the audited sketch has {len(claimed['sketch'])}",
+            field="sketch",
+        )
+    result = verification.verdict(claimed["sketch"], claimed["loss"], body.sketch, body.loss, policy_of(run))
+    escrow = sql.book(conn, ledger.escrow_book(run["id"]))
+    fee = min(escrow, verification.audit_fee(report["paid_units"], audit["samples"], report["samples"]))
+    sql.post(conn, ledger.audit_fee(run["id"], validator, fee), now)
+    state = "passed" if result.passed else "failed"
+    conn.execute(
+        """UPDATE audits SET state = ?, distance = ?, reason = ?, fee_units = ?, decided_at = ?
+           WHERE id = ?""",
+        (
+            state,
+            result.distance if result.distance < float("inf") else None,
+            result.reason,
+            fee,
+            now,
+            audit_id,
+        ),
+    )
+    column = "audits_passed" if result.passed else "audits_failed"
+    conn.execute(f"UPDATE peers SET {column} = {column} + 1 WHERE account = ?", (audit["account"],))
+    settle_report(conn, now, run["id"], audit["account"], audit["epoch"])
+    return _row(conn, audit_id)
+
+
+def failed_epochs(conn: sqlite3.Connection, run_id: str, account: str) -> int:
+    (count,) = conn.execute(
+        "SELECT COUNT(DISTINCT epoch) FROM audits WHERE run_id = ? AND account = ? AND state = 'failed'",
+        (run_id, account),
+    ).fetchone()
+    return count
+
+
+def settle_report(conn: sqlite3.Connection, now: float, run_id: str, account: str, epoch: int) -> PayState:
+    """Pay or void a held report once its audits say so (:func:`coordinator.verification.report_outcome`)."""
+    report = _report(conn, run_id, account, epoch)
+    if report["pay_state"] != "held":
+        return report["pay_state"]
+    states = [
+        r["state"]
+        for r in conn.execute(
+            "SELECT state FROM audits WHERE run_id = ? AND account = ? AND epoch = ?",
+            (run_id, account, epoch),
+        )
+    ]
+    outcome, reason = verification.report_outcome(states)
+    if outcome == "held":
+        return outcome
+    units = report["paid_units"]
+    entries = (
+        ledger.release_pay(run_id, account, units) if outcome == "paid" else ledger.void_pay(run_id, units)
+    )
+    sql.post(conn, entries, now)
+    conn.execute(
+        "UPDATE reports SET pay_state = ?, pay_reason = ? WHERE run_id = ? AND account = ? AND epoch = ?",
+        (outcome, reason, run_id, account, epoch),
+    )
+    return outcome
+
+
+def expire(conn: sqlite3.Connection, now: float, run_id: str | None = None) -> set[str]:
+    """Expire pending audits past their deadline (every pending audit of ``run_id``, which is ending) and
+    void the pay of their reports; returns the runs touched."""
+    if run_id is None:
+        rows = conn.execute(
+            "SELECT * FROM audits WHERE state = 'pending' AND deadline < ?", (now,)
+        ).fetchall()
+        reason = "no validator recomputed it before its deadline"
+    else:
+        rows = conn.execute(
+            "SELECT * FROM audits WHERE state = 'pending' AND run_id = ?", (run_id,)
+        ).fetchall()
+        reason = "the run ended before a validator recomputed it"
+    conn.executemany(
+        "UPDATE audits SET state = 'expired', reason = ?, decided_at = ? WHERE id = ?",
+        [(reason, now, r["id"]) for r in rows],
+    )
+    for report in {(r["run_id"], r["account"], r["epoch"]) for r in rows}:
+        settle_report(conn, now, *report)
+    return {r["run_id"] for r in rows}
+
+
+def audit_views(conn: sqlite3.Connection, run_id: str) -> list[AuditView]:
+    return [
+        _view(row)
+        for row in conn.execute(
+            "SELECT * FROM audits WHERE run_id = ? ORDER BY epoch, account, idx", (run_id,)
+        )
+    ]
+
+
+def audit_view(conn: sqlite3.Connection, audit_id: str) -> AuditView:
+    return _view(_row(conn, audit_id))
+
+
+def _view(row: sqlite3.Row) -> AuditView:
+    return AuditView(
+        id=row["id"],
+        run_id=row["run_id"],
+        epoch=row["epoch"],
+        account=row["account"],
+        index=row["idx"],
+        samples=row["samples"],
+        state=row["state"],
+        validator=row["validator"],
+        distance=row["distance"],
+        reason=row["reason"],
+        fee=from_units(row["fee_units"]),
+        created_at=row["created_at"],
+        decided_at=row["decided_at"],
+    )
+
+
+def _row(conn: sqlite3.Connection, audit_id: str) -> sqlite3.Row:
+    return conn.execute("SELECT * FROM audits WHERE id = ?", (audit_id,)).fetchone()
+
+
+def _report(conn: sqlite3.Connection, run_id: str, account: str, epoch: int) -> sqlite3.Row:
+    return conn.execute(
+        "SELECT * FROM reports WHERE run_id = ? AND account = ? AND epoch = ?", (run_id, account, epoch)
+    ).fetchone()

@@ -1,0 +1,147 @@
+"""Audits of contribution reports: which micro-batches to recompute, verdicts, bans and reputation.
+
+Pure functions of their arguments (no clock, no I/O); :mod:`coordinator.audit_store` gathers what they
+need and writes what they return, with the reason.
+
+How a contribution is verified:
+
+1. A report lists its micro-batches, each with its sample ids, its loss and a sketch of its gradient
+   (:mod:`peer.sketch`, seeded by run, epoch and peer). The report is signed, so the sketches are a
+   commitment: what is audited later is what the peer claimed before it knew what would be audited.
+2. When the report arrives, :func:`choose_audits` draws the micro-batches to recompute from a secret key
+   the coordinator keeps per run; the peer cannot predict the draw, a retried report gets the same one.
+3. A validator (another peer of the run, holding the same epoch-start parameters) recomputes each audited
+   micro-batch's gradient and loss and sends them back; :func:`verdict` compares them with the claim.
+4. A report with every audit passed is paid; one failed audit voids the report's pay and its samples no
+   longer count toward the run's target; :func:`banned` bans a peer from the run after ``ban_after``
+   failed epochs. Audits nobody recomputed in time expire, and an expired audit leaves the report unpaid:
+   nothing is paid without a verified contribution.
+
+Why at least ``min_audits`` (2) micro-batches of every report: a cheat that fabricates a fraction ``f`` of
+a report's micro-batches survives ``n`` audits with probability about ``(1 - f) ** n``; with two audits a
+report that doubles its samples (``f = 1/2``) is caught with probability 3/4 per epoch, > 99.9% within five
+epochs, and one that fabricates everything is caught every epoch. Above the minimum, ``rate`` sets the
+expected share of micro-batches recomputed, which is what verification costs the swarm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import random
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Literal
+
+AuditState = Literal["pending", "passed", "failed", "expired"]
+PayState = Literal["paid", "held", "voided"]
+
+# A new peer starts as if it had passed this many audits, so that one failure (or a first honest audit)
+# does not swing its reputation to either end; each failed audit weighs as much as this many passes.
+REPUTATION_PRIOR_PASSES = 10
+FAILURE_WEIGHT = 10
+
+
+@dataclass(frozen=True)
+class AuditPolicy:
+    """A run's ``spec.verification`` section, stored with the run."""
+
+    rate: float = 0.04
+    min_audits: int = 2
+    tolerance: float = 0.05
+    loss_tolerance: float = 0.05
+    ban_after: int = 2
+
+
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    distance: float
+    reason: str
+
+
+def choose_audits(key: bytes, epoch: int, account: str, micro_batches: int, policy: AuditPolicy) -> list[int]:
+    """The indices of the micro-batches of ``account``'s report of ``epoch`` to recompute, in order.
+
+    ``max(min_audits, k)`` distinct indices (all of them when the report has fewer), where ``k`` is
+    ``rate * micro_batches`` rounded up or down at random so that its mean is exact. The randomness is
+    HMAC-SHA256 of (epoch, account) under the run's secret ``key``: unpredictable to peers, and the same
+    for the same report. ``rate = 0`` audits nothing.
+    """
+    if policy.rate <= 0 or micro_batches <= 0:
+        return []
+    digest = hmac.new(key, f"{epoch}\n{account}".encode(), hashlib.sha256).digest()
+    draw = random.Random(int.from_bytes(digest, "big"))
+    expected = policy.rate * micro_batches
+    count = math.floor(expected) + (draw.random() < expected - math.floor(expected))
+    count = min(micro_batches, max(policy.min_audits, count))
+    return sorted(draw.sample(range(micro_batches), count))
+
+
+def relative_distance(a: list[float], b: list[float]) -> float:
+    """``|a - b| / max(|a|, |b|)``: 0 for equal sketches, 1 against a zero sketch, about 1.4 for unrelated
+    ones. Plain Python (no torch in the coordinator): sketches are at most 64 numbers."""
+    if len(a) != len(b):
+        return math.inf
+    scale = max(math.sqrt(sum(x * x for x in a)), math.sqrt(sum(y * y for y in b)), 1e-30)
+    return math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b, strict=True))) / scale
+
+
+def verdict(
+    claimed_sketch: list[float],
+    claimed_loss: float,
+    recomputed_sketch: list[float],
+    recomputed_loss: float,
+    policy: AuditPolicy,
+) -> Verdict:
+    """Whether a validator's recomputation confirms the claim: the gradient sketches within ``tolerance``
+    (relative distance) and the losses within ``loss_tolerance`` (relative to the larger, at least 1)."""
+    distance = relative_distance(claimed_sketch, recomputed_sketch)
+    if not distance <= policy.tolerance:
+        return Verdict(
+            False,
+            distance,
+            f"gradient sketch is {distance:.3g} from the recomputed one (tolerance {policy.tolerance:g})",
+        )
+    loss_gap = abs(claimed_loss - recomputed_loss) / max(1.0, abs(claimed_loss), abs(recomputed_loss))
+    if not loss_gap <= policy.loss_tolerance:
+        return Verdict(
+            False,
+            distance,
+            f"loss {claimed_loss:.6g} differs from the recomputed {recomputed_loss:.6g} by {loss_gap:.3g} "
+            f"(tolerance {policy.loss_tolerance:g})",
+        )
+    return Verdict(True, distance, f"recomputed within {distance:.3g} (tolerance {policy.tolerance:g})")
+
+
+def report_outcome(states: list[AuditState]) -> tuple[PayState, str]:
+    """What happens to a report's pay given its audits' states: ``held`` while any is pending."""
+    if "failed" in states:
+        return "voided", "an audit failed"
+    if "pending" in states:
+        return "held", f"{states.count('pending')} of {len(states)} audits pending"
+    if "expired" in states:
+        return "voided", "an audit expired before a validator recomputed it"
+    return "paid", f"{len(states)} audits passed" if states else "not audited"
+
+
+def banned(failed_epochs: int, policy: AuditPolicy) -> str | None:
+    """Why a peer with ``failed_epochs`` voided reports in a run is banned from it, or None."""
+    if failed_epochs >= policy.ban_after:
+        return f"{failed_epochs} epochs failed their audits (ban after {policy.ban_after})"
+    return None
+
+
+def reputation(passed: int, failed: int) -> float:
+    """A peer's standing from its audits, in (0, 1]: 1 with no failure, lower with each failed audit."""
+    good = passed + REPUTATION_PRIOR_PASSES
+    return good / (good + FAILURE_WEIGHT * failed)
+
+
+def audit_fee(report_units: int, audited_samples: int, report_samples: int) -> int:
+    """A validator's fee for one audit: what the audited peer is paid for the samples recomputed (the same
+    work at the same price), rounded down; paid from the run's escrow whatever the verdict."""
+    if report_samples <= 0:
+        return 0
+    return math.floor(Fraction(report_units) * audited_samples / report_samples)
