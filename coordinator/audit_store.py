@@ -158,6 +158,20 @@ def submit(
             "UPDATE audits SET validator = NULL, claimed_at = NULL, declined = ? WHERE id = ?",
             (json.dumps(declined), audit_id),
         )
+        others = {
+            row["account"]
+            for row in conn.execute(
+                "SELECT account FROM matches WHERE run_id = ? AND state = 'active' AND joined_at IS NOT NULL"
+                " AND account != ?",
+                (run["id"], audit["account"]),
+            )
+        }
+        if others <= set(declined):  # nobody left who could recompute it: waiting would only delay
+            conn.execute(
+                "UPDATE audits SET state = 'expired', reason = ?, decided_at = ? WHERE id = ?",
+                (f"every other peer declined; the last: {body.declined}"[:300], now, audit_id),
+            )
+            settle_report(conn, now, run["id"], audit["account"], audit["epoch"])
         return _row(conn, audit_id)
     assert body.sketch is not None and body.loss is not None
     report = _report(conn, run["id"], audit["account"], audit["epoch"])

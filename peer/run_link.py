@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from hivemind.utils import get_logger
 
 from coordinator.client import AlreadyApplied, CoordinatorClient, CoordinatorError, CoordinatorUnreachable
-from coordinator.schemas import ReportBody, RunView
+from coordinator.schemas import AuditResultBody, AuditTask, ReportBody, RunView
 from peer.identity import Identity
 
 logger = get_logger(__name__)
@@ -83,6 +83,24 @@ class RunLink:
         """Queue a report; it is sent in order, retried while the coordinator is unreachable."""
         assert self._reports is not None
         self._loop.call_soon_threadsafe(self._reports.put_nowait, body)
+
+    def claim_audits(self, limit: int) -> list[AuditTask]:
+        """Audits of other peers' reports for this peer to recompute; none when the coordinator cannot be
+        reached or refuses (this peer is not joined yet, the run ended): auditing never stops training."""
+        try:
+            return self.call(lambda: self._client.claim_audits(self.run_id, limit))
+        except (CoordinatorUnreachable, CoordinatorError) as e:
+            logger.warning(f"No audits taken: {e}")
+            return []
+
+    def submit_audit(self, audit_id: str, body: AuditResultBody) -> None:
+        try:
+            view = self.call(lambda: self._client.submit_audit(self.run_id, audit_id, body))
+            logger.info(f"Audit of {view.account[:12]}...'s epoch {view.epoch}: {view.state} ({view.reason})")
+        except AlreadyApplied:
+            pass
+        except (CoordinatorUnreachable, CoordinatorError) as e:  # it goes to another validator in time
+            logger.warning(f"Answer to audit {audit_id} not recorded: {e}")
 
     def upload_model(self, path: Path) -> RunView:
         try:

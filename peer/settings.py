@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from peer.adversary import Kind
+
 
 class PeerSettings(BaseSettings):
     """Settings of a peer node; read from the environment each time :func:`load_settings` is called."""
@@ -61,6 +63,17 @@ class PeerSettings(BaseSettings):
     )
     device: str | None = Field(
         None, description="Training device, e.g. cuda:1 or cpu [default: cuda when available, else cpu]."
+    )
+    audit_window: int = Field(
+        16,
+        ge=1,
+        description="Recent epochs whose start parameters a peer keeps (on the CPU) to audit others.",
+    )
+    audits_per_claim: int = Field(8, ge=1, le=64, description="Most audits a peer takes at once.")
+    adversary: Kind | None = Field(
+        None,
+        description="Demonstrations and tests only: this peer cheats in the named way (peer.adversary) so "
+        "that its audits fail.",
     )
 
 

@@ -14,7 +14,10 @@ match ends. The trainer:
    samples, one all-reduce with the peers at the same epoch, the same update everywhere; after each
    epoch it queues a signed contribution report (samples, loss, per-micro-batch gradient sketches, a
    sketch of the parameters the epoch started from) and checkpoints locally;
-6. when the run is settling, the first live peer in match order uploads the final model.
+6. validates: once an epoch it takes audits of the other peers' reports from the coordinator and
+   recomputes them (:mod:`peer.validator`) at the epoch-start parameters it keeps for recent epochs;
+7. when the run is settling, the first live peer in match order uploads the final model, and every peer
+   goes on validating until the run's last audits are decided.
 
 A round whose group disagrees with this peer's parameters, or that found no group while others are
 live, means this peer fell out of step: it loads the state from the others instead of reporting.
@@ -43,13 +46,14 @@ from hivemind.utils.logging import use_hivemind_log_handler
 from pydantic import ValidationError
 
 from coordinator.client import CoordinatorError, CoordinatorUnreachable
-from coordinator.runs import BIDDING
-from coordinator.schemas import MicroBatch, ReportBody, RunPeerView, RunView
+from coordinator.runs import BIDDING, REPORTING
+from coordinator.schemas import AuditResultBody, MicroBatch, ReportBody, RunPeerView, RunView
 from coordinator.verification import relative_distance
+from peer.adversary import Contribution, EpochWork, behaviour
 from peer.averaging import RunAverager, TrainingState, capture, learning_rate, restore
 from peer.data.assign import assign
 from peer.data.fetch import FetchSettings, ShardCache, fetch_manifest, fetch_shards
-from peer.data.format import DatasetError, Manifest
+from peer.data.format import DatasetError, Manifest, ShardInfo
 from peer.data.loader import PrefetchLoader
 from peer.data.reader import DatasetReader
 from peer.identity import Identity, load_identity
@@ -59,6 +63,7 @@ from peer.settings import PeerSettings, load_settings
 from peer.sketch import Sketcher, grad_seed, params_seed
 from peer.spec import RunSpec, SpecError, describe, validate_spec
 from peer.tasks import Task, TaskError, load_task
+from peer.validator import Snapshots, Validator, micro_batch_gradient, micro_seed
 
 logger = get_logger(__name__)
 
@@ -175,6 +180,11 @@ class SampleStream:
             self.position = end
         return taken
 
+    def spare(self, count: int) -> list[int]:
+        """Up to ``count`` ids that come after this peer's current position in the pass, without taking
+        them (what an ``inflated-samples`` cheat claims it processed)."""
+        return self.order[self.position : self.position + count].tolist()
+
     def _assign(self) -> None:
         result = assign(self.seed, self.passes, self.peers, self.manifest.shards, self.block_size)
         self.owned = {a: len(train_ids(ids, self.test_every)) for a, ids in result.samples.items()}
@@ -208,6 +218,9 @@ class Trainer:
         self.snapshot: TrainingState | None = None  # the epoch's start, while local updates move on
         self.device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.loader_device = self.device if self.device.type == "cuda" else None
+        self.behaviour = behaviour(settings.adversary)
+        self.snapshots: Snapshots | None = None
+        self.validator: Validator | None = None
 
     # ---------------------------------------------------------------------------------------- set-up
 
@@ -237,6 +250,18 @@ class Trainer:
         self.sums = [torch.zeros_like(p) for p in self.params]
         self.n_params = sum(p.numel() for p in self.params)
         self._open_dataset()
+        if self.spec.verification.rate > 0:
+            self.snapshots = Snapshots(self.settings.audit_window)
+            self.validator = Validator(
+                self.run_id,
+                self.task,
+                self.task.build_model(self.spec.seed).to(self.device),
+                self.reader,
+                self.snapshots,
+                agreement=AGREEMENT_TOLERANCE[self.spec.averaging.compression],
+                fetch=lambda ids: self._fetch(self.reader.shards_for(ids)),
+                device=self.device,
+            )
         return view
 
     def _open_dataset(self) -> None:
@@ -262,7 +287,9 @@ class Trainer:
         )
 
     def _fetch_shards(self) -> None:
-        wanted = [self.manifest.shards[i] for i in self.stream.shards]
+        self._fetch([self.manifest.shards[i] for i in self.stream.shards])
+
+    def _fetch(self, wanted: Sequence[ShardInfo]) -> None:
         missing = [s for s in wanted if self.cache.path(s) is None]
         if missing:
             try:
@@ -345,6 +372,9 @@ class Trainer:
                 return False
             self.epoch = state.epoch
             self.snapshot = None
+            if self.snapshots is not None:  # what was kept of this epoch on is not what it starts from now
+                self.snapshots.forget_from(self.epoch)
+                self._start_of(self.epoch)
         if self.averager is not None:
             self.averager.state_sharing_priority = self.epoch
         logger.info(f"Loaded the training state of epoch {self.epoch} from {source}")
@@ -369,6 +399,8 @@ class Trainer:
                 return 0
             if view.state == "settling":
                 return self._finish(view)
+            if view.state in REPORTING:
+                self._audit()
             if view.state not in BIDDING:
                 logger.info(f"Run {self.run_id} is {view.state}: {view.reason}")
                 return 0
@@ -390,7 +422,7 @@ class Trainer:
         ids = self.stream.take(spec.batch.target, live)
         self._fetch_shards()
         sketch = Sketcher(self.n_params, grad_seed(self.run_id, epoch, self.identity.account))
-        param_sketch = Sketcher(self.n_params, params_seed(self.run_id, epoch))(self.params)
+        param_sketch = self._start_of(epoch)
         start = None
         if self.outer is not None:
             with self.lock:
@@ -401,32 +433,20 @@ class Trainer:
         )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        for total in self.sums:
-            total.zero_()
-        micro: list[dict[str, Any]] = []  # validated with the report they belong to
         chunks = [ids[o : o + spec.batch.per_peer] for o in range(0, len(ids), spec.batch.per_peer)]
-        loader = PrefetchLoader(
-            self.reader, ids, spec.batch.per_peer, collate=self.task.batch, device=self.loader_device
+        work = EpochWork(
+            chunks=chunks,
+            sketch=sketch,
+            compute=lambda keep: self._compute(epoch, ids, chunks, sketch, start, keep),
+            spare_ids=self.stream.spare,
+            shapes=[p.shape for p in self.params],
         )
-        with loader:
-            for chunk, batch in zip(chunks, loader, strict=True):
-                loss = self.task.loss(self.model, batch)
-                self.model.zero_grad(set_to_none=True)
-                loss.backward()
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-                micro.append({"ids": chunk, "loss": float(loss.detach()), "sketch": sketch(grads)})
-                if self.outer is not None:  # local updates: an inner step per micro-batch
-                    with self.lock:
-                        self.optimizer.step()
-                else:
-                    for total, g in zip(self.sums, grads, strict=True):
-                        total.add_(g, alpha=len(chunk) / len(ids))
-        if start is not None:
-            for total, s, p in zip(self.sums, start, self.params, strict=True):
-                total.copy_(s - p.detach())
-        for b, total in zip(self.buffers, self.sums, strict=True):
-            b.copy_(total)
-        group_size, in_step = self._average(epoch, len(ids), live, param_sketch)
+        contribution = self.behaviour.contribute(work)
+        micro = contribution.micro  # validated with the report they belong to
+        for b, update in zip(self.buffers, contribution.update, strict=True):
+            b.copy_(update)
+        samples = sum(len(m["ids"]) for m in micro)
+        group_size, in_step = self._average(epoch, samples, live, param_sketch)
         if not in_step:
             return
         if not all(bool(torch.isfinite(b).all()) for b in self.buffers):
@@ -437,7 +457,6 @@ class Trainer:
             return
         self._apply(start)
         seconds = time.monotonic() - started
-        samples = len(ids)
         if not samples:  # this peer owns too little of the data for a share of this step
             return
         loss = sum(m["loss"] * len(m["ids"]) for m in micro) / samples
@@ -459,6 +478,68 @@ class Trainer:
         logger.info(
             f"Epoch {epoch}: {samples} samples, loss {loss:.4f}, group of {group_size}, {seconds:.2f} s"
         )
+
+    def _start_of(self, epoch: int) -> list[float]:
+        """The sketch of the parameters ``epoch`` starts from; when this peer audits, they are kept from
+        the moment the previous epoch's step made them (:meth:`_apply`), so that a peer that stops before
+        training ``epoch`` (the run reached its target) can still audit the others' reports of it."""
+        kept = self.snapshots.get(epoch) if self.snapshots is not None else None
+        if kept is not None:
+            return kept.param_sketch
+        param_sketch = Sketcher(self.n_params, params_seed(self.run_id, epoch))(self.params)
+        if self.snapshots is not None:
+            self.snapshots.put(epoch, self.model, param_sketch)
+        return param_sketch
+
+    def _compute(
+        self,
+        epoch: int,
+        ids: list[int],
+        chunks: list[list[int]],
+        sketch: Sketcher,
+        start: list[torch.Tensor] | None,
+        keep_grads: bool,
+    ) -> Contribution:
+        """This peer's honest work for the epoch: every micro-batch's gradient (an inner step after each
+        with local updates), its loss and sketch, and the samples-weighted mean gradient (or, with local
+        updates, the change of the parameters) to average."""
+        for total in self.sums:
+            total.zero_()
+        micro: list[dict[str, Any]] = []
+        kept: list[list[torch.Tensor]] | None = [] if keep_grads else None
+        loader = PrefetchLoader(
+            self.reader, ids, self.spec.batch.per_peer, collate=self.task.batch, device=self.loader_device
+        )
+        with loader:
+            for index, (chunk, batch) in enumerate(zip(chunks, loader, strict=True)):
+                seed = micro_seed(self.run_id, epoch, self.identity.account, index)
+                loss, grads = micro_batch_gradient(self.task, self.model, self.params, batch, seed)
+                micro.append({"ids": chunk, "loss": loss, "sketch": sketch(grads)})
+                if kept is not None:
+                    kept.append([g.detach().clone() for g in grads])
+                if self.outer is not None:  # local updates: an inner step per micro-batch
+                    with self.lock:
+                        self.optimizer.step()
+                else:
+                    for total, g in zip(self.sums, grads, strict=True):
+                        total.add_(g, alpha=len(chunk) / len(ids))
+        if start is not None:
+            for total, s, p in zip(self.sums, start, self.params, strict=True):
+                total.copy_(s - p.detach())
+        return Contribution(micro, self.sums, kept)
+
+    def _audit(self) -> None:
+        """Take the audits the coordinator has for this peer and answer each: the recomputed sketch and
+        loss, or declined (an epoch it no longer holds, a recomputation that failed)."""
+        if self.validator is None:
+            return
+        for audit in self.link.claim_audits(self.settings.audits_per_claim):
+            try:
+                result = self.validator.recompute(audit)
+            except Exception as e:  # a dataset or task failure here must not stop training
+                logger.warning(f"Audit {audit.id} could not be recomputed: {e!r}")
+                result = AuditResultBody(declined=f"recomputation failed: {e!r}"[:300])
+            self.link.submit_audit(audit.id, result)
 
     def _average(
         self, epoch: int, samples: int, live: list[str], param_sketch: list[float]
@@ -543,6 +624,9 @@ class Trainer:
             self.model.zero_grad(set_to_none=True)
             self.epoch += 1
             self.snapshot = None
+            if self.snapshots is not None:
+                self.snapshots.forget_from(self.epoch)
+                self._start_of(self.epoch)
         assert self.averager is not None
         self.averager.state_sharing_priority = self.epoch
 
@@ -564,15 +648,20 @@ class Trainer:
 
     def _finish(self, view: RunView) -> int:
         """Drain the reports; the first live peer uploads the final model once the others' last reports
-        are in (or after ``report_drain_timeout``: ending the run refuses later reports), the others wait
-        for the end. Gives up after ``finish_timeout``: the coordinator then ends the run without a model.
+        are in (or after ``report_drain_timeout``: ending the run refuses later reports); every peer audits
+        until the run ends. Gives up after ``finish_timeout``: the coordinator then ends the run itself.
         """
         others_due = time.monotonic() + self.settings.report_drain_timeout  # one bound for all the waiting
         deadline = time.monotonic() + self.settings.finish_timeout
         self.link.drain(self.settings.report_drain_timeout)
         while not self.stop.is_set() and time.monotonic() < deadline:
-            if view.state != "settling" or view.model is not None:
+            if view.state != "settling":
                 return 0
+            self._audit()  # the last epochs' reports are paid once their audits are decided
+            if view.model is not None:
+                self.stop.wait(self.settings.run_poll_interval)
+                view = self.link.view() or view
+                continue
             live = [p for p in live_peers(view) if p.joined]
             lead = bool(live) and live[0].account == self.identity.account and self.epoch > 0
             behind = [p for p in live[1:] if (p.epoch if p.epoch is not None else -1) < self.epoch - 1]
@@ -580,9 +669,9 @@ class Trainer:
                 path = self.workdir / "model.pt"
                 path.write_bytes(model_bytes(self.spec.task, dict(self.spec.options), self.epoch, self.model))
                 try:
-                    self.link.upload_model(path)
+                    view = self.link.upload_model(path)
                     logger.info(f"Uploaded the final model of {self.run_id} (epoch {self.epoch})")
-                    return 0
+                    continue
                 except (CoordinatorError, CoordinatorUnreachable) as e:  # the next view says what happened
                     logger.warning(f"Uploading the final model failed: {e}")
             self.stop.wait(self.settings.run_poll_interval)

@@ -384,7 +384,7 @@ def _bare_trainer(local_updates: bool) -> trainer.Trainer:
     t.optimizers = [t.optimizer, *([t.outer] if t.outer else [])]
     t.buffers = [torch.full_like(p, 0.5) for p in t.params]
     t.averager = _Priority()  # type: ignore[assignment]
-    t.epoch, t.snapshot = 3, None
+    t.epoch, t.snapshot, t.snapshots = 3, None, None
     return t
 
 

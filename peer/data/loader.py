@@ -79,13 +79,13 @@ def collate_records(records: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(value, torch.Tensor):
         return fn(value)
     if isinstance(value, dict):
-        return {k: _map_tensors(v, fn) for k, v in value.items()}
+        return {k: map_tensors(v, fn) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return type(value)(_map_tensors(v, fn) for v in value)
+        return type(value)(map_tensors(v, fn) for v in value)
     return value
 
 
@@ -107,7 +107,7 @@ def _build(
     batch_ids = ids[k * batch_size : (k + 1) * batch_size]
     batch = collate(reader.read(batch_ids))
     if pin:
-        batch = _map_tensors(batch, torch.Tensor.pin_memory)
+        batch = map_tensors(batch, torch.Tensor.pin_memory)
     return _Built(batch, len(batch_ids), reader.stored_bytes(batch_ids))
 
 
@@ -247,7 +247,7 @@ class PrefetchLoader:
             batch = built.batch
             if self._device is not None:
                 device = self._device
-                batch = _map_tensors(batch, lambda t: t.to(device, non_blocking=True))
+                batch = map_tensors(batch, lambda t: t.to(device, non_blocking=True))
         except BaseException:
             self.close()
             raise

@@ -1,0 +1,135 @@
+"""How a peer contributes to an epoch: honestly, or, to show and test that audits catch them, one of four
+cheats (``HIVEMARKET_ADVERSARY``, ``hivemarket demo --adversaries``).
+
+A contribution is what the rest of the swarm and the coordinator see of a peer's epoch: the update it
+puts into the all-reduce and the micro-batches it reports (sample ids, loss, gradient sketch). The cheats:
+
+- ``free-rider``: computes nothing, puts zeros into the all-reduce and reports its share of the samples
+  with made-up sketches;
+- ``random-gradient``: computes nothing and sends random noise, reporting sketches of that noise;
+- ``inflated-samples``: computes its share honestly, then reports as many samples again (ids it did not
+  process) with sketches copied from the ones it computed;
+- ``replay``: computes its first epoch honestly, then sends that epoch's update again every epoch,
+  reporting sketches of the old gradients under the new epoch's projections.
+
+None of them can produce the sketch of a gradient it did not compute, so an audit of any micro-batch
+they did not compute fails. A cheater would write its own code, of course; these exist so that users
+can watch the audits work and tests can measure how often they do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+
+from peer.sketch import Sketcher
+
+Kind = Literal["free-rider", "random-gradient", "inflated-samples", "replay"]
+KINDS: tuple[Kind, ...] = get_args(Kind)
+
+
+@dataclass
+class Contribution:
+    micro: list[dict[str, Any]]  # {"ids", "loss", "sketch"} per reported micro-batch
+    update: list[torch.Tensor]  # what goes into the all-reduce (the samples-weighted mean gradient)
+    grads: list[list[torch.Tensor]] | None = None  # per micro-batch, when asked for
+
+
+@dataclass
+class EpochWork:
+    """What a peer has at hand for one epoch: its micro-batches, the epoch's sketcher, the honest work
+    (``compute(keep_grads)``, run only if called) and ids beyond its share (``spare_ids(n)``)."""
+
+    chunks: list[list[int]]
+    sketch: Sketcher
+    compute: Callable[[bool], Contribution]
+    spare_ids: Callable[[int], list[int]]
+    shapes: list[torch.Size]
+
+
+class Honest:
+    kind = "honest"
+
+    def contribute(self, work: EpochWork) -> Contribution:
+        return work.compute(False)
+
+
+class FreeRider(Honest):
+    kind = "free-rider"
+
+    def contribute(self, work: EpochWork) -> Contribution:
+        micro = [{"ids": c, "loss": 1.0, "sketch": [0.0] * work.sketch.dims} for c in work.chunks]
+        return Contribution(micro, [torch.zeros(s) for s in work.shapes])
+
+
+class RandomGradient(Honest):
+    kind = "random-gradient"
+
+    def __init__(self, scale: float = 0.01):
+        self.scale = scale
+
+    def contribute(self, work: EpochWork) -> Contribution:
+        noise = [[torch.randn(s) * self.scale for s in work.shapes] for _ in work.chunks]
+        micro = [
+            {"ids": c, "loss": 1.0, "sketch": work.sketch(n)} for c, n in zip(work.chunks, noise, strict=True)
+        ]
+        update = [sum(parts) / len(noise) for parts in zip(*noise, strict=True)]
+        return Contribution(micro, update)
+
+
+class InflatedSamples(Honest):
+    kind = "inflated-samples"
+
+    def contribute(self, work: EpochWork) -> Contribution:
+        honest = work.compute(False)
+        if not work.chunks:
+            return honest
+        extra = work.spare_ids(sum(len(c) for c in work.chunks))
+        size = len(work.chunks[0])
+        fakes = [extra[o : o + size] for o in range(0, len(extra), size)]
+        copied = [
+            {
+                "ids": ids,
+                "loss": honest.micro[i % len(honest.micro)]["loss"],
+                "sketch": honest.micro[i % len(honest.micro)]["sketch"],
+            }
+            for i, ids in enumerate(fakes)
+        ]
+        return Contribution(honest.micro + copied, honest.update)
+
+
+class Replay(Honest):
+    kind = "replay"
+
+    def __init__(self) -> None:
+        self.saved: Contribution | None = None
+
+    def contribute(self, work: EpochWork) -> Contribution:
+        if self.saved is None:
+            self.saved = work.compute(True)
+            return self.saved
+        saved, grads = self.saved, self.saved.grads
+        assert grads is not None
+        micro = [
+            {
+                "ids": c,
+                "loss": saved.micro[i % len(saved.micro)]["loss"],
+                "sketch": work.sketch(grads[i % len(grads)]),
+            }
+            for i, c in enumerate(work.chunks)
+        ]
+        return Contribution(micro, saved.update)
+
+
+def behaviour(kind: Kind | None) -> Honest:
+    """The contribution behaviour of a peer: honest unless ``kind`` names a cheat."""
+    cheats: dict[str, type[Honest]] = {
+        "free-rider": FreeRider,
+        "random-gradient": RandomGradient,
+        "inflated-samples": InflatedSamples,
+        "replay": Replay,
+    }
+    return Honest() if kind is None else cheats[kind]()

@@ -1,0 +1,137 @@
+"""Recomputation of audited micro-batches, and the one function that computes a micro-batch's gradient.
+
+A peer trains with :func:`micro_batch_gradient` and reports a sketch of each micro-batch's gradient; a
+validator (another peer of the same run) recomputes an audited micro-batch with the same function, at the
+same parameters (its own copy of the epoch's start, kept in :class:`Snapshots`; the peers agree on them,
+which the parameter sketch in the report shows), on the same samples and with the same random seed
+(dropout), and sends back the sketch and loss it got. The coordinator compares
+(:func:`coordinator.verification.verdict`): what differs is float rounding on an honest peer (another
+device, precision or thread count) and a whole gradient on a cheat.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from coordinator.schemas import AuditResultBody, AuditTask
+from coordinator.verification import relative_distance
+from peer.data.loader import map_tensors
+from peer.data.reader import DatasetReader
+from peer.sketch import Sketcher, grad_seed, seed_of
+from peer.tasks import Task
+
+
+def micro_seed(run_id: str, epoch: int, account: str, index: int) -> int:
+    """The random seed of a micro-batch's forward pass (dropout and the like), the same for a validator."""
+    return seed_of("hivemarket-micro", run_id, epoch, account, index)
+
+
+def micro_batch_gradient(
+    task: Task, model: torch.nn.Module, params: Sequence[torch.nn.Parameter], batch: Any, seed: int
+) -> tuple[float, list[torch.Tensor]]:
+    """The micro-batch's mean loss and the gradient of every parameter (zeros where it has none)."""
+    torch.manual_seed(seed)
+    loss = task.loss(model, batch)
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    return float(loss.detach()), grads
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    state: dict[str, torch.Tensor]  # the model's state dict, on the CPU
+    param_sketch: list[float]
+
+
+class Snapshots:
+    """The model's state at the start of the last ``keep`` epochs, for audits of those epochs.
+
+    Audits arrive an epoch or two after the report they check; a validator that no longer holds the
+    epoch declines, and the coordinator gives the audit to another validator. Memory: ``keep`` copies
+    of the model on the CPU (``HIVEMARKET_AUDIT_WINDOW``).
+    """
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self._by_epoch: OrderedDict[int, Snapshot] = OrderedDict()
+
+    def put(self, epoch: int, model: torch.nn.Module, param_sketch: list[float]) -> None:
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        self._by_epoch[epoch] = Snapshot(state, param_sketch)
+        self._by_epoch.move_to_end(epoch)
+        while len(self._by_epoch) > self.keep:
+            self._by_epoch.popitem(last=False)
+
+    def forget_from(self, epoch: int) -> None:
+        for stale in [e for e in self._by_epoch if e >= epoch]:
+            del self._by_epoch[stale]
+
+    def get(self, epoch: int) -> Snapshot | None:
+        return self._by_epoch.get(epoch)
+
+
+class Validator:
+    """Recomputes other peers' audited micro-batches of one run on a model of its own (so that training
+    and auditing never share parameters)."""
+
+    def __init__(
+        self,
+        run_id: str,
+        task: Task,
+        model: torch.nn.Module,
+        reader: DatasetReader,
+        snapshots: Snapshots,
+        *,
+        agreement: float,
+        fetch: Callable[[Sequence[int]], None] = lambda ids: None,
+        device: torch.device | None = None,
+    ):
+        self.run_id = run_id
+        self.task = task
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.n_params = sum(p.numel() for p in self.params)
+        self.reader = reader
+        self.snapshots = snapshots
+        self.agreement = agreement
+        self.fetch = fetch
+        self.device = device
+        self._sketchers: OrderedDict[tuple[int, str], Sketcher] = OrderedDict()
+
+    def recompute(self, audit: AuditTask) -> AuditResultBody:
+        """The recomputed sketch and loss, or a declined answer saying why this peer cannot recompute."""
+        snapshot = self.snapshots.get(audit.epoch)
+        if snapshot is None:
+            return AuditResultBody(
+                declined=f"this peer no longer holds epoch {audit.epoch}'s parameters "
+                f"(it keeps the last {self.snapshots.keep} epochs)"
+            )
+        distance = relative_distance(snapshot.param_sketch, audit.param_sketch)
+        if not distance <= self.agreement:
+            return AuditResultBody(
+                declined=f"this peer's parameters of epoch {audit.epoch} differ from the audited peer's "
+                f"(sketch distance {distance:.3g})"
+            )
+        self.fetch(audit.ids)
+        self.model.load_state_dict(snapshot.state)
+        batch = self.task.batch(self.reader.read(audit.ids))
+        if self.device is not None:
+            device = self.device
+            batch = map_tensors(batch, lambda t: t.to(device))
+        seed = micro_seed(self.run_id, audit.epoch, audit.account, audit.index)
+        loss, grads = micro_batch_gradient(self.task, self.model, self.params, batch, seed)
+        return AuditResultBody(sketch=self._sketcher(audit.epoch, audit.account)(grads), loss=loss)
+
+    def _sketcher(self, epoch: int, account: str) -> Sketcher:
+        key = (epoch, account)
+        if key not in self._sketchers:
+            self._sketchers[key] = Sketcher(self.n_params, grad_seed(self.run_id, epoch, account))
+            while len(self._sketchers) > 8:
+                self._sketchers.popitem(last=False)
+        return self._sketchers[key]
