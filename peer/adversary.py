@@ -21,14 +21,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import torch
 
+from peer.data.reader import DatasetReader
+from peer.settings import AdversaryKind
 from peer.sketch import Sketcher
+from peer.tasks import Task
+from peer.validator import compute_micro_batches
 
-Kind = Literal["free-rider", "random-gradient", "inflated-samples", "replay"]
-KINDS: tuple[Kind, ...] = get_args(Kind)
+KINDS: tuple[AdversaryKind, ...] = get_args(AdversaryKind)
 
 
 @dataclass
@@ -48,6 +51,36 @@ class EpochWork:
     compute: Callable[[bool], Contribution]
     spare_ids: Callable[[int], list[int]]
     shapes: list[torch.Size]
+
+
+def local_work(
+    task: Task,
+    model: torch.nn.Module,
+    reader: DatasetReader,
+    chunks: list[list[int]],
+    sketch: Sketcher,
+    seed: Callable[[int], int],
+    spare_ids: Callable[[int], list[int]] = lambda n: [],
+) -> EpochWork:
+    """The epoch of a peer that computes in this process, reading batches one by one (the trainer uses a
+    prefetching loader instead): for trials of the audits (bench/verification.py) and tests."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = sum(len(c) for c in chunks)
+
+    def compute(keep_grads: bool) -> Contribution:
+        update = [torch.zeros_like(p) for p in params]
+
+        def accumulate(chunk: list[int], grads: list[torch.Tensor]) -> None:
+            for u, g in zip(update, grads, strict=True):
+                u.add_(g, alpha=len(chunk) / total)
+
+        batches = (task.batch(reader.read(c)) for c in chunks)
+        micro, kept = compute_micro_batches(
+            task, model, params, chunks, batches, sketch, seed, accumulate, keep_grads=keep_grads
+        )
+        return Contribution(micro, update, kept)
+
+    return EpochWork(chunks, sketch, compute, spare_ids, [p.shape for p in params])
 
 
 class Honest:
@@ -124,7 +157,7 @@ class Replay(Honest):
         return Contribution(micro, saved.update)
 
 
-def behaviour(kind: Kind | None) -> Honest:
+def behaviour(kind: AdversaryKind | None) -> Honest:
     """The contribution behaviour of a peer: honest unless ``kind`` names a cheat."""
     cheats: dict[str, type[Honest]] = {
         "free-rider": FreeRider,

@@ -8,11 +8,13 @@ editing code, and so that tests can shorten them without touching module globals
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from peer.adversary import Kind
+#: The cheats :mod:`peer.adversary` can play (named here so that reading settings never imports torch).
+AdversaryKind = Literal["free-rider", "random-gradient", "inflated-samples", "replay"]
 
 
 class PeerSettings(BaseSettings):
@@ -70,7 +72,7 @@ class PeerSettings(BaseSettings):
         description="Recent epochs whose start parameters a peer keeps (on the CPU) to audit others.",
     )
     audits_per_claim: int = Field(8, ge=1, le=64, description="Most audits a peer takes at once.")
-    adversary: Kind | None = Field(
+    adversary: AdversaryKind | None = Field(
         None,
         description="Demonstrations and tests only: this peer cheats in the named way (peer.adversary) so "
         "that its audits fail.",

@@ -63,7 +63,7 @@ from peer.settings import PeerSettings, load_settings
 from peer.sketch import Sketcher, grad_seed, params_seed
 from peer.spec import RunSpec, SpecError, describe, validate_spec
 from peer.tasks import Task, TaskError, load_task
-from peer.validator import Snapshots, Validator, micro_batch_gradient, micro_seed
+from peer.validator import Snapshots, Validator, compute_micro_batches, micro_seed
 
 logger = get_logger(__name__)
 
@@ -505,24 +505,30 @@ class Trainer:
         updates, the change of the parameters) to average."""
         for total in self.sums:
             total.zero_()
-        micro: list[dict[str, Any]] = []
-        kept: list[list[torch.Tensor]] | None = [] if keep_grads else None
+
+        def step(chunk: list[int], grads: list[torch.Tensor]) -> None:
+            if self.outer is not None:  # local updates: an inner step per micro-batch
+                with self.lock:
+                    self.optimizer.step()
+            else:
+                for total, g in zip(self.sums, grads, strict=True):
+                    total.add_(g, alpha=len(chunk) / len(ids))
+
         loader = PrefetchLoader(
             self.reader, ids, self.spec.batch.per_peer, collate=self.task.batch, device=self.loader_device
         )
         with loader:
-            for index, (chunk, batch) in enumerate(zip(chunks, loader, strict=True)):
-                seed = micro_seed(self.run_id, epoch, self.identity.account, index)
-                loss, grads = micro_batch_gradient(self.task, self.model, self.params, batch, seed)
-                micro.append({"ids": chunk, "loss": loss, "sketch": sketch(grads)})
-                if kept is not None:
-                    kept.append([g.detach().clone() for g in grads])
-                if self.outer is not None:  # local updates: an inner step per micro-batch
-                    with self.lock:
-                        self.optimizer.step()
-                else:
-                    for total, g in zip(self.sums, grads, strict=True):
-                        total.add_(g, alpha=len(chunk) / len(ids))
+            micro, kept = compute_micro_batches(
+                self.task,
+                self.model,
+                self.params,
+                chunks,
+                loader,
+                sketch,
+                lambda index: micro_seed(self.run_id, epoch, self.identity.account, index),
+                step,
+                keep_grads=keep_grads,
+            )
         if start is not None:
             for total, s, p in zip(self.sums, start, self.params, strict=True):
                 total.copy_(s - p.detach())

@@ -12,7 +12,7 @@ device, precision or thread count) and a whole gradient on a cheat.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,32 @@ def micro_batch_gradient(
     loss.backward()
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     return float(loss.detach()), grads
+
+
+def compute_micro_batches(
+    task: Task,
+    model: torch.nn.Module,
+    params: Sequence[torch.nn.Parameter],
+    chunks: Sequence[list[int]],
+    batches: Iterable[Any],
+    sketch: Sketcher,
+    seed: Callable[[int], int],
+    step: Callable[[list[int], list[torch.Tensor]], None],
+    *,
+    keep_grads: bool = False,
+) -> tuple[list[dict[str, Any]], list[list[torch.Tensor]] | None]:
+    """A peer's honest work on its micro-batches: for each, the gradient (:func:`micro_batch_gradient`,
+    seeded by ``seed(index)``), then ``step(ids, grads)`` (accumulate, or an inner optimizer step); the
+    report's entries (ids, loss, sketch) and, with ``keep_grads``, a copy of every gradient."""
+    micro: list[dict[str, Any]] = []
+    kept: list[list[torch.Tensor]] | None = [] if keep_grads else None
+    for index, (chunk, batch) in enumerate(zip(chunks, batches, strict=True)):
+        loss, grads = micro_batch_gradient(task, model, params, batch, seed(index))
+        micro.append({"ids": chunk, "loss": loss, "sketch": sketch(grads)})
+        if kept is not None:
+            kept.append([g.detach().clone() for g in grads])
+        step(chunk, grads)
+    return micro, kept
 
 
 @dataclass(frozen=True)
