@@ -1,9 +1,13 @@
 """Small sketches of large vectors (gradients, parameters) for contribution reports and audits.
 
-A sketch is a CountSketch: every coordinate of the flattened vector is added, with a random sign, to
-one of ``dims`` buckets. It is a sparse random projection, so sketches are linear (the sketch of a sum is
-the sum of the sketches) and two vectors that are close have close sketches, at O(n) cost and no
-``dims x n`` matrix. The buckets and signs come from a seed that everyone derives the same way:
+A sketch is a signed block sum: every coordinate of the flattened vector is multiplied by a random sign
+and the result is cut into ``dims`` contiguous blocks, each summed. It is a random projection, so sketches
+are linear (the sketch of a sum is the sum of the sketches) and two vectors that are close have close
+sketches, at O(n) cost and no ``dims x n`` matrix. Every block needs every coordinate in it, so the
+sketch of a gradient cannot be had without the whole backward pass. (A CountSketch, which scatters
+coordinates into random buckets, does the same job 5x slower on a CPU: scattered adds against three
+sequential passes; peers sketch every micro-batch, so this is on the training path.) The signs come
+from a seed that everyone derives the same way:
 
     gradient sketches:  seed("hivemarket-grad",   run_id, epoch, account)  (a peer cannot reuse another's)
     parameter sketches: seed("hivemarket-params", run_id, epoch)           (comparable across peers)
@@ -36,18 +40,37 @@ def params_seed(run_id: str, epoch: int) -> int:
 
 
 class Sketcher:
-    """Sketches vectors of one fixed length with one seed (the buckets and signs are drawn once)."""
+    """Sketches vectors of one fixed length with one seed (the signs are drawn once, on the CPU, and
+    copied once to each device whose tensors it sketches, so a GPU's gradients never travel).
+
+    Float32 throughout: ~1e-7 of relative rounding, deterministic for the same inputs on the same device.
+    Not thread-safe (it reuses one buffer per device); each thread that sketches has its own.
+    """
 
     def __init__(self, length: int, seed: int, dims: int = DIMS):
         generator = torch.Generator().manual_seed(seed)
         self.dims = dims
-        self.buckets = torch.randint(0, dims, (length,), generator=generator)
-        self.signs = torch.randint(0, 2, (length,), generator=generator, dtype=torch.int8).float() * 2 - 1
+        self.length = length
+        block = -(-length // dims)
+        signs = torch.zeros(block * dims)  # the padding past ``length`` stays 0
+        signs[:length] = torch.randint(0, 2, (length,), generator=generator, dtype=torch.int8) * 2.0 - 1
+        self._signs = {torch.device("cpu"): signs}
+        self._buffers: dict[torch.device, torch.Tensor] = {}
 
     def __call__(self, tensors: Iterable[torch.Tensor]) -> list[float]:
-        flat = torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors])
-        if flat.numel() != self.buckets.numel():
-            raise ValueError(f"sketcher is for {self.buckets.numel()} values, got {flat.numel()}")
-        out = torch.zeros(self.dims, dtype=torch.float64)
-        out.index_add_(0, self.buckets, (flat * self.signs).double())
-        return out.tolist()
+        tensors = list(tensors)
+        total = sum(t.numel() for t in tensors)
+        if total != self.length:
+            raise ValueError(f"sketcher is for {self.length} values, got {total}")
+        device = tensors[0].device if tensors else torch.device("cpu")
+        if device not in self._signs:
+            self._signs[device] = self._signs[torch.device("cpu")].to(device)
+        signs = self._signs[device]
+        buffer = self._buffers.setdefault(device, torch.zeros_like(signs))
+        offset = 0
+        for t in tensors:
+            end = offset + t.numel()
+            flat = t.detach().reshape(-1).to(device=device, dtype=torch.float32)
+            torch.mul(flat, signs[offset:end], out=buffer[offset:end])
+            offset = end
+        return buffer.view(self.dims, -1).sum(dim=1).double().tolist()

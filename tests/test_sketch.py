@@ -1,4 +1,4 @@
-"""CountSketches of gradients and parameters: reproducible from the seed, linear, and close exactly when the
+"""Signed block-sum sketches of gradients and parameters: reproducible from the seed, linear, and close exactly when the
 vectors are close; gradient seeds are per account and epoch, parameter seeds the same for every peer."""
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def test_sketches_are_linear() -> None:
 
 
 def test_sketches_keep_the_norm_roughly() -> None:
-    """A CountSketch preserves the norm in expectation; it is not all zeros or blown up."""
+    """A signed block sum preserves the norm in expectation; it is not all zeros or blown up."""
     v = vector(3)
     norm = torch.tensor(Sketcher(LENGTH, 9)([v]), dtype=torch.float64).norm()
     assert 0.5 * float(v.norm()) < float(norm) < 1.5 * float(v.norm())
@@ -86,7 +86,7 @@ def test_gradient_seeds_differ_by_account_epoch_and_run() -> None:
         grad_seed(RUN, 0, BOB),
         grad_seed(RUN, 1, ALICE),
         grad_seed("run-other", 0, ALICE),
-        params_seed(RUN, 0),  # the two kinds of sketch never share buckets
+        params_seed(RUN, 0),  # the two kinds of sketch never share signs
     }
     assert len(seeds) == 5
     assert grad_seed(RUN, 3, ALICE) == grad_seed(RUN, 3, ALICE)
