@@ -47,9 +47,9 @@ FAILURE_WEIGHT = 10
 class AuditPolicy:
     """A run's ``spec.verification`` section, stored with the run."""
 
-    rate: float = 0.04
+    rate: float = 0.03
     min_audits: int = 2
-    tolerance: float = 0.05
+    tolerance: float = 0.2
     loss_tolerance: float = 0.05
     ban_after: int = 2
 

@@ -25,6 +25,7 @@ from typing import Any, get_args
 
 import torch
 
+from peer.data.loader import map_tensors
 from peer.data.reader import DatasetReader
 from peer.settings import AdversaryKind
 from peer.sketch import Sketcher
@@ -61,6 +62,7 @@ def local_work(
     sketch: Sketcher,
     seed: Callable[[int], int],
     spare_ids: Callable[[int], list[int]] = lambda n: [],
+    device: torch.device | str | None = None,
 ) -> EpochWork:
     """The epoch of a peer that computes in this process, reading batches one by one (the trainer uses a
     prefetching loader instead): for trials of the audits (bench/verification.py) and tests."""
@@ -75,6 +77,8 @@ def local_work(
                 u.add_(g, alpha=len(chunk) / total)
 
         batches = (task.batch(reader.read(c)) for c in chunks)
+        if device is not None:
+            batches = (map_tensors(b, lambda t: t.to(device)) for b in batches)
         micro, kept = compute_micro_batches(
             task, model, params, chunks, batches, sketch, seed, accumulate, keep_grads=keep_grads
         )

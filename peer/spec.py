@@ -131,13 +131,13 @@ class VerificationSpec(Section):
     off and pays reports unverified."""
 
     rate: float = Field(
-        0.04, ge=0, le=1, description="Share of reported micro-batches a validator recomputes."
+        0.03, ge=0, le=1, description="Share of reported micro-batches a validator recomputes."
     )
     min_audits: int = Field(
         2, ge=1, le=64, description="Micro-batches audited in every report at least (all if it has fewer)."
     )
     tolerance: float = Field(
-        0.05,
+        0.2,
         gt=0,
         lt=1,
         description="Largest relative distance between the reported and the recomputed gradient sketch "

@@ -129,6 +129,7 @@ class Validator:
         self.fetch = fetch
         self.device = device
         self._sketchers: OrderedDict[tuple[int, str], Sketcher] = OrderedDict()
+        self._loaded: Snapshot | None = None  # recomputing leaves the parameters as they were loaded
 
     def recompute(self, audit: AuditTask) -> AuditResultBody:
         """The recomputed sketch and loss, or a declined answer saying why this peer cannot recompute."""
@@ -145,7 +146,9 @@ class Validator:
                 f"(sketch distance {distance:.3g})"
             )
         self.fetch(audit.ids)
-        self.model.load_state_dict(snapshot.state)
+        if self._loaded is not snapshot:  # audits come in epochs: load each snapshot once
+            self.model.load_state_dict(snapshot.state)
+            self._loaded = snapshot
         batch = self.task.batch(self.reader.read(audit.ids))
         if self.device is not None:
             device = self.device

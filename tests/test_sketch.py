@@ -1,5 +1,6 @@
-"""Signed block-sum sketches of gradients and parameters: reproducible from the seed, linear, and close exactly when the
-vectors are close; gradient seeds are per account and epoch, parameter seeds the same for every peer."""
+"""Signed block-sum sketches of gradients and parameters: reproducible from the seed, linear, and close
+exactly when the vectors are close; gradient seeds are per account and epoch, parameter seeds the same
+for every peer."""
 
 from __future__ import annotations
 

@@ -155,3 +155,31 @@ def test_a_model_file_of_an_unknown_task_is_refused(tmp_path: Path) -> None:
     path.write_bytes(model_bytes("not-installed", {}, 0, DigitsMLP().build_model(0)))
     with pytest.raises(TaskError, match=re.escape("spec.task: 'not-installed' is not installed")):
         load_model_file(path)
+
+
+# ------------------------------------------------------------------------------------------------ bytes-lm
+
+
+def test_bytes_lm_learns_next_bytes_and_seeds_its_dropout() -> None:
+    from peer.tasks.bytes_lm import BytesLM
+
+    task = load_task("bytes-lm", {"dim": 32, "layers": 1, "heads": 2, "dropout": 0.1})
+    assert type(task) is BytesLM
+    assert same(parameters(task.build_model(3)), parameters(task.build_model(3)))
+    rows = [{"tokens": np.frombuffer(b"abcdefgh" * 4, dtype=np.uint8)} for _ in range(4)]
+    batch = task.batch(rows)
+    assert batch.shape == (4, 32) and batch.dtype == torch.long
+    model = task.build_model(0)
+    torch.manual_seed(9)
+    first = task.loss(model, batch).item()
+    torch.manual_seed(9)
+    assert task.loss(model, batch).item() == first  # same seed, same dropout: audits can recompute it
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(30):
+        optimizer.zero_grad()
+        task.loss(model, batch).backward()
+        optimizer.step()
+    model.eval()
+    assert task.evaluate(model, batch)["accuracy"] > 0.9  # a repeating text is learnt
+    with pytest.raises(ValueError, match=r"spec\.options\.dim \(30\) must be a multiple of heads \(4\)"):
+        load_task("bytes-lm", {"dim": 30}).build_model(0)

@@ -21,7 +21,7 @@ from coordinator.verification import (
 )
 
 KEY = bytes(range(32))
-POLICY = AuditPolicy()  # rate 0.04, at least 2 audits, tolerance 0.05
+POLICY = AuditPolicy()  # rate 0.03, at least 2 audits, tolerance 0.2
 
 
 @given(micro_batches=st.integers(1, 4096), epoch=st.integers(0, 10**6))
@@ -56,7 +56,7 @@ def test_rate_zero_audits_nothing() -> None:
 def test_verdicts_pass_within_tolerance_and_name_what_differs() -> None:
     claim = [1.0, -2.0, 0.5]
     passed = verdict(claim, 2.0, [1.001, -2.0, 0.5], 2.001, POLICY)
-    assert passed.passed and passed.distance < 1e-3 and "tolerance 0.05" in passed.reason
+    assert passed.passed and passed.distance < 1e-3 and "tolerance 0.2" in passed.reason
     far = verdict(claim, 2.0, [-1.0, 2.0, 0.1], 2.0, POLICY)
     assert not far.passed and far.distance > 1 and far.reason.startswith("gradient sketch is ")
     zero = verdict([0.0, 0.0, 0.0], 2.0, claim, 2.0, POLICY)  # a free rider's made-up sketch
