@@ -355,19 +355,31 @@ def _print_records(records: list[dict[str, Any]]) -> None:
 @click.option("--no-drop", is_flag=True, help="Do not kill a peer mid-run.")
 @click.option("--timeout", default=600.0, show_default=True, help="Give up after this many seconds.")
 @click.option("--keep", is_flag=True, help="Keep the temporary folder (database, dataset, model, logs).")
+@click.option(
+    "--adversaries",
+    default="",
+    metavar="KINDS",
+    help="Add cheating peers, comma-separated: free-rider, random-gradient, inflated-samples, replay.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
-def demo(n_peers: int, no_drop: bool, timeout: float, keep: bool, as_json: bool) -> None:
+def demo(n_peers: int, no_drop: bool, timeout: float, keep: bool, adversaries: str, as_json: bool) -> None:
     """Run the whole market on this machine: a coordinator, N renting peers and a digits training run
     in which one peer is killed mid-run; print the losses, the test accuracy and the settled ledger.
+    With --adversaries, cheating peers join too: the audits catch them and they are not paid.
 
     \b
     Example:
       hivemarket demo
       hivemarket demo --peers 4 --json
+      hivemarket demo --adversaries free-rider,random-gradient,inflated-samples,replay
     """
-    from peer.demo import print_result, run_demo
+    from peer.demo import parse_adversaries, print_result, run_demo
 
-    result = run_demo(n_peers, not no_drop, as_json, timeout, keep)
+    try:
+        cheats = parse_adversaries(adversaries)
+    except ValueError as e:
+        raise InputError(f"--adversaries: {e}") from None
+    result = run_demo(n_peers, not no_drop, as_json, timeout, keep, cheats)
     if as_json:
         echo_json(result)
     else:

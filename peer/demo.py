@@ -2,9 +2,11 @@
 
 It starts a coordinator (SQLite in a temporary folder) serving the digits dataset, deposits demo funds for
 a researcher, starts N peers that rent out this machine (``hivemarket rent``, each in its own process
-group), launches ``examples/digits.toml`` on them, kills one peer with SIGKILL mid-run, follows the run
-to its end, evaluates the model it produced on the held-out digits, and prints the settled ledger. Every
-process it started is stopped (and, if needed, killed with its children) before it returns.
+group), and, with ``--adversaries``, one cheating peer of each kind named (:mod:`peer.adversary`);
+launches ``examples/digits.toml`` on them, kills one honest peer with SIGKILL mid-run, follows the run
+to its end, evaluates the model it produced on the held-out digits, and prints the settled ledger and
+what each cheat was paid. Every process it started is stopped (and, if needed, killed with its
+children) before it returns.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -29,10 +31,10 @@ import click
 import psutil
 
 from coordinator.client import CoordinatorClient
-from coordinator.schemas import RunBody, RunView
+from coordinator.schemas import AuditView, ReportView, RunBody, RunView
 from peer.identity import Identity, save_identity
 from peer.node import reap
-from peer.settings import load_settings
+from peer.settings import AdversaryKind, load_settings
 
 T = TypeVar("T")
 DEMO_FUNDS = "100"
@@ -100,6 +102,7 @@ class Demo:
         self.tmp = folder or Path(tempfile.mkdtemp(prefix="hivemarket-demo-"))
         self.children: list[Child] = []
         self.peers: dict[str, Child] = {}  # account -> its rent process
+        self.cheats: dict[str, AdversaryKind] = {}  # account -> how it cheats
         self.dropped_names: set[str] = set()  # processes the demo killed on purpose
         self.settings = load_settings()
 
@@ -119,7 +122,7 @@ class Demo:
         }
         return env
 
-    def _spawn(self, name: str, args: list[str], home: Path) -> Child:
+    def _spawn(self, name: str, args: list[str], home: Path, **env: str) -> Child:
         home.mkdir(parents=True, exist_ok=True)
         log = self.tmp / f"{name}.log"
         with log.open("w") as out:
@@ -127,7 +130,7 @@ class Demo:
                 [sys.executable, "-m", "peer", *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=self._env(home),
+                env=self._env(home, **env),
                 start_new_session=True,  # its own process group: the demo can kill it with all it started
             )
         child = Child(name, proc, log)
@@ -203,8 +206,9 @@ class Demo:
         self.ask(lambda c: c.deposit(self.launcher.account, Decimal(DEMO_FUNDS)), self.admin)
         self.echo(f"launcher  {self.launcher.account[:12]} funded with {DEMO_FUNDS}")
 
-    def add_peer(self) -> str:
-        """Start one more renting peer (``hivemarket rent``) with a fresh identity; its account."""
+    def add_peer(self, adversary: AdversaryKind | None = None) -> str:
+        """Start one more renting peer (``hivemarket rent``) with a fresh identity, cheating the way
+        ``adversary`` names if one is given; its account."""
         i = len(self.peers)
         home = self.tmp / f"peer-{i}"
         home.mkdir(parents=True)
@@ -213,8 +217,12 @@ class Demo:
         price = f"{1 + i / 10:.2f}"
         listen = "/ip4/127.0.0.1/tcp/0"
         args = ["rent", "--coordinator", self.url, "--price-per-hour", price, "--listen", listen]
-        self.peers[identity.account] = self._spawn(f"peer-{i}", args, home)
-        self.echo(f"peer-{i}    {identity.account[:12]} rents this machine at {price}/h")
+        env = {"HIVEMARKET_ADVERSARY": adversary} if adversary else {}
+        self.peers[identity.account] = self._spawn(f"peer-{i}", args, home, **env)
+        if adversary:
+            self.cheats[identity.account] = adversary
+        cheat = f", cheating: {adversary}" if adversary else ""
+        self.echo(f"peer-{i}    {identity.account[:12]} rents this machine at {price}/h{cheat}")
         return identity.account
 
     def wait_offers(self, count: int) -> None:
@@ -288,10 +296,10 @@ class Demo:
             time.sleep(0.5)
 
     def _victim(self, view: RunView) -> str | None:
-        """A live peer other than the first in match order (which uploads the model at the end)."""
+        """An honest live peer other than the first in match order (which uploads the model at the end)."""
         from peer.trainer import live_peers
 
-        live = live_peers(view)
+        live = [p for p in live_peers(view) if p.account not in self.cheats]
         return live[-1].account if len(live) > 1 else None
 
     def evaluate(self, run: RunView) -> dict[str, float]:
@@ -312,17 +320,26 @@ class Demo:
         return {"initial_loss": initial["loss"], "final_loss": final["loss"], "accuracy": final["accuracy"]}
 
 
-def ledger(run: RunView, audit_conserved: bool, launcher: str, paid_at_drop: dict[str, Decimal]) -> dict:
+def ledger(
+    run: RunView,
+    audit_conserved: bool,
+    launcher: str,
+    paid_at_drop: dict[str, Decimal],
+    cheats: dict[str, AdversaryKind],
+) -> dict:
     accounts: dict[str, dict[str, Any]] = {}
     for p in run.peers:
+        role = "cheat" if p.account in cheats else "peer"
         entry = accounts.setdefault(
-            p.account, {"account": p.account, "role": "peer", "samples": 0, "paid": Decimal(0)}
+            p.account,
+            {"account": p.account, "role": role, "samples": 0, "paid": Decimal(0), "fees": Decimal(0)},
         )
         entry["samples"] += p.samples
         entry["paid"] += p.paid
+        entry["fees"] += p.fees
     rows = []
     for entry in accounts.values():
-        row = {**entry, "paid": str(entry["paid"])}
+        row = {**entry, "paid": str(entry["paid"]), "fees": str(entry["fees"])}
         if entry["account"] in paid_at_drop:
             row["dropped"] = True
             row["paid_at_drop"] = str(paid_at_drop[entry["account"]])
@@ -334,6 +351,7 @@ def ledger(run: RunView, audit_conserved: bool, launcher: str, paid_at_drop: dic
             "role": "launcher",
             "samples": 0,
             "paid": "0",
+            "fees": "0",
             "spent": str(run.spent),
             "refunded": str(run.refunded),
             "budget": str(run.budget),
@@ -342,7 +360,52 @@ def ledger(run: RunView, audit_conserved: bool, launcher: str, paid_at_drop: dic
     return {"conserved": audit_conserved, "accounts": rows}
 
 
-def run_demo(peers: int, drop: bool, as_json: bool, timeout: float, keep: bool = False) -> dict[str, Any]:
+def parse_adversaries(text: str) -> list[AdversaryKind]:
+    """``free-rider,replay`` -> the kinds; ValueError naming an unknown one."""
+    from peer.adversary import KINDS
+
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ValueError(f"{kind!r} is not a cheat this demo knows (known: {', '.join(KINDS)})")
+    return kinds  # type: ignore[return-value]
+
+
+def adversaries(
+    run: RunView, reports: list[ReportView], audits: list[AuditView], cheats: dict[str, AdversaryKind]
+) -> list[dict[str, Any]]:
+    """Each cheat: whether an audit caught it, whether it was banned, what it was paid in all and for the
+    epochs whose audits it failed (nothing, if the market works)."""
+    rows = []
+    for account, kind in cheats.items():
+        mine = [p for p in run.peers if p.account == account]
+        failed = {a.epoch for a in audits if a.account == account and a.state == "failed"}
+        paid_for_failed = sum(
+            (r.paid for r in reports if r.account == account and r.epoch in failed and r.pay_state == "paid"),
+            Decimal(0),
+        )
+        rows.append(
+            {
+                "kind": kind,
+                "account": account,
+                "caught": bool(failed),
+                "banned": any(p.state == "banned" for p in mine),
+                "failed_epochs": sorted(failed),
+                "paid": str(sum((p.paid for p in mine), Decimal(0))),
+                "paid_for_failed_epochs": str(paid_for_failed),
+            }
+        )
+    return rows
+
+
+def run_demo(
+    peers: int,
+    drop: bool,
+    as_json: bool,
+    timeout: float,
+    keep: bool = False,
+    cheats: Sequence[AdversaryKind] = (),
+) -> dict[str, Any]:
     """Run the demo; its temporary folder (database, dataset, logs) is removed on success unless ``keep``,
     and kept (and named in the error) when something failed."""
     echo = (lambda _text: None) if as_json else (lambda text: click.echo(text, err=False))
@@ -353,13 +416,17 @@ def run_demo(peers: int, drop: bool, as_json: bool, timeout: float, keep: bool =
         demo.fund_launcher()
         for _ in range(peers):
             demo.add_peer()
-        demo.wait_offers(peers)
-        run = demo.launch(peers_min=max(1, peers - 1), peers_max=peers)
+        for kind in cheats:
+            demo.add_peer(kind)
+        demo.wait_offers(peers + len(cheats))
+        run = demo.launch(peers_min=max(1, peers - 1), peers_max=peers + len(cheats))
         final, dropped, paid_at_drop = demo.follow(run)
         if final.state != "finished" or final.model is None:
             raise DemoError(f"run {final.id} ended {final.state}: {final.reason}; logs are in {demo.tmp}")
         metrics = demo.evaluate(final)
         audit = demo.ask(lambda c: c.audit())
+        reports = demo.ask(lambda c: c.reports(final.id))
+        audits = demo.ask(lambda c: c.audits(final.id))
         result = {
             "run_id": final.id,
             **metrics,
@@ -367,7 +434,11 @@ def run_demo(peers: int, drop: bool, as_json: bool, timeout: float, keep: bool =
             "epochs": final.epoch,
             "peers": peers,
             "dropped": dropped,
-            "ledger": ledger(final, audit.conserved, demo.launcher.account, paid_at_drop),
+            "audits": {
+                state: sum(a.state == state for a in audits) for state in ("passed", "failed", "expired")
+            },
+            "adversaries": adversaries(final, reports, audits, demo.cheats),
+            "ledger": ledger(final, audit.conserved, demo.launcher.account, paid_at_drop, demo.cheats),
             "seconds": round(time.monotonic() - started, 1),
         }
         if keep:
@@ -389,13 +460,23 @@ def print_result(result: dict[str, Any]) -> None:
     )
     click.echo(f"loss      {result['initial_loss']:.4f} -> {result['final_loss']:.4f} (held-out digits)")
     click.echo(f"accuracy  {result['accuracy']:.1%} on the held-out digits")
-    click.echo(f"{'ACCOUNT':<14}{'ROLE':<10}{'SAMPLES':>9}{'PAID':>12}  NOTE")
+    audits = result["audits"]
+    click.echo(f"audits    {audits['passed']} passed, {audits['failed']} failed, {audits['expired']} expired")
+    cheats = {row["account"]: row for row in result["adversaries"]}
+    click.echo(f"{'ACCOUNT':<14}{'ROLE':<10}{'SAMPLES':>9}{'PAID':>12}{'AUDIT FEES':>12}  NOTE")
     for row in result["ledger"]["accounts"]:
         if row["role"] == "launcher":
             note = f"spent {row['spent']}, refunded {row['refunded']} of {row['budget']}"
         elif row.get("dropped"):
             note = f"dropped mid-run; paid after the drop: {row['paid_after_drop']}"
+        elif row["account"] in cheats:
+            cheat = cheats[row["account"]]
+            caught = f"caught at epochs {cheat['failed_epochs']}" if cheat["caught"] else "NOT CAUGHT"
+            banned = ", banned" if cheat["banned"] else ""
+            paid = cheat["paid_for_failed_epochs"]
+            note = f"{cheat['kind']}: {caught}{banned}; paid for failed epochs: {paid}"
         else:
             note = ""
-        click.echo(f"{row['account'][:12]:<14}{row['role']:<10}{row['samples']:>9}{row['paid']:>12}  {note}")
+        who = f"{row['account'][:12]:<14}{row['role']:<10}"
+        click.echo(f"{who}{row['samples']:>9}{row['paid']:>12}{row['fees']:>12}  {note}")
     click.echo(f"ledger    {'conserved' if result['ledger']['conserved'] else 'NOT CONSERVED'}")

@@ -94,6 +94,14 @@ class Snapshots:
         while len(self._by_epoch) > self.keep:
             self._by_epoch.popitem(last=False)
 
+    def describe(self) -> str:
+        """Which epochs are held, for a declined audit: a peer that joined late never held the early ones."""
+        if not self._by_epoch:
+            return "it holds none yet"
+        return (
+            f"it holds epochs {min(self._by_epoch)}-{max(self._by_epoch)} of the last {self.keep} it trained"
+        )
+
     def forget_from(self, epoch: int) -> None:
         for stale in [e for e in self._by_epoch if e >= epoch]:
             del self._by_epoch[stale]
@@ -136,8 +144,8 @@ class Validator:
         snapshot = self.snapshots.get(audit.epoch)
         if snapshot is None:
             return AuditResultBody(
-                declined=f"this peer no longer holds epoch {audit.epoch}'s parameters "
-                f"(it keeps the last {self.snapshots.keep} epochs)"
+                declined=f"this peer does not hold epoch {audit.epoch}'s parameters "
+                f"({self.snapshots.describe()})"
             )
         distance = relative_distance(snapshot.param_sketch, audit.param_sketch)
         if not distance <= self.agreement:

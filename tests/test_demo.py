@@ -1,4 +1,8 @@
-"""``hivemarket demo`` end to end, as a user runs it: one command, one JSON object, nothing left behind."""
+"""``hivemarket demo`` end to end, as a user runs it: one command, one JSON object, nothing left behind.
+
+It runs with the four cheats of ``--adversaries`` (the plain demo is the same run without them): the
+swarm trains through a drop and through the cheats' noise, every cheat is caught and banned, and nobody is
+paid for an epoch that failed its audits."""
 
 from __future__ import annotations
 
@@ -11,14 +15,15 @@ from pathlib import Path
 import psutil
 import pytest
 
+from peer.adversary import KINDS
 from tests.harness import cli_env, group_members, kill_group
 
 
 @pytest.mark.timeout(600)
-def test_demo_trains_the_digits_through_a_drop_and_settles_the_ledger(tmp_path: Path):
+def test_demo_trains_through_a_drop_and_four_cheats_and_settles_the_ledger(tmp_path: Path):
     daemons_before = _p2pd()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "peer", "demo", "--json"],
+        [sys.executable, "-m", "peer", "demo", "--json", "--adversaries", ",".join(KINDS)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -41,15 +46,24 @@ def test_demo_trains_the_digits_through_a_drop_and_settles_the_ledger(tmp_path: 
     ledger = result["ledger"]
     assert ledger["conserved"] is True
     peers = [a for a in ledger["accounts"] if a["role"] == "peer"]
+    cheats = [a for a in ledger["accounts"] if a["role"] == "cheat"]
     (launcher,) = [a for a in ledger["accounts"] if a["role"] == "launcher"]
     (dropped,) = [a for a in peers if a["account"] in result["dropped"]]
     assert Decimal(dropped["paid_after_drop"]) == 0, dropped
     survivors = [a for a in peers if a is not dropped]
     assert all(a["samples"] > 0 and Decimal(a["paid"]) > 0 for a in survivors), survivors
-    assert sum(a["samples"] for a in peers) == result["samples"]
-    paid = sum(Decimal(a["paid"]) for a in peers)
-    assert paid == Decimal(launcher["spent"])  # every unit the launcher spent reached a peer
+    assert sum(a["samples"] for a in peers + cheats) == result["samples"]  # voided samples do not count
+    paid = sum(Decimal(a["paid"]) + Decimal(a["fees"]) for a in peers + cheats)
+    assert paid == Decimal(launcher["spent"])  # every unit the launcher spent reached a peer or a validator
     assert Decimal(launcher["spent"]) + Decimal(launcher["refunded"]) == Decimal(launcher["budget"])
+
+    assert sorted(a["kind"] for a in result["adversaries"]) == sorted(KINDS)
+    for cheat in result["adversaries"]:
+        assert cheat["caught"] and cheat["banned"], cheat
+        assert Decimal(cheat["paid_for_failed_epochs"]) == 0, cheat
+        if cheat["kind"] != "replay":  # the replay's first epoch is honest work, and paid as such
+            assert Decimal(cheat["paid"]) == 0, cheat
+    assert result["audits"]["passed"] > 0 and result["audits"]["failed"] >= 2 * len(KINDS)
 
 
 def _p2pd() -> set[int]:

@@ -136,7 +136,9 @@ def test_a_validator_declines_epochs_it_does_not_hold_or_whose_parameters_differ
     assert snapshots.get(0) is None and snapshots.get(2) is not None  # the window keeps the last two
     validator = validator_for(setup, snapshots)
     task = AuditTask(id="x", run_id=RUN, epoch=0, account=PEER, index=0, ids=[1, 2], param_sketch=sketches[0])
-    assert "no longer holds epoch 0" in (validator.recompute(task).declined or "")
+    assert validator.recompute(task).declined == (
+        "this peer does not hold epoch 0's parameters (it holds epochs 1-2 of the last 2 it trained)"
+    )
     other = [x + 1.0 for x in sketches[2]]
     declined = validator.recompute(task.model_copy(update={"epoch": 2, "param_sketch": other})).declined
     assert declined is not None and "differ from the audited peer's" in declined
