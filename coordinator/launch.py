@@ -131,12 +131,16 @@ def print_run(view: RunView) -> None:
     if view.model is not None:
         click.echo(f"model     {view.model.bytes} bytes, sha256 {view.model.sha256}")
     if view.peers:
-        click.echo(f"{'PEER':<14}{'STATE':<10}{'PRICE/H':>9}{'SAMPLES':>9}{'PAID':>12}")
+        click.echo(
+            f"{'PEER':<14}{'STATE':<10}{'PRICE/H':>9}{'SAMPLES':>9}{'PAID':>12}{'FEES':>10}{'AUDITS':>12}"
+        )
     for p in view.peers:
         click.echo(
             f"{p.account[:12]:<14}{p.state:<10}{fmt_money(p.price_per_hour):>9}{p.samples:>9}"
-            f"{fmt_money(p.paid):>12}"
+            f"{fmt_money(p.paid):>12}{fmt_money(p.fees):>10}{f'{p.audits_passed}/{p.audits_failed}':>12}"
         )
+    if view.peers:
+        click.echo("(AUDITS: passed/failed audits of the peer's reports; FEES: earned auditing others)")
 
 
 @click.command("launch")
