@@ -28,6 +28,7 @@ from coordinator.money import UNIT, from_units, to_units
 from coordinator.runs import RunPolicy
 from coordinator.schemas import (
     SHA256_HEADER,
+    AuditResultBody,
     HardwareSummary,
     MicroBatch,
     OfferBody,
@@ -700,3 +701,151 @@ async def test_a_report_cannot_claim_more_than_a_step_or_a_sample_twice(market: 
         assert (duplicated.value.status, duplicated.value.field) == (400, "micro_batches")
         view = await market.run(run.id)
         assert view.samples == 0 and view.spent == 0
+
+
+# ------------------------------------------------------------------------------------------------ audits
+
+AUDITED = {"rate": 0.03, "min_audits": 2, "tolerance": 0.2, "ban_after": 2}
+
+
+async def _audited_run(market: Market, a: Peer, b: Peer) -> RunView:
+    run = await market.launch(peers=(2, 2), target=1000, verification=AUDITED)
+    await market.clear()
+    await a.join(run.id)
+    await b.join(run.id)
+    return run
+
+
+def _answer(report: ReportBody, index: int, *, wrong: bool = False) -> AuditResultBody:
+    claim = report.micro_batches[index]
+    sketch = [-x for x in claim.sketch] if wrong else [x * (1 + 1e-6) for x in claim.sketch]
+    return AuditResultBody(sketch=sketch, loss=claim.loss)
+
+
+async def test_audits_hold_pay_until_a_validator_confirms_and_pay_the_validator(market: Market) -> None:
+    async with Peer(market.server.url) as a, Peer(market.server.url) as b:
+        run = await _audited_run(market, a, b)
+        body = report(0, samples=6, seconds=0.2)
+        accepted = await a.client.report(run.id, body)
+        assert accepted.pay_state == "held" and accepted.paid > 0, accepted
+        assert "held for 2 audits" in accepted.pay_reason
+        view = await market.run(run.id)
+        assert peer_of(view, a.account).paid == 0 and view.spent == 0  # nothing reached a peer yet
+        assert await a.client.claim_audits(run.id, 8) == []  # nobody audits its own report
+        tasks = await b.client.claim_audits(run.id, 8)
+        assert sorted(t.index for t in tasks) == [0, 1]  # two micro-batches: both are audited
+        for t in tasks:
+            assert (t.account, t.epoch, t.ids) == (a.account, 0, body.micro_batches[t.index].ids)
+            assert t.param_sketch == body.param_sketch
+        assert [t.id for t in await b.client.claim_audits(run.id, 8)] == [t.id for t in tasks]  # still b's
+        first = await b.client.submit_audit(run.id, tasks[0].id, _answer(body, tasks[0].index))
+        assert first.state == "passed" and first.distance < 1e-5 and first.validator == b.account
+        assert (await a.client.reports(run.id))[0].pay_state == "held"  # one audit to go
+        await b.client.submit_audit(run.id, tasks[1].id, _answer(body, tasks[1].index))
+        (paid,) = await a.client.reports(run.id)
+        assert (paid.pay_state, paid.pay_reason) == ("paid", "2 audits passed")
+        view = await market.run(run.id)
+        mine, theirs = peer_of(view, a.account), peer_of(view, b.account)
+        assert mine.paid == accepted.paid and (mine.audits_passed, mine.audits_failed) == (2, 0)
+        audits = await market.client.audits(run.id)
+        assert theirs.fees == sum((x.fee for x in audits), Decimal(0)) > 0  # paid for the recomputation
+        assert view.spent == mine.paid + theirs.fees
+        with pytest.raises(CoordinatorError) as caught:
+            await b.client.submit_audit(run.id, tasks[0].id, _answer(body, tasks[0].index))
+        assert (caught.value.status, caught.value.code) == (409, "audit_decided")
+        await market.conserved()
+
+
+async def test_failed_audits_void_the_pay_and_ban_the_cheat(market: Market) -> None:
+    async with Peer(market.server.url) as a, Peer(market.server.url) as b:
+        run = await _audited_run(market, a, b)
+        before = {o.account: o.reliability for o in await market.client.offers()}
+        for epoch in range(2):
+            body = report(epoch, samples=6, seconds=0.2)
+            await a.client.report(run.id, body)
+            for t in await b.client.claim_audits(run.id, 8):
+                verdict = await b.client.submit_audit(run.id, t.id, _answer(body, t.index, wrong=True))
+                assert verdict.state == "failed" and verdict.reason.startswith("gradient sketch is 2 from")
+            view = await market.run(run.id)
+        reports = await a.client.reports(run.id)
+        assert [(r.pay_state, r.pay_reason) for r in reports] == [("voided", "an audit failed")] * 2
+        assert view.samples == 0  # voided samples do not count toward the target
+        assert peer_of(view, a.account).state == "banned" and peer_of(view, a.account).paid == 0
+        assert view.spent == peer_of(view, b.account).fees  # only the validator was paid
+        with pytest.raises(CoordinatorError) as caught:
+            await a.client.report(run.id, report(2, samples=6))
+        assert caught.value.code == "not_in_run" and "banned" in caught.value.message
+        after = {o.account: o.reliability for o in await market.client.offers()}
+        assert after[a.account] < before[a.account] / 2 and after[b.account] >= before[b.account]
+        await market.clear()  # the banned peer is free again, but not for this run
+        assert [p.state for p in (await market.run(run.id)).peers if p.account == a.account] == ["banned"]
+        await market.conserved()
+
+
+async def test_audits_nobody_can_do_expire_and_the_report_stays_unpaid(tmp_path: Path) -> None:
+    server = start(tmp_path, HIVEMARKET_AUDIT_TIMEOUT="1", HIVEMARKET_AUDIT_CLAIM_TIMEOUT="0.5")
+    try:
+        async with (
+            CoordinatorClient(server.url, Identity.generate(), settings=FAST) as client,
+            CoordinatorClient(server.url, server.admin, settings=FAST) as admin,
+        ):
+            await admin.deposit(client.identity.account, "10")
+            market = Market(server, client, admin)
+            async with Peer(server.url) as a, Peer(server.url) as b, Peer(server.url) as c:
+                run = await market.launch(peers=(3, 3), target=1000, verification=AUDITED)
+                await market.clear()
+                for peer in (a, b, c):
+                    await peer.join(run.id)
+                body = report(0, samples=6)
+                await a.client.report(run.id, body)
+                first, second = await b.client.claim_audits(run.id, 8)
+                # a declined audit goes to another validator; when every other peer declined, it expires
+                await b.client.submit_audit(run.id, first.id, AuditResultBody(declined="not my epoch"))
+                assert first.id not in [t.id for t in await b.client.claim_audits(run.id, 8)]
+                assert first.id in [t.id for t in await c.client.claim_audits(run.id, 8)]
+                declined = await c.client.submit_audit(run.id, first.id, AuditResultBody(declined="nor mine"))
+                assert declined.state == "expired" and "every other peer declined" in declined.reason
+                # b holds the second audit and never answers: after its claim lapses, c may take it;
+                # nobody answers, and at the deadline it expires
+                with pytest.raises(CoordinatorError) as caught:
+                    await c.client.submit_audit(run.id, second.id, _answer(body, second.index))
+                assert (caught.value.status, caught.value.code) == (409, "audit_not_held")
+                view = await market.until(
+                    run.id,
+                    "the audit's deadline",
+                    lambda v: v.peers and all(p.audits_passed == 0 for p in v.peers),
+                )
+                deadline = time.monotonic() + 10
+                while (await a.client.reports(run.id))[0].pay_state == "held":
+                    assert time.monotonic() < deadline, "the audit never expired"
+                    await asyncio.sleep(0.1)
+                (unpaid,) = await a.client.reports(run.id)
+                assert unpaid.pay_state == "voided" and "expired" in unpaid.pay_reason
+                view = await market.run(run.id)
+                assert view.spent == 0 and view.escrow == Decimal("10")  # the held pay went back
+                audit = await client.audit()
+                assert audit.conserved, audit
+    finally:
+        stop(server)
+
+
+async def test_a_validator_answer_is_checked(market: Market) -> None:
+    outsider = Peer(market.server.url, price="9.00")  # above the run's bid: never matched
+    async with Peer(market.server.url) as a, Peer(market.server.url) as b, outsider as c:
+        run = await _audited_run(market, a, b)
+        body = report(0, samples=6)
+        await a.client.report(run.id, body)
+        (task, _) = await b.client.claim_audits(run.id, 8)
+        with pytest.raises(CoordinatorError) as caught:
+            await b.client.submit_audit(run.id, task.id, AuditResultBody(sketch=[1.0, 2.0, 3.0], loss=1.0))
+        assert (caught.value.status, caught.value.field) == (400, "sketch")
+        assert "the audited sketch has 2" in caught.value.message
+        with pytest.raises(ValueError, match="send sketch and loss, or declined"):
+            AuditResultBody(sketch=[1.0])
+        with pytest.raises(CoordinatorError) as caught:
+            await c.client.claim_audits(run.id, 8)  # not in the run
+        assert caught.value.code == "not_in_run"
+        with pytest.raises(CoordinatorError) as caught:
+            await b.client.submit_audit(run.id, "audit-nothere", _answer(body, 0))
+        assert caught.value.status == 404
+        await market.conserved()
