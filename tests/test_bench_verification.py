@@ -1,0 +1,38 @@
+"""``bench/verification.py`` runs, in a small configuration, and its measurements mean what they say: every
+cheat caught, no honest audit failed, a cost figure computed. (Its timings are not asserted: they are the
+bench's to report.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from peer.adversary import KINDS
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "verification.py"
+
+
+@pytest.mark.timeout(300)
+def test_the_verification_bench_catches_every_cheat_and_no_honest_peer() -> None:
+    small = ["--trials", "5", "--honest-audits", "90", "--cost-micro-batches", "8", "--repeat", "2", "--json"]
+    done = subprocess.run([sys.executable, str(BENCH), *small], capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert [c["kind"] for c in result["catch"]] == list(KINDS)
+    for cheat in result["catch"]:
+        assert cheat["caught"] == cheat["trials"] == 5, cheat
+        assert cheat["min_distance"] > result["policy"]["tolerance"], cheat
+    assert {h["condition"] for h in result["honest"]} >= {
+        "same as the validator",
+        "bfloat16 autocast vs float32",
+    }
+    for honest in result["honest"]:
+        assert honest["false_positives"] == 0 and honest["audits"] >= 30, honest
+        assert honest["max_distance"] < result["policy"]["tolerance"], honest
+    cost = result["cost"]
+    assert cost["audits_per_report"] == 2 and cost["micro_batches"] == 8  # the minimum, on 8 micro-batches
+    assert cost["ratio"] > 0 and cost["verification_s"] > 0
