@@ -239,22 +239,39 @@ def settle_report(conn: sqlite3.Connection, now: float, run_id: str, account: st
     return outcome
 
 
-def expire(conn: sqlite3.Connection, now: float, run_id: str | None = None) -> set[str]:
-    """Expire pending audits past their deadline (every pending audit of ``run_id``, which is ending) and
-    void the pay of their reports; returns the runs touched."""
-    if run_id is None:
-        rows = conn.execute(
-            "SELECT * FROM audits WHERE state = 'pending' AND deadline < ?", (now,)
-        ).fetchall()
-        reason = "no validator recomputed it before its deadline"
-    else:
-        rows = conn.execute(
-            "SELECT * FROM audits WHERE state = 'pending' AND run_id = ?", (run_id,)
-        ).fetchall()
-        reason = "the run ended before a validator recomputed it"
+_NO_OTHER_VALIDATOR = """NOT EXISTS (
+    SELECT 1 FROM matches m WHERE m.run_id = a.run_id AND m.state = 'active' AND m.joined_at IS NOT NULL
+      AND m.account != a.account)"""
+
+
+def expire(
+    conn: sqlite3.Connection, now: float, run_id: str | None = None, *, ending: bool = False
+) -> set[str]:
+    """Expire pending audits nobody will recompute and void their reports' pay; returns the runs touched.
+
+    Those past their deadline; those of a run with no other joined peer (a peer that joins later never
+    held the parameters of an earlier epoch, so waiting would only delay the run's end); with ``ending``,
+    every pending audit of ``run_id``, whose run is ending. ``run_id`` limits the search to one run.
+    """
+    where, args = ["a.state = 'pending'"], []
+    if run_id is not None:
+        where.append("a.run_id = ?")
+        args.append(run_id)
+    if not ending:
+        where.append(f"(a.deadline < ? OR {_NO_OTHER_VALIDATOR})")
+        args.append(now)
+    rows = conn.execute(f"SELECT a.* FROM audits a WHERE {' AND '.join(where)}", args).fetchall()
+
+    def reason(row: sqlite3.Row) -> str:
+        if ending:
+            return "the run ended before a validator recomputed it"
+        if row["deadline"] < now:
+            return "no validator recomputed it before its deadline"
+        return "no other peer of the run can recompute it"
+
     conn.executemany(
         "UPDATE audits SET state = 'expired', reason = ?, decided_at = ? WHERE id = ?",
-        [(reason, now, r["id"]) for r in rows],
+        [(reason(r), now, r["id"]) for r in rows],
     )
     for report in {(r["run_id"], r["account"], r["epoch"]) for r in rows}:
         settle_report(conn, now, *report)

@@ -153,7 +153,7 @@ def end_run(conn: sqlite3.Connection, now: float, run_id: str, owner: str, step:
     """The one way a run ends (finished, failed, cancelled): expire its pending audits (their reports'
     held pay goes back to the escrow), refund what the escrow holds to the owner, release the active
     matches and free their leases, so the peers return to the open market."""
-    audit_store.expire(conn, now, run_id)
+    audit_store.expire(conn, now, run_id, ending=True)
     sql.post(conn, ledger.refund(run_id, owner, sql.book(conn, ledger.escrow_book(run_id))), now)
     conn.execute(
         "UPDATE runs SET state = ?, state_since = ?, reason = ? WHERE id = ?",
@@ -529,6 +529,7 @@ def add_report(
         "UPDATE matches SET last_report_at = ? WHERE run_id = ? AND lease_id = ?",
         (now, run_id, match["lease_id"]),
     )
+    audit_store.expire(conn, now, run_id)  # a run with no other peer has nobody to audit the report
     advance(conn, now, policy, [run_id])
     row = conn.execute(
         "SELECT * FROM reports WHERE run_id = ? AND account = ? AND epoch = ?",

@@ -847,3 +847,18 @@ async def test_a_validator_answer_is_checked(market: Market) -> None:
             await b.client.submit_audit(run.id, "audit-nothere", _answer(body, 0))
         assert caught.value.status == 404
         await market.conserved()
+
+
+async def test_a_peer_alone_in_its_run_has_nobody_to_audit_it(market: Market) -> None:
+    async with Peer(market.server.url) as a:
+        run = await market.launch(peers=(1, 1), target=1000, verification=AUDITED)
+        await market.clear()
+        await a.join(run.id)
+        alone = await a.client.report(run.id, report(0, samples=6))
+        assert (alone.pay_state, alone.paid > 0) == ("voided", True)  # decided at once, not at a deadline
+        states = {x.state for x in await market.client.audits(run.id)}
+        reasons = {x.reason for x in await market.client.audits(run.id)}
+        assert states == {"expired"} and reasons == {"no other peer of the run can recompute it"}
+        view = await market.run(run.id)
+        assert view.spent == 0 and view.samples == 0
+        await market.conserved()
