@@ -169,7 +169,10 @@ class Market:
         for peer in peers:
             status, offer = self.signed(peer, "POST", "/v1/offers", VALID_BODIES[OfferBody])
             assert status == 200, offer
-        body = {**VALID_BODIES[RunBody], "spec": minimal_spec("fuzz", stop={"samples": target})}
+        # a run with one peer has nobody to audit it: its reports are paid unverified, and settle it
+        verification = {"rate": 0} if len(peers) == 1 else {}
+        spec = minimal_spec("fuzz", stop={"samples": target}, verification=verification)
+        body = {**VALID_BODIES[RunBody], "spec": spec}
         body.update(peers_min=len(peers), peers_max=len(peers), budget="5")
         status, run = self.signed(self.launcher, "POST", "/v1/runs", body)
         assert status == 201, run

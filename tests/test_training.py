@@ -98,8 +98,10 @@ def test_a_peer_that_joins_a_running_swarm_loads_the_state_and_its_work_counts(f
     assert mine, "the joiner's reports were not accepted"
     assert min(r.epoch for r in mine) >= loaded_epoch  # it went on from the state, not from scratch
     peer = next(p for p in finished_run.run.peers if p.account == finished_run.joiner)
-    assert peer.samples == sum(r.samples for r in mine) > 0
-    assert peer.paid > 0
+    verified = [r for r in mine if r.pay_state == "paid"]
+    assert len(verified) >= 0.9 * len(mine)  # the rest: epochs no other peer trained from the same state
+    assert peer.samples == sum(r.samples for r in mine if r.pay_state != "voided") > 0
+    assert peer.paid == sum(r.paid for r in verified) > 0
     assert finished_run.run.samples >= finished_run.run.target_samples
 
 
@@ -191,7 +193,9 @@ def test_a_peer_refuses_a_task_it_has_not_installed_and_gives_its_place_back(tmp
 def test_a_trainer_that_crashes_resumes_from_its_local_checkpoint(tmp_path: Path):
     with local_market(tmp_path, peers=1, timeout=180) as (demo, accounts):
         (account,) = accounts
-        run = demo.launch(peers_min=1, peers_max=1, changes={"stop": {"samples": 256 * 400}})
+        run = demo.launch(  # alone in its run, nobody can audit it: unverified pay
+            peers_min=1, peers_max=1, changes={"stop": {"samples": 256 * 400}, "verification": {"rate": 0}}
+        )
         wait_until(lambda: demo.ask(lambda c: c.run(run.id)).epoch >= 20, 120, "20 epochs")
 
         rent = psutil.Process(demo.peers[account].proc.pid)

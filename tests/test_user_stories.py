@@ -129,7 +129,8 @@ def test_rent_volunteer_and_launch_as_the_readme_shows(tmp_path: Path):
         earned = json.loads(
             _cli(renter_home, "account", renter_account, "--coordinator", url, "--json").stdout
         )
-        assert Decimal(earned["earned"]) == Decimal(by_account[renter_account]["paid"])
+        mine = by_account[renter_account]  # paid for its verified reports, and fees for auditing others
+        assert Decimal(earned["earned"]) == Decimal(mine["paid"]) + Decimal(mine["fees"])
     finally:
         for proc in peers:
             kill_group(proc.pid)
