@@ -262,13 +262,14 @@ class Demo:
         self.echo(f"run       {run.id} launched: {run.target_samples} samples, budget {BUDGET}")
         return run
 
-    def follow(self, run: RunView) -> tuple[RunView, list[str], dict[str, Decimal]]:
+    def follow(self, run: RunView) -> tuple[RunView, dict[str, float]]:
+        """Follow the run to its end, killing one peer on the way (unless told not to); the final view
+        and when (wall clock) each peer was killed."""
         from coordinator.launch import Progress
         from coordinator.runs import ENDED
 
         progress = Progress(time.monotonic())
-        dropped: list[str] = []
-        paid_at_drop: dict[str, Decimal] = {}
+        killed: dict[str, float] = {}
         last = 0.0
         while True:
             view = self.ask(lambda c: c.run(run.id))
@@ -277,20 +278,15 @@ class Demo:
                 self.echo(progress.line(view, now))
                 last = now
             if view.state in ENDED:
-                return view, dropped, paid_at_drop
-            if self.drop and not dropped and view.samples >= DROP_AT * view.target_samples:
+                return view, killed
+            if self.drop and not killed and view.samples >= DROP_AT * view.target_samples:
                 victim = self._victim(view)
                 if victim is not None:
                     self.peers[victim].remember_tree()
                     self.peers[victim].kill_group(signal.SIGKILL)
                     self.dropped_names.add(self.peers[victim].name)
-                    dropped.append(victim)
+                    killed[victim] = time.time()
                     self.echo(f"dropped   {self.peers[victim].name} ({victim[:12]}) with SIGKILL")
-            for account in dropped:
-                if account not in paid_at_drop:
-                    mine = [p for p in view.peers if p.account == account]
-                    if mine and all(p.state != "active" for p in mine):  # its lease lapsed
-                        paid_at_drop[account] = sum((p.paid for p in mine), Decimal(0))
             if time.monotonic() > self.deadline:
                 raise DemoError(f"the run did not finish in time; logs are in {self.tmp}")
             time.sleep(0.5)
@@ -324,9 +320,13 @@ def ledger(
     run: RunView,
     audit_conserved: bool,
     launcher: str,
-    paid_at_drop: dict[str, Decimal],
+    reports: list[ReportView],
+    killed: dict[str, float],
     cheats: dict[str, AdversaryKind],
 ) -> dict:
+    """Per account: samples (of reports not voided), pay, audit fees; for a killed peer, the pay of any
+    report accepted after it was killed (none: a dead peer reports nothing, and its lease lapses; pay held
+    for its earlier reports is released when their audits pass, which is not pay after the drop)."""
     accounts: dict[str, dict[str, Any]] = {}
     for p in run.peers:
         role = "cheat" if p.account in cheats else "peer"
@@ -340,10 +340,14 @@ def ledger(
     rows = []
     for entry in accounts.values():
         row = {**entry, "paid": str(entry["paid"]), "fees": str(entry["fees"])}
-        if entry["account"] in paid_at_drop:
+        if entry["account"] in killed:
+            after = [
+                r
+                for r in reports
+                if r.account == entry["account"] and r.accepted_at > killed[entry["account"]]
+            ]
             row["dropped"] = True
-            row["paid_at_drop"] = str(paid_at_drop[entry["account"]])
-            row["paid_after_drop"] = str(entry["paid"] - paid_at_drop[entry["account"]])
+            row["paid_after_drop"] = str(sum((r.paid for r in after if r.pay_state == "paid"), Decimal(0)))
         rows.append(row)
     rows.append(
         {
@@ -420,7 +424,7 @@ def run_demo(
             demo.add_peer(kind)
         demo.wait_offers(peers + len(cheats))
         run = demo.launch(peers_min=max(1, peers - 1), peers_max=peers + len(cheats))
-        final, dropped, paid_at_drop = demo.follow(run)
+        final, killed = demo.follow(run)
         if final.state != "finished" or final.model is None:
             raise DemoError(f"run {final.id} ended {final.state}: {final.reason}; logs are in {demo.tmp}")
         metrics = demo.evaluate(final)
@@ -433,12 +437,12 @@ def run_demo(
             "samples": final.samples,
             "epochs": final.epoch,
             "peers": peers,
-            "dropped": dropped,
+            "dropped": list(killed),
             "audits": {
                 state: sum(a.state == state for a in audits) for state in ("passed", "failed", "expired")
             },
             "adversaries": adversaries(final, reports, audits, demo.cheats),
-            "ledger": ledger(final, audit.conserved, demo.launcher.account, paid_at_drop, demo.cheats),
+            "ledger": ledger(final, audit.conserved, demo.launcher.account, reports, killed, demo.cheats),
             "seconds": round(time.monotonic() - started, 1),
         }
         if keep:
@@ -468,7 +472,7 @@ def print_result(result: dict[str, Any]) -> None:
         if row["role"] == "launcher":
             note = f"spent {row['spent']}, refunded {row['refunded']} of {row['budget']}"
         elif row.get("dropped"):
-            note = f"dropped mid-run; paid after the drop: {row['paid_after_drop']}"
+            note = f"killed mid-run; paid for reports after that: {row['paid_after_drop']}"
         elif row["account"] in cheats:
             cheat = cheats[row["account"]]
             caught = f"caught at epochs {cheat['failed_epochs']}" if cheat["caught"] else "NOT CAUGHT"

@@ -78,7 +78,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FinishedR
             lambda: demo.ask(lambda c: c.run(run.id)).epoch >= JOIN_AT_EPOCH, 120, "the run to get under way"
         )
         joiner = demo.add_peer()
-        final, _, _ = demo.follow(run)
+        final, _ = demo.follow(run)
         assert final.state == "finished", final.reason
         reports = demo.ask(lambda c: c.reports(run.id))
         model = demo.tmp / "model.pt"
@@ -204,7 +204,7 @@ def test_a_trainer_that_crashes_resumes_from_its_local_checkpoint(tmp_path: Path
         log = demo.peers[account].log
         wait_until(lambda: "from the local checkpoint" in log.read_text(), 60, "the trainer to resume")
 
-        final, _, _ = demo.follow(run)
+        final, _ = demo.follow(run)
         assert final.state == "finished", final.reason
         resumed = next(line for line in log.read_text().splitlines() if "from the local checkpoint" in line)
         epoch = int(resumed.split("epoch ")[1].split()[0])
@@ -228,7 +228,7 @@ def test_local_updates_with_fp16_averaging_train_and_keep_the_peers_in_agreement
                 "stop": {"samples": 256 * 40},
             },
         )
-        final, _, _ = demo.follow(run)
+        final, _ = demo.follow(run)
         assert final.state == "finished", final.reason
         reports = demo.ask(lambda c: c.reports(run.id))
         by_epoch: dict[int, list[ReportView]] = defaultdict(list)
