@@ -237,6 +237,18 @@ class RunBody(Body):
             raise ValueError(f"peers_max ({peers_max}) is below peers_min ({peers_min})")
         return peers_max
 
+    @model_validator(mode="after")
+    def _auditable(self) -> RunBody:
+        """Audits are recomputed by another peer of the run: a run that may train with one peer could
+        never be verified, so it would never pay nor count its work toward the target."""
+        if self.peers_min < 2 and check_run_spec(self.spec).verification.rate > 0:
+            raise field_error(
+                "peers_min",
+                f"peers_min ({self.peers_min}) must be at least 2 when spec.verification.rate > 0: another "
+                "peer of the run recomputes each audit; set verification.rate = 0 to pay one peer unverified",
+            )
+        return self
+
 
 class RunPeerView(View):
     """One match of a peer to the run (a peer that dropped and was matched again has two)."""

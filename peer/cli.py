@@ -379,6 +379,11 @@ def demo(n_peers: int, no_drop: bool, timeout: float, keep: bool, adversaries: s
         cheats = parse_adversaries(adversaries)
     except ValueError as e:
         raise InputError(f"--adversaries: {e}") from None
+    if n_peers < 3 and not no_drop:
+        raise InputError(
+            f"--peers {n_peers}: a demo that kills a peer needs at least 3 (audits need two peers left); "
+            "add --no-drop to run with 2"
+        )
     result = run_demo(n_peers, not no_drop, as_json, timeout, keep, cheats)
     if as_json:
         echo_json(result)

@@ -423,7 +423,7 @@ def run_demo(
         for kind in cheats:
             demo.add_peer(kind)
         demo.wait_offers(peers + len(cheats))
-        run = demo.launch(peers_min=max(1, peers - 1), peers_max=peers + len(cheats))
+        run = demo.launch(peers_min=max(2, peers - 1), peers_max=peers + len(cheats))
         final, killed = demo.follow(run)
         if final.state != "finished" or final.model is None:
             raise DemoError(f"run {final.id} ended {final.state}: {final.reason}; logs are in {demo.tmp}")

@@ -34,13 +34,15 @@ FAST_ENV = {
 
 
 def minimal_spec(name: str, **sections: Any) -> dict[str, Any]:
-    """A small valid run spec (``peer.spec.RunSpec``) the coordinator accepts; ``sections`` replace or add
-    top-level keys, e.g. ``minimal_spec("x", stop={"samples": 10}, peers={"min": 1, "wait_seconds": 2})``."""
+    """A small valid run spec (``peer.spec.RunSpec``) the coordinator accepts, also with one peer: it
+    audits nothing (``verification.rate = 0``) unless ``sections`` say otherwise. ``sections`` replace or
+    add top-level keys, e.g. ``minimal_spec("x", stop={"samples": 10}, verification={})``."""
     spec: dict[str, Any] = {
         "name": name,
         "task": "digits-mlp",
         "dataset": {"version": "0" * 64, "location": "coordinator"},
         "stop": {"samples": 1000},
+        "verification": {"rate": 0},
     }
     return {**spec, **sections}
 

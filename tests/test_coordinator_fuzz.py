@@ -169,7 +169,7 @@ class Market:
         for peer in peers:
             status, offer = self.signed(peer, "POST", "/v1/offers", VALID_BODIES[OfferBody])
             assert status == 200, offer
-        # a run with one peer has nobody to audit it: its reports are paid unverified, and settle it
+        # a run with one peer has nobody to audit it (minimal_spec's rate 0); two peers audit each other
         verification = {"rate": 0} if len(peers) == 1 else {}
         spec = minimal_spec("fuzz", stop={"samples": target}, verification=verification)
         body = {**VALID_BODIES[RunBody], "spec": spec}

@@ -68,3 +68,23 @@ def test_demo_trains_through_a_drop_and_four_cheats_and_settles_the_ledger(tmp_p
 
 def _p2pd() -> set[int]:
     return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "p2pd"}
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--adversaries", "free-rider,bogus"], "--adversaries: 'bogus' is not a cheat this demo knows"),
+        (["--peers", "2"], "--peers 2: a demo that kills a peer needs at least 3"),
+    ],
+)
+def test_demo_refuses_bad_options_before_starting_anything(
+    tmp_path: Path, args: list[str], words: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "peer", "demo", *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(tmp_path),
+        timeout=60,
+    )
+    assert done.returncode == 2 and words in done.stderr, done.stderr

@@ -849,16 +849,21 @@ async def test_a_validator_answer_is_checked(market: Market) -> None:
         await market.conserved()
 
 
-async def test_a_peer_alone_in_its_run_has_nobody_to_audit_it(market: Market) -> None:
-    async with Peer(market.server.url) as a:
-        run = await market.launch(peers=(1, 1), target=1000, verification=AUDITED)
-        await market.clear()
-        await a.join(run.id)
-        alone = await a.client.report(run.id, report(0, samples=6))
+async def test_an_audited_run_needs_two_peers_and_a_peer_left_alone_is_not_audited(market: Market) -> None:
+    with pytest.raises(
+        ValueError, match=r"peers_min \(1\) must be at least 2 when spec.verification.rate > 0"
+    ):
+        await market.launch(peers=(1, 1), verification=AUDITED)
+    async with Peer(market.server.url) as a, Peer(market.server.url) as b:
+        run = await _audited_run(market, a, b)
+        await b.go_silent()  # b's lease lapses: a is alone, and nobody holds its parameters to audit it
+        await market.until(run.id, "b's drop", lambda v: peer_of(v, b.account).state == "dropped")
+        alone = await a.client.report(run.id, report(0, samples=6))  # work done before the pause
         assert (alone.pay_state, alone.paid > 0) == ("voided", True)  # decided at once, not at a deadline
-        states = {x.state for x in await market.client.audits(run.id)}
-        reasons = {x.reason for x in await market.client.audits(run.id)}
-        assert states == {"expired"} and reasons == {"no other peer of the run can recompute it"}
+        audits = await market.client.audits(run.id)
+        assert {(x.state, x.reason) for x in audits} == {
+            ("expired", "no other peer of the run can recompute it")
+        }
         view = await market.run(run.id)
         assert view.spent == 0 and view.samples == 0
         await market.conserved()

@@ -163,7 +163,9 @@ def test_a_peer_refuses_a_task_it_has_not_installed_and_gives_its_place_back(tmp
     with local_market(tmp_path, peers=1, timeout=120) as (demo, accounts):
         (account,) = accounts
         run = demo.launch(
-            peers_min=1, peers_max=1, changes={"task": "not-installed", "stop": {"samples": 256}}
+            peers_min=1,
+            peers_max=1,
+            changes={"task": "not-installed", "stop": {"samples": 256}, "verification": {"rate": 0}},
         )
         log = demo.peers[account].log
 
