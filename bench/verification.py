@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=7, help="micro-batches timed for the cost")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    policy = AuditPolicy()
+    policy = AuditPolicy.default()
     with tempfile.TemporaryDirectory(prefix="bench-verification-") as folder:
         data = load_digits(Path(folder))
         catch = [catch_trials(data, kind, args, policy) for kind in KINDS]

@@ -15,16 +15,18 @@ import sqlite3
 from typing import Any
 
 from coordinator import ledger, sql, verification
-from coordinator.errors import BadRequest, Conflict, NotFound
+from coordinator.errors import Conflict, NotFound
 from coordinator.money import from_units
 from coordinator.schemas import AuditResultBody, AuditTask, AuditView, ReportBody
 from coordinator.verification import AuditPolicy, PayState
+from peer.spec import RunSpec, VerificationSpec
 
 # Appended to coordinator.store.MIGRATIONS. Reports accepted before audits existed were paid when they
-# arrived; runs created before get a key now.
+# arrived; runs created before get a key now, and audit nothing (their peers may not run validators).
 MIGRATION = """
     ALTER TABLE runs ADD COLUMN audit_key TEXT;
     UPDATE runs SET audit_key = lower(hex(randomblob(32)));
+    ALTER TABLE runs ADD COLUMN audit_policy TEXT NOT NULL DEFAULT '{"rate": 0}';
     ALTER TABLE reports ADD COLUMN pay_state TEXT NOT NULL DEFAULT 'paid';
     ALTER TABLE reports ADD COLUMN pay_reason TEXT NOT NULL DEFAULT 'accepted before audits existed';
     ALTER TABLE peers ADD COLUMN audits_passed INTEGER NOT NULL DEFAULT 0;
@@ -57,10 +59,14 @@ def new_key() -> str:
     return secrets.token_hex(32)
 
 
+def policy_json(spec: RunSpec) -> str:
+    """What is stored with a run when it is created: its spec's ``verification`` with every default filled
+    in, so that the policy a run was launched with never changes with this code's defaults."""
+    return spec.verification.model_dump_json()
+
+
 def policy_of(run: sqlite3.Row) -> AuditPolicy:
-    """The run's ``spec.verification`` (validated when the run was created; defaults for older runs)."""
-    section = json.loads(run["spec"]).get("verification")
-    return AuditPolicy(**section) if isinstance(section, dict) else AuditPolicy()
+    return AuditPolicy(**VerificationSpec.model_validate_json(run["audit_policy"]).model_dump())
 
 
 def open_audits(
@@ -176,11 +182,6 @@ def submit(
     assert body.sketch is not None and body.loss is not None
     report = _report(conn, run["id"], audit["account"], audit["epoch"])
     claimed = json.loads(report["body"])["micro_batches"][audit["idx"]]
-    if len(body.sketch) != len(claimed["sketch"]):  # the validator's mistake, not the audited peer's
-        raise BadRequest(
-            f"sketch has {len(body.sketch)} values; the audited sketch has {len(claimed['sketch'])}",
-            field="sketch",
-        )
     result = verification.verdict(claimed["sketch"], claimed["loss"], body.sketch, body.loss, policy_of(run))
     escrow = sql.book(conn, ledger.escrow_book(run["id"]))
     fee = min(escrow, verification.audit_fee(report["paid_units"], audit["samples"], report["samples"]))

@@ -24,7 +24,7 @@ from coordinator.schemas import (
     AuditTask,
     AuditView,
     JoinBody,
-    MicroBatch,
+    MicroBatchView,
     ModelView,
     ReportBody,
     ReportView,
@@ -174,8 +174,8 @@ def create_run(conn: sqlite3.Connection, now: float, env: Envelope, body: RunBod
     conn.execute(
         """INSERT INTO runs (id, owner, name, state, spec, max_price_units, peers_min, peers_max,
                              min_vram_gb, budget_units, created_at, state_since, reason, target_samples,
-                             wait_seconds, audit_key)
-           VALUES (?, ?, ?, 'recruiting', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                             wait_seconds, audit_key, audit_policy)
+           VALUES (?, ?, ?, 'recruiting', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
         (
             run_id,
             env.account,
@@ -192,6 +192,7 @@ def create_run(conn: sqlite3.Connection, now: float, env: Envelope, body: RunBod
             spec.stop.samples,
             spec.peers.wait_seconds,
             audit_store.new_key(),
+            audit_store.policy_json(spec),
         ),
     )
     sql.post(conn, ledger.hold_escrow(env.account, run_id, budget), now)
@@ -561,7 +562,14 @@ def _report_view(row: sqlite3.Row) -> ReportView:
         pay_reason=row["pay_reason"],
         accepted_at=row["accepted_at"],
         param_sketch=extra["param_sketch"],
-        micro_batches=[MicroBatch.model_validate(b) for b in extra["micro_batches"]],
+        # what a validator must recompute stays hidden until the report's audits are decided, or a lazy
+        # validator could send the claim back instead of recomputing it
+        micro_batches=[
+            MicroBatchView(ids=b["ids"], loss=None, sketch=None)
+            if row["pay_state"] == "held"
+            else MicroBatchView.model_validate(b)
+            for b in extra["micro_batches"]
+        ],
     )
 
 
@@ -582,6 +590,12 @@ def check_uploader(conn: sqlite3.Connection, run_id: str, account: str) -> sqlit
         raise Conflict(
             f"run {run_id!r} is {run['state']}; a model is accepted only while the run settles",
             code="run_not_settling",
+            field="run_id",
+        )
+    if run["model_sha256"] is not None:  # the run settles on, waiting for its last audits
+        raise Conflict(
+            f"run {run_id!r} already has its model ({run['model_sha256'][:12]}...)",
+            code="model_exists",
             field="run_id",
         )
     active_match(conn, run_id, account)

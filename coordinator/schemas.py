@@ -26,6 +26,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from coordinator.money import INTEGER_DIGITS, PLACES, parse_money
+from coordinator.verification import SKETCH_DIMS
 from peer.spec import RunSpec, describe
 
 Money = Annotated[
@@ -315,7 +316,7 @@ class RunList(View):
 
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
-Sketch = Annotated[list[FiniteFloat], Field(min_length=1, max_length=64)]
+Sketch = Annotated[list[FiniteFloat], Field(min_length=SKETCH_DIMS, max_length=SKETCH_DIMS)]
 SQLITE_INT_MAX = 2**63 - 1
 
 
@@ -357,6 +358,14 @@ class ReportBody(Body):
         return self
 
 
+class MicroBatchView(View):
+    ids: list[int]
+    loss: float | None = Field(description="Hidden (null) while the report's audits are pending.")
+    sketch: list[float] | None = Field(
+        description="Hidden (null) while the report's audits are pending: a validator recomputes it blind."
+    )
+
+
 class ReportView(View):
     run_id: str
     account: AccountId
@@ -375,7 +384,7 @@ class ReportView(View):
     pay_reason: str
     accepted_at: float
     param_sketch: list[float]
-    micro_batches: list[MicroBatch]
+    micro_batches: list[MicroBatchView]
 
 
 class ReportList(View):

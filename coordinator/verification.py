@@ -34,6 +34,12 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal
 
+from peer.spec import VerificationSpec
+
+#: Numbers in every sketch (peer.sketch): part of the protocol, so that a report's sketches and a validator's
+#: recomputation can always be compared, and a sketch of another length is refused when it is sent.
+SKETCH_DIMS = 32
+
 AuditState = Literal["pending", "passed", "failed", "expired"]
 PayState = Literal["paid", "held", "voided"]
 
@@ -45,13 +51,18 @@ FAILURE_WEIGHT = 10
 
 @dataclass(frozen=True)
 class AuditPolicy:
-    """A run's ``spec.verification`` section, stored with the run."""
+    """A run's ``spec.verification`` section (:class:`peer.spec.VerificationSpec`), stored with the run."""
 
-    rate: float = 0.03
-    min_audits: int = 2
-    tolerance: float = 0.2
-    loss_tolerance: float = 0.05
-    ban_after: int = 2
+    rate: float
+    min_audits: int
+    tolerance: float
+    loss_tolerance: float
+    ban_after: int
+
+    @classmethod
+    def default(cls) -> AuditPolicy:
+        """The policy of a spec that does not set ``[verification]``."""
+        return cls(**VerificationSpec().model_dump())
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,9 @@ from collections.abc import Iterable
 
 import torch
 
-DIMS = 32
+from coordinator.verification import SKETCH_DIMS
+
+DIMS = SKETCH_DIMS
 
 
 def seed_of(*parts: object) -> int:

@@ -109,11 +109,11 @@ VALID_BODIES: dict[type, dict[str, Any]] = {
         "loss": 0.5,
         "seconds": 1.0,
         "group_size": 1,
-        "param_sketch": [0.1, -0.2],
-        "micro_batches": [{"ids": [0, 1], "loss": 0.5, "sketch": [0.3, 0.4]}],
+        "param_sketch": [0.1, -0.2] * 16,
+        "micro_batches": [{"ids": [0, 1], "loss": 0.5, "sketch": [0.3, 0.4] * 16}],
     },
     AuditClaimBody: {"limit": 4},
-    AuditResultBody: {"sketch": [0.3, 0.4], "loss": 0.5},
+    AuditResultBody: {"sketch": [0.3, 0.4] * 16, "loss": 0.5},
 }
 MONEY_FIELDS = {"amount", "price_per_hour", "max_price", "budget"}
 
@@ -202,7 +202,7 @@ class Market:
         report = {
             **VALID_BODIES[ReportBody],
             "samples": 1,
-            "micro_batches": [{"ids": [0], "loss": 1.0, "sketch": [1.0]}],
+            "micro_batches": [{"ids": [0], "loss": 1.0, "sketch": [1.0] * 32}],
         }
         status, view = self.signed(peer, "POST", f"/v1/runs/{run_id}/reports", report)
         assert status == 201, view

@@ -125,16 +125,16 @@ class Peer:
 def report(epoch: int, samples: int = 4, *, seconds: float = 0.25, loss: float = 1.5) -> ReportBody:
     ids = list(range(epoch * samples, (epoch + 1) * samples))
     half = samples // 2 or 1
-    batches = [MicroBatch(ids=ids[:half], loss=loss, sketch=[0.5, -0.25])]
+    batches = [MicroBatch(ids=ids[:half], loss=loss, sketch=[0.5, -0.25] * 16)]
     if ids[half:]:
-        batches.append(MicroBatch(ids=ids[half:], loss=loss, sketch=[0.125, 1.0]))
+        batches.append(MicroBatch(ids=ids[half:], loss=loss, sketch=[0.125, 1.0] * 16))
     return ReportBody(
         epoch=epoch,
         samples=samples,
         loss=loss,
         seconds=seconds,
         group_size=2,
-        param_sketch=[1.0, 2.0, 3.0],
+        param_sketch=[1.0, 2.0, 3.0, 4.0] * 8,
         micro_batches=batches,
     )
 
@@ -269,8 +269,11 @@ async def test_join_report_pay_exactly_and_conserve(market: Market) -> None:
         assert [(r.epoch, r.account) for r in listed] == sorted(
             [(0, a.account), (1, a.account), (1, b.account)]
         )
-        assert listed[0] == r0 and listed[0].micro_batches == report(0, loss=2.0).micro_batches
-        assert listed[0].param_sketch == [1.0, 2.0, 3.0] and listed[0].group_size == 2
+        assert listed[0] == r0
+        assert [b.model_dump() for b in listed[0].micro_batches] == [
+            b.model_dump() for b in report(0, loss=2.0).micro_batches
+        ]  # an unaudited report shows what it claimed
+        assert listed[0].param_sketch == [1.0, 2.0, 3.0, 4.0] * 8 and listed[0].group_size == 2
         await market.conserved()
 
 
@@ -305,7 +308,7 @@ async def test_report_and_join_refusals_name_the_code_and_field(market: Market) 
             ({**raw, "loss": float("nan")}, "loss", "finite"),
             ({**raw, "seconds": 86401}, "seconds", "86400"),
             ({**raw, "seconds": 0}, "seconds", "greater than 0"),
-            ({**raw, "param_sketch": []}, "param_sketch", "at least 1"),
+            ({**raw, "param_sketch": []}, "param_sketch", "at least 32"),
             ({**raw, "group_size": 0}, "group_size", "greater than or equal to 1"),
             (
                 {**raw, "micro_batches": [{"ids": [-1], "loss": 1, "sketch": [1]}]},
@@ -694,7 +697,7 @@ async def test_a_report_cannot_claim_more_than_a_step_or_a_sample_twice(market: 
             await a.client.report(run.id, report(0, samples=257))  # batch.target is 256
         assert (too_many.value.status, too_many.value.field) == (400, "samples")
         twice = report(0).model_copy(
-            update={"micro_batches": [MicroBatch(ids=[7, 7], loss=1.0, sketch=[0.0])], "samples": 2}
+            update={"micro_batches": [MicroBatch(ids=[7, 7], loss=1.0, sketch=[0.0] * 32)], "samples": 2}
         )
         with pytest.raises(CoordinatorError) as duplicated:  # model_copy skips the check, as a hostile client
             await a.client.report(run.id, twice)
@@ -834,12 +837,18 @@ async def test_a_validator_answer_is_checked(market: Market) -> None:
         body = report(0, samples=6)
         await a.client.report(run.id, body)
         (task, _) = await b.client.claim_audits(run.id, 8)
-        with pytest.raises(CoordinatorError) as caught:
-            await b.client.submit_audit(run.id, task.id, AuditResultBody(sketch=[1.0, 2.0, 3.0], loss=1.0))
-        assert (caught.value.status, caught.value.field) == (400, "sketch")
-        assert "the audited sketch has 2" in caught.value.message
+        async with aiohttp.ClientSession() as session:
+            path = f"/v1/runs/{run.id}/audits/{task.id}"
+            status, error = await _post(
+                session, market.server.url, b.identity, path, {"sketch": [1.0], "loss": 1.0}
+            )
+        assert (status, error["error"]["field"]) == (400, "sketch") and "at least 32" in error["error"][
+            "message"
+        ]
+        held = (await market.client.reports(run.id))[0]
+        assert {(b.loss, b.sketch) for b in held.micro_batches} == {(None, None)}  # nothing to copy from
         with pytest.raises(ValueError, match="send sketch and loss, or declined"):
-            AuditResultBody(sketch=[1.0])
+            AuditResultBody(sketch=[1.0] * 32)
         with pytest.raises(CoordinatorError) as caught:
             await c.client.claim_audits(run.id, 8)  # not in the run
         assert caught.value.code == "not_in_run"

@@ -22,7 +22,7 @@ from peer.validator import Snapshots, Validator, micro_seed
 
 RUN = "run-test"
 PEER = "a" * 64
-POLICY = AuditPolicy()
+POLICY = AuditPolicy.default()
 
 
 @dataclass

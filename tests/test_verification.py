@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from dataclasses import replace
 
 import pytest
 from hypothesis import given
@@ -21,7 +22,7 @@ from coordinator.verification import (
 )
 
 KEY = bytes(range(32))
-POLICY = AuditPolicy()  # rate 0.03, at least 2 audits, tolerance 0.2
+POLICY = AuditPolicy.default()  # rate 0.03, at least 2 audits, tolerance 0.2
 
 
 @given(micro_batches=st.integers(1, 4096), epoch=st.integers(0, 10**6))
@@ -43,14 +44,14 @@ def test_the_draw_depends_on_the_secret_key_and_covers_every_micro_batch() -> No
 
 
 def test_the_mean_number_of_audits_follows_the_rate_above_the_minimum() -> None:
-    policy = AuditPolicy(rate=0.1, min_audits=1)
+    policy = replace(POLICY, rate=0.1, min_audits=1)
     counts = [len(choose_audits(secrets.token_bytes(32), 0, "b" * 64, 45, policy)) for _ in range(2000)]
     assert sum(counts) / len(counts) == pytest.approx(4.5, abs=0.05)  # 4 or 5, in proportion
     assert set(counts) == {4, 5}
 
 
 def test_rate_zero_audits_nothing() -> None:
-    assert choose_audits(KEY, 0, "a" * 64, 100, AuditPolicy(rate=0)) == []
+    assert choose_audits(KEY, 0, "a" * 64, 100, replace(POLICY, rate=0)) == []
 
 
 def test_verdicts_pass_within_tolerance_and_name_what_differs() -> None:
