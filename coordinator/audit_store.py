@@ -99,20 +99,21 @@ def open_audits(
 def claim(
     conn: sqlite3.Connection, now: float, run_id: str, validator: str, limit: int, claim_timeout: float
 ) -> list[AuditTask]:
-    """Give ``validator`` up to ``limit`` pending audits of other peers' reports, oldest first: unclaimed
-    ones, ones whose validator has not answered within ``claim_timeout``, never ones it declined."""
+    """Give ``validator`` up to ``limit`` pending audits of other peers' reports, oldest first: the ones
+    it holds, unclaimed ones, and ones whose validator has not answered within ``claim_timeout``; never
+    ones it declined or let lapse. Holding an audit again does not extend the hold, so that nobody can
+    sit on an audit until it expires (which would leave the audited report unpaid)."""
     rows = conn.execute(
         """SELECT a.*, p.body FROM audits a
            JOIN reports p ON p.run_id = a.run_id AND p.account = a.account AND p.epoch = a.epoch
            WHERE a.run_id = ? AND a.state = 'pending' AND a.account != ?
              AND (a.validator IS NULL OR a.validator = ? OR a.claimed_at < ?)
-           ORDER BY a.created_at, a.id""",
-        (run_id, validator, validator, now - claim_timeout),
+             AND NOT EXISTS (SELECT 1 FROM json_each(a.declined) d WHERE d.value = ?)
+           ORDER BY a.created_at, a.id LIMIT ?""",
+        (run_id, validator, validator, now - claim_timeout, validator, limit),
     ).fetchall()
     tasks = []
     for row in rows:
-        if validator in json.loads(row["declined"]):
-            continue
         report: dict[str, Any] = json.loads(row["body"])
         tasks.append(
             AuditTask(
@@ -125,12 +126,13 @@ def claim(
                 param_sketch=report["param_sketch"],
             )
         )
-        if len(tasks) == limit:
-            break
-    conn.executemany(
-        "UPDATE audits SET validator = ?, claimed_at = ? WHERE id = ?",
-        [(validator, now, t.id) for t in tasks],
-    )
+        if row["validator"] not in (None, validator):  # taken over: the lapsed holder never gets it back
+            declined = [*json.loads(row["declined"]), row["validator"]]
+            conn.execute("UPDATE audits SET declined = ? WHERE id = ?", (json.dumps(declined), row["id"]))
+        if row["validator"] != validator:
+            conn.execute(
+                "UPDATE audits SET validator = ?, claimed_at = ? WHERE id = ?", (validator, now, row["id"])
+            )
     return tasks
 
 
@@ -277,6 +279,28 @@ def expire(
     for report in {(r["run_id"], r["account"], r["epoch"]) for r in rows}:
         settle_report(conn, now, *report)
     return {r["run_id"] for r in rows}
+
+
+def forfeit(conn: sqlite3.Connection, now: float, run_id: str, account: str) -> None:
+    """A banned peer's pending audits in the run end unneeded, and the pay held for those reports goes
+    back to the escrow: a proven cheat is not paid for what it reported alongside."""
+    rows = conn.execute(
+        "SELECT * FROM audits WHERE run_id = ? AND account = ? AND state = 'pending'", (run_id, account)
+    ).fetchall()
+    conn.executemany(
+        "UPDATE audits SET state = 'expired', reason = 'the audited peer was banned from the run',"
+        " decided_at = ? WHERE id = ?",
+        [(now, r["id"]) for r in rows],
+    )
+    for report in conn.execute(
+        "SELECT * FROM reports WHERE run_id = ? AND account = ? AND pay_state = 'held'", (run_id, account)
+    ).fetchall():
+        sql.post(conn, ledger.void_pay(run_id, report["paid_units"]), now)
+        conn.execute(
+            "UPDATE reports SET pay_state = 'voided', pay_reason = 'forfeit: banned from the run'"
+            " WHERE run_id = ? AND account = ? AND epoch = ?",
+            (run_id, account, report["epoch"]),
+        )
 
 
 def audit_views(conn: sqlite3.Connection, run_id: str) -> list[AuditView]:

@@ -84,7 +84,7 @@ _STATUS_QUERY = """
     SELECT r.*,
            (SELECT COUNT(*) FROM matches m WHERE m.run_id = r.id AND m.state = 'active') AS active,
            (SELECT COALESCE(SUM(p.samples), 0) FROM reports p
-            WHERE p.run_id = r.id AND p.pay_state != 'voided') AS done,
+            WHERE p.run_id = r.id AND p.pay_state = 'paid') AS done,
            (SELECT COUNT(*) FROM audits a WHERE a.run_id = r.id AND a.state = 'pending') AS audits_pending,
            (SELECT MAX(p.accepted_at) FROM reports p WHERE p.run_id = r.id) AS last_report_at,
            COALESCE((SELECT b.units FROM books b WHERE b.name = 'escrow:' || r.id), 0) AS escrow_units
@@ -234,8 +234,8 @@ def run_views(conn: sqlite3.Connection, rows: Sequence[sqlite3.Row], *, one: boo
     per_match: dict[tuple[str, str], tuple[int, int, int | None]] = {
         (r["run_id"], r["lease_id"]): (r["samples"], r["paid"], r["epoch"])
         for r in conn.execute(
-            "SELECT run_id, lease_id, SUM(IIF(pay_state != 'voided', samples, 0)) AS samples,"
-            " SUM(IIF(pay_state = 'paid', paid_units, 0)) AS paid, MAX(epoch) AS epoch"
+            "SELECT run_id, lease_id, SUM(CASE WHEN pay_state = 'paid' THEN samples ELSE 0 END) AS samples,"
+            " SUM(CASE WHEN pay_state = 'paid' THEN paid_units ELSE 0 END) AS paid, MAX(epoch) AS epoch"
             f" FROM reports {where} GROUP BY run_id, lease_id",
             args,
         )
@@ -270,7 +270,7 @@ def run_views(conn: sqlite3.Connection, rows: Sequence[sqlite3.Row], *, one: boo
         r["run_id"]: r["samples"]
         for r in conn.execute(
             f"SELECT run_id, SUM(samples) AS samples FROM reports {where}"
-            f" {'AND' if where else 'WHERE'} pay_state != 'voided' GROUP BY run_id",
+            f" {'AND' if where else 'WHERE'} pay_state = 'paid' GROUP BY run_id",
             args,
         )
     }
@@ -311,6 +311,7 @@ def run_views(conn: sqlite3.Connection, rows: Sequence[sqlite3.Row], *, one: boo
                 min_vram_gb=row["min_vram_gb"],
                 budget=from_units(row["budget_units"]),
                 escrow=from_units(books.get(book, 0)),
+                held=from_units(held),
                 # what left escrow and holds for peers and validators
                 spent=from_units(row["budget_units"] - books.get(book, 0) - held - refunded),
                 refunded=from_units(refunded),
@@ -660,9 +661,11 @@ def submit_audit(
     policy: runs.RunPolicy,
 ) -> AuditView:
     """Record a validator's recomputation; a peer whose failed epochs reach the run's ``ban_after`` is
-    banned from the run (its match ends, its lease returns to the market, its reports are refused)."""
+    banned from the run (its match ends, its lease returns to the market, its reports are refused, and
+    the pay still held for its other reports is forfeit: back to the escrow)."""
     sql.claim_nonce(conn, env)
     run = get_run(conn, run_id)
+    active_match(conn, run_id, env.account)  # a validator that left, dropped or was banned has no say
     audit = audit_store.submit(conn, now, run, env.account, audit_id, body)
     if audit["state"] == "failed":
         why = verification.banned(
@@ -674,6 +677,7 @@ def submit_audit(
         ).fetchone()
         if why is not None and match is not None:
             _end_match(conn, run_id, match, "banned")
+            audit_store.forfeit(conn, now, run_id, audit["account"])
             logger.info(f"Peer {audit['account'][:12]}... is banned from run {run_id}: {why}")
     advance(conn, now, policy, [run_id])
     return audit_store.audit_view(conn, audit_id)

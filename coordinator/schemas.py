@@ -263,8 +263,8 @@ class RunPeerView(View):
     joined_at: float | None = Field(description="When it first joined; its pay counts from then.")
     peer_id: str | None = Field(description="The libp2p id it joined with.")
     maddrs: list[str] = Field(description="Where other peers reach it.")
-    samples: int = Field(description="Samples of its reports under this match that were not voided.")
-    paid: Money = Field(description="Paid for those reports (pay held for audits is not counted yet).")
+    samples: int = Field(description="Samples of its paid reports under this match (audits passed or none).")
+    paid: Money = Field(description="Paid for those reports.")
     last_report_at: float | None
     epoch: int | None = Field(None, description="The last epoch it reported under this match.")
     audits_passed: int = Field(0, description="Audits of its reports in this run that passed.")
@@ -295,12 +295,16 @@ class RunView(View):
     min_vram_gb: float
     budget: Money
     escrow: Money
+    held: Money = Field("0", description="Pay of reports whose audits are pending (out of the escrow).")
     spent: Money
     refunded: Money = Field(description="Returned from the escrow to the owner.")
     target_samples: int = Field(
         description="spec.stop.samples (0 for a run created before specs were validated: no target)."
     )
-    samples: int = Field(description="Samples of all accepted reports.")
+    samples: int = Field(
+        description="Samples of paid reports (their audits passed, or the run audits nothing): the progress "
+        "toward target_samples; reports held for audits count once they pass."
+    )
     epoch: int = Field(description="Highest reported epoch + 1; 0 before any report.")
     loss: float | None = Field(description="Mean loss of the latest epoch that has reports.")
     peers: list[RunPeerView]

@@ -734,6 +734,7 @@ async def test_audits_hold_pay_until_a_validator_confirms_and_pay_the_validator(
         assert "held for 2 audits" in accepted.pay_reason
         view = await market.run(run.id)
         assert peer_of(view, a.account).paid == 0 and view.spent == 0  # nothing reached a peer yet
+        assert view.samples == 0 and view.held == accepted.paid  # unverified work is not progress
         assert await a.client.claim_audits(run.id, 8) == []  # nobody audits its own report
         tasks = await b.client.claim_audits(run.id, 8)
         assert sorted(t.index for t in tasks) == [0, 1]  # two micro-batches: both are audited
@@ -750,6 +751,7 @@ async def test_audits_hold_pay_until_a_validator_confirms_and_pay_the_validator(
         view = await market.run(run.id)
         mine, theirs = peer_of(view, a.account), peer_of(view, b.account)
         assert mine.paid == accepted.paid and (mine.audits_passed, mine.audits_failed) == (2, 0)
+        assert view.samples == mine.samples == 6 and view.held == 0
         audits = await market.client.audits(run.id)
         assert theirs.fees == sum((x.fee for x in audits), Decimal(0)) > 0  # paid for the recomputation
         assert view.spent == mine.paid + theirs.fees
@@ -763,15 +765,24 @@ async def test_failed_audits_void_the_pay_and_ban_the_cheat(market: Market) -> N
     async with Peer(market.server.url) as a, Peer(market.server.url) as b:
         run = await _audited_run(market, a, b)
         before = {o.account: o.reliability for o in await market.client.offers()}
-        for epoch in range(2):
-            body = report(epoch, samples=6, seconds=0.2)
+        bodies = [report(epoch, samples=6, seconds=0.2) for epoch in range(3)]
+        for body in bodies:
             await a.client.report(run.id, body)
-            for t in await b.client.claim_audits(run.id, 8):
-                verdict = await b.client.submit_audit(run.id, t.id, _answer(body, t.index, wrong=True))
-                assert verdict.state == "failed" and verdict.reason.startswith("gradient sketch is 2 from")
-            view = await market.run(run.id)
+        tasks = await b.client.claim_audits(run.id, 8)
+        assert [t.epoch for t in tasks] == [0, 0, 1, 1, 2, 2]
+        for t in tasks[:3]:  # epoch 0 fails twice, then the first audit of epoch 1 is the second failed epoch
+            verdict = await b.client.submit_audit(run.id, t.id, _answer(bodies[t.epoch], t.index, wrong=True))
+            assert verdict.state == "failed" and verdict.reason.startswith("gradient sketch is 2 from")
+        with pytest.raises(CoordinatorError) as caught:  # banned: its other audits ended with the ban
+            await b.client.submit_audit(run.id, tasks[4].id, _answer(bodies[2], tasks[4].index))
+        assert caught.value.code == "audit_decided"
+        view = await market.run(run.id)
         reports = await a.client.reports(run.id)
-        assert [(r.pay_state, r.pay_reason) for r in reports] == [("voided", "an audit failed")] * 2
+        assert [(r.pay_state, r.pay_reason) for r in reports] == [
+            ("voided", "an audit failed"),
+            ("voided", "an audit failed"),
+            ("voided", "forfeit: banned from the run"),  # not audited yet, and never paid
+        ]
         assert view.samples == 0  # voided samples do not count toward the target
         assert peer_of(view, a.account).state == "banned" and peer_of(view, a.account).paid == 0
         assert view.spent == peer_of(view, b.account).fees  # only the validator was paid
