@@ -145,8 +145,12 @@ class Replay(Honest):
         self.saved: Contribution | None = None
 
     def contribute(self, work: EpochWork) -> Contribution:
-        if self.saved is None:
-            self.saved = work.compute(True)
+        if self.saved is None or not self.saved.micro:
+            computed = work.compute(True)
+            # its own copy: the trainer reuses the update's tensors next epoch
+            self.saved = Contribution(
+                computed.micro, [u.detach().clone() for u in computed.update], computed.grads
+            )
             return self.saved
         saved, grads = self.saved, self.saved.grads
         assert grads is not None

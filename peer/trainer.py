@@ -441,12 +441,12 @@ class Trainer:
             spare_ids=self.stream.spare,
             shapes=[p.shape for p in self.params],
         )
-        contribution = self.behaviour.contribute(work)
+        contribution = self.behaviour.contribute(work) if chunks else work.compute(False)
         micro = contribution.micro  # validated with the report they belong to
         for b, update in zip(self.buffers, contribution.update, strict=True):
             b.copy_(update)
         samples = sum(len(m["ids"]) for m in micro)
-        group_size, in_step = self._average(epoch, samples, live, param_sketch)
+        group_size, in_step, reportable = self._average(epoch, samples, live, param_sketch)
         if not in_step:
             return
         if not all(bool(torch.isfinite(b).all()) for b in self.buffers):
@@ -457,7 +457,7 @@ class Trainer:
             return
         self._apply(start)
         seconds = time.monotonic() - started
-        if not samples:  # this peer owns too little of the data for a share of this step
+        if not samples or not reportable:  # too little data for a share of this step, or out of step
             return
         loss = sum(m["loss"] * len(m["ids"]) for m in micro) / samples
         try:
@@ -549,11 +549,13 @@ class Trainer:
 
     def _average(
         self, epoch: int, samples: int, live: list[str], param_sketch: list[float]
-    ) -> tuple[int, bool]:
-        """All-reduce this epoch's update; (group size, whether this peer is in step with the others)."""
+    ) -> tuple[int, bool, bool]:
+        """All-reduce this epoch's update; (group size, whether this peer is in step with the others,
+        whether its work of this epoch can be reported: not when it had to load the group's parameters,
+        since its gradients were taken at parameters no validator holds)."""
         assert self.averager is not None
         if len(live) == 1:
-            return 1, True
+            return 1, True, True
         if len(live) != self.group_target:
             try:
                 self.averager.set_target_group_size(len(live), self.spec.averaging.timeout_seconds)
@@ -569,11 +571,11 @@ class Trainer:
         )
         if gathered is None:
             logger.warning(f"Epoch {epoch}: no averaging group formed; catching up from the other peers")
-            return 1, self._catch_up(epoch)
+            return 1, self._catch_up(epoch), True
         if self._defers_to_group(gathered, param_sketch):
             logger.warning(f"Epoch {epoch}: parameters differ from the group's; loading theirs")
-            return len(gathered), self._catch_up(epoch, same_epoch=True)
-        return len(gathered), True
+            return len(gathered), self._catch_up(epoch, same_epoch=True), False
+        return len(gathered), True, True
 
     def _defers_to_group(self, gathered: dict[str, Any], param_sketch: list[float]) -> bool:
         """Whether the group's members disagree with this peer's parameters and this peer should give way:

@@ -36,6 +36,7 @@ def micro_batch_gradient(
 ) -> tuple[float, list[torch.Tensor]]:
     """The micro-batch's mean loss and the gradient of every parameter (zeros where it has none)."""
     torch.manual_seed(seed)
+    model.train()  # the mode the peer trained in: dropout and the like behave the same on both sides
     loss = task.loss(model, batch)
     model.zero_grad(set_to_none=True)
     loss.backward()
@@ -169,6 +170,6 @@ class Validator:
         key = (epoch, account)
         if key not in self._sketchers:
             self._sketchers[key] = Sketcher(self.n_params, grad_seed(self.run_id, epoch, account))
-            while len(self._sketchers) > 8:
+            while len(self._sketchers) > 2:  # each holds a model-sized vector of signs
                 self._sketchers.popitem(last=False)
         return self._sketchers[key]

@@ -32,6 +32,13 @@ class _Model(nn.Module):
             dim, heads, 4 * dim, dropout, activation="gelu", batch_first=True, norm_first=True
         )
         self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        for block in self.blocks.layers:  # the encoder deep-copies one layer: give each its own weights
+            for module in block.modules():
+                reset = getattr(module, "reset_parameters", None) or getattr(
+                    module, "_reset_parameters", None
+                )
+                if callable(reset) and module is not block:
+                    reset()
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, VOCABULARY)
 
@@ -54,7 +61,10 @@ class BytesLM(Task):
             return _Model(int(v["dim"]), int(v["layers"]), int(v["heads"]), float(v["dropout"]))
 
     def batch(self, records: list[dict[str, Any]]) -> torch.Tensor:
-        return torch.from_numpy(np.stack([r["tokens"] for r in records]).astype(np.int64))
+        tokens = torch.from_numpy(np.stack([r["tokens"] for r in records]).astype(np.int64))
+        if tokens.shape[1] > MAX_TOKENS + 1:
+            raise ValueError(f"samples of {tokens.shape[1]} bytes exceed bytes-lm's {MAX_TOKENS + 1}")
+        return tokens
 
     def loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         """Mean next-byte cross-entropy; samples have the same length, so it is a per-sample mean."""
@@ -62,10 +72,15 @@ class BytesLM(Task):
         return F.cross_entropy(logits.reshape(-1, VOCABULARY), batch[:, 1:].reshape(-1))
 
     def evaluate(self, model: nn.Module, batch: torch.Tensor) -> dict[str, float]:
-        with torch.no_grad():
-            logits = model(batch[:, :-1])
-            targets = batch[:, 1:]
-            return {
-                "loss": float(F.cross_entropy(logits.reshape(-1, VOCABULARY), targets.reshape(-1))),
-                "accuracy": float((logits.argmax(dim=-1) == targets).float().mean()),
-            }
+        training = model.training
+        model.eval()  # no dropout in the figures
+        try:
+            with torch.no_grad():
+                logits = model(batch[:, :-1])
+        finally:
+            model.train(training)
+        targets = batch[:, 1:]
+        return {
+            "loss": float(F.cross_entropy(logits.reshape(-1, VOCABULARY), targets.reshape(-1))),
+            "accuracy": float((logits.argmax(dim=-1) == targets).float().mean()),
+        }
