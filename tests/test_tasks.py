@@ -166,6 +166,9 @@ def test_bytes_lm_learns_next_bytes_and_seeds_its_dropout() -> None:
     task = load_task("bytes-lm", {"dim": 32, "layers": 1, "heads": 2, "dropout": 0.1})
     assert type(task) is BytesLM
     assert same(parameters(task.build_model(3)), parameters(task.build_model(3)))
+    deep = load_task("bytes-lm", {"dim": 32, "layers": 2, "heads": 2}).build_model(0)
+    first, second = (dict(layer.named_parameters()) for layer in deep.blocks.layers)
+    assert not torch.equal(first["linear1.weight"], second["linear1.weight"])  # layers start apart
     rows = [{"tokens": np.frombuffer(b"abcdefgh" * 4, dtype=np.uint8)} for _ in range(4)]
     batch = task.batch(rows)
     assert batch.shape == (4, 32) and batch.dtype == torch.long
