@@ -52,6 +52,8 @@ MIGRATION = """
     CREATE INDEX audits_run_state ON audits (run_id, state);
     CREATE INDEX audits_report ON audits (run_id, account, epoch);
     CREATE INDEX audits_pending_deadline ON audits (state, deadline);
+    ALTER TABLE audits ADD COLUMN first_failure TEXT;
+    ALTER TABLE peers ADD COLUMN verdicts_overturned INTEGER NOT NULL DEFAULT 0;
 """
 
 
@@ -145,8 +147,10 @@ def submit(
     body: AuditResultBody,
 ) -> sqlite3.Row:
     """Record a validator's answer to an audit it holds: declined (it goes back to the pool) or a verdict,
-    with the validator's fee, the audited peer's reputation and the report's pay settled. Returns the
-    audit's row as it now stands."""
+    with the validator's fee, the audited peer's reputation and the report's pay settled. A failure is
+    final only once a second validator confirms it, when the run has another one: if the second passes
+    the micro-batch, the first validator earns no fee and its overturned verdict lowers its reputation.
+    Returns the audit's row as it now stands."""
     audit = conn.execute("SELECT * FROM audits WHERE id = ? AND run_id = ?", (audit_id, run["id"])).fetchone()
     if audit is None:
         raise NotFound(f"audit {audit_id!r} does not exist in run {run['id']!r}", field="audit_id")
@@ -166,15 +170,7 @@ def submit(
             "UPDATE audits SET validator = NULL, claimed_at = NULL, declined = ? WHERE id = ?",
             (json.dumps(declined), audit_id),
         )
-        others = {
-            row["account"]
-            for row in conn.execute(
-                "SELECT account FROM matches WHERE run_id = ? AND state = 'active' AND joined_at IS NOT NULL"
-                " AND account != ?",
-                (run["id"], audit["account"]),
-            )
-        }
-        if others <= set(declined):  # nobody left who could recompute it: waiting would only delay
+        if _validators(conn, run["id"], audit) <= set(declined):  # nobody left who could recompute it
             conn.execute(
                 "UPDATE audits SET state = 'expired', reason = ?, decided_at = ? WHERE id = ?",
                 (f"every other peer declined; the last: {body.declined}"[:300], now, audit_id),
@@ -185,26 +181,56 @@ def submit(
     report = _report(conn, run["id"], audit["account"], audit["epoch"])
     claimed = json.loads(report["body"])["micro_batches"][audit["idx"]]
     result = verification.verdict(claimed["sketch"], claimed["loss"], body.sketch, body.loss, policy_of(run))
-    escrow = sql.book(conn, ledger.escrow_book(run["id"]))
-    fee = min(escrow, verification.audit_fee(report["paid_units"], audit["samples"], report["samples"]))
-    sql.post(conn, ledger.audit_fee(run["id"], validator, fee), now)
+    declined = json.loads(audit["declined"])
+    first = json.loads(audit["first_failure"]) if audit["first_failure"] else None
+    if not result.passed and first is None and _validators(conn, run["id"], audit) - {validator, *declined}:
+        # a failure costs the audited peer its pay and its standing: another validator recomputes it first
+        first = {"validator": validator, "reason": result.reason}
+        conn.execute(
+            """UPDATE audits SET validator = NULL, claimed_at = NULL, declined = ?, first_failure = ?
+               WHERE id = ?""",
+            (json.dumps([*declined, validator]), json.dumps(first), audit_id),
+        )
+        return _row(conn, audit_id)
+    fee = verification.audit_fee(report["paid_units"], audit["samples"], report["samples"])
+    paid = [validator]
+    reason = result.reason
+    if first is not None and result.passed:  # the first failure was wrong: no fee, and it counts against it
+        conn.execute(
+            "UPDATE peers SET verdicts_overturned = verdicts_overturned + 1 WHERE account = ?",
+            (first["validator"],),
+        )
+        reason += f"; overturns the failure reported by {first['validator'][:12]}..."
+    elif first is not None:
+        paid.append(first["validator"])
+        reason += f"; confirms the failure reported by {first['validator'][:12]}..."
+    total = 0
+    for who in paid:
+        units = min(sql.book(conn, ledger.escrow_book(run["id"])), fee)
+        sql.post(conn, ledger.audit_fee(run["id"], who, units), now)
+        total += units
     state = "passed" if result.passed else "failed"
     conn.execute(
         """UPDATE audits SET state = ?, distance = ?, reason = ?, fee_units = ?, decided_at = ?
            WHERE id = ?""",
-        (
-            state,
-            result.distance if result.distance < float("inf") else None,
-            result.reason,
-            fee,
-            now,
-            audit_id,
-        ),
+        (state, result.distance if result.distance < float("inf") else None, reason, total, now, audit_id),
     )
     column = "audits_passed" if result.passed else "audits_failed"
     conn.execute(f"UPDATE peers SET {column} = {column} + 1 WHERE account = ?", (audit["account"],))
     settle_report(conn, now, run["id"], audit["account"], audit["epoch"])
     return _row(conn, audit_id)
+
+
+def _validators(conn: sqlite3.Connection, run_id: str, audit: sqlite3.Row) -> set[str]:
+    """Who could recompute the audit: the run's joined peers with an active match, but the audited one."""
+    return {
+        row["account"]
+        for row in conn.execute(
+            "SELECT account FROM matches WHERE run_id = ? AND state = 'active' AND joined_at IS NOT NULL"
+            " AND account != ?",
+            (run_id, audit["account"]),
+        )
+    }
 
 
 def failed_epochs(conn: sqlite3.Connection, run_id: str, account: str) -> int:
@@ -329,6 +355,7 @@ def _view(row: sqlite3.Row) -> AuditView:
         distance=row["distance"],
         reason=row["reason"],
         fee=from_units(row["fee_units"]),
+        first_failure=json.loads(row["first_failure"]) if row["first_failure"] else None,
         created_at=row["created_at"],
         decided_at=row["decided_at"],
     )

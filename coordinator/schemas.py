@@ -444,7 +444,11 @@ class AuditView(View):
     validator: AccountId | None = Field(description="Who holds or held the audit.")
     distance: float | None = Field(description="Relative distance of the claimed and recomputed sketch.")
     reason: str
-    fee: Money = Field(description="Paid to the validator from the run's escrow.")
+    fee: Money = Field(description="Paid to the validators from the run's escrow.")
+    first_failure: dict[str, str] | None = Field(
+        None,
+        description="A failure waiting for (or decided by) a second validator: its validator and reason.",
+    )
     created_at: float
     decided_at: float | None
 

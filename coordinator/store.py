@@ -211,7 +211,7 @@ def _reliability(conn: sqlite3.Connection, account: str) -> float:
 def _standing(row: Mapping[str, Any]) -> float:
     """A peer's reliability as the market prices it: uptime against lapses, times its audit reputation."""
     return leases.reliability(row["uptime"], row["lapses"]) * verification.reputation(
-        row["audits_passed"], row["audits_failed"]
+        row["audits_passed"], row["audits_failed"] + row["verdicts_overturned"]
     )
 
 
@@ -300,7 +300,8 @@ class SQLiteStore:
         )
 
     _OFFER_QUERY = """
-        SELECT o.*, l.state AS lease_state, l.run_id, p.uptime, p.lapses, p.audits_passed, p.audits_failed
+        SELECT o.*, l.state AS lease_state, l.run_id, p.uptime, p.lapses, p.audits_passed, p.audits_failed,
+               p.verdicts_overturned
         FROM offers o JOIN leases l ON l.id = o.lease_id JOIN peers p ON p.account = o.account
     """
 
@@ -530,7 +531,7 @@ class SQLiteStore:
 
     _ASKS_QUERY = """
         SELECT l.id AS lease_id, o.account, o.price_units, o.tflops, o.vram_gb, p.uptime, p.lapses,
-               p.audits_passed, p.audits_failed
+               p.audits_passed, p.audits_failed, p.verdicts_overturned
         FROM leases l JOIN offers o ON o.lease_id = l.id JOIN peers p ON p.account = o.account
         WHERE l.state = 'active' AND l.run_id IS NULL AND o.roles LIKE '%"trainer"%'
           -- a peer that gave a run its place back (it cannot train it) or was banned from it sits out

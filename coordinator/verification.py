@@ -145,7 +145,8 @@ def banned(failed_epochs: int, policy: AuditPolicy) -> str | None:
 
 
 def reputation(passed: int, failed: int) -> float:
-    """A peer's standing from its audits, in (0, 1]: 1 with no failure, lower with each failed audit."""
+    """A peer's standing from its audits, in (0, 1]: 1 with no failure, lower with each failed audit of
+    its work (and each of its own verdicts another validator overturned)."""
     good = passed + REPUTATION_PRIOR_PASSES
     return good / (good + FAILURE_WEIGHT * failed)
 

@@ -729,6 +729,7 @@ async def test_audits_hold_pay_until_a_validator_confirms_and_pay_the_validator(
     async with Peer(market.server.url) as a, Peer(market.server.url) as b:
         run = await _audited_run(market, a, b)
         body = report(0, samples=6, seconds=0.2)
+        await wait_for_clock(time.time() + 0.3)  # 0.2 s of compute fit since the join: paid for all of it
         accepted = await a.client.report(run.id, body)
         assert accepted.pay_state == "held" and accepted.paid > 0, accepted
         assert "held for 2 audits" in accepted.pay_reason
@@ -886,4 +887,47 @@ async def test_an_audited_run_needs_two_peers_and_a_peer_left_alone_is_not_audit
         }
         view = await market.run(run.id)
         assert view.spent == 0 and view.samples == 0
+        await market.conserved()
+
+
+async def test_a_failure_needs_a_second_validator_and_a_false_one_costs_its_validator(market: Market) -> None:
+    async with Peer(market.server.url) as a, Peer(market.server.url) as b, Peer(market.server.url) as c:
+        run = await market.launch(peers=(3, 3), target=1000, verification=AUDITED)
+        await market.clear()
+        for peer in (a, b, c):
+            await peer.join(run.id)
+        before = {o.account: o.reliability for o in await market.client.offers()}
+        await wait_for_clock(time.time() + 0.3)
+        honest = report(0, samples=6, seconds=0.2)
+        await a.client.report(run.id, honest)
+        lied, truthful = await b.client.claim_audits(run.id, 8)
+        pending = await b.client.submit_audit(run.id, lied.id, _answer(honest, lied.index, wrong=True))
+        assert pending.state == "pending" and pending.first_failure["validator"] == b.account  # not final
+        assert lied.id not in [
+            t.id for t in await b.client.claim_audits(run.id, 8)
+        ]  # b cannot confirm itself
+        await b.client.submit_audit(run.id, truthful.id, _answer(honest, truthful.index))
+        (second,) = await c.client.claim_audits(run.id, 8)
+        overturned = await c.client.submit_audit(run.id, second.id, _answer(honest, second.index))
+        assert overturned.state == "passed" and "overturns the failure reported by" in overturned.reason
+        (paid,) = await a.client.reports(run.id)
+        assert paid.pay_state == "paid"  # the honest peer lost nothing to the lie
+        after = {o.account: o.reliability for o in await market.client.offers()}
+        assert after[b.account] < before[b.account] and after[a.account] >= before[a.account]
+        view = await market.run(run.id)
+        assert peer_of(view, c.account).fees > 0 and peer_of(view, a.account).audits_failed == 0
+
+        cheat = report(1, samples=6, seconds=0.2)
+        await a.client.report(run.id, cheat)
+        first, other = await c.client.claim_audits(run.id, 8)
+        assert (
+            await c.client.submit_audit(run.id, first.id, _answer(cheat, first.index, wrong=True))
+        ).state == ("pending")
+        await c.client.submit_audit(run.id, other.id, _answer(cheat, other.index))
+        (confirming,) = [t for t in await b.client.claim_audits(run.id, 8) if t.id == first.id]
+        confirmed = await b.client.submit_audit(
+            run.id, confirming.id, _answer(cheat, confirming.index, wrong=True)
+        )
+        assert confirmed.state == "failed" and "confirms the failure reported by" in confirmed.reason
+        assert [r.pay_state for r in await a.client.reports(run.id)] == ["paid", "voided"]
         await market.conserved()
