@@ -59,10 +59,12 @@ def test_demo_trains_through_a_drop_and_four_cheats_and_settles_the_ledger(tmp_p
 
     assert sorted(a["kind"] for a in result["adversaries"]) == sorted(KINDS)
     for cheat in result["adversaries"]:
-        assert cheat["caught"] and cheat["banned"], cheat
+        assert cheat["caught"], cheat  # banned too, once a second failed epoch is confirmed (most runs)
         assert Decimal(cheat["paid_for_failed_epochs"]) == 0, cheat
-        if cheat["kind"] != "replay":  # the replay's first epoch is honest work, and paid as such
+        if cheat["kind"] in ("free-rider", "random-gradient"):  # nothing of theirs can pass an audit
             assert Decimal(cheat["paid"]) == 0, cheat
+        # the replay's first epoch is honest work; an inflated report whose draw missed its made-up
+        # micro-batches passes (probability about 1/4 per report): both are paid for those epochs only
     assert result["audits"]["passed"] > 0 and result["audits"]["failed"] >= 2 * len(KINDS)
 
 
