@@ -65,7 +65,7 @@ def test_demo_trains_through_a_drop_and_four_cheats_and_settles_the_ledger(tmp_p
             assert Decimal(cheat["paid"]) == 0, cheat
         # the replay's first epoch is honest work; an inflated report whose draw missed its made-up
         # micro-batches passes (probability about 1/4 per report): both are paid for those epochs only
-    assert result["audits"]["passed"] > 0 and result["audits"]["failed"] >= 2 * len(KINDS)
+    assert result["audits"]["passed"] > 0 and result["audits"]["failed"] >= len(KINDS)
 
 
 def _p2pd() -> set[int]:
