@@ -7,8 +7,9 @@ puts into the all-reduce and the micro-batches it reports (sample ids, loss, gra
 - ``free-rider``: computes nothing, puts zeros into the all-reduce and reports its share of the samples
   with made-up sketches;
 - ``random-gradient``: computes nothing and sends random noise, reporting sketches of that noise;
-- ``inflated-samples``: computes its share honestly, then reports as many samples again (ids it did not
-  process) with sketches copied from the ones it computed;
+- ``inflated-samples``: computes its share honestly, then reports as many samples again (the ids that
+  come next in its own order, which it did not process; fewer near the end of a pass) with sketches
+  copied from the ones it computed, and weighs its update in the all-reduce by the inflated count;
 - ``replay``: computes its first epoch honestly, then sends that epoch's update again every epoch,
   reporting sketches of the old gradients under the new epoch's projections.
 

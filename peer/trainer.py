@@ -632,9 +632,9 @@ class Trainer:
             self.model.zero_grad(set_to_none=True)
             self.epoch += 1
             self.snapshot = None
-            if self.snapshots is not None:
-                self.snapshots.forget_from(self.epoch)
-                self._start_of(self.epoch)
+        if self.snapshots is not None:  # only this thread changes the parameters: no lock to read them
+            self.snapshots.forget_from(self.epoch)
+            self._start_of(self.epoch)
         assert self.averager is not None
         self.averager.state_sharing_priority = self.epoch
 
