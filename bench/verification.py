@@ -111,6 +111,7 @@ def audit_task(epoch: int, index: int, micro: dict[str, Any], param_sketch: list
         index=index,
         ids=micro["ids"],
         param_sketch=param_sketch,
+        device="cpu",
     )
 
 

@@ -126,6 +126,7 @@ def claim(
                 index=row["idx"],
                 ids=report["micro_batches"][row["idx"]]["ids"],
                 param_sketch=report["param_sketch"],
+                device=report.get("device", "cpu"),
             )
         )
         if row["validator"] not in (None, validator):  # taken over: the lapsed holder never gets it back

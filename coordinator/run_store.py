@@ -507,6 +507,7 @@ def add_report(
         "group_size": body.group_size,
         "param_sketch": body.param_sketch,
         "micro_batches": [b.model_dump(mode="json") for b in body.micro_batches],
+        "device": body.device,
     }
     conn.execute(
         """INSERT INTO reports (run_id, account, epoch, lease_id, samples, loss, seconds, paid_units,

@@ -349,6 +349,13 @@ class ReportBody(Body):
     group_size: int = Field(ge=1, le=100_000, description="Peers in the epoch's averaging round.")
     param_sketch: Sketch = Field(description="Sketch of the parameters at the epoch's start.")
     micro_batches: list[MicroBatch] = Field(min_length=1, max_length=4096)
+    device: str = Field(
+        "cpu",
+        min_length=1,
+        max_length=100,
+        description="What computed the gradients (`cpu`, or the GPU's name): random layers such as dropout "
+        "draw the same masks only on the same kind of device.",
+    )
 
     @model_validator(mode="after")
     def _samples_are_the_ids(self) -> ReportBody:
@@ -410,6 +417,7 @@ class AuditTask(View):
     index: int
     ids: list[int]
     param_sketch: list[float]
+    device: str = Field(description="What computed the audited gradients (ReportBody.device).")
 
 
 class AuditTaskList(View):

@@ -63,7 +63,7 @@ from peer.settings import PeerSettings, load_settings
 from peer.sketch import Sketcher, grad_seed, params_seed
 from peer.spec import RunSpec, SpecError, describe, validate_spec
 from peer.tasks import Task, TaskError, load_task
-from peer.validator import Snapshots, Validator, compute_micro_batches, micro_seed
+from peer.validator import Snapshots, Validator, compute_micro_batches, device_name, micro_seed
 
 logger = get_logger(__name__)
 
@@ -469,6 +469,7 @@ class Trainer:
                 group_size=group_size,
                 param_sketch=param_sketch,
                 micro_batches=[MicroBatch(**m) for m in micro],
+                device=device_name(self.device),
             )
         except ValidationError as e:  # a loss that is not finite, say: no report, training goes on
             logger.warning(f"Epoch {epoch} is not reported: {describe(e, 'report')}")

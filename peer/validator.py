@@ -26,6 +26,23 @@ from peer.sketch import Sketcher, grad_seed, seed_of
 from peer.tasks import Task
 
 
+def device_name(device: torch.device) -> str:
+    """How a report names what computed it: ``cpu``, or the GPU's model (``NVIDIA H100 80GB HBM3``)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def uses_randomness(model: torch.nn.Module) -> bool:
+    """Whether a forward pass in training mode draws random numbers (dropout in its usual forms): then
+    only a validator on the same kind of device reproduces a gradient (seeded masks differ across
+    devices)."""
+    for module in model.modules():
+        p = getattr(module, "p", None) if isinstance(module, torch.nn.modules.dropout._DropoutNd) else None
+        rate = p if p is not None else getattr(module, "dropout", 0.0)
+        if isinstance(rate, float) and rate > 0:
+            return True
+    return False
+
+
 def micro_seed(run_id: str, epoch: int, account: str, index: int) -> int:
     """The random seed of a micro-batch's forward pass (dropout and the like), the same for a validator."""
     return seed_of("hivemarket-micro", run_id, epoch, account, index)
@@ -139,6 +156,8 @@ class Validator:
         self.device = device
         self._sketchers: OrderedDict[tuple[int, str], Sketcher] = OrderedDict()
         self._loaded: Snapshot | None = None  # recomputing leaves the parameters as they were loaded
+        self.random = uses_randomness(model)
+        self.device_name = device_name(device or torch.device("cpu"))
 
     def recompute(self, audit: AuditTask) -> AuditResultBody:
         """The recomputed sketch and loss, or a declined answer saying why this peer cannot recompute."""
@@ -147,6 +166,11 @@ class Validator:
             return AuditResultBody(
                 declined=f"this peer does not hold epoch {audit.epoch}'s parameters "
                 f"({self.snapshots.describe()})"
+            )
+        if self.random and audit.device != self.device_name:
+            return AuditResultBody(
+                declined=f"this model draws random masks (dropout), which differ between devices: the "
+                f"audited peer computed on {audit.device!r}, this one on {self.device_name!r}"[:300]
             )
         distance = relative_distance(snapshot.param_sketch, audit.param_sketch)
         if not distance <= self.agreement:

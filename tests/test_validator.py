@@ -68,6 +68,7 @@ def audits_of(contribution: Contribution, epoch: int, param_sketch: list[float])
             index=i,
             ids=m["ids"],
             param_sketch=param_sketch,
+            device="cpu",
         )
         for i, m in enumerate(contribution.micro)
     ]
@@ -135,7 +136,9 @@ def test_a_validator_declines_epochs_it_does_not_hold_or_whose_parameters_differ
         snapshots.put(epoch, model, sketches[epoch])
     assert snapshots.get(0) is None and snapshots.get(2) is not None  # the window keeps the last two
     validator = validator_for(setup, snapshots)
-    task = AuditTask(id="x", run_id=RUN, epoch=0, account=PEER, index=0, ids=[1, 2], param_sketch=sketches[0])
+    task = AuditTask(
+        id="x", run_id=RUN, epoch=0, account=PEER, index=0, ids=[1, 2], param_sketch=sketches[0], device="cpu"
+    )
     assert validator.recompute(task).declined == (
         "this peer does not hold epoch 0's parameters (it holds epochs 1-2 of the last 2 it trained)"
     )
@@ -144,3 +147,29 @@ def test_a_validator_declines_epochs_it_does_not_hold_or_whose_parameters_differ
     assert declined is not None and "differ from the audited peer's" in declined
     snapshots.forget_from(2)
     assert snapshots.get(2) is None and snapshots.get(1) is not None
+
+
+def test_a_model_with_dropout_is_audited_only_on_the_same_kind_of_device(setup: Setup) -> None:
+    from peer.tasks.bytes_lm import BytesLM
+
+    task = BytesLM(dim=16, layers=1, heads=2, dropout=0.1)
+    model = task.build_model(0)
+    n_params = sum(p.numel() for p in model.parameters())
+    snapshots = Snapshots(keep=2)
+    param_sketch = Sketcher(n_params, params_seed(RUN, 0))(model.parameters())
+    snapshots.put(0, model, param_sketch)
+    validator = Validator(RUN, task, task.build_model(1), setup.reader, snapshots, agreement=1e-4)
+    audit = AuditTask(
+        id="x",
+        run_id=RUN,
+        epoch=0,
+        account=PEER,
+        index=0,
+        ids=[1],
+        param_sketch=param_sketch,
+        device="NVIDIA H100",
+    )
+    declined = validator.recompute(audit).declined
+    assert declined is not None and "draws random masks (dropout)" in declined and "'NVIDIA H100'" in declined
+    plain = Validator(RUN, setup.task, setup.model(), setup.reader, Snapshots(keep=1), agreement=1e-4)
+    assert not plain.random  # the digits MLP has no dropout: any device may recompute it
