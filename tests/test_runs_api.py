@@ -187,15 +187,33 @@ class Market:
         assert audit.conserved, audit
 
 
-@pytest.fixture
-async def market(server: CoordinatorProcess) -> AsyncIterator[Market]:
+@contextlib.asynccontextmanager
+async def market_on(server: CoordinatorProcess, funds: str) -> AsyncIterator[Market]:
+    """A launcher funded with ``funds`` and the admin, on ``server``."""
     launcher = Identity.generate()
     async with (
         CoordinatorClient(server.url, launcher, settings=FAST) as client,
         CoordinatorClient(server.url, server.admin, settings=FAST) as admin,
     ):
-        await admin.deposit(launcher.account, "100")
+        await admin.deposit(launcher.account, funds)
         yield Market(server, client, admin)
+
+
+@contextlib.asynccontextmanager
+async def own_market(tmp_path: Path, funds: str, **env: str) -> AsyncIterator[Market]:
+    """A market on a server of its own, started with ``env`` (shorter timeouts, say), stopped after."""
+    server = start(tmp_path, **env)
+    try:
+        async with market_on(server, funds) as market:
+            yield market
+    finally:
+        stop(server)
+
+
+@pytest.fixture
+async def market(server: CoordinatorProcess) -> AsyncIterator[Market]:
+    async with market_on(server, "100") as market:
+        yield market
 
 
 async def wait_for_clock(moment: float) -> None:
@@ -580,30 +598,20 @@ async def test_target_settles_then_the_model_finishes_the_run(market: Market, tm
 
 
 async def test_settle_timeout_finishes_without_a_model(tmp_path: Path) -> None:
-    server = start(tmp_path, HIVEMARKET_SETTLE_TIMEOUT="1")
-    try:
-        async with (
-            CoordinatorClient(server.url, Identity.generate(), settings=FAST) as client,
-            CoordinatorClient(server.url, server.admin, settings=FAST) as admin,
-        ):
-            await admin.deposit(client.identity.account, "10")
-            market = Market(server, client, admin)
-            async with Peer(server.url) as a:
-                run = await market.launch(target=4, budget="10")
-                await market.clear()
-                await a.join(run.id)
-                await a.client.report(run.id, report(0, seconds=0.001))
-                assert (await market.run(run.id)).state == "settling"
-                view = await market.until(run.id, "the settle timeout", lambda v: v.state == "finished")
-                assert (view.reason, view.model) == ("no model uploaded within 1 s of settling", None)
-                assert view.escrow == 0 and view.refunded == Decimal("10") - view.spent
-                assert all(p.state == "released" for p in view.peers)
-                await market.conserved()
-    finally:
-        stop(server)
-
-
-# ------------------------------------------------------------------------------------------------ schema
+    async with (
+        own_market(tmp_path, "10", HIVEMARKET_SETTLE_TIMEOUT="1") as market,
+        Peer(market.server.url) as a,
+    ):
+        run = await market.launch(target=4, budget="10")
+        await market.clear()
+        await a.join(run.id)
+        await a.client.report(run.id, report(0, seconds=0.001))
+        assert (await market.run(run.id)).state == "settling"
+        view = await market.until(run.id, "the settle timeout", lambda v: v.state == "finished")
+        assert (view.reason, view.model) == ("no model uploaded within 1 s of settling", None)
+        assert view.escrow == 0 and view.refunded == Decimal("10") - view.spent
+        assert all(p.state == "released" for p in view.peers)
+        await market.conserved()
 
 
 async def test_an_existing_database_migrates(tmp_path: Path) -> None:
@@ -798,48 +806,44 @@ async def test_failed_audits_void_the_pay_and_ban_the_cheat(market: Market) -> N
 
 
 async def test_audits_nobody_can_do_expire_and_the_report_stays_unpaid(tmp_path: Path) -> None:
-    server = start(tmp_path, HIVEMARKET_AUDIT_TIMEOUT="1", HIVEMARKET_AUDIT_CLAIM_TIMEOUT="0.5")
-    try:
-        async with (
-            CoordinatorClient(server.url, Identity.generate(), settings=FAST) as client,
-            CoordinatorClient(server.url, server.admin, settings=FAST) as admin,
-        ):
-            await admin.deposit(client.identity.account, "10")
-            market = Market(server, client, admin)
-            async with Peer(server.url) as a, Peer(server.url) as b, Peer(server.url) as c:
-                run = await market.launch(peers=(3, 3), target=1000, verification=AUDITED)
-                await market.clear()
-                for peer in (a, b, c):
-                    await peer.join(run.id)
-                body = report(0, samples=6)
-                await a.client.report(run.id, body)
-                first, second = await b.client.claim_audits(run.id, 8)
-                # a declined audit goes to another validator; when every other peer declined, it expires
-                await b.client.submit_audit(run.id, first.id, AuditResultBody(declined="not my epoch"))
-                assert first.id not in [t.id for t in await b.client.claim_audits(run.id, 8)]
-                assert first.id in [t.id for t in await c.client.claim_audits(run.id, 8)]
-                declined = await c.client.submit_audit(run.id, first.id, AuditResultBody(declined="nor mine"))
-                assert declined.state == "expired" and "every other peer declined" in declined.reason
-                # b holds the second audit and never answers: after its claim lapses, c may take it;
-                # nobody answers, and at the deadline it expires
-                with pytest.raises(CoordinatorError) as caught:
-                    await c.client.submit_audit(run.id, second.id, _answer(body, second.index))
-                assert (caught.value.status, caught.value.code) == (409, "audit_not_held")
-                deadline = time.monotonic() + 10
-                while second.id not in [t.id for t in await c.client.claim_audits(run.id, 8)]:
-                    assert time.monotonic() < deadline, "b's claim never lapsed"
-                    await asyncio.sleep(0.1)
-                while (await a.client.reports(run.id))[0].pay_state == "held":
-                    assert time.monotonic() < deadline, "the audit never expired"
-                    await asyncio.sleep(0.1)
-                (unpaid,) = await a.client.reports(run.id)
-                assert unpaid.pay_state == "voided" and "expired" in unpaid.pay_reason
-                view = await market.run(run.id)
-                assert view.spent == 0 and view.escrow == Decimal("10")  # the held pay went back
-                audit = await client.audit()
-                assert audit.conserved, audit
-    finally:
-        stop(server)
+    env = {"HIVEMARKET_AUDIT_TIMEOUT": "1", "HIVEMARKET_AUDIT_CLAIM_TIMEOUT": "0.5"}
+    async with (
+        own_market(tmp_path, "10", **env) as market,
+        Peer(market.server.url) as a,
+        Peer(market.server.url) as b,
+        Peer(market.server.url) as c,
+    ):
+        run = await market.launch(peers=(3, 3), target=1000, verification=AUDITED)
+        await market.clear()
+        for peer in (a, b, c):
+            await peer.join(run.id)
+        body = report(0, samples=6)
+        await a.client.report(run.id, body)
+        first, second = await b.client.claim_audits(run.id, 8)
+        # a declined audit goes to another validator; when every other peer declined, it expires
+        await b.client.submit_audit(run.id, first.id, AuditResultBody(declined="not my epoch"))
+        assert first.id not in [t.id for t in await b.client.claim_audits(run.id, 8)]
+        assert first.id in [t.id for t in await c.client.claim_audits(run.id, 8)]
+        declined = await c.client.submit_audit(run.id, first.id, AuditResultBody(declined="nor mine"))
+        assert declined.state == "expired" and "every other peer declined" in declined.reason
+        # b holds the second audit and never answers: after its claim lapses, c may take it;
+        # nobody answers, and at the deadline it expires
+        with pytest.raises(CoordinatorError) as caught:
+            await c.client.submit_audit(run.id, second.id, _answer(body, second.index))
+        assert (caught.value.status, caught.value.code) == (409, "audit_not_held")
+        deadline = time.monotonic() + 10
+        while second.id not in [t.id for t in await c.client.claim_audits(run.id, 8)]:
+            assert time.monotonic() < deadline, "b's claim never lapsed"
+            await asyncio.sleep(0.1)
+        while (await a.client.reports(run.id))[0].pay_state == "held":
+            assert time.monotonic() < deadline, "the audit never expired"
+            await asyncio.sleep(0.1)
+        (unpaid,) = await a.client.reports(run.id)
+        assert unpaid.pay_state == "voided" and "expired" in unpaid.pay_reason
+        view = await market.run(run.id)
+        assert view.spent == 0 and view.escrow == Decimal("10")  # the held pay went back
+        audit = await market.client.audit()
+        assert audit.conserved, audit
 
 
 async def test_a_validator_answer_is_checked(market: Market) -> None:
