@@ -49,10 +49,11 @@ import torch
 
 from coordinator.schemas import AuditTask
 from coordinator.verification import AuditPolicy, choose_audits, verdict
-from peer.adversary import KINDS, behaviour, local_work
+from peer.adversary import KINDS, EpochWork, behaviour, local_work
 from peer.data.examples import build_example
 from peer.data.reader import DatasetReader
 from peer.sketch import Sketcher, grad_seed, params_seed
+from peer.tasks import Task
 from peer.tasks.bytes_lm import BytesLM
 from peer.tasks.digits import DigitsMLP
 from peer.trainer import train_ids
@@ -102,6 +103,26 @@ def sketchers(n_params: int, epoch: int) -> tuple[Sketcher, Sketcher]:
     return Sketcher(n_params, grad_seed(RUN, epoch, PEER)), Sketcher(n_params, params_seed(RUN, epoch))
 
 
+def start_epoch(
+    task: Task,
+    model: torch.nn.Module,
+    data: Data,
+    stream: Epochs,
+    snapshots: Snapshots,
+    epoch: int,
+    device: str = "cpu",
+) -> tuple[EpochWork, list[float]]:
+    """What a peer does as an epoch starts: keep the start parameters for audits, and set up the epoch's
+    work on its next micro-batches; the work, and the parameter sketch its reports carry."""
+    n_params = sum(p.numel() for p in model.parameters())
+    grads, params = sketchers(n_params, epoch)
+    param_sketch = params(model.parameters())
+    snapshots.put(epoch, model, param_sketch)
+    seed = lambda i: micro_seed(RUN, epoch, PEER, i)  # noqa: E731
+    work = local_work(task, model, data.reader, stream.next(), grads, seed, stream.spare, device=device)
+    return work, param_sketch
+
+
 def audit_task(epoch: int, index: int, micro: dict[str, Any], param_sketch: list[float]) -> AuditTask:
     return AuditTask(
         id=f"a{index}",
@@ -131,24 +152,12 @@ def catch_trials(data: Data, kind: str, args: argparse.Namespace, policy: AuditP
     distances: list[float] = []  # of the audit that caught each trial
     for trial in range(args.trials):
         key, model = secrets.token_bytes(32), task.build_model(trial)
-        n_params = sum(p.numel() for p in model.parameters())
         snapshots = Snapshots(keep=args.epochs)
         validator = Validator(RUN, task, task.build_model(0), data.reader, snapshots, agreement=1e-4)
         cheat, stream = behaviour(kind), Epochs(data.ids, trial, args.micro_batches, args.per_peer)  # type: ignore[arg-type]
         caught_at.append(None)
         for epoch in range(args.epochs):
-            grads, params = sketchers(n_params, epoch)
-            param_sketch = params(model.parameters())
-            snapshots.put(epoch, model, param_sketch)
-            work = local_work(
-                task,
-                model,
-                data.reader,
-                stream.next(),
-                grads,
-                lambda i, e=epoch: micro_seed(RUN, e, PEER, i),
-                stream.spare,
-            )
+            work, param_sketch = start_epoch(task, model, data, stream, snapshots, epoch)
             report = cheat.contribute(work).micro
             failed = []
             for i in choose_audits(key, epoch, PEER, len(report), policy):
@@ -207,24 +216,12 @@ def honest_audits(data: Data, args: argparse.Namespace, policy: AuditPolicy) -> 
     per_condition = -(-args.honest_audits // len(found))
     for name, (context, device) in found.items():
         model = task.build_model(1).to(device)
-        n_params = sum(p.numel() for p in model.parameters())
         snapshots = Snapshots(keep=2)
         validator = Validator(RUN, task, task.build_model(0), data.reader, snapshots, agreement=1e-4)
         stream = Epochs(data.ids, 7, args.micro_batches, args.per_peer)
         distances, gaps, failed, audits, epoch = [], [], 0, 0, 0
         while audits < per_condition:
-            grads, params = sketchers(n_params, epoch)
-            param_sketch = params(model.parameters())
-            snapshots.put(epoch, model, param_sketch)
-            work = local_work(
-                task,
-                model,
-                data.reader,
-                stream.next(),
-                grads,
-                lambda i, e=epoch: micro_seed(RUN, e, PEER, i),
-                device=device,
-            )
+            work, param_sketch = start_epoch(task, model, data, stream, snapshots, epoch, device)
             with context():
                 contribution = behaviour(None).contribute(work)
             for i, micro in enumerate(contribution.micro):
