@@ -171,7 +171,7 @@ def submit(
             "UPDATE audits SET validator = NULL, claimed_at = NULL, declined = ? WHERE id = ?",
             (json.dumps(declined), audit_id),
         )
-        if _validators(conn, run["id"], audit) <= set(declined):  # nobody left who could recompute it
+        if _validators(conn, audit) <= set(declined):  # nobody left who could recompute it
             conn.execute(
                 "UPDATE audits SET state = 'expired', reason = ?, decided_at = ? WHERE id = ?",
                 (f"every other peer declined; the last: {body.declined}"[:300], now, audit_id),
@@ -184,7 +184,7 @@ def submit(
     result = verification.verdict(claimed["sketch"], claimed["loss"], body.sketch, body.loss, policy_of(run))
     declined = json.loads(audit["declined"])
     first = json.loads(audit["first_failure"]) if audit["first_failure"] else None
-    if not result.passed and first is None and _validators(conn, run["id"], audit) - {validator, *declined}:
+    if not result.passed and first is None and _validators(conn, audit) - {validator, *declined}:
         # a failure costs the audited peer its pay and its standing: another validator recomputes it first
         first = {"validator": validator, "reason": result.reason}
         conn.execute(
@@ -214,7 +214,7 @@ def submit(
     conn.execute(
         """UPDATE audits SET state = ?, distance = ?, reason = ?, fee_units = ?, decided_at = ?
            WHERE id = ?""",
-        (state, result.distance if result.distance < float("inf") else None, reason, total, now, audit_id),
+        (state, result.distance, reason, total, now, audit_id),
     )
     column = "audits_passed" if result.passed else "audits_failed"
     conn.execute(f"UPDATE peers SET {column} = {column} + 1 WHERE account = ?", (audit["account"],))
@@ -222,14 +222,19 @@ def submit(
     return _row(conn, audit_id)
 
 
-def _validators(conn: sqlite3.Connection, run_id: str, audit: sqlite3.Row) -> set[str]:
-    """Who could recompute the audit: the run's joined peers with an active match, but the audited one."""
+#: The matches of an audit's possible validators: the run's joined peers with an active match, but the
+#: audited one (``a`` is the audit, ``m`` the match).
+_VALIDATOR_MATCH = (
+    "m.run_id = a.run_id AND m.state = 'active' AND m.joined_at IS NOT NULL AND m.account != a.account"
+)
+
+
+def _validators(conn: sqlite3.Connection, audit: sqlite3.Row) -> set[str]:
+    """Who could recompute the audit."""
     return {
         row["account"]
         for row in conn.execute(
-            "SELECT account FROM matches WHERE run_id = ? AND state = 'active' AND joined_at IS NOT NULL"
-            " AND account != ?",
-            (run_id, audit["account"]),
+            f"SELECT m.account FROM matches m, audits a WHERE a.id = ? AND {_VALIDATOR_MATCH}", (audit["id"],)
         )
     }
 
@@ -269,9 +274,7 @@ def settle_report(conn: sqlite3.Connection, now: float, run_id: str, account: st
     return outcome
 
 
-_NO_OTHER_VALIDATOR = """NOT EXISTS (
-    SELECT 1 FROM matches m WHERE m.run_id = a.run_id AND m.state = 'active' AND m.joined_at IS NOT NULL
-      AND m.account != a.account)"""
+_NO_OTHER_VALIDATOR = f"NOT EXISTS (SELECT 1 FROM matches m WHERE {_VALIDATOR_MATCH})"
 
 
 def expire(
