@@ -372,9 +372,7 @@ class Trainer:
                 return False
             self.epoch = state.epoch
             self.snapshot = None
-            if self.snapshots is not None:  # what was kept of this epoch on is not what it starts from now
-                self.snapshots.forget_from(self.epoch)
-                self._start_of(self.epoch)
+        self._new_start()
         if self.averager is not None:
             self.averager.state_sharing_priority = self.epoch
         logger.info(f"Loaded the training state of epoch {self.epoch} from {source}")
@@ -491,6 +489,13 @@ class Trainer:
         if self.snapshots is not None:
             self.snapshots.put(epoch, self.model, param_sketch)
         return param_sketch
+
+    def _new_start(self) -> None:
+        """The parameters as they are now start ``self.epoch``: what was kept of it and later epochs is
+        stale. Only this thread changes the parameters, so they are read without the lock."""
+        if self.snapshots is not None:
+            self.snapshots.forget_from(self.epoch)
+            self._start_of(self.epoch)
 
     def _compute(
         self,
@@ -633,9 +638,7 @@ class Trainer:
             self.model.zero_grad(set_to_none=True)
             self.epoch += 1
             self.snapshot = None
-        if self.snapshots is not None:  # only this thread changes the parameters: no lock to read them
-            self.snapshots.forget_from(self.epoch)
-            self._start_of(self.epoch)
+        self._new_start()
         assert self.averager is not None
         self.averager.state_sharing_priority = self.epoch
 
