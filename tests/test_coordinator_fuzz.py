@@ -510,7 +510,7 @@ TRAVERSAL = [
 
 
 @st.composite
-def path_values(draw: st.DrawFn, real: list[str]) -> str:
+def path_values(draw: st.DrawFn, real: list[str], longest: int = 7_000) -> str:
     mutations = ["suffix", "suffix", "prefix", "case", "cut", "text", "id", "hex", "trav", "long"]
     how = draw(st.sampled_from(["real"] * len(mutations) + mutations))  # half real ids: reach the handlers
     base = draw(st.sampled_from(real))
@@ -532,8 +532,9 @@ def path_values(draw: st.DrawFn, real: list[str]) -> str:
         return draw(st.from_regex(r"[0-9a-f]{60,70}", fullmatch=True))
     if how == "trav":
         return draw(st.sampled_from(TRAVERSAL))
-    # Long, but with the request line under aiohttp's 8190-byte limit (see test_oversized_request_line).
-    return "a" * draw(st.integers(65, 7_000))
+    # Long, but with the request line under aiohttp's 8190-byte limit (see test_oversized_request_line):
+    # ``longest`` is this parameter's share of it.
+    return "a" * draw(st.integers(65, longest))
 
 
 def _quote(value: str, raw: bool) -> str:
@@ -680,9 +681,10 @@ def requests_for(draw: st.DrawFn, route: Route, market: Market) -> Request:
     }
     raw_path = draw(st.booleans())
     path = route.path
-    for name in real:
-        if "{" + name + "}" in path:
-            path = path.replace("{" + name + "}", _quote(draw(path_values(real[name])), raw_path))
+    present = [name for name in real if "{" + name + "}" in path]
+    for name in present:  # the long values of all parameters together stay under the request-line limit
+        value = draw(path_values(real[name], 7_000 // len(present)))
+        path = path.replace("{" + name + "}", _quote(value, raw_path))
     target = path + draw(queries(route))
 
     method = route.method
