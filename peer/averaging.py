@@ -20,29 +20,55 @@ from __future__ import annotations
 import concurrent.futures
 import copy
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import hivemind
 import torch
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AllreduceException
+from hivemind.averaging.group_info import GroupInfo
 from hivemind.compression import (
     CompressionBase,
     CompressionInfo,
     Float16Compression,
     NoCompression,
-    Uniform8BitQuantization,
 )
 from hivemind.utils import MPFuture, get_logger
 
+from peer import codec
+from peer.deadlines import RoundDeadlines
+
 logger = get_logger(__name__)
 
+codec.install()  # before the averager process forks: it decodes what other peers send
 EPOCH_BITS = 16  # the group key carries the epoch modulo 2**16: peers 65k epochs apart never meet
 
 
+class IncompleteRound(AllreduceException):
+    """A member of the group failed while reducing its part of the tensors.
+
+    hivemind fills such a part with each member's *own* values and reports success, so the members
+    would apply different updates; raising instead makes hivemind retry the round with the members left
+    (within the step's deadline), whose values then agree again.
+    """
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What one all-reduce round gave: ``averaged`` (``values`` hold the group's average) or ``failed``
+    (no group formed, or every retry of a broken round ran out of time; ``values`` are unchanged)."""
+
+    outcome: Literal["averaged", "failed"]
+    gathered: dict[str, Any]  # each member's gathered data by peer id (empty when failed)
+    seconds: float  # the all-reduce itself, matchmaking not included (0 when failed)
+    reason: str = ""
+
+
 def compression(name: str) -> CompressionBase:
-    return {"none": NoCompression, "fp16": Float16Compression, "8bit": Uniform8BitQuantization}[name]()
+    return {"none": NoCompression, "fp16": Float16Compression, "8bit": codec.Uniform8Bit}[name]()
 
 
 @dataclass
@@ -180,14 +206,16 @@ class RunAverager(DecentralizedAverager):
         share_state: Callable[[], TrainingState],
         max_peers: int,
         matchmaking_seconds: float,
-        timeout_seconds: float,
+        deadlines: RoundDeadlines,
         compression_name: str,
     ):
         self._share_state = share_state
         self.fp16 = compression_name == "fp16"
+        self.deadlines = deadlines
+        self._applied = (deadlines.chunk(), deadlines.round())
         # hivemind waits forever by default for a peer that died mid-round (measured: the survivors of
-        # a peer killed while averaging hung until killed); every wait here has a bound. A sender silent
-        # for next_chunk_timeout is banned from the round (a reducer after twice that, hivemind's rule).
+        # a peer killed while averaging hung until killed); every wait here has a bound, and the bounds
+        # follow the measured rounds (peer.deadlines).
         super().__init__(
             buffers,
             dht,
@@ -198,8 +226,8 @@ class RunAverager(DecentralizedAverager):
             min_matchmaking_time=matchmaking_seconds,
             # below min_matchmaking_time, as hivemind's matchmaking requires to rule out deadlocks
             request_timeout=matchmaking_seconds / 2,
-            allreduce_timeout=timeout_seconds,
-            next_chunk_timeout=max(matchmaking_seconds, timeout_seconds / 3),
+            allreduce_timeout=self._applied[1],
+            next_chunk_timeout=self._applied[0],
             compression=compression(compression_name),
             state_compression=NoCompression(),
             allow_state_sharing=True,
@@ -208,14 +236,40 @@ class RunAverager(DecentralizedAverager):
     def set_target_group_size(self, size: int, timeout: float) -> None:
         """Assemble a group as soon as ``size`` peers are in it (the live peers), not only after waiting
         the matchmaking time for peers that are not coming."""
+        self._command("_set_target_group_size", timeout, size=max(2, size))
+
+    def _command(self, name: str, timeout: float, **kwargs: Any) -> None:
+        """Run ``name`` in the averager process (where matchmaking and all-reduce live) and wait for it."""
         future = MPFuture()
-        self._outer_pipe.send(("_set_target_group_size", [], dict(size=max(2, size), future=future)))
+        self._outer_pipe.send((name, [], dict(kwargs, future=future)))
         future.result(timeout=timeout)
 
     async def _set_target_group_size(self, size: int, future: MPFuture) -> None:  # in the averager process
         self._matchmaking.target_group_size = size
         self._matchmaking.potential_leaders.target_group_size = size
         future.set_result(None)
+
+    async def _set_deadlines(self, chunk: float, round: float, future: MPFuture) -> None:  # ditto
+        self.next_chunk_timeout = chunk
+        self.allreduce_kwargs.update(sender_timeout=chunk, reducer_timeout=2 * chunk)
+        self._allreduce_timeout = round
+        future.set_result(None)
+
+    async def _aggregate_with_group(
+        self, group_info: GroupInfo, min_vector_size: int, **kwargs: Any
+    ) -> tuple[Any, float]:  # in the averager process: the gathered data, and how long the round took
+        started = time.perf_counter()
+        gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+        return gathered, time.perf_counter() - started
+
+    async def _run_allreduce_inplace_(
+        self, tensors: Sequence[torch.Tensor], group_info: GroupInfo, group_id: bytes | None = None, **kwargs
+    ) -> None:  # in the averager process
+        await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
+        runner = self._running_groups[group_id or group_info.group_id].result()
+        failed = runner.tensor_part_container.failed_size
+        if failed:
+            raise IncompleteRound(f"{failed} of {runner.tensor_part_container.total_size} values not reduced")
 
     def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], Sequence[Any]]:
         state = self._share_state()
@@ -224,28 +278,38 @@ class RunAverager(DecentralizedAverager):
 
     def average(
         self, values: Sequence[torch.Tensor], *, epoch: int, weight: float, gather: Any, timeout: float
-    ) -> dict[str, Any] | None:
-        """All-reduce ``values`` (in place) with the peers at the same ``epoch``; their gathered data by
-        peer id, or None when no group formed within ``timeout`` seconds (``values`` are then unchanged).
-        """
+    ) -> RoundResult:
+        """All-reduce ``values`` (in place) with the peers at the same ``epoch``, within ``timeout``
+        seconds in all; a failed round leaves ``values`` unchanged."""
         self.set_group_bits(format(epoch % (1 << EPOCH_BITS), f"0{EPOCH_BITS}b"))
         with self.get_tensors() as tensors:
             for mine, shared in zip(values, tensors, strict=True):
                 shared.copy_(mine)
         try:
-            gathered = self.step(gather=gather, weight=weight, timeout=timeout)
+            gathered, seconds = self.step(gather=gather, weight=weight, timeout=timeout)
         except Exception as e:  # hivemind raises a variety of errors for a round that broke up
             logger.warning(f"Averaging round of epoch {epoch} failed: {e!r}")
-            return None
-        if not gathered:
-            return None
+            return RoundResult("failed", {}, 0.0, repr(e)[:300])
         with self.get_tensors() as tensors:
             for mine, shared in zip(values, tensors, strict=True):
                 # A reducer keeps its own part of the average uncompressed while the others receive it
                 # in fp16 (clamped to its range); rounding every part through fp16 the same way keeps the
                 # members within fp16 rounding of each other, and an overflow alike on all of them.
                 mine.copy_(shared.clamp(-65504, 65504).half() if self.fp16 else shared)
-        return {str(peer): data for peer, data in gathered.items()}
+        self.deadlines.observe(seconds)
+        self._follow_deadlines()
+        return RoundResult("averaged", {str(peer): data for peer, data in gathered.items()}, seconds)
+
+    def _follow_deadlines(self) -> None:
+        """Hand the averager process new deadlines when they moved by more than a tenth."""
+        wanted = (self.deadlines.chunk(), self.deadlines.round())
+        if all(abs(w - a) <= 0.1 * a for w, a in zip(wanted, self._applied, strict=True)):
+            return
+        try:
+            self._command("_set_deadlines", self.deadlines.ceiling, chunk=wanted[0], round=wanted[1])
+            self._applied = wanted
+        except Exception as e:  # the old deadlines still bound every wait
+            logger.warning(f"Could not change the averaging deadlines: {e!r}")
 
     def load_state(self, deadline: float) -> TrainingState | None:
         """The state of the most advanced peer, or None if none answered within ``deadline`` seconds.

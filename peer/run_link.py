@@ -37,6 +37,7 @@ class RunLink:
         self._reports: asyncio.Queue[ReportBody] | None = None
         self._sender: asyncio.Future[None] | None = None
         self.ended: str | None = None  # why the coordinator stopped taking this peer's reports
+        self.on_accepted: Callable[[ReportBody], None] | None = None  # called on the link's thread
 
     def __enter__(self) -> RunLink:
         self._thread.start()
@@ -142,9 +143,9 @@ class RunLink:
                 logger.info(
                     f"Report of epoch {body.epoch} accepted: {body.samples} samples, paid {view.paid}"
                 )
-                return
-            except AlreadyApplied:
-                return
+                break
+            except AlreadyApplied:  # an earlier attempt was accepted and its answer lost
+                break
             except CoordinatorUnreachable as e:
                 logger.warning(f"Report of epoch {body.epoch} waits for the coordinator: {e}")
             except CoordinatorError as e:
@@ -157,6 +158,10 @@ class RunLink:
                     return
             await asyncio.sleep(min(backoff * 2**failures, backoff_max))
             failures += 1
+        else:
+            return
+        if self.on_accepted is not None:
+            self.on_accepted(body)
 
 
 async def _make_queue() -> asyncio.Queue[Any]:

@@ -60,6 +60,15 @@ class PeerSettings(BaseSettings):
     trainer_restarts: int = Field(
         5, ge=0, description="Times a trainer that failed is started again for the same run."
     )
+    chunk_deadline_floor: float = Field(
+        2.0,
+        gt=0,
+        description="Shortest wait, in seconds, for a peer's next chunk of an all-reduce or state download "
+        "before it counts as failed (peer.deadlines; the deadlines follow measured rounds above it).",
+    )
+    chunk_deadline_factor: float = Field(
+        2.0, gt=0, description="The chunk wait is this many times the slowest recent all-reduce round."
+    )
     train_threads: int = Field(
         0, ge=0, description="Threads torch uses for training on the CPU; 0 keeps torch's default."
     )

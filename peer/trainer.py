@@ -56,6 +56,8 @@ from peer.data.fetch import FetchSettings, ShardCache, fetch_manifest, fetch_sha
 from peer.data.format import DatasetError, Manifest, ShardInfo
 from peer.data.loader import PrefetchLoader
 from peer.data.reader import DatasetReader
+from peer.deadlines import RoundDeadlines
+from peer.events import EventLog, params_hash
 from peer.identity import Identity, load_identity
 from peer.node import NodeError, start_dht, stop_dht
 from peer.run_link import RunLink
@@ -221,6 +223,10 @@ class Trainer:
         self.behaviour = behaviour(settings.adversary)
         self.snapshots: Snapshots | None = None
         self.validator: Validator | None = None
+        self.events = EventLog(self.workdir / "events.jsonl")
+        link.on_accepted = lambda body: self.events.write(
+            "report_accepted", epoch=body.epoch, samples=body.samples
+        )
 
     # ---------------------------------------------------------------------------------------- set-up
 
@@ -323,7 +329,11 @@ class Trainer:
             share_state=self._share_state,
             max_peers=max(view.peers_max, 2),
             matchmaking_seconds=self.spec.averaging.matchmaking_seconds,
-            timeout_seconds=self.spec.averaging.timeout_seconds,
+            deadlines=RoundDeadlines(
+                ceiling=self.spec.averaging.timeout_seconds,
+                floor=max(self.settings.chunk_deadline_floor, self.spec.averaging.matchmaking_seconds),
+                factor=self.settings.chunk_deadline_factor,
+            ),
             compression_name=self.spec.averaging.compression,
         )
         view = self.link.join(str(self.dht.peer_id), maddrs)
@@ -376,6 +386,7 @@ class Trainer:
         if self.averager is not None:
             self.averager.state_sharing_priority = self.epoch
         logger.info(f"Loaded the training state of epoch {self.epoch} from {source}")
+        self.events.write("state_loaded", epoch=self.epoch, source=source)
         return True
 
     # ---------------------------------------------------------------------------------------- training
@@ -444,14 +455,26 @@ class Trainer:
         for b, update in zip(self.buffers, contribution.update, strict=True):
             b.copy_(update)
         samples = sum(len(m["ids"]) for m in micro)
-        group_size, in_step, reportable = self._average(epoch, samples, live, param_sketch)
-        if not in_step:
-            return
-        if not all(bool(torch.isfinite(b).all()) for b in self.buffers):
+        computed = time.monotonic()
+        outcome, group_size, reportable, allreduce_s = self._average(epoch, samples, live, param_sketch)
+        if outcome in ("averaged", "alone") and not all(bool(torch.isfinite(b).all()) for b in self.buffers):
             # The group averaged the same values, so every member skips this step alike and they stay in
             # agreement; the parameters keep their last good state. The epoch is not reported.
             logger.warning(f"Epoch {epoch}: the averaged update is not finite; skipping it")
             self._apply(start, skip=True)
+            outcome = "skipped"
+        self.events.write(
+            "epoch",
+            epoch=epoch,
+            outcome=outcome,
+            params=params_hash(param_sketch),
+            group=group_size,
+            samples=samples,
+            compute_s=round(computed - started, 4),
+            round_s=round(time.monotonic() - computed, 4),
+            allreduce_s=round(allreduce_s, 4),
+        )
+        if outcome not in ("averaged", "alone"):
             return
         self._apply(start)
         seconds = time.monotonic() - started
@@ -555,33 +578,49 @@ class Trainer:
 
     def _average(
         self, epoch: int, samples: int, live: list[str], param_sketch: list[float]
-    ) -> tuple[int, bool, bool]:
-        """All-reduce this epoch's update; (group size, whether this peer is in step with the others,
-        whether its work of this epoch can be reported: not when it had to load the group's parameters,
-        since its gradients were taken at parameters no validator holds)."""
+    ) -> tuple[str, int, bool, float]:
+        """All-reduce this epoch's update: (the outcome, the group's size, whether this peer's work of
+        the epoch can be reported, the all-reduce's seconds). Outcomes:
+
+        - ``alone``: the only live peer; its own update is the step;
+        - ``averaged``: the buffers hold the group's average, to apply. Not reportable when this peer's
+          parameters differed from the group's and it loaded theirs: its gradients were taken at
+          parameters no validator holds;
+        - ``caught_up``: the round failed or this peer was out of step, and it loaded the state of peers
+          further on: nothing to apply;
+        - ``redo``: the round failed (no group formed, or it broke up and its retries ran out of time)
+          and nobody is further on: nothing is applied, and the epoch is trained again. Applying this
+          peer's own update instead would set it apart from every other member of the broken round.
+        """
         assert self.averager is not None
         if len(live) == 1:
-            return 1, True, True
+            return "alone", 1, True, 0.0
         if len(live) != self.group_target:
             try:
                 self.averager.set_target_group_size(len(live), self.spec.averaging.timeout_seconds)
                 self.group_target = len(live)
             except Exception as e:  # the round still forms, after the matchmaking time
                 logger.warning(f"Could not tell the averager to expect {len(live)} peers: {e!r}")
-        gathered = self.averager.average(
+        result = self.averager.average(
             self.buffers,
             epoch=epoch,
             weight=samples,
             gather={"account": self.identity.account, "params": param_sketch},
             timeout=self.spec.averaging.timeout_seconds,
         )
-        if gathered is None:
-            logger.warning(f"Epoch {epoch}: no averaging group formed; catching up from the other peers")
-            return 1, self._catch_up(epoch), True
-        if self._defers_to_group(gathered, param_sketch):
+        if result.outcome == "failed":
+            logger.warning(f"Epoch {epoch}: the averaging round failed; looking for peers further on")
+            if self._catch_up(epoch) is not None:
+                return "caught_up", 1, False, 0.0
+            return "redo", 1, False, 0.0
+        size = len(result.gathered)
+        if self._defers_to_group(result.gathered, param_sketch):
             logger.warning(f"Epoch {epoch}: parameters differ from the group's; loading theirs")
-            return len(gathered), self._catch_up(epoch, same_epoch=True), False
-        return len(gathered), True, True
+            loaded = self._catch_up(epoch, same_epoch=True)
+            if loaded is not None and loaded > epoch:
+                return "caught_up", size, False, result.seconds
+            return "averaged", size, False, result.seconds
+        return "averaged", size, True, result.seconds
 
     def _defers_to_group(self, gathered: dict[str, Any], param_sketch: list[float]) -> bool:
         """Whether the group's members disagree with this peer's parameters and this peer should give way:
@@ -609,16 +648,16 @@ class Trainer:
             return False
         return agree < len(differ) or (agree == len(differ) and min(differ) < self.identity.account)
 
-    def _catch_up(self, epoch: int, *, same_epoch: bool = False) -> bool:
-        """Load the state of a peer that is ahead (or, with ``same_epoch``, at this epoch); True if this
-        peer should still apply this epoch's update (it is in step again, or nobody was ahead)."""
+    def _catch_up(self, epoch: int, *, same_epoch: bool = False) -> int | None:
+        """Load the state of a peer further on than ``epoch`` (or, with ``same_epoch``, at it); the epoch
+        loaded, or None when no such state came (or it did not fit)."""
         assert self.averager is not None
         loaded = self.averager.load_state(self.settings.state_load_timeout)
         if loaded is None or loaded.epoch < epoch or (loaded.epoch == epoch and not same_epoch):
-            return True
+            return None
         if not self._apply_state(loaded, "the other peers"):
-            return True
-        return loaded.epoch == epoch
+            return None
+        return loaded.epoch
 
     def _apply(self, start: list[torch.Tensor] | None, *, skip: bool = False) -> None:
         """Take the epoch's step with the averaged update and move to the next epoch; with ``skip`` only

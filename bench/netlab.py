@@ -1,0 +1,254 @@
+"""A network of hosts on one machine: each host a Linux network namespace, all joined to one bridge.
+
+Used by ``bench/reliability.py`` and the chaos tests (``tests/test_chaos.py``) to put the coordinator
+and each peer on its own host, so that their traffic crosses real interfaces, and to break those
+interfaces on purpose. Needs root, iproute2 (``ip``, ``tc``) and nftables (``nft``).
+
+Layout: a hub namespace holds the bridge; every host namespace has one veth link to it, with the address
+``SUBNET.(10 + i)``; the machine itself gets a fault-free control link at ``SUBNET.1`` so that the test
+or bench process can reach the hosts' servers directly. Only these addresses are ever traffic targets.
+
+Faults (each on one host's link, in both directions unless said otherwise):
+
+- ``loss(host, percent)``: the host's namespace drops that share of the packets it *sends* (nftables
+  ``numgen random``), so every path between two hosts loses ``percent`` in each direction;
+- ``cap(host, mbit)``: a token bucket (``tc tbf``) on both ends of the link, so the host sends and
+  receives at most ``mbit`` Mbit/s;
+- ``partition(host)`` / ``heal(host)``: every packet to or from the host is dropped, then allowed again;
+- processes: :meth:`Lab.spawn` starts a command on a host (optionally with its clock shifted, through
+  libfaketime), and the caller signals it (SIGKILL, SIGSTOP/SIGCONT) like any process.
+
+``tc netem`` is not in every kernel (not in this one), hence nftables for loss.
+
+Everything the lab creates is removed by :meth:`Lab.close`: processes still running in its namespaces
+(p2pd daemons included) are killed, then the namespaces, which takes their links and rules with them.
+Namespaces are named after the creating process (``hm<pid>-...``) and :func:`sweep` removes those of
+processes that no longer exist, so a lab killed before it could clean up is removed by the next one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PREFIX = "hm"
+SUBNET = "10.213.77"  # a /24 private to the lab: only the lab's namespaces and control link use it
+TOOLS = ("ip", "tc", "nft")
+
+
+class LabError(RuntimeError):
+    """The lab could not be set up (not root, a tool missing, a command refused)."""
+
+
+def missing() -> str | None:
+    """Why a lab cannot be built here, or None when it can."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    absent = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if absent:
+        return f"missing {', '.join(absent)} (Debian packages iproute2 and nftables)"
+    return None
+
+
+def sh(*argv: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command (in namespace ``ns``); LabError with its stderr when it fails and ``check``."""
+    full = ["ip", "netns", "exec", ns, *argv] if ns else list(argv)
+    done = subprocess.run(full, capture_output=True, text=True, timeout=30)
+    if check and done.returncode != 0:
+        raise LabError(f"{' '.join(full)} failed ({done.returncode}): {done.stderr.strip()}")
+    return done
+
+
+def namespaces() -> list[str]:
+    listed = sh("ip", "netns", "list", check=False).stdout.splitlines()
+    return [line.split()[0] for line in listed if line.strip()]
+
+
+def sweep() -> list[str]:
+    """Remove the namespaces (and the processes in them) of labs whose creating process is gone."""
+    removed = []
+    for name in namespaces():
+        owner = name[len(PREFIX) :].split("-", 1)[0]
+        if name.startswith(PREFIX) and owner.isdigit() and not _alive(int(owner)):
+            _remove_namespace(name)
+            removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _pids(ns: str) -> list[int]:
+    done = sh("ip", "netns", "pids", ns, check=False)
+    return [int(p) for p in done.stdout.split()]
+
+
+def _remove_namespace(ns: str) -> None:
+    for _ in range(50):  # processes first: a namespace with a process in it outlives its name
+        pids = _pids(ns)
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)  # a stopped process cannot die
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    sh("ip", "netns", "delete", ns, check=False)
+
+
+@dataclass
+class Host:
+    name: str
+    ns: str
+    ip: str
+    dev: str = "eth0"
+    hub_dev: str = ""
+    faults: dict[str, object] = field(default_factory=dict)
+
+
+class Lab:
+    """Hosts on a bridge; use as a context manager (or call :meth:`close`)."""
+
+    made = 0  # labs this process has made: each gets names of its own
+
+    def __init__(self) -> None:
+        reason = missing()
+        if reason:
+            raise LabError(reason)
+        sweep()
+        Lab.made += 1
+        self.tag = f"{PREFIX}{os.getpid()}-{Lab.made}"
+        self.hub = f"{self.tag}-hub"
+        self.control = f"{PREFIX}{os.getpid()}c{Lab.made}"[-15:]  # an interface name has 15 characters
+        self.hosts: dict[str, Host] = {}
+        self.processes: list[subprocess.Popen] = []
+        self.control_ip = f"{SUBNET}.1"
+        try:
+            sh("ip", "netns", "add", self.hub)
+            sh("ip", "link", "set", "lo", "up", ns=self.hub)
+            sh("ip", "link", "add", "br0", "type", "bridge", ns=self.hub)
+            sh("ip", "link", "set", "br0", "up", ns=self.hub)
+            # The control link: this process reaches the hosts through it; no fault is ever put on it.
+            control = self.control
+            sh("ip", "link", "add", control, "type", "veth", "peer", "name", "ctl", "netns", self.hub)
+            sh("ip", "link", "set", "ctl", "master", "br0", "up", ns=self.hub)
+            sh("ip", "addr", "add", f"{self.control_ip}/24", "dev", control)
+            sh("ip", "link", "set", control, "up")
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add(self, name: str) -> Host:
+        """A new host called ``name``, linked to the bridge, with loopback up."""
+        i = len(self.hosts)
+        host = Host(name, f"{self.tag}-{name}", f"{SUBNET}.{10 + i}", hub_dev=f"v{i}")
+        sh("ip", "netns", "add", host.ns)
+        sh("ip", "link", "set", "lo", "up", ns=host.ns)
+        sh("ip", "link", "add", host.hub_dev, "type", "veth", "peer", "name", host.dev, "netns", host.ns,
+           ns=self.hub)  # fmt: skip
+        sh("ip", "link", "set", host.hub_dev, "master", "br0", "up", ns=self.hub)
+        sh("ip", "addr", "add", f"{host.ip}/24", "dev", host.dev, ns=host.ns)
+        sh("ip", "link", "set", host.dev, "up", ns=host.ns)
+        self.hosts[name] = host
+        return host
+
+    # ------------------------------------------------------------------------------------------- faults
+
+    def loss(self, host: Host, percent: int) -> None:
+        """Drop ``percent`` of the packets ``host`` sends (0 removes the fault)."""
+        sh("nft", "delete", "table", "inet", "hmloss", ns=host.ns, check=False)
+        host.faults.pop("loss", None)
+        if percent:
+            sh("nft", "add", "table", "inet", "hmloss", ns=host.ns)
+            sh("nft", "add chain inet hmloss out { type filter hook output priority 0 ; }", ns=host.ns)
+            sh("nft", f"add rule inet hmloss out oifname {host.dev} numgen random mod 100 < {percent} drop",
+               ns=host.ns)  # fmt: skip
+            host.faults["loss"] = percent
+
+    def cap(self, host: Host, mbit: float) -> None:
+        """Limit ``host``'s link to ``mbit`` Mbit/s each way (0 removes the cap)."""
+        ends = ((host.dev, host.ns), (host.hub_dev, self.hub))
+        for dev, ns in ends:
+            sh("tc", "qdisc", "del", "dev", dev, "root", ns=ns, check=False)
+        host.faults.pop("cap", None)
+        if mbit:
+            burst = max(16_000, int(mbit * 1e6 / 8 / 100))  # 10 ms worth of bytes, at least 16 kB
+            for dev, ns in ends:
+                sh("tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{mbit}mbit", "burst",
+                   str(burst), "latency", "100ms", ns=ns)  # fmt: skip
+            host.faults["cap"] = mbit
+
+    def partition(self, host: Host) -> None:
+        """Cut ``host`` off: nothing in or out on its link (loopback still works)."""
+        sh("nft", "add", "table", "inet", "hmcut", ns=host.ns)
+        for chain, hook, match in (("in", "input", "iifname"), ("out", "output", "oifname")):
+            hooked = f"{{ type filter hook {hook} priority -10 ; }}"
+            sh("nft", f"add chain inet hmcut {chain} {hooked}", ns=host.ns)
+            sh("nft", f"add rule inet hmcut {chain} {match} {host.dev} drop", ns=host.ns)
+        host.faults["partition"] = True
+
+    def heal(self, host: Host) -> None:
+        sh("nft", "delete", "table", "inet", "hmcut", ns=host.ns, check=False)
+        host.faults.pop("partition", None)
+
+    # ---------------------------------------------------------------------------------------- processes
+
+    def command(self, host: Host, argv: Sequence[str], clock_offset: float = 0.0) -> list[str]:
+        """``argv`` as run on ``host``, with its wall clock ``clock_offset`` seconds off if asked."""
+        prefix = ["ip", "netns", "exec", host.ns]
+        if clock_offset:
+            if shutil.which("faketime") is None:
+                raise LabError("a shifted clock needs faketime (Debian package faketime)")
+            prefix += ["faketime", "-f", f"{clock_offset:+g}s"]
+        return [*prefix, *argv]
+
+    def spawn(
+        self, host: Host, argv: Sequence[str], *, log: Path, env: dict[str, str], clock_offset: float = 0.0
+    ) -> subprocess.Popen:
+        """Start ``argv`` on ``host`` in a process group of its own, output to ``log``."""
+        with log.open("a") as out:
+            proc = subprocess.Popen(
+                self.command(host, argv, clock_offset),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**env, "FAKETIME_DONT_FAKE_MONOTONIC": "1"},
+                start_new_session=True,
+            )
+        self.processes.append(proc)
+        return proc
+
+    def leftovers(self) -> list[int]:
+        """Processes still running in the lab's namespaces."""
+        return [pid for host in self.hosts.values() for pid in _pids(host.ns)]
+
+    def close(self) -> None:
+        """Kill every process in the lab's namespaces and remove the namespaces (and so every link,
+        queue discipline and nftables rule the lab made). Safe to call twice."""
+        for host in self.hosts.values():
+            _remove_namespace(host.ns)
+        sh("ip", "link", "delete", self.control, check=False)
+        _remove_namespace(self.hub)
+        for proc in self.processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        self.hosts.clear()

@@ -1,0 +1,45 @@
+"""Deadlines of averaging rounds that follow the links' measured speed. Pure: no clock, no I/O.
+
+A fixed deadline is wrong for most links: long enough for a slow link and the survivors of a dead peer
+wait that long on a fast one; short enough for a fast link and every round on a slow one is abandoned.
+A peer therefore times its own all-reduce rounds and derives two deadlines from the slowest recent one:
+
+- the *chunk* deadline: a member that sends nothing for this long is dropped from the round (hivemind's
+  ``next_chunk_timeout``; a reducer gets twice that). Also the per-chunk deadline of a state download,
+  after which the download moves to another donor. ``factor`` times the slowest recent round, at least
+  ``floor`` (so that a busy CPU's pause is not taken for a dead peer), at most a third of ``ceiling``;
+- the *round* deadline: an all-reduce attempt still running after it is abandoned (and retried with the
+  members left while the step's time lasts). Three chunk deadlines, at most ``ceiling``.
+
+``ceiling`` is the run spec's ``averaging.timeout_seconds``: the researcher's bound on a whole step.
+Before any round is measured the deadlines are the widest: a third of the ceiling, and the ceiling.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RoundDeadlines:
+    ceiling: float
+    floor: float
+    factor: float = 2.0
+    window: int = 20
+    rounds: deque[float] = field(default_factory=deque)
+
+    def observe(self, seconds: float) -> None:
+        """Record how long a completed all-reduce took."""
+        self.rounds.append(max(0.0, seconds))
+        while len(self.rounds) > self.window:
+            self.rounds.popleft()
+
+    def chunk(self) -> float:
+        top = self.ceiling / 3
+        if not self.rounds:
+            return max(self.floor, top)
+        return max(self.floor, min(top, self.factor * max(self.rounds)))
+
+    def round(self) -> float:
+        return min(self.ceiling, 3 * self.chunk())
