@@ -217,25 +217,44 @@ def serve_runs_in_background(
 
 async def _hold_lease(client: CoordinatorClient, body: OfferBody, supervisor: TrainerSupervisor) -> None:
     """Heartbeat every lease interval; post the offer again when the lease lapsed or is unknown; keep the
-    trainer in step with the run the lease is matched to."""
+    trainer in step with the match the lease holds.
+
+    The trainer is followed in a task of its own: stopping one may take ``trainer_stop_timeout``, and
+    heartbeats must go on meanwhile (measured: a lease re-posted after a partition lapsed again while
+    the worker waited for the old trainer to stop)."""
+    following: asyncio.Task[None] | None = None
+
+    def follow(lease: LeaseView) -> None:
+        nonlocal following
+        if following is not None and not following.done():
+            return  # the next heartbeat follows the lease again
+        if following is not None:
+            following.result()  # a failure of the supervisor is the worker's failure
+        following = asyncio.create_task(supervisor.follow(lease.id, lease.run_id, client))
+
     lease = await _post_offer(client, body)
-    await supervisor.follow(lease.run_id, client)
-    while True:
-        await asyncio.sleep(lease.heartbeat_interval)
-        try:
-            renewed = await _persist(client.settings, functools.partial(client.heartbeat, lease.id))
-        except AlreadyApplied:
-            continue  # the retried heartbeat's first attempt renewed the lease
-        except CoordinatorError as e:
-            if e.code != "lease_lapsed" and e.status != 404:
-                raise
-            click.echo(f"lease {lease.id} lost ({e.code}: {e.message}); posting the offer again")
-            lease = await _post_offer(client, body)
-            continue
-        if (renewed.state, renewed.run_id) != (lease.state, lease.run_id):
-            click.echo(_lease_change(lease, renewed))
-        lease = renewed
-        await supervisor.follow(lease.run_id, client)
+    try:
+        follow(lease)
+        while True:
+            await asyncio.sleep(lease.heartbeat_interval)
+            try:
+                renewed = await _persist(client.settings, functools.partial(client.heartbeat, lease.id))
+            except AlreadyApplied:
+                continue  # the retried heartbeat's first attempt renewed the lease
+            except CoordinatorError as e:
+                if e.code != "lease_lapsed" and e.status != 404:
+                    raise
+                click.echo(f"lease {lease.id} lost ({e.code}: {e.message}); posting the offer again")
+                lease = await _post_offer(client, body)
+                follow(lease)
+                continue
+            if (renewed.state, renewed.run_id) != (lease.state, lease.run_id):
+                click.echo(_lease_change(lease, renewed))
+            lease = renewed
+            follow(lease)
+    finally:
+        if following is not None:
+            following.cancel()
 
 
 async def _post_offer(client: CoordinatorClient, body: OfferBody) -> LeaseView:

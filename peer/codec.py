@@ -38,7 +38,7 @@ class Uniform8Bit(Uniform8BitQuantization):
         size = int(np.frombuffer(buffer, count=1, dtype=np.int64)[0])
         codebook = np.frombuffer(buffer, offset=8, count=size, dtype=np.float32)
         indices = np.frombuffer(buffer, offset=8 + codebook.nbytes, dtype=np.uint8)
-        decoded = torch.as_tensor(codebook)[torch.as_tensor(indices, dtype=torch.int64)]
+        decoded = torch.from_numpy(codebook.copy())[torch.from_numpy(indices.astype(np.int64))]
         decoded = decoded.reshape(tuple(serialized_tensor.size)).to(getattr(torch, serialized_tensor.dtype))
         return decoded.requires_grad_(serialized_tensor.requires_grad)
 

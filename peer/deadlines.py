@@ -11,6 +11,11 @@ A peer therefore times its own all-reduce rounds and derives two deadlines from 
 - the *round* deadline: an all-reduce attempt still running after it is abandoned (and retried with the
   members left while the step's time lasts). Three chunk deadlines, at most ``ceiling``.
 
+- the *step* deadline: how long a peer looks for its group and retries a broken round. Groups form
+  within the matchmaking time of the first member's arrival, so a peer that found none after twice that
+  plus a round has missed its group (it joined mid-epoch, or was cut off): it stops waiting and catches
+  up. At most ``ceiling``.
+
 ``ceiling`` is the run spec's ``averaging.timeout_seconds``: the researcher's bound on a whole step.
 Before any round is measured the deadlines are the widest: a third of the ceiling, and the ceiling.
 """
@@ -43,3 +48,6 @@ class RoundDeadlines:
 
     def round(self) -> float:
         return min(self.ceiling, 3 * self.chunk())
+
+    def step(self, matchmaking: float) -> float:
+        return min(self.ceiling, 2 * matchmaking + self.round())

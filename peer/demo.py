@@ -90,6 +90,8 @@ def example_spec() -> Path:
 
 
 class Demo:
+    coordinator_port = 0  # any free port
+
     def __init__(
         self, peers: int, drop: bool, echo: Callable[[str], None], timeout: float, folder: Path | None = None
     ):
@@ -122,12 +124,21 @@ class Demo:
         }
         return env
 
+    def host(self, name: str) -> str:
+        """The address the process ``name`` listens on (this machine's loopback here; a host of a
+        network lab in ``bench/reliability.py``)."""
+        return "127.0.0.1"
+
+    def argv(self, name: str, args: list[str]) -> list[str]:
+        """The command line that runs ``hivemarket ARGS`` as the process ``name``."""
+        return [sys.executable, "-m", "peer", *args]
+
     def _spawn(self, name: str, args: list[str], home: Path, **env: str) -> Child:
         home.mkdir(parents=True, exist_ok=True)
         log = self.tmp / f"{name}.log"
-        with log.open("w") as out:
+        with log.open("a") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "peer", *args],
+                self.argv(name, args),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=self._env(home, **env),
@@ -165,30 +176,35 @@ class Demo:
         )
         self.admin = Identity.generate()
         save_identity(self.admin, self.tmp / "admin.pem")
-        child = self._spawn(
+        self.coordinator_args = [
             "coordinator",
-            [
-                "coordinator",
-                "serve",
-                "--port",
-                "0",
-                "--db",
-                f"sqlite:///{self.tmp / 'market.db'}",
-                "--admin-key",
-                str(self.tmp / "admin.pem"),
-                "--dataset",
-                str(self.tmp / "digits"),
-            ],
-            self.tmp / "coordinator",
-        )
-
-        def listening() -> str | None:
-            found = re.search(r"listening on (http://\S+)", child.log.read_text())
-            return found.group(1) if found else None
-
-        self.url = self._wait("the coordinator to listen", listening)
+            "serve",
+            "--host",
+            self.host("coordinator"),
+            "--port",
+            str(self.coordinator_port),
+            "--db",
+            f"sqlite:///{self.tmp / 'market.db'}",
+            "--admin-key",
+            str(self.tmp / "admin.pem"),
+            "--dataset",
+            str(self.tmp / "digits"),
+        ]
+        self.url = self.serve()
         self.echo(f"coordinator {self.url} (SQLite in {self.tmp})")
         return self.url
+
+    def serve(self) -> str:
+        """Start the coordinator process (again, after a crash: same database and port); its URL."""
+        log = self.tmp / "coordinator.log"
+        before = log.read_text().count("listening on") if log.exists() else 0
+        child = self._spawn("coordinator", self.coordinator_args, self.tmp / "coordinator")
+
+        def listening() -> str | None:
+            found = re.findall(r"listening on (http://\S+)", child.log.read_text())
+            return found[-1] if len(found) > before else None
+
+        return self._wait("the coordinator to listen", listening)
 
     def _client(self, identity: Identity | None = None) -> CoordinatorClient:
         return CoordinatorClient(self.url, identity)
@@ -215,7 +231,7 @@ class Demo:
         identity = Identity.generate()
         save_identity(identity, home / "identity.pem")
         price = f"{1 + i / 10:.2f}"
-        listen = "/ip4/127.0.0.1/tcp/0"
+        listen = f"/ip4/{self.host(f'peer-{i}')}/tcp/0"
         args = ["rent", "--coordinator", self.url, "--price-per-hour", price, "--listen", listen]
         env = {"HIVEMARKET_ADVERSARY": adversary} if adversary else {}
         self.peers[identity.account] = self._spawn(f"peer-{i}", args, home, **env)

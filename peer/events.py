@@ -12,6 +12,7 @@ Events (every one has ``time``, wall-clock seconds, and ``event``):
   is trained again, ``caught_up``: the state of peers ahead was loaded instead, ``skipped``: the average
   was not finite), ``params``, ``group``, ``samples``, ``compute_s``, ``round_s`` (time blocked on
   the network: the all-reduce with its matchmaking, and any state download), ``allreduce_s``;
+- ``averaging``: ``epoch``, ``group`` (the live peers expected): this peer starts the epoch's round;
 - ``state_loaded``: ``epoch``, ``source``;
 - ``report_accepted``: ``epoch``, ``samples``.
 """

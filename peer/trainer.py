@@ -167,7 +167,10 @@ class SampleStream:
     shards: tuple[int, ...] = ()  # the shards this peer's blocks sit in (ownership does not change by pass)
 
     def take(self, target: int, peers: Sequence[str]) -> list[int]:
-        """This peer's share of a step of ``target`` samples over ``peers``, in its training order."""
+        """This peer's share of a step of ``target`` samples over ``peers``, in its training order.
+
+        A share that straddles two passes must not name a sample twice (a report may not): the samples
+        it already took from the old pass move to the end of the new pass's order."""
         if tuple(sorted(peers)) != self.peers:
             self.peers = tuple(sorted(peers))
             self._assign()
@@ -177,6 +180,9 @@ class SampleStream:
             if self.position >= len(self.order):
                 self.passes += 1
                 self._assign()
+                if taken:
+                    again = np.isin(self.order, taken)
+                    self.order = np.concatenate([self.order[~again], self.order[again]])
             end = min(len(self.order), self.position + count - len(taken))
             taken += self.order[self.position : end].tolist()
             self.position = end
@@ -422,8 +428,18 @@ class Trainer:
             if len(live) < view.peers_min:  # the first peers wait for each other, never train alone
                 self.stop.wait(self.settings.run_poll_interval)
                 continue
+            if self._behind(view) and self._catch_up(self.epoch) is not None:
+                continue
             self._epoch(live)
         return 0
+
+    def _behind(self, view: RunView) -> bool:
+        """Whether another live peer has reported an epoch past this peer's current one: its round
+        would find nobody (lock-step peers are at most one epoch apart), so it loads their state first."""
+        reported = [
+            p.epoch for p in live_peers(view) if p.account != self.identity.account and p.epoch is not None
+        ]
+        return max(reported, default=-1) > self.epoch
 
     def _epoch(self, live: list[str]) -> None:
         started = time.monotonic()
@@ -595,6 +611,7 @@ class Trainer:
         assert self.averager is not None
         if len(live) == 1:
             return "alone", 1, True, 0.0
+        self.events.write("averaging", epoch=epoch, group=len(live))
         if len(live) != self.group_target:
             try:
                 self.averager.set_target_group_size(len(live), self.spec.averaging.timeout_seconds)
@@ -606,7 +623,7 @@ class Trainer:
             epoch=epoch,
             weight=samples,
             gather={"account": self.identity.account, "params": param_sketch},
-            timeout=self.spec.averaging.timeout_seconds,
+            timeout=self.averager.deadlines.step(self.spec.averaging.matchmaking_seconds),
         )
         if result.outcome == "failed":
             logger.warning(f"Epoch {epoch}: the averaging round failed; looking for peers further on")

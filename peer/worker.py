@@ -27,18 +27,21 @@ class TrainerSupervisor:
         self.identity = identity
         self.settings = settings
         self.listen = listen
+        self.match: tuple[str, str] | None = None  # (lease id, run id): a new lease is a new match
         self.run_id: str | None = None
         self.proc: asyncio.subprocess.Process | None = None
         self.starts = 0
         self.done = False  # the trainer finished (or refused) this run: do not start it again
 
-    async def follow(self, run_id: str | None, client: CoordinatorClient) -> None:
+    async def follow(self, lease_id: str, run_id: str | None, client: CoordinatorClient) -> None:
         """Make the trainer match the lease: none, or one for ``run_id``. A run the trainer refused (a task
         this peer lacks) or kept failing on is given back to the coordinator, which recruits another peer.
+        A new lease matched to the same run (after a lapse) is a new match: its trainer starts afresh.
         """
-        if run_id != self.run_id:
+        match = (lease_id, run_id) if run_id is not None else None
+        if match != self.match:
             await self.stop()
-            self.run_id, self.starts, self.done = run_id, 0, False
+            self.match, self.run_id, self.starts, self.done = match, run_id, 0, False
         if self.run_id is None or self.done:
             return
         if self.proc is not None and self.proc.returncode is None:

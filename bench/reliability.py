@@ -1,0 +1,525 @@
+"""Reliability under failures: ``sudo python -m bench.reliability [--trials N] [--scenarios a,b] [--json]``.
+
+Every scenario runs the whole product across a network lab (``bench/netlab.py``): the coordinator and
+each of 4 renting peers (``hivemarket rent``) on a host of its own, a run of ``examples/digits.toml``
+launched on them, and faults put on the hosts' links and processes while it trains:
+
+- ``clean``: no fault (the baseline of ``lossy``'s goodput);
+- ``lossy``: every host drops 5% of the packets it sends and its link is capped at 20 Mbit/s each way;
+- ``round``: one all-reduce round of 10 MB of fp32 values across 4 peers on such lossy, capped links
+  (``bench/round_peer.py``), 8-bit compressed; the figure is the round's wall time;
+- ``partition``: one peer's link drops everything for ``--partition-seconds`` (30), then heals;
+- ``freeze``: one peer's processes are stopped (SIGSTOP) for 10 s, then continued;
+- ``peer-kill``: a peer's trainer (and its p2pd) is killed with SIGKILL once every peer has entered
+  an epoch's all-reduce; its worker starts a new trainer. One run, ``--kills`` (20) kills;
+- ``coordinator-kill``: the coordinator is killed with SIGKILL mid-run and restarted 2 s later on the
+  same database and port. One run, ``--restarts`` (10) kills;
+- ``clock``: one peer's wall clock runs 2 s ahead (libfaketime);
+- ``long``: a clean run held for ``--minutes`` (10) whose figure is the longest blocked step.
+
+Columns: trials, runs completed, epochs lost (epochs a peer trained and then discarded: a round that
+failed, a state loaded instead), data lost (reports the coordinator acknowledged to a peer that it no
+longer lists; must be 0), doubled (reports listed twice; must be 0), money conserved (the ledger's
+audit; must be true), recovery p50/p95 (seconds from the fault's end until the peer trains in sync
+again: the same parameter hash as another peer at the same epoch; for coordinator-kill until the next
+acknowledged report; for peer-kill until the survivors' round of that epoch ended), the longest
+blocked step (seconds a peer waited on the network in one epoch) and goodput (samples per second
+while running). Scenario-specific checks go to ``checks``.
+
+Needs root, iproute2, nftables and faketime (Debian). Every namespace and process is removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.netlab import Host, Lab, missing
+from coordinator.runs import ENDED
+from coordinator.schemas import RunView
+from peer.demo import Demo, DemoError
+from peer.events import read_events
+
+PEERS = 4
+LOSS_PERCENT = 5
+CAP_MBIT = 20
+SCENARIOS = (
+    *("clean", "lossy", "round", "partition", "freeze"),
+    *("peer-kill", "coordinator-kill", "clock", "long"),
+)
+#: Every run's spec changes: a matchmaking time whose request timeout (half of it) outlasts a lost
+#: packet's retransmission (TCP's SYN retry is 1 s), and enough epochs for faults to land mid-run.
+AVERAGING = {"matchmaking_seconds": 3.0, "timeout_seconds": 15.0}
+
+
+@dataclass
+class Trial:
+    completed: bool = False
+    seconds: float = 0.0  # from launch to the run leaving `running`
+    samples: int = 0
+    epochs_lost: int = 0
+    data_lost: int = 0
+    doubled: int = 0
+    conserved: bool = True
+    recovery: list[float] = field(default_factory=list)
+    stall: float = 0.0
+    checks: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def goodput(self) -> float:
+        return self.samples / self.seconds if self.seconds else 0.0
+
+
+class LabDemo(Demo):
+    """The demo's processes, each on its own host of ``lab`` (peer ``clock`` offsets in seconds)."""
+
+    coordinator_port = 8470  # the coordinator's host is its own: a fixed port survives its restarts
+
+    def __init__(self, lab: Lab, folder: Path, timeout: float, clock: dict[str, float] | None = None):
+        super().__init__(PEERS, False, lambda _text: None, timeout, folder)
+        self.lab = lab
+        self.clock = clock or {}
+        self.run_id = ""
+
+    def lab_host(self, name: str) -> Host:
+        ns_name = name.replace("-", "")
+        return self.lab.hosts.get(ns_name) or self.lab.add(ns_name)
+
+    def host(self, name: str) -> str:
+        return self.lab_host(name).ip
+
+    def argv(self, name: str, args: list[str]) -> list[str]:
+        return self.lab.command(self.lab_host(name), super().argv(name, args), self.clock.get(name, 0.0))
+
+    def _env(self, home: Path, **extra: str) -> dict[str, str]:
+        # Leases as in production (a heartbeat every 5 s, lapsed after 15 s), not the demo's 1 s.
+        return {**super()._env(home, **extra), "HIVEMARKET_HEARTBEAT_INTERVAL": "5"}
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return read_events(self.tmp / name / "runs" / self.run_id / "events.jsonl")
+
+    def names(self) -> dict[str, str]:
+        """Account -> process name of each peer."""
+        return {account: child.name for account, child in self.peers.items()}
+
+    def trainer(self, name: str) -> psutil.Process | None:
+        """The trainer process a peer's worker runs now, if any."""
+        child = next(c for c in self.children if c.name == name)
+        try:
+            for p in psutil.Process(child.proc.pid).children(recursive=True):
+                if "peer.trainer" in " ".join(p.cmdline()):
+                    return p
+        except psutil.Error:
+            return None
+        return None
+
+    def start(self, changes: dict[str, Any]) -> None:
+        self.start_coordinator()
+        self.fund_launcher()
+        for _ in range(PEERS):
+            self.add_peer()
+        self.wait_offers(PEERS)
+        # A bid well over the asks: a peer that lapsed (a partition) is priced lower by the market (its
+        # reliability fell) and must still be worth matching again when it returns.
+        run = self.launch(
+            PEERS - 1, PEERS, bid_over_asks=Decimal(4), changes={"averaging": AVERAGING, **changes}
+        )
+        self.run_id = run.id
+        self.launched = time.monotonic()
+
+    def view(self) -> RunView:
+        return self.ask(lambda c: c.run(self.run_id))
+
+    def finish(self, trial: Trial, wait_end: bool = True) -> Trial:
+        """Follow the run to its end (unless not ``wait_end``) and fill in what every trial measures."""
+        left_running = None
+        view = self.view()
+        while wait_end and view.state not in ENDED:
+            if view.state != "running" and left_running is None and view.state != "recruiting":
+                left_running = time.monotonic()
+            if time.monotonic() > self.deadline:
+                raise DemoError(f"run {self.run_id} did not end in time; logs in {self.tmp}")
+            time.sleep(0.5)
+            view = self.view()
+        trial.completed = view.state == "finished"
+        trial.seconds = (left_running or time.monotonic()) - self.launched
+        trial.samples = view.samples
+        reports = self.ask(lambda c: c.reports(self.run_id))
+        listed = [(r.account, r.epoch) for r in reports]
+        trial.doubled = len(listed) - len(set(listed))
+        acknowledged = set()
+        for account, name in self.names().items():
+            events = self.events(name)
+            acknowledged |= {(account, e["epoch"]) for e in events if e["event"] == "report_accepted"}
+            epochs = [e for e in events if e["event"] == "epoch"]
+            trial.epochs_lost += sum(e["outcome"] in ("redo", "caught_up", "skipped") for e in epochs)
+            trial.stall = max([trial.stall, *(e["round_s"] for e in epochs)])
+        trial.data_lost = len(acknowledged - set(listed))
+        trial.conserved = self.ask(lambda c: c.audit()).conserved
+        return trial
+
+    def in_sync_since(self, name: str, since: float) -> float | None:
+        """When (wall clock) peer ``name`` first logged, after ``since``, an epoch started from the same
+        parameters as another peer's start of that epoch."""
+        others: dict[int, set[str]] = {}
+        for other in self.names().values():
+            if other != name:
+                for e in self.events(other):
+                    if e["event"] == "epoch":
+                        others.setdefault(e["epoch"], set()).add(e["params"])
+        for e in self.events(name):
+            if e["event"] == "epoch" and e["time"] >= since and e["params"] in others.get(e["epoch"], ()):
+                return e["time"]
+        return None
+
+    def wait_samples(self, share: float) -> None:
+        """Wait until the run has verified ``share`` of its target samples."""
+        self._wait(
+            f"{share:.0%} of the samples",
+            lambda: True if (v := self.view()).samples >= share * v.target_samples else None,
+            interval=0.5,
+        )
+
+
+# ------------------------------------------------------------------------------------------ scenarios
+
+
+def scenario_run(lab: Lab, folder: Path, args: argparse.Namespace, faults: str) -> Trial:
+    """``clean`` or ``lossy``: a run to its end."""
+    demo = LabDemo(lab, folder, args.timeout)
+    try:
+        demo.start({"stop": {"epochs": 8}})
+        if faults == "lossy":
+            for host in lab.hosts.values():
+                lab.loss(host, LOSS_PERCENT)
+                lab.cap(host, CAP_MBIT)
+        return demo.finish(Trial())
+    finally:
+        demo.close()
+
+
+def scenario_partition(lab: Lab, folder: Path, args: argparse.Namespace, fault: str) -> Trial:
+    """``partition`` (its link cut) or ``freeze`` (its processes stopped) of one peer, then back."""
+    demo = LabDemo(lab, folder, args.timeout)
+    try:
+        demo.start({"stop": {"epochs": 16}})
+        demo.wait_samples(0.15)
+        victim = random.choice(list(demo.names().values()))
+        host = demo.lab_host(victim)
+        child = demo.peers[next(a for a, n in demo.names().items() if n == victim)]
+        if fault == "partition":
+            lab.partition(host)
+            time.sleep(args.partition_seconds)
+            lab.heal(host)
+        else:
+            child.remember_tree()
+            for p in child.tree:
+                p.send_signal(signal.SIGSTOP)
+            time.sleep(10)
+            for p in child.tree:
+                p.send_signal(signal.SIGCONT)
+        healed = time.time()
+        synced = demo._wait(
+            f"{victim} to train in sync again", lambda: demo.in_sync_since(victim, healed), interval=0.5
+        )
+        trial = demo.finish(Trial())
+        trial.recovery.append(synced - healed)
+        return trial
+    finally:
+        demo.close()
+
+
+def scenario_peer_kill(lab: Lab, folder: Path, args: argparse.Namespace) -> Trial:
+    """SIGKILL a trainer mid all-reduce, ``--kills`` times in one run (its worker starts a new one)."""
+    demo = LabDemo(lab, folder, args.timeout)
+    checks: dict[str, Any] = {"kills": 0, "rounds_over_deadline": 0, "not_finite": 0, "disagreed": 0}
+    recovery = []
+    try:
+        # A wider model and 10 Mbit/s links make the all-reduce last long enough to be hit.
+        demo.start({"stop": {"epochs": 400}, "options": {"hidden": 1024}})
+        for host in lab.hosts.values():
+            lab.cap(host, 10)
+        names = list(demo.names().values())
+        while checks["kills"] < args.kills:
+            epoch = _all_averaging(demo, names)
+            victim = random.choice(names)
+            trainer = demo.trainer(victim)
+            if trainer is None:
+                continue
+            time.sleep(0.1)  # the group is formed (everyone is in): the all-reduce is under way
+            for p in [*trainer.children(recursive=True), trainer]:
+                p.kill()
+            checks["kills"] += 1
+            survivors = [n for n in names if n != victim]
+            ends = demo._wait(
+                f"the survivors' epoch {epoch + 1}",
+                lambda: _epoch_events(demo, survivors, epoch + 1),  # noqa: B023 - used at once
+                interval=0.2,
+            )
+            rounds = _epoch_events(demo, survivors, epoch) or {}
+            checks["rounds_over_deadline"] += sum(
+                e["round_s"] > AVERAGING["timeout_seconds"] + 1 for e in rounds.values()
+            )
+            checks["not_finite"] += sum(e["outcome"] == "skipped" for e in rounds.values())
+            checks["disagreed"] += len({e["params"] for e in ends.values()}) > 1
+            recovery.append(max(e["round_s"] for e in rounds.values()))
+        trial = demo.finish(Trial(), wait_end=False)
+        trial.completed = True
+        trial.recovery = recovery
+        trial.checks = checks
+        return trial
+    finally:
+        demo.close()
+
+
+def _all_averaging(demo: LabDemo, names: list[str]) -> int:
+    """Wait for an epoch that every peer has entered the round of (and none finished); that epoch."""
+
+    def entered() -> int | None:
+        latest = []
+        for name in names:
+            events = demo.events(name)
+            if not events or events[-1]["event"] != "averaging":
+                return None
+            latest.append(events[-1]["epoch"])
+        return latest[0] if len(set(latest)) == 1 else None
+
+    return demo._wait("every peer in one round", entered, interval=0.02)
+
+
+def _epoch_events(demo: LabDemo, names: list[str], epoch: int) -> dict[str, dict[str, Any]] | None:
+    """Each peer's last ``epoch`` event of that epoch, once every one has logged one."""
+    found = {}
+    for name in names:
+        mine = [e for e in demo.events(name) if e["event"] == "epoch" and e["epoch"] == epoch]
+        if not mine:
+            return None
+        found[name] = mine[-1]
+    return found
+
+
+def scenario_coordinator_kill(lab: Lab, folder: Path, args: argparse.Namespace) -> Trial:
+    """SIGKILL the coordinator mid-run ``--restarts`` times, restarting it 2 s later each time."""
+    demo = LabDemo(lab, folder, args.timeout)
+    recovery = []
+    try:
+        demo.start({"stop": {"epochs": 30}})
+        demo.wait_samples(0.05)
+        names = list(demo.names().values())
+        for _ in range(args.restarts):
+            coordinator = next(c for c in reversed(demo.children) if c.name == "coordinator")
+            demo.dropped_names.add("coordinator")
+            coordinator.kill_group(signal.SIGKILL)
+            coordinator.proc.wait(10)
+            time.sleep(2)
+            demo.serve()
+            restarted = time.time()
+
+            def accepted_since() -> float | None:
+                times = [
+                    e["time"]
+                    for name in names
+                    for e in demo.events(name)
+                    if e["event"] == "report_accepted" and e["time"] >= restarted  # noqa: B023
+                ]
+                return min(times) if times else None
+
+            recovery.append(demo._wait("a report accepted after the restart", accepted_since) - restarted)
+            time.sleep(random.uniform(2, 5))
+        trial = demo.finish(Trial())
+        trial.recovery = recovery
+        trial.checks = {"restarts": len(recovery)}
+        return trial
+    finally:
+        demo.close()
+
+
+def scenario_clock(lab: Lab, folder: Path, args: argparse.Namespace) -> Trial:
+    demo = LabDemo(lab, folder, args.timeout, clock={"peer-0": 2.0})
+    try:
+        demo.start({"stop": {"epochs": 8}})
+        trial = demo.finish(Trial())
+        view = demo.view()
+        skewed = next(a for a, n in demo.names().items() if n == "peer-0")
+        trial.checks = {"skewed_peer_paid": str(sum(p.paid for p in view.peers if p.account == skewed))}
+        return trial
+    finally:
+        demo.close()
+
+
+def scenario_long(lab: Lab, folder: Path, args: argparse.Namespace) -> Trial:
+    demo = LabDemo(lab, folder, args.minutes * 60 + args.timeout)
+    try:
+        demo.start({"stop": {"epochs": 10_000}})
+        time.sleep(args.minutes * 60)
+        trial = demo.finish(Trial(), wait_end=False)
+        trial.completed = demo.view().state == "running"
+        return trial
+    finally:
+        demo.close()
+
+
+def scenario_round(lab: Lab, folder: Path, args: argparse.Namespace) -> Trial:
+    """One 10 MB all-reduce round across 4 peers on lossy, capped links (8-bit), per trial."""
+    hosts = [lab.add(f"r{i}") for i in range(PEERS)]
+    for host in hosts:
+        lab.loss(host, LOSS_PERCENT)
+        lab.cap(host, CAP_MBIT)
+    addrs = folder / "addrs.json"
+    script = Path(__file__).resolve().parent / "round_peer.py"
+    env = {**os.environ, "HIVEMIND_LOGLEVEL": "ERROR"}
+    procs = []
+    for i, host in enumerate(hosts):
+        argv = [sys.executable, str(script), "--index", str(i), "--peers", str(PEERS), "--size-mb", "10"]
+        argv += ["--rounds", str(args.rounds), "--compression", "8bit", "--addrs", str(addrs)]
+        argv += ["--listen", f"/ip4/{host.ip}/tcp/0"]
+        procs.append(
+            subprocess.Popen(
+                lab.command(host, argv), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+            )
+        )
+    outs = [p.communicate(timeout=args.timeout)[0] for p in procs]
+    lines = [json.loads(line) for out in outs for line in out.splitlines() if line.startswith("{")]
+    trial = Trial(completed=True)
+    for r in range(args.rounds):
+        mine = [line for line in lines if line["round"] == r]
+        if len(mine) < PEERS or any(line["outcome"] != "averaged" for line in mine):
+            trial.completed = False
+            continue
+        trial.recovery.append(max(line["end"] for line in mine) - max(line["start"] for line in mine))
+    trial.checks = {"rounds": args.rounds, "max_error": max((line["max_error"] for line in lines), default=0)}
+    return trial
+
+
+RUNNERS: dict[str, Callable[[Lab, Path, argparse.Namespace], Trial]] = {
+    "clean": lambda lab, f, a: scenario_run(lab, f, a, "clean"),
+    "lossy": lambda lab, f, a: scenario_run(lab, f, a, "lossy"),
+    "round": scenario_round,
+    "partition": lambda lab, f, a: scenario_partition(lab, f, a, "partition"),
+    "freeze": lambda lab, f, a: scenario_partition(lab, f, a, "freeze"),
+    "peer-kill": scenario_peer_kill,
+    "coordinator-kill": scenario_coordinator_kill,
+    "clock": scenario_clock,
+    "long": scenario_long,
+}
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def summarize(name: str, trials: list[Trial], errors: list[str]) -> dict[str, Any]:
+    recovery = [r for t in trials for r in t.recovery]
+    return {
+        "scenario": name,
+        "trials": len(trials) + len(errors),
+        "completed": sum(t.completed for t in trials),
+        "epochs_lost": sum(t.epochs_lost for t in trials),
+        "data_lost": sum(t.data_lost for t in trials),
+        "doubled": sum(t.doubled for t in trials),
+        "money_conserved": all(t.conserved for t in trials),
+        "recovery_p50": percentile(recovery, 0.5),
+        "recovery_p95": percentile(recovery, 0.95),
+        "longest_stall": max((t.stall for t in trials), default=0.0),
+        "goodput": statistics.mean(t.goodput for t in trials) if trials else 0.0,
+        "checks": [t.checks for t in trials if t.checks],
+        "errors": errors,
+        "runs": [asdict(t) for t in trials],
+    }
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenarios", default=",".join(s for s in SCENARIOS if s != "long"))
+    parser.add_argument("--trials", type=int, default=3, help="runs per scenario (kill scenarios: 1)")
+    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--restarts", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per trial of `round`")
+    parser.add_argument("--partition-seconds", type=float, default=30.0)
+    parser.add_argument("--minutes", type=float, default=10.0, help="length of the `long` run")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds one trial may take")
+    parser.add_argument("--keep", action="store_true", help="keep the logs of every trial")
+    parser.add_argument("--json", action="store_true")
+    return parser
+
+
+def run_trial(name: str, folder: Path, args: argparse.Namespace) -> Trial:
+    """One trial of scenario ``name`` in a lab of its own, removed afterwards."""
+    with Lab() as lab:
+        return RUNNERS[name](lab, folder, args)
+
+
+def main() -> int:
+    args = parser().parse_args()
+    # SIGTERM unwinds like Ctrl-C, so that every lab removes its namespaces and processes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SCENARIOS]
+    if unknown:
+        print(f"unknown scenarios {unknown}; known: {', '.join(SCENARIOS)}", file=sys.stderr)
+        return 2
+    reason = missing()
+    if reason:
+        print(f"bench/reliability.py: {reason}", file=sys.stderr)
+        return 2
+    root = Path(tempfile.mkdtemp(prefix="hivemarket-reliability-"))
+    results = []
+    for name in names:
+        trials, errors = [], []
+        count = 1 if name in ("peer-kill", "coordinator-kill", "long") else args.trials
+        for i in range(count):
+            folder = root / f"{name}-{i}"
+            try:
+                trials.append(run_trial(name, folder, args))
+            except Exception as e:  # one failed trial is a figure, not the end of the bench
+                errors.append(f"{type(e).__name__}: {e}")
+        results.append(summarize(name, trials, errors))
+        if not args.json:
+            print_row(results[-1], results)
+    failed = any(row["errors"] for row in results)
+    if args.keep or failed:
+        print(f"logs of every trial: {root}", file=sys.stderr)
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+    if args.json:
+        print(json.dumps({"peers": PEERS, "scenarios": results}, indent=1))
+    return 0
+
+
+def print_row(row: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    if len(rows) == 1:
+        print(f"{'SCENARIO':<17}{'TRIALS':>7}{'DONE':>6}{'EPOCHS LOST':>12}{'DATA LOST':>10}{'DOUBLED':>8}"
+              f"{'MONEY OK':>9}{'RECOVERY P50/P95 s':>20}{'STALL s':>9}{'GOODPUT':>9}")  # fmt: skip
+    p50, p95 = row["recovery_p50"], row["recovery_p95"]
+    recovery = f"{p50:.1f}/{p95:.1f}" if p50 is not None else "-"
+    print(
+        f"{row['scenario']:<17}{row['trials']:>7}{row['completed']:>6}{row['epochs_lost']:>12}"
+        f"{row['data_lost']:>10}{row['doubled']:>8}{str(row['money_conserved']).lower():>9}"
+        f"{recovery:>20}{row['longest_stall']:>9.1f}{row['goodput']:>9.1f}",
+        flush=True,
+    )
+    for error in row["errors"]:
+        print(f"  error: {error}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Averaging deadlines follow the measured rounds, within the floor and the spec's ceiling."""
+
+from __future__ import annotations
+
+import pytest
+
+from peer.deadlines import RoundDeadlines
+
+
+def test_before_any_round_the_deadlines_are_the_widest() -> None:
+    d = RoundDeadlines(ceiling=15.0, floor=2.0)
+    assert (d.chunk(), d.round(), d.step(1.0)) == (5.0, 15.0, 15.0)
+
+
+def test_fast_rounds_shorten_the_deadlines_down_to_the_floor() -> None:
+    d = RoundDeadlines(ceiling=15.0, floor=2.0)
+    for _ in range(5):
+        d.observe(0.05)
+    assert d.chunk() == 2.0  # 2 x 0.05 s would take a busy CPU's pause for a dead peer
+    assert d.round() == 6.0
+    assert d.step(1.0) == 8.0  # two matchmaking times and a round: a missed group is given up early
+
+
+def test_slow_rounds_lengthen_them_up_to_the_ceiling() -> None:
+    d = RoundDeadlines(ceiling=60.0, floor=2.0)
+    d.observe(4.0)
+    assert (d.chunk(), d.round()) == (8.0, 24.0)
+    d.observe(30.0)
+    assert (d.chunk(), d.round(), d.step(3.0)) == (20.0, 60.0, 60.0)
+
+
+def test_only_the_recent_rounds_count() -> None:
+    d = RoundDeadlines(ceiling=60.0, floor=1.0, window=3)
+    d.observe(9.0)
+    for _ in range(3):
+        d.observe(1.0)
+    assert d.chunk() == pytest.approx(2.0)
