@@ -108,8 +108,13 @@ class LabDemo(Demo):
         return self.lab.command(self.lab_host(name), super().argv(name, args), self.clock.get(name, 0.0))
 
     def _env(self, home: Path, **extra: str) -> dict[str, str]:
-        # Leases as in production (a heartbeat every 5 s, lapsed after 15 s), not the demo's 1 s.
-        return {**super()._env(home, **extra), "HIVEMARKET_HEARTBEAT_INTERVAL": "5"}
+        # Leases as in production (a heartbeat every 5 s, lapsed after 15 s), not the demo's 1 s; a worker
+        # starts a killed trainer again as often as peer-kill kills it.
+        return {
+            **super()._env(home, **extra),
+            "HIVEMARKET_HEARTBEAT_INTERVAL": "5",
+            "HIVEMARKET_TRAINER_RESTARTS": "100",
+        }
 
     def events(self, name: str) -> list[dict[str, Any]]:
         return read_events(self.tmp / name / "runs" / self.run_id / "events.jsonl")
@@ -257,8 +262,9 @@ def scenario_peer_kill(lab: Lab, folder: Path, args: argparse.Namespace) -> Tria
             lab.cap(host, 10)
         names = list(demo.names().values())
         while checks["kills"] < args.kills:
-            epoch = _all_averaging(demo, names)
-            victim = random.choice(names)
+            live = [n for n in names if demo.trainer(n) is not None]
+            epoch = _all_averaging(demo, live)
+            victim = random.choice(live)
             trainer = demo.trainer(victim)
             if trainer is None:
                 continue
@@ -266,7 +272,7 @@ def scenario_peer_kill(lab: Lab, folder: Path, args: argparse.Namespace) -> Tria
             for p in [*trainer.children(recursive=True), trainer]:
                 p.kill()
             checks["kills"] += 1
-            survivors = [n for n in names if n != victim]
+            survivors = [n for n in live if n != victim]
             ends = demo._wait(
                 f"the survivors' epoch {epoch + 1}",
                 lambda: _epoch_events(demo, survivors, epoch + 1),  # noqa: B023 - used at once

@@ -344,7 +344,22 @@ class Trainer:
         )
         view = self.link.join(str(self.dht.peer_id), maddrs)
         logger.info(f"Joined run {self.run_id} as {self.dht.peer_id} ({len(bootstrap)} bootstrap addresses)")
+        if bootstrap and view.epoch > 0:
+            view = self._next_epoch(view)
         self._initial_state(bool(bootstrap))
+        return view
+
+    def _next_epoch(self, view: RunView) -> RunView:
+        """Wait (at most ``state_load_timeout``) until an epoch that began before this peer joined has
+        been reported. The peers training it did not know of this peer and formed its round without
+        waiting for it; a peer that joined then loaded its state would train it, find that round gone,
+        and wait the whole step deadline for nothing (measured: 15 s). Every epoch that begins after the
+        join expects this peer, so the state loaded once that epoch begins leads to a round it makes."""
+        deadline = time.monotonic() + self.settings.state_load_timeout
+        joined_at = view.epoch
+        while view.epoch <= joined_at and time.monotonic() < deadline and not self.stop.is_set():
+            self.stop.wait(min(self.settings.run_poll_interval, 0.2))
+            view = self.link.view() or view
         return view
 
     def _share_state(self) -> TrainingState:
