@@ -387,6 +387,7 @@ def scenario_round(lab: Lab, folder: Path, args: argparse.Namespace) -> Trial:
     for host in hosts:
         lab.loss(host, LOSS_PERCENT)
         lab.cap(host, CAP_MBIT)
+    folder.mkdir(parents=True, exist_ok=True)
     addrs = folder / "addrs.json"
     script = Path(__file__).resolve().parent / "round_peer.py"
     env = {**os.environ, "HIVEMIND_LOGLEVEL": "ERROR"}

@@ -505,6 +505,10 @@ class Trainer:
             round_s=round(time.monotonic() - computed, 4),
             allreduce_s=round(allreduce_s, 4),
         )
+        if outcome == "redo" and self.snapshot is not None:  # local updates moved the parameters: rewind
+            with self.lock:
+                restore(self.snapshot, self.params, self.optimizers)
+                self.snapshot = None
         if outcome not in ("averaged", "alone"):
             return
         self._apply(start)
