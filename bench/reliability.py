@@ -21,8 +21,9 @@ Columns: trials, runs completed, epochs lost (epochs a peer trained and then dis
 failed, a state loaded instead), data lost (reports the coordinator acknowledged to a peer that it no
 longer lists; must be 0), doubled (reports listed twice; must be 0), money conserved (the ledger's
 audit; must be true), recovery p50/p95 (seconds from the fault's end until the peer trains in sync
-again: the same parameter hash as another peer at the same epoch; for coordinator-kill until the next
-acknowledged report; for peer-kill until the survivors' round of that epoch ended), the longest
+again: parameters in agreement with another peer's at the same epoch, ``peer.events.in_agreement``;
+for coordinator-kill until the next acknowledged report; for peer-kill the survivors' longest wait
+in the round the kill hit), the longest
 blocked step (seconds a peer waited on the network in one epoch) and goodput (samples per second
 while running). Scenario-specific checks go to ``checks``.
 
@@ -54,7 +55,7 @@ from bench.netlab import Host, Lab, missing
 from coordinator.runs import ENDED
 from coordinator.schemas import RunView
 from peer.demo import Demo, DemoError
-from peer.events import read_events
+from peer.events import in_agreement, read_events
 
 PEERS = 4
 LOSS_PERCENT = 5
@@ -180,16 +181,17 @@ class LabDemo(Demo):
         return trial
 
     def in_sync_since(self, name: str, since: float) -> float | None:
-        """When (wall clock) peer ``name`` first logged, after ``since``, an epoch started from the same
-        parameters as another peer's start of that epoch."""
-        others: dict[int, set[str]] = {}
+        """When (wall clock) peer ``name`` first logged, after ``since``, an epoch that started from
+        parameters in agreement with another peer's start of that epoch (peer.events.in_agreement)."""
+        others: dict[int, list[list[float]]] = {}
         for other in self.names().values():
             if other != name:
                 for e in self.events(other):
                     if e["event"] == "epoch":
-                        others.setdefault(e["epoch"], set()).add(e["params"])
+                        others.setdefault(e["epoch"], []).append(e["params"])
         for e in self.events(name):
-            if e["event"] == "epoch" and e["time"] >= since and e["params"] in others.get(e["epoch"], ()):
+            peers = others.get(e["epoch"], []) if e["event"] == "epoch" and e["time"] >= since else []
+            if any(in_agreement(e["params"], theirs) for theirs in peers):
                 return e["time"]
         return None
 
@@ -283,7 +285,8 @@ def scenario_peer_kill(lab: Lab, folder: Path, args: argparse.Namespace) -> Tria
                 e["round_s"] > AVERAGING["timeout_seconds"] + 1 for e in rounds.values()
             )
             checks["not_finite"] += sum(e["outcome"] == "skipped" for e in rounds.values())
-            checks["disagreed"] += len({e["params"] for e in ends.values()}) > 1
+            sketches = [e["params"] for e in ends.values()]
+            checks["disagreed"] += not all(in_agreement(sketches[0], other) for other in sketches[1:])
             recovery.append(max(e["round_s"] for e in rounds.values()))
         trial = demo.finish(Trial(), wait_end=False)
         trial.completed = True
@@ -300,10 +303,10 @@ def _all_averaging(demo: LabDemo, names: list[str]) -> int:
     def entered() -> int | None:
         latest = []
         for name in names:
-            events = demo.events(name)
-            if not events or events[-1]["event"] != "averaging":
+            steps = [e for e in demo.events(name) if e["event"] in ("averaging", "epoch")]
+            if not steps or steps[-1]["event"] != "averaging":
                 return None
-            latest.append(events[-1]["epoch"])
+            latest.append(steps[-1]["epoch"])
         return latest[0] if len(set(latest)) == 1 else None
 
     return demo._wait("every peer in one round", entered, interval=0.02)
@@ -497,8 +500,10 @@ def main() -> int:
             folder = root / f"{name}-{i}"
             try:
                 trials.append(run_trial(name, folder, args))
+                print(json.dumps({"scenario": name, **asdict(trials[-1])}), file=sys.stderr, flush=True)
             except Exception as e:  # one failed trial is a figure, not the end of the bench
                 errors.append(f"{type(e).__name__}: {e}")
+                print(f"{name} trial {i}: {errors[-1]}", file=sys.stderr, flush=True)
         results.append(summarize(name, trials, errors))
         if not args.json:
             print_row(results[-1], results)

@@ -48,7 +48,6 @@ from pydantic import ValidationError
 from coordinator.client import CoordinatorError, CoordinatorUnreachable
 from coordinator.runs import BIDDING, REPORTING
 from coordinator.schemas import AuditResultBody, MicroBatch, ReportBody, RunPeerView, RunView
-from coordinator.verification import relative_distance
 from peer.adversary import Contribution, EpochWork, behaviour
 from peer.averaging import RunAverager, TrainingState, capture, learning_rate, restore
 from peer.data.assign import assign
@@ -57,7 +56,7 @@ from peer.data.format import DatasetError, Manifest, ShardInfo
 from peer.data.loader import PrefetchLoader
 from peer.data.reader import DatasetReader
 from peer.deadlines import RoundDeadlines
-from peer.events import EventLog, params_hash
+from peer.events import AGREEMENT_TOLERANCE, EventLog, in_agreement
 from peer.identity import Identity, load_identity
 from peer.node import NodeError, start_dht, stop_dht
 from peer.run_link import RunLink
@@ -71,10 +70,6 @@ logger = get_logger(__name__)
 
 EXIT_REFUSED = 3  # the run cannot be trained here (task not installed, bad spec): do not restart
 EXIT_RETRY = 4  # something transient (no bootstrap peer, no state donor): the worker may start it again
-#: Peers whose parameter sketches differ by more than this have diverged: float rounding leaves ~1e-7
-#: (fp16 averaging too: every member rounds the whole average the same way); 8-bit averaging leaves each
-#: reducer's own part unquantized, about 1% apart.
-AGREEMENT_TOLERANCE = {"none": 1e-4, "fp16": 1e-4, "8bit": 2e-2}
 
 
 class TrainerExit(Exception):
@@ -498,7 +493,7 @@ class Trainer:
             "epoch",
             epoch=epoch,
             outcome=outcome,
-            params=params_hash(param_sketch),
+            params=param_sketch,
             group=group_size,
             samples=samples,
             compute_s=round(computed - started, 4),
@@ -663,7 +658,6 @@ class Trainer:
         when fewer agree with it than disagree, or as many and the smallest account is among the others
         (a deterministic tie-break, so that exactly one side of a two-peer split gives way). What other
         peers sent is untrusted: an entry that is not a sketch like ours is left out of the count."""
-        tolerance = AGREEMENT_TOLERANCE[self.spec.averaging.compression]
         agree, differ = 1, []
         for data in gathered.values():
             if not isinstance(data, dict) or data.get("account") == self.identity.account:
@@ -676,7 +670,7 @@ class Trainer:
                 and all(isinstance(x, float) and math.isfinite(x) for x in theirs)
             ):
                 continue
-            if relative_distance(param_sketch, theirs) <= tolerance:
+            if in_agreement(param_sketch, theirs, self.spec.averaging.compression):
                 agree += 1
             else:
                 differ.append(account)

@@ -25,8 +25,9 @@ from coordinator.verification import relative_distance
 from peer.data.format import load_manifest
 from peer.data.reader import DatasetReader
 from peer.demo import Demo
+from peer.events import AGREEMENT_TOLERANCE
 from peer.spec import validate_spec
-from peer.trainer import AGREEMENT_TOLERANCE, load_model_file, make_optimizer, train_ids
+from peer.trainer import load_model_file, make_optimizer, train_ids
 from tests.harness import wait_until
 
 EPOCHS = 150
