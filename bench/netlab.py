@@ -5,8 +5,10 @@ and each peer on its own host, so that their traffic crosses real interfaces, an
 interfaces on purpose. Needs root, iproute2 (``ip``, ``tc``) and nftables (``nft``).
 
 Layout: a hub namespace holds the bridge; every host namespace has one veth link to it, with the address
-``SUBNET.(10 + i)``; the machine itself gets a fault-free control link at ``SUBNET.1`` so that the test
-or bench process can reach the hosts' servers directly. Only these addresses are ever traffic targets.
+``10.213.N.(10 + i)``; the machine itself gets a fault-free control link at ``10.213.N.1`` so that the
+test or bench process can reach the hosts' servers directly. Each lab takes a /24 (``N``) that no
+interface of the machine uses, so that two labs (a bench still cleaning up, and a new one) never route
+to each other's hosts. Only these addresses are ever traffic targets.
 
 Faults (each on one host's link, in both directions unless said otherwise):
 
@@ -39,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PREFIX = "hm"
-SUBNET = "10.213.77"  # a /24 private to the lab: only the lab's namespaces and control link use it
+NETWORK = "10.213"  # each lab takes a free /24 of 10.213.0.0/16 (see Lab.subnet)
 TOOLS = ("ip", "tc", "nft")
 
 
@@ -80,6 +82,15 @@ def sweep() -> list[str]:
             _remove_namespace(name)
             removed.append(name)
     return removed
+
+
+def free_subnet() -> str:
+    """A /24 of NETWORK that no interface of this machine has an address in."""
+    used = sh("ip", "-o", "-4", "addr", "show", check=False).stdout
+    for n in range(1, 255):
+        if f" {NETWORK}.{n}." not in used:
+            return f"{NETWORK}.{n}"
+    raise LabError(f"every /24 of {NETWORK}.0.0/16 is in use")
 
 
 def _alive(pid: int) -> bool:
@@ -136,7 +147,8 @@ class Lab:
         self.control = f"{PREFIX}{os.getpid()}c{Lab.made}"[-15:]  # an interface name has 15 characters
         self.hosts: dict[str, Host] = {}
         self.processes: list[subprocess.Popen] = []
-        self.control_ip = f"{SUBNET}.1"
+        self.subnet = free_subnet()
+        self.control_ip = f"{self.subnet}.1"
         try:
             sh("ip", "netns", "add", self.hub)
             sh("ip", "link", "set", "lo", "up", ns=self.hub)
@@ -161,7 +173,7 @@ class Lab:
     def add(self, name: str) -> Host:
         """A new host called ``name``, linked to the bridge, with loopback up."""
         i = len(self.hosts)
-        host = Host(name, f"{self.tag}-{name}", f"{SUBNET}.{10 + i}", hub_dev=f"v{i}")
+        host = Host(name, f"{self.tag}-{name}", f"{self.subnet}.{10 + i}", hub_dev=f"v{i}")
         sh("ip", "netns", "add", host.ns)
         sh("ip", "link", "set", "lo", "up", ns=host.ns)
         sh("ip", "link", "add", host.hub_dev, "type", "veth", "peer", "name", host.dev, "netns", host.ns,

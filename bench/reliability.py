@@ -125,14 +125,21 @@ class LabDemo(Demo):
         return {account: child.name for account, child in self.peers.items()}
 
     def trainer(self, name: str) -> psutil.Process | None:
-        """The trainer process a peer's worker runs now, if any."""
+        """The trainer process a peer's worker runs now, if any: the topmost ``peer.trainer`` under it
+        (its DHT and averager processes are forks of it with the same command line)."""
         child = next(c for c in self.children if c.name == name)
         try:
-            for p in psutil.Process(child.proc.pid).children(recursive=True):
-                if "peer.trainer" in " ".join(p.cmdline()):
-                    return p
+            below = psutil.Process(child.proc.pid).children(recursive=True)
         except psutil.Error:
             return None
+        for p in below:
+            try:
+                if "peer.trainer" in " ".join(p.cmdline()) and "peer.trainer" not in " ".join(
+                    p.parent().cmdline()
+                ):
+                    return p
+            except psutil.Error:  # a process that just ended, or a zombie
+                continue
         return None
 
     def start(self, changes: dict[str, Any]) -> None:

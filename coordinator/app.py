@@ -39,6 +39,7 @@ from coordinator.schemas import (
     MSGPACK,
     OCTET_STREAM,
     SHA256_HEADER,
+    TIME_HEADER,
     AccountView,
     AuditClaimBody,
     AuditList,
@@ -494,6 +495,8 @@ async def _errors_and_metrics(
     except Exception:
         logger.exception(f"Unhandled error in {request.method} {request.path}")
         response = encode(request, ApiError("internal error", code="internal").body(), 500)
+    if not response.prepared:  # a streamed model is under way already
+        response.headers[TIME_HEADER] = f"{time.time():.6f}"  # lets peers agree on one clock (client.py)
     coordinator.metrics.requests.labels(route, request.method, str(response.status)).inc()
     coordinator.metrics.latency.labels(route).observe(time.perf_counter() - started)
     return response

@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import os
 import secrets
+import time
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -32,6 +34,7 @@ from coordinator.schemas import (
     MSGPACK,
     OCTET_STREAM,
     SHA256_HEADER,
+    TIME_HEADER,
     AccountView,
     AuditClaimBody,
     AuditList,
@@ -107,6 +110,7 @@ class CoordinatorClient:
         self.settings = settings or ClientSettings()
         self.use_msgpack = use_msgpack
         self._session: aiohttp.ClientSession | None = None
+        self.clock = ClockEstimate()
 
     async def __aenter__(self) -> CoordinatorClient:
         self._session = aiohttp.ClientSession(
@@ -288,9 +292,11 @@ class CoordinatorClient:
         for attempt in self._attempts():
             payload = data() if callable(data) else data
             try:
+                sent = time.time()
                 async with session.request(method, url, data=payload, headers=headers, **options) as resp:
                     raw = await resp.read()
                     status, content_type = resp.status, resp.content_type
+                    self.clock.observe(sent, time.time(), resp.headers.get(TIME_HEADER))
                 break
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as e:
                 await self._backoff(attempt, e)
@@ -358,6 +364,26 @@ def _decode(raw: bytes, content_type: str) -> Any:
         return json.loads(raw) if raw else None
     except (ValueError, msgpack.UnpackException):
         return None
+
+
+class ClockEstimate:
+    """How far the coordinator's clock is ahead of this machine's, from the time it stamps on each
+    answer (``X-Hivemarket-Time``): the estimate of the answer with the shortest round trip, whose error
+    is at most half that round trip (as NTP does). hivemind's matchmaking compares wall-clock expiration
+    times between peers, so a trainer sets its DHT time by this (peer.node.follow_clock)."""
+
+    def __init__(self) -> None:
+        self.offset: float | None = None
+        self.round_trip = float("inf")
+
+    def observe(self, sent: float, received: float, stamped: str | None) -> None:
+        try:
+            server = float(stamped) if stamped is not None else math.nan
+        except ValueError:
+            return
+        if math.isfinite(server) and 0 <= received - sent < self.round_trip:
+            self.round_trip = received - sent
+            self.offset = server - (sent + received) / 2
 
 
 def _parse(model: type[M], status: int, data: Any) -> M:

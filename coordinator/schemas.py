@@ -54,6 +54,7 @@ AccountId = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="64 lowe
 Role = Literal["trainer", "validator"]
 MSGPACK = "application/msgpack"  # the content type of msgpack bodies, both ways
 OCTET_STREAM = "application/octet-stream"  # model files, both ways
+TIME_HEADER = "X-Hivemarket-Time"  # the coordinator's clock (Unix seconds) when it answered; on every answer
 SHA256_HEADER = "X-Hivemarket-Sha256"  # a model's SHA-256: declared (and signed) on upload, sent on download
 
 

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import re
 import socket
+import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import TimeoutError as FutureTimeoutError
@@ -103,6 +104,26 @@ def reap(processes: list[psutil.Process], timeout: float) -> None:
 def terminate_tree(pid: int, timeout: float) -> None:
     """Stop a process and everything it started (a trainer's DHT, averager and p2pd included)."""
     reap(_process_tree(pid), timeout)
+
+
+def follow_clock(offset: float) -> None:
+    """Run hivemind's clock ``offset`` seconds ahead of this machine's (the coordinator's clock, as
+    :class:`coordinator.client.ClockEstimate` measured it) in this process and the DHT and averager
+    processes it forks after this call.
+
+    Why: hivemind's matchmaking orders leaders and accepts followers by wall-clock expiration times, so
+    a peer whose clock is off by a second or two never joins a group (measured: a peer 2 s ahead failed
+    every round). hivemind reads ``get_dht_time`` through module globals, each set here.
+    """
+    import hivemind.utils.timed_storage as timed_storage
+
+    def now() -> float:
+        return time.time() + offset
+
+    timed_storage.get_dht_time = now
+    for name, module in list(sys.modules.items()):
+        if name.startswith("hivemind") and getattr(module, "get_dht_time", None) is not None:
+            module.get_dht_time = now  # type: ignore[attr-defined]
 
 
 def start_dht(

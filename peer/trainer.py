@@ -58,7 +58,7 @@ from peer.data.reader import DatasetReader
 from peer.deadlines import RoundDeadlines
 from peer.events import AGREEMENT_TOLERANCE, EventLog, in_agreement
 from peer.identity import Identity, load_identity
-from peer.node import NodeError, start_dht, stop_dht
+from peer.node import NodeError, follow_clock, start_dht, stop_dht
 from peer.run_link import RunLink
 from peer.settings import PeerSettings, load_settings
 from peer.sketch import Sketcher, grad_seed, params_seed
@@ -318,6 +318,8 @@ class Trainer:
                 raise TrainerExit(EXIT_RETRY, "no peer of the run joined to bootstrap from")
             self.stop.wait(self.settings.run_poll_interval)
             view = self.link.view() or view
+        if self.link.client.clock.offset is not None:  # the run's peers share the coordinator's clock
+            follow_clock(self.link.client.clock.offset)
         try:
             self.dht, _ = start_dht(self.settings, initial_peers=bootstrap, listen=self.listen)
         except NodeError as e:
