@@ -15,6 +15,7 @@ import msgpack
 import pytest
 
 from coordinator.app import ROUTES
+from coordinator.schemas import TIME_HEADER
 from peer.envelope import NONCE_HEADER, sign_request
 from peer.identity import Identity, save_identity
 from tests.harness import CoordinatorProcess, cli_env, minimal_spec, run_cli, start_coordinator, wait_until
@@ -152,6 +153,14 @@ async def test_healthz_openapi_and_unknown_routes(api: Api) -> None:
     assert error["code"] == "not_found"
     error = await api.error(405, "DELETE", "/v1/offers")
     assert error["code"] == "method_not_allowed"
+
+
+async def test_every_answer_carries_the_coordinator_s_clock(api: Api) -> None:
+    for path in ("/healthz", "/v1/nothing-here"):
+        before = time.time()
+        async with api.session.get(api.server.url + path) as response:
+            stamped = float(response.headers[TIME_HEADER])
+        assert before - 1 <= stamped <= time.time() + 1
 
 
 # -------------------------------------------------------------------------------------------- accounts
