@@ -115,6 +115,8 @@ class LabDemo(Demo):
             **super()._env(home, **extra),
             "HIVEMARKET_HEARTBEAT_INTERVAL": "5",
             "HIVEMARKET_TRAINER_RESTARTS": "100",
+            # A machine whose wall clock is off still has a steady monotonic clock.
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1",
         }
 
     def events(self, name: str) -> list[dict[str, Any]]:
@@ -271,7 +273,7 @@ def scenario_peer_kill(lab: Lab, folder: Path, args: argparse.Namespace) -> Tria
             lab.cap(host, 10)
         names = list(demo.names().values())
         while checks["kills"] < args.kills:
-            live = [n for n in names if demo.trainer(n) is not None]
+            live = demo._wait("two trainers or more", lambda: _trainers(demo, names))
             epoch = _all_averaging(demo, live)
             victim = random.choice(live)
             trainer = demo.trainer(victim)
@@ -302,6 +304,12 @@ def scenario_peer_kill(lab: Lab, folder: Path, args: argparse.Namespace) -> Tria
         return trial
     finally:
         demo.close()
+
+
+def _trainers(demo: LabDemo, names: list[str]) -> list[str] | None:
+    """The peers whose trainer runs now, when there are two or more."""
+    running = [n for n in names if demo.trainer(n) is not None]
+    return running if len(running) >= 2 else None
 
 
 def _all_averaging(demo: LabDemo, names: list[str]) -> int:
