@@ -24,8 +24,10 @@ audit; must be true), recovery p50/p95 (seconds from the fault's end until the p
 again: parameters in agreement with another peer's at the same epoch, ``peer.events.in_agreement``;
 for coordinator-kill until the next acknowledged report; for peer-kill the survivors' longest wait
 in the round the kill hit), the longest
-blocked step (seconds a peer waited on the network in one epoch) and goodput (samples per second
-while running). Scenario-specific checks go to ``checks``.
+blocked step (seconds a peer waited on the network in one epoch) and goodput (verified samples per
+second of training: from the first peer's first round to the run leaving ``running``; start-up, which
+on lossy links is mostly fetching the dataset and joining the DHT, is not training).
+Scenario-specific checks go to ``checks``.
 
 Needs root, iproute2, nftables and faketime (Debian). Every namespace and process is removed at the end.
 """
@@ -72,7 +74,7 @@ AVERAGING = {"matchmaking_seconds": 3.0, "timeout_seconds": 15.0}
 @dataclass
 class Trial:
     completed: bool = False
-    seconds: float = 0.0  # from launch to the run leaving `running`
+    seconds: float = 0.0  # training: from the first peer's first round to the run leaving `running`
     samples: int = 0
     epochs_lost: int = 0
     data_lost: int = 0
@@ -156,7 +158,6 @@ class LabDemo(Demo):
             PEERS - 1, PEERS, bid_over_asks=Decimal(4), changes={"averaging": AVERAGING, **changes}
         )
         self.run_id = run.id
-        self.launched = time.monotonic()
 
     def view(self) -> RunView:
         return self.ask(lambda c: c.run(self.run_id))
@@ -167,13 +168,22 @@ class LabDemo(Demo):
         view = self.view()
         while wait_end and view.state not in ENDED:
             if view.state != "running" and left_running is None and view.state != "recruiting":
-                left_running = time.monotonic()
+                left_running = time.time()
             if time.monotonic() > self.deadline:
                 raise DemoError(f"run {self.run_id} did not end in time; logs in {self.tmp}")
             time.sleep(0.5)
             view = self.view()
         trial.completed = view.state == "finished"
-        trial.seconds = (left_running or time.monotonic()) - self.launched
+        first_round = min(
+            (
+                e["time"]
+                for name in self.names().values()
+                for e in self.events(name)
+                if e["event"] == "averaging"
+            ),
+            default=time.time(),
+        )
+        trial.seconds = (left_running or time.time()) - first_round
         trial.samples = view.samples
         reports = self.ask(lambda c: c.reports(self.run_id))
         listed = [(r.account, r.epoch) for r in reports]
