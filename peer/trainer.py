@@ -341,17 +341,19 @@ class Trainer:
         )
         view = self.link.join(str(self.dht.peer_id), maddrs)
         logger.info(f"Joined run {self.run_id} as {self.dht.peer_id} ({len(bootstrap)} bootstrap addresses)")
-        if bootstrap and view.epoch > 0:
+        others = [p for p in live_peers(view) if p.joined and p.account != self.identity.account]
+        if len(others) >= view.peers_min:  # they train without this peer (not waiting for it to start)
             view = self._next_epoch(view)
         self._initial_state(bool(bootstrap))
         return view
 
     def _next_epoch(self, view: RunView) -> RunView:
         """Wait (at most ``state_load_timeout``) until an epoch that began before this peer joined has
-        been reported. The peers training it did not know of this peer and formed its round without
-        waiting for it; a peer that joined then loaded its state would train it, find that round gone,
-        and wait the whole step deadline for nothing (measured: 15 s). Every epoch that begins after the
-        join expects this peer, so the state loaded once that epoch begins leads to a round it makes."""
+        been reported (the run's first epoch too: ``view.epoch`` counts reported epochs). The peers
+        training it did not know of this peer and formed its round without waiting for it; a peer that
+        joined then loaded its state would train it, find that round gone, and wait the whole step
+        deadline for nothing (measured: 15 s). Every epoch that begins after the join expects this peer,
+        so the state loaded once that epoch begins leads to a round it makes."""
         deadline = time.monotonic() + self.settings.state_load_timeout
         joined_at = view.epoch
         while view.epoch <= joined_at and time.monotonic() < deadline and not self.stop.is_set():
