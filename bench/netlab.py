@@ -37,7 +37,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 PREFIX = "hm"
@@ -128,7 +128,6 @@ class Host:
     ip: str
     dev: str = "eth0"
     hub_dev: str = ""
-    faults: dict[str, object] = field(default_factory=dict)
 
 
 class Lab:
@@ -189,26 +188,22 @@ class Lab:
     def loss(self, host: Host, percent: int) -> None:
         """Drop ``percent`` of the packets ``host`` sends (0 removes the fault)."""
         sh("nft", "delete", "table", "inet", "hmloss", ns=host.ns, check=False)
-        host.faults.pop("loss", None)
         if percent:
             sh("nft", "add", "table", "inet", "hmloss", ns=host.ns)
             sh("nft", "add chain inet hmloss out { type filter hook output priority 0 ; }", ns=host.ns)
             sh("nft", f"add rule inet hmloss out oifname {host.dev} numgen random mod 100 < {percent} drop",
                ns=host.ns)  # fmt: skip
-            host.faults["loss"] = percent
 
     def cap(self, host: Host, mbit: float) -> None:
         """Limit ``host``'s link to ``mbit`` Mbit/s each way (0 removes the cap)."""
         ends = ((host.dev, host.ns), (host.hub_dev, self.hub))
         for dev, ns in ends:
             sh("tc", "qdisc", "del", "dev", dev, "root", ns=ns, check=False)
-        host.faults.pop("cap", None)
         if mbit:
             burst = max(16_000, int(mbit * 1e6 / 8 / 100))  # 10 ms worth of bytes, at least 16 kB
             for dev, ns in ends:
                 sh("tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{mbit}mbit", "burst",
                    str(burst), "latency", "100ms", ns=ns)  # fmt: skip
-            host.faults["cap"] = mbit
 
     def partition(self, host: Host) -> None:
         """Cut ``host`` off: nothing in or out on its link (loopback still works)."""
@@ -217,11 +212,9 @@ class Lab:
             hooked = f"{{ type filter hook {hook} priority -10 ; }}"
             sh("nft", f"add chain inet hmcut {chain} {hooked}", ns=host.ns)
             sh("nft", f"add rule inet hmcut {chain} {match} {host.dev} drop", ns=host.ns)
-        host.faults["partition"] = True
 
     def heal(self, host: Host) -> None:
         sh("nft", "delete", "table", "inet", "hmcut", ns=host.ns, check=False)
-        host.faults.pop("partition", None)
 
     # ---------------------------------------------------------------------------------------- processes
 
