@@ -185,9 +185,8 @@ class LabDemo(Demo):
         )
         trial.seconds = (left_running or time.time()) - first_round
         trial.samples = view.samples
-        reports = self.ask(lambda c: c.reports(self.run_id))
-        listed = [(r.account, r.epoch) for r in reports]
-        trial.doubled = len(listed) - len(set(listed))
+        # The event logs first: a report acknowledged by then is listed by the coordinator (a run still
+        # training acknowledges more meanwhile; listed first, those would look lost).
         acknowledged = set()
         for account, name in self.names().items():
             events = self.events(name)
@@ -195,6 +194,9 @@ class LabDemo(Demo):
             epochs = [e for e in events if e["event"] == "epoch"]
             trial.epochs_lost += sum(e["outcome"] in ("redo", "caught_up", "skipped") for e in epochs)
             trial.stall = max([trial.stall, *(e["round_s"] for e in epochs)])
+        reports = self.ask(lambda c: c.reports(self.run_id))
+        listed = [(r.account, r.epoch) for r in reports]
+        trial.doubled = len(listed) - len(set(listed))
         trial.data_lost = len(acknowledged - set(listed))
         trial.conserved = self.ask(lambda c: c.audit()).conserved
         return trial
