@@ -344,8 +344,9 @@ def ledger(
     cheats: dict[str, AdversaryKind],
 ) -> dict:
     """Per account: samples (of reports not voided), pay, audit fees; for a killed peer, the pay of any
-    report accepted after it was killed (none: a dead peer reports nothing, and its lease lapses; pay held
-    for its earlier reports is released when their audits pass, which is not pay after the drop)."""
+    report accepted more than IN_FLIGHT seconds after it was killed (none: a dead peer reports nothing,
+    and its lease lapses; pay held for its earlier reports is released when their audits pass, which
+    is not pay after the drop)."""
     accounts: dict[str, dict[str, Any]] = {}
     for p in run.peers:
         role = "cheat" if p.account in cheats else "peer"
