@@ -29,6 +29,7 @@ import hivemind
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllreduceException
+from hivemind.averaging.control import AveragingStage
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.compression import (
     CompressionBase,
@@ -44,6 +45,7 @@ from peer.deadlines import RoundDeadlines
 logger = get_logger(__name__)
 
 codec.install()  # before the averager process forks: it decodes what other peers send
+POLL_SECONDS = 0.1  # how often a running round looks whether the others moved on
 EPOCH_BITS = 16  # the group key carries the epoch modulo 2**16: peers 65k epochs apart never meet
 
 
@@ -251,13 +253,23 @@ class RunAverager(DecentralizedAverager):
 
     async def _set_deadlines(self, chunk: float, round: float, future: MPFuture) -> None:  # ditto
         self.next_chunk_timeout = chunk
-        self.allreduce_kwargs.update(sender_timeout=chunk, reducer_timeout=2 * chunk)
+        # a reducer waits on its slowest sender first, so it gets longer (hivemind requires it)
+        self.allreduce_kwargs.update(sender_timeout=chunk, reducer_timeout=1.5 * chunk)
         self._allreduce_timeout = round
         future.set_result(None)
+
+    async def _set_group_bits(self, group_bits: str, future: MPFuture) -> None:  # in the averager process
+        self._epoch_bits = group_bits
+        await super()._set_group_bits(group_bits, future)
 
     async def _aggregate_with_group(
         self, group_info: GroupInfo, min_vector_size: int, **kwargs: Any
     ) -> tuple[Any, float]:  # in the averager process: the gathered data, and how long the round took
+        # hivemind moves each member's group key by a random index of its own once a group assembled (its
+        # moshpit scheme). Put back the epoch's key, so that a retry of this round, if it breaks, looks
+        # under the same key on every member; else each looks alone (measured: a round broken for all
+        # four peers retried for 9 s without ever forming a group, and the whole epoch was lost).
+        self._matchmaking.group_key_manager.group_bits = self._epoch_bits
         started = time.perf_counter()
         gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
         return gathered, time.perf_counter() - started
@@ -277,19 +289,50 @@ class RunAverager(DecentralizedAverager):
         return metadata, state.tensors, [CompressionInfo.from_tensor(t) for t in state.tensors]
 
     def average(
-        self, values: Sequence[torch.Tensor], *, epoch: int, weight: float, gather: Any, timeout: float
+        self,
+        values: Sequence[torch.Tensor],
+        *,
+        epoch: int,
+        weight: float,
+        gather: Any,
+        timeout: float,
+        moved_on: Callable[[], bool] = lambda: False,
     ) -> RoundResult:
         """All-reduce ``values`` (in place) with the peers at the same ``epoch``, within ``timeout``
-        seconds in all; a failed round leaves ``values`` unchanged."""
+        seconds in all; a failed round leaves ``values`` unchanged.
+
+        ``moved_on()`` (asked a few times a second, so it must not block) says whether the other peers
+        are already past ``epoch``. Their group then formed and finished without this peer, and no other
+        group will form at this epoch: the round is given up as soon as it is not itself exchanging
+        tensors, or has been for longer than the straggle allowance, instead of waiting out ``timeout``
+        (measured before: a peer whose round broke for it alone blocked 15 s).
+        """
         self.set_group_bits(format(epoch % (1 << EPOCH_BITS), f"0{EPOCH_BITS}b"))
         with self.get_tensors() as tensors:
             for mine, shared in zip(values, tensors, strict=True):
                 shared.copy_(mine)
-        try:
-            gathered, seconds = self.step(gather=gather, weight=weight, timeout=timeout)
-        except Exception as e:  # hivemind raises a variety of errors for a round that broke up
-            logger.warning(f"Averaging round of epoch {epoch} failed: {e!r}")
-            return RoundResult("failed", {}, 0.0, repr(e)[:300])
+        control = self.step(gather=gather, weight=weight, timeout=timeout, wait=False)
+        began, noticed = time.monotonic(), None  # noticed: when moved_on() first said yes
+        while True:
+            try:
+                gathered, seconds = control.result(timeout=POLL_SECONDS)
+                break
+            except concurrent.futures.TimeoutError:
+                pass
+            except Exception as e:  # hivemind raises a variety of errors for a round that broke up
+                logger.warning(f"Averaging round of epoch {epoch} failed: {e!r}")
+                return RoundResult("failed", {}, 0.0, repr(e)[:300])
+            # a round within the straggle allowance is on time: only later is it worth asking
+            straggle = self.deadlines.straggle()
+            if noticed is None and time.monotonic() - began > straggle and moved_on():
+                noticed = time.monotonic()
+            if noticed is None:
+                continue
+            exchanging = control.stage == AveragingStage.RUNNING_ALLREDUCE
+            if not exchanging or time.monotonic() - noticed > straggle:
+                control.cancel()
+                logger.warning(f"Averaging round of epoch {epoch}: the other peers moved on without this one")
+                return RoundResult("failed", {}, 0.0, "the other peers finished this epoch without this one")
         with self.get_tensors() as tensors:
             for mine, shared in zip(values, tensors, strict=True):
                 # A reducer keeps its own part of the average uncompressed while the others receive it

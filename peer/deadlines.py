@@ -5,7 +5,7 @@ wait that long on a fast one; short enough for a fast link and every round on a 
 A peer therefore times its own all-reduce rounds and derives two deadlines from the slowest recent one:
 
 - the *chunk* deadline: a member that sends nothing for this long is dropped from the round (hivemind's
-  ``next_chunk_timeout``; a reducer gets twice that). Also the per-chunk deadline of a state download,
+  ``next_chunk_timeout``; a reducer gets 1.5 times that). Also the per-chunk deadline of a state download,
   after which the download moves to another donor. ``factor`` times the slowest recent round, at least
   ``floor`` (so that a busy CPU's pause is not taken for a dead peer), at most a third of ``ceiling``;
 - the *round* deadline: an all-reduce attempt still running after it is abandoned (and retried with the
@@ -15,6 +15,11 @@ A peer therefore times its own all-reduce rounds and derives two deadlines from 
   within the matchmaking time of the first member's arrival, so a peer that found none after twice that
   plus a round has missed its group (it joined mid-epoch, or was cut off): it stops waiting and catches
   up. At most ``ceiling``.
+
+- the *straggle* allowance: how long a member may still be finishing a round that the others have
+  already finished (their results reach the members at slightly different times): the slowest recent
+  round, at least half the floor. A peer that sees the others past its epoch for longer than this has
+  lost its round, and stops waiting for it.
 
 ``ceiling`` is the run spec's ``averaging.timeout_seconds``: the researcher's bound on a whole step.
 Before any round is measured the deadlines are the widest: a third of the ceiling, and the ceiling.
@@ -51,3 +56,6 @@ class RoundDeadlines:
 
     def step(self, matchmaking: float) -> float:
         return min(self.ceiling, 2 * matchmaking + self.round())
+
+    def straggle(self) -> float:
+        return max(self.floor / 2, min(self.chunk(), max(self.rounds, default=self.ceiling)))

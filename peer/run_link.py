@@ -8,6 +8,7 @@ run it had, and reports wait in a queue (each is signed once, so a retried repor
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -38,6 +39,8 @@ class RunLink:
         self._sender: asyncio.Future[None] | None = None
         self.ended: str | None = None  # why the coordinator stopped taking this peer's reports
         self.on_accepted: Callable[[ReportBody], None] | None = None  # called on the link's thread
+        self._peeked: RunView | None = None
+        self._peeking: concurrent.futures.Future[RunView] | None = None
 
     def __enter__(self) -> RunLink:
         self._thread.start()
@@ -73,6 +76,18 @@ class RunLink:
                 logger.warning(f"Coordinator failed, training on: {e}")
                 return None
             raise
+
+    def peek(self) -> RunView | None:
+        """The latest view fetched in the background (None before the first), starting a new fetch when
+        none is under way: a look at the run that never blocks the caller, for loops that must keep their
+        own pace while the coordinator is slow or gone."""
+        fetch = self._peeking
+        if fetch is not None and not fetch.done():
+            return self._peeked
+        if fetch is not None and fetch.exception() is None:
+            self._peeked = fetch.result()
+        self._peeking = asyncio.run_coroutine_threadsafe(self._client.run(self.run_id), self._loop)
+        return self._peeked
 
     def join(self, peer_id: str, maddrs: list[str]) -> RunView:
         try:

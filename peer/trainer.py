@@ -334,7 +334,7 @@ class Trainer:
             matchmaking_seconds=self.spec.averaging.matchmaking_seconds,
             deadlines=RoundDeadlines(
                 ceiling=self.spec.averaging.timeout_seconds,
-                floor=max(self.settings.chunk_deadline_floor, self.spec.averaging.matchmaking_seconds),
+                floor=self.settings.chunk_deadline_floor,
                 factor=self.settings.chunk_deadline_factor,
             ),
             compression_name=self.spec.averaging.compression,
@@ -450,10 +450,16 @@ class Trainer:
     def _behind(self, view: RunView) -> bool:
         """Whether another live peer has reported an epoch past this peer's current one: its round
         would find nobody (lock-step peers are at most one epoch apart), so it loads their state first."""
+        return self._reported(view, self.epoch + 1)
+
+    def _reported(self, view: RunView | None, epoch: int) -> bool:
+        """Whether another live peer has reported ``epoch`` or a later one (so it is past ``epoch``)."""
+        if view is None:
+            return False
         reported = [
             p.epoch for p in live_peers(view) if p.account != self.identity.account and p.epoch is not None
         ]
-        return max(reported, default=-1) > self.epoch
+        return max(reported, default=-1) >= epoch
 
     def _epoch(self, live: list[str]) -> None:
         started = time.monotonic()
@@ -642,6 +648,7 @@ class Trainer:
             weight=samples,
             gather={"account": self.identity.account, "params": param_sketch},
             timeout=self.averager.deadlines.step(self.spec.averaging.matchmaking_seconds),
+            moved_on=lambda: self._reported(self.link.peek(), epoch),
         )
         if result.outcome == "failed":
             logger.warning(f"Epoch {epoch}: the averaging round failed; looking for peers further on")

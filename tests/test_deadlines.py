@@ -35,3 +35,14 @@ def test_only_the_recent_rounds_count() -> None:
     for _ in range(3):
         d.observe(1.0)
     assert d.chunk() == pytest.approx(2.0)
+
+
+def test_a_straggler_is_allowed_the_slowest_recent_round() -> None:
+    d = RoundDeadlines(ceiling=15.0, floor=2.0)
+    assert d.straggle() == 5.0  # nothing measured: the widest chunk wait
+    d.observe(0.3)
+    assert d.straggle() == 1.0  # half the floor: a round of 0.3 s on a busy CPU may take a second
+    d.observe(1.8)
+    assert d.straggle() == 1.8
+    d.observe(9.0)
+    assert d.straggle() == 5.0  # never beyond the chunk wait
