@@ -51,13 +51,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from bench.netlab import Host, Lab, missing
 from coordinator.runs import ENDED
 from coordinator.schemas import RunView
 from peer.demo import Demo, DemoError
-from peer.events import in_agreement, read_events
+from peer.events import in_agreement
 
 PEERS = 4
 LOSS_PERCENT = 5
@@ -98,7 +96,6 @@ class LabDemo(Demo):
         super().__init__(PEERS, False, lambda _text: None, timeout, folder)
         self.lab = lab
         self.clock = clock or {}
-        self.run_id = ""
 
     def lab_host(self, name: str) -> Host:
         ns_name = name.replace("-", "")
@@ -121,31 +118,6 @@ class LabDemo(Demo):
             "FAKETIME_DONT_FAKE_MONOTONIC": "1",
         }
 
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return read_events(self.tmp / name / "runs" / self.run_id / "events.jsonl")
-
-    def names(self) -> dict[str, str]:
-        """Account -> process name of each peer."""
-        return {account: child.name for account, child in self.peers.items()}
-
-    def trainer(self, name: str) -> psutil.Process | None:
-        """The trainer process a peer's worker runs now, if any: the topmost ``peer.trainer`` under it
-        (its DHT and averager processes are forks of it with the same command line)."""
-        child = next(c for c in self.children if c.name == name)
-        try:
-            below = psutil.Process(child.proc.pid).children(recursive=True)
-        except psutil.Error:
-            return None
-        for p in below:
-            try:
-                if "peer.trainer" in " ".join(p.cmdline()) and "peer.trainer" not in " ".join(
-                    p.parent().cmdline()
-                ):
-                    return p
-            except psutil.Error:  # a process that just ended, or a zombie
-                continue
-        return None
-
     def start(self, changes: dict[str, Any]) -> None:
         self.start_coordinator()
         self.fund_launcher()
@@ -154,10 +126,7 @@ class LabDemo(Demo):
         self.wait_offers(PEERS)
         # A bid well over the asks: a peer that lapsed (a partition) is priced lower by the market (its
         # reliability fell) and must still be worth matching again when it returns.
-        run = self.launch(
-            PEERS - 1, PEERS, bid_over_asks=Decimal(4), changes={"averaging": AVERAGING, **changes}
-        )
-        self.run_id = run.id
+        self.launch(PEERS - 1, PEERS, bid_over_asks=Decimal(4), changes={"averaging": AVERAGING, **changes})
 
     def view(self) -> RunView:
         return self.ask(lambda c: c.run(self.run_id))
@@ -218,7 +187,7 @@ class LabDemo(Demo):
 
     def wait_samples(self, share: float) -> None:
         """Wait until the run has verified ``share`` of its target samples."""
-        self._wait(
+        self.wait(
             f"{share:.0%} of the samples",
             lambda: True if (v := self.view()).samples >= share * v.target_samples else None,
             interval=0.5,
@@ -263,7 +232,7 @@ def scenario_partition(lab: Lab, folder: Path, args: argparse.Namespace, fault: 
             for p in child.tree:
                 p.send_signal(signal.SIGCONT)
         healed = time.time()
-        synced = demo._wait(
+        synced = demo.wait(
             f"{victim} to train in sync again", lambda: demo.in_sync_since(victim, healed), interval=0.5
         )
         trial = demo.finish(Trial())
@@ -285,7 +254,7 @@ def scenario_peer_kill(lab: Lab, folder: Path, args: argparse.Namespace) -> Tria
             lab.cap(host, 10)
         names = list(demo.names().values())
         while checks["kills"] < args.kills:
-            live = demo._wait("two trainers or more", lambda: _trainers(demo, names))
+            live = demo.wait("two trainers or more", lambda: _trainers(demo, names))
             epoch = _all_averaging(demo, live)
             victim = random.choice(live)
             trainer = demo.trainer(victim)
@@ -296,7 +265,7 @@ def scenario_peer_kill(lab: Lab, folder: Path, args: argparse.Namespace) -> Tria
                 p.kill()
             checks["kills"] += 1
             survivors = [n for n in live if n != victim]
-            ends = demo._wait(
+            ends = demo.wait(
                 f"the survivors' epoch {epoch + 1}",
                 lambda: _epoch_events(demo, survivors, epoch + 1),  # noqa: B023 - used at once
                 interval=0.2,
@@ -336,7 +305,7 @@ def _all_averaging(demo: LabDemo, names: list[str]) -> int:
             latest.append(steps[-1]["epoch"])
         return latest[0] if len(set(latest)) == 1 else None
 
-    return demo._wait("every peer in one round", entered, interval=0.02)
+    return demo.wait("every peer in one round", entered, interval=0.02)
 
 
 def _epoch_events(demo: LabDemo, names: list[str], epoch: int) -> dict[str, dict[str, Any]] | None:
@@ -376,7 +345,7 @@ def scenario_coordinator_kill(lab: Lab, folder: Path, args: argparse.Namespace) 
                 ]
                 return min(times) if times else None
 
-            recovery.append(demo._wait("a report accepted after the restart", accepted_since) - restarted)
+            recovery.append(demo.wait("a report accepted after the restart", accepted_since) - restarted)
             time.sleep(random.uniform(2, 5))
         trial = demo.finish(Trial())
         trial.recovery = recovery

@@ -1,29 +1,59 @@
 """One peer of an averaging-round measurement: ``python bench/round_peer.py --size-mb 10 --peers 4 ...``.
 
-It starts a DHT (the first peer alone, writing its addresses to ``--addrs``; the others bootstrap from
-that file), builds hivemarket's :class:`peer.averaging.RunAverager` over ``--size-mb`` MB of fp32 values,
-and, once every peer is ready, runs ``--rounds`` all-reduce rounds with the others, one epoch key per
-round. Each round's
-result goes to stdout as a JSON line: wall-clock start and end, the group size, and whether every peer
-got the same average (each peer's values are its index, so the exact mean is known).
+Once every peer is ready, it runs ``--rounds`` all-reduce rounds of ``--size-mb`` MB of fp32 values with
+the others, by ``--method``:
 
-``bench/reliability.py`` starts one per host of a network lab (``bench/netlab.py``) and reads the lines.
+- ``hivemarket`` (the default): hivemarket's :class:`peer.averaging.RunAverager`, one epoch key per round;
+- ``hivemind``: hivemind's own ``DecentralizedAverager`` as it comes (only the prefix and the target group
+  size set) with hivemind's own codecs, hivemarket's 8-bit codec (``peer.codec``) not installed;
+- ``gloo``: ``torch.distributed``'s gloo ``all_reduce`` (the sum, divided by the number of peers).
+
+The averagers run over a DHT per peer: the first peer starts alone and writes its addresses to
+``--addrs``; the others bootstrap from that file. For gloo the first peer writes the port of its
+rendezvous store there instead. Each round's result goes to stdout as a JSON line: wall-clock start and
+end, the outcome and why it failed, the group size, and how far this peer's result is from the exact
+mean (each peer's values are its index, so the mean is known).
+
+``bench/reliability.py`` starts one per host of a network lab (``bench/netlab.py``) and reads the lines;
+``bench/averaging.py`` starts them on this machine's loopback, once per method and compression.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import hivemind
+import multiaddr
 import torch
+import torch.distributed as dist
+from hivemind.averaging import DecentralizedAverager
+from hivemind.compression import (
+    CompressionBase,
+    Float16Compression,
+    NoCompression,
+    Uniform8BitQuantization,
+)
 
-from peer.averaging import RunAverager
 from peer.deadlines import RoundDeadlines
 from peer.node import start_dht, stop_dht
-from peer.settings import load_settings
+from peer.settings import PeerSettings, load_settings
+
+#: Averages ``values`` in place in round ``r``; returns the outcome ("averaged" or "failed"), the number
+#: of peers averaged with (this one included) and why the round failed ("" when it did not).
+Average = Callable[[torch.Tensor, int], tuple[str, int, str]]
+HIVEMIND_CODECS: dict[str, type[CompressionBase]] = {
+    "none": NoCompression,  # DecentralizedAverager's default
+    "fp16": Float16Compression,
+    "8bit": Uniform8BitQuantization,
+}
 
 
 def barrier(folder: Path, name: str, index: int, peers: int, timeout: float = 120) -> None:
@@ -34,52 +64,162 @@ def barrier(folder: Path, name: str, index: int, peers: int, timeout: float = 12
         time.sleep(0.05)
 
 
+def publish(path: Path, value: Any) -> None:
+    """Write ``value`` as JSON for the other peers, whole or not at all (they poll for the file)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value))
+    tmp.rename(path)
+
+
+def published(path: Path, timeout: float = 60) -> Any:
+    """What the first peer published at ``path``, once it did (FileNotFoundError after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return json.loads(path.read_text())
+
+
+@contextlib.contextmanager
+def swarm(args: argparse.Namespace, settings: PeerSettings) -> Iterator[hivemind.DHT]:
+    """This peer's DHT, joined to the first peer's; stopped with its p2pd on the way out."""
+    initial = published(args.addrs) if args.index else []
+    dht, _ = start_dht(settings, initial_peers=initial, listen=[args.listen])
+    try:
+        if not args.index:
+            publish(args.addrs, [str(m) for m in dht.get_visible_maddrs()])
+        yield dht
+    finally:
+        stop_dht(dht, settings)
+
+
+@contextlib.contextmanager
+def hivemarket(args: argparse.Namespace, n: int) -> Iterator[Average]:
+    # Imported here: importing peer.averaging installs hivemarket's 8-bit decoder in this process (and
+    # the averager processes it forks), which the `hivemind` method must measure without.
+    from peer.averaging import RunAverager
+
+    settings = load_settings()
+    with swarm(args, settings) as dht:
+        averager = RunAverager(
+            [torch.zeros(n)],
+            dht,
+            prefix="bench_round",
+            share_state=lambda: None,  # type: ignore[arg-type, return-value]
+            max_peers=args.peers,
+            matchmaking_seconds=args.matchmaking,
+            deadlines=RoundDeadlines(ceiling=args.timeout, floor=settings.chunk_deadline_floor),
+            compression_name=args.compression,
+        )
+        try:
+            averager.set_target_group_size(args.peers, 30)
+
+            def average(values: torch.Tensor, r: int) -> tuple[str, int, str]:
+                result = averager.average(
+                    [values], epoch=r, weight=1.0, gather=args.index, timeout=args.timeout
+                )
+                return result.outcome, len(result.gathered), result.reason
+
+            yield average
+        finally:
+            averager.shutdown()
+
+
+@contextlib.contextmanager
+def hivemind_default(args: argparse.Namespace, n: int) -> Iterator[Average]:
+    with swarm(args, load_settings()) as dht:
+        averager = DecentralizedAverager(
+            [torch.zeros(n)],
+            dht,
+            prefix="bench_round",
+            target_group_size=args.peers,
+            compression=HIVEMIND_CODECS[args.compression](),
+            start=True,
+        )
+        try:
+
+            def average(values: torch.Tensor, r: int) -> tuple[str, int, str]:
+                with averager.get_tensors() as tensors:
+                    tensors[0].copy_(values)
+                # hivemind's `timeout` bounds only the search for a group, and by default nothing bounds
+                # the all-reduce itself: the wait for the result is bounded here.
+                control = averager.step(timeout=args.timeout, wait=False)
+                try:
+                    gathered = control.result(timeout=args.timeout)
+                except TimeoutError:
+                    control.cancel()
+                    return "failed", 0, f"no result within {args.timeout:g} s"
+                except Exception as e:  # hivemind raises a variety of errors for a round that broke up
+                    return "failed", 0, repr(e)[:300]
+                if gathered is None:
+                    return "failed", 0, "no group"
+                with averager.get_tensors() as tensors:
+                    values.copy_(tensors[0])
+                return "averaged", len(gathered), ""
+
+            yield average
+        finally:
+            averager.shutdown()
+
+
+@contextlib.contextmanager
+def gloo(args: argparse.Namespace, n: int) -> Iterator[Average]:
+    """A gloo process group on the ``--listen`` address (gloo's own connections follow
+    ``GLOO_SOCKET_IFNAME``); the rendezvous store listens on a port the system picks."""
+    host = multiaddr.Multiaddr(args.listen).value_for_protocol("ip4")
+    timeout = timedelta(seconds=args.timeout)
+    if args.index:
+        store = dist.TCPStore(host, published(args.addrs), args.peers, is_master=False, timeout=timeout)
+    else:
+        # not waiting for the others in the constructor: they learn the port only once it returns
+        store = dist.TCPStore(host, 0, args.peers, is_master=True, timeout=timeout, wait_for_workers=False)
+        publish(args.addrs, store.port)
+    dist.init_process_group("gloo", store=store, rank=args.index, world_size=args.peers, timeout=timeout)
+    try:
+
+        def average(values: torch.Tensor, r: int) -> tuple[str, int, str]:
+            try:
+                dist.all_reduce(values)
+            except RuntimeError as e:  # gloo's timeouts and broken connections
+                return "failed", 0, repr(e)[:300]
+            values.div_(args.peers)
+            return "averaged", args.peers, ""
+
+        yield average
+    finally:
+        dist.destroy_process_group()
+
+
+METHODS: dict[str, Callable[[argparse.Namespace, int], contextlib.AbstractContextManager[Average]]] = {
+    "hivemarket": hivemarket,
+    "hivemind": hivemind_default,
+    "gloo": gloo,
+}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--peers", type=int, required=True)
+    parser.add_argument("--method", default="hivemarket", choices=list(METHODS))
     parser.add_argument("--size-mb", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--compression", default="none", choices=["none", "fp16", "8bit"])
-    parser.add_argument("--listen", required=True)
+    parser.add_argument("--compression", default="none", choices=list(HIVEMIND_CODECS), help="not for gloo")
+    parser.add_argument("--listen", required=True, help="a multiaddr; gloo takes its IPv4 address")
     parser.add_argument("--addrs", type=Path, required=True, help="in a folder of its own")
-    parser.add_argument("--timeout", type=float, default=60.0)
-    parser.add_argument("--matchmaking", type=float, default=5.0)
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds one round may take")
+    parser.add_argument("--matchmaking", type=float, default=5.0, help="hivemarket's matchmaking time")
     args = parser.parse_args()
-    settings = load_settings()
-    initial = []
-    if args.index:
-        deadline = time.monotonic() + 60
-        while not args.addrs.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        initial = json.loads(args.addrs.read_text())
-    dht, _ = start_dht(settings, initial_peers=initial, listen=[args.listen])
-    if not args.index:
-        tmp = args.addrs.with_suffix(".tmp")
-        tmp.write_text(json.dumps([str(m) for m in dht.get_visible_maddrs()]))
-        tmp.rename(args.addrs)
     n = int(args.size_mb * 1e6 / 4)
-    values = [torch.zeros(n)]
-    averager = RunAverager(
-        [torch.zeros(n)],
-        dht,
-        prefix="bench_round",
-        share_state=lambda: None,  # type: ignore[arg-type, return-value]
-        max_peers=args.peers,
-        matchmaking_seconds=args.matchmaking,
-        deadlines=RoundDeadlines(ceiling=args.timeout, floor=settings.chunk_deadline_floor),
-        compression_name=args.compression,
-    )
-    try:
-        averager.set_target_group_size(args.peers, 30)
+    values = torch.zeros(n)
+    with METHODS[args.method](args, n) as average:
         barrier(args.addrs.parent, "ready", args.index, args.peers)  # a late peer would stay behind
         for r in range(args.rounds):
-            values[0].fill_(float(args.index))
+            values.fill_(float(args.index))
             start = time.time()
-            result = averager.average(values, epoch=r, weight=1.0, gather=args.index, timeout=args.timeout)
+            outcome, group, reason = average(values, r)
             end = time.time()
             expected = (args.peers - 1) / 2
-            error = float((values[0] - expected).abs().max())
+            error = float((values - expected).abs().max())
             print(
                 json.dumps(
                     {
@@ -87,8 +227,9 @@ def main() -> int:
                         "round": r,
                         "start": start,
                         "end": end,
-                        "outcome": result.outcome,
-                        "group": len(result.gathered),
+                        "outcome": outcome,
+                        "reason": reason,
+                        "group": group,
                         "max_error": error,
                     }
                 ),
@@ -96,9 +237,6 @@ def main() -> int:
             )
         # A reducer that is done may still be sending its part of the average to the others.
         barrier(args.addrs.parent, "done", args.index, args.peers)
-    finally:
-        averager.shutdown()
-        stop_dht(dht, settings)
     return 0
 
 

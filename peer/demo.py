@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,7 +31,9 @@ import click
 import psutil
 
 from coordinator.client import CoordinatorClient
+from coordinator.money import PLACES
 from coordinator.schemas import AuditView, ReportView, RunBody, RunView
+from peer.events import read_events
 from peer.identity import Identity, save_identity
 from peer.node import reap
 from peer.settings import AdversaryKind, load_settings
@@ -82,9 +84,9 @@ class Child:
             self.proc.wait(timeout)
 
 
-def example_spec() -> Path:
-    """examples/digits.toml of the checkout the package runs from (the README installs it editable)."""
-    checkout = Path(__file__).resolve().parent.parent / "examples" / SPEC
+def example_spec(name: str = SPEC) -> Path:
+    """examples/NAME of the checkout the package runs from (the README installs it editable)."""
+    checkout = Path(__file__).resolve().parent.parent / "examples" / name
     if not checkout.exists():
         raise DemoError(
             f"{checkout} is missing: the demo runs from a clone of the repository (pip install -e .)"
@@ -96,9 +98,21 @@ class Demo:
     coordinator_port = 0  # any free port
 
     def __init__(
-        self, peers: int, drop: bool, echo: Callable[[str], None], timeout: float, folder: Path | None = None
+        self,
+        peers: int,
+        drop: bool,
+        echo: Callable[[str], None],
+        timeout: float,
+        folder: Path | None = None,
+        *,
+        spec: str = SPEC,
+        dataset: str = "digits",
     ):
+        """``spec`` names a file of examples/ and ``dataset`` the example dataset it trains on
+        (:mod:`peer.data.examples`), which the coordinator serves."""
         self.n_peers = peers
+        self.spec_name = spec
+        self.dataset = dataset
         self.drop = drop
         self.echo = echo
         self.deadline = time.monotonic() + timeout
@@ -110,6 +124,7 @@ class Demo:
         self.cheats: dict[str, AdversaryKind] = {}  # account -> how it cheats
         self.dropped_names: set[str] = set()  # processes the demo killed on purpose
         self.settings = load_settings()
+        self.run_id = ""  # the run launched (launch)
 
     # -------------------------------------------------------------------------------------- processes
 
@@ -151,7 +166,7 @@ class Demo:
         self.children.append(child)
         return child
 
-    def _wait(self, what: str, check: Callable[[], T | None], interval: float = 0.2) -> T:
+    def wait(self, what: str, check: Callable[[], T | None], interval: float = 0.2) -> T:
         while time.monotonic() < self.deadline:
             for child in self.children:
                 if child.proc.poll() is not None and child.name not in self.dropped_names:
@@ -168,14 +183,40 @@ class Demo:
             child.stop(self.settings.shutdown_timeout)
         return [p for child in self.children for p in child.tree if p.is_running() and p.status() != "zombie"]
 
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return read_events(self.tmp / name / "runs" / self.run_id / "events.jsonl")
+
+    def names(self) -> dict[str, str]:
+        """Account -> process name of each peer."""
+        return {account: child.name for account, child in self.peers.items()}
+
+    def trainer(self, name: str) -> psutil.Process | None:
+        """The trainer process a peer's worker runs now, if any: the topmost ``peer.trainer`` under it
+        (its DHT and averager processes are forks of it with the same command line)."""
+        child = next(c for c in self.children if c.name == name)
+        try:
+            below = psutil.Process(child.proc.pid).children(recursive=True)
+        except psutil.Error:
+            return None
+        for p in below:
+            try:
+                if "peer.trainer" in " ".join(p.cmdline()) and "peer.trainer" not in " ".join(
+                    p.parent().cmdline()
+                ):
+                    return p
+            except psutil.Error:  # a process that just ended, or a zombie
+                continue
+        return None
+
     # ------------------------------------------------------------------------------------------ steps
 
     def start_coordinator(self) -> str:
         from peer.data.examples import build_example
 
-        report = build_example("digits", self.tmp / "digits", shard_bytes=1 << 20)
+        report = build_example(self.dataset, self.tmp / self.dataset, shard_bytes=1 << 20)
         self.echo(
-            f"dataset   digits, {report.manifest.samples} samples, version {report.manifest.version[:12]}"
+            f"dataset   {self.dataset}, {report.manifest.samples} samples, "
+            f"version {report.manifest.version[:12]}"
         )
         self.admin = Identity.generate()
         save_identity(self.admin, self.tmp / "admin.pem")
@@ -191,7 +232,7 @@ class Demo:
             "--admin-key",
             str(self.tmp / "admin.pem"),
             "--dataset",
-            str(self.tmp / "digits"),
+            str(self.tmp / self.dataset),
         ]
         self.url = self.serve()
         self.echo(f"coordinator {self.url} (SQLite in {self.tmp})")
@@ -207,7 +248,7 @@ class Demo:
             found = re.findall(r"listening on (http://\S+)", child.log.read_text())
             return found[-1] if len(found) > before else None
 
-        return self._wait("the coordinator to listen", listening)
+        return self.wait("the coordinator to listen", listening)
 
     def _client(self, identity: Identity | None = None) -> CoordinatorClient:
         return CoordinatorClient(self.url, identity)
@@ -249,7 +290,7 @@ class Demo:
             offers = self.ask(lambda c: c.offers())
             return True if len(offers) >= count else None
 
-        self._wait(f"{count} offers", posted, interval=0.5)
+        self.wait(f"{count} offers", posted, interval=0.5)
 
     def launch(
         self,
@@ -259,12 +300,13 @@ class Demo:
         bid_over_asks: Decimal = BID_OVER_ASKS,
         changes: dict[str, Any] | None = None,
     ) -> RunView:
-        """Launch examples/digits.toml, with ``changes`` to its sections (``{"stop": {"samples": 1000}}``),
+        """Launch the demo's spec (examples/digits.toml unless told otherwise), with ``changes`` to its
+        sections (``{"stop": {"samples": 1000}}``),
         bidding ``bid_over_asks`` times the dearest offer's price per effective TFLOP-hour."""
         from coordinator.launch import resolve_spec
         from peer.spec import load_spec, validate_spec
 
-        data = load_spec(example_spec()).model_dump(mode="json", exclude_none=True)
+        data = load_spec(example_spec(self.spec_name)).model_dump(mode="json", exclude_none=True)
         for key, value in (changes or {}).items():  # a section's values are merged; stop is replaced
             data[key] = {**data[key], **value} if isinstance(value, dict) and key != "stop" else value
         spec = validate_spec(data)
@@ -272,12 +314,14 @@ class Demo:
         dearest = max(o.price_per_hour / Decimal(o.tflops * o.reliability) for o in offers)
         body = RunBody(
             spec=resolve_spec(spec, self.url),
-            max_price=f"{(dearest * bid_over_asks).quantize(Decimal('0.01'))}",
+            # to the micro-unit, rounded up: a GPU's price per TFLOP-hour is a fraction of a cent
+            max_price=f"{(dearest * bid_over_asks).quantize(Decimal(1).scaleb(-PLACES), ROUND_CEILING)}",
             peers_min=peers_min,
             peers_max=peers_max,
             budget=BUDGET,
         )
         run = self.ask(lambda c: c.create_run(body), self.launcher)
+        self.run_id = run.id
         self.echo(f"run       {run.id} launched: {run.target_samples} samples, budget {BUDGET}")
         return run
 
@@ -327,8 +371,8 @@ class Demo:
         self.ask(lambda c: c.download_model(run.id, path))
         task, model, _ = load_model_file(path)
         spec = validate_spec(run.spec)
-        manifest = load_manifest(self.tmp / "digits")
-        reader = DatasetReader(manifest, lambda s: self.tmp / "digits" / s.file)
+        manifest = load_manifest(self.tmp / self.dataset)
+        reader = DatasetReader(manifest, lambda s: self.tmp / self.dataset / s.file)
         batch = task.batch(reader.read(test_ids(manifest.samples, spec.dataset.test_every).tolist()))
         initial = task.evaluate(task.build_model(spec.seed), batch)
         final = task.evaluate(model, batch)

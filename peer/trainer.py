@@ -255,6 +255,7 @@ class Trainer:
         # summed on the training device and copied over once an epoch.
         self.buffers = [torch.zeros_like(p, device="cpu") for p in self.params]
         self.sums = [torch.zeros_like(p) for p in self.params]
+        self.data_wait = 0.0  # seconds this epoch's training waited for its batches (the event log's data_s)
         self.n_params = sum(p.numel() for p in self.params)
         self._open_dataset()
         if self.spec.verification.rate > 0:
@@ -462,7 +463,7 @@ class Trainer:
         return max(reported, default=-1) >= epoch
 
     def _epoch(self, live: list[str]) -> None:
-        started = time.monotonic()
+        started, self.data_wait = time.monotonic(), 0.0
         epoch, spec = self.epoch, self.spec
         ids = self.stream.take(spec.batch.target, live)
         self._fetch_shards()
@@ -507,6 +508,7 @@ class Trainer:
             group=group_size,
             samples=samples,
             compute_s=round(computed - started, 4),
+            data_s=round(self.data_wait, 4),
             round_s=round(time.monotonic() - computed, 4),
             allreduce_s=round(allreduce_s, 4),
         )
@@ -598,6 +600,7 @@ class Trainer:
                 step,
                 keep_grads=keep_grads,
             )
+        self.data_wait += loader.stats().wait_seconds
         if start is not None:
             for total, s, p in zip(self.sums, start, self.params, strict=True):
                 total.copy_(s - p.detach())

@@ -373,3 +373,9 @@ def test_progress_line_never_shows_more_than_the_target() -> None:
     line = progress.line(run_view(1200), now=2.0)
     assert "1000/1000 samples" in line and "[" + "#" * 24 + "]" in line
     assert "eta 0s" in line
+
+
+def test_every_example_spec_loads_and_its_task_accepts_its_options() -> None:
+    for path in sorted(EXAMPLE.parent.glob("*.toml")):
+        spec = load_spec(path)
+        assert load_task(spec.task, dict(spec.options)).values == dict(spec.options), path
