@@ -76,6 +76,11 @@ def steady_rate(events: list[dict[str, Any]], window: float) -> float:
     return sum(samples[epoch] for epoch in order[1:]) / (ends[order[-1]] - ends[order[0]])
 
 
+#: Epoch outcomes of work trained and then discarded (``peer/events.py``): a failed round trained again,
+#: a state loaded from peers further on instead, an update that was not finite.
+LOST = ("redo", "caught_up", "skipped")
+
+
 @contextmanager
 def launched(
     demo: Demo,
