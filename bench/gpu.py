@@ -28,20 +28,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from bench.local_market import epochs, market, steady_rate
+from bench.local_market import epochs, market, steady_rate, workspace
 
 GOAL_BUSY = 0.95
 GOAL_RATIO = 0.95
@@ -183,18 +179,6 @@ def swarm(args: argparse.Namespace, folder: Path, busy: Busy, local_updates: boo
     }
 
 
-@contextmanager
-def workspace(keep: bool) -> Iterator[Path]:
-    folder = Path(tempfile.mkdtemp(prefix="hivemarket-gpu-"))
-    try:
-        yield folder
-    finally:
-        if keep:
-            print(f"kept {folder}", file=sys.stderr)
-        else:
-            shutil.rmtree(folder, ignore_errors=True)
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--peers", type=int, default=2, help="hivemarket peers sharing the GPU")
@@ -225,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     busy = Busy(gpu=not args.cpu)
     try:
-        with workspace(args.keep) as folder:
+        with workspace("gpu", args.keep) as folder:
             dataset = folder / "text"
             build_example("text", dataset, shard_bytes=1 << 20)
             for mode in args.modes.split(","):

@@ -12,7 +12,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,6 @@ from typing import Any
 from peer.demo import BID_OVER_ASKS, Demo
 
 
-@contextmanager
 def market(
     folder: Path,
     peers: int,
@@ -30,23 +29,12 @@ def market(
     spec: str = "digits.toml",
     dataset: str = "digits",
     peers_min: int | None = None,
-) -> Iterator[Demo]:
+) -> AbstractContextManager[Demo]:
     """A coordinator and ``peers`` renting peers, with a run of examples/``spec`` (changed by ``changes``)
     launched on them; every process is stopped on the way out. ``demo.run_id`` names the run."""
     demo = Demo(peers, False, lambda line: print(line, file=sys.stderr), timeout, folder,
                 spec=spec, dataset=dataset)  # fmt: skip
-    try:
-        demo.start_coordinator()
-        demo.fund_launcher()
-        for _ in range(peers):
-            demo.add_peer()
-        demo.wait_offers(peers)
-        demo.launch(peers_min or peers, peers, changes=changes)
-        yield demo
-    finally:
-        survivors = demo.close()
-        if survivors:
-            print(f"processes survived the bench: {survivors}", file=sys.stderr)
+    return launched(demo, peers, peers_min=peers_min or peers, peers_max=peers, changes=changes)
 
 
 def epochs(demo: Demo) -> list[dict[str, Any]]:

@@ -18,8 +18,8 @@ A peer therefore times its own all-reduce rounds and derives two deadlines from 
 
 - the *straggle* allowance: how long a member may still be finishing a round that the others have
   already finished (their results reach the members at slightly different times): the slowest recent
-  round, at least half the floor. A peer that sees the others past its epoch for longer than this has
-  lost its round, and stops waiting for it.
+  round, at least half the floor (the floor before any round). A peer that sees the others past its
+  epoch for longer than this has lost its round, and stops waiting for it.
 
 ``ceiling`` is the run spec's ``averaging.timeout_seconds``: the researcher's bound on a whole step.
 Before any round is measured the deadlines are the widest: a third of the ceiling, and the ceiling.
@@ -58,4 +58,6 @@ class RoundDeadlines:
         return min(self.ceiling, 2 * matchmaking + self.round())
 
     def straggle(self) -> float:
-        return max(self.floor / 2, min(self.chunk(), max(self.rounds, default=self.ceiling)))
+        if not self.rounds:  # a peer that just joined: its first round is as late as the others' next
+            return self.floor
+        return max(self.floor / 2, min(self.chunk(), max(self.rounds)))
