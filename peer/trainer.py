@@ -346,9 +346,11 @@ class Trainer:
         view = self.link.join(str(self.dht.peer_id), maddrs)
         logger.info(f"Joined run {self.run_id} as {self.dht.peer_id} ({len(bootstrap)} bootstrap addresses)")
         others = [p for p in live_peers(view) if p.joined and p.account != self.identity.account]
-        if len(others) >= view.peers_min:  # they train without this peer (not waiting for it to start)
+        underway = len(others) >= view.peers_min  # they train without this peer (not waiting for it)
+        if underway:
             view = self._next_epoch(view)
         self._initial_state(bool(bootstrap))
+        self.late = underway  # at a run's start the peers begin epoch 0 together: nobody is late
         return view
 
     def _next_epoch(self, view: RunView) -> RunView:
@@ -406,7 +408,6 @@ class Trainer:
                 return False
             self.epoch = state.epoch
             self.snapshot = None
-            self.late = source == FROM_PEERS
         self._new_start()
         if self.averager is not None:
             self.averager.state_sharing_priority = self.epoch

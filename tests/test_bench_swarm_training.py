@@ -1,0 +1,78 @@
+"""``bench/swarm_training.py`` runs, in a small configuration, and its figures mean what they say: every mode
+took the optimizer steps asked for and learned (its held-out loss below the initial model's), DDP is the
+baseline of the ratios, and no process the bench started (the market's, DDP's) outlives it. Its timings
+are not asserted beyond being there: they are the bench's to report."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MARK = "BENCH_SWARM_TRAINING_TEST_RUN"  # inherited by every process the bench starts, p2pd included
+STEPS = 6
+
+
+def marked(value: str) -> list[str]:
+    """Live processes whose environment carries ``MARK=value``: found even when re-parented to init."""
+    found = []
+    for p in psutil.process_iter(["pid", "name"]):
+        try:
+            if p.environ().get(MARK) == value and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(f"{p.info['name']} ({p.info['pid']})")
+        except psutil.Error:  # another user's process, or one that just ended
+            continue
+    return found
+
+
+@pytest.mark.timeout(300)
+def test_the_swarm_training_bench_compares_the_swarm_with_ddp_and_leaves_no_process() -> None:
+    value = uuid.uuid4().hex
+    small = ["--steps", str(STEPS), "--modes", "swarm,ddp,plain", "--timeout", "200"]
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "bench.swarm_training", *small, "--json"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, MARK: value},
+    )
+    try:
+        out, err = bench.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        bench.send_signal(
+            signal.SIGINT
+        )  # a KeyboardInterrupt: the bench stops what it started on its way out
+        out, err = bench.communicate(timeout=40)
+        pytest.fail(f"the bench ran past 240 s: {err[-3000:]}")
+    finally:
+        bench.kill()  # when even that did not end it (a no-op once it exited)
+        bench.wait()
+    assert not marked(value), "processes left behind"
+    assert bench.returncode == 0, err[-3000:]
+    result = json.loads(out)
+    rows = {r["mode"]: r for r in result["rows"]}
+    assert list(rows) == ["swarm", "ddp", "plain"]
+    for row in rows.values():
+        assert "error" not in row, row
+        assert row["steps"] == STEPS, row
+        assert math.isfinite(row["final_loss"]) and row["final_loss"] < row["initial_loss"], row
+        assert row["samples_per_s"] > 0 and row["longest_block_s"] >= 0, row
+    assert rows["ddp"]["ratio_to_ddp"] == 1
+    assert rows["ddp"]["samples"] == rows["plain"]["samples"] == STEPS * 256
+    # the same global batches with the same optimizer: DDP and one process agree to float rounding
+    assert rows["ddp"]["final_loss"] == pytest.approx(rows["plain"]["final_loss"], rel=1e-4)
+    assert rows["plain"]["longest_block_s"] == 0  # nothing to wait for
+    assert rows["swarm"]["longest_block_s"] > 0  # a round takes time
+    assert 0 < rows["swarm"]["samples"] <= STEPS * 256
+    (goal,) = result["goals"].items()
+    assert goal[0] == "swarm >= 0.9x ddp samples/s" and isinstance(goal[1]["met"], bool), goal
