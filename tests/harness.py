@@ -313,3 +313,17 @@ def run_view(peers: list[RunPeerView], **changes: Any) -> RunView:
         created_at=0.0,
     )
     return RunView(**(fields | changes))
+
+
+def marked(mark: str, value: str) -> list[str]:
+    """Live processes whose environment carries ``mark=value`` (a test sets it on the bench it starts, and
+    every process the bench starts inherits it, p2pd included): found even when re-parented to init,
+    unlike a walk down from the bench, and never another run's processes, unlike a diff of all pids."""
+    found = []
+    for p in psutil.process_iter(["pid", "name"]):
+        try:
+            if p.environ().get(mark) == value and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(f"{p.info['name']} ({p.info['pid']})")
+        except psutil.Error:  # another user's process, or one that just ended
+            continue
+    return found

@@ -13,24 +13,12 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
+
+from tests.harness import marked
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "averaging.py"
 MARK = "BENCH_AVERAGING_TEST_RUN"  # inherited by every process the bench starts, p2pd included
-
-
-def marked(value: str) -> list[str]:
-    """Live processes whose environment carries ``MARK=value``: found even when re-parented to init,
-    unlike a walk down from the bench, and never another run's p2pd, unlike a diff of all p2pd pids."""
-    found = []
-    for p in psutil.process_iter(["pid", "name"]):
-        try:
-            if p.environ().get(MARK) == value and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(f"{p.info['name']} ({p.info['pid']})")
-        except psutil.Error:  # another user's process, or one that just ended
-            continue
-    return found
 
 
 @pytest.mark.timeout(240)
@@ -44,7 +32,7 @@ def test_the_averaging_bench_measures_every_method_against_gloo_and_leaves_no_pr
         timeout=230,
         env={**os.environ, MARK: value},
     )
-    assert not marked(value), "processes left behind"
+    assert not marked(MARK, value), "processes left behind"
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert result["machine"]["cpus"] == os.cpu_count()

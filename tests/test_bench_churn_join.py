@@ -13,25 +13,12 @@ import subprocess
 import sys
 import uuid
 
-import psutil
 import pytest
 
 from bench.join import STAGES
+from tests.harness import marked
 
 MARK = "BENCH_CHURN_JOIN_TEST_RUN"  # inherited by every process a bench starts, p2pd included
-
-
-def marked(value: str) -> list[str]:
-    """Live processes whose environment carries ``MARK=value``: found even when re-parented to init,
-    unlike a walk down from the bench (as in tests/test_bench_averaging.py)."""
-    found = []
-    for p in psutil.process_iter(["pid", "name"]):
-        try:
-            if p.environ().get(MARK) == value and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(f"{p.info['name']} ({p.info['pid']})")
-        except psutil.Error:  # another user's process, or one that just ended
-            continue
-    return found
 
 
 def run_bench(module: str, args: list[str], timeout: float) -> dict:
@@ -45,7 +32,7 @@ def run_bench(module: str, args: list[str], timeout: float) -> dict:
         timeout=timeout,
         env={**os.environ, MARK: value},
     )
-    assert not marked(value), "processes left behind"
+    assert not marked(MARK, value), "processes left behind"
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
 

@@ -14,24 +14,13 @@ import sys
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
+
+from tests.harness import marked
 
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "BENCH_SWARM_TRAINING_TEST_RUN"  # inherited by every process the bench starts, p2pd included
 STEPS = 6
-
-
-def marked(value: str) -> list[str]:
-    """Live processes whose environment carries ``MARK=value``: found even when re-parented to init."""
-    found = []
-    for p in psutil.process_iter(["pid", "name"]):
-        try:
-            if p.environ().get(MARK) == value and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(f"{p.info['name']} ({p.info['pid']})")
-        except psutil.Error:  # another user's process, or one that just ended
-            continue
-    return found
 
 
 @pytest.mark.timeout(300)
@@ -57,7 +46,7 @@ def test_the_swarm_training_bench_compares_the_swarm_with_ddp_and_leaves_no_proc
     finally:
         bench.kill()  # when even that did not end it (a no-op once it exited)
         bench.wait()
-    assert not marked(value), "processes left behind"
+    assert not marked(MARK, value), "processes left behind"
     assert bench.returncode == 0, err[-3000:]
     result = json.loads(out)
     rows = {r["mode"]: r for r in result["rows"]}
