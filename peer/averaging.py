@@ -192,6 +192,14 @@ def _groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+#: The weight of a member that brings no samples (a peer that just loaded the state). hivemind averages
+#: sum(w x) / sum(w): a group of such members alone divided 0 by 0, and each skipped a NaN update
+#: (measured: 2 of 20 kills in bench/reliability.py's peer-kill). With this weight their zero updates
+#: average to zero and the group moves on together; beside real samples (weights >= 1) it shrinks the
+#: average by at most a millionth per such member.
+NO_SAMPLES_WEIGHT = 1e-6
+
+
 class RunAverager(DecentralizedAverager):
     """One run's averager: averages ``buffers`` in rounds keyed by epoch and serves the training state.
 
@@ -311,7 +319,7 @@ class RunAverager(DecentralizedAverager):
         with self.get_tensors() as tensors:
             for mine, shared in zip(values, tensors, strict=True):
                 shared.copy_(mine)
-        control = self.step(gather=gather, weight=weight, timeout=timeout, wait=False)
+        control = self.step(gather=gather, weight=max(weight, NO_SAMPLES_WEIGHT), timeout=timeout, wait=False)
         began, noticed = time.monotonic(), None  # noticed: when moved_on() first said yes
         while True:
             try:
