@@ -27,7 +27,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
-from coordinator import market, model_files, runs
+from coordinator import dashboard, market, model_files, runs
 from coordinator.errors import ApiError, BadRequest, BodyTooLarge, Forbidden, RateLimited, Unauthorized
 from coordinator.filters import FieldKind, FilterError, compile_filter, parse_sort
 from coordinator.metrics import CoordinatorMetrics
@@ -49,14 +49,17 @@ from coordinator.schemas import (
     ClearingRoundView,
     DepositBody,
     Health,
+    HeartbeatBody,
     JoinBody,
     LeaseView,
     LedgerAuditView,
+    LossCurve,
     MarketView,
     OfferBody,
     OfferList,
     OfferResponse,
     OfferView,
+    PeerList,
     ReportBody,
     ReportList,
     ReportView,
@@ -143,6 +146,12 @@ class Coordinator:
 
     # ------------------------------------------------------------------------------------- handlers
 
+    async def dashboard(self, ctx: Context) -> web.Response:
+        query = ctx.request.query
+        board = await dashboard.gather(self, query.get("q", ""), query.get("sort", "price"), query.get("run"))
+        page = dashboard.render(board, partial="partial" in query)
+        return web.Response(text=page, content_type="text/html", headers={"Cache-Control": "no-store"})
+
     async def healthz(self, ctx: Context) -> Health:
         return Health(status="ok")
 
@@ -167,7 +176,11 @@ class Coordinator:
         return await self.store.account(ctx.path_id("account"))
 
     async def ledger_audit(self, ctx: Context) -> LedgerAuditView:
-        result = await self.store.audit(replay=True)
+        return await self.ledger(replay=True)
+
+    async def ledger(self, *, replay: bool) -> LedgerAuditView:
+        """Holdings against deposits; ``replay`` also checks every entry (a scan of the whole ledger)."""
+        result = await self.store.audit(replay=replay)
         self.metrics.ledger_conserved.set(1 if result.conserved else 0)
         return LedgerAuditView(
             conserved=result.conserved,
@@ -179,22 +192,33 @@ class Coordinator:
         return await self.store.post_offer(ctx.now, ctx.envelope, ctx.body)
 
     async def heartbeat(self, ctx: Context) -> LeaseView:
-        return await self.store.heartbeat(ctx.now, ctx.envelope, ctx.path_id("lease_id"))
+        return await self.store.heartbeat(ctx.now, ctx.envelope, ctx.path_id("lease_id"), ctx.body.telemetry)
+
+    async def list_peers(self, ctx: Context) -> PeerList:
+        return PeerList(peers=await self.store.peers())
+
+    async def loss_curve(self, ctx: Context) -> LossCurve:
+        return await self.store.loss_curve(ctx.path_id("run_id"))
 
     async def list_offers(self, ctx: Context) -> OfferList:
         query = ctx.request.query
+        return OfferList(offers=await self.offers(query.get("q", ""), query.get("sort", "price")))
+
+    async def offers(self, q: str, sort: str) -> list[OfferView]:
+        """The offers the filter expression ``q`` keeps, ordered by ``sort``; a bad one is a BadRequest
+        naming the parameter."""
         try:
-            keep = compile_filter(query.get("q", ""), OFFER_FIELDS)
+            keep = compile_filter(q, OFFER_FIELDS)
         except FilterError as e:
             raise BadRequest(str(e), field="q", code="bad_filter") from None
         try:
-            sort_field, descending = parse_sort(query.get("sort", "price"), OFFER_FIELDS)
+            sort_field, descending = parse_sort(sort, OFFER_FIELDS)
         except FilterError as e:
             raise BadRequest(str(e), field="sort", code="bad_sort") from None
         rows = [(offer, _filter_record(offer)) for offer in await self.store.offers()]
         rows = [row for row in rows if keep(row[1])]
         rows.sort(key=lambda row: (row[1][sort_field] is None, row[1][sort_field]), reverse=descending)
-        return OfferList(offers=[offer for offer, _ in rows])
+        return [offer for offer, _ in rows]
 
     async def create_run(self, ctx: Context) -> RunView:
         return await self.store.create_run(ctx.now, ctx.envelope, ctx.body)
@@ -292,6 +316,9 @@ class Coordinator:
         return web.FileResponse(path, headers=headers)
 
     async def market_view(self, ctx: Context) -> MarketView:
+        return await self.market()
+
+    async def market(self) -> MarketView:
         rounds = await self.store.rounds(self.settings.market_history)
         supply, demand = await self.store.market_depth()
         price = next((r.clearing_price for r in rounds if r.clearing_price is not None), None)
@@ -422,7 +449,9 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 
 def _parse_body(model: type[BaseModel], request: web.Request, raw: bytes) -> BaseModel:
     try:
-        if request.content_type == MSGPACK:
+        if not raw:  # no body: the model's defaults, or an error naming its first required field
+            data = {}
+        elif request.content_type == MSGPACK:
             data = msgpack.unpackb(raw, raw=False, strict_map_key=True)
         else:
             data = json.loads(raw or b"null")
@@ -503,6 +532,19 @@ async def _errors_and_metrics(
 
 
 ROUTES: Sequence[Route] = (
+    Route(
+        "GET",
+        "/",
+        Coordinator.dashboard,
+        "The web dashboard: market, offers, runs, peers, ledger (HTML, updating live)",
+        query=(
+            ("q", "offer filter"),
+            ("sort", "offer order"),
+            ("run", "run to plot"),
+            ("partial", "live parts"),
+        ),
+        content_type="text/html",
+    ),
     Route("GET", "/healthz", Coordinator.healthz, "Liveness", response=Health),
     Route(
         "GET", "/openapi.json", Coordinator.openapi, "This OpenAPI document", content_type="application/json"
@@ -538,8 +580,9 @@ ROUTES: Sequence[Route] = (
         "POST",
         "/v1/leases/{lease_id}/heartbeat",
         Coordinator.heartbeat,
-        "Renew your lease",
+        "Renew your lease; the body may carry your GPUs' telemetry",
         auth="signed",
+        body=HeartbeatBody,
         response=LeaseView,
     ),
     Route(
@@ -562,6 +605,13 @@ ROUTES: Sequence[Route] = (
         body=RunBody,
         response=RunView,
         status=201,
+    ),
+    Route(
+        "GET",
+        "/v1/peers",
+        Coordinator.list_peers,
+        "Peers: standing, verified work, earnings, telemetry",
+        response=PeerList,
     ),
     Route("GET", "/v1/runs", Coordinator.list_runs, "List runs", response=RunList),
     Route("GET", "/v1/runs/{run_id}", Coordinator.get_run, "One run", response=RunView),
@@ -603,6 +653,13 @@ ROUTES: Sequence[Route] = (
     ),
     Route(
         "GET", "/v1/runs/{run_id}/reports", Coordinator.list_reports, "A run's reports", response=ReportList
+    ),
+    Route(
+        "GET",
+        "/v1/runs/{run_id}/loss",
+        Coordinator.loss_curve,
+        "A run's mean loss per epoch",
+        response=LossCurve,
     ),
     Route(
         "POST",

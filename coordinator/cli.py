@@ -14,17 +14,17 @@ import functools
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
 from typing import TYPE_CHECKING, TypeVar
 
 import click
 
 from coordinator.client import AlreadyApplied, CoordinatorClient, CoordinatorError, CoordinatorUnreachable
-from coordinator.money import parse_money
-from coordinator.schemas import AccountView, HardwareSummary, LeaseView, OfferBody, OfferResponse
+from coordinator.money import fmt_money, parse_money
+from coordinator.schemas import AccountView, HardwareSummary, LeaseView, OfferBody, OfferResponse, Telemetry
 from coordinator.settings import ClientSettings
-from peer.console import InputError, echo_json, load_cli_identity
+from peer.console import InputError, echo_json, load_cli_identity, metrics_port_option
 from peer.identity import Identity, IdentityError, load_identity
 from peer.settings import load_settings
 
@@ -79,13 +79,6 @@ def money_option(value: str, name: str, *, positive: bool = False) -> Decimal:
     return amount
 
 
-def fmt_money(amount: Decimal | None) -> str:
-    """Money for people: at least 2 decimals, no trailing zeros beyond them."""
-    if amount is None:
-        return "-"
-    return f"{amount:.2f}" if amount == round(amount, 2) else f"{amount.normalize():f}"
-
-
 def _gpus(model: str, count: int) -> str:
     return f"{model} x{count}" if count > 1 else model
 
@@ -119,6 +112,7 @@ def _print_account(view: AccountView) -> None:
     metavar="MADDR",
     help="Address the run's DHT listens on [default: /ip4/0.0.0.0/tcp/0]; 127.0.0.1 for one machine.",
 )
+@metrics_port_option
 def rent(
     coordinator: str,
     price_per_hour: str,
@@ -126,6 +120,7 @@ def rent(
     roles: tuple[str, ...],
     min_lease_seconds: int,
     listen: tuple[str, ...],
+    metrics_port: int | None,
 ) -> None:
     """Benchmark this machine, post a signed offer, keep its lease alive and train the runs it is matched
     to, until Ctrl-C. A price of 0 volunteers the machine.
@@ -138,8 +133,10 @@ def rent(
     \b
     Example:
       hivemarket rent --coordinator http://10.0.0.2:8470 --price-per-hour 1.20
+      hivemarket rent --price-per-hour 0 --metrics-port 9102
     """
     from peer.console import identity_path as resolve_identity
+    from peer.metrics import start_peer_metrics
     from peer.node import DEFAULT_LISTEN, NodeError, parse_maddrs
     from peer.worker import TrainerSupervisor
 
@@ -155,19 +152,25 @@ def rent(
     )
     from peer.hardware import probe, summary
 
-    hardware = HardwareSummary(**summary(probe(benchmark_seconds=settings.probe_seconds)))
+    probed = probe(benchmark_seconds=settings.probe_seconds)
+    gpus = [gpu["uuid"] for gpu in probed["gpus"]]
     body = OfferBody(
         price_per_hour=f"{price:f}",
-        hardware=hardware,
+        hardware=HardwareSummary(**summary(probed)),
         roles=sorted(set(roles or ("trainer",))),
         min_lease_seconds=min_lease_seconds,
     )
-    call(client, functools.partial(_rent_until_signal, body=body, supervisor=supervisor))
+    metrics = start_peer_metrics(metrics_port, settings, gpus)
+    try:
+        call(client, functools.partial(_rent_until_signal, body=body, supervisor=supervisor, gpus=gpus))
+    finally:
+        if metrics is not None:
+            metrics.stop()
     click.echo("stopped", err=True)
 
 
 async def _rent_until_signal(
-    client: CoordinatorClient, body: OfferBody, supervisor: TrainerSupervisor
+    client: CoordinatorClient, body: OfferBody, supervisor: TrainerSupervisor, gpus: Sequence[str]
 ) -> None:
     """Hold the lease until SIGINT/SIGTERM, which cancel this task so the session closes cleanly."""
     task = asyncio.current_task()
@@ -176,7 +179,7 @@ async def _rent_until_signal(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
     try:
-        await _hold_lease(client, body, supervisor)
+        await _hold_lease(client, body, supervisor, gpus)
     except asyncio.CancelledError:
         return
     finally:
@@ -184,7 +187,7 @@ async def _rent_until_signal(
 
 
 def serve_runs_in_background(
-    client: CoordinatorClient, body: OfferBody, supervisor: TrainerSupervisor
+    client: CoordinatorClient, body: OfferBody, supervisor: TrainerSupervisor, gpus: Sequence[str]
 ) -> Callable[[float], None]:
     """Hold the offer's lease and train its runs on an event loop in a thread (``peer start
     --coordinator``); returns the function that stops it all within the given number of seconds."""
@@ -193,7 +196,7 @@ def serve_runs_in_background(
     async def main() -> None:
         async with client:
             try:
-                await _hold_lease(client, body, supervisor)
+                await _hold_lease(client, body, supervisor, gpus)
             finally:
                 await supervisor.stop()
 
@@ -215,9 +218,12 @@ def serve_runs_in_background(
     return stop
 
 
-async def _hold_lease(client: CoordinatorClient, body: OfferBody, supervisor: TrainerSupervisor) -> None:
-    """Heartbeat every lease interval; post the offer again when the lease lapsed or is unknown; keep the
-    trainer in step with the match the lease holds.
+async def _hold_lease(
+    client: CoordinatorClient, body: OfferBody, supervisor: TrainerSupervisor, gpus: Sequence[str]
+) -> None:
+    """Heartbeat every lease interval, with the telemetry of the GPUs ``gpus`` (their UUIDs) when they
+    report any; post the offer again when the lease lapsed or is unknown; keep the trainer in step with
+    the match the lease holds.
 
     The trainer is followed in a task of its own: stopping one may take ``trainer_stop_timeout``, and
     heartbeats must go on meanwhile (measured: a lease re-posted after a partition lapsed again while
@@ -237,8 +243,11 @@ async def _hold_lease(client: CoordinatorClient, body: OfferBody, supervisor: Tr
         follow(lease)
         while True:
             await asyncio.sleep(lease.heartbeat_interval)
+            telemetry = await asyncio.to_thread(read_telemetry, gpus) if gpus else None
             try:
-                renewed = await _persist(client.settings, functools.partial(client.heartbeat, lease.id))
+                renewed = await _persist(
+                    client.settings, functools.partial(client.heartbeat, lease.id, telemetry)
+                )
             except AlreadyApplied:
                 continue  # the retried heartbeat's first attempt renewed the lease
             except CoordinatorError as e:
@@ -255,6 +264,14 @@ async def _hold_lease(client: CoordinatorClient, body: OfferBody, supervisor: Tr
     finally:
         if following is not None:
             following.cancel()
+
+
+def read_telemetry(gpus: Sequence[str]) -> Telemetry | None:
+    """The GPUs' power, temperature and utilisation now, as one reading; None when NVML tells nothing."""
+    from peer.hardware import combined, read_nvml
+
+    reading = combined(read_nvml(gpus))
+    return Telemetry(**reading) if any(value is not None for value in reading.values()) else None
 
 
 async def _post_offer(client: CoordinatorClient, body: OfferBody) -> LeaseView:

@@ -45,20 +45,26 @@ from coordinator.schemas import (
     ClearingRoundView,
     DepositBody,
     Health,
+    HeartbeatBody,
     JoinBody,
     LeaseView,
     LedgerAuditView,
+    LossCurve,
+    LossPoint,
     MarketView,
     OfferBody,
     OfferList,
     OfferResponse,
     OfferView,
+    PeerList,
+    PeerView,
     ReportBody,
     ReportList,
     ReportView,
     RunBody,
     RunList,
     RunView,
+    Telemetry,
 )
 from coordinator.settings import ClientSettings
 from peer.envelope import sign_request
@@ -146,9 +152,14 @@ class CoordinatorClient:
         """Create or update this identity's offer; the answer holds the lease to keep alive."""
         return await self._request(OfferResponse, "POST", "/v1/offers", body)
 
-    async def heartbeat(self, lease_id: str) -> LeaseView:
-        """Renew a lease; a lapsed one is a 409 ``lease_lapsed`` (post the offer again)."""
-        return await self._request(LeaseView, "POST", f"/v1/leases/{_seg(lease_id)}/heartbeat", b"")
+    async def heartbeat(self, lease_id: str, telemetry: Telemetry | None = None) -> LeaseView:
+        """Renew a lease, with the GPUs' telemetry when there is any; a lapsed one is a 409
+        ``lease_lapsed`` (post the offer again)."""
+        body = HeartbeatBody(telemetry=telemetry) if telemetry is not None else b""
+        return await self._request(LeaseView, "POST", f"/v1/leases/{_seg(lease_id)}/heartbeat", body)
+
+    async def peers(self) -> list[PeerView]:
+        return (await self._request(PeerList, "GET", "/v1/peers")).peers
 
     async def offers(self, q: str = "", sort: str | None = None) -> list[OfferView]:
         """Offers matching the filter expression ``q``, ordered by ``sort`` ("-price" for descending)."""
@@ -187,6 +198,9 @@ class CoordinatorClient:
 
     async def reports(self, run_id: str) -> list[ReportView]:
         return (await self._request(ReportList, "GET", f"/v1/runs/{_seg(run_id)}/reports")).reports
+
+    async def loss_curve(self, run_id: str) -> list[LossPoint]:
+        return (await self._request(LossCurve, "GET", f"/v1/runs/{_seg(run_id)}/loss")).points
 
     async def claim_audits(self, run_id: str, limit: int) -> list[AuditTask]:
         """Take up to ``limit`` audits of other peers' reports in a run this identity trains."""

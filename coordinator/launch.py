@@ -17,8 +17,9 @@ from typing import Any
 
 import click
 
-from coordinator.cli import call, client_for, coordinator_option, fmt_money, json_option, money_option
+from coordinator.cli import call, client_for, coordinator_option, json_option, money_option
 from coordinator.client import CoordinatorClient
+from coordinator.money import fmt_money
 from coordinator.runs import ENDED
 from coordinator.schemas import RunBody, RunView
 from peer.console import InputError, echo_json, load_cli_identity

@@ -55,3 +55,10 @@ def from_units(units: int) -> Decimal:
 def format_units(units: int) -> str:
     """The API's money string: always PLACES decimals, e.g. '12.500000'."""
     return str(from_units(units))
+
+
+def fmt_money(amount: Decimal | None) -> str:
+    """Money for people: at least 2 decimals, no trailing zeros beyond them; "-" for none."""
+    if amount is None:
+        return "-"
+    return f"{amount:.2f}" if amount == round(amount, 2) else f"{amount.normalize():f}"

@@ -130,6 +130,22 @@ class OfferBody(Body):
     maddrs: list[Annotated[str, Field(max_length=300)]] = Field(default_factory=list, max_length=16)
 
 
+class Telemetry(Body):
+    """What a peer's GPUs draw and how hot they run, read from NVML at each heartbeat (all GPUs of the
+    offer together: power summed, temperature the hottest, utilisation the mean). Fields the GPU does not
+    report are null."""
+
+    power_w: float | None = Field(None, ge=0, le=100_000)
+    temperature_c: float | None = Field(None, ge=-100, le=300)
+    utilization_pct: float | None = Field(None, ge=0, le=100)
+
+
+class HeartbeatBody(Body):
+    """Optional: an empty body renews the lease alone."""
+
+    telemetry: Telemetry | None = None
+
+
 class LeaseView(View):
     id: str
     account: AccountId
@@ -403,6 +419,17 @@ class ReportList(View):
     reports: list[ReportView]
 
 
+class LossPoint(View):
+    epoch: int
+    loss: float = Field(description="Mean training loss of the epoch's reports, weighted by samples.")
+    samples: int
+
+
+class LossCurve(View):
+    run_id: str
+    points: list[LossPoint]
+
+
 class AuditClaimBody(Body):
     limit: int = Field(4, ge=1, le=64, description="Most audits to take at once.")
 
@@ -489,3 +516,24 @@ class MarketView(View):
     supply: int = Field(description="Open offers with a live lease.")
     demand: int = Field(description="Peers wanted by recruiting runs.")
     rounds: list[ClearingRoundView]
+
+
+class PeerView(View):
+    """A peer as the market sees it: its offer, standing, verified work, earnings and last telemetry."""
+
+    account: AccountId
+    gpu: str
+    gpu_count: int
+    state: Literal["open", "matched", "offline"]
+    reliability: float
+    samples: int = Field(description="Samples of its paid reports, every run (audits passed or none).")
+    earned: Money
+    audits_passed: int
+    audits_failed: int
+    run_id: str | None = Field(description="The run its lease is matched to.")
+    telemetry: Telemetry | None = Field(description="Its last heartbeat's telemetry, if it sent any.")
+    telemetry_at: float | None
+
+
+class PeerList(View):
+    peers: list[PeerView]

@@ -30,6 +30,9 @@ class ServerSettings(BaseSettings):
     rate_limit_burst: float = Field(100.0, gt=0, description="Requests an account may send at once.")
     write_batch_max: int = Field(512, gt=0, description="Most writes committed in one SQLite transaction.")
     market_history: int = Field(50, gt=0, description="Clearing rounds kept for /v1/market.")
+    dashboard_refresh: float = Field(
+        2.0, gt=0, description="Seconds between the web dashboard's live updates."
+    )
     settle_timeout: float = Field(
         60.0, gt=0, description="Seconds a settling run waits for its model before it finishes without one."
     )

@@ -31,14 +31,18 @@ from coordinator.schemas import (
     ClearingRoundView,
     JoinBody,
     LeaseView,
+    LossCurve,
+    LossPoint,
     ModelView,
     OfferBody,
     OfferResponse,
     OfferView,
+    PeerView,
     ReportBody,
     ReportView,
     RunBody,
     RunView,
+    Telemetry,
 )
 from peer.envelope import Envelope
 
@@ -132,6 +136,13 @@ MIGRATIONS = (
     """,
     run_store.MIGRATION,
     audit_store.MIGRATION,
+    # A peer's last telemetry (HeartbeatBody), shown by the dashboard.
+    """
+    ALTER TABLE offers ADD COLUMN power_w REAL;
+    ALTER TABLE offers ADD COLUMN temperature_c REAL;
+    ALTER TABLE offers ADD COLUMN utilization_pct REAL;
+    ALTER TABLE offers ADD COLUMN telemetry_at REAL
+    """,
 )
 
 
@@ -150,7 +161,11 @@ class Store(Protocol):
     async def account(self, account: str) -> AccountView: ...
     async def audit(self, *, replay: bool) -> ledger.Audit: ...
     async def post_offer(self, now: float, env: Envelope, body: OfferBody) -> OfferResponse: ...
-    async def heartbeat(self, now: float, env: Envelope, lease_id: str) -> LeaseView: ...
+    async def heartbeat(
+        self, now: float, env: Envelope, lease_id: str, telemetry: Telemetry | None = None
+    ) -> LeaseView: ...
+    async def peers(self) -> list[PeerView]: ...
+    async def loss_curve(self, run_id: str) -> LossCurve: ...
     async def offers(self) -> list[OfferView]: ...
     async def create_run(self, now: float, env: Envelope, body: RunBody) -> RunView: ...
     async def runs(self) -> list[RunView]: ...
@@ -387,7 +402,9 @@ class SQLiteStore:
         conn.execute("UPDATE leases SET last_heartbeat = ? WHERE id = ?", (now, lease["id"]))
         conn.execute("UPDATE peers SET uptime = uptime + ? WHERE account = ?", (uptime, lease["account"]))
 
-    async def heartbeat(self, now: float, env: Envelope, lease_id: str) -> LeaseView:
+    async def heartbeat(
+        self, now: float, env: Envelope, lease_id: str, telemetry: Telemetry | None = None
+    ) -> LeaseView:
         def op(conn: sqlite3.Connection) -> LeaseView:
             sql.claim_nonce(conn, env)
             lease = conn.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
@@ -402,6 +419,12 @@ class SQLiteStore:
                     field="lease_id",
                 )
             self._renew(conn, lease, now)
+            if telemetry is not None:
+                conn.execute(
+                    "UPDATE offers SET power_w = ?, temperature_c = ?, utilization_pct = ?, telemetry_at = ?"
+                    " WHERE account = ?",
+                    (telemetry.power_w, telemetry.temperature_c, telemetry.utilization_pct, now, env.account),
+                )
             return self._lease_view({**dict(lease), "last_heartbeat": now})
 
         return await self._db.write(op, sql.remember_refusal(env))
@@ -411,6 +434,47 @@ class SQLiteStore:
             lambda conn: [
                 self._offer_view(row) for row in conn.execute(self._OFFER_QUERY + " ORDER BY o.account")
             ]
+        )
+
+    async def peers(self) -> list[PeerView]:
+        """Every peer with an offer: its standing, the samples of its paid reports, what it earned and
+        its last telemetry (one query, for the dashboard)."""
+
+        def op(conn: sqlite3.Connection) -> list[PeerView]:
+            query = (
+                "SELECT q.*, (SELECT COALESCE(SUM(r.samples), 0) FROM reports r"
+                " WHERE r.account = q.account AND r.pay_state = 'paid') AS verified,"
+                " COALESCE((SELECT b.units FROM books b WHERE b.name = 'earned:' || q.account), 0) AS earned"
+                f" FROM ({self._OFFER_QUERY}) q"
+            )
+            return [self._peer_view(row) for row in conn.execute(query + " ORDER BY q.account")]
+
+        return await self._db.read(op)
+
+    def _peer_view(self, row: sqlite3.Row) -> PeerView:
+        offer = self._offer_view(row)
+        telemetry = (
+            Telemetry(
+                power_w=row["power_w"],
+                temperature_c=row["temperature_c"],
+                utilization_pct=row["utilization_pct"],
+            )
+            if row["telemetry_at"] is not None
+            else None
+        )
+        return PeerView(
+            account=offer.account,
+            gpu=offer.gpu,
+            gpu_count=offer.gpu_count,
+            state=offer.state,
+            reliability=offer.reliability,
+            samples=row["verified"],
+            earned=from_units(row["earned"]),
+            audits_passed=row["audits_passed"],
+            audits_failed=row["audits_failed"],
+            run_id=row["run_id"] if offer.state == "matched" else None,
+            telemetry=telemetry,
+            telemetry_at=row["telemetry_at"],
         )
 
     # ------------------------------------------------------------------------------------------------ runs
@@ -453,6 +517,23 @@ class SQLiteStore:
 
     async def reports(self, run_id: str) -> list[ReportView]:
         return await self._db.read(lambda conn: run_store.reports(conn, run_id))
+
+    async def loss_curve(self, run_id: str) -> LossCurve:
+        """Each epoch's mean reported loss, weighted by samples: what a run's loss plot draws."""
+
+        def op(conn: sqlite3.Connection) -> LossCurve:
+            run_store.get_run(conn, run_id)  # 404 for a run that does not exist
+            rows = conn.execute(
+                "SELECT epoch, SUM(loss * samples) / SUM(samples) AS loss, SUM(samples) AS samples"
+                " FROM reports WHERE run_id = ? GROUP BY epoch ORDER BY epoch",
+                (run_id,),
+            )
+            return LossCurve(
+                run_id=run_id,
+                points=[LossPoint(epoch=r["epoch"], loss=r["loss"], samples=r["samples"]) for r in rows],
+            )
+
+        return await self._db.read(op)
 
     async def accepts_model(self, run_id: str) -> bool:
         return await self._db.read(lambda conn: run_store.accepts_model(conn, run_id))

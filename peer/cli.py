@@ -21,6 +21,7 @@ from peer.console import (
     echo_json,
     identity_path,
     load_cli_identity,
+    metrics_port_option,
     stop_on_signals,
     write_json_atomically,
 )
@@ -210,6 +211,7 @@ def _maddrs(values: tuple[str, ...], option: str) -> list[str]:
     help="Also volunteer for runs at this coordinator: an offer at price 0 whose matched runs this node "
     "trains.",
 )
+@metrics_port_option
 def peer_start(
     listen: tuple[str, ...],
     announce: tuple[str, ...],
@@ -219,6 +221,7 @@ def peer_start(
     roles: tuple[str, ...],
     status_file: str | None,
     coordinator: str | None,
+    metrics_port: int | None,
 ) -> None:
     """Start a DHT peer node that publishes its signed capability record; stop it with Ctrl-C.
 
@@ -226,8 +229,9 @@ def peer_start(
     Example:
       hivemarket peer start --listen /ip4/0.0.0.0/tcp/31337
       hivemarket peer start --initial-peers /ip4/10.0.0.5/tcp/31337/p2p/12D3KooW...
-      hivemarket peer start --coordinator http://10.0.0.2:8470
+      hivemarket peer start --coordinator http://10.0.0.2:8470 --metrics-port 9102
     """
+    from peer.metrics import start_peer_metrics
     from peer.node import DEFAULT_LISTEN, NodeError, PeerNode, start_dht, stop_dht
 
     settings = load_settings()
@@ -238,7 +242,8 @@ def peer_start(
 
     from peer.hardware import probe, summary
 
-    hardware = summary(probe(benchmark_seconds=settings.probe_seconds))
+    probed = probe(benchmark_seconds=settings.probe_seconds)
+    hardware, gpus = summary(probed), [gpu["uuid"] for gpu in probed["gpus"]]
     with stop_on_signals() as stop:
         try:
             dht, rsa = start_dht(
@@ -252,9 +257,11 @@ def peer_start(
             raise InputError(str(e)) from None
         node = PeerNode(dht, rsa, loaded, settings, hardware, sorted(set(roles or ("trainer",))))
         stop_volunteering = _volunteer(
-            coordinator, loaded, identity_path, settings, hardware, node.roles, listen_maddrs
+            coordinator, loaded, identity_path, settings, hardware, gpus, node.roles, listen_maddrs
         )
+        metrics = None
         try:
+            metrics = start_peer_metrics(metrics_port, settings, gpus)
             node.publish()
             click.echo(f"peer id  {node.peer_id}")
             click.echo(f"account  {loaded.account}")
@@ -270,6 +277,8 @@ def peer_start(
                     next_status = time.monotonic() + settings.status_interval
                 stop.wait(min(settings.status_interval, settings.record_refresh))
         finally:
+            if metrics is not None:
+                metrics.stop()
             # the trainer's grace, then the kill of its process tree, with room to spare
             stop_volunteering(settings.trainer_stop_timeout + 2 * settings.shutdown_timeout)
             stop_dht(dht, settings)
@@ -282,6 +291,7 @@ def _volunteer(
     path: str | None,
     settings: PeerSettings,
     hardware: dict[str, Any],
+    gpus: list[str],
     roles: list[str],
     listen: list[str],
 ) -> Callable[[float], None]:
@@ -297,7 +307,7 @@ def _volunteer(
     # The run's DHT listens on the node's hosts, on ports of its own (the node holds the given ones).
     run_listen = [re.sub(r"/(tcp|udp)/\d+", r"/\1/0", maddr) for maddr in listen]
     supervisor = TrainerSupervisor(client.base_url, identity_path(path, settings), settings, run_listen)
-    return serve_runs_in_background(client, body, supervisor)
+    return serve_runs_in_background(client, body, supervisor, gpus)
 
 
 # ------------------------------------------------------------------------------------------------- peers

@@ -28,6 +28,15 @@ class InputError(click.ClickException):
     exit_code = 2
 
 
+metrics_port_option = click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    metavar="PORT",
+    help="Serve Prometheus metrics on PORT (0: any free port; the URL is printed) at "
+    "$HIVEMARKET_METRICS_HOST [default: 127.0.0.1].",
+)
+
+
 def echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True))
 

@@ -84,6 +84,11 @@ class Child:
             self.proc.wait(timeout)
 
 
+def _metrics_url(log: str) -> str | None:
+    found = re.search(r"^metrics\s+(http://\S+)", log, re.MULTILINE)
+    return found.group(1) if found else None
+
+
 def example_spec(name: str = SPEC) -> Path:
     """examples/NAME of the checkout the package runs from (the README installs it editable)."""
     checkout = Path(__file__).resolve().parent.parent / "examples" / name
@@ -107,9 +112,12 @@ class Demo:
         *,
         spec: str = SPEC,
         dataset: str = "digits",
+        metrics: bool = False,
     ):
         """``spec`` names a file of examples/ and ``dataset`` the example dataset it trains on
-        (:mod:`peer.data.examples`), which the coordinator serves."""
+        (:mod:`peer.data.examples`), which the coordinator serves; with ``metrics`` each peer serves
+        Prometheus metrics on a free port of its own."""
+        self.metrics = metrics
         self.n_peers = peers
         self.spec_name = spec
         self.dataset = dataset
@@ -236,6 +244,7 @@ class Demo:
         ]
         self.url = self.serve()
         self.echo(f"coordinator {self.url} (SQLite in {self.tmp})")
+        self.echo(f"dashboard {self.url}/ (open it in a browser to watch the market and the run)")
         return self.url
 
     def serve(self) -> str:
@@ -277,6 +286,7 @@ class Demo:
         price = f"{1 + i / 10:.2f}"
         listen = f"/ip4/{self.host(f'peer-{i}')}/tcp/0"
         args = ["rent", "--coordinator", self.url, "--price-per-hour", price, "--listen", listen]
+        args += ["--metrics-port", "0"] if self.metrics else []
         env = {"HIVEMARKET_ADVERSARY": adversary} if adversary else {}
         self.peers[identity.account] = self._spawn(f"peer-{i}", args, home, **env)
         if adversary:
@@ -291,6 +301,9 @@ class Demo:
             return True if len(offers) >= count else None
 
         self.wait(f"{count} offers", posted, interval=0.5)
+        for child in self.peers.values() if self.metrics else ():
+            url = self.wait(f"{child.name}'s metrics", lambda c=child: _metrics_url(c.log.read_text()))
+            self.echo(f"{child.name}    metrics {url}")
 
     def launch(
         self,
@@ -477,7 +490,7 @@ def run_demo(
     """Run the demo; its temporary folder (database, dataset, logs) is removed on success unless ``keep``,
     and kept (and named in the error) when something failed."""
     echo = (lambda _text: None) if as_json else (lambda text: click.echo(text, err=False))
-    demo = Demo(peers, drop, echo, timeout)
+    demo = Demo(peers, drop, echo, timeout, metrics=True)
     started = time.monotonic()
     try:
         demo.start_coordinator()

@@ -74,6 +74,21 @@ def read_nvml(uuids: Sequence[str]) -> list[dict[str, float | None]]:
     return readings
 
 
+def combined(readings: Sequence[dict[str, float | None]]) -> dict[str, float | None]:
+    """Several GPUs' readings as one: power summed, temperature the hottest, utilisation the mean (each
+    over the GPUs that report it; None when none does)."""
+
+    def values(key: str) -> list[float]:
+        return [r[key] for r in readings if r.get(key) is not None]  # type: ignore[misc]
+
+    power, temperature, utilization = values("power_w"), values("temperature_c"), values("utilization_pct")
+    return {
+        "power_w": sum(power) if power else None,
+        "temperature_c": max(temperature) if temperature else None,
+        "utilization_pct": sum(utilization) / len(utilization) if utilization else None,
+    }
+
+
 def _uuid_key(uuid: str | bytes) -> str:
     """Normalise a UUID to its hex digits: NVML says "GPU-ab12-...", torch "ab12-...", old pynvml bytes."""
     text = uuid.decode() if isinstance(uuid, bytes) else uuid
@@ -118,10 +133,12 @@ def _cpu_model() -> str:
 def _gpus(count: int) -> list[dict[str, Any]]:
     """Describe every visible CUDA device, merging in NVML telemetry."""
     props = [torch.cuda.get_device_properties(index) for index in range(count)]
-    telemetry = read_nvml([str(getattr(prop, "uuid", "")) for prop in props])
+    uuids = [str(getattr(prop, "uuid", "")) for prop in props]
+    telemetry = read_nvml(uuids)
     return [
         {
             "index": index,
+            "uuid": uuids[index],  # how NVML finds this device again (peer/metrics.py, heartbeats)
             "name": prop.name,
             "vram_gb": round(prop.total_memory / GIB, 2),
             "compute_capability": f"{prop.major}.{prop.minor}",

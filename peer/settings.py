@@ -39,6 +39,10 @@ class PeerSettings(BaseSettings):
         2.0, gt=0, description="Seconds of benchmark the hardware probe runs before a peer posts its record."
     )
     status_interval: float = Field(2.0, gt=0, description="Seconds between status-file updates.")
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Address --metrics-port binds; 0.0.0.0 lets a Prometheus on another machine scrape it.",
+    )
     bootstrap_wait: float = Field(
         120.0, gt=0, description="Seconds a matched peer waits for the run's first peer to join."
     )

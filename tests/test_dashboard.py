@@ -1,0 +1,140 @@
+"""The dashboard and the metrics of a running ``hivemarket demo``, as a user sees them: in a real headless
+Chromium, and scraped the way Prometheus scrapes.
+
+The screenshot is kept in tests/artifacts/dashboard.png (ignored by git) for people to look at.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.browser import Browser
+from tests.harness import cli_env, group_members, kill_group, wait_until
+
+SCREENSHOT = Path(__file__).parent / "artifacts" / "dashboard.png"
+
+# What the page shows right now: rows of each table, points of each chart, live updates so far.
+PAGE_STATE = """
+const rows = id => document.querySelectorAll(`#${id} tbody tr:not(.empty)`).length;
+const points = id => Number(document.getElementById(id)?.dataset.points || 0);
+return {
+  offers: rows("offers-table"), runs: rows("runs-table"), run_peers: rows("run-peers-table"),
+  peers: rows("peers-table"), loss: points("loss-plot"), price: points("price-plot"),
+  loss_line: document.querySelector("#loss-plot polyline")?.getAttribute("points") || "",
+  updates: Number(document.body.dataset.updates || 0),
+  ledger: document.getElementById("ledger-verdict")?.textContent || "",
+  filter_error: document.getElementById("filter-error")?.textContent || null,
+};
+"""
+
+
+class Demo:
+    """``hivemarket demo`` in its own process group, its output collected line by line as it comes."""
+
+    def __init__(self, home: Path):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "peer", "demo", "--peers", "3"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=cli_env(home),
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def printed(self, pattern: str) -> list[str]:
+        if self.proc.poll() is not None and self.proc.returncode != 0:
+            raise AssertionError(f"the demo exited with {self.proc.returncode}:\n{''.join(self.lines)}")
+        return re.findall(pattern, "".join(self.lines), re.MULTILINE)
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """A Prometheus text exposition as {series: value}."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    series = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            series[name] = float(value)
+    return series
+
+
+@pytest.mark.timeout(600)
+def test_dashboard_and_metrics_of_a_running_demo(tmp_path: Path) -> None:
+    demo = Demo(tmp_path)
+    browser = None
+    try:
+        (url,) = wait_until(lambda: demo.printed(r"^dashboard (http://\S+)/ "), 120, "the dashboard's URL")
+        peer_metrics = wait_until(lambda: demo.printed(r"^peer-\d+\s+metrics (http://\S+)"), 180, "metrics")
+        browser = Browser()
+        browser.get(url + "/")
+
+        def trained() -> dict | None:
+            state = browser.run(PAGE_STATE)
+            return state if state["loss"] >= 3 and state["updates"] >= 1 else None
+
+        state = wait_until(trained, 300, "the loss plot to show 3 epochs through live updates", interval=0.5)
+        coordinator = wait_until(
+            lambda: (
+                (s := _scrape(url + "/metrics")).get('hivemarket_audits_total{verdict="passed"}', 0) > 0 and s
+            ),
+            120,
+            "the coordinator's metrics to count a passed audit",
+        )
+        peer = wait_until(
+            lambda: (s := _scrape(peer_metrics[0]))["hivemarket_peer_samples_total"] > 0 and s,
+            60,
+            "a peer's metrics to count samples",
+        )
+
+        # The page drew real data: the run, its peers and the market, and a loss line through the points.
+        assert state["runs"] == 1 and state["run_peers"] >= 2, state
+        assert state["offers"] >= 3 and state["peers"] >= 3, state
+        assert state["price"] >= 1, state  # the clearing round that matched the run
+        assert len(state["loss_line"].split()) == state["loss"], state
+        assert state["ledger"] == "conserved", state
+
+        # Live values of the named series, the coordinator's and a peer's.
+        assert coordinator["hivemarket_live_peers"] >= 2, coordinator
+        assert sum(v for k, v in coordinator.items() if k.startswith("hivemarket_runs{")) == 1, coordinator
+        assert coordinator["hivemarket_clearing_price"] > 0, coordinator  # NaN before any trade
+        assert "hivemarket_lapsed_leases_total" in coordinator, coordinator
+        assert coordinator['hivemarket_http_request_seconds_count{route="/v1/runs/{run_id}/reports"}'] > 0
+        assert peer['hivemarket_peer_epochs_total{outcome="averaged"}'] > 0, peer
+        assert peer["hivemarket_peer_round_seconds_count"] > 0, peer
+        assert peer["hivemarket_peer_samples_per_second"] > 0, peer
+        assert "hivemarket_peer_data_wait_seconds_total" in peer, peer
+
+        # The offer filter: a filter keeps the cheapest peer only; a bad one is named on the page.
+        browser.get(url + "/?q=price<=1.05")
+        assert browser.run(PAGE_STATE)["offers"] == 1
+        browser.get(url + "/?q=vram>=40")
+        assert "'vram>=40'" in browser.run(PAGE_STATE)["filter_error"]
+
+        browser.get(url + "/")
+        wait_until(lambda: browser.run(PAGE_STATE)["loss"] >= 3, 30, "the page to draw the loss again")
+        png = browser.screenshot(SCREENSHOT)
+        assert png.startswith(b"\x89PNG") and len(png) > 20_000, len(png)  # a rendered page, not a blank
+
+        demo.proc.wait(timeout=300)
+        assert demo.proc.returncode == 0, "".join(demo.lines)[-4000:]
+    finally:
+        if browser is not None:
+            browser.close()
+        kill_group(demo.proc.pid)
+    assert not group_members(demo.proc.pid), "the demo left processes behind"
+    assert not group_members(browser.proc.pid), "chromium left processes behind"
