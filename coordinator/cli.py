@@ -24,7 +24,7 @@ from coordinator.client import AlreadyApplied, CoordinatorClient, CoordinatorErr
 from coordinator.money import fmt_money, parse_money
 from coordinator.schemas import AccountView, HardwareSummary, LeaseView, OfferBody, OfferResponse, Telemetry
 from coordinator.settings import ClientSettings
-from peer.console import InputError, echo_json, load_cli_identity, metrics_port_option
+from peer.console import InputError, echo_json, load_cli_identity, metrics_port_option, print_table
 from peer.identity import Identity, IdentityError, load_identity
 from peer.settings import load_settings
 
@@ -354,12 +354,22 @@ def offers(filter_expr: str, sort: str | None, coordinator: str, as_json: bool) 
     if not found:
         click.echo("no offers match")
         return
-    click.echo(f"{'ACCOUNT':<14}{'GPU':<22}{'VRAM GB':>8}{'TFLOP/S':>9}{'PRICE/H':>10}{'RELIAB':>8}  STATE")
-    for o in found:
-        click.echo(
-            f"{o.account[:12]:<14}{_gpus(o.gpu, o.gpu_count)[:21]:<22}{o.vram_gb:>8.1f}{o.tflops:>9.2f}"
-            f"{fmt_money(o.price_per_hour):>10}{o.reliability:>8.3f}  {o.state}"
-        )
+    print_table(
+        ["ACCOUNT", "GPU", "VRAM GB", "TFLOP/S", "PRICE/H", "RELIABILITY", "STATE"],
+        [
+            [
+                o.account[:12],
+                _gpus(o.gpu, o.gpu_count),
+                f"{o.vram_gb:.1f}",
+                f"{o.tflops:.2f}",
+                fmt_money(o.price_per_hour),
+                f"{o.reliability:.3f}",
+                o.state,
+            ]
+            for o in found
+        ],
+        right=["VRAM GB", "TFLOP/S", "PRICE/H", "RELIABILITY"],
+    )
 
 
 @click.command("market")
@@ -380,11 +390,20 @@ def market(coordinator: str, as_json: bool) -> None:
     click.echo(f"supply          {view.supply} open offers")
     click.echo(f"demand          {view.demand} peers wanted")
     if view.rounds:
-        click.echo(f"{'AT':<10}{'PRICE':>10}{'TRADES':>8}{'SUPPLY':>8}{'DEMAND':>8}  REASON")
-    for r in view.rounds:
-        at = time.strftime("%H:%M:%S", time.localtime(r.at))
-        click.echo(
-            f"{at:<10}{fmt_money(r.clearing_price):>10}{r.trades:>8}{r.supply:>8}{r.demand:>8}  {r.reason}"
+        print_table(
+            ["AT", "PRICE", "TRADES", "SUPPLY", "DEMAND", "REASON"],
+            [
+                [
+                    time.strftime("%H:%M:%S", time.localtime(r.at)),
+                    fmt_money(r.clearing_price),
+                    r.trades,
+                    r.supply,
+                    r.demand,
+                    r.reason,
+                ]
+                for r in view.rounds
+            ],
+            right=["PRICE", "TRADES", "SUPPLY", "DEMAND"],
         )
 
 

@@ -22,7 +22,7 @@ from coordinator.client import CoordinatorClient
 from coordinator.money import fmt_money
 from coordinator.runs import ENDED
 from coordinator.schemas import RunBody, RunView
-from peer.console import InputError, echo_json, load_cli_identity
+from peer.console import InputError, echo_json, load_cli_identity, print_table
 from peer.settings import load_settings
 from peer.spec import RunSpec, SpecError, load_spec
 
@@ -132,16 +132,23 @@ def print_run(view: RunView) -> None:
     if view.model is not None:
         click.echo(f"model     {view.model.bytes} bytes, sha256 {view.model.sha256}")
     if view.peers:
-        click.echo(
-            f"{'PEER':<14}{'STATE':<10}{'PRICE/H':>9}{'SAMPLES':>9}{'PAID':>12}{'FEES':>10}{'AUDITS':>12}"
+        print_table(
+            ["PEER", "STATE", "PRICE/H", "SAMPLES", "PAID", "FEES", "AUDITS"],
+            [
+                [
+                    p.account[:12],
+                    p.state,
+                    fmt_money(p.price_per_hour),
+                    p.samples,
+                    fmt_money(p.paid),
+                    fmt_money(p.fees),
+                    f"{p.audits_passed}/{p.audits_failed}",
+                ]
+                for p in view.peers
+            ],
+            right=["PRICE/H", "SAMPLES", "PAID", "FEES", "AUDITS"],
+            note="(AUDITS: passed/failed audits of the peer's reports; FEES: earned auditing others)",
         )
-    for p in view.peers:
-        click.echo(
-            f"{p.account[:12]:<14}{p.state:<10}{fmt_money(p.price_per_hour):>9}{p.samples:>9}"
-            f"{fmt_money(p.paid):>12}{fmt_money(p.fees):>10}{f'{p.audits_passed}/{p.audits_failed}':>12}"
-        )
-    if view.peers:
-        click.echo("(AUDITS: passed/failed audits of the peer's reports; FEES: earned auditing others)")
 
 
 @click.command("launch")
@@ -241,13 +248,21 @@ def runs_group(ctx: click.Context, coordinator: str, as_json: bool) -> None:
     if not found:
         click.echo("no runs")
         return
-    click.echo(f"{'RUN':<18}{'NAME':<20}{'STATE':<11}{'SAMPLES':>17}{'PEERS':>7}{'SPENT':>10}")
-    for r in found:
-        live = sum(1 for p in r.peers if p.state == "active")
-        click.echo(
-            f"{r.id:<18}{r.name[:19]:<20}{r.state:<11}{f'{r.samples}/{r.target_samples}':>17}{live:>7}"
-            f"{fmt_money(r.spent):>10}"
-        )
+    print_table(
+        ["RUN", "NAME", "STATE", "SAMPLES", "PEERS", "SPENT"],
+        [
+            [
+                r.id,
+                r.name,
+                r.state,
+                f"{r.samples}/{r.target_samples}",
+                sum(1 for p in r.peers if p.state == "active"),
+                fmt_money(r.spent),
+            ]
+            for r in found
+        ],
+        right=["SAMPLES", "PEERS", "SPENT"],
+    )
 
 
 @runs_group.command("show")
@@ -255,7 +270,13 @@ def runs_group(ctx: click.Context, coordinator: str, as_json: bool) -> None:
 @coordinator_option
 @json_option
 def runs_show(run_id: str, coordinator: str, as_json: bool) -> None:
-    """Show one run: state and why, progress, money, and each peer's samples and pay."""
+    """Show one run: state and why, progress, money, and each peer's samples and pay.
+
+    \b
+    Example:
+      hivemarket runs show run-0123456789ab
+      hivemarket runs show run-0123456789ab --json
+    """
     view = call(client_for(coordinator), lambda c: c.run(run_id))
     if as_json:
         echo_json(view.model_dump(mode="json"))
@@ -271,7 +292,12 @@ def runs_show(run_id: str, coordinator: str, as_json: bool) -> None:
 )
 @json_option
 def runs_cancel(run_id: str, coordinator: str, identity_path: str | None, as_json: bool) -> None:
-    """Cancel a run you launched; what is unspent returns to your balance."""
+    """Cancel a run you launched; what is unspent returns to your balance.
+
+    \b
+    Example:
+      hivemarket runs cancel run-0123456789ab --identity ./launcher.pem
+    """
     client = client_for(coordinator, load_cli_identity(identity_path, load_settings()))
     view = call(client, lambda c: c.cancel_run(run_id))
     if as_json:
@@ -284,7 +310,17 @@ def runs_cancel(run_id: str, coordinator: str, identity_path: str | None, as_jso
 @click.argument("run_id")
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 @coordinator_option
-def runs_fetch(run_id: str, out: Path, coordinator: str) -> None:
-    """Download a finished run's model to OUT, checking its SHA-256 against the one the run recorded."""
+@json_option
+def runs_fetch(run_id: str, out: Path, coordinator: str, as_json: bool) -> None:
+    """Download a finished run's model to OUT, checking its SHA-256 against the one the run recorded.
+
+    \b
+    Example:
+      hivemarket runs fetch run-0123456789ab model.pt
+      python -c "import torch; print(torch.load('model.pt').keys())"
+    """
     sha256 = call(client_for(coordinator), lambda c: c.download_model(run_id, out))
-    click.echo(f"{out}  sha256 {sha256}")
+    if as_json:
+        echo_json({"path": str(out), "sha256": sha256, "bytes": out.stat().st_size})
+    else:
+        click.echo(f"{out}  sha256 {sha256}")

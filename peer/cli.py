@@ -22,6 +22,7 @@ from peer.console import (
     identity_path,
     load_cli_identity,
     metrics_port_option,
+    print_table,
     stop_on_signals,
     write_json_atomically,
 )
@@ -94,12 +95,14 @@ def identity() -> None:
     "--path", type=click.Path(dir_okay=False), help="Key file [default: $HIVEMARKET_HOME/identity.pem]."
 )
 @click.option("--force", is_flag=True, help="Replace an existing key file (the old account is lost).")
-def identity_new(path: str | None, force: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object: account and path.")
+def identity_new(path: str | None, force: bool, as_json: bool) -> None:
     """Write a new private key (PKCS8 PEM, mode 0600) and print its account id.
 
     \b
     Example:
       hivemarket identity new --path ./alice.pem
+      hivemarket identity new --path ./bob.pem --json
     """
     resolved = identity_path(path, load_settings())
     new = Identity.generate()
@@ -109,7 +112,10 @@ def identity_new(path: str | None, force: bool) -> None:
         raise InputError(str(e)) from None
     except OSError as e:
         raise InputError(f"cannot write identity file {resolved}: {e.strerror}") from None
-    click.echo(new.account)
+    if as_json:
+        echo_json({"account": new.account, "path": str(resolved)})
+    else:
+        click.echo(new.account)
 
 
 @identity.command("show")
@@ -346,13 +352,21 @@ def _print_records(records: list[dict[str, Any]]) -> None:
         click.echo("no live peers found")
         return
     now = time.time()
-    click.echo(f"{'ACCOUNT':<14}{'PEER ID':<56}{'GPU':<12}{'TFLOP/S':>8}  {'ROLES':<18}EXPIRES")
-    for r in records:
-        hw = r["hardware"]
-        click.echo(
-            f"{r['account'][:12]:<14}{r['peer_id']:<56}{hw.get('gpu', '?'):<12}{hw.get('tflops', 0):>8.2f}  "
-            f"{','.join(r['roles']):<18}{r['expires_at'] - now:.0f} s"
-        )
+    print_table(
+        ["ACCOUNT", "PEER ID", "GPU", "TFLOP/S", "ROLES", "EXPIRES"],
+        [
+            [
+                r["account"][:12],
+                r["peer_id"],
+                r["hardware"].get("gpu", "?"),
+                f"{r['hardware'].get('tflops', 0):.2f}",
+                ",".join(r["roles"]),
+                f"{r['expires_at'] - now:.0f} s",
+            ]
+            for r in records
+        ],
+        right=["TFLOP/S", "EXPIRES"],
+    )
 
 
 # -------------------------------------------------------------------------------------------------- demo

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,30 @@ metrics_port_option = click.option(
     help="Serve Prometheus metrics on PORT (0: any free port; the URL is printed) at "
     "$HIVEMARKET_METRICS_HOST [default: 127.0.0.1].",
 )
+
+
+def print_table(
+    headers: Sequence[str], rows: Iterable[Sequence[object]], *, right: Iterable[str] = (), note: str = ""
+) -> None:
+    """Print rows under headers as a table (rich); columns named in ``right`` (numbers) align right.
+
+    On a terminal it fits the terminal; piped, it is as wide as its rows need, never cut or wrapped,
+    so that ``grep`` finds a whole account prefix (scripts should use --json all the same).
+    """
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, header_style="bold")
+    aligned = set(right)
+    for header in headers:
+        table.add_column(header, justify="right" if header in aligned else "left", no_wrap=True)
+    for row in rows:
+        table.add_row(*(str(cell) for cell in row))
+    console = Console(width=None if sys.stdout.isatty() else 1000, highlight=False)
+    console.print(table, soft_wrap=True)
+    if note:
+        click.echo(note)
 
 
 def echo_json(value: Any) -> None:

@@ -33,6 +33,7 @@ import psutil
 from coordinator.client import CoordinatorClient
 from coordinator.money import PLACES
 from coordinator.schemas import AuditView, ReportView, RunBody, RunView
+from peer.console import print_table
 from peer.events import read_events
 from peer.identity import Identity, save_identity
 from peer.node import reap
@@ -544,7 +545,7 @@ def print_result(result: dict[str, Any]) -> None:
     audits = result["audits"]
     click.echo(f"audits    {audits['passed']} passed, {audits['failed']} failed, {audits['expired']} expired")
     cheats = {row["account"]: row for row in result["adversaries"]}
-    click.echo(f"{'ACCOUNT':<14}{'ROLE':<10}{'SAMPLES':>9}{'PAID':>12}{'AUDIT FEES':>12}  NOTE")
+    rows = []
     for row in result["ledger"]["accounts"]:
         if row["role"] == "launcher":
             note = f"spent {row['spent']}, refunded {row['refunded']} of {row['budget']}"
@@ -558,6 +559,10 @@ def print_result(result: dict[str, Any]) -> None:
             note = f"{cheat['kind']}: {caught}{banned}; paid for failed epochs: {paid}"
         else:
             note = ""
-        who = f"{row['account'][:12]:<14}{row['role']:<10}"
-        click.echo(f"{who}{row['samples']:>9}{row['paid']:>12}{row['fees']:>12}  {note}")
+        rows.append([row["account"][:12], row["role"], row["samples"], row["paid"], row["fees"], note])
+    print_table(
+        ["ACCOUNT", "ROLE", "SAMPLES", "PAID", "AUDIT FEES", "NOTE"],
+        rows,
+        right=["SAMPLES", "PAID", "AUDIT FEES"],
+    )
     click.echo(f"ledger    {'conserved' if result['ledger']['conserved'] else 'NOT CONSERVED'}")

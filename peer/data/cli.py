@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from peer.console import InputError, echo_json
+from peer.console import InputError, echo_json, print_table
 from peer.data.examples import EXAMPLES, build_example
 from peer.data.format import MANIFEST, VERSION_RE, DatasetError, Manifest, load_manifest, verify_dataset
 from peer.data.pack import PackReport, pack
@@ -156,9 +156,11 @@ def info_command(path: Path, as_json: bool) -> None:
         echo_json(_summary(manifest) | {"shards": [vars(s) for s in manifest.shards]})
         return
     _echo_summary(manifest)
-    click.echo(f"{'shard':<22} {'samples':>9} {'first id':>9} {'size':>10}  sha256")
-    for s in manifest.shards:
-        click.echo(f"{s.file:<22} {s.samples:>9} {s.first_id:>9} {_human(s.size):>10}  {s.sha256}")
+    print_table(
+        ["SHARD", "SAMPLES", "FIRST ID", "SIZE", "SHA256"],
+        [[s.file, s.samples, s.first_id, _human(s.size), s.sha256] for s in manifest.shards],
+        right=["SAMPLES", "FIRST ID", "SIZE"],
+    )
 
 
 @data_group.command("example")
