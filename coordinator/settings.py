@@ -17,7 +17,10 @@ class ServerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="HIVEMARKET_", frozen=True)
 
-    home: Path = Field(default_factory=lambda: Path.home() / ".hivemarket")
+    home: Path = Field(
+        default_factory=lambda: Path.home() / ".hivemarket",
+        description="Folder of the database (coordinator.db) and models, unless --db or MODEL_DIR says else.",
+    )
     max_body_bytes: int = Field(1 << 20, gt=0, description="Larger request bodies get 413.")
     signature_window: float = Field(
         300.0, gt=0, description="Seconds a signed timestamp may differ from the server's clock."
