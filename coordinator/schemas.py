@@ -286,7 +286,7 @@ class RunPeerView(View):
     epoch: int | None = Field(None, description="The last epoch it reported under this match.")
     audits_passed: int = Field(0, description="Audits of its reports in this run that passed.")
     audits_failed: int = Field(0, description="Audits of its reports in this run that failed.")
-    fees: Money = Field("0", description="Earned in this run by auditing other peers' reports.")
+    fees: Money = Field(Decimal(0), description="Earned in this run by auditing other peers' reports.")
 
 
 class ModelView(View):
@@ -312,7 +312,9 @@ class RunView(View):
     min_vram_gb: float
     budget: Money
     escrow: Money
-    held: Money = Field("0", description="Pay of reports whose audits are pending (out of the escrow).")
+    held: Money = Field(
+        Decimal(0), description="Pay of reports whose audits are pending (out of the escrow)."
+    )
     spent: Money
     refunded: Money = Field(description="Returned from the escrow to the owner.")
     target_samples: int = Field(

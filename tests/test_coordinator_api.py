@@ -341,6 +341,35 @@ async def test_heartbeats_renew_and_a_silent_lease_lapses(api: Api) -> None:
     )
 
 
+async def test_heartbeat_telemetry_reaches_peers_and_the_dashboard(api: Api) -> None:
+    peer = Identity.generate()
+    lease = (await api.offer(peer, "1.0", H100))["lease"]
+    mine = f"/v1/peers?account={peer.account}"
+
+    async def listed() -> dict[str, Any]:
+        (found,) = [p for p in (await api.ok("GET", mine))["peers"] if p["account"] == peer.account]
+        return found
+
+    assert (await listed())["telemetry"] is None  # a heartbeat without a body renews the lease alone
+    reading = {"power_w": 251.0, "temperature_c": 67.0, "utilization_pct": 93.5}
+    await api.ok("POST", f"/v1/leases/{lease['id']}/heartbeat", peer, {"telemetry": reading})
+    shown = await listed()
+    assert shown["telemetry"] == reading and shown["telemetry_at"] is not None
+    assert shown["state"] == "open" and shown["samples"] == 0 and shown["earned"] == "0.000000"
+
+    error = await api.error(
+        400, "POST", f"/v1/leases/{lease['id']}/heartbeat", peer, {"telemetry": {"utilization_pct": 150}}
+    )
+    assert error["field"] == "telemetry.utilization_pct" and "150" in error["message"]
+    assert (await listed())["telemetry"] == reading  # the refused reading changed nothing
+
+    status, page = await api.call("GET", f"/?q=account={peer.account}")
+    assert status == 200 and "251 W" in page and "67 °C" in page and peer.account[:12] in page
+    status, page = await api.call("GET", "/?q=vram>=40")
+    assert status == 200 and "bad filter term &#x27;vram&gt;=40&#x27;" in page  # named on the page
+    assert (await api.error(404, "GET", "/v1/runs/run-nosuchrun/loss"))["field"] == "run_id"
+
+
 def lease_reliability_of_a_new_peer(offer: dict[str, Any]) -> float:
     return offer["offer"]["reliability"]
 
