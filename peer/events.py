@@ -19,7 +19,8 @@ Events (every one has ``time``, wall-clock seconds, and ``event``):
   is trained again, ``caught_up``: the state of peers ahead was loaded instead, ``skipped``: the average
   was not finite), ``params`` (the parameter sketch), ``group``, ``samples``, ``compute_s``,
   ``data_s`` (the part of ``compute_s`` spent waiting for batches), ``round_s`` (time blocked on the
-  network: the all-reduce with its matchmaking, and any state download), ``allreduce_s``;
+  network: the all-reduce with its matchmaking, and any state download), ``load_s`` (the part of
+  ``round_s`` spent downloading the state of peers further on), ``allreduce_s``;
 - ``averaging``: ``epoch``, ``group`` (the live peers expected): this peer starts the epoch's round;
 - ``state_loaded``: ``epoch``, ``source``;
 - ``report_accepted``: ``epoch``, ``samples``.

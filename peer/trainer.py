@@ -259,6 +259,7 @@ class Trainer:
         self.buffers = [torch.zeros_like(p, device="cpu") for p in self.params]
         self.sums = [torch.zeros_like(p) for p in self.params]
         self.data_wait = 0.0  # seconds this epoch's training waited for its batches (the event log's data_s)
+        self.load_wait = 0.0  # seconds this epoch waited for the state of peers further on (load_s)
         self.n_params = sum(p.numel() for p in self.params)
         self._open_dataset()
         if self.spec.verification.rate > 0:
@@ -468,7 +469,7 @@ class Trainer:
         return max(reported, default=-1) >= epoch
 
     def _epoch(self, live: list[str]) -> None:
-        started, self.data_wait = time.monotonic(), 0.0
+        started, self.data_wait, self.load_wait = time.monotonic(), 0.0, 0.0
         epoch, spec = self.epoch, self.spec
         # Just loaded from the swarm, this peer is as far into the epoch as the download took: its own
         # share would reach the round after the others closed it, and it would load again, and again
@@ -520,6 +521,7 @@ class Trainer:
             compute_s=round(computed - started, 4),
             data_s=round(self.data_wait, 4),
             round_s=round(time.monotonic() - computed, 4),
+            load_s=round(self.load_wait, 4),
             allreduce_s=round(allreduce_s, 4),
         )
         if outcome == "redo" and self.snapshot is not None:  # local updates moved the parameters: rewind
@@ -706,7 +708,9 @@ class Trainer:
         """Load the state of a peer further on than ``epoch`` (or, with ``same_epoch``, at it); the epoch
         loaded, or None when no such state came (or it did not fit)."""
         assert self.averager is not None
+        began = time.monotonic()
         loaded = self.averager.load_state(self.settings.state_load_timeout)
+        self.load_wait += time.monotonic() - began
         if loaded is None or loaded.epoch < epoch or (loaded.epoch == epoch and not same_epoch):
             return None
         if not self._apply_state(loaded, FROM_PEERS):
