@@ -280,8 +280,8 @@ def scenario_peer_kill(lab: Lab, folder: Path, args: argparse.Namespace) -> Tria
             checks["kills"] += 1
             survivors = [n for n in live if n != victim]
             after_next = demo.wait(
-                f"the survivors' epoch {epoch + 2}",
-                lambda: _epoch_events(demo, survivors, epoch + 2),  # noqa: B023 - used at once
+                f"the survivors' epoch {epoch + 2} or later",
+                lambda: _common_epoch(demo, survivors, epoch + 2),  # noqa: B023 - used at once
                 interval=0.2,
             )
             rounds = _epoch_events(demo, survivors, epoch) or {}
@@ -307,6 +307,22 @@ def _agree(events: dict[str, dict[str, Any]]) -> bool:
     """Whether the parameters these epoch events started from agree (sketches within tolerance)."""
     sketches = [e["params"] for e in events.values()]
     return all(in_agreement(sketches[0], other) for other in sketches[1:])
+
+
+def _common_epoch(demo: LabDemo, names: list[str], first: int) -> dict[str, dict[str, Any]] | None:
+    """Each peer's last event of the first epoch from ``first`` on that every one of them logged, once
+    there is one (a peer that loaded the state of peers further on logs no event for the epochs it
+    skipped, so waiting for one given epoch could wait for ever)."""
+    logged = []
+    for name in names:
+        logged.append(
+            {e["epoch"]: e for e in demo.events(name) if e["event"] == "epoch" and e["epoch"] >= first}
+        )
+    common = set.intersection(*(set(mine) for mine in logged))
+    if not common:
+        return None
+    epoch = min(common)
+    return {name: mine[epoch] for name, mine in zip(names, logged, strict=True)}
 
 
 def _trainers(demo: LabDemo, names: list[str]) -> list[str] | None:

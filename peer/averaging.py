@@ -17,6 +17,7 @@ training state to a peer that joins late (:meth:`RunAverager.load_state`).
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import copy
 import math
@@ -192,6 +193,40 @@ def _groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+class _UndeclareInBackground:
+    """A group key manager's ``declare_averager`` whose withdrawals ("no longer looking for a group") are
+    sent without waiting for them.
+
+    Why: hivemind withdraws the declaration while it ends a search, holding the matchmaking lock until
+    the DHT store returns. A round given up because the others moved on (``average``'s ``moved_on``)
+    then kept the lock for seconds, and the peer's next round, at the epoch it just caught up to, waited
+    behind it and missed that group too (measured: "Another look_for_group is already in progress", then
+    a 15 s round, at 2 of 20 kills). A withdrawal is advisory: a declaration expires anyway, and a peer
+    that asks a member no longer looking is turned away and asks the next.
+    """
+
+    def __init__(self, declare: Callable[..., Any]):
+        self._declare = declare
+        self._sending: set[asyncio.Task] = set()  # strong references until done
+
+    async def __call__(
+        self, group_key: str, peer_id: Any, expiration_time: float, looking_for_group: bool = True
+    ) -> bool:
+        if looking_for_group:
+            return await self._declare(group_key, peer_id, expiration_time, looking_for_group=True)
+        task = asyncio.create_task(
+            self._declare(group_key, peer_id, expiration_time, looking_for_group=False)
+        )
+        self._sending.add(task)
+        task.add_done_callback(self._sent)
+        return True
+
+    def _sent(self, task: asyncio.Task) -> None:
+        self._sending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug(f"Withdrawing a group declaration failed: {task.exception()!r}")
+
+
 #: The weight of a member that brings no samples (a peer that just loaded the state). hivemind averages
 #: sum(w x) / sum(w): a group of such members alone divided 0 by 0, and each skipped a NaN update
 #: (measured: 2 of 20 kills in bench/reliability.py's peer-kill). With this weight their zero updates
@@ -268,6 +303,9 @@ class RunAverager(DecentralizedAverager):
 
     async def _set_group_bits(self, group_bits: str, future: MPFuture) -> None:  # in the averager process
         self._epoch_bits = group_bits
+        manager = self._matchmaking.group_key_manager
+        if not isinstance(manager.declare_averager, _UndeclareInBackground):
+            manager.declare_averager = _UndeclareInBackground(manager.declare_averager)
         await super()._set_group_bits(group_bits, future)
 
     async def _aggregate_with_group(
