@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import time
+import urllib.request
 from pathlib import Path
 
 import hivemind
@@ -49,6 +51,21 @@ def test_status_file_tracks_neighbors(swarm: PeerSwarm) -> None:
     )
     assert first.status()["peer_id"] in second.status()["dht_neighbors"]
     assert set(second.status()) >= {"peer_id", "account", "maddrs", "dht_neighbors"}
+
+
+def test_metrics_port_serves_the_peer_s_metrics(swarm: PeerSwarm) -> None:
+    node = swarm.start("--metrics-port", "0")
+    found = wait_until(
+        lambda: re.search(r"^metrics\s+(http://\S+)", node.output(), re.MULTILINE), 20, "the URL"
+    )
+    with urllib.request.urlopen(found.group(1), timeout=10) as response:
+        text = response.read().decode()
+    for name in (
+        "hivemarket_peer_samples_total 0.0",
+        "hivemarket_peer_round_seconds_count 0.0",
+        "# TYPE hivemarket_peer_gpu_power_watts gauge",
+    ):
+        assert name in text, name
 
 
 def test_a_stopped_peer_disappears_after_its_record_expires(swarm: PeerSwarm, tmp_path: Path) -> None:
