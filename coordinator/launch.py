@@ -21,7 +21,7 @@ from coordinator.cli import call, client_for, coordinator_option, json_option, m
 from coordinator.client import CoordinatorClient
 from coordinator.money import fmt_money
 from coordinator.runs import ENDED
-from coordinator.schemas import RunBody, RunView
+from coordinator.schemas import RunBody, RunView, unauditable
 from peer.console import InputError, echo_json, load_cli_identity, print_table
 from peer.settings import load_settings
 from peer.spec import RunSpec, SpecError, load_spec
@@ -193,6 +193,9 @@ def launch(
     budget_value = money_option(budget, "--budget", positive=True)
     price_value = money_option(max_price, "--max-price")
     peers_min, peers_max = _peers_range(peers, spec)
+    refusal = unauditable(peers_min, spec)
+    if refusal is not None:
+        raise InputError(f"--peers {peers_min}:{peers_max}: {refusal}")
     client = client_for(coordinator, load_cli_identity(identity_path, load_settings(), create_default=True))
     body = RunBody(
         spec=resolve_spec(spec, client.base_url),

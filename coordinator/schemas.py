@@ -257,15 +257,22 @@ class RunBody(Body):
 
     @model_validator(mode="after")
     def _auditable(self) -> RunBody:
-        """Audits are recomputed by another peer of the run: a run that may train with one peer could
-        never be verified, so it would never pay nor count its work toward the target."""
-        if self.peers_min < 2 and check_run_spec(self.spec).verification.rate > 0:
-            raise field_error(
-                "peers_min",
-                f"peers_min ({self.peers_min}) must be at least 2 when spec.verification.rate > 0: another "
-                "peer of the run recomputes each audit; set verification.rate = 0 to pay one peer unverified",
-            )
+        refusal = unauditable(self.peers_min, check_run_spec(self.spec))
+        if refusal is not None:
+            raise field_error("peers_min", refusal)
         return self
+
+
+def unauditable(peers_min: int, spec: RunSpec) -> str | None:
+    """Why a run of at least ``peers_min`` peers could not be verified, if it could not: audits are
+    recomputed by another peer of the run, so a run that may train with one peer would never pay nor
+    count its work toward the target. (``launch`` asks before it contacts the coordinator.)"""
+    if peers_min < 2 and spec.verification.rate > 0:
+        return (
+            f"peers_min ({peers_min}) must be at least 2 when spec.verification.rate > 0: another peer of "
+            "the run recomputes each audit; set verification.rate = 0 to pay one peer unverified"
+        )
+    return None
 
 
 class RunPeerView(View):

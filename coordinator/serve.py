@@ -73,7 +73,10 @@ def serve(
       hivemarket coordinator serve --admin-key admin.pem --db sqlite:///market.db --dataset ./digits
     """
     settings = ServerSettings()
-    admin = load_cli_identity(admin_key, settings).account  # type: ignore[arg-type]
+    try:
+        admin = load_cli_identity(admin_key, settings).account  # type: ignore[arg-type]
+    except InputError as e:
+        raise InputError(f"--admin-key (the key that may deposit funds): {e.message}") from None
     db_url = db_url or f"sqlite:///{(Path(settings.home) / 'coordinator.db').absolute()}"
     try:
         store = open_store(

@@ -186,7 +186,7 @@ def _maddrs(values: tuple[str, ...], option: str) -> list[str]:
     from peer.node import NodeError, parse_maddrs
 
     try:
-        return parse_maddrs(values, option)
+        return parse_maddrs(values, option, peer_id=option == "--initial-peers")
     except NodeError as e:
         raise InputError(str(e)) from None
 

@@ -40,14 +40,21 @@ class NodeError(RuntimeError):
     """A node that cannot start as asked; the message names the option or address at fault."""
 
 
-def parse_maddrs(values: Sequence[str], option: str) -> list[str]:
-    """Validate multiaddrs with the ``multiaddr`` package; the error quotes the bad value and its option."""
+def parse_maddrs(values: Sequence[str], option: str, *, peer_id: bool = False) -> list[str]:
+    """Validate multiaddrs with the ``multiaddr`` package; the error quotes the bad value and its option.
+    With ``peer_id``, each must name the peer too (``/p2p/ID``): a peer to dial, not only an address."""
     parsed = []
     for value in values:
         try:
-            parsed.append(str(multiaddr.Multiaddr(value)))
+            address = multiaddr.Multiaddr(value)
         except Exception as e:  # multiaddr raises several unrelated exception types for bad input
             raise NodeError(f"{option} {value!r} is not a valid multiaddr: {e}") from None
+        if peer_id and "p2p" not in [protocol.name for protocol in address.protocols()]:
+            raise NodeError(
+                f"{option} {value!r} does not name a peer: end it with /p2p/<peer id>, as in the maddr "
+                "lines `hivemarket peer start` prints"
+            )
+        parsed.append(str(address))
     return parsed
 
 

@@ -68,6 +68,7 @@ def test_json_wherever_a_command_reports(path: tuple[str, ...], command: click.C
         ["launch", "no-such-spec.toml", "--budget", "1", "--max-price", "1"],
         ["rent", "--price-per-hour", "-1", "--coordinator", "http://127.0.0.1:9"],
         ["peer", "start", "--metrics-port", "70000"],
+        ["peers", "--initial-peers", "/ip4/127.0.0.1/tcp/31337"],  # no /p2p/ID: an address, not a peer
     ],
     ids=lambda args: " ".join(args[:2]),
 )

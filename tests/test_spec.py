@@ -314,13 +314,22 @@ def test_launch_reports_a_bad_spec_in_one_line(tmp_path: Path) -> None:
     assert "127.0.0.1:9" not in output  # validation comes before any request
 
 
-@pytest.mark.parametrize(("value", "reason"), [("3:2", "need 1 <= MIN <= MAX"), ("x", "expected MIN:MAX")])
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("3:2", "need 1 <= MIN <= MAX"),
+        ("x", "expected MIN:MAX"),
+        ("1:1", "peers_min (1) must be at least 2 when spec.verification.rate > 0"),  # the server's rule
+    ],
+)
 def test_launch_refuses_bad_peers_before_contacting_the_coordinator(
     tmp_path: Path, value: str, reason: str
 ) -> None:
     code, errors, output = _launch(tmp_path, EXAMPLE, "--peers", value)
     assert code == 2, output
-    assert len(errors) == 1 and errors[0].startswith(f"Error: --peers {value!r}: "), output
+    assert len(errors) == 1 and errors[0].startswith(("Error: --peers ", f"Error: --peers {value!r}: ")), (
+        output
+    )
     assert reason in errors[0]
     assert "Traceback" not in output
     assert "127.0.0.1:9" not in output  # resolving the dataset would have tried (and logged) the URL
