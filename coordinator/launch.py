@@ -54,8 +54,13 @@ def resolve_spec(spec: RunSpec, coordinator: str) -> dict[str, Any]:
         if version is None:
             found = asyncio.run(list_datasets(location))
             named = [d for d in found if spec.dataset.name in (None, d["name"])]
+            if not found:
+                raise InputError(
+                    f"spec.dataset: {location} serves no dataset; start the coordinator with "
+                    "--dataset PATH, or set dataset.location to a server that has it"
+                )
             if len(named) != 1:
-                served = ", ".join(f"{d['name']} ({d['version'][:12]})" for d in found) or "none"
+                served = ", ".join(f"{d['name']} ({d['version'][:12]})" for d in found)
                 raise InputError(
                     f"spec.dataset.version: {location} serves {served}; set dataset.version"
                     + ("" if spec.dataset.name else " or dataset.name")

@@ -15,9 +15,10 @@ import pytest
 from coordinator.launch import Progress, _peers_range
 from coordinator.schemas import RunView
 from peer.console import InputError
+from peer.identity import Identity
 from peer.spec import RunSpec, SpecError, load_spec, validate_spec
 from peer.tasks import load_task
-from tests.harness import REPO, cli_env, minimal_spec, peer_view, run_cli
+from tests.harness import REPO, cli_env, minimal_spec, peer_view, run_cli, start_coordinator
 from tests.harness import run_view as harness_run_view
 
 EXAMPLE = REPO / "examples" / "digits.toml"
@@ -333,6 +334,30 @@ def test_launch_refuses_bad_peers_before_contacting_the_coordinator(
     assert reason in errors[0]
     assert "Traceback" not in output
     assert "127.0.0.1:9" not in output  # resolving the dataset would have tried (and logged) the URL
+
+
+def test_launch_at_a_coordinator_without_datasets_says_how_to_serve_one(tmp_path: Path) -> None:
+    coordinator = start_coordinator(tmp_path / "coordinator", Identity.generate())
+    try:
+        result = run_cli(
+            "launch",
+            str(EXAMPLE),
+            "--budget",
+            "1",
+            "--max-price",
+            "1",
+            "--coordinator",
+            coordinator.url,
+            env=cli_env(tmp_path),
+            timeout=60,
+        )
+    finally:
+        coordinator.stop()
+    assert result.returncode == 2, result.stderr
+    assert (
+        f"Error: spec.dataset: {coordinator.url} serves no dataset; start the coordinator with --dataset"
+        in (result.stderr)
+    )
 
 
 # ------------------------------------------------------------------------------------------------ progress
