@@ -361,14 +361,14 @@ def swarm(args: argparse.Namespace, mode: str, folder: Path, data: Path) -> dict
 
         def logged() -> list[dict[str, Any]] | None:
             """The events of the first ``steps`` steps once every member of each of their rounds has
-            logged it (members log a round within moments of each other; a member that found its
-            parameters apart from the group's logs ``caught_up`` with the group's size, a peer whose round
-            failed a group of 1). Not every peer need have reached the last step: one that fell behind
-            may never train it, the run having settled."""
+            logged that step (members log a round within moments of each other). A member counts by any
+            event of the step: one whose part of a round broke while the others' completed logs a
+            group of 1 (``redo``, ``caught_up``), and the step once more if it trained it again. Not
+            every peer need have reached the last step: one that fell behind may never train it, the
+            run having settled."""
             events = [e for e in epochs(demo) if e["epoch"] < steps]
-            rounds = [e for e in events if e["group"] > 1]
-            members = collections.Counter(e["epoch"] for e in rounds)
-            return events if all(members[e["epoch"]] >= e["group"] for e in rounds) else None
+            members = collections.Counter(epoch for epoch, _ in {(e["epoch"], e["peer"]) for e in events})
+            return events if all(members[e["epoch"]] >= e["group"] for e in events) else None
 
         events = demo.wait(f"every member of the rounds of steps 0-{steps - 1} to log it", logged)
     averaged = {e["epoch"] for e in events if e["outcome"] == "averaged"}
