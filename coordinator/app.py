@@ -163,7 +163,7 @@ class Coordinator:
         for state in typing.get_args(runs.RunState):
             self.metrics.runs.labels(state).set(counts.get(f"runs_{state}", 0))
         self.metrics.live_peers.set(counts["live_leases"])
-        self.metrics.ledger_conserved.set(1 if (await self.store.audit(replay=False)).conserved else 0)
+        await self.ledger(replay=False)  # sets the conservation gauge
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -13,7 +13,6 @@ readings come from NVML at scrape time.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import threading
@@ -26,7 +25,7 @@ import click
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from peer.console import InputError
+from peer.console import bind_error, http_url
 from peer.settings import PeerSettings
 
 logger = logging.getLogger(__name__)
@@ -173,10 +172,8 @@ def serve_metrics(collector: PeerCollector, host: str, port: int) -> MetricsServ
     try:
         server, _thread = start_http_server(port, addr=host, registry=registry)
     except OSError as e:
-        reason = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be bound: {e.strerror}"
-        raise InputError(f"--metrics-port {port} on {host} {reason}") from None
-    shown = f"[{host}]" if ":" in host else host
-    return MetricsServer(f"http://{shown}:{server.server_port}/metrics", server)
+        raise bind_error("--metrics-port", port, host, e) from None
+    return MetricsServer(f"{http_url(host, server.server_port)}/metrics", server)
 
 
 def start_peer_metrics(

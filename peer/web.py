@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from aiohttp import web
 
-from peer.console import InputError
+from peer.console import bind_error, http_url
 
 
 @asynccontextmanager
@@ -27,10 +26,9 @@ async def serving(app: web.Application, host: str, port: int) -> AsyncIterator[s
         try:
             await site.start()
         except OSError as e:
-            reason = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be bound: {e.strerror}"
-            raise InputError(f"--port {port} on {host} {reason}") from None
+            raise bind_error("--port", port, host, e) from None
         bound = site._server.sockets[0].getsockname()  # type: ignore[union-attr]  # the real port for 0
-        yield f"http://{f'[{host}]' if ':' in host else host}:{bound[1]}"
+        yield http_url(host, bound[1])
     finally:
         await runner.cleanup()
 

@@ -315,6 +315,16 @@ def run_view(peers: list[RunPeerView], **changes: Any) -> RunView:
     return RunView(**(fields | changes))
 
 
+def prometheus_series(text: str) -> dict[str, float]:
+    """A Prometheus text exposition as {series with its labels: value}."""
+    series = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            series[name] = float(value)
+    return series
+
+
 def marked(mark: str, value: str) -> list[str]:
     """Live processes whose environment carries ``mark=value`` (a test sets it on the bench it starts, and
     every process the bench starts inherits it, p2pd included): found even when re-parented to init,

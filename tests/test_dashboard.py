@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.browser import Browser
-from tests.harness import cli_env, group_members, kill_group, wait_until
+from tests.harness import cli_env, group_members, kill_group, prometheus_series, wait_until
 
 SCREENSHOT = Path(__file__).parent / "artifacts" / "dashboard.png"
 
@@ -62,15 +62,8 @@ class Demo:
 
 
 def _scrape(url: str) -> dict[str, float]:
-    """A Prometheus text exposition as {series: value}."""
     with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    series = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            series[name] = float(value)
-    return series
+        return prometheus_series(response.read().decode())
 
 
 @pytest.mark.timeout(600)

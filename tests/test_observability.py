@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from coordinator.dashboard import Board, Series, line_chart, render
 from coordinator.schemas import LedgerAuditView, LossPoint
 from peer.metrics import ROUND_BUCKETS, PeerCollector
-from tests.harness import peer_view, run_view
+from tests.harness import peer_view, prometheus_series, run_view
 
 HOSTILE = '<script>alert("x")</script>'
 
@@ -68,12 +68,7 @@ def test_a_chart_maps_points_inside_its_frame() -> None:
 def _scrape(collector: PeerCollector) -> dict[str, float]:
     registry = CollectorRegistry()
     registry.register(collector)
-    series = {}
-    for line in generate_latest(registry).decode().splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            series[name] = float(value)
-    return series
+    return prometheus_series(generate_latest(registry).decode())
 
 
 def _epoch(
