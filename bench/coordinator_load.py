@@ -29,7 +29,7 @@ omission), so p99 here is a lower bound of what an open-loop client at the same 
 Why the generator is built the way it is: the generator shares the two cores with the server, and
 every microsecond it spends is taken from the server. So
 
-- every request is signed (with :func:`peer.envelope.sign_request`, the protocol's own code) and
+- every request is signed (with :func:`peer.protocol.envelope.sign_request`, the protocol's own code) and
   encoded to its exact HTTP/1.1 bytes before the timed phase; the timed loop only writes bytes and
   parses a status line and a Content-Length. Signing costs about 80 us a request here, a fifth of what
   the server spends on one signed request (about 400 us). The bench sizes the pre-signed
@@ -82,9 +82,9 @@ import aiohttp
 import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from coordinator.schemas import HardwareSummary, OfferBody
-from peer.envelope import sign_request
-from peer.identity import Identity, save_identity
+from peer.protocol.envelope import sign_request
+from peer.protocol.identity import Identity, save_identity
+from peer.protocol.schemas import HardwareSummary, OfferBody
 
 GOAL_HEARTBEATS_PER_S = 3000.0
 GOAL_P99_MS = 50.0
@@ -233,7 +233,7 @@ class SignedRequests:
     """Signed heartbeats round-robin over the peers, a seeded fraction of them offer updates instead."""
 
     def __init__(self, peers: Sequence[Peer], host: str, update_fraction: float, seed: int):
-        self._peers = [(peer.identity(), peer.lease_id) for peer in peers]
+        self._peers = [(peer.protocol.identity(), peer.lease_id) for peer in peers]
         self._host = host
         self._fraction = update_fraction
         self._rng = random.Random(seed)
@@ -682,7 +682,7 @@ async def keep_leases_alive(
     url: str, peers: Sequence[Peer], interval: float, concurrency: int, stop: asyncio.Event
 ) -> None:
     """Heartbeat every lease once per ``interval`` (as real peers do) until ``stop``; untimed."""
-    identities = [(peer.identity(), peer.lease_id) for peer in peers]
+    identities = [(peer.protocol.identity(), peer.lease_id) for peer in peers]
     tick = 0.25
     per_tick = max(1, math.ceil(len(identities) * tick / interval))
     gate = asyncio.Semaphore(concurrency)

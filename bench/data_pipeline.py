@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from peer.data.format import FieldSpec, Manifest, Schema, ShardWriter
 from peer.data.loader import PrefetchLoader, collate_records
 from peer.data.reader import DatasetReader
+from peer.protocol.dataset import FieldSpec, Manifest, Schema, ShardWriter
 
 GOAL_WAIT_SHARE = 0.01
 SCHEMA = Schema(

@@ -90,10 +90,10 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
 
 def plain(args: argparse.Namespace, dataset: Path, busy: Busy) -> dict[str, Any]:
     """One process trains the model alone for ``args.seconds`` (after one warm-up step)."""
-    from peer.data.format import load_manifest
     from peer.data.loader import PrefetchLoader
     from peer.data.reader import DatasetReader
-    from peer.spec import load_spec
+    from peer.protocol.dataset import load_manifest
+    from peer.protocol.spec import load_spec
     from peer.tasks import load_task
     from peer.trainer import make_optimizer, train_ids
 

@@ -52,7 +52,7 @@ import psutil
 
 from bench.local_market import LOST, launched, workspace
 from peer.demo import Child, Demo, DemoError
-from peer.identity import Identity, save_identity
+from peer.protocol.identity import Identity, save_identity
 
 PEERS = 2  # training when the volunteer arrives
 GOAL_S = 10.0

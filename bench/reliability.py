@@ -52,10 +52,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.netlab import Host, Lab, missing
-from coordinator.runs import ENDED
-from coordinator.schemas import RunView
 from peer.demo import Demo, DemoError
 from peer.events import in_agreement
+from peer.protocol.schemas import RunView
+from peer.protocol.states import ENDED
 
 PEERS = 4
 LOSS_PERCENT = 5

@@ -84,8 +84,8 @@ import torch.distributed as dist
 
 from bench.local_market import epochs, market, steady_rate
 from peer.demo import Child, Demo, example_spec
+from peer.protocol.spec import RunSpec, load_spec, validate_spec
 from peer.settings import load_settings
-from peer.spec import RunSpec, load_spec, validate_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("swarm", "local", "ddp", "plain")
@@ -136,8 +136,8 @@ def sample_order(spec: RunSpec, samples: int, steps: int) -> np.ndarray:
 def evaluate(model_file: Path, spec: RunSpec, data: Path) -> dict[str, float]:
     """A model file's loss and accuracy on the held-out split, and the loss of the spec's initial model:
     the pieces of :meth:`peer.demo.Demo.evaluate`, applied to any mode's model file."""
-    from peer.data.format import load_manifest
     from peer.data.reader import DatasetReader
+    from peer.protocol.dataset import load_manifest
     from peer.trainer import load_model_file, test_ids
 
     task, model, _ = load_model_file(model_file)
@@ -188,9 +188,9 @@ def train(setup: dict[str, Any], rank: int, world: int) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from peer.averaging import learning_rate
-    from peer.data.format import load_manifest
     from peer.data.loader import PrefetchLoader
     from peer.data.reader import DatasetReader
+    from peer.protocol.dataset import load_manifest
     from peer.tasks import load_task
     from peer.trainer import make_optimizer
 
@@ -344,7 +344,7 @@ class Checkpoints:
 def swarm(args: argparse.Namespace, mode: str, folder: Path, data: Path) -> dict[str, Any]:
     """The ``swarm`` or ``local`` row: the whole product trains the run until a peer has checkpointed
     ``args.steps`` steps and the rounds of those steps are logged (the figures are of those steps)."""
-    from peer.data.format import load_manifest
+    from peer.protocol.dataset import load_manifest
     from peer.tasks import load_task
 
     local = mode == "local"

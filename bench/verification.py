@@ -47,12 +47,13 @@ from typing import Any
 
 import torch
 
-from coordinator.schemas import AuditTask
 from coordinator.verification import AuditPolicy, choose_audits, verdict
 from peer.adversary import KINDS, EpochWork, behaviour, local_work
 from peer.data.examples import build_example
 from peer.data.reader import DatasetReader
-from peer.sketch import Sketcher, grad_seed, params_seed
+from peer.protocol.schemas import AuditTask
+from peer.protocol.sketch import grad_seed, params_seed
+from peer.sketch import Sketcher
 from peer.tasks import Task
 from peer.tasks.bytes_lm import BytesLM
 from peer.tasks.digits import DigitsMLP

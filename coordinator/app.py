@@ -27,14 +27,19 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
-from coordinator import dashboard, market, model_files, runs
+from coordinator import dashboard, market, model_files
 from coordinator.errors import ApiError, BadRequest, BodyTooLarge, Forbidden, RateLimited, Unauthorized
 from coordinator.filters import FieldKind, FilterError, compile_filter, parse_sort
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.money import from_units, to_units
 from coordinator.openapi import build_openapi
 from coordinator.ratelimit import Bucket, take
-from coordinator.schemas import (
+from coordinator.settings import ServerSettings
+from coordinator.store import Store
+from peer.protocol import states
+from peer.protocol.envelope import Envelope, EnvelopeError, check_fresh, verify_request_digest
+from peer.protocol.identity import ACCOUNT_RE
+from peer.protocol.money import from_units, to_units
+from peer.protocol.schemas import (
     FIELD_ERROR,
     MSGPACK,
     OCTET_STREAM,
@@ -67,10 +72,6 @@ from coordinator.schemas import (
     RunList,
     RunView,
 )
-from coordinator.settings import ServerSettings
-from coordinator.store import Store
-from peer.envelope import Envelope, EnvelopeError, check_fresh, verify_request_digest
-from peer.identity import ACCOUNT_RE
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ class Coordinator:
 
     async def prometheus(self, ctx: Context) -> web.Response:
         counts = await self.store.counts()
-        for state in typing.get_args(runs.RunState):
+        for state in typing.get_args(states.RunState):
             self.metrics.runs.labels(state).set(counts.get(f"runs_{state}", 0))
         self.metrics.live_peers.set(counts["live_leases"])
         await self.ledger(replay=False)  # sets the conservation gauge

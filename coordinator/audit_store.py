@@ -16,10 +16,11 @@ from typing import Any
 
 from coordinator import ledger, sql, verification
 from coordinator.errors import Conflict, NotFound
-from coordinator.money import from_units
-from coordinator.schemas import AuditResultBody, AuditTask, AuditView, ReportBody
-from coordinator.verification import AuditPolicy, PayState
-from peer.spec import RunSpec, VerificationSpec
+from coordinator.verification import AuditPolicy
+from peer.protocol.money import from_units
+from peer.protocol.schemas import AuditResultBody, AuditTask, AuditView, ReportBody
+from peer.protocol.spec import RunSpec, VerificationSpec
+from peer.protocol.states import PayState
 
 # Appended to coordinator.store.MIGRATIONS. Reports accepted before audits existed were paid when they
 # arrived; runs created before get a key now, and audit nothing (their peers may not run validators).

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from coordinator.errors import BadRequest
-from coordinator.money import fmt_money
-from coordinator.schemas import (
+from peer.protocol.money import fmt_money
+from peer.protocol.schemas import (
     ClearingRoundView,
     LedgerAuditView,
     LossPoint,

@@ -53,7 +53,7 @@ class InsufficientFunds(ValueError):
 
 @dataclass(frozen=True)
 class Entry:
-    """``amount`` units (see coordinator.money) move from ``debit`` to ``credit``."""
+    """``amount`` units (see peer.protocol.money) move from ``debit`` to ``credit``."""
 
     kind: EntryKind
     debit: str

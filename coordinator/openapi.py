@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic.json_schema import models_json_schema
 
-from coordinator.schemas import ErrorBody
-from peer import __version__
-from peer.envelope import HEADERS
+from peer.protocol import __version__
+from peer.protocol.envelope import HEADERS
+from peer.protocol.schemas import ErrorBody
 
 if TYPE_CHECKING:
     from coordinator.app import Route

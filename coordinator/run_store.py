@@ -18,8 +18,10 @@ from typing import Any
 
 from coordinator import audit_store, ledger, runs, sql, verification
 from coordinator.errors import BadRequest, Conflict, Forbidden, NotFound
-from coordinator.money import from_units, to_units
-from coordinator.schemas import (
+from peer.protocol import states
+from peer.protocol.envelope import Envelope
+from peer.protocol.money import from_units, to_units
+from peer.protocol.schemas import (
     AuditResultBody,
     AuditTask,
     AuditView,
@@ -33,8 +35,7 @@ from coordinator.schemas import (
     RunView,
     check_run_spec,
 )
-from peer.envelope import Envelope
-from peer.spec import BatchSpec
+from peer.protocol.spec import BatchSpec
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +109,8 @@ def advance(
     """Apply every transition :func:`coordinator.runs.advance` decides for the given runs (all live runs
     when ``run_ids`` is None); returns them, in order, with their run ids."""
     if run_ids is None:
-        marks = ",".join("?" * len(runs.LIVE))
-        rows = conn.execute(f"{_STATUS_QUERY} WHERE r.state IN ({marks})", runs.LIVE).fetchall()
+        marks = ",".join("?" * len(states.LIVE))
+        rows = conn.execute(f"{_STATUS_QUERY} WHERE r.state IN ({marks})", states.LIVE).fetchall()
     else:
         marks = ",".join("?" * len(run_ids))
         rows = conn.execute(f"{_STATUS_QUERY} WHERE r.id IN ({marks})", tuple(run_ids)).fetchall()
@@ -140,7 +141,7 @@ def advance(
 
 
 def set_state(conn: sqlite3.Connection, now: float, run_id: str, owner: str, step: runs.Transition) -> None:
-    if step.state in runs.ENDED:
+    if step.state in states.ENDED:
         end_run(conn, now, run_id, owner, step)
         return
     conn.execute(
@@ -204,7 +205,7 @@ def cancel_run(conn: sqlite3.Connection, now: float, env: Envelope, run_id: str)
     run = get_run(conn, run_id)
     if run["owner"] != env.account:
         raise Forbidden(f"run {run_id!r} belongs to another account", field="run_id")
-    if run["state"] in runs.ENDED:
+    if run["state"] in states.ENDED:
         raise Conflict(f"run {run_id!r} is already {run['state']}", code="run_ended", field="run_id")
     end_run(conn, now, run_id, run["owner"], runs.Transition("cancelled", "cancelled by its owner"))
     return run_view(conn, run_id)
@@ -401,7 +402,7 @@ def _refuse_unless(run: sqlite3.Row, allowed: Sequence[str], doing: str) -> None
     state = run["state"]
     if state in allowed:
         return
-    if state in runs.ENDED:
+    if state in states.ENDED:
         code = "run_ended"
     elif state in ("pending", "recruiting"):
         code = "run_not_started"
@@ -415,7 +416,7 @@ def join(conn: sqlite3.Connection, now: float, env: Envelope, run_id: str, body:
     (pay counts from the first join)."""
     sql.claim_nonce(conn, env)
     run = get_run(conn, run_id)
-    _refuse_unless(run, runs.BIDDING, "peers join while it recruits, runs or is paused")
+    _refuse_unless(run, states.BIDDING, "peers join while it recruits, runs or is paused")
     match = active_match(conn, run_id, env.account)
     conn.execute(
         "UPDATE matches SET peer_id = ?, maddrs = ?, joined_at = COALESCE(joined_at, ?)"
@@ -467,7 +468,7 @@ def add_report(
     dropped or banned peer has no active match and is refused, so nothing is paid after either."""
     sql.claim_nonce(conn, env)
     run = get_run(conn, run_id)
-    _refuse_unless(run, runs.REPORTING, "reports are accepted while it runs, is paused or settles")
+    _refuse_unless(run, states.REPORTING, "reports are accepted while it runs, is paused or settles")
     match = active_match(conn, run_id, env.account)
     stored = json.loads(run["spec"]).get("batch", {})
     target = stored.get("target", BatchSpec.model_fields["target"].default)
@@ -642,7 +643,7 @@ def claim_audits(
     parameters), given other peers' micro-batches to recompute."""
     sql.claim_nonce(conn, env)
     run = get_run(conn, run_id)
-    _refuse_unless(run, runs.REPORTING, "audits are given out while it runs, is paused or settles")
+    _refuse_unless(run, states.REPORTING, "audits are given out while it runs, is paused or settles")
     if active_match(conn, run_id, env.account)["joined_at"] is None:
         raise Conflict(
             f"account {env.account[:12]}... has not joined run {run_id!r}; join before auditing",

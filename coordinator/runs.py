@@ -14,18 +14,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from fractions import Fraction
-from typing import Literal
 
-RunState = Literal[
-    "pending", "recruiting", "running", "paused", "settling", "finished", "cancelled", "failed"
-]
-ENDED: tuple[RunState, ...] = ("finished", "cancelled", "failed")
-# States in which the run still wants peers from the market (a paused run wants replacements).
-BIDDING: tuple[RunState, ...] = ("recruiting", "running", "paused")
-# States that :func:`decide` may still move on its own (the sweep re-evaluates these).
-LIVE: tuple[RunState, ...] = ("recruiting", "running", "paused", "settling")
-# States in which peers may report work: the work was done before the state changed to paused/settling.
-REPORTING: tuple[RunState, ...] = ("running", "paused", "settling")
+from peer.protocol.states import ENDED, RunState
+
 SECONDS_PER_HOUR = 3600
 
 

@@ -12,10 +12,10 @@ from coordinator.db import StoreUnavailable
 from coordinator.runs import RunPolicy
 from coordinator.settings import ServerSettings
 from coordinator.store import LeaseConfig, open_store
-from peer.console import InputError, load_cli_identity
-from peer.data.format import DatasetError
-from peer.data.serve import dataset_routes, open_datasets
-from peer.web import serve_until_signal
+from peer.protocol.commands import InputError, serve_until_signal
+from peer.protocol.dataset import DatasetError
+from peer.protocol.dataset_server import dataset_routes, open_datasets
+from peer.protocol.identity import IdentityError, default_identity_path, load_identity
 
 
 @click.group("coordinator")
@@ -74,9 +74,9 @@ def serve(
     """
     settings = ServerSettings()
     try:
-        admin = load_cli_identity(admin_key, settings).account  # type: ignore[arg-type]
-    except InputError as e:
-        raise InputError(f"--admin-key (the key that may deposit funds): {e.message}") from None
+        admin = load_identity(Path(admin_key) if admin_key else default_identity_path(settings.home)).account
+    except IdentityError as e:
+        raise InputError(f"--admin-key (the key that may deposit funds): {e}") from None
     db_url = db_url or f"sqlite:///{(Path(settings.home) / 'coordinator.db').absolute()}"
     try:
         store = open_store(

@@ -1,4 +1,4 @@
-"""Typed settings of the coordinator service and its client, with ``HIVEMARKET_*`` environment overrides.
+"""Typed settings of the coordinator service, with ``HIVEMARKET_*`` environment overrides.
 
 Every timeout, interval and limit lives here rather than as a literal in code, so operators tune them
 with environment variables and tests shorten them without patching modules.
@@ -61,20 +61,3 @@ class ServerSettings(BaseSettings):
     @property
     def lease_ttl(self) -> float:
         return self.heartbeat_interval * self.lapse_after_heartbeats
-
-
-class ClientSettings(BaseSettings):
-    """How peers and the CLI talk to a coordinator."""
-
-    model_config = SettingsConfigDict(env_prefix="HIVEMARKET_", frozen=True)
-
-    coordinator: str = Field(
-        "http://127.0.0.1:8470", description="Coordinator URL used when --coordinator is omitted."
-    )
-    request_timeout: float = Field(10.0, gt=0, description="Seconds one HTTP request may take.")
-    retries: int = Field(5, ge=0, description="Retries of a request that failed to reach the coordinator.")
-    retry_backoff: float = Field(0.2, gt=0, description="First retry delay in seconds; doubles each retry.")
-    retry_backoff_max: float = Field(5.0, gt=0, description="Longest delay between retries.")
-    model_transfer_timeout: float = Field(
-        600.0, gt=0, description="Seconds a model upload or download may take (they can be large)."
-    )

@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 from coordinator import ledger
 from coordinator.errors import ApiError, Conflict, NonceReplayed, NonceReused, PaymentRequired, Unauthorized
-from coordinator.money import MAX_UNITS, from_units
-from peer.envelope import Envelope
+from peer.protocol.envelope import Envelope
+from peer.protocol.money import MAX_UNITS, from_units
 
 
 def claim_nonce(conn: sqlite3.Connection, env: Envelope) -> None:

@@ -22,8 +22,10 @@ from urllib.parse import urlparse
 from coordinator import audit_store, leases, ledger, market, run_store, runs, sql, verification
 from coordinator.db import Database
 from coordinator.errors import Conflict, Forbidden, NotFound
-from coordinator.money import from_units, to_units
-from coordinator.schemas import (
+from peer.protocol import states
+from peer.protocol.envelope import Envelope
+from peer.protocol.money import from_units, to_units
+from peer.protocol.schemas import (
     AccountView,
     AuditResultBody,
     AuditTask,
@@ -44,7 +46,6 @@ from coordinator.schemas import (
     RunView,
     Telemetry,
 )
-from peer.envelope import Envelope
 
 MIGRATIONS = (
     """
@@ -717,10 +718,10 @@ class SQLiteStore:
         coordinator was down, and that is not their fault."""
 
         def op(conn: sqlite3.Connection) -> int:
-            marks = ",".join("?" * len(runs.LIVE))
+            marks = ",".join("?" * len(states.LIVE))
             conn.execute(
                 f"UPDATE runs SET state_since = ? WHERE state IN ({marks}) AND state_since < ?",
-                (now, *runs.LIVE, now),
+                (now, *states.LIVE, now),
             )
             return conn.execute(
                 "UPDATE leases SET last_heartbeat = ? WHERE state = 'active' AND last_heartbeat < ?",

@@ -6,7 +6,7 @@ need and writes what they return, with the reason.
 How a contribution is verified:
 
 1. A report lists its micro-batches, each with its sample ids, its loss and a sketch of its gradient
-   (:mod:`peer.sketch`, seeded by run, epoch and peer). The report is signed, so the sketches are a
+   (:mod:`peer.protocol.sketch`, seeded by run, epoch and peer). The report is signed, so the sketches are a
    commitment: what is audited later is what the peer claimed before it knew what would be audited.
 2. When the report arrives, :func:`choose_audits` draws the micro-batches to recompute from a secret key
    the coordinator keeps per run; the peer cannot predict the draw, a retried report gets the same one.
@@ -32,16 +32,10 @@ import math
 import random
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Literal
 
-from peer.spec import VerificationSpec
-
-#: Numbers in every sketch (peer.sketch): part of the protocol, so that a report's sketches and a validator's
-#: recomputation can always be compared, and a sketch of another length is refused when it is sent.
-SKETCH_DIMS = 32
-
-AuditState = Literal["pending", "passed", "failed", "expired"]
-PayState = Literal["paid", "held", "voided"]
+from peer.protocol.sketch import relative_distance
+from peer.protocol.spec import VerificationSpec
+from peer.protocol.states import AuditState, PayState
 
 # A new peer starts as if it had passed this many audits, so that one failure (or a first honest audit)
 # does not swing its reputation to either end; each failed audit weighs as much as this many passes.
@@ -51,7 +45,8 @@ FAILURE_WEIGHT = 10
 
 @dataclass(frozen=True)
 class AuditPolicy:
-    """A run's ``spec.verification`` section (:class:`peer.spec.VerificationSpec`), stored with the run."""
+    """A run's ``spec.verification`` section (:class:`peer.protocol.spec.VerificationSpec`), stored with
+    the run."""
 
     rate: float
     min_audits: int
@@ -88,15 +83,6 @@ def choose_audits(key: bytes, epoch: int, account: str, micro_batches: int, poli
     count = math.floor(expected) + (draw.random() < expected - math.floor(expected))
     count = min(micro_batches, max(policy.min_audits, count))
     return sorted(draw.sample(range(micro_batches), count))
-
-
-def relative_distance(a: list[float], b: list[float]) -> float:
-    """``|a - b| / max(|a|, |b|)``: 0 for equal sketches, 1 against a zero sketch, about 1.4 for unrelated
-    ones. Plain Python (no torch in the coordinator): sketches are at most 64 numbers."""
-    if len(a) != len(b):
-        return math.inf
-    scale = max(math.sqrt(sum(x * x for x in a)), math.sqrt(sum(y * y for y in b)), 1e-30)
-    return math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b, strict=True))) / scale
 
 
 def verdict(

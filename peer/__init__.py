@@ -1,8 +1,5 @@
-"""hivemarket's peer side: identity, the signed envelope, the DHT node, the hardware probe and the CLI."""
+"""hivemarket's peer wing: the node on a peer's machine (DHT node, hardware probe, worker, trainer,
+averaging, validator, data loader, tasks) and the ``hivemarket`` command line.
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("hivemarket")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0"
+:mod:`peer.protocol` is what it shares with the coordinator; nothing here imports ``coordinator/``.
+"""

@@ -1,23 +1,22 @@
-"""The ``hivemarket`` command line: identity, peer and swarm commands; the coordinator's and the market's
-commands are registered from :mod:`coordinator.serve` and :mod:`coordinator.cli`. Exit codes are those of
-:mod:`peer.console`.
+"""The ``hivemarket`` command line: identity, peer and swarm commands here; the market's, the launcher's,
+the data and the coordinator's commands come in through entry points (:class:`LazyGroup`). Exit codes are
+those of :mod:`peer.console`.
 """
 
 from __future__ import annotations
 
-import importlib
+import functools
 import re
 import sys
 import time
 from collections.abc import Callable
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
 import click
 
-from peer import __version__
 from peer.console import (
-    InputError,
     echo_json,
     identity_path,
     load_cli_identity,
@@ -26,44 +25,40 @@ from peer.console import (
     stop_on_signals,
     write_json_atomically,
 )
-from peer.identity import Identity, IdentityError, save_identity
+from peer.protocol import __version__
+from peer.protocol.commands import InputError
+from peer.protocol.identity import Identity, IdentityError, save_identity
 from peer.settings import PeerSettings, load_settings
+
+#: The entry-point group of the commands that live in other modules (pyproject.toml lists them).
+COMMANDS_GROUP = "hivemarket.commands"
 
 
 class LazyGroup(click.Group):
-    """A group whose commands from other modules are imported only when used or listed by --help.
+    """A group that adds the commands installed under the ``hivemarket.commands`` entry points, each
+    imported only when used or listed by --help.
 
-    The coordinator, market and data commands pull in aiohttp, pydantic and numpy; `identity show` or
+    Why entry points: the coordinator's commands (``hivemarket coordinator serve``) belong to the other
+    wing, which this module must not import; the package's metadata names them instead. Why lazily: the
+    coordinator, market and data commands pull in aiohttp, pydantic and numpy, and `identity show` or
     `peer start` should not pay for them at every start.
     """
 
-    def __init__(self, *args: Any, lazy: dict[str, str], **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.lazy = lazy  # command name -> "module:attribute"
+    @functools.cached_property
+    def lazy(self) -> dict[str, EntryPoint]:
+        return {ep.name: ep for ep in entry_points(group=COMMANDS_GROUP)}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.lazy})
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in self.lazy:
-            module, attribute = self.lazy[cmd_name].split(":")
-            return getattr(importlib.import_module(module), attribute)
+            return self.lazy[cmd_name].load()
         return super().get_command(ctx, cmd_name)
 
 
 @click.group(
     cls=LazyGroup,
-    lazy={
-        "coordinator": "coordinator.serve:coordinator_group",
-        "rent": "coordinator.cli:rent",
-        "offers": "coordinator.cli:offers",
-        "market": "coordinator.cli:market",
-        "account": "coordinator.cli:account",
-        "deposit": "coordinator.cli:deposit",
-        "data": "peer.data.cli:data_group",
-        "launch": "coordinator.launch:launch",
-        "runs": "coordinator.launch:runs_group",
-    },
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.version_option(__version__, prog_name="hivemarket")
@@ -304,8 +299,8 @@ def _volunteer(
     """With a coordinator, offer this node's capacity at price 0 and train the runs it is matched to."""
     if coordinator is None:
         return lambda _timeout: None
-    from coordinator.cli import client_for, serve_runs_in_background
-    from coordinator.schemas import HardwareSummary, OfferBody
+    from peer.market_cli import client_for, serve_runs_in_background
+    from peer.protocol.schemas import HardwareSummary, OfferBody
     from peer.worker import TrainerSupervisor
 
     client = client_for(coordinator, loaded)

@@ -6,7 +6,6 @@ problem, never a traceback).
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
@@ -20,15 +19,15 @@ from typing import Any
 
 import click
 
-from peer.identity import Identity, IdentityError, default_identity_path, load_identity, save_identity
+from peer.protocol.commands import InputError
+from peer.protocol.identity import (
+    Identity,
+    IdentityError,
+    default_identity_path,
+    load_identity,
+    save_identity,
+)
 from peer.settings import PeerSettings
-
-
-class InputError(click.ClickException):
-    """Bad input from the user: printed as one line, exit status 2."""
-
-    exit_code = 2
-
 
 metrics_port_option = click.option(
     "--metrics-port",
@@ -61,18 +60,6 @@ def print_table(
     console.print(table, soft_wrap=True)
     if note:
         click.echo(note)
-
-
-def bind_error(option: str, port: int, host: str, error: OSError) -> InputError:
-    """A server port that could not be bound, named by its option (found by binding, not by probing first,
-    which would race with whoever takes the port in between)."""
-    reason = "is already in use" if error.errno == errno.EADDRINUSE else f"cannot be bound: {error.strerror}"
-    return InputError(f"{option} {port} on {host} {reason}")
-
-
-def http_url(host: str, port: int) -> str:
-    """The base URL of a server bound to ``host:port`` (an IPv6 host in brackets)."""
-    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def echo_json(value: Any) -> None:

@@ -30,13 +30,13 @@ from typing import Any, TypeVar
 import click
 import psutil
 
-from coordinator.client import CoordinatorClient
-from coordinator.money import PLACES
-from coordinator.schemas import AuditView, ReportView, RunBody, RunView
 from peer.console import print_table
 from peer.events import read_events
-from peer.identity import Identity, save_identity
 from peer.node import reap
+from peer.protocol.client import CoordinatorClient
+from peer.protocol.identity import Identity, save_identity
+from peer.protocol.money import PLACES
+from peer.protocol.schemas import AuditView, ReportView, RunBody, RunView
 from peer.settings import AdversaryKind, load_settings
 
 T = TypeVar("T")
@@ -317,8 +317,8 @@ class Demo:
         """Launch the demo's spec (examples/digits.toml unless told otherwise), with ``changes`` to its
         sections (``{"stop": {"samples": 1000}}``),
         bidding ``bid_over_asks`` times the dearest offer's price per effective TFLOP-hour."""
-        from coordinator.launch import resolve_spec
-        from peer.spec import load_spec, validate_spec
+        from peer.launch import resolve_spec
+        from peer.protocol.spec import load_spec, validate_spec
 
         data = load_spec(example_spec(self.spec_name)).model_dump(mode="json", exclude_none=True)
         for key, value in (changes or {}).items():  # a section's values are merged; stop is replaced
@@ -342,8 +342,8 @@ class Demo:
     def follow(self, run: RunView) -> tuple[RunView, dict[str, float]]:
         """Follow the run to its end, killing one peer on the way (unless told not to); the final view
         and when (wall clock) each peer was killed."""
-        from coordinator.launch import Progress
-        from coordinator.runs import ENDED
+        from peer.launch import Progress
+        from peer.protocol.states import ENDED
 
         progress = Progress(time.monotonic())
         killed: dict[str, float] = {}
@@ -376,9 +376,9 @@ class Demo:
         return live[-1].account if len(live) > 1 else None
 
     def evaluate(self, run: RunView) -> dict[str, float]:
-        from peer.data.format import load_manifest
         from peer.data.reader import DatasetReader
-        from peer.spec import validate_spec
+        from peer.protocol.dataset import load_manifest
+        from peer.protocol.spec import validate_spec
         from peer.trainer import load_model_file, test_ids
 
         path = self.tmp / "model.pt"

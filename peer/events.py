@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from coordinator.verification import relative_distance
+from peer.protocol.sketch import relative_distance
 
 #: Relative sketch distance within which two peers' parameters agree (float rounding leaves ~1e-7;
 #: 8-bit averaging leaves each reducer's own part unquantized, about 1% apart).

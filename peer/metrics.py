@@ -25,7 +25,7 @@ import click
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from peer.console import bind_error, http_url
+from peer.protocol.commands import bind_error, http_url
 from peer.settings import PeerSettings
 
 logger = logging.getLogger(__name__)

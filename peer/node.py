@@ -25,8 +25,8 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils import get_dht_time, get_logger
 from hivemind.utils.crypto import RSAPrivateKey
 
-from peer import __version__
-from peer.identity import Identity
+from peer.protocol import __version__
+from peer.protocol.identity import Identity
 from peer.records import CAPABILITY_KEY, build_record, public_record, record_is_authentic, record_validators
 from peer.settings import PeerSettings
 
@@ -115,7 +115,7 @@ def terminate_tree(pid: int, timeout: float) -> None:
 
 def follow_clock(offset: float) -> None:
     """Run hivemind's clock ``offset`` seconds ahead of this machine's (the coordinator's clock, as
-    :class:`coordinator.client.ClockEstimate` measured it) in this process and the DHT and averager
+    :class:`peer.protocol.client.ClockEstimate` measured it) in this process and the DHT and averager
     processes it forks after this call.
 
     Why: hivemind's matchmaking orders leaders and accepts followers by wall-clock expiration times, so

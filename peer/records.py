@@ -25,7 +25,7 @@ from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_logger
 
-from peer.identity import Identity, IdentityError, verify_signature
+from peer.protocol.identity import Identity, IdentityError, verify_signature
 
 logger = get_logger(__name__)
 

@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 
 from hivemind.utils import get_logger
 
-from coordinator.client import AlreadyApplied, CoordinatorClient, CoordinatorError, CoordinatorUnreachable
-from coordinator.schemas import AuditResultBody, AuditTask, ReportBody, RunView
-from peer.identity import Identity
+from peer.protocol.client import AlreadyApplied, CoordinatorClient, CoordinatorError, CoordinatorUnreachable
+from peer.protocol.identity import Identity
+from peer.protocol.schemas import AuditResultBody, AuditTask, ReportBody, RunView
 
 logger = get_logger(__name__)
 T = TypeVar("T")

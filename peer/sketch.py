@@ -1,44 +1,13 @@
-"""Small sketches of large vectors (gradients, parameters) for contribution reports and audits.
-
-A sketch is a signed block sum: every coordinate of the flattened vector is multiplied by a random sign
-and the result is cut into ``dims`` contiguous blocks, each summed. It is a random projection, so sketches
-are linear (the sketch of a sum is the sum of the sketches) and two vectors that are close have close
-sketches, at O(n) cost and no ``dims x n`` matrix. Every block needs every coordinate in it, so the
-sketch of a gradient cannot be had without the whole backward pass. (A CountSketch, which scatters
-coordinates into random buckets, does the same job 5x slower on a CPU: scattered adds against three
-sequential passes; peers sketch every micro-batch, so this is on the training path.) The signs come
-from a seed that everyone derives the same way:
-
-    gradient sketches:  seed("hivemarket-grad",   run_id, epoch, account)  (a peer cannot reuse another's)
-    parameter sketches: seed("hivemarket-params", run_id, epoch)           (comparable across peers)
-
-seed(...) = the first 8 bytes (little-endian) of BLAKE2b-128 over the parts joined by "\\n", masked to 63
-bits for torch.Generator.
-"""
+"""The torch implementation of the sketch that :mod:`peer.protocol.sketch` defines (peers sketch every
+micro-batch's gradient, so this is on the training path)."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 
 import torch
 
-from coordinator.verification import SKETCH_DIMS
-
-DIMS = SKETCH_DIMS
-
-
-def seed_of(*parts: object) -> int:
-    digest = hashlib.blake2b("\n".join(str(p) for p in parts).encode(), digest_size=16).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def grad_seed(run_id: str, epoch: int, account: str) -> int:
-    return seed_of("hivemarket-grad", run_id, epoch, account)
-
-
-def params_seed(run_id: str, epoch: int) -> int:
-    return seed_of("hivemarket-params", run_id, epoch)
+from peer.protocol.sketch import SKETCH_DIMS
 
 
 class Sketcher:
@@ -49,7 +18,7 @@ class Sketcher:
     Not thread-safe (it reuses one buffer per device); each thread that sketches has its own.
     """
 
-    def __init__(self, length: int, seed: int, dims: int = DIMS):
+    def __init__(self, length: int, seed: int, dims: int = SKETCH_DIMS):
         generator = torch.Generator().manual_seed(seed)
         self.dims = dims
         self.length = length

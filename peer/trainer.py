@@ -45,24 +45,25 @@ from hivemind.utils import get_logger
 from hivemind.utils.logging import use_hivemind_log_handler
 from pydantic import ValidationError
 
-from coordinator.client import CoordinatorError, CoordinatorUnreachable
-from coordinator.runs import BIDDING, REPORTING
-from coordinator.schemas import AuditResultBody, MicroBatch, ReportBody, RunPeerView, RunView
 from peer.adversary import Contribution, EpochWork, behaviour
 from peer.averaging import RunAverager, TrainingState, capture, learning_rate, restore
-from peer.data.assign import assign
 from peer.data.fetch import FetchSettings, ShardCache, fetch_manifest, fetch_shards
-from peer.data.format import DatasetError, Manifest, ShardInfo
 from peer.data.loader import PrefetchLoader
 from peer.data.reader import DatasetReader
 from peer.deadlines import RoundDeadlines
 from peer.events import AGREEMENT_TOLERANCE, EventLog, in_agreement
-from peer.identity import Identity, load_identity
 from peer.node import NodeError, follow_clock, start_dht, stop_dht
+from peer.protocol.assignment import assign
+from peer.protocol.client import CoordinatorError, CoordinatorUnreachable
+from peer.protocol.dataset import DatasetError, Manifest, ShardInfo
+from peer.protocol.identity import Identity, load_identity
+from peer.protocol.schemas import AuditResultBody, MicroBatch, ReportBody, RunPeerView, RunView
+from peer.protocol.sketch import grad_seed, params_seed
+from peer.protocol.spec import RunSpec, SpecError, describe, validate_spec
+from peer.protocol.states import BIDDING, REPORTING
 from peer.run_link import RunLink
 from peer.settings import PeerSettings, load_settings
-from peer.sketch import Sketcher, grad_seed, params_seed
-from peer.spec import RunSpec, SpecError, describe, validate_spec
+from peer.sketch import Sketcher
 from peer.tasks import Task, TaskError, load_task
 from peer.validator import Snapshots, Validator, compute_micro_batches, device_name, micro_seed
 
@@ -145,7 +146,7 @@ def shares(target: int, owned: dict[str, int]) -> dict[str, int]:
 class SampleStream:
     """This peer's training samples in assignment order, pass after pass over its blocks.
 
-    The assignment (:func:`peer.data.assign.assign`) depends on the live peers; when they change, the
+    The assignment (:func:`peer.protocol.assignment.assign`) depends on the live peers; when they change, the
     current pass is re-assigned and this peer starts its new list from the beginning (samples it already
     trained on in this pass may come again: a change of peers costs a little repetition, never a gap).
     """

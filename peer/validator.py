@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from coordinator.schemas import AuditResultBody, AuditTask
-from coordinator.verification import relative_distance
 from peer.data.loader import map_tensors
 from peer.data.reader import DatasetReader
-from peer.sketch import Sketcher, grad_seed, seed_of
+from peer.protocol.schemas import AuditResultBody, AuditTask
+from peer.protocol.sketch import grad_seed, relative_distance, seed_of
+from peer.sketch import Sketcher
 from peer.tasks import Task
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import click
 
-from coordinator.client import CoordinatorClient, CoordinatorError, CoordinatorUnreachable
 from peer.node import terminate_tree
+from peer.protocol.client import CoordinatorClient, CoordinatorError, CoordinatorUnreachable
 from peer.settings import PeerSettings
 from peer.trainer import EXIT_REFUSED
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from peer.identity import Identity
+from peer.protocol.identity import Identity
 from tests.harness import CoordinatorProcess, PeerSwarm, group_members, start_coordinator
 
 

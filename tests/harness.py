@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 import psutil
 
-from coordinator.schemas import RunPeerView, RunView
-from peer.identity import Identity, save_identity
+from peer.protocol.identity import Identity, save_identity
+from peer.protocol.schemas import RunPeerView, RunView
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
@@ -34,7 +34,7 @@ FAST_ENV = {
 
 
 def minimal_spec(name: str, **sections: Any) -> dict[str, Any]:
-    """A small valid run spec (``peer.spec.RunSpec``) the coordinator accepts, also with one peer: it
+    """A small valid run spec (``peer.protocol.spec.RunSpec``) the coordinator accepts, also with one peer: it
     audits nothing (``verification.rate = 0``) unless ``sections`` say otherwise. ``sections`` replace or
     add top-level keys, e.g. ``minimal_spec("x", stop={"samples": 10}, verification={})``."""
     spec: dict[str, Any] = {

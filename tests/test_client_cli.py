@@ -21,10 +21,15 @@ from typing import TypeVar
 import aiohttp
 import pytest
 
-from coordinator.client import AlreadyApplied, CoordinatorClient, CoordinatorError, CoordinatorUnreachable
-from coordinator.schemas import HardwareSummary, OfferBody, OfferResponse, OfferView
-from coordinator.settings import ClientSettings
-from peer.identity import Identity, load_identity
+from peer.protocol.client import (
+    AlreadyApplied,
+    ClientSettings,
+    CoordinatorClient,
+    CoordinatorError,
+    CoordinatorUnreachable,
+)
+from peer.protocol.identity import Identity, load_identity
+from peer.protocol.schemas import HardwareSummary, OfferBody, OfferResponse, OfferView
 from tests.harness import CoordinatorProcess, cli_env, kill_group, run_cli, start_coordinator
 
 T = TypeVar("T")

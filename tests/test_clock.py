@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from coordinator.client import ClockEstimate
+from peer.protocol.client import ClockEstimate
 
 
 def test_the_answer_with_the_shortest_round_trip_sets_the_offset() -> None:

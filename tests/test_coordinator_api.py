@@ -15,9 +15,9 @@ import msgpack
 import pytest
 
 from coordinator.app import ROUTES
-from coordinator.schemas import TIME_HEADER
-from peer.envelope import NONCE_HEADER, sign_request
-from peer.identity import Identity, save_identity
+from peer.protocol.envelope import NONCE_HEADER, sign_request
+from peer.protocol.identity import Identity, save_identity
+from peer.protocol.schemas import TIME_HEADER
 from tests.harness import CoordinatorProcess, cli_env, minimal_spec, run_cli, start_coordinator, wait_until
 
 HEARTBEAT = 0.5

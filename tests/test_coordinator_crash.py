@@ -35,9 +35,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from coordinator.money import UNIT, format_units
-from peer.envelope import sign_request
-from peer.identity import Identity
+from peer.protocol.envelope import sign_request
+from peer.protocol.identity import Identity
+from peer.protocol.money import UNIT, format_units
 from tests.harness import (
     CoordinatorProcess,
     cli_env,

@@ -41,7 +41,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from coordinator.app import OFFER_FIELDS, ROUTES, Route
-from coordinator.schemas import (
+from coordinator.settings import ServerSettings
+from peer.protocol.envelope import HEADERS, sign_request
+from peer.protocol.identity import Identity
+from peer.protocol.schemas import (
     SHA256_HEADER,
     AuditClaimBody,
     AuditResultBody,
@@ -52,9 +55,6 @@ from coordinator.schemas import (
     ReportBody,
     RunBody,
 )
-from coordinator.settings import ServerSettings
-from peer.envelope import HEADERS, sign_request
-from peer.identity import Identity
 from tests.harness import CoordinatorProcess, cli_env, group_members, minimal_spec, start_coordinator
 
 MSGPACK = "application/msgpack"

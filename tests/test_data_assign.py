@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peer.data.assign import assign, blocks
-from peer.data.format import ShardInfo
+from peer.protocol.assignment import assign, blocks
+from peer.protocol.dataset import ShardInfo
 
 
 def _shards(sizes: list[int]) -> list[ShardInfo]:
@@ -95,7 +95,7 @@ def test_a_validator_in_another_process_computes_the_same_list() -> None:
     mine = assign(2**63 + 5, 9, peers, _shards(sizes), 32).samples[peers[2]].tolist()
     script = (
         "import json, sys\n"
-        "from peer.data.assign import assign\n"
+        "from peer.protocol.assignment import assign\n"
         "from tests.test_data_assign import _shards\n"
         f"result = assign({2**63 + 5}, 9, {peers!r}, _shards({sizes!r}), 32)\n"
         f"print(json.dumps(result.samples[{peers[2]!r}].tolist()))"

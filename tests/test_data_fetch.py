@@ -27,8 +27,10 @@ import pytest
 from aiohttp import web
 from click.testing import CliRunner
 
+from peer.data.cli import serve_command
 from peer.data.fetch import FetchSettings, ShardCache, fetch_manifest, fetch_shards
-from peer.data.format import (
+from peer.protocol.commands import serving
+from peer.protocol.dataset import (
     DatasetError,
     FieldSpec,
     Manifest,
@@ -37,9 +39,8 @@ from peer.data.format import (
     file_sha256,
     write_manifest,
 )
-from peer.data.serve import dataset_app, dataset_routes, open_datasets, serve_command
-from peer.identity import Identity
-from peer.web import serving
+from peer.protocol.dataset_server import dataset_app, dataset_routes, open_datasets
+from peer.protocol.identity import Identity
 from tests.harness import REPO, group_members, kill_group, start_coordinator
 
 SCHEMA = Schema({"x": FieldSpec("tensor", "uint8", (64,)), "y": FieldSpec("int")}, label="y")

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from peer.data.format import DatasetError, FieldSpec, Manifest, Schema, ShardWriter
 from peer.data.loader import PrefetchLoader, collate_records
 from peer.data.reader import DatasetReader
+from peer.protocol.dataset import DatasetError, FieldSpec, Manifest, Schema, ShardWriter
 
 pytestmark = pytest.mark.timeout(30)
 

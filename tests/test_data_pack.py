@@ -16,7 +16,8 @@ from click.testing import CliRunner, Result
 
 from peer.data.cli import data_group
 from peer.data.examples import TEXT_TOKENS, build_example
-from peer.data.format import (
+from peer.data.pack import PackReport, pack
+from peer.protocol.dataset import (
     MANIFEST,
     DatasetError,
     FieldSpec,
@@ -27,7 +28,6 @@ from peer.data.format import (
     read_records,
     verify_dataset,
 )
-from peer.data.pack import PackReport, pack
 
 
 def _pack(source: Path, out: Path, **kwargs: Any) -> PackReport:

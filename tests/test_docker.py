@@ -38,9 +38,9 @@ import click
 import pytest
 import yaml
 
-from coordinator.money import parse_money
 from peer.cli import main
-from peer.identity import load_identity
+from peer.protocol.identity import load_identity
+from peer.protocol.money import parse_money
 from tests.harness import FAST_ENV, REPO, group_members, kill_group, marked, wait_until
 
 T = TypeVar("T")
@@ -477,7 +477,8 @@ def readme_docker_commands() -> list[list[str]]:
 
 def settings_variables() -> set[str]:
     """Every HIVEMARKET_* variable the peer, the coordinator and the client read."""
-    from coordinator.settings import ClientSettings, ServerSettings
+    from coordinator.settings import ServerSettings
+    from peer.protocol.client import ClientSettings
     from peer.settings import PeerSettings
 
     return {

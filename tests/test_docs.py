@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from peer.reference import render
+from docs.reference import render
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -17,7 +17,7 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 def test_reference_is_generated_from_the_cli_and_settings() -> None:
     written = (ROOT / "docs" / "reference.md").read_text()
-    assert written == render(), "docs/reference.md is stale: python -m peer.reference > docs/reference.md"
+    assert written == render(), "docs/reference.md is stale: python -m docs.reference > docs/reference.md"
 
 
 def test_reference_names_every_command_and_variable() -> None:

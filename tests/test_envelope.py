@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peer.envelope import (
+from peer.protocol.envelope import (
     KEY_HEADER,
     NONCE_HEADER,
     SIGNATURE_HEADER,
@@ -17,7 +17,7 @@ from peer.envelope import (
     signed_bytes,
     verify_request,
 )
-from peer.identity import Identity
+from peer.protocol.identity import Identity
 
 ALICE = Identity.generate()
 METHOD, PATH, BODY = "POST", "/v1/offers?x=1", b'{"price_per_hour": "1.20"}'

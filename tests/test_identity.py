@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from peer.cli import main
-from peer.identity import Identity, IdentityError, load_identity, save_identity
+from peer.protocol.identity import Identity, IdentityError, load_identity, save_identity
 from tests.harness import cli_env, run_cli
 
 

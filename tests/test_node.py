@@ -16,7 +16,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from peer.identity import Identity
+from peer.protocol.identity import Identity
 from peer.records import CAPABILITY_KEY, build_record
 from tests.harness import PeerSwarm, cli_env, group_members, run_cli, wait_until
 

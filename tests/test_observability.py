@@ -10,8 +10,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, generate_latest
 
 from coordinator.dashboard import Board, Series, line_chart, render
-from coordinator.schemas import LedgerAuditView, LossPoint
 from peer.metrics import ROUND_BUCKETS, PeerCollector
+from peer.protocol.schemas import LedgerAuditView, LossPoint
 from tests.harness import peer_view, prometheus_series, run_view
 
 HOSTILE = '<script>alert("x")</script>'

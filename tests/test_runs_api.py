@@ -22,11 +22,14 @@ from typing import Any
 import aiohttp
 import pytest
 
-from coordinator.client import CoordinatorClient, CoordinatorError
 from coordinator.db import Database
-from coordinator.money import UNIT, from_units, to_units
 from coordinator.runs import RunPolicy
-from coordinator.schemas import (
+from coordinator.store import MIGRATIONS, LeaseConfig, SQLiteStore
+from peer.protocol.client import ClientSettings, CoordinatorClient, CoordinatorError
+from peer.protocol.envelope import sign_request
+from peer.protocol.identity import Identity
+from peer.protocol.money import UNIT, from_units, to_units
+from peer.protocol.schemas import (
     SHA256_HEADER,
     AuditResultBody,
     HardwareSummary,
@@ -37,10 +40,6 @@ from coordinator.schemas import (
     RunPeerView,
     RunView,
 )
-from coordinator.settings import ClientSettings
-from coordinator.store import MIGRATIONS, LeaseConfig, SQLiteStore
-from peer.envelope import sign_request
-from peer.identity import Identity
 from tests.harness import CoordinatorProcess, cli_env, group_members, minimal_spec, start_coordinator
 
 HEARTBEAT = 0.5  # lease TTL 1.5 s

@@ -10,8 +10,8 @@ import inspect
 import pytest
 import torch
 
-from coordinator.verification import relative_distance
-from peer.sketch import DIMS, Sketcher, grad_seed, params_seed, seed_of
+from peer.protocol.sketch import SKETCH_DIMS, grad_seed, params_seed, relative_distance, seed_of
+from peer.sketch import Sketcher
 
 LENGTH = 10_000
 RUN = "run-0123456789ab"
@@ -29,7 +29,7 @@ def shaped(flat: torch.Tensor) -> list[torch.Tensor]:
 
 def test_a_sketch_has_dims_numbers() -> None:
     sketch = Sketcher(LENGTH, 1)(shaped(vector(0)))
-    assert len(sketch) == DIMS and all(isinstance(v, float) for v in sketch)
+    assert len(sketch) == SKETCH_DIMS and all(isinstance(v, float) for v in sketch)
     assert len(Sketcher(LENGTH, 1, dims=8)([vector(0)])) == 8
 
 
@@ -50,7 +50,7 @@ def test_sketches_are_linear() -> None:
     together, apart = sketcher([a + b]), [x + y for x, y in zip(sketcher([a]), sketcher([b]), strict=True)]
     assert together == pytest.approx(apart, rel=1e-5, abs=1e-4)
     assert sketcher([2 * a]) == [2 * x for x in sketcher([a])]  # scaling by 2 is exact in floating point
-    assert sketcher([torch.zeros(LENGTH)]) == [0.0] * DIMS
+    assert sketcher([torch.zeros(LENGTH)]) == [0.0] * SKETCH_DIMS
 
 
 def test_sketches_keep_the_norm_roughly() -> None:
@@ -71,7 +71,7 @@ def test_relative_distance() -> None:
     assert relative_distance(base, sketcher([vector(6)])) > 0.5  # unrelated
     assert relative_distance(base, sketcher([v * 1.01])) == pytest.approx(0.01 / 1.01, rel=1e-3)
     assert relative_distance(base, sketcher([-v])) == pytest.approx(2.0)
-    assert relative_distance([0.0] * DIMS, [0.0] * DIMS) == 0.0  # no division by zero
+    assert relative_distance([0.0] * SKETCH_DIMS, [0.0] * SKETCH_DIMS) == 0.0  # no division by zero
 
 
 def test_a_vector_of_another_length_is_refused() -> None:

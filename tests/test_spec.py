@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from coordinator.launch import Progress, _peers_range
-from coordinator.schemas import RunView
-from peer.console import InputError
-from peer.identity import Identity
-from peer.spec import RunSpec, SpecError, load_spec, validate_spec
+from peer.launch import Progress, _peers_range
+from peer.protocol.commands import InputError
+from peer.protocol.identity import Identity
+from peer.protocol.schemas import RunView
+from peer.protocol.spec import RunSpec, SpecError, load_spec, validate_spec
 from peer.tasks import load_task
 from tests.harness import REPO, cli_env, minimal_spec, peer_view, run_cli, start_coordinator
 from tests.harness import run_view as harness_run_view

@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 
 from peer import trainer
 from peer.averaging import TrainingState, capture, learning_rate, restore
-from peer.data.assign import assign
 from peer.data.examples import build_example
-from peer.data.format import Manifest, load_manifest
-from peer.spec import validate_spec
+from peer.protocol.assignment import assign
+from peer.protocol.dataset import Manifest, load_manifest
+from peer.protocol.spec import validate_spec
 from peer.tasks.digits import DigitsMLP
 from peer.trainer import SampleStream, live_peers, make_optimizer, shares, train_ids
 from tests.harness import minimal_spec, peer_view, run_view

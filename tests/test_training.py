@@ -20,13 +20,13 @@ import psutil
 import pytest
 import torch
 
-from coordinator.schemas import ReportView, RunView
-from coordinator.verification import relative_distance
-from peer.data.format import load_manifest
 from peer.data.reader import DatasetReader
 from peer.demo import Demo
 from peer.events import AGREEMENT_TOLERANCE
-from peer.spec import validate_spec
+from peer.protocol.dataset import load_manifest
+from peer.protocol.schemas import ReportView, RunView
+from peer.protocol.sketch import relative_distance
+from peer.protocol.spec import validate_spec
 from peer.trainer import load_model_file, make_optimizer, train_ids
 from tests.harness import wait_until
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from peer.identity import Identity
+from peer.protocol.identity import Identity
 from peer.trainer import load_model_file
 from tests.harness import cli_env, group_members, kill_group, run_cli, start_coordinator, wait_until
 

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator.schemas import AuditTask
 from coordinator.verification import AuditPolicy, verdict
 from peer.adversary import KINDS, Contribution, behaviour, local_work
 from peer.data.examples import build_example
 from peer.data.reader import DatasetReader
-from peer.sketch import Sketcher, grad_seed, params_seed
+from peer.protocol.schemas import AuditTask
+from peer.protocol.sketch import grad_seed, params_seed
+from peer.sketch import Sketcher
 from peer.tasks.digits import DigitsMLP
 from peer.validator import Snapshots, Validator, micro_seed
 

@@ -15,11 +15,11 @@ from coordinator.verification import (
     audit_fee,
     banned,
     choose_audits,
-    relative_distance,
     report_outcome,
     reputation,
     verdict,
 )
+from peer.protocol.sketch import relative_distance
 
 KEY = bytes(range(32))
 POLICY = AuditPolicy.default()  # rate 0.03, at least 2 audits, tolerance 0.2

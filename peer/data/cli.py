@@ -6,18 +6,22 @@ dataset, an unusable source), 1 for a dataset that fails its checks.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 from typing import Any
 
 import click
 
-from peer.console import InputError, echo_json, print_table
+from peer.console import echo_json, print_table
 from peer.data.examples import EXAMPLES, build_example
-from peer.data.format import MANIFEST, VERSION_RE, DatasetError, Manifest, load_manifest, verify_dataset
 from peer.data.pack import PackReport, pack
-from peer.data.serve import serve_command
+from peer.protocol.commands import InputError, serve_until_signal
+from peer.protocol.dataset import MANIFEST, VERSION_RE, DatasetError, Manifest, load_manifest, verify_dataset
+from peer.protocol.dataset_server import dataset_app, open_datasets
 
+#: The port `hivemarket data serve` listens on unless --port says else.
+DEFAULT_PORT = 8471
 _UNITS = {
     "": 1,
     "b": 1,
@@ -248,6 +252,38 @@ def _human(size: int) -> str:
             break
         value, unit = value / 1024, bigger
     return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+@click.command("serve")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    default=DEFAULT_PORT,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="0 picks a free port.",
+)
+def serve_command(paths: tuple[Path, ...], host: str, port: int) -> None:
+    """Serve dataset folders over HTTP (with range requests) until SIGINT/SIGTERM.
+
+    \b
+    Example:
+      hivemarket data serve ./digits ./tiny-text --port 8471
+      hivemarket data info ./digits     # the version a run names with this server's URL
+    """
+    try:
+        datasets = open_datasets(paths)
+    except DatasetError as e:
+        raise InputError(str(e)) from None
+
+    def ready(url: str) -> None:
+        click.echo(f"serving {len(datasets)} dataset{'' if len(datasets) == 1 else 's'} on {url}")
+        for version, root in datasets.items():
+            click.echo(f"  {version}  {root}")
+
+    asyncio.run(serve_until_signal(dataset_app(datasets), host, port, ready))
+    click.echo("stopped", err=True)
 
 
 data_group.add_command(serve_command)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from peer.data.format import DatasetError, FieldSpec, Schema
 from peer.data.pack import PackReport, write_dataset
+from peer.protocol.dataset import DatasetError, FieldSpec, Schema
 
 TEXT_TOKENS = 128  # bytes per text sample
 _MAX_RECORD_BYTES = 1 << 20

@@ -1,10 +1,10 @@
 """Fetching a dataset's manifest and shards from a location into a local cache keyed by SHA-256.
 
-A location is a dataset folder or the base URL of a server of :mod:`peer.data.serve`. A peer fetches only
-the shards it was assigned. Every shard is written to ``CACHE/partial/<sha256>.part``, checked against the
-manifest (size, then hash) and only then renamed to ``CACHE/<sha256>``, so a file under its final name is
-always a verified shard: a tampered or truncated download can never be read by training, and datasets that
-share a shard share its cached file. Interrupted downloads resume with a Range request; failures are
+A location is a dataset folder or the base URL of a server of :mod:`peer.protocol.dataset_server`. A peer
+fetches only the shards it was assigned. Every shard is written to ``CACHE/partial/<sha256>.part``, checked
+against the manifest (size, then hash) and only then renamed to ``CACHE/<sha256>``, so a file under its final
+name is always a verified shard: a tampered or truncated download can never be read by training, and datasets
+that share a shard share its cached file. Interrupted downloads resume with a Range request; failures are
 retried with exponential backoff, and a shard that keeps failing raises a DatasetError naming it.
 """
 
@@ -26,7 +26,7 @@ import aiohttp
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from peer.data.format import (
+from peer.protocol.dataset import (
     MANIFEST,
     VERSION_RE,
     DatasetError,

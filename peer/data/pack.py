@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from peer.data.format import (
+from peer.data.sources import INT64, READERS, Candidate, Drop, Fields, read_folder
+from peer.protocol.dataset import (
     MANIFEST,
     DatasetError,
     FieldSpec,
@@ -41,7 +42,6 @@ from peer.data.format import (
     ShardWriter,
     pack_fields,
 )
-from peer.data.sources import INT64, READERS, Candidate, Drop, Fields, read_folder
 
 REASONS = ("duplicate", "empty", "incomplete", "malformed", "oversized")
 LABEL_NAMES = ("y", "label", "target")  # taken as the label when no label is named

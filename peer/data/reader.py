@@ -25,7 +25,14 @@ from typing import Any
 
 import msgpack
 
-from peer.data.format import MAX_RECORD_BYTES, DatasetError, Manifest, ShardInfo, check_shard, decode_record
+from peer.protocol.dataset import (
+    MAX_RECORD_BYTES,
+    DatasetError,
+    Manifest,
+    ShardInfo,
+    check_shard,
+    decode_record,
+)
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from peer.data.format import TENSOR_DTYPES, DatasetError, FieldKind, FieldSpec
+from peer.protocol.dataset import TENSOR_DTYPES, DatasetError, FieldKind, FieldSpec
 
 # A reader yields, per source record, either the record's values or the reason it was already rejected.
 Candidate = Mapping[str, Any] | str

@@ -7,25 +7,21 @@
 Only files the manifest names are ever served, looked up by name in the manifest rather than joined onto
 a path from the URL, so no URL (``..``, ``%2e%2e``, absolute paths) reaches another file. Everything else
 under ``/datasets`` is a 404 with the documented error body ``{"error": {"code", "message", "field"}}``.
-The routes are plain route definitions so that the coordinator's app and a peer's app can mount them.
+The routes are plain route definitions so that the coordinator's app (``coordinator serve --dataset``) and a
+peer's (``hivemarket data serve``) mount the same code: what a fetcher may expect of a data location is
+part of the protocol, whoever serves it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 from aiohttp import web
 
-from peer.console import InputError
-from peer.data.format import MANIFEST, DatasetError, Manifest, read_manifest_bytes
-from peer.web import serve_until_signal
-
-DEFAULT_PORT = 8471
+from peer.protocol.dataset import MANIFEST, DatasetError, Manifest, read_manifest_bytes
 
 
 @dataclass(frozen=True)
@@ -132,35 +128,3 @@ def dataset_app(datasets: Mapping[str, Path]) -> web.Application:
     app = web.Application()
     app.add_routes(dataset_routes(datasets))
     return app
-
-
-@click.command("serve")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option(
-    "--port",
-    default=DEFAULT_PORT,
-    show_default=True,
-    type=click.IntRange(0, 65535),
-    help="0 picks a free port.",
-)
-def serve_command(paths: tuple[Path, ...], host: str, port: int) -> None:
-    """Serve dataset folders over HTTP (with range requests) until SIGINT/SIGTERM.
-
-    \b
-    Example:
-      hivemarket data serve ./digits ./tiny-text --port 8471
-      hivemarket data info ./digits     # the version a run names with this server's URL
-    """
-    try:
-        datasets = open_datasets(paths)
-    except DatasetError as e:
-        raise InputError(str(e)) from None
-
-    def ready(url: str) -> None:
-        click.echo(f"serving {len(datasets)} dataset{'' if len(datasets) == 1 else 's'} on {url}")
-        for version, root in datasets.items():
-            click.echo(f"  {version}  {root}")
-
-    asyncio.run(serve_until_signal(dataset_app(datasets), host, port, ready))
-    click.echo("stopped", err=True)

@@ -1,6 +1,6 @@
 """Market commands of the ``hivemarket`` CLI: rent, offers, market, account, deposit.
 
-They talk to a coordinator through :class:`coordinator.client.CoordinatorClient`; ``peer/cli.py`` imports
+They talk to a coordinator through :class:`peer.protocol.client.CoordinatorClient`; ``peer/cli.py`` imports
 them lazily, when one is used. Exit status follows the rest of the CLI: 0 ok, 1 a
 failure (coordinator unreachable, a server error), 2 bad input, including a request the coordinator
 refused as invalid, unpaid, forbidden, unknown or conflicting: one ``Error: ...`` line, never a traceback.
@@ -20,12 +20,18 @@ from typing import TYPE_CHECKING, TypeVar
 
 import click
 
-from coordinator.client import AlreadyApplied, CoordinatorClient, CoordinatorError, CoordinatorUnreachable
-from coordinator.money import fmt_money, parse_money
-from coordinator.schemas import AccountView, HardwareSummary, LeaseView, OfferBody, OfferResponse, Telemetry
-from coordinator.settings import ClientSettings
-from peer.console import InputError, echo_json, load_cli_identity, metrics_port_option, print_table
-from peer.identity import Identity, IdentityError, load_identity
+from peer.console import echo_json, load_cli_identity, metrics_port_option, print_table
+from peer.protocol.client import (
+    AlreadyApplied,
+    ClientSettings,
+    CoordinatorClient,
+    CoordinatorError,
+    CoordinatorUnreachable,
+)
+from peer.protocol.commands import InputError
+from peer.protocol.identity import Identity, IdentityError, load_identity
+from peer.protocol.money import fmt_money, parse_money
+from peer.protocol.schemas import AccountView, HardwareSummary, LeaseView, OfferBody, OfferResponse, Telemetry
 from peer.settings import load_settings
 
 if TYPE_CHECKING:

@@ -1,7 +1,7 @@
 """The typed async client of the coordinator's HTTP API, used by peers and the CLI.
 
-Bodies are built from the models in :mod:`coordinator.schemas` (money travels as decimal strings) and
-every POST carries the signed envelope of :mod:`peer.envelope`, signed over the exact bytes sent.
+Bodies are built from the models in :mod:`peer.protocol.schemas` (money travels as decimal strings) and
+every POST carries the signed envelope of :mod:`peer.protocol.envelope`, signed over the exact bytes sent.
 
 Retries are safe by construction: only a request that never got an HTTP answer (connection error,
 timeout) is retried, and a retry re-sends the same bytes with the same signed headers, nonce included.
@@ -27,10 +27,13 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
 import msgpack
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from yarl import URL
 
-from coordinator.schemas import (
+from peer.protocol.envelope import sign_request
+from peer.protocol.identity import Identity
+from peer.protocol.schemas import (
     MSGPACK,
     OCTET_STREAM,
     SHA256_HEADER,
@@ -66,15 +69,30 @@ from coordinator.schemas import (
     RunView,
     Telemetry,
 )
-from coordinator.settings import ClientSettings
-from peer.envelope import sign_request
-from peer.identity import Identity
+
+
+class ClientSettings(BaseSettings):
+    """How peers and the CLI talk to a coordinator."""
+
+    model_config = SettingsConfigDict(env_prefix="HIVEMARKET_", frozen=True)
+
+    coordinator: str = Field(
+        "http://127.0.0.1:8470", description="Coordinator URL used when --coordinator is omitted."
+    )
+    request_timeout: float = Field(10.0, gt=0, description="Seconds one HTTP request may take.")
+    retries: int = Field(5, ge=0, description="Retries of a request that failed to reach the coordinator.")
+    retry_backoff: float = Field(0.2, gt=0, description="First retry delay in seconds; doubles each retry.")
+    retry_backoff_max: float = Field(5.0, gt=0, description="Longest delay between retries.")
+    model_transfer_timeout: float = Field(
+        600.0, gt=0, description="Seconds a model upload or download may take (they can be large)."
+    )
+
 
 M = TypeVar("M", bound=BaseModel)
 HASH_CHUNK = 1 << 20
 
 
-# The bodies without a model in coordinator.schemas, validated like every other answer.
+# The bodies without a model in peer.protocol.schemas, validated like every other answer.
 class CoordinatorError(Exception):
     """The coordinator answered with an error status; fields are those of its error body."""
 

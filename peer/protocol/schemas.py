@@ -25,9 +25,10 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from coordinator.money import INTEGER_DIGITS, PLACES, parse_money
-from coordinator.verification import SKETCH_DIMS
-from peer.spec import RunSpec, describe
+from peer.protocol.money import INTEGER_DIGITS, PLACES, parse_money
+from peer.protocol.sketch import SKETCH_DIMS
+from peer.protocol.spec import RunSpec, describe
+from peer.protocol.states import AuditState, PayState, RunState
 
 Money = Annotated[
     Decimal,
@@ -213,7 +214,8 @@ def _check_plain_data(value: Any, where: str, depth: int) -> None:
 
 
 def check_run_spec(spec: dict[str, Any]) -> RunSpec:
-    """The spec as a :class:`peer.spec.RunSpec`, with ``stop.samples`` set; else an error naming the path.
+    """The spec as a :class:`peer.protocol.spec.RunSpec`, with ``stop.samples`` set; else an error naming
+    the path.
 
     The coordinator counts samples, not epochs: it does not know the dataset's size, so the launcher turns
     ``stop.epochs`` into samples before posting (``RunSpec.target_samples``).
@@ -232,7 +234,8 @@ def check_run_spec(spec: dict[str, Any]) -> RunSpec:
 
 class RunBody(Body):
     spec: dict[str, Any] = Field(
-        description="The run spec (data, never code): a valid peer.spec.RunSpec with stop.samples set."
+        description="The run spec (data, never code): a valid peer.protocol.spec.RunSpec with stop.samples "
+        "set."
     )
     max_price: Money = Field(description="Highest price per effective TFLOP-hour.")
     peers_min: int = Field(ge=1, le=10_000)
@@ -307,9 +310,7 @@ class RunView(View):
     id: str
     owner: AccountId
     name: str
-    state: Literal[
-        "pending", "recruiting", "running", "paused", "settling", "finished", "cancelled", "failed"
-    ]
+    state: RunState
     reason: str = Field(description="Why the run is in its state.")
     state_since: float
     spec: dict[str, Any]
@@ -415,7 +416,7 @@ class ReportView(View):
         description="The report's pay: the matched price for min(seconds, wall clock), capped by the escrow; "
         "it reaches the peer only once pay_state is paid."
     )
-    pay_state: Literal["paid", "held", "voided"] = Field(
+    pay_state: PayState = Field(
         description="held while audits are pending; voided when one failed or expired (back to escrow)."
     )
     pay_reason: str
@@ -485,7 +486,7 @@ class AuditView(View):
     account: AccountId = Field(description="The audited peer.")
     index: int = Field(description="The micro-batch of its report that is recomputed.")
     samples: int
-    state: Literal["pending", "passed", "failed", "expired"]
+    state: AuditState
     validator: AccountId | None = Field(description="Who holds or held the audit.")
     distance: float | None = Field(description="Relative distance of the claimed and recomputed sketch.")
     reason: str

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from peer.data.format import ShardInfo
+from peer.protocol.dataset import ShardInfo
 
 DEFAULT_BLOCK_SIZE = 256
 _U64 = np.uint64

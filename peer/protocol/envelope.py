@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from peer.identity import ACCOUNT_RE, Identity, verify_signature
+from peer.protocol.identity import ACCOUNT_RE, Identity, verify_signature
 
 KEY_HEADER = "X-Hivemarket-Key"
 TIMESTAMP_HEADER = "X-Hivemarket-Timestamp"

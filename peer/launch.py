@@ -17,14 +17,15 @@ from typing import Any
 
 import click
 
-from coordinator.cli import call, client_for, coordinator_option, json_option, money_option
-from coordinator.client import CoordinatorClient
-from coordinator.money import fmt_money
-from coordinator.runs import ENDED
-from coordinator.schemas import RunBody, RunView, unauditable
-from peer.console import InputError, echo_json, load_cli_identity, print_table
+from peer.console import echo_json, load_cli_identity, print_table
+from peer.market_cli import call, client_for, coordinator_option, json_option, money_option
+from peer.protocol.client import CoordinatorClient
+from peer.protocol.commands import InputError
+from peer.protocol.money import fmt_money
+from peer.protocol.schemas import RunBody, RunView, unauditable
+from peer.protocol.spec import RunSpec, SpecError, load_spec
+from peer.protocol.states import ENDED
 from peer.settings import load_settings
-from peer.spec import RunSpec, SpecError, load_spec
 
 
 def _peers_range(value: str | None, spec: RunSpec) -> tuple[int, int]:
@@ -44,7 +45,7 @@ def resolve_spec(spec: RunSpec, coordinator: str) -> dict[str, Any]:
     """The spec as posted: the dataset version filled in from its location when it was left out, and
     ``stop.epochs`` turned into ``stop.samples`` with the dataset's training split."""
     from peer.data.fetch import DatasetUnreachable, fetch_manifest, list_datasets
-    from peer.data.format import DatasetError
+    from peer.protocol.dataset import DatasetError
     from peer.trainer import test_ids
 
     data = spec.model_dump(mode="json", exclude_none=True)
