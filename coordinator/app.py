@@ -1,74 +1,58 @@
-"""The coordinator's HTTP API: an aiohttp application over a :class:`coordinator.store.Store`.
+"""The coordinator's HTTP API: the service's state and a handler per route, over a
+:class:`coordinator.store.Store`.
 
-Each route is declared once in :data:`ROUTES` (method, path, auth, body and response models); the same
-table drives dispatch, validation and ``/openapi.json``. Signed routes verify the envelope, its freshness
-and the per-account rate limit before anything else runs; nonces are claimed inside the store's
-transaction. Client input never causes a 500: every refusal is an :class:`ApiError` with a JSON body.
+The route table that binds the handlers to paths (:data:`coordinator.routes.ROUTES`) also drives
+validation and ``/openapi.json``. Signed routes verify the envelope, its freshness and the per-account
+rate limit before anything else runs; nonces are claimed inside the store's transaction. Client input
+never causes a 500: every refusal is an :class:`ApiError` with a JSON body.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
-import json
 import logging
 import re
 import time
 import typing
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import msgpack
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
 
-from coordinator import dashboard, market, model_files
-from coordinator.errors import ApiError, BadRequest, BodyTooLarge, Forbidden, RateLimited, Unauthorized
+from coordinator import market, model_files
+from coordinator.errors import BadRequest, BodyTooLarge, Forbidden, RateLimited, Unauthorized
 from coordinator.filters import FieldKind, FilterError, compile_filter, parse_sort
+from coordinator.http import Context, Route, encode, parse_body, read_body
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.openapi import build_openapi
 from coordinator.ratelimit import Bucket, take
 from coordinator.settings import ServerSettings
 from coordinator.store import Store
 from peer.protocol import states
 from peer.protocol.envelope import Envelope, EnvelopeError, check_fresh, verify_request_digest
-from peer.protocol.identity import ACCOUNT_RE
 from peer.protocol.money import from_units, to_units
 from peer.protocol.schemas import (
-    FIELD_ERROR,
-    MSGPACK,
     OCTET_STREAM,
     SHA256_HEADER,
-    TIME_HEADER,
     AccountView,
-    AuditClaimBody,
     AuditList,
-    AuditResultBody,
     AuditTaskList,
     AuditView,
     ClearingRoundView,
-    DepositBody,
     Health,
-    HeartbeatBody,
-    JoinBody,
     LeaseView,
     LedgerAuditView,
     LossCurve,
     MarketView,
-    OfferBody,
     OfferList,
     OfferResponse,
     OfferView,
     PeerList,
-    ReportBody,
     ReportList,
     ReportView,
-    RunBody,
     RunList,
     RunView,
 )
@@ -93,44 +77,6 @@ OFFER_FIELDS = {
 
 
 @dataclass
-class Context:
-    """What a handler gets: the request, the time it arrived, its verified envelope and parsed body."""
-
-    request: web.Request
-    now: float
-    envelope: Envelope | None = None
-    body: Any = None
-
-    def path_id(self, name: str) -> str:
-        value = self.request.match_info[name]
-        pattern = ACCOUNT_RE if name == "account" else _ID_RE
-        if not pattern.fullmatch(value):
-            raise BadRequest(f"{name} {value[:80]!r} is malformed", field=name)
-        return value
-
-
-Handler = Callable[["Coordinator", Context], Awaitable[Any]]
-
-
-@dataclass(frozen=True)
-class Route:
-    method: str
-    path: str
-    handler: Handler
-    summary: str
-    auth: Literal["none", "signed", "admin"] = "none"
-    body: type[BaseModel] | None = None
-    response: type[BaseModel] | None = None
-    status: int = 200
-    query: tuple[tuple[str, str], ...] = ()
-    content_type: str | None = None
-    # The request body is raw bytes of this type, streamed by the handler (which verifies the envelope
-    # against the declared digest before reading, then the body against it); the dispatcher then neither
-    # reads nor authenticates it.
-    raw_body: str | None = None
-
-
-@dataclass
 class Coordinator:
     """Application state: settings, the store, metrics, the admin account and rate-limit buckets."""
 
@@ -147,17 +93,8 @@ class Coordinator:
 
     # ------------------------------------------------------------------------------------- handlers
 
-    async def dashboard(self, ctx: Context) -> web.Response:
-        query = ctx.request.query
-        board = await dashboard.gather(self, query.get("q", ""), query.get("sort", "price"), query.get("run"))
-        page = dashboard.render(board, partial="partial" in query)
-        return web.Response(text=page, content_type="text/html", headers={"Cache-Control": "no-store"})
-
     async def healthz(self, ctx: Context) -> Health:
         return Health(status="ok")
-
-    async def openapi(self, ctx: Context) -> dict[str, Any]:
-        return _openapi_document()
 
     async def prometheus(self, ctx: Context) -> web.Response:
         counts = await self.store.counts()
@@ -344,12 +281,12 @@ class Coordinator:
         async def handle(request: web.Request) -> web.StreamResponse:
             ctx = Context(request, self.clock())
             if route.raw_body is None:  # else the handler streams and authenticates the body itself
-                raw = await _read_body(request, self.settings.max_body_bytes)
+                raw = await read_body(request, self.settings.max_body_bytes)
                 if route.auth != "none":
                     digest = hashlib.sha256(raw).hexdigest()
                     ctx.envelope = self._authenticate(request, digest, ctx.now, admin=route.auth == "admin")
                 if route.body is not None:
-                    ctx.body = _parse_body(route.body, request, raw)
+                    ctx.body = parse_body(route.body, request, raw)
             result = await route.handler(self, ctx)
             if isinstance(result, web.StreamResponse):
                 return result
@@ -435,296 +372,3 @@ def _filter_record(offer: OfferView) -> dict[str, Any]:
     record["price"] = offer.price_per_hour
     record["min_lease_seconds"] = offer.min_lease_seconds
     return record
-
-
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise BodyTooLarge(f"body of {request.content_length} bytes exceeds the limit of {limit} bytes")
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise BodyTooLarge(f"body exceeds the limit of {limit} bytes") from None
-    except (ConnectionError, HttpProcessingError) as e:  # the client hung up, or sent a broken chunk
-        raise BadRequest(f"the body ended before it was complete: {e}", code="body_incomplete") from None
-
-
-def _parse_body(model: type[BaseModel], request: web.Request, raw: bytes) -> BaseModel:
-    try:
-        if not raw:  # no body: the model's defaults, or an error naming its first required field
-            data = {}
-        elif request.content_type == MSGPACK:
-            data = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-        else:
-            data = json.loads(raw or b"null")
-    except RecursionError:
-        raise BadRequest("body is nested too deeply", code="malformed_body") from None
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
-        kind = "msgpack" if request.content_type == MSGPACK else "JSON"
-        raise BadRequest(f"body is not valid {kind}: {e}", code="malformed_body") from None
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        error = e.errors(include_url=False)[0]
-        if error["type"] == FIELD_ERROR:  # a check that names its own field (a dotted path in the spec)
-            raise BadRequest(error["msg"], field=error["ctx"]["field"]) from None
-        where = ".".join(str(part) for part in error["loc"]) or None
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] != "value_error":
-            message += f" (got {_short(error.get('input'))})"
-        raise BadRequest(f"{where or 'body'}: {message}", field=where) from None
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def encode(
-    request: web.Request, value: Any, status: int = 200, headers: dict[str, str] | None = None
-) -> web.Response:
-    """JSON for people and curl; msgpack when the client's Accept header asks for it."""
-    if MSGPACK in request.headers.get("Accept", ""):
-        body = msgpack.packb(_jsonable(value), use_bin_type=True)
-        return web.Response(body=body, status=status, content_type=MSGPACK, headers=headers)
-    # pydantic serialises a model straight to JSON bytes (in Rust): the hot path of every heartbeat.
-    body = value.model_dump_json().encode() if isinstance(value, BaseModel) else json.dumps(value).encode()
-    return web.Response(body=body, status=status, content_type="application/json", headers=headers)
-
-
-@web.middleware
-async def _errors_and_metrics(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-):
-    """Every refusal becomes the documented error body; every request is counted and timed."""
-    coordinator: Coordinator = request.app["coordinator"]
-    started = time.perf_counter()
-    info = request.match_info.route.resource
-    route = info.canonical if info is not None else "unmatched"
-    try:
-        response = await handler(request)
-    except ApiError as e:
-        headers = {"Retry-After": f"{e.retry_after:.3f}"} if isinstance(e, RateLimited) else None
-        response = encode(request, e.body(), e.status, headers)
-    except web.HTTPException as e:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
-            e.status, "http_error"
-        )
-        response = encode(
-            request, ApiError(f"{request.method} {request.path}: {e.reason}", code=code).body(), e.status
-        )
-    except Exception:
-        logger.exception(f"Unhandled error in {request.method} {request.path}")
-        response = encode(request, ApiError("internal error", code="internal").body(), 500)
-    if not response.prepared:  # a streamed model is under way already
-        response.headers[TIME_HEADER] = f"{time.time():.6f}"  # lets peers agree on one clock (client.py)
-    coordinator.metrics.requests.labels(route, request.method, str(response.status)).inc()
-    coordinator.metrics.latency.labels(route).observe(time.perf_counter() - started)
-    return response
-
-
-ROUTES: Sequence[Route] = (
-    Route(
-        "GET",
-        "/",
-        Coordinator.dashboard,
-        "The web dashboard: market, offers, runs, peers, ledger (HTML, updating live)",
-        query=(
-            ("q", "offer filter"),
-            ("sort", "offer order"),
-            ("run", "run to plot"),
-            ("partial", "live parts"),
-        ),
-        content_type="text/html",
-    ),
-    Route("GET", "/healthz", Coordinator.healthz, "Liveness", response=Health),
-    Route(
-        "GET", "/openapi.json", Coordinator.openapi, "This OpenAPI document", content_type="application/json"
-    ),
-    Route("GET", "/metrics", Coordinator.prometheus, "Prometheus metrics", content_type=CONTENT_TYPE_LATEST),
-    Route(
-        "POST",
-        "/v1/accounts/{account}/deposit",
-        Coordinator.deposit,
-        "Credit an account (admin)",
-        auth="admin",
-        body=DepositBody,
-        response=AccountView,
-    ),
-    Route("GET", "/v1/accounts/{account}", Coordinator.account, "An account's money", response=AccountView),
-    Route(
-        "GET",
-        "/v1/ledger/audit",
-        Coordinator.ledger_audit,
-        "Holdings against deposits",
-        response=LedgerAuditView,
-    ),
-    Route(
-        "POST",
-        "/v1/offers",
-        Coordinator.post_offer,
-        "Create or update your offer; returns its lease",
-        auth="signed",
-        body=OfferBody,
-        response=OfferResponse,
-    ),
-    Route(
-        "POST",
-        "/v1/leases/{lease_id}/heartbeat",
-        Coordinator.heartbeat,
-        "Renew your lease; the body may carry your GPUs' telemetry",
-        auth="signed",
-        body=HeartbeatBody,
-        response=LeaseView,
-    ),
-    Route(
-        "GET",
-        "/v1/offers",
-        Coordinator.list_offers,
-        "List offers",
-        query=(
-            ("q", "filter, e.g. 'gpu=H100 vram_gb>=40 price<=2.5'"),
-            ("sort", "field, '-' for descending"),
-        ),
-        response=OfferList,
-    ),
-    Route(
-        "POST",
-        "/v1/runs",
-        Coordinator.create_run,
-        "Create a run, escrowing its budget",
-        auth="signed",
-        body=RunBody,
-        response=RunView,
-        status=201,
-    ),
-    Route(
-        "GET",
-        "/v1/peers",
-        Coordinator.list_peers,
-        "Peers: standing, verified work, earnings, telemetry",
-        response=PeerList,
-    ),
-    Route("GET", "/v1/runs", Coordinator.list_runs, "List runs", response=RunList),
-    Route("GET", "/v1/runs/{run_id}", Coordinator.get_run, "One run", response=RunView),
-    Route(
-        "POST",
-        "/v1/runs/{run_id}/cancel",
-        Coordinator.cancel_run,
-        "Cancel your run; refunds what is unspent",
-        auth="signed",
-        response=RunView,
-    ),
-    Route(
-        "POST",
-        "/v1/runs/{run_id}/join",
-        Coordinator.join_run,
-        "Join a run you are matched to: say where other peers reach you",
-        auth="signed",
-        body=JoinBody,
-        response=RunView,
-    ),
-    Route(
-        "POST",
-        "/v1/runs/{run_id}/leave",
-        Coordinator.leave_run,
-        "Give up your place in a run you cannot train; the run recruits a replacement",
-        auth="signed",
-        response=RunView,
-    ),
-    Route(
-        "POST",
-        "/v1/runs/{run_id}/reports",
-        Coordinator.post_report,
-        "Report an epoch's work; paid the matched price for its compute time, capped by wall clock, once "
-        "its audits pass",
-        auth="signed",
-        body=ReportBody,
-        response=ReportView,
-        status=201,
-    ),
-    Route(
-        "GET", "/v1/runs/{run_id}/reports", Coordinator.list_reports, "A run's reports", response=ReportList
-    ),
-    Route(
-        "GET",
-        "/v1/runs/{run_id}/loss",
-        Coordinator.loss_curve,
-        "A run's mean loss per epoch",
-        response=LossCurve,
-    ),
-    Route(
-        "POST",
-        "/v1/runs/{run_id}/audits/claim",
-        Coordinator.claim_audits,
-        "Take audits to recompute: other peers' micro-batches of this run (peers of the run only)",
-        auth="signed",
-        body=AuditClaimBody,
-        response=AuditTaskList,
-    ),
-    Route(
-        "POST",
-        "/v1/runs/{run_id}/audits/{audit_id}",
-        Coordinator.submit_audit,
-        "Answer an audit you hold: the recomputed gradient sketch and loss, or declined with a reason",
-        auth="signed",
-        body=AuditResultBody,
-        response=AuditView,
-    ),
-    Route("GET", "/v1/runs/{run_id}/audits", Coordinator.list_audits, "A run's audits", response=AuditList),
-    Route(
-        "PUT",
-        "/v1/runs/{run_id}/model",
-        Coordinator.put_model,
-        "Upload the final model of a settling run (raw bytes, signed over their SHA-256); the run finishes "
-        "when its audits are decided",
-        auth="signed",
-        response=RunView,
-        raw_body=OCTET_STREAM,
-    ),
-    Route(
-        "GET",
-        "/v1/runs/{run_id}/model",
-        Coordinator.get_model,
-        f"The run's final model; its SHA-256 is in {SHA256_HEADER}",
-        content_type=OCTET_STREAM,
-    ),
-    Route(
-        "GET", "/v1/market", Coordinator.market_view, "Clearing price, supply, demand", response=MarketView
-    ),
-    Route(
-        "POST",
-        "/v1/market/clear",
-        Coordinator.clear_market,
-        "Run a clearing round now (admin)",
-        auth="admin",
-        response=ClearingRoundView,
-    ),
-)
-
-
-@functools.cache
-def _openapi_document() -> dict[str, Any]:
-    """Built once: the routes and schemas do not change while the process runs."""
-    return build_openapi(ROUTES)
-
-
-def create_app(coordinator: Coordinator) -> web.Application:
-    # aiohttp's own limit sits above ours so that our check produces the documented error body.
-    app = web.Application(
-        middlewares=[_errors_and_metrics], client_max_size=coordinator.settings.max_body_bytes + 1
-    )
-    app["coordinator"] = coordinator
-    for route in ROUTES:
-        app.router.add_route(route.method, route.path, coordinator.endpoint(route))
-    app.cleanup_ctx.append(coordinator.background)
-    return app

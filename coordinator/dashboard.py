@@ -18,9 +18,12 @@ import html
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from aiohttp import web
+
+from coordinator.app import Coordinator
 from coordinator.errors import BadRequest
+from coordinator.http import Context
 from peer.protocol.money import fmt_money
 from peer.protocol.schemas import (
     ClearingRoundView,
@@ -30,11 +33,7 @@ from peer.protocol.schemas import (
     PeerView,
     RunView,
 )
-
-if TYPE_CHECKING:
-    from coordinator.app import Coordinator
-
-LIVE_RUN_STATES = ("recruiting", "running", "paused", "settling")
+from peer.protocol.states import LIVE
 
 
 @dataclass(frozen=True)
@@ -56,6 +55,14 @@ class Board:
     loss: list[LossPoint]
     peers: list[PeerView]
     ledger: LedgerAuditView
+
+
+async def dashboard(coordinator: Coordinator, ctx: Context) -> web.Response:
+    """The handler of ``GET /``: the whole page, or with ``partial`` only its live parts."""
+    query = ctx.request.query
+    board = await gather(coordinator, query.get("q", ""), query.get("sort", "price"), query.get("run"))
+    html_page = render(board, partial="partial" in query)
+    return web.Response(text=html_page, content_type="text/html", headers={"Cache-Control": "no-store"})
 
 
 async def gather(coordinator: Coordinator, q: str, sort: str, run_id: str | None) -> Board:
@@ -96,7 +103,7 @@ def _selected(runs: Sequence[RunView], run_id: str | None) -> RunView | None:
     asked = next((r for r in runs if r.id == run_id), None)
     if asked is not None:
         return asked
-    live = [r for r in runs if r.state in LIVE_RUN_STATES]
+    live = [r for r in runs if r.state in LIVE]
     return (live or list(runs) or [None])[-1]
 
 

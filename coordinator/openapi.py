@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
+from coordinator.http import Route
 from peer.protocol import __version__
 from peer.protocol.envelope import HEADERS
 from peer.protocol.schemas import ErrorBody
-
-if TYPE_CHECKING:
-    from coordinator.app import Route
 
 _REF = "#/components/schemas/{model}"
 

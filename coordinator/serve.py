@@ -7,8 +7,9 @@ from pathlib import Path
 import click
 import uvloop
 
-from coordinator.app import Coordinator, create_app
+from coordinator.app import Coordinator
 from coordinator.db import StoreUnavailable
+from coordinator.routes import create_app
 from coordinator.runs import RunPolicy
 from coordinator.settings import ServerSettings
 from coordinator.store import LeaseConfig, open_store

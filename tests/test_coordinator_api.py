@@ -14,7 +14,7 @@ import aiohttp
 import msgpack
 import pytest
 
-from coordinator.app import ROUTES
+from coordinator.routes import ROUTES
 from peer.protocol.envelope import NONCE_HEADER, sign_request
 from peer.protocol.identity import Identity, save_identity
 from peer.protocol.schemas import TIME_HEADER

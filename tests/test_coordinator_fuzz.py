@@ -1,6 +1,6 @@
 """Property test of the real coordinator: random and malformed input to every route never causes a 5xx.
 
-One server process serves the whole module. For every route of :data:`coordinator.app.ROUTES`,
+One server process serves the whole module. For every route of :data:`coordinator.routes.ROUTES`,
 hypothesis builds requests from:
 
 - bodies derived from the route's pydantic schema (a valid body whose fields are replaced by wrong
@@ -40,7 +40,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coordinator.app import OFFER_FIELDS, ROUTES, Route
+from coordinator.app import OFFER_FIELDS
+from coordinator.http import Route
+from coordinator.routes import ROUTES
 from coordinator.settings import ServerSettings
 from peer.protocol.envelope import HEADERS, sign_request
 from peer.protocol.identity import Identity

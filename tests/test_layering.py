@@ -68,7 +68,9 @@ def test_the_graph_was_read() -> None:
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_each_module_imports_only_its_own_wing_and_the_protocol(module: str) -> None:
     wing = _wing(module)
-    crossing = [f"{target} (line {line})" for target, line in GRAPH[module] if _wing(target) not in ALLOWED[wing]]
+    crossing = [
+        f"{target} (line {line})" for target, line in GRAPH[module] if _wing(target) not in ALLOWED[wing]
+    ]
     assert not crossing, f"{module} ({wing}) imports {', '.join(crossing)}"
 
 
