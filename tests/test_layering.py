@@ -6,6 +6,8 @@ that imports it back. Read from the source with ``ast`` (every import counts: a 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,3 +97,18 @@ def test_no_module_imports_one_that_imports_it_back() -> None:
     for module in sorted(edges):
         if module not in state and (cycle := visit(module)):
             pytest.fail("import cycle: " + " -> ".join(cycle))
+
+
+def test_the_protocol_and_the_service_load_without_torch_or_hivemind() -> None:
+    """A third-party client needs none of the training stack, and the coordinator runs without it."""
+    protocol = [m for m in MODULES if _wing(m) == "protocol"]
+    service = [m for m in MODULES if _wing(m) == "coordinator"]
+    code = (
+        "import importlib, sys\n"
+        f"for name in {protocol + service!r}: importlib.import_module(name)\n"
+        "print(sorted(m for m in ('torch', 'hivemind', 'peer.trainer') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
