@@ -1,8 +1,8 @@
 """The protocol: everything the coordinator and a peer must agree on, and nothing else.
 
 This package imports neither wing (``coordinator/``, the rest of ``peer/``); both import it. A client or
-a peer written in another language matches these modules and nothing else (the README's "signed
-envelope" section is the walk-through). Read them in this order:
+a peer written in another language matches these modules and nothing else (docs/api.md, "The signed
+envelope", is the walk-through). Read them in this order:
 
 =============================  ==========================================================================
 :mod:`.identity`               accounts: the hex of an Ed25519 public key; the key file (PKCS8 PEM, 0600)
