@@ -94,8 +94,9 @@ def plain(args: argparse.Namespace, dataset: Path, busy: Busy) -> dict[str, Any]
     from peer.data.reader import DatasetReader
     from peer.protocol.dataset import load_manifest
     from peer.protocol.spec import load_spec
+    from peer.samples import train_ids
     from peer.tasks import load_task
-    from peer.trainer import make_optimizer, train_ids
+    from peer.trainer_setup import make_optimizer
 
     spec = load_spec(Path(__file__).resolve().parent.parent / "examples" / "bytes_lm.toml")
     task = load_task("bytes-lm", options(args))

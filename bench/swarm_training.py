@@ -7,7 +7,7 @@ Four ways to take the same ``--steps`` optimizer steps of a run of examples/``--
 registry, ``digits-mlp`` by default), each step ``batch.target`` samples of the same example dataset
 (built once with :func:`peer.data.examples.build_example`, read with
 :class:`peer.data.reader.DatasetReader` through the peers' loader), with the spec's optimizer
-(:func:`peer.trainer.make_optimizer`) and learning-rate schedule:
+(:func:`peer.trainer_setup.make_optimizer`) and learning-rate schedule:
 
 - ``swarm``: the whole product on this machine (:func:`bench.local_market.market`): a coordinator and
   ``--peers`` renting peers, all of them needed (``peers_min`` = ``--peers``), matched to the run; each
@@ -126,7 +126,7 @@ def sample_order(spec: RunSpec, samples: int, steps: int) -> np.ndarray:
     """The training samples of ``steps`` global batches for the baselines: pass after pass over the
     training split, each pass in an order of its own (seeded by the spec), as a swarm visits every
     sample once per pass."""
-    from peer.trainer import train_ids
+    from peer.samples import train_ids
 
     train = train_ids(np.arange(samples, dtype=np.int64), spec.dataset.test_every)
     passes = -(-steps * spec.batch.target // len(train))
@@ -137,8 +137,9 @@ def evaluate(model_file: Path, spec: RunSpec, data: Path) -> dict[str, float]:
     """A model file's loss and accuracy on the held-out split, and the loss of the spec's initial model:
     the pieces of :meth:`peer.demo.Demo.evaluate`, applied to any mode's model file."""
     from peer.data.reader import DatasetReader
+    from peer.model_file import load_model_file
     from peer.protocol.dataset import load_manifest
-    from peer.trainer import load_model_file, test_ids
+    from peer.samples import test_ids
 
     task, model, _ = load_model_file(model_file)
     manifest = load_manifest(data)
@@ -151,7 +152,7 @@ def evaluate(model_file: Path, spec: RunSpec, data: Path) -> dict[str, float]:
 
 def save_model(path: Path, spec: RunSpec, steps: int, model: torch.nn.Module) -> None:
     """A model file as a run writes it (``hivemarket runs fetch``), so every mode is evaluated alike."""
-    from peer.trainer import model_bytes
+    from peer.model_file import model_bytes
 
     path.write_bytes(model_bytes(spec.task, dict(spec.options), steps, model))
 
@@ -192,7 +193,7 @@ def train(setup: dict[str, Any], rank: int, world: int) -> None:
     from peer.data.reader import DatasetReader
     from peer.protocol.dataset import load_manifest
     from peer.tasks import load_task
-    from peer.trainer import make_optimizer
+    from peer.trainer_setup import make_optimizer
 
     spec, steps = validate_spec(setup["spec"]), setup["steps"]
     data, out = Path(setup["data"]), Path(setup["out"])

@@ -53,11 +53,11 @@ from peer.data.examples import build_example
 from peer.data.reader import DatasetReader
 from peer.protocol.schemas import AuditTask
 from peer.protocol.sketch import grad_seed, params_seed
+from peer.samples import train_ids
 from peer.sketch import Sketcher
 from peer.tasks import Task
 from peer.tasks.bytes_lm import BytesLM
 from peer.tasks.digits import DigitsMLP
-from peer.trainer import train_ids
 from peer.validator import Snapshots, Validator, micro_batch_gradient, micro_seed
 
 RUN = "run-bench"

@@ -370,16 +370,17 @@ class Demo:
 
     def _victim(self, view: RunView) -> str | None:
         """An honest live peer other than the first in match order (which uploads the model at the end)."""
-        from peer.trainer import live_peers
+        from peer.run_link import live_peers
 
         live = [p for p in live_peers(view) if p.account not in self.cheats]
         return live[-1].account if len(live) > 1 else None
 
     def evaluate(self, run: RunView) -> dict[str, float]:
         from peer.data.reader import DatasetReader
+        from peer.model_file import load_model_file
         from peer.protocol.dataset import load_manifest
         from peer.protocol.spec import validate_spec
-        from peer.trainer import load_model_file, test_ids
+        from peer.samples import test_ids
 
         path = self.tmp / "model.pt"
         self.ask(lambda c: c.download_model(run.id, path))

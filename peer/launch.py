@@ -46,7 +46,7 @@ def resolve_spec(spec: RunSpec, coordinator: str) -> dict[str, Any]:
     ``stop.epochs`` turned into ``stop.samples`` with the dataset's training split."""
     from peer.data.fetch import DatasetUnreachable, fetch_manifest, list_datasets
     from peer.protocol.dataset import DatasetError
-    from peer.trainer import test_ids
+    from peer.samples import test_ids
 
     data = spec.model_dump(mode="json", exclude_none=True)
     location = coordinator if spec.dataset.location == "coordinator" else spec.dataset.location

@@ -1,5 +1,6 @@
 """The trainer's line to the coordinator: blocking calls for a synchronous training loop, and reports
-sent in the background so that a slow or absent coordinator never stalls training.
+sent in the background so that a slow or absent coordinator never stalls training; and
+:func:`live_peers`, how the trainer (and the demo) read the run's live peers from a view it fetched.
 
 Training does not depend on the coordinator: if it is unreachable the trainer keeps the last view of the
 run it had, and reports wait in a queue (each is signed once, so a retried report is applied once).
@@ -18,13 +19,18 @@ from hivemind.utils import get_logger
 
 from peer.protocol.client import AlreadyApplied, CoordinatorClient, CoordinatorError, CoordinatorUnreachable
 from peer.protocol.identity import Identity
-from peer.protocol.schemas import AuditResultBody, AuditTask, ReportBody, RunView
+from peer.protocol.schemas import AuditResultBody, AuditTask, ReportBody, RunPeerView, RunView
 
 logger = get_logger(__name__)
 T = TypeVar("T")
 
 #: Answers to a report that mean this peer's part in the run is over (dropped, released, run ended).
 FINAL_CODES = frozenset({"not_in_run", "run_ended", "not_joined"})
+
+
+def live_peers(view: RunView) -> list[RunPeerView]:
+    """The run's active peers in match order (the order that picks the bootstrap seed and the uploader)."""
+    return sorted((p for p in view.peers if p.state == "active"), key=lambda p: (p.matched_at, p.account))
 
 
 class RunLink:

@@ -21,25 +21,25 @@ match ends. The trainer:
 
 A round whose group disagrees with this peer's parameters, or that found no group while others are
 live, means this peer fell out of step: it loads the state from the others instead of reporting.
+
+Where the parts live: this module holds the :class:`Trainer`'s loop over the run's states, an epoch's
+work and report, the audits, the end of the run and the process's entry point. The Trainer's other
+parts are mixins of their own modules: :mod:`peer.trainer_setup` (steps 1 to 3), :mod:`peer.trainer_state`
+(step 4 and the local checkpoint) and :mod:`peer.trainer_rounds` (an epoch's all-reduce, catching up and
+the step). The samples of a step come from :mod:`peer.samples`, the exit codes from
+:mod:`peer.trainer_exit`, the final model file's format from :mod:`peer.model_file`.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import io
-import math
-import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from hivemind.utils import get_logger
 from hivemind.utils.logging import use_hivemind_log_handler
@@ -47,163 +47,29 @@ from pydantic import ValidationError
 
 from peer.adversary import Contribution, EpochWork, behaviour
 from peer.averaging import RunAverager, TrainingState, capture, learning_rate, restore
-from peer.data.fetch import FetchSettings, ShardCache, fetch_manifest, fetch_shards
 from peer.data.loader import PrefetchLoader
-from peer.data.reader import DatasetReader
-from peer.deadlines import RoundDeadlines
-from peer.events import AGREEMENT_TOLERANCE, EventLog, in_agreement
-from peer.node import NodeError, follow_clock, start_dht, stop_dht
-from peer.protocol.assignment import assign
+from peer.events import EventLog
+from peer.model_file import model_bytes
+from peer.node import stop_dht
 from peer.protocol.client import CoordinatorError, CoordinatorUnreachable
-from peer.protocol.dataset import DatasetError, Manifest, ShardInfo
 from peer.protocol.identity import Identity, load_identity
-from peer.protocol.schemas import AuditResultBody, MicroBatch, ReportBody, RunPeerView, RunView
-from peer.protocol.sketch import grad_seed, params_seed
-from peer.protocol.spec import RunSpec, SpecError, describe, validate_spec
+from peer.protocol.schemas import AuditResultBody, MicroBatch, ReportBody, RunView
+from peer.protocol.sketch import grad_seed
+from peer.protocol.spec import describe
 from peer.protocol.states import BIDDING, REPORTING
-from peer.run_link import RunLink
+from peer.run_link import RunLink, live_peers
 from peer.settings import PeerSettings, load_settings
 from peer.sketch import Sketcher
-from peer.tasks import Task, TaskError, load_task
+from peer.trainer_exit import TrainerExit
+from peer.trainer_rounds import RoundsMixin
+from peer.trainer_setup import SetupMixin
+from peer.trainer_state import StateMixin
 from peer.validator import Snapshots, Validator, compute_micro_batches, device_name, micro_seed
 
 logger = get_logger(__name__)
-FROM_PEERS = "the other peers"  # the source of a state downloaded from the swarm
-
-EXIT_REFUSED = 3  # the run cannot be trained here (task not installed, bad spec): do not restart
-EXIT_RETRY = 4  # something transient (no bootstrap peer, no state donor): the worker may start it again
 
 
-class TrainerExit(Exception):
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-# ------------------------------------------------------------------------------------------------ helpers
-
-
-def live_peers(view: RunView) -> list[RunPeerView]:
-    """The run's active peers in match order (the order that picks the bootstrap seed and the uploader)."""
-    return sorted((p for p in view.peers if p.state == "active"), key=lambda p: (p.matched_at, p.account))
-
-
-def model_bytes(task_name: str, options: dict[str, Any], epoch: int, model: torch.nn.Module) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(
-        {"task": task_name, "options": options, "epoch": epoch, "state_dict": model.state_dict()}, buffer
-    )
-    return buffer.getvalue()
-
-
-def load_model_file(path: Path) -> tuple[Task, torch.nn.Module, dict[str, Any]]:
-    """A model file written by a run (``hivemarket runs fetch``): its task, the model, and the metadata."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    task = load_task(saved["task"], saved["options"])
-    model = task.build_model(0)
-    model.load_state_dict(saved["state_dict"])
-    return task, model, saved
-
-
-def make_optimizer(spec: RunSpec, params: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    o = spec.optimizer
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
-
-
-def train_ids(ids: np.ndarray, test_every: int) -> np.ndarray:
-    """The training split: every sample but each ``test_every``-th (id % N == N - 1, the test split)."""
-    return ids[ids % test_every != test_every - 1]
-
-
-def test_ids(total: int, test_every: int) -> np.ndarray:
-    ids = np.arange(total, dtype=np.int64)
-    return ids[ids % test_every == test_every - 1]
-
-
-def shares(target: int, owned: dict[str, int]) -> dict[str, int]:
-    """Split ``target`` samples among peers in proportion to the training samples each owns, summing to
-    ``target`` exactly (largest remainders, ties to the smaller account).
-
-    Proportional shares make every peer go through its blocks at the same pace, so the swarm visits each
-    sample once per pass like one process would; equal shares would over-sample the peers that own less.
-    """
-    total = sum(owned.values())
-    if total == 0:
-        raise ValueError("the live peers own no training samples")
-    exact = {a: target * n / total for a, n in owned.items()}
-    result = {a: math.floor(x) for a, x in exact.items()}
-    by_remainder = sorted(owned, key=lambda a: (result[a] - exact[a], a))
-    for a in by_remainder[: target - sum(result.values())]:
-        result[a] += 1
-    return result
-
-
-@dataclass
-class SampleStream:
-    """This peer's training samples in assignment order, pass after pass over its blocks.
-
-    The assignment (:func:`peer.protocol.assignment.assign`) depends on the live peers; when they change, the
-    current pass is re-assigned and this peer starts its new list from the beginning (samples it already
-    trained on in this pass may come again: a change of peers costs a little repetition, never a gap).
-    """
-
-    manifest: Manifest
-    seed: int
-    test_every: int
-    block_size: int
-    account: str
-    passes: int = 0
-    position: int = 0
-    peers: tuple[str, ...] = ()
-    order: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
-    owned: dict[str, int] = field(default_factory=dict)
-    shards: tuple[int, ...] = ()  # the shards this peer's blocks sit in (ownership does not change by pass)
-
-    def take(self, target: int, peers: Sequence[str]) -> list[int]:
-        """This peer's share of a step of ``target`` samples over ``peers``, in its training order.
-
-        A share that straddles two passes must not name a sample twice (a report may not): the samples
-        it already took from the old pass move to the end of the new pass's order."""
-        if tuple(sorted(peers)) != self.peers:
-            self.peers = tuple(sorted(peers))
-            self._assign()
-        count = shares(target, self.owned)[self.account]
-        taken: list[int] = []
-        while len(taken) < count:
-            if self.position >= len(self.order):
-                self.passes += 1
-                self._assign()
-                if taken:
-                    again = np.isin(self.order, taken)
-                    self.order = np.concatenate([self.order[~again], self.order[again]])
-            end = min(len(self.order), self.position + count - len(taken))
-            taken += self.order[self.position : end].tolist()
-            self.position = end
-        return taken
-
-    def spare(self, count: int) -> list[int]:
-        """Up to ``count`` ids that come after this peer's current position in the pass, without taking
-        them (what an ``inflated-samples`` cheat claims it processed)."""
-        return self.order[self.position : self.position + count].tolist()
-
-    def _assign(self) -> None:
-        result = assign(self.seed, self.passes, self.peers, self.manifest.shards, self.block_size)
-        self.owned = {a: len(train_ids(ids, self.test_every)) for a, ids in result.samples.items()}
-        self.order = train_ids(result.samples[self.account], self.test_every)
-        self.shards = result.shards[self.account]
-        self.position = 0
-        if not len(self.order):
-            raise TrainerExit(EXIT_REFUSED, "this peer was assigned no training samples")
-
-
-# ------------------------------------------------------------------------------------------------ trainer
-
-
-class Trainer:
+class Trainer(SetupMixin, StateMixin, RoundsMixin):
     def __init__(
         self, run_id: str, link: RunLink, identity: Identity, settings: PeerSettings, listen: list[str]
     ):
@@ -232,190 +98,6 @@ class Trainer:
         link.on_accepted = lambda body: self.events.write(
             "report_accepted", epoch=body.epoch, samples=body.samples
         )
-
-    # ---------------------------------------------------------------------------------------- set-up
-
-    def prepare(self) -> RunView:
-        view = self.link.view()
-        if view is None:
-            raise TrainerExit(EXIT_RETRY, "the coordinator is unreachable")
-        try:
-            self.spec = validate_spec(view.spec)
-            self.task = load_task(self.spec.task, dict(self.spec.options))
-        except (SpecError, TaskError) as e:  # the worker then gives the place back
-            raise TrainerExit(EXIT_REFUSED, f"refusing run {self.run_id}: {e}") from None
-        self.target = view.target_samples
-        self.total_epochs = math.ceil(self.target / self.spec.batch.target)
-        self.model = self.task.build_model(self.spec.seed).to(self.device)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.spec, self.params)
-        self.optimizers = [self.optimizer]
-        self.outer: torch.optim.Optimizer | None = None
-        if self.spec.averaging.local_updates:
-            a = self.spec.averaging
-            self.outer = torch.optim.SGD(self.params, lr=a.outer_lr, momentum=a.outer_momentum, nesterov=True)
-            self.optimizers.append(self.outer)
-        # What is averaged lives on the CPU (hivemind shares it with its averager process); gradients are
-        # summed on the training device and copied over once an epoch.
-        self.buffers = [torch.zeros_like(p, device="cpu") for p in self.params]
-        self.sums = [torch.zeros_like(p) for p in self.params]
-        self.data_wait = 0.0  # seconds this epoch's training waited for its batches (the event log's data_s)
-        self.load_wait = 0.0  # seconds this epoch waited for the state of peers further on (load_s)
-        self.n_params = sum(p.numel() for p in self.params)
-        self._open_dataset()
-        if self.spec.verification.rate > 0:
-            self.snapshots = Snapshots(self.settings.audit_window)
-            self.validator = Validator(
-                self.run_id,
-                self.task,
-                self.task.build_model(self.spec.seed).to(self.device),
-                self.reader,
-                self.snapshots,
-                agreement=AGREEMENT_TOLERANCE[self.spec.averaging.compression],
-                fetch=lambda ids: self._fetch(self.reader.shards_for(ids)),
-                device=self.device,
-            )
-        return view
-
-    def _open_dataset(self) -> None:
-        location = self.spec.dataset.location
-        if location == "coordinator":
-            location = self.link.client.base_url
-        self.location = location
-        fetch_settings = FetchSettings()
-        self.cache = ShardCache(fetch_settings.cache_root)
-        try:
-            self.manifest = asyncio.run(
-                fetch_manifest(location, self.spec.dataset.version, fetch_settings, self.cache)
-            )
-        except DatasetError as e:
-            raise TrainerExit(EXIT_RETRY, f"dataset {self.spec.dataset.version[:12]}: {e}") from None
-        self.reader = DatasetReader(self.manifest, self.cache.final_path)
-        self.stream = SampleStream(
-            self.manifest,
-            self.spec.seed,
-            self.spec.dataset.test_every,
-            self.spec.batch.per_peer,
-            self.identity.account,
-        )
-
-    def _fetch_shards(self) -> None:
-        self._fetch([self.manifest.shards[i] for i in self.stream.shards])
-
-    def _fetch(self, wanted: Sequence[ShardInfo]) -> None:
-        missing = [s for s in wanted if self.cache.path(s) is None]
-        if missing:
-            try:
-                asyncio.run(fetch_shards(self.location, self.manifest, missing, self.cache))
-            except DatasetError as e:
-                raise TrainerExit(EXIT_RETRY, f"dataset {self.manifest.version[:12]}: {e}") from None
-
-    def connect(self, view: RunView) -> RunView:
-        """Start the run's DHT from the peers that joined before this one, then join at the coordinator."""
-        deadline = time.monotonic() + self.settings.bootstrap_wait
-        while True:
-            live = live_peers(view)
-            if not any(p.account == self.identity.account for p in live):
-                raise TrainerExit(EXIT_REFUSED, f"this peer is not (or no longer) matched to {self.run_id}")
-            bootstrap = [m for p in live if p.joined and p.account != self.identity.account for m in p.maddrs]
-            if bootstrap or live[0].account == self.identity.account:
-                break
-            if time.monotonic() > deadline or self.stop.is_set():
-                raise TrainerExit(EXIT_RETRY, "no peer of the run joined to bootstrap from")
-            self.stop.wait(self.settings.run_poll_interval)
-            view = self.link.view() or view
-        if self.link.client.clock.offset is not None:  # the run's peers share the coordinator's clock
-            follow_clock(self.link.client.clock.offset)
-        try:
-            self.dht, _ = start_dht(self.settings, initial_peers=bootstrap, listen=self.listen)
-        except NodeError as e:
-            raise TrainerExit(EXIT_RETRY, f"the run's DHT did not start: {e}") from None
-        maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
-        self.averager = RunAverager(
-            self.buffers,
-            self.dht,
-            prefix=f"{self.run_id}_grads",
-            share_state=self._share_state,
-            max_peers=max(view.peers_max, 2),
-            matchmaking_seconds=self.spec.averaging.matchmaking_seconds,
-            deadlines=RoundDeadlines(
-                ceiling=self.spec.averaging.timeout_seconds,
-                floor=self.settings.chunk_deadline_floor,
-                factor=self.settings.chunk_deadline_factor,
-            ),
-            compression_name=self.spec.averaging.compression,
-        )
-        view = self.link.join(str(self.dht.peer_id), maddrs)
-        logger.info(f"Joined run {self.run_id} as {self.dht.peer_id} ({len(bootstrap)} bootstrap addresses)")
-        others = [p for p in live_peers(view) if p.joined and p.account != self.identity.account]
-        underway = len(others) >= view.peers_min  # they train without this peer (not waiting for it)
-        if underway:
-            view = self._next_epoch(view)
-        self._initial_state(bool(bootstrap))
-        self.late = underway  # at a run's start the peers begin epoch 0 together: nobody is late
-        return view
-
-    def _next_epoch(self, view: RunView) -> RunView:
-        """Wait (at most ``state_load_timeout``) until an epoch that began before this peer joined has
-        been reported (the run's first epoch too: ``view.epoch`` counts reported epochs). The peers
-        training it did not know of this peer and formed its round without waiting for it; a peer that
-        joined then loaded its state would train it, find that round gone, and wait the whole step
-        deadline for nothing (measured: 15 s). Every epoch that begins after the join expects this peer,
-        so the state loaded once that epoch begins leads to a round it makes."""
-        deadline = time.monotonic() + self.settings.state_load_timeout
-        joined_at = view.epoch
-        while view.epoch <= joined_at and time.monotonic() < deadline and not self.stop.is_set():
-            self.stop.wait(min(self.settings.run_poll_interval, 0.2))
-            view = self.link.view() or view
-        return view
-
-    def _share_state(self) -> TrainingState:
-        """The state at the current epoch's start: with local updates the parameters move during the
-        epoch, so the snapshot taken when it began is what a joining peer gets."""
-        with self.lock:
-            return self.snapshot or capture(self.epoch, self.params, self.optimizers)
-
-    def _initial_state(self, others: bool) -> None:
-        """The others' state when the run is under way, else the local checkpoint (a restart after a
-        crash), whichever is further along; else the spec's seed."""
-        checkpoint = self.workdir / "checkpoint.pt"
-        local = None
-        if checkpoint.exists():
-            try:
-                saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-                local = TrainingState(saved["epoch"], saved["tensors"], saved["layout"], saved["scalars"])
-            except Exception as e:  # a checkpoint cut short by the crash itself, say
-                logger.warning(f"Ignoring the unreadable checkpoint {checkpoint}: {e!r}")
-        if others:
-            assert self.averager is not None
-            loaded = self.averager.load_state(self.settings.state_load_timeout)
-            if (
-                loaded is not None
-                and (local is None or loaded.epoch >= local.epoch)
-                and self._apply_state(loaded, FROM_PEERS)
-            ):
-                return
-            if local is None:
-                logger.warning("No peer sent a usable training state in time; starting from the spec's seed")
-        if local is not None:
-            self._apply_state(local, f"the local checkpoint {checkpoint}")
-
-    def _apply_state(self, state: TrainingState, source: str) -> bool:
-        """Load ``state``; False (and nothing changed but, at worst, the optimizer) if it does not fit."""
-        with self.lock:
-            try:
-                restore(state, self.params, self.optimizers)
-            except Exception as e:  # a peer's state is untrusted data: anything malformed is refused
-                logger.warning(f"Refusing the training state from {source}: {e!r}")
-                return False
-            self.epoch = state.epoch
-            self.snapshot = None
-        self._new_start()
-        if self.averager is not None:
-            self.averager.state_sharing_priority = self.epoch
-        logger.info(f"Loaded the training state of epoch {self.epoch} from {source}")
-        self.events.write("state_loaded", epoch=self.epoch, source=source)
-        return True
 
     # ---------------------------------------------------------------------------------------- training
 
@@ -454,20 +136,6 @@ class Trainer:
                 continue
             self._epoch(live)
         return 0
-
-    def _behind(self, view: RunView) -> bool:
-        """Whether another live peer has reported an epoch past this peer's current one: its round
-        would find nobody (lock-step peers are at most one epoch apart), so it loads their state first."""
-        return self._reported(view, self.epoch + 1)
-
-    def _reported(self, view: RunView | None, epoch: int) -> bool:
-        """Whether another live peer has reported ``epoch`` or a later one (so it is past ``epoch``)."""
-        if view is None:
-            return False
-        reported = [
-            p.epoch for p in live_peers(view) if p.account != self.identity.account and p.epoch is not None
-        ]
-        return max(reported, default=-1) >= epoch
 
     def _epoch(self, live: list[str]) -> None:
         started, self.data_wait, self.load_wait = time.monotonic(), 0.0, 0.0
@@ -556,25 +224,6 @@ class Trainer:
             f"Epoch {epoch}: {samples} samples, loss {loss:.4f}, group of {group_size}, {seconds:.2f} s"
         )
 
-    def _start_of(self, epoch: int) -> list[float]:
-        """The sketch of the parameters ``epoch`` starts from; when this peer audits, they are kept from
-        the moment the previous epoch's step made them (:meth:`_apply`), so that a peer that stops before
-        training ``epoch`` (the run reached its target) can still audit the others' reports of it."""
-        kept = self.snapshots.get(epoch) if self.snapshots is not None else None
-        if kept is not None:
-            return kept.param_sketch
-        param_sketch = Sketcher(self.n_params, params_seed(self.run_id, epoch))(self.params)
-        if self.snapshots is not None:
-            self.snapshots.put(epoch, self.model, param_sketch)
-        return param_sketch
-
-    def _new_start(self) -> None:
-        """The parameters as they are now start ``self.epoch``: what was kept of it and later epochs is
-        stale. Only this thread changes the parameters, so they are read without the lock."""
-        if self.snapshots is not None:
-            self.snapshots.forget_from(self.epoch)
-            self._start_of(self.epoch)
-
     def _compute(
         self,
         epoch: int,
@@ -631,143 +280,6 @@ class Trainer:
                 logger.warning(f"Audit {audit.id} could not be recomputed: {e!r}")
                 result = AuditResultBody(declined=f"recomputation failed: {e!r}"[:300])
             self.link.submit_audit(audit.id, result)
-
-    def _average(
-        self, epoch: int, samples: int, live: list[str], param_sketch: list[float]
-    ) -> tuple[str, int, bool, float]:
-        """All-reduce this epoch's update: (the outcome, the group's size, whether this peer's work of
-        the epoch can be reported, the all-reduce's seconds). Outcomes:
-
-        - ``alone``: the only live peer; its own update is the step;
-        - ``averaged``: the buffers hold the group's average, to apply. Not reportable when this peer's
-          parameters differed from the group's and it loaded theirs: its gradients were taken at
-          parameters no validator holds;
-        - ``caught_up``: the round failed or this peer was out of step, and it loaded the state of peers
-          further on: nothing to apply;
-        - ``redo``: the round failed (no group formed, or it broke up and its retries ran out of time)
-          and nobody is further on: nothing is applied, and the epoch is trained again. Applying this
-          peer's own update instead would set it apart from every other member of the broken round.
-        """
-        assert self.averager is not None
-        if len(live) == 1:
-            return "alone", 1, True, 0.0
-        self.events.write("averaging", epoch=epoch, group=len(live))
-        if len(live) != self.group_target:
-            try:
-                self.averager.set_target_group_size(len(live), self.spec.averaging.timeout_seconds)
-                self.group_target = len(live)
-            except Exception as e:  # the round still forms, after the matchmaking time
-                logger.warning(f"Could not tell the averager to expect {len(live)} peers: {e!r}")
-        result = self.averager.average(
-            self.buffers,
-            epoch=epoch,
-            weight=samples,
-            gather={"account": self.identity.account, "params": param_sketch},
-            timeout=self.averager.deadlines.step(self.spec.averaging.matchmaking_seconds),
-            moved_on=lambda: self._reported(self.link.peek(), epoch),
-        )
-        if result.outcome == "failed":
-            logger.warning(f"Epoch {epoch}: the averaging round failed; looking for peers further on")
-            if self._catch_up(epoch) is not None:
-                return "caught_up", 1, False, 0.0
-            return "redo", 1, False, 0.0
-        size = len(result.gathered)
-        if self._defers_to_group(result.gathered, param_sketch):
-            logger.warning(f"Epoch {epoch}: parameters differ from the group's; loading theirs")
-            loaded = self._catch_up(epoch, same_epoch=True)
-            if loaded is not None and loaded > epoch:
-                return "caught_up", size, False, result.seconds
-            return "averaged", size, False, result.seconds
-        return "averaged", size, True, result.seconds
-
-    def _defers_to_group(self, gathered: dict[str, Any], param_sketch: list[float]) -> bool:
-        """Whether the group's members disagree with this peer's parameters and this peer should give way:
-        when fewer agree with it than disagree, or as many and the smallest account is among the others
-        (a deterministic tie-break, so that exactly one side of a two-peer split gives way). What other
-        peers sent is untrusted: an entry that is not a sketch like ours is left out of the count."""
-        agree, differ = 1, []
-        for data in gathered.values():
-            if not isinstance(data, dict) or data.get("account") == self.identity.account:
-                continue
-            theirs, account = data.get("params"), data.get("account")
-            if not (
-                isinstance(account, str)
-                and isinstance(theirs, list)
-                and len(theirs) == len(param_sketch)
-                and all(isinstance(x, float) and math.isfinite(x) for x in theirs)
-            ):
-                continue
-            if in_agreement(param_sketch, theirs, self.spec.averaging.compression):
-                agree += 1
-            else:
-                differ.append(account)
-        if not differ:
-            return False
-        return agree < len(differ) or (agree == len(differ) and min(differ) < self.identity.account)
-
-    def _catch_up(self, epoch: int, *, same_epoch: bool = False) -> int | None:
-        """Load the state of a peer further on than ``epoch`` (or, with ``same_epoch``, at it); the epoch
-        loaded, or None when no such state came (or it did not fit)."""
-        assert self.averager is not None
-        began = time.monotonic()
-        loaded = self.averager.load_state(self.settings.state_load_timeout)
-        self.load_wait += time.monotonic() - began
-        if loaded is None or loaded.epoch < epoch or (loaded.epoch == epoch and not same_epoch):
-            return None
-        if not self._apply_state(loaded, FROM_PEERS):
-            return None
-        self.late = not same_epoch  # loaded right after the round, it is in step with the others
-        return loaded.epoch
-
-    def _apply(self, start: list[torch.Tensor] | None, *, skip: bool = False) -> None:
-        """Take the epoch's step with the averaged update and move to the next epoch; with ``skip`` only
-        move on, the parameters back at the epoch's start (local updates moved them) or as they were."""
-        with self.lock:
-            if start is not None and self.snapshot is None:  # the group's state was loaded at this epoch
-                start = [p.detach().clone() for p in self.params]
-            if skip and self.snapshot is not None:  # local updates: the inner optimizer's state too
-                restore(self.snapshot, self.params, self.optimizers)
-            elif start is not None:
-                for p, s in zip(self.params, start, strict=True):
-                    p.data.copy_(s)
-            if not skip:  # outer step from the epoch's start along the averaged change, or the step itself
-                for p, b in zip(self.params, self.buffers, strict=True):
-                    p.grad = b.to(p.device, copy=True)
-                (self.outer if start is not None else self.optimizer).step()
-            self.model.zero_grad(set_to_none=True)
-            self.epoch += 1
-            self.snapshot = None
-        self._new_start()
-        assert self.averager is not None
-        self.averager.state_sharing_priority = self.epoch
-
-    def _checkpoint(self) -> None:
-        """Save the state the next epoch starts from, for a restart after a crash, in a thread of its
-        own: a large model's save takes seconds (measured: 2.7 s for bytes-lm's 102M parameters with
-        their AdamW state), which the next epoch's compute uses instead. While one save is still being
-        written, later epochs skip theirs: a restart resumes at most a few epochs back (and from the
-        swarm's state when the swarm is further on). The file is replaced whole or not at all."""
-        if self.saving is not None and self.saving.is_alive():
-            return
-        state = self._share_state()  # a copy: training goes on while it is written
-        self.saving = threading.Thread(target=self._save, args=(state,), name="checkpoint", daemon=True)
-        self.saving.start()
-
-    def _save(self, state: TrainingState) -> None:
-        tmp = self.workdir / "checkpoint.pt.tmp"
-        try:
-            torch.save(
-                {
-                    "epoch": state.epoch,
-                    "tensors": state.tensors,
-                    "layout": state.layout,
-                    "scalars": state.scalars,
-                },
-                tmp,
-            )
-            os.replace(tmp, self.workdir / "checkpoint.pt")
-        except OSError as e:  # a full disk, say: training goes on without a fresh checkpoint
-            logger.warning(f"Could not save the checkpoint of epoch {state.epoch}: {e!r}")
 
     # ---------------------------------------------------------------------------------------- the end
 

@@ -18,7 +18,7 @@ import click
 from peer.node import terminate_tree
 from peer.protocol.client import CoordinatorClient, CoordinatorError, CoordinatorUnreachable
 from peer.settings import PeerSettings
-from peer.trainer import EXIT_REFUSED
+from peer.trainer_exit import EXIT_REFUSED
 
 
 class TrainerSupervisor:

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from peer.model_file import load_model_file, model_bytes
 from peer.tasks import Task, TaskError, installed_tasks, load_task
 from peer.tasks.digits import DigitsMLP
-from peer.trainer import load_model_file, model_bytes
 
 
 def records(n: int, seed: int = 0) -> list[dict[str, Any]]:

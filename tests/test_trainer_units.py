@@ -16,14 +16,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peer import trainer
+from peer import samples, trainer
 from peer.averaging import TrainingState, capture, learning_rate, restore
 from peer.data.examples import build_example
 from peer.protocol.assignment import assign
 from peer.protocol.dataset import Manifest, load_manifest
 from peer.protocol.spec import validate_spec
+from peer.run_link import live_peers
+from peer.samples import SampleStream, shares, train_ids
 from peer.tasks.digits import DigitsMLP
-from peer.trainer import SampleStream, live_peers, make_optimizer, shares, train_ids
+from peer.trainer_setup import make_optimizer
 from tests.harness import minimal_spec, peer_view, run_view
 
 A, B, C = "a" * 64, "b" * 64, "c" * 64
@@ -70,7 +72,7 @@ def test_shares_need_someone_with_samples() -> None:
 
 def test_train_and_test_ids_split_the_dataset() -> None:
     ids = np.arange(DIGITS, dtype=np.int64)
-    train, test = train_ids(ids, TEST_EVERY), trainer.test_ids(DIGITS, TEST_EVERY)
+    train, test = train_ids(ids, TEST_EVERY), samples.test_ids(DIGITS, TEST_EVERY)
     assert len(train) == 1438 and len(test) == 359
     assert sorted(np.concatenate([train, test]).tolist()) == ids.tolist()
     assert all(i % TEST_EVERY == TEST_EVERY - 1 for i in test.tolist())
@@ -411,7 +413,7 @@ def test_a_skipped_step_moves_to_the_next_epoch_and_keeps_the_parameters() -> No
 def test_a_skipped_local_updates_step_returns_to_the_epochs_start() -> None:
     t = _bare_trainer(local_updates=True)
     start = [p.detach().clone() for p in t.params]
-    t.snapshot = trainer.capture(3, t.params, t.optimizers)  # as _epoch takes it
+    t.snapshot = capture(3, t.params, t.optimizers)  # as _epoch takes it
     with torch.no_grad():
         for p in t.params:
             p.add_(1.0)  # the inner steps moved the parameters

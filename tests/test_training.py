@@ -23,11 +23,13 @@ import torch
 from peer.data.reader import DatasetReader
 from peer.demo import Demo
 from peer.events import AGREEMENT_TOLERANCE
+from peer.model_file import load_model_file
 from peer.protocol.dataset import load_manifest
 from peer.protocol.schemas import ReportView, RunView
 from peer.protocol.sketch import relative_distance
 from peer.protocol.spec import validate_spec
-from peer.trainer import load_model_file, make_optimizer, train_ids
+from peer.samples import train_ids
+from peer.trainer_setup import make_optimizer
 from tests.harness import wait_until
 
 EPOCHS = 150

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from peer.model_file import load_model_file
 from peer.protocol.identity import Identity
-from peer.trainer import load_model_file
 from tests.harness import cli_env, group_members, kill_group, run_cli, start_coordinator, wait_until
 
 REPO = Path(__file__).resolve().parent.parent

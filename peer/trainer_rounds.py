@@ -1,0 +1,153 @@
+"""An epoch's round from the trainer's side (step 5 of :mod:`peer.trainer`): all-reducing the epoch's
+update with the live peers (:class:`peer.averaging.RunAverager`), giving way to a group whose parameters
+differ from this peer's, catching up with peers further on, and applying the step.
+
+:class:`RoundsMixin` is a part of :class:`peer.trainer.Trainer`: its methods use the attributes that
+``Trainer.__init__`` and ``prepare`` (:mod:`peer.trainer_setup`) set, and load states through
+:mod:`peer.trainer_state`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from hivemind.utils import get_logger
+
+from peer.averaging import restore
+from peer.events import in_agreement
+from peer.protocol.schemas import RunView
+from peer.run_link import live_peers
+from peer.trainer_state import FROM_PEERS
+
+logger = get_logger(__name__)
+
+
+class RoundsMixin:
+    """A :class:`peer.trainer.Trainer`'s rounds: whether it is behind, the epoch's all-reduce and what it
+    means, catching up, and the step."""
+
+    def _behind(self, view: RunView) -> bool:
+        """Whether another live peer has reported an epoch past this peer's current one: its round
+        would find nobody (lock-step peers are at most one epoch apart), so it loads their state first."""
+        return self._reported(view, self.epoch + 1)
+
+    def _reported(self, view: RunView | None, epoch: int) -> bool:
+        """Whether another live peer has reported ``epoch`` or a later one (so it is past ``epoch``)."""
+        if view is None:
+            return False
+        reported = [
+            p.epoch for p in live_peers(view) if p.account != self.identity.account and p.epoch is not None
+        ]
+        return max(reported, default=-1) >= epoch
+
+    def _average(
+        self, epoch: int, samples: int, live: list[str], param_sketch: list[float]
+    ) -> tuple[str, int, bool, float]:
+        """All-reduce this epoch's update: (the outcome, the group's size, whether this peer's work of
+        the epoch can be reported, the all-reduce's seconds). Outcomes:
+
+        - ``alone``: the only live peer; its own update is the step;
+        - ``averaged``: the buffers hold the group's average, to apply. Not reportable when this peer's
+          parameters differed from the group's and it loaded theirs: its gradients were taken at
+          parameters no validator holds;
+        - ``caught_up``: the round failed or this peer was out of step, and it loaded the state of peers
+          further on: nothing to apply;
+        - ``redo``: the round failed (no group formed, or it broke up and its retries ran out of time)
+          and nobody is further on: nothing is applied, and the epoch is trained again. Applying this
+          peer's own update instead would set it apart from every other member of the broken round.
+        """
+        assert self.averager is not None
+        if len(live) == 1:
+            return "alone", 1, True, 0.0
+        self.events.write("averaging", epoch=epoch, group=len(live))
+        if len(live) != self.group_target:
+            try:
+                self.averager.set_target_group_size(len(live), self.spec.averaging.timeout_seconds)
+                self.group_target = len(live)
+            except Exception as e:  # the round still forms, after the matchmaking time
+                logger.warning(f"Could not tell the averager to expect {len(live)} peers: {e!r}")
+        result = self.averager.average(
+            self.buffers,
+            epoch=epoch,
+            weight=samples,
+            gather={"account": self.identity.account, "params": param_sketch},
+            timeout=self.averager.deadlines.step(self.spec.averaging.matchmaking_seconds),
+            moved_on=lambda: self._reported(self.link.peek(), epoch),
+        )
+        if result.outcome == "failed":
+            logger.warning(f"Epoch {epoch}: the averaging round failed; looking for peers further on")
+            if self._catch_up(epoch) is not None:
+                return "caught_up", 1, False, 0.0
+            return "redo", 1, False, 0.0
+        size = len(result.gathered)
+        if self._defers_to_group(result.gathered, param_sketch):
+            logger.warning(f"Epoch {epoch}: parameters differ from the group's; loading theirs")
+            loaded = self._catch_up(epoch, same_epoch=True)
+            if loaded is not None and loaded > epoch:
+                return "caught_up", size, False, result.seconds
+            return "averaged", size, False, result.seconds
+        return "averaged", size, True, result.seconds
+
+    def _defers_to_group(self, gathered: dict[str, Any], param_sketch: list[float]) -> bool:
+        """Whether the group's members disagree with this peer's parameters and this peer should give way:
+        when fewer agree with it than disagree, or as many and the smallest account is among the others
+        (a deterministic tie-break, so that exactly one side of a two-peer split gives way). What other
+        peers sent is untrusted: an entry that is not a sketch like ours is left out of the count."""
+        agree, differ = 1, []
+        for data in gathered.values():
+            if not isinstance(data, dict) or data.get("account") == self.identity.account:
+                continue
+            theirs, account = data.get("params"), data.get("account")
+            if not (
+                isinstance(account, str)
+                and isinstance(theirs, list)
+                and len(theirs) == len(param_sketch)
+                and all(isinstance(x, float) and math.isfinite(x) for x in theirs)
+            ):
+                continue
+            if in_agreement(param_sketch, theirs, self.spec.averaging.compression):
+                agree += 1
+            else:
+                differ.append(account)
+        if not differ:
+            return False
+        return agree < len(differ) or (agree == len(differ) and min(differ) < self.identity.account)
+
+    def _catch_up(self, epoch: int, *, same_epoch: bool = False) -> int | None:
+        """Load the state of a peer further on than ``epoch`` (or, with ``same_epoch``, at it); the epoch
+        loaded, or None when no such state came (or it did not fit)."""
+        assert self.averager is not None
+        began = time.monotonic()
+        loaded = self.averager.load_state(self.settings.state_load_timeout)
+        self.load_wait += time.monotonic() - began
+        if loaded is None or loaded.epoch < epoch or (loaded.epoch == epoch and not same_epoch):
+            return None
+        if not self._apply_state(loaded, FROM_PEERS):
+            return None
+        self.late = not same_epoch  # loaded right after the round, it is in step with the others
+        return loaded.epoch
+
+    def _apply(self, start: list[torch.Tensor] | None, *, skip: bool = False) -> None:
+        """Take the epoch's step with the averaged update and move to the next epoch; with ``skip`` only
+        move on, the parameters back at the epoch's start (local updates moved them) or as they were."""
+        with self.lock:
+            if start is not None and self.snapshot is None:  # the group's state was loaded at this epoch
+                start = [p.detach().clone() for p in self.params]
+            if skip and self.snapshot is not None:  # local updates: the inner optimizer's state too
+                restore(self.snapshot, self.params, self.optimizers)
+            elif start is not None:
+                for p, s in zip(self.params, start, strict=True):
+                    p.data.copy_(s)
+            if not skip:  # outer step from the epoch's start along the averaged change, or the step itself
+                for p, b in zip(self.params, self.buffers, strict=True):
+                    p.grad = b.to(p.device, copy=True)
+                (self.outer if start is not None else self.optimizer).step()
+            self.model.zero_grad(set_to_none=True)
+            self.epoch += 1
+            self.snapshot = None
+        self._new_start()
+        assert self.averager is not None
+        self.averager.state_sharing_priority = self.epoch

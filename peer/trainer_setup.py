@@ -1,0 +1,184 @@
+"""Setting a trainer up for its run (steps 1 to 3 of :mod:`peer.trainer`): the spec and its task, the
+model and its optimizers (:func:`make_optimizer`, which benches and tests use to build the optimizer a
+spec names), the validator, the run's dataset and the shards this peer needs, then the run's DHT, the
+averager and the join at the coordinator.
+
+:class:`SetupMixin` is a part of :class:`peer.trainer.Trainer`, kept apart because setting up is read on
+its own: its methods use the attributes that ``Trainer.__init__`` sets, and the methods of the Trainer's
+other parts (:mod:`peer.trainer_state` for the state a joining peer loads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+from hivemind.utils import get_logger
+
+from peer.averaging import RunAverager
+from peer.data.fetch import FetchSettings, ShardCache, fetch_manifest, fetch_shards
+from peer.data.reader import DatasetReader
+from peer.deadlines import RoundDeadlines
+from peer.events import AGREEMENT_TOLERANCE
+from peer.node import NodeError, follow_clock, start_dht
+from peer.protocol.dataset import DatasetError, ShardInfo
+from peer.protocol.schemas import RunView
+from peer.protocol.spec import RunSpec, SpecError, validate_spec
+from peer.run_link import live_peers
+from peer.samples import SampleStream
+from peer.tasks import TaskError, load_task
+from peer.trainer_exit import EXIT_REFUSED, EXIT_RETRY, TrainerExit
+from peer.validator import Snapshots, Validator
+
+logger = get_logger(__name__)
+
+
+def make_optimizer(spec: RunSpec, params: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    o = spec.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+class SetupMixin:
+    """A :class:`peer.trainer.Trainer`'s set-up: :meth:`prepare` before anything else, :meth:`connect` once
+    the run's spec, model and dataset are ready."""
+
+    def prepare(self) -> RunView:
+        view = self.link.view()
+        if view is None:
+            raise TrainerExit(EXIT_RETRY, "the coordinator is unreachable")
+        try:
+            self.spec = validate_spec(view.spec)
+            self.task = load_task(self.spec.task, dict(self.spec.options))
+        except (SpecError, TaskError) as e:  # the worker then gives the place back
+            raise TrainerExit(EXIT_REFUSED, f"refusing run {self.run_id}: {e}") from None
+        self.target = view.target_samples
+        self.total_epochs = math.ceil(self.target / self.spec.batch.target)
+        self.model = self.task.build_model(self.spec.seed).to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.spec, self.params)
+        self.optimizers = [self.optimizer]
+        self.outer: torch.optim.Optimizer | None = None
+        if self.spec.averaging.local_updates:
+            a = self.spec.averaging
+            self.outer = torch.optim.SGD(self.params, lr=a.outer_lr, momentum=a.outer_momentum, nesterov=True)
+            self.optimizers.append(self.outer)
+        # What is averaged lives on the CPU (hivemind shares it with its averager process); gradients are
+        # summed on the training device and copied over once an epoch.
+        self.buffers = [torch.zeros_like(p, device="cpu") for p in self.params]
+        self.sums = [torch.zeros_like(p) for p in self.params]
+        self.data_wait = 0.0  # seconds this epoch's training waited for its batches (the event log's data_s)
+        self.load_wait = 0.0  # seconds this epoch waited for the state of peers further on (load_s)
+        self.n_params = sum(p.numel() for p in self.params)
+        self._open_dataset()
+        if self.spec.verification.rate > 0:
+            self.snapshots = Snapshots(self.settings.audit_window)
+            self.validator = Validator(
+                self.run_id,
+                self.task,
+                self.task.build_model(self.spec.seed).to(self.device),
+                self.reader,
+                self.snapshots,
+                agreement=AGREEMENT_TOLERANCE[self.spec.averaging.compression],
+                fetch=lambda ids: self._fetch(self.reader.shards_for(ids)),
+                device=self.device,
+            )
+        return view
+
+    def _open_dataset(self) -> None:
+        location = self.spec.dataset.location
+        if location == "coordinator":
+            location = self.link.client.base_url
+        self.location = location
+        fetch_settings = FetchSettings()
+        self.cache = ShardCache(fetch_settings.cache_root)
+        try:
+            self.manifest = asyncio.run(
+                fetch_manifest(location, self.spec.dataset.version, fetch_settings, self.cache)
+            )
+        except DatasetError as e:
+            raise TrainerExit(EXIT_RETRY, f"dataset {self.spec.dataset.version[:12]}: {e}") from None
+        self.reader = DatasetReader(self.manifest, self.cache.final_path)
+        self.stream = SampleStream(
+            self.manifest,
+            self.spec.seed,
+            self.spec.dataset.test_every,
+            self.spec.batch.per_peer,
+            self.identity.account,
+        )
+
+    def _fetch_shards(self) -> None:
+        self._fetch([self.manifest.shards[i] for i in self.stream.shards])
+
+    def _fetch(self, wanted: Sequence[ShardInfo]) -> None:
+        missing = [s for s in wanted if self.cache.path(s) is None]
+        if missing:
+            try:
+                asyncio.run(fetch_shards(self.location, self.manifest, missing, self.cache))
+            except DatasetError as e:
+                raise TrainerExit(EXIT_RETRY, f"dataset {self.manifest.version[:12]}: {e}") from None
+
+    def connect(self, view: RunView) -> RunView:
+        """Start the run's DHT from the peers that joined before this one, then join at the coordinator."""
+        deadline = time.monotonic() + self.settings.bootstrap_wait
+        while True:
+            live = live_peers(view)
+            if not any(p.account == self.identity.account for p in live):
+                raise TrainerExit(EXIT_REFUSED, f"this peer is not (or no longer) matched to {self.run_id}")
+            bootstrap = [m for p in live if p.joined and p.account != self.identity.account for m in p.maddrs]
+            if bootstrap or live[0].account == self.identity.account:
+                break
+            if time.monotonic() > deadline or self.stop.is_set():
+                raise TrainerExit(EXIT_RETRY, "no peer of the run joined to bootstrap from")
+            self.stop.wait(self.settings.run_poll_interval)
+            view = self.link.view() or view
+        if self.link.client.clock.offset is not None:  # the run's peers share the coordinator's clock
+            follow_clock(self.link.client.clock.offset)
+        try:
+            self.dht, _ = start_dht(self.settings, initial_peers=bootstrap, listen=self.listen)
+        except NodeError as e:
+            raise TrainerExit(EXIT_RETRY, f"the run's DHT did not start: {e}") from None
+        maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
+        self.averager = RunAverager(
+            self.buffers,
+            self.dht,
+            prefix=f"{self.run_id}_grads",
+            share_state=self._share_state,
+            max_peers=max(view.peers_max, 2),
+            matchmaking_seconds=self.spec.averaging.matchmaking_seconds,
+            deadlines=RoundDeadlines(
+                ceiling=self.spec.averaging.timeout_seconds,
+                floor=self.settings.chunk_deadline_floor,
+                factor=self.settings.chunk_deadline_factor,
+            ),
+            compression_name=self.spec.averaging.compression,
+        )
+        view = self.link.join(str(self.dht.peer_id), maddrs)
+        logger.info(f"Joined run {self.run_id} as {self.dht.peer_id} ({len(bootstrap)} bootstrap addresses)")
+        others = [p for p in live_peers(view) if p.joined and p.account != self.identity.account]
+        underway = len(others) >= view.peers_min  # they train without this peer (not waiting for it)
+        if underway:
+            view = self._next_epoch(view)
+        self._initial_state(bool(bootstrap))
+        self.late = underway  # at a run's start the peers begin epoch 0 together: nobody is late
+        return view
+
+    def _next_epoch(self, view: RunView) -> RunView:
+        """Wait (at most ``state_load_timeout``) until an epoch that began before this peer joined has
+        been reported (the run's first epoch too: ``view.epoch`` counts reported epochs). The peers
+        training it did not know of this peer and formed its round without waiting for it; a peer that
+        joined then loaded its state would train it, find that round gone, and wait the whole step
+        deadline for nothing (measured: 15 s). Every epoch that begins after the join expects this peer,
+        so the state loaded once that epoch begins leads to a round it makes."""
+        deadline = time.monotonic() + self.settings.state_load_timeout
+        joined_at = view.epoch
+        while view.epoch <= joined_at and time.monotonic() < deadline and not self.stop.is_set():
+            self.stop.wait(min(self.settings.run_poll_interval, 0.2))
+            view = self.link.view() or view
+        return view

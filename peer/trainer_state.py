@@ -1,0 +1,124 @@
+"""Where a trainer's training state comes from and where it goes (step 4 of :mod:`peer.trainer`, and the
+checkpoint of step 5): the state it hands a joining peer, the state it starts from (the other peers', its
+local checkpoint after a crash, or the spec's seed), a state loaded later to catch up, the local
+checkpoint written after each reported epoch, and the sketches of epoch starts kept for audits.
+
+:class:`StateMixin` is a part of :class:`peer.trainer.Trainer`: its methods use the attributes that
+``Trainer.__init__`` and ``prepare`` (:mod:`peer.trainer_setup`) set. What a state holds and how it is
+taken and restored (:class:`peer.averaging.TrainingState`) lives with the averager that serves it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+from hivemind.utils import get_logger
+
+from peer.averaging import TrainingState, capture, restore
+from peer.protocol.sketch import params_seed
+from peer.sketch import Sketcher
+
+logger = get_logger(__name__)
+FROM_PEERS = "the other peers"  # the source of a state downloaded from the swarm
+
+
+class StateMixin:
+    """A :class:`peer.trainer.Trainer`'s state: sharing it, loading it, checkpointing it, and the epoch
+    starts its validator keeps."""
+
+    def _share_state(self) -> TrainingState:
+        """The state at the current epoch's start: with local updates the parameters move during the
+        epoch, so the snapshot taken when it began is what a joining peer gets."""
+        with self.lock:
+            return self.snapshot or capture(self.epoch, self.params, self.optimizers)
+
+    def _initial_state(self, others: bool) -> None:
+        """The others' state when the run is under way, else the local checkpoint (a restart after a
+        crash), whichever is further along; else the spec's seed."""
+        checkpoint = self.workdir / "checkpoint.pt"
+        local = None
+        if checkpoint.exists():
+            try:
+                saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+                local = TrainingState(saved["epoch"], saved["tensors"], saved["layout"], saved["scalars"])
+            except Exception as e:  # a checkpoint cut short by the crash itself, say
+                logger.warning(f"Ignoring the unreadable checkpoint {checkpoint}: {e!r}")
+        if others:
+            assert self.averager is not None
+            loaded = self.averager.load_state(self.settings.state_load_timeout)
+            if (
+                loaded is not None
+                and (local is None or loaded.epoch >= local.epoch)
+                and self._apply_state(loaded, FROM_PEERS)
+            ):
+                return
+            if local is None:
+                logger.warning("No peer sent a usable training state in time; starting from the spec's seed")
+        if local is not None:
+            self._apply_state(local, f"the local checkpoint {checkpoint}")
+
+    def _apply_state(self, state: TrainingState, source: str) -> bool:
+        """Load ``state``; False (and nothing changed but, at worst, the optimizer) if it does not fit."""
+        with self.lock:
+            try:
+                restore(state, self.params, self.optimizers)
+            except Exception as e:  # a peer's state is untrusted data: anything malformed is refused
+                logger.warning(f"Refusing the training state from {source}: {e!r}")
+                return False
+            self.epoch = state.epoch
+            self.snapshot = None
+        self._new_start()
+        if self.averager is not None:
+            self.averager.state_sharing_priority = self.epoch
+        logger.info(f"Loaded the training state of epoch {self.epoch} from {source}")
+        self.events.write("state_loaded", epoch=self.epoch, source=source)
+        return True
+
+    def _start_of(self, epoch: int) -> list[float]:
+        """The sketch of the parameters ``epoch`` starts from; when this peer audits, they are kept from
+        the moment the previous epoch's step made them (:meth:`_apply`), so that a peer that stops before
+        training ``epoch`` (the run reached its target) can still audit the others' reports of it."""
+        kept = self.snapshots.get(epoch) if self.snapshots is not None else None
+        if kept is not None:
+            return kept.param_sketch
+        param_sketch = Sketcher(self.n_params, params_seed(self.run_id, epoch))(self.params)
+        if self.snapshots is not None:
+            self.snapshots.put(epoch, self.model, param_sketch)
+        return param_sketch
+
+    def _new_start(self) -> None:
+        """The parameters as they are now start ``self.epoch``: what was kept of it and later epochs is
+        stale. Only this thread changes the parameters, so they are read without the lock."""
+        if self.snapshots is not None:
+            self.snapshots.forget_from(self.epoch)
+            self._start_of(self.epoch)
+
+    def _checkpoint(self) -> None:
+        """Save the state the next epoch starts from, for a restart after a crash, in a thread of its
+        own: a large model's save takes seconds (measured: 2.7 s for bytes-lm's 102M parameters with
+        their AdamW state), which the next epoch's compute uses instead. While one save is still being
+        written, later epochs skip theirs: a restart resumes at most a few epochs back (and from the
+        swarm's state when the swarm is further on). The file is replaced whole or not at all."""
+        if self.saving is not None and self.saving.is_alive():
+            return
+        state = self._share_state()  # a copy: training goes on while it is written
+        self.saving = threading.Thread(target=self._save, args=(state,), name="checkpoint", daemon=True)
+        self.saving.start()
+
+    def _save(self, state: TrainingState) -> None:
+        tmp = self.workdir / "checkpoint.pt.tmp"
+        try:
+            torch.save(
+                {
+                    "epoch": state.epoch,
+                    "tensors": state.tensors,
+                    "layout": state.layout,
+                    "scalars": state.scalars,
+                },
+                tmp,
+            )
+            os.replace(tmp, self.workdir / "checkpoint.pt")
+        except OSError as e:  # a full disk, say: training goes on without a fresh checkpoint
+            logger.warning(f"Could not save the checkpoint of epoch {state.epoch}: {e!r}")
