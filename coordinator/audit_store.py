@@ -3,8 +3,8 @@ pay of the audited report, held until its audits are decided.
 
 The decisions are :mod:`coordinator.verification`'s pure functions; this module reads what they need and
 writes what they return. Functions take the connection of the transaction they are part of;
-:mod:`coordinator.run_store` calls them (checking first that the caller is in the run) and bans and
-moves runs on from what they return.
+:mod:`coordinator.report_store` calls them (checking first that the caller is in the run) and bans and
+moves runs on from what they return; :mod:`coordinator.run_store` expires a run's audits when it ends.
 """
 
 from __future__ import annotations
@@ -21,41 +21,6 @@ from peer.protocol.money import from_units
 from peer.protocol.schemas import AuditResultBody, AuditTask, AuditView, ReportBody
 from peer.protocol.spec import RunSpec, VerificationSpec
 from peer.protocol.states import PayState
-
-# Appended to coordinator.store.MIGRATIONS. Reports accepted before audits existed were paid when they
-# arrived; runs created before get a key now, and audit nothing (their peers may not run validators).
-MIGRATION = """
-    ALTER TABLE runs ADD COLUMN audit_key TEXT;
-    UPDATE runs SET audit_key = lower(hex(randomblob(32)));
-    ALTER TABLE runs ADD COLUMN audit_policy TEXT NOT NULL DEFAULT '{"rate": 0}';
-    ALTER TABLE reports ADD COLUMN pay_state TEXT NOT NULL DEFAULT 'paid';
-    ALTER TABLE reports ADD COLUMN pay_reason TEXT NOT NULL DEFAULT 'accepted before audits existed';
-    ALTER TABLE peers ADD COLUMN audits_passed INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE peers ADD COLUMN audits_failed INTEGER NOT NULL DEFAULT 0;
-    CREATE TABLE audits (
-        id TEXT PRIMARY KEY,
-        run_id TEXT NOT NULL,
-        epoch INTEGER NOT NULL,
-        account TEXT NOT NULL,
-        idx INTEGER NOT NULL,
-        samples INTEGER NOT NULL,
-        state TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        deadline REAL NOT NULL,
-        validator TEXT,
-        claimed_at REAL,
-        declined TEXT NOT NULL DEFAULT '[]',
-        distance REAL,
-        reason TEXT NOT NULL DEFAULT '',
-        fee_units INTEGER NOT NULL DEFAULT 0,
-        decided_at REAL
-    );
-    CREATE INDEX audits_run_state ON audits (run_id, state);
-    CREATE INDEX audits_report ON audits (run_id, account, epoch);
-    CREATE INDEX audits_pending_deadline ON audits (state, deadline);
-    ALTER TABLE audits ADD COLUMN first_failure TEXT;
-    ALTER TABLE peers ADD COLUMN verdicts_overturned INTEGER NOT NULL DEFAULT 0;
-"""
 
 
 def new_key() -> str:

@@ -1,30 +1,47 @@
-"""Persistence of the coordinator: the :class:`Store` interface and its SQLite implementation.
+"""Persistence of the coordinator: the :class:`Store` interface the HTTP layer uses, and its SQLite
+implementation, which runs each request as one write (or read) of :class:`coordinator.db.Database`.
 
 Every signed write claims its nonce in the same transaction as its effect, so a request is applied at
 most once even when it is replayed after a crash, and an acknowledged request is never lost (group
 commit in :mod:`coordinator.db`). Decisions (ledger checks, lapses, clearing, run states) are pure functions
 from :mod:`coordinator.ledger`, :mod:`coordinator.leases`, :mod:`coordinator.market` and
-:mod:`coordinator.runs`; this module (and :mod:`coordinator.run_store` for runs) only reads the state they
-need and writes what they decide.
+:mod:`coordinator.runs`; the SQL that reads the state they need and writes what they decide is in one module
+per concept, each function taking the connection of the transaction it is part of:
+:mod:`coordinator.ledger_store` (deposits, accounts, the ledger's audit), :mod:`coordinator.offer_store`
+(offers, leases, peers), :mod:`coordinator.market_store` (clearing rounds), :mod:`coordinator.run_store`
+(runs), :mod:`coordinator.match_store` (a peer's place in a run), :mod:`coordinator.report_store` (reports,
+their pay and audits), :mod:`coordinator.model_store` (the final model) and :mod:`coordinator.audit_store`
+(audits). Their tables are :mod:`coordinator.schema`. This module binds each request to its transaction, and
+holds the upkeep that spans them all (lapse sweeps, resuming after a restart, counts).
 """
 
 from __future__ import annotations
 
-import json
-import secrets
 import sqlite3
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 from urllib.parse import urlparse
 
-from coordinator import audit_store, leases, ledger, market, run_store, runs, sql, verification
+from coordinator import (
+    audit_store,
+    leases,
+    ledger,
+    ledger_store,
+    market,
+    market_store,
+    match_store,
+    model_store,
+    offer_store,
+    report_store,
+    run_store,
+    runs,
+    sql,
+)
 from coordinator.db import Database
-from coordinator.errors import Conflict, Forbidden, NotFound
+from coordinator.schema import MIGRATIONS
 from peer.protocol import states
 from peer.protocol.envelope import Envelope
-from peer.protocol.money import from_units, to_units
 from peer.protocol.schemas import (
     AccountView,
     AuditResultBody,
@@ -34,7 +51,6 @@ from peer.protocol.schemas import (
     JoinBody,
     LeaseView,
     LossCurve,
-    LossPoint,
     ModelView,
     OfferBody,
     OfferResponse,
@@ -45,105 +61,6 @@ from peer.protocol.schemas import (
     RunBody,
     RunView,
     Telemetry,
-)
-
-MIGRATIONS = (
-    """
-    CREATE TABLE books (
-        name TEXT PRIMARY KEY,
-        units INTEGER NOT NULL,
-        CHECK (name = 'external' OR units >= 0)
-    );
-    CREATE TABLE entries (
-        id INTEGER PRIMARY KEY,
-        kind TEXT NOT NULL,
-        debit TEXT NOT NULL,
-        credit TEXT NOT NULL,
-        units INTEGER NOT NULL CHECK (units > 0),
-        created_at REAL NOT NULL
-    );
-    CREATE INDEX entries_debit ON entries (debit, kind);
-    CREATE TABLE nonces (
-        timestamp INTEGER NOT NULL,
-        account TEXT NOT NULL,
-        nonce TEXT NOT NULL,
-        refused TEXT,
-        PRIMARY KEY (timestamp, account, nonce)
-    ) WITHOUT ROWID;
-    CREATE TABLE peers (
-        account TEXT PRIMARY KEY,
-        uptime REAL NOT NULL DEFAULT 0,
-        lapses INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE TABLE leases (
-        id TEXT PRIMARY KEY,
-        account TEXT NOT NULL,
-        state TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        last_heartbeat REAL NOT NULL,
-        run_id TEXT,
-        price_units INTEGER
-    );
-    CREATE INDEX leases_state ON leases (state);
-    CREATE TABLE offers (
-        account TEXT PRIMARY KEY,
-        price_units INTEGER NOT NULL,
-        gpu TEXT NOT NULL,
-        gpu_count INTEGER NOT NULL,
-        vram_gb REAL NOT NULL,
-        tflops REAL NOT NULL,
-        ram_gb REAL NOT NULL,
-        cpu_cores INTEGER NOT NULL,
-        roles TEXT NOT NULL,
-        min_lease_seconds INTEGER NOT NULL,
-        peer_id TEXT,
-        maddrs TEXT NOT NULL,
-        lease_id TEXT NOT NULL,
-        updated_at REAL NOT NULL
-    );
-    CREATE TABLE runs (
-        id TEXT PRIMARY KEY,
-        owner TEXT NOT NULL,
-        name TEXT NOT NULL,
-        state TEXT NOT NULL,
-        spec TEXT NOT NULL,
-        max_price_units INTEGER NOT NULL,
-        peers_min INTEGER NOT NULL,
-        peers_max INTEGER NOT NULL,
-        min_vram_gb REAL NOT NULL,
-        budget_units INTEGER NOT NULL,
-        created_at REAL NOT NULL
-    );
-    CREATE INDEX runs_owner ON runs (owner);
-    CREATE TABLE matches (
-        run_id TEXT NOT NULL,
-        lease_id TEXT NOT NULL,
-        account TEXT NOT NULL,
-        price_units INTEGER NOT NULL,
-        state TEXT NOT NULL,
-        matched_at REAL NOT NULL,
-        PRIMARY KEY (run_id, lease_id)
-    );
-    CREATE INDEX matches_lease ON matches (lease_id);
-    CREATE TABLE rounds (
-        id INTEGER PRIMARY KEY,
-        at REAL NOT NULL,
-        clearing_price_units INTEGER,
-        trades INTEGER NOT NULL,
-        supply INTEGER NOT NULL,
-        demand INTEGER NOT NULL,
-        reason TEXT NOT NULL
-    )
-    """,
-    run_store.MIGRATION,
-    audit_store.MIGRATION,
-    # A peer's last telemetry (HeartbeatBody), shown by the dashboard.
-    """
-    ALTER TABLE offers ADD COLUMN power_w REAL;
-    ALTER TABLE offers ADD COLUMN temperature_c REAL;
-    ALTER TABLE offers ADD COLUMN utilization_pct REAL;
-    ALTER TABLE offers ADD COLUMN telemetry_at REAL
-    """,
 )
 
 
@@ -219,18 +136,6 @@ def open_store(
     )
 
 
-def _reliability(conn: sqlite3.Connection, account: str) -> float:
-    row = conn.execute("SELECT * FROM peers WHERE account = ?", (account,)).fetchone()
-    return _standing(row) if row else leases.reliability(0.0, 0)
-
-
-def _standing(row: Mapping[str, Any]) -> float:
-    """A peer's reliability as the market prices it: uptime against lapses, times its audit reputation."""
-    return leases.reliability(row["uptime"], row["lapses"]) * verification.reputation(
-        row["audits_passed"], row["audits_failed"] + row["verdicts_overturned"]
-    )
-
-
 class SQLiteStore:
     """The SQLite implementation of :class:`Store` (WAL mode, group commit)."""
 
@@ -257,226 +162,37 @@ class SQLiteStore:
     # ------------------------------------------------------------------------------------------ accounts
 
     async def deposit(self, now: float, env: Envelope, account: str, units: int) -> AccountView:
-        def op(conn: sqlite3.Connection) -> AccountView:
-            sql.claim_nonce(conn, env)
-            sql.post(conn, ledger.deposit(account, units), now)
-            return self._account(conn, account)
-
-        return await self._db.write(op, sql.remember_refusal(env))
-
-    async def account(self, account: str) -> AccountView:
-        return await self._db.read(lambda conn: self._account(conn, account))
-
-    def _account(self, conn: sqlite3.Connection, account: str) -> AccountView:
-        escrow = conn.execute(
-            "SELECT COALESCE(SUM(b.units), 0) FROM runs r JOIN books b ON b.name = 'escrow:' || r.id"
-            " WHERE r.owner = ?",
-            (account,),
-        ).fetchone()[0]
-        return AccountView(
-            account=account,
-            balance=from_units(sql.book(conn, ledger.balance_book(account))),
-            escrow=from_units(escrow),
-            earned=from_units(sql.book(conn, ledger.earned_book(account))),
-            reputation=_reliability(conn, account),
+        return await self._db.write(
+            lambda conn: ledger_store.deposit(conn, now, env, account, units), sql.remember_refusal(env)
         )
 
+    async def account(self, account: str) -> AccountView:
+        return await self._db.read(lambda conn: ledger_store.account_view(conn, account))
+
     async def audit(self, *, replay: bool) -> ledger.Audit:
-        """Check the books against the deposits, and with ``replay`` against every entry too (a scan of
-        the whole ledger, kept for the audit endpoint rather than every metrics scrape)."""
-
-        def op(conn: sqlite3.Connection) -> ledger.Audit:
-            books = {row["name"]: row["units"] for row in conn.execute("SELECT name, units FROM books")}
-            if not replay:
-                return ledger.audit(books)
-            replayed: dict[str, int] = {}
-            for row in conn.execute(
-                "SELECT debit, credit, SUM(units) AS units FROM entries GROUP BY debit, credit"
-            ):
-                replayed[row["debit"]] = replayed.get(row["debit"], 0) - row["units"]
-                replayed[row["credit"]] = replayed.get(row["credit"], 0) + row["units"]
-            result = ledger.audit(books)
-            if {k: v for k, v in replayed.items() if v} != {k: v for k, v in books.items() if v}:
-                return ledger.Audit(False, result.deposits, result.holdings, "books differ from the entries")
-            return result
-
-        return await self._db.read(op)
+        return await self._db.read(lambda conn: ledger_store.audit(conn, replay=replay))
 
     # ------------------------------------------------------------------------------------- offers, leases
 
-    def _lease_view(self, row: Mapping[str, Any]) -> LeaseView:
-        return LeaseView(
-            id=row["id"],
-            account=row["account"],
-            state=row["state"],
-            heartbeat_interval=self.lease_config.heartbeat_interval,
-            expires_at=row["last_heartbeat"] + self.lease_config.ttl,
-            run_id=row["run_id"],
-            price_per_hour=None if row["price_units"] is None else from_units(row["price_units"]),
-        )
-
-    _OFFER_QUERY = """
-        SELECT o.*, l.state AS lease_state, l.run_id, p.uptime, p.lapses, p.audits_passed, p.audits_failed,
-               p.verdicts_overturned
-        FROM offers o JOIN leases l ON l.id = o.lease_id JOIN peers p ON p.account = o.account
-    """
-
-    @staticmethod
-    def _offer_view(row: sqlite3.Row) -> OfferView:
-        state = "offline" if row["lease_state"] != "active" else "matched" if row["run_id"] else "open"
-        return OfferView(
-            account=row["account"],
-            price_per_hour=from_units(row["price_units"]),
-            gpu=row["gpu"],
-            gpu_count=row["gpu_count"],
-            vram_gb=row["vram_gb"],
-            tflops=row["tflops"],
-            reliability=_standing(row),
-            roles=json.loads(row["roles"]),
-            min_lease_seconds=row["min_lease_seconds"],
-            state=state,
-            lease_id=row["lease_id"],
-            peer_id=row["peer_id"],
-            maddrs=json.loads(row["maddrs"]),
-            updated_at=row["updated_at"],
-        )
-
     async def post_offer(self, now: float, env: Envelope, body: OfferBody) -> OfferResponse:
-        account = env.account
-
-        def op(conn: sqlite3.Connection) -> OfferResponse:
-            sql.claim_nonce(conn, env)
-            conn.execute("INSERT OR IGNORE INTO peers (account) VALUES (?)", (account,))
-            row = conn.execute(
-                "SELECT l.* FROM offers o JOIN leases l ON l.id = o.lease_id"
-                " WHERE o.account = ? AND l.state = 'active'",
-                (account,),
-            ).fetchone()
-            if row is not None:
-                lease_id = row["id"]
-                self._renew(conn, row, now)
-            else:
-                lease_id = secrets.token_hex(8)
-                conn.execute(
-                    "INSERT INTO leases (id, account, state, created_at, last_heartbeat)"
-                    " VALUES (?, ?, 'active', ?, ?)",
-                    (lease_id, account, now, now),
-                )
-            hw = body.hardware
-            conn.execute(
-                """INSERT INTO offers (account, price_units, gpu, gpu_count, vram_gb, tflops, ram_gb,
-                                       cpu_cores, roles, min_lease_seconds, peer_id, maddrs, lease_id,
-                                       updated_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                   ON CONFLICT (account) DO UPDATE SET
-                     price_units = excluded.price_units, gpu = excluded.gpu, gpu_count = excluded.gpu_count,
-                     vram_gb = excluded.vram_gb, tflops = excluded.tflops, ram_gb = excluded.ram_gb,
-                     cpu_cores = excluded.cpu_cores, roles = excluded.roles,
-                     min_lease_seconds = excluded.min_lease_seconds, peer_id = excluded.peer_id,
-                     maddrs = excluded.maddrs, lease_id = excluded.lease_id,
-                     updated_at = excluded.updated_at""",
-                (
-                    account,
-                    to_units(body.price_per_hour),
-                    hw.gpu,
-                    hw.gpu_count,
-                    hw.vram_gb,
-                    hw.tflops,
-                    hw.ram_gb,
-                    hw.cpu_cores,
-                    json.dumps(sorted(set(body.roles))),
-                    body.min_lease_seconds,
-                    body.peer_id,
-                    json.dumps(body.maddrs),
-                    lease_id,
-                    now,
-                ),
-            )
-            offer = conn.execute(self._OFFER_QUERY + " WHERE o.account = ?", (account,)).fetchone()
-            lease = conn.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
-            return OfferResponse(offer=self._offer_view(offer), lease=self._lease_view(lease))
-
-        return await self._db.write(op, sql.remember_refusal(env))
-
-    def _renew(self, conn: sqlite3.Connection, lease: sqlite3.Row, now: float) -> None:
-        uptime = leases.credited_uptime(now, lease["last_heartbeat"], self.lease_config.ttl)
-        conn.execute("UPDATE leases SET last_heartbeat = ? WHERE id = ?", (now, lease["id"]))
-        conn.execute("UPDATE peers SET uptime = uptime + ? WHERE account = ?", (uptime, lease["account"]))
+        return await self._db.write(
+            lambda conn: offer_store.post_offer(conn, now, env, body, self.lease_config),
+            sql.remember_refusal(env),
+        )
 
     async def heartbeat(
         self, now: float, env: Envelope, lease_id: str, telemetry: Telemetry | None = None
     ) -> LeaseView:
-        def op(conn: sqlite3.Connection) -> LeaseView:
-            sql.claim_nonce(conn, env)
-            lease = conn.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
-            if lease is None:
-                raise NotFound(f"lease {lease_id!r} does not exist", field="lease_id")
-            if lease["account"] != env.account:
-                raise Forbidden(f"lease {lease_id!r} belongs to another account", field="lease_id")
-            if lease["state"] != "active":
-                raise Conflict(
-                    f"lease {lease_id!r} has {lease['state']}; post your offer again for a new lease",
-                    code=f"lease_{lease['state']}",
-                    field="lease_id",
-                )
-            self._renew(conn, lease, now)
-            if telemetry is not None:
-                conn.execute(
-                    "UPDATE offers SET power_w = ?, temperature_c = ?, utilization_pct = ?, telemetry_at = ?"
-                    " WHERE account = ?",
-                    (telemetry.power_w, telemetry.temperature_c, telemetry.utilization_pct, now, env.account),
-                )
-            return self._lease_view({**dict(lease), "last_heartbeat": now})
-
-        return await self._db.write(op, sql.remember_refusal(env))
+        return await self._db.write(
+            lambda conn: offer_store.heartbeat(conn, now, env, lease_id, telemetry, self.lease_config),
+            sql.remember_refusal(env),
+        )
 
     async def offers(self) -> list[OfferView]:
-        return await self._db.read(
-            lambda conn: [
-                self._offer_view(row) for row in conn.execute(self._OFFER_QUERY + " ORDER BY o.account")
-            ]
-        )
+        return await self._db.read(offer_store.offers)
 
     async def peers(self) -> list[PeerView]:
-        """Every peer with an offer: its standing, the samples of its paid reports, what it earned and
-        its last telemetry (one query, for the dashboard)."""
-
-        def op(conn: sqlite3.Connection) -> list[PeerView]:
-            query = (
-                "SELECT q.*, (SELECT COALESCE(SUM(r.samples), 0) FROM reports r"
-                " WHERE r.account = q.account AND r.pay_state = 'paid') AS verified,"
-                " COALESCE((SELECT b.units FROM books b WHERE b.name = 'earned:' || q.account), 0) AS earned"
-                f" FROM ({self._OFFER_QUERY}) q"
-            )
-            return [self._peer_view(row) for row in conn.execute(query + " ORDER BY q.account")]
-
-        return await self._db.read(op)
-
-    def _peer_view(self, row: sqlite3.Row) -> PeerView:
-        offer = self._offer_view(row)
-        telemetry = (
-            Telemetry(
-                power_w=row["power_w"],
-                temperature_c=row["temperature_c"],
-                utilization_pct=row["utilization_pct"],
-            )
-            if row["telemetry_at"] is not None
-            else None
-        )
-        return PeerView(
-            account=offer.account,
-            gpu=offer.gpu,
-            gpu_count=offer.gpu_count,
-            state=offer.state,
-            reliability=offer.reliability,
-            samples=row["verified"],
-            earned=from_units(row["earned"]),
-            audits_passed=row["audits_passed"],
-            audits_failed=row["audits_failed"],
-            run_id=row["run_id"] if offer.state == "matched" else None,
-            telemetry=telemetry,
-            telemetry_at=row["telemetry_at"],
-        )
+        return await self._db.read(offer_store.peers)
 
     # ------------------------------------------------------------------------------------------------ runs
 
@@ -502,58 +218,44 @@ class SQLiteStore:
 
     async def join(self, now: float, env: Envelope, run_id: str, body: JoinBody) -> RunView:
         return await self._db.write(
-            lambda conn: run_store.join(conn, now, env, run_id, body), sql.remember_refusal(env)
+            lambda conn: match_store.join(conn, now, env, run_id, body), sql.remember_refusal(env)
         )
 
     async def leave(self, now: float, env: Envelope, run_id: str) -> RunView:
         return await self._db.write(
-            lambda conn: run_store.leave(conn, now, env, run_id, self.run_policy), sql.remember_refusal(env)
+            lambda conn: match_store.leave(conn, now, env, run_id, self.run_policy), sql.remember_refusal(env)
         )
 
     async def report(self, now: float, env: Envelope, run_id: str, body: ReportBody) -> ReportView:
         return await self._db.write(
-            lambda conn: run_store.add_report(conn, now, env, run_id, body, self.run_policy),
+            lambda conn: report_store.add_report(conn, now, env, run_id, body, self.run_policy),
             sql.remember_refusal(env),
         )
 
     async def reports(self, run_id: str) -> list[ReportView]:
-        return await self._db.read(lambda conn: run_store.reports(conn, run_id))
+        return await self._db.read(lambda conn: report_store.reports(conn, run_id))
 
     async def loss_curve(self, run_id: str) -> LossCurve:
-        """Each epoch's mean reported loss, weighted by samples: what a run's loss plot draws."""
-
-        def op(conn: sqlite3.Connection) -> LossCurve:
-            run_store.get_run(conn, run_id)  # 404 for a run that does not exist
-            rows = conn.execute(
-                "SELECT epoch, SUM(loss * samples) / SUM(samples) AS loss, SUM(samples) AS samples"
-                " FROM reports WHERE run_id = ? GROUP BY epoch ORDER BY epoch",
-                (run_id,),
-            )
-            return LossCurve(
-                run_id=run_id,
-                points=[LossPoint(epoch=r["epoch"], loss=r["loss"], samples=r["samples"]) for r in rows],
-            )
-
-        return await self._db.read(op)
+        return await self._db.read(lambda conn: report_store.loss_curve(conn, run_id))
 
     async def accepts_model(self, run_id: str) -> bool:
-        return await self._db.read(lambda conn: run_store.accepts_model(conn, run_id))
+        return await self._db.read(lambda conn: model_store.accepts_model(conn, run_id))
 
     async def check_uploader(self, account: str, run_id: str) -> None:
-        await self._db.read(lambda conn: run_store.check_uploader(conn, run_id, account))
+        await self._db.read(lambda conn: model_store.check_uploader(conn, run_id, account))
 
     async def record_model(self, now: float, env: Envelope, run_id: str, sha256: str, size: int) -> RunView:
         return await self._db.write(
-            lambda conn: run_store.record_model(conn, now, env, run_id, sha256, size, self.run_policy),
+            lambda conn: model_store.record_model(conn, now, env, run_id, sha256, size, self.run_policy),
             sql.remember_refusal(env),
         )
 
     async def model(self, run_id: str) -> ModelView:
-        return await self._db.read(lambda conn: run_store.model(conn, run_id))
+        return await self._db.read(lambda conn: model_store.model(conn, run_id))
 
     async def claim_audits(self, now: float, env: Envelope, run_id: str, limit: int) -> list[AuditTask]:
         return await self._db.write(
-            lambda conn: run_store.claim_audits(conn, now, env, run_id, limit, self.run_policy),
+            lambda conn: report_store.claim_audits(conn, now, env, run_id, limit, self.run_policy),
             sql.remember_refusal(env),
         )
 
@@ -561,127 +263,28 @@ class SQLiteStore:
         self, now: float, env: Envelope, run_id: str, audit_id: str, body: AuditResultBody
     ) -> AuditView:
         return await self._db.write(
-            lambda conn: run_store.submit_audit(conn, now, env, run_id, audit_id, body, self.run_policy),
+            lambda conn: report_store.submit_audit(conn, now, env, run_id, audit_id, body, self.run_policy),
             sql.remember_refusal(env),
         )
 
     async def audits(self, run_id: str) -> list[AuditView]:
-        return await self._db.read(lambda conn: run_store.audits(conn, run_id))
+        return await self._db.read(lambda conn: report_store.audits(conn, run_id))
 
     # ---------------------------------------------------------------------------------------------- market
 
     async def clear_market(
         self, now: float, env: Envelope | None, config: market.MarketConfig
     ) -> ClearingRoundView | None:
-        """One clearing round over the live book, decided by :func:`coordinator.market.clear`.
-
-        A scheduled round (no ``env``) over an empty side of the book is skipped and returns None, so the
-        history only holds rounds that could have traded; an admin's round is always recorded.
-        """
-
-        def op(conn: sqlite3.Connection) -> ClearingRoundView | None:
-            if env is not None:
-                sql.claim_nonce(conn, env)
-            asks, lease_of = self._asks(conn)
-            bids = self._bids(conn)
-            if env is None and not (asks and bids):
-                return None
-            result = market.clear(asks, bids, config)
-            for match in result.matches:
-                units = to_units(match.price_per_hour)
-                conn.execute(
-                    "INSERT INTO matches (run_id, lease_id, account, price_units, state, matched_at)"
-                    " VALUES (?, ?, ?, ?, 'active', ?)",
-                    (match.run_id, lease_of[match.account], match.account, units, now),
-                )
-                conn.execute(
-                    "UPDATE leases SET run_id = ?, price_units = ? WHERE id = ?",
-                    (match.run_id, units, lease_of[match.account]),
-                )
-            run_store.advance(conn, now, self.run_policy)  # recruiting or paused runs may now run
-            price = None if result.clearing_price is None else to_units(result.clearing_price)
-            cursor = conn.execute(
-                "INSERT INTO rounds (at, clearing_price_units, trades, supply, demand, reason)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (now, price, len(result.matches), result.supply, result.demand, result.reason),
-            )
-            return self._round_view(
-                conn.execute("SELECT * FROM rounds WHERE id = ?", (cursor.lastrowid,)).fetchone()
-            )
-
-        return await self._db.write(op, None if env is None else sql.remember_refusal(env))
-
-    _ASKS_QUERY = """
-        SELECT l.id AS lease_id, o.account, o.price_units, o.tflops, o.vram_gb, p.uptime, p.lapses,
-               p.audits_passed, p.audits_failed, p.verdicts_overturned
-        FROM leases l JOIN offers o ON o.lease_id = l.id JOIN peers p ON p.account = o.account
-        WHERE l.state = 'active' AND l.run_id IS NULL AND o.roles LIKE '%"trainer"%'
-          -- a peer that gave a run its place back (it cannot train it) or was banned from it sits out
-          -- while that run bids: the market would otherwise pick it for the run again and again
-          AND o.account NOT IN (
-            SELECT m.account FROM matches m JOIN runs r ON r.id = m.run_id
-            WHERE m.state IN ('left', 'banned') AND r.state IN ('recruiting', 'running', 'paused'))
-    """
-    _BIDS_QUERY = """
-        SELECT r.id, r.max_price_units, r.peers_max, r.min_vram_gb,
-               (SELECT COUNT(*) FROM matches m WHERE m.run_id = r.id AND m.state = 'active') AS active
-        FROM runs r WHERE r.state IN ('recruiting', 'running', 'paused')
-    """
-
-    def _asks(self, conn: sqlite3.Connection) -> tuple[list[market.Ask], dict[str, str]]:
-        asks, lease_of = [], {}
-        for row in conn.execute(self._ASKS_QUERY):
-            asks.append(
-                market.Ask(
-                    account=row["account"],
-                    price_per_hour=from_units(row["price_units"]),
-                    tflops=row["tflops"],
-                    vram_gb=row["vram_gb"],
-                    reliability=_standing(row),
-                )
-            )
-            lease_of[row["account"]] = row["lease_id"]
-        return asks, lease_of
-
-    def _bids(self, conn: sqlite3.Connection) -> list[market.Bid]:
-        return [
-            market.Bid(
-                run_id=row["id"],
-                max_price=from_units(row["max_price_units"]),
-                units=row["peers_max"] - row["active"],
-                min_vram_gb=row["min_vram_gb"],
-            )
-            for row in conn.execute(self._BIDS_QUERY)
-            if row["peers_max"] > row["active"]
-        ]
-
-    @staticmethod
-    def _round_view(row: sqlite3.Row) -> ClearingRoundView:
-        price = row["clearing_price_units"]
-        return ClearingRoundView(
-            at=row["at"],
-            clearing_price=None if price is None else from_units(price),
-            trades=row["trades"],
-            supply=row["supply"],
-            demand=row["demand"],
-            reason=row["reason"],
+        return await self._db.write(
+            lambda conn: market_store.clear(conn, now, env, config, self.run_policy),
+            None if env is None else sql.remember_refusal(env),
         )
 
     async def rounds(self, limit: int) -> list[ClearingRoundView]:
-        return await self._db.read(
-            lambda conn: [
-                self._round_view(row)
-                for row in conn.execute("SELECT * FROM rounds ORDER BY id DESC LIMIT ?", (limit,))
-            ]
-        )
+        return await self._db.read(lambda conn: market_store.rounds(conn, limit))
 
     async def market_depth(self) -> tuple[int, int]:
-        """(supply, demand): open trainer offers with a live lease, and peers wanted by live runs."""
-
-        def op(conn: sqlite3.Connection) -> tuple[int, int]:
-            return len(self._asks(conn)[0]), sum(bid.units for bid in self._bids(conn))
-
-        return await self._db.read(op)
+        return await self._db.read(market_store.depth)
 
     # ------------------------------------------------------------------------------------------ upkeep
 

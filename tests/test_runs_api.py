@@ -24,7 +24,8 @@ import pytest
 
 from coordinator.db import Database
 from coordinator.runs import RunPolicy
-from coordinator.store import MIGRATIONS, LeaseConfig, SQLiteStore
+from coordinator.schema import MIGRATIONS
+from coordinator.store import LeaseConfig, SQLiteStore
 from peer.protocol.client import ClientSettings, CoordinatorClient, CoordinatorError
 from peer.protocol.envelope import sign_request
 from peer.protocol.identity import Identity

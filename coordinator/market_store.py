@@ -1,0 +1,127 @@
+"""Persistence of the market: the live book a clearing round reads (asks from open offers, bids from live
+runs), the matches and the round it records, and the history and depth of the book.
+
+Every function takes the connection of the write (or read) it is part of;
+:class:`coordinator.store.SQLiteStore` runs them inside one transaction with the request's nonce. Who
+trades at what price is :func:`coordinator.market.clear`'s pure decision; an ask's reliability is the
+peer's standing (:func:`coordinator.offer_store.standing`), and the runs a round fills move on through
+:func:`coordinator.run_store.advance`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from coordinator import market, offer_store, run_store, runs, sql
+from peer.protocol.envelope import Envelope
+from peer.protocol.money import from_units, to_units
+from peer.protocol.schemas import ClearingRoundView
+
+_ASKS_QUERY = """
+    SELECT l.id AS lease_id, o.account, o.price_units, o.tflops, o.vram_gb, p.uptime, p.lapses,
+           p.audits_passed, p.audits_failed, p.verdicts_overturned
+    FROM leases l JOIN offers o ON o.lease_id = l.id JOIN peers p ON p.account = o.account
+    WHERE l.state = 'active' AND l.run_id IS NULL AND o.roles LIKE '%"trainer"%'
+      -- a peer that gave a run its place back (it cannot train it) or was banned from it sits out
+      -- while that run bids: the market would otherwise pick it for the run again and again
+      AND o.account NOT IN (
+        SELECT m.account FROM matches m JOIN runs r ON r.id = m.run_id
+        WHERE m.state IN ('left', 'banned') AND r.state IN ('recruiting', 'running', 'paused'))
+"""
+_BIDS_QUERY = """
+    SELECT r.id, r.max_price_units, r.peers_max, r.min_vram_gb,
+           (SELECT COUNT(*) FROM matches m WHERE m.run_id = r.id AND m.state = 'active') AS active
+    FROM runs r WHERE r.state IN ('recruiting', 'running', 'paused')
+"""
+
+
+def clear(
+    conn: sqlite3.Connection,
+    now: float,
+    env: Envelope | None,
+    config: market.MarketConfig,
+    policy: runs.RunPolicy,
+) -> ClearingRoundView | None:
+    """One clearing round over the live book, decided by :func:`coordinator.market.clear`.
+
+    A scheduled round (no ``env``) over an empty side of the book is skipped and returns None, so the
+    history only holds rounds that could have traded; an admin's round is always recorded.
+    """
+    if env is not None:
+        sql.claim_nonce(conn, env)
+    asks, lease_of = _asks(conn)
+    bids = _bids(conn)
+    if env is None and not (asks and bids):
+        return None
+    result = market.clear(asks, bids, config)
+    for match in result.matches:
+        units = to_units(match.price_per_hour)
+        conn.execute(
+            "INSERT INTO matches (run_id, lease_id, account, price_units, state, matched_at)"
+            " VALUES (?, ?, ?, ?, 'active', ?)",
+            (match.run_id, lease_of[match.account], match.account, units, now),
+        )
+        conn.execute(
+            "UPDATE leases SET run_id = ?, price_units = ? WHERE id = ?",
+            (match.run_id, units, lease_of[match.account]),
+        )
+    run_store.advance(conn, now, policy)  # recruiting or paused runs may now run
+    price = None if result.clearing_price is None else to_units(result.clearing_price)
+    cursor = conn.execute(
+        "INSERT INTO rounds (at, clearing_price_units, trades, supply, demand, reason)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (now, price, len(result.matches), result.supply, result.demand, result.reason),
+    )
+    return _round_view(conn.execute("SELECT * FROM rounds WHERE id = ?", (cursor.lastrowid,)).fetchone())
+
+
+def _asks(conn: sqlite3.Connection) -> tuple[list[market.Ask], dict[str, str]]:
+    asks, lease_of = [], {}
+    for row in conn.execute(_ASKS_QUERY):
+        asks.append(
+            market.Ask(
+                account=row["account"],
+                price_per_hour=from_units(row["price_units"]),
+                tflops=row["tflops"],
+                vram_gb=row["vram_gb"],
+                reliability=offer_store.standing(row),
+            )
+        )
+        lease_of[row["account"]] = row["lease_id"]
+    return asks, lease_of
+
+
+def _bids(conn: sqlite3.Connection) -> list[market.Bid]:
+    return [
+        market.Bid(
+            run_id=row["id"],
+            max_price=from_units(row["max_price_units"]),
+            units=row["peers_max"] - row["active"],
+            min_vram_gb=row["min_vram_gb"],
+        )
+        for row in conn.execute(_BIDS_QUERY)
+        if row["peers_max"] > row["active"]
+    ]
+
+
+def _round_view(row: sqlite3.Row) -> ClearingRoundView:
+    price = row["clearing_price_units"]
+    return ClearingRoundView(
+        at=row["at"],
+        clearing_price=None if price is None else from_units(price),
+        trades=row["trades"],
+        supply=row["supply"],
+        demand=row["demand"],
+        reason=row["reason"],
+    )
+
+
+def rounds(conn: sqlite3.Connection, limit: int) -> list[ClearingRoundView]:
+    return [
+        _round_view(row) for row in conn.execute("SELECT * FROM rounds ORDER BY id DESC LIMIT ?", (limit,))
+    ]
+
+
+def depth(conn: sqlite3.Connection) -> tuple[int, int]:
+    """(supply, demand): open trainer offers with a live lease, and peers wanted by live runs."""
+    return len(_asks(conn)[0]), sum(bid.units for bid in _bids(conn))

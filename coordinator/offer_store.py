@@ -1,0 +1,222 @@
+"""Persistence of offers and the leases they open: posting an offer, renewing its lease by heartbeat, the
+book of offers, the peers behind them, and the standing the market prices each peer by.
+
+Every function takes the connection of the write (or read) it is part of;
+:class:`coordinator.store.SQLiteStore` runs them inside one transaction with the request's nonce. Decisions
+(credited uptime, reliability, lapses) are :mod:`coordinator.leases`'s pure functions; this module reads the
+state they need and writes what they return.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from coordinator import leases, sql, verification
+from coordinator.errors import Conflict, Forbidden, NotFound
+from peer.protocol.envelope import Envelope
+from peer.protocol.money import from_units, to_units
+from peer.protocol.schemas import LeaseView, OfferBody, OfferResponse, OfferView, PeerView, Telemetry
+
+
+class LeaseTimes(Protocol):
+    """How often a lease's peer must renew it, and how long it lives unrenewed
+    (:class:`coordinator.store.LeaseConfig`)."""
+
+    @property
+    def heartbeat_interval(self) -> float: ...
+    @property
+    def ttl(self) -> float: ...
+
+
+OFFER_QUERY = """
+    SELECT o.*, l.state AS lease_state, l.run_id, p.uptime, p.lapses, p.audits_passed, p.audits_failed,
+           p.verdicts_overturned
+    FROM offers o JOIN leases l ON l.id = o.lease_id JOIN peers p ON p.account = o.account
+"""
+
+
+def standing_of(conn: sqlite3.Connection, account: str) -> float:
+    row = conn.execute("SELECT * FROM peers WHERE account = ?", (account,)).fetchone()
+    return standing(row) if row else leases.reliability(0.0, 0)
+
+
+def standing(row: Mapping[str, Any]) -> float:
+    """A peer's reliability as the market prices it: uptime against lapses, times its audit reputation."""
+    return leases.reliability(row["uptime"], row["lapses"]) * verification.reputation(
+        row["audits_passed"], row["audits_failed"] + row["verdicts_overturned"]
+    )
+
+
+def lease_view(row: Mapping[str, Any], times: LeaseTimes) -> LeaseView:
+    return LeaseView(
+        id=row["id"],
+        account=row["account"],
+        state=row["state"],
+        heartbeat_interval=times.heartbeat_interval,
+        expires_at=row["last_heartbeat"] + times.ttl,
+        run_id=row["run_id"],
+        price_per_hour=None if row["price_units"] is None else from_units(row["price_units"]),
+    )
+
+
+def offer_view(row: sqlite3.Row) -> OfferView:
+    state = "offline" if row["lease_state"] != "active" else "matched" if row["run_id"] else "open"
+    return OfferView(
+        account=row["account"],
+        price_per_hour=from_units(row["price_units"]),
+        gpu=row["gpu"],
+        gpu_count=row["gpu_count"],
+        vram_gb=row["vram_gb"],
+        tflops=row["tflops"],
+        reliability=standing(row),
+        roles=json.loads(row["roles"]),
+        min_lease_seconds=row["min_lease_seconds"],
+        state=state,
+        lease_id=row["lease_id"],
+        peer_id=row["peer_id"],
+        maddrs=json.loads(row["maddrs"]),
+        updated_at=row["updated_at"],
+    )
+
+
+def post_offer(
+    conn: sqlite3.Connection,
+    now: float,
+    env: Envelope,
+    body: OfferBody,
+    times: LeaseTimes,
+) -> OfferResponse:
+    account = env.account
+    sql.claim_nonce(conn, env)
+    conn.execute("INSERT OR IGNORE INTO peers (account) VALUES (?)", (account,))
+    row = conn.execute(
+        "SELECT l.* FROM offers o JOIN leases l ON l.id = o.lease_id"
+        " WHERE o.account = ? AND l.state = 'active'",
+        (account,),
+    ).fetchone()
+    if row is not None:
+        lease_id = row["id"]
+        _renew(conn, row, now, times.ttl)
+    else:
+        lease_id = secrets.token_hex(8)
+        conn.execute(
+            "INSERT INTO leases (id, account, state, created_at, last_heartbeat)"
+            " VALUES (?, ?, 'active', ?, ?)",
+            (lease_id, account, now, now),
+        )
+    hw = body.hardware
+    conn.execute(
+        """INSERT INTO offers (account, price_units, gpu, gpu_count, vram_gb, tflops, ram_gb,
+                               cpu_cores, roles, min_lease_seconds, peer_id, maddrs, lease_id,
+                               updated_at)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+           ON CONFLICT (account) DO UPDATE SET
+             price_units = excluded.price_units, gpu = excluded.gpu, gpu_count = excluded.gpu_count,
+             vram_gb = excluded.vram_gb, tflops = excluded.tflops, ram_gb = excluded.ram_gb,
+             cpu_cores = excluded.cpu_cores, roles = excluded.roles,
+             min_lease_seconds = excluded.min_lease_seconds, peer_id = excluded.peer_id,
+             maddrs = excluded.maddrs, lease_id = excluded.lease_id,
+             updated_at = excluded.updated_at""",
+        (
+            account,
+            to_units(body.price_per_hour),
+            hw.gpu,
+            hw.gpu_count,
+            hw.vram_gb,
+            hw.tflops,
+            hw.ram_gb,
+            hw.cpu_cores,
+            json.dumps(sorted(set(body.roles))),
+            body.min_lease_seconds,
+            body.peer_id,
+            json.dumps(body.maddrs),
+            lease_id,
+            now,
+        ),
+    )
+    offer = conn.execute(OFFER_QUERY + " WHERE o.account = ?", (account,)).fetchone()
+    lease = conn.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
+    return OfferResponse(offer=offer_view(offer), lease=lease_view(lease, times))
+
+
+def _renew(conn: sqlite3.Connection, lease: sqlite3.Row, now: float, ttl: float) -> None:
+    uptime = leases.credited_uptime(now, lease["last_heartbeat"], ttl)
+    conn.execute("UPDATE leases SET last_heartbeat = ? WHERE id = ?", (now, lease["id"]))
+    conn.execute("UPDATE peers SET uptime = uptime + ? WHERE account = ?", (uptime, lease["account"]))
+
+
+def heartbeat(
+    conn: sqlite3.Connection,
+    now: float,
+    env: Envelope,
+    lease_id: str,
+    telemetry: Telemetry | None,
+    times: LeaseTimes,
+) -> LeaseView:
+    sql.claim_nonce(conn, env)
+    lease = conn.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
+    if lease is None:
+        raise NotFound(f"lease {lease_id!r} does not exist", field="lease_id")
+    if lease["account"] != env.account:
+        raise Forbidden(f"lease {lease_id!r} belongs to another account", field="lease_id")
+    if lease["state"] != "active":
+        raise Conflict(
+            f"lease {lease_id!r} has {lease['state']}; post your offer again for a new lease",
+            code=f"lease_{lease['state']}",
+            field="lease_id",
+        )
+    _renew(conn, lease, now, times.ttl)
+    if telemetry is not None:
+        conn.execute(
+            "UPDATE offers SET power_w = ?, temperature_c = ?, utilization_pct = ?, telemetry_at = ?"
+            " WHERE account = ?",
+            (telemetry.power_w, telemetry.temperature_c, telemetry.utilization_pct, now, env.account),
+        )
+    return lease_view({**dict(lease), "last_heartbeat": now}, times)
+
+
+def offers(conn: sqlite3.Connection) -> list[OfferView]:
+    return [offer_view(row) for row in conn.execute(OFFER_QUERY + " ORDER BY o.account")]
+
+
+def peers(conn: sqlite3.Connection) -> list[PeerView]:
+    """Every peer with an offer: its standing, the samples of its paid reports, what it earned and
+    its last telemetry (one query, for the dashboard)."""
+    query = (
+        "SELECT q.*, (SELECT COALESCE(SUM(r.samples), 0) FROM reports r"
+        " WHERE r.account = q.account AND r.pay_state = 'paid') AS verified,"
+        " COALESCE((SELECT b.units FROM books b WHERE b.name = 'earned:' || q.account), 0) AS earned"
+        f" FROM ({OFFER_QUERY}) q"
+    )
+    return [_peer_view(row) for row in conn.execute(query + " ORDER BY q.account")]
+
+
+def _peer_view(row: sqlite3.Row) -> PeerView:
+    offer = offer_view(row)
+    telemetry = (
+        Telemetry(
+            power_w=row["power_w"],
+            temperature_c=row["temperature_c"],
+            utilization_pct=row["utilization_pct"],
+        )
+        if row["telemetry_at"] is not None
+        else None
+    )
+    return PeerView(
+        account=offer.account,
+        gpu=offer.gpu,
+        gpu_count=offer.gpu_count,
+        state=offer.state,
+        reliability=offer.reliability,
+        samples=row["verified"],
+        earned=from_units(row["earned"]),
+        audits_passed=row["audits_passed"],
+        audits_failed=row["audits_failed"],
+        run_id=row["run_id"] if offer.state == "matched" else None,
+        telemetry=telemetry,
+        telemetry_at=row["telemetry_at"],
+    )
