@@ -13,6 +13,14 @@ LAPSE_COST_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
+class LeaseConfig:
+    """How often a lease's peer must renew it (``heartbeat_interval``), and how long it lives unrenewed."""
+
+    heartbeat_interval: float
+    ttl: float
+
+
+@dataclass(frozen=True)
 class LeaseState:
     id: str
     account: str

@@ -13,24 +13,14 @@ import json
 import secrets
 import sqlite3
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from coordinator import leases, sql, verification
 from coordinator.errors import Conflict, Forbidden, NotFound
+from coordinator.leases import LeaseConfig
 from peer.protocol.envelope import Envelope
 from peer.protocol.money import from_units, to_units
 from peer.protocol.schemas import LeaseView, OfferBody, OfferResponse, OfferView, PeerView, Telemetry
-
-
-class LeaseTimes(Protocol):
-    """How often a lease's peer must renew it, and how long it lives unrenewed
-    (:class:`coordinator.store.LeaseConfig`)."""
-
-    @property
-    def heartbeat_interval(self) -> float: ...
-    @property
-    def ttl(self) -> float: ...
-
 
 OFFER_QUERY = """
     SELECT o.*, l.state AS lease_state, l.run_id, p.uptime, p.lapses, p.audits_passed, p.audits_failed,
@@ -51,7 +41,7 @@ def standing(row: Mapping[str, Any]) -> float:
     )
 
 
-def lease_view(row: Mapping[str, Any], times: LeaseTimes) -> LeaseView:
+def lease_view(row: Mapping[str, Any], times: LeaseConfig) -> LeaseView:
     return LeaseView(
         id=row["id"],
         account=row["account"],
@@ -88,7 +78,7 @@ def post_offer(
     now: float,
     env: Envelope,
     body: OfferBody,
-    times: LeaseTimes,
+    times: LeaseConfig,
 ) -> OfferResponse:
     account = env.account
     sql.claim_nonce(conn, env)
@@ -155,7 +145,7 @@ def heartbeat(
     env: Envelope,
     lease_id: str,
     telemetry: Telemetry | None,
-    times: LeaseTimes,
+    times: LeaseConfig,
 ) -> LeaseView:
     sql.claim_nonce(conn, env)
     lease = conn.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()

@@ -9,10 +9,11 @@ import uvloop
 
 from coordinator.app import Coordinator
 from coordinator.db import StoreUnavailable
+from coordinator.leases import LeaseConfig
 from coordinator.routes import create_app
 from coordinator.runs import RunPolicy
 from coordinator.settings import ServerSettings
-from coordinator.store import LeaseConfig, open_store
+from coordinator.store import open_store
 from peer.protocol.commands import InputError, serve_until_signal
 from peer.protocol.dataset import DatasetError
 from peer.protocol.dataset_server import dataset_routes, open_datasets

@@ -18,7 +18,6 @@ holds the upkeep that spans them all (lapse sweeps, resuming after a restart, co
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
@@ -39,6 +38,7 @@ from coordinator import (
     sql,
 )
 from coordinator.db import Database
+from coordinator.leases import LeaseConfig
 from coordinator.schema import MIGRATIONS
 from peer.protocol import states
 from peer.protocol.envelope import Envelope
@@ -62,12 +62,6 @@ from peer.protocol.schemas import (
     RunView,
     Telemetry,
 )
-
-
-@dataclass(frozen=True)
-class LeaseConfig:
-    heartbeat_interval: float
-    ttl: float
 
 
 class Store(Protocol):

@@ -23,9 +23,10 @@ import aiohttp
 import pytest
 
 from coordinator.db import Database
+from coordinator.leases import LeaseConfig
 from coordinator.runs import RunPolicy
 from coordinator.schema import MIGRATIONS
-from coordinator.store import LeaseConfig, SQLiteStore
+from coordinator.store import SQLiteStore
 from peer.protocol.client import ClientSettings, CoordinatorClient, CoordinatorError
 from peer.protocol.envelope import sign_request
 from peer.protocol.identity import Identity
