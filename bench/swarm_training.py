@@ -36,7 +36,7 @@ Why these figures and how they are measured:
   not end at a given step: the coordinator counts a report's samples once its audits pass, so peers
   train one or two steps past the target before the run settles, and its uploaded model would have
   more steps than the baselines. The swarm's model is instead read from a peer's per-epoch checkpoint
-  (``$HIVEMARKET_HOME/runs/RUN/checkpoint.pt``, README "Joining late") the moment one holds exactly
+  (``$HIVEMARKET_HOME/runs/RUN/checkpoint.pt``, docs/training.md, "Joining late") the moment one holds exactly
   ``--steps`` steps; the run's ``stop.samples`` is ``--steps`` x ``batch.target`` so that its schedule
   ends where the baselines' does. Once that model is read and every member of the rounds of those
   steps has logged them, the market is stopped: what happens after is not measured.
