@@ -1,7 +1,8 @@
-"""Helpers every ``hivemarket`` command shares: errors users see, JSON output, identities, signals.
+"""Helpers the peer's ``hivemarket`` commands share: tables, JSON output, identities, signals.
 
 Exit codes: 0 ok, 1 a failure while running, 2 usage or bad input (a one-line ``Error: ...`` naming the
-problem, never a traceback).
+problem, never a traceback; :class:`peer.protocol.commands.InputError`, which the coordinator's command
+raises too).
 """
 
 from __future__ import annotations
