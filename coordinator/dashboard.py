@@ -196,7 +196,7 @@ def _runs(board: Board) -> str:
                 f'<a href="/?run={_e(r.id)}">{_e(r.id)}</a>',
                 _e(r.name),
                 _state(r.state),
-                _e(r.reason),
+                _e(r.reason if r.waiting_for is None else f"{r.reason}; not matched: {r.waiting_for}"),
                 f'<progress max="{target}" value="{min(r.samples, target)}"></progress> '
                 f"{r.samples}/{r.target_samples}",
                 str(r.epoch),

@@ -195,6 +195,59 @@ def clear(asks: Sequence[Ask], bids: Sequence[Bid], config: MarketConfig | None 
     return result(a_k if k > 1 else None, matches, reason + _unmatched_note(k - 1, matches))
 
 
+def shortfalls(
+    asks: Sequence[Ask], bids: Sequence[Bid], result: ClearingResult, config: MarketConfig | None = None
+) -> dict[str, str | None]:
+    """Why each bid got fewer peers than it wanted in the round that gave ``result`` (None for a bid that
+    got them all), in the words a launcher acts on.
+
+    The first cause that applies, looking at the bid alone: no open offer; no offer with the VRAM it
+    needs; too few of those asking at most its price (the lowest ask above it, and the price that would
+    reach the peers it wants); else the offers it could have had went to higher bids, or the round's
+    trade reduction left its marginal trade out.
+    """
+    grid = _Grid.of((config or MarketConfig()).price_quantum)
+    sellers, _ = _supply(asks, grid)
+    buyers, _, _ = _demand(bids, grid)
+    matched: dict[str, int] = {}
+    for match in result.matches:
+        matched[match.run_id] = matched.get(match.run_id, 0) + 1
+    reasons: dict[str, str | None] = {bid.run_id: None for bid in bids}
+    for price, bid in buyers:
+        got = matched.get(bid.run_id, 0)
+        if got >= bid.units:
+            continue
+        so_far = f"matched {got} of {bid.units} more peers wanted; " if got else ""
+        fit = [quanta for quanta, _, ask, _, _ in sellers if ask.vram_gb >= bid.min_vram_gb]
+        if not sellers:
+            why = "no open offers in the market"
+        elif not fit:
+            most = max(ask.vram_gb for _, _, ask, _, _ in sellers)
+            why = (
+                f"no offer has the {bid.min_vram_gb:g} GB of VRAM the run needs "
+                f"({_count(len(sellers), 'open offer')}, with at most {most:g} GB)"
+            )
+        elif (affordable := bisect_right(fit, price)) < bid.units:
+            reach = min(bid.units, len(fit))
+            above = (
+                f"; the lowest ask above it is {grid.decimal(fit[affordable])}, and a max price of "
+                f"{grid.decimal(fit[reach - 1])} would reach {_count(reach, 'offer')}"
+                if affordable < len(fit)
+                else ""
+            )
+            why = (
+                f"{_count(len(fit), 'offer')} with the VRAM, {affordable} asking at most the bid's "
+                f"{grid.decimal(price)} per effective TFLOP-hour{above}"
+            )
+        else:
+            why = (
+                f"the bid reaches {_count(affordable, 'offer')} with the VRAM, but the round gave them to "
+                f"higher bids or its trade reduction left them out ({result.reason})"
+            )
+        reasons[bid.run_id] = so_far + why
+    return reasons
+
+
 # Words in a thin-market reason when a trading order set its own price (the round is not truthful).
 SET_BY_A_TRADER = "set by a trading order"
 

@@ -51,9 +51,10 @@ def clear(
         sql.claim_nonce(conn, env)
     asks, lease_of = _asks(conn)
     bids = _bids(conn)
+    result = market.clear(asks, bids, config)
+    _record_shortfalls(conn, market.shortfalls(asks, bids, result, config))
     if env is None and not (asks and bids):
         return None
-    result = market.clear(asks, bids, config)
     for match in result.matches:
         units = to_units(match.price_per_hour)
         conn.execute(
@@ -73,6 +74,20 @@ def clear(
         (now, price, len(result.matches), result.supply, result.demand, result.reason),
     )
     return _round_view(conn.execute("SELECT * FROM rounds WHERE id = ?", (cursor.lastrowid,)).fetchone())
+
+
+def _record_shortfalls(conn: sqlite3.Connection, reasons: dict[str, str | None]) -> None:
+    """Each bidding run's reason for being short of peers (None: it got them); a run that no longer bids
+    has none. Written only where it changed, so a quiet market does not rewrite every run each round."""
+    stale = conn.execute("SELECT id FROM runs WHERE market_reason IS NOT NULL").fetchall()
+    for run_id, reason in [
+        *((row["id"], None) for row in stale if row["id"] not in reasons),
+        *reasons.items(),
+    ]:
+        conn.execute(
+            "UPDATE runs SET market_reason = ? WHERE id = ? AND market_reason IS NOT ?",
+            (reason, run_id, reason),
+        )
 
 
 def _asks(conn: sqlite3.Connection) -> tuple[list[market.Ask], dict[str, str]]:

@@ -87,11 +87,13 @@ def advance(
             last_report_at=row["last_report_at"],
             model_uploaded=row["model_sha256"] is not None,
             audits_pending=row["audits_pending"],
+            market_reason=row["market_reason"],
         )
         config = runs.RunConfig(
             peers_min=row["peers_min"],
             target_samples=row["target_samples"] or 0,
             wait_seconds=row["wait_seconds"],
+            recruit_seconds=row["recruit_seconds"],
             settle_timeout=policy.settle_timeout,
             stall_timeout=policy.stall_timeout,
         )
@@ -137,8 +139,8 @@ def create_run(conn: sqlite3.Connection, now: float, env: Envelope, body: RunBod
     conn.execute(
         """INSERT INTO runs (id, owner, name, state, spec, max_price_units, peers_min, peers_max,
                              min_vram_gb, budget_units, created_at, state_since, reason, target_samples,
-                             wait_seconds, audit_key, audit_policy)
-           VALUES (?, ?, ?, 'recruiting', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                             wait_seconds, recruit_seconds, audit_key, audit_policy)
+           VALUES (?, ?, ?, 'recruiting', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
         (
             run_id,
             env.account,
@@ -154,6 +156,7 @@ def create_run(conn: sqlite3.Connection, now: float, env: Envelope, body: RunBod
             f"recruiting {body.peers_min} to {body.peers_max} peers",
             spec.stop.samples,
             spec.peers.wait_seconds,
+            spec.peers.recruit_seconds,
             audit_store.new_key(),
             audit_store.policy_json(spec),
         ),
@@ -272,6 +275,7 @@ def run_views(conn: sqlite3.Connection, rows: Sequence[sqlite3.Row], *, one: boo
                 peers_min=row["peers_min"],
                 peers_max=row["peers_max"],
                 min_vram_gb=row["min_vram_gb"],
+                market_reason=row["market_reason"],
                 budget=from_units(row["budget_units"]),
                 escrow=from_units(books.get(book, 0)),
                 held=from_units(held),

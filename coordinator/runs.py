@@ -1,12 +1,14 @@
 """Run lifecycle decisions and the pay rule: pure functions of (now, state, config), no I/O and no clock.
 
-A run moves ``recruiting -> running -> settling -> finished`` (once the final model is uploaded and
-every audit decided, or after the settle timeout); ``running <-> paused`` while its live peers
-fall below the minimum and replacements arrive; ``paused -> failed`` when none arrive in time,
-``running -> failed`` when live peers report nothing for the stall timeout, and any live run can be
-``cancelled`` by its owner. The store gathers a :class:`RunStatus`, asks :func:`decide`
-(or :func:`advance`, which follows a chain of transitions) and writes what it returns, with the reason,
-so that every change of state can be explained from the run's own record.
+A run moves ``recruiting -> running -> settling -> finished`` (once the final model is uploaded and every
+audit decided, or after the settle timeout); ``running <-> paused`` while its live peers fall below the
+minimum and replacements arrive; ``paused -> failed`` when none arrive in time, ``recruiting -> failed`` when
+the run has not had its minimum of peers by its recruiting deadline (the reason quotes the market's, so a
+launcher learns why nobody served it; nothing was spent, so the whole escrow returns), ``running -> failed``
+when live peers report nothing for the stall timeout, and any live run can be ``cancelled`` by its owner. The
+store gathers a :class:`RunStatus`, asks :func:`decide` (or :func:`advance`, which follows a chain of
+transitions) and writes what it returns, with the reason, so that every change of state can be explained from
+the run's own record.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ class RunConfig:
     """What one run was launched with.
 
     ``target_samples`` is ``spec.stop.samples``; 0 only for runs created before specs were validated,
-    which have no target and never settle by samples. ``wait_seconds`` is ``spec.peers.wait_seconds``.
+    which have no target and never settle by samples. ``wait_seconds`` is ``spec.peers.wait_seconds``,
+    ``recruit_seconds`` ``spec.peers.recruit_seconds`` (None for runs created before it existed: they
+    recruit without a deadline).
     """
 
     peers_min: int
@@ -43,6 +47,7 @@ class RunConfig:
     wait_seconds: float
     settle_timeout: float
     stall_timeout: float = 600.0
+    recruit_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class RunStatus:
     last_report_at: float | None = None  # when the last report was accepted
     model_uploaded: bool = False
     audits_pending: int = 0
+    market_reason: str | None = None  # why the last clearing round left it short of peers
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,13 @@ def decide(now: float, status: RunStatus, config: RunConfig) -> Transition | Non
         return Transition("paused", f"{live}; waiting up to {config.wait_seconds:g} s for replacements")
     if state == "paused" and now - status.state_since > config.wait_seconds:
         return Transition("failed", f"paused {config.wait_seconds:g} s without replacements ({live})")
+    if (
+        state == "recruiting"
+        and config.recruit_seconds is not None
+        and now - status.state_since > config.recruit_seconds
+    ):
+        why = status.market_reason or "no clearing round has looked at it"
+        return Transition("failed", f"recruited {live} in {config.recruit_seconds:g} s: {why}")
     return None
 
 

@@ -178,4 +178,10 @@ MIGRATIONS = (
     ALTER TABLE offers ADD COLUMN utilization_pct REAL;
     ALTER TABLE offers ADD COLUMN telemetry_at REAL
     """,
+    # Recruiting deadlines and why a run is not matched. Runs created before have no deadline (NULL): they
+    # recruit as long as they were launched to.
+    """
+    ALTER TABLE runs ADD COLUMN recruit_seconds REAL;
+    ALTER TABLE runs ADD COLUMN market_reason TEXT
+    """,
 )

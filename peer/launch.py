@@ -99,9 +99,10 @@ class Progress:
         if self.first_samples is not None and elapsed > 0 and view.samples > self.first_samples:
             rate = (view.samples - self.first_samples) / elapsed
             eta = f"{max(0.0, (view.target_samples - view.samples) / rate):.0f}s"
+        waiting = "" if view.waiting_for is None else f" (not matched: {view.waiting_for})"
         return (
             f"[{bar}] {done}/{view.target_samples} samples  loss {loss}  peers {live}  "
-            f"spent {fmt_money(view.spent)}  eta {eta}  {view.state}"
+            f"spent {fmt_money(view.spent)}  eta {eta}  {view.state}{waiting}"
         )
 
 
@@ -127,6 +128,8 @@ async def watch(client: CoordinatorClient, run_id: str, interval: float, echo: b
 def print_run(view: RunView) -> None:
     click.echo(f"run       {view.id}  {view.name}")
     click.echo(f"state     {view.state}  ({view.reason})")
+    if view.waiting_for is not None:
+        click.echo(f"market    not matched: {view.waiting_for}")
     click.echo(
         f"progress  {view.samples}/{view.target_samples} samples, epoch {view.epoch}, loss "
         f"{'-' if view.loss is None else f'{view.loss:.4f}'}"
@@ -165,6 +168,12 @@ def print_run(view: RunView) -> None:
     "--max-price", metavar="P", help="Highest price per effective TFLOP-hour [default: spec price.max]."
 )
 @click.option("--peers", "peers", metavar="MIN:MAX", help="Peers to train with [default: spec peers].")
+@click.option(
+    "--min-vram-gb",
+    type=click.FloatRange(0, 10_000),
+    metavar="GB",
+    help="GPU memory each peer needs [default: spec peers.min_vram_gb].",
+)
 @click.option("--detach", is_flag=True, help="Create the run and exit without following it.")
 @click.option(
     "--identity", "identity_path", type=click.Path(dir_okay=False), help="Key file of your account."
@@ -176,6 +185,7 @@ def launch(
     budget: str | None,
     max_price: str | None,
     peers: str | None,
+    min_vram_gb: float | None,
     detach: bool,
     identity_path: str | None,
     as_json: bool,
@@ -208,6 +218,7 @@ def launch(
         max_price=f"{price_value:f}",
         peers_min=peers_min,
         peers_max=peers_max,
+        min_vram_gb=spec.peers.min_vram_gb if min_vram_gb is None else min_vram_gb,
         budget=f"{budget_value:f}",
     )
     created = call(client, lambda c: c.create_run(body))

@@ -14,7 +14,16 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from coordinator.market import SET_BY_A_TRADER, Ask, Bid, ClearingResult, MarketConfig, Match, clear
+from coordinator.market import (
+    SET_BY_A_TRADER,
+    Ask,
+    Bid,
+    ClearingResult,
+    MarketConfig,
+    Match,
+    clear,
+    shortfalls,
+)
 
 D = Decimal
 CONFIG = MarketConfig()
@@ -413,4 +422,29 @@ def test_an_accounts_cheapest_ask_is_the_one_that_counts() -> None:
     assert result.matches == (
         Match("r", "s1", D("0.5"), D("0.5"), D("0.5")),
         Match("r", "s2", D("0.5"), D("0.5"), D("0.5")),
+    )
+
+
+def test_shortfalls_name_the_first_cause_a_launcher_can_act_on() -> None:
+    # Normalised asks: s1 0.10, s2 0.20, s3 0.30, s4 0.40, s5 0.50, each with 24 GB.
+    def why(asks: list[Ask], bids: list[Bid]) -> dict[str, str | None]:
+        return shortfalls(asks, bids, clear(asks, bids, CONFIG), CONFIG)
+
+    assert why([], [Bid("ra", D("0.9"), 2, 0.0)]) == {"ra": "no open offers in the market"}
+    assert why(SELLERS, [Bid("ra", D("0.9"), 1, 48.0)]) == {
+        "ra": "no offer has the 48 GB of VRAM the run needs (5 open offers, with at most 24 GB)"
+    }
+    assert why(SELLERS, [Bid("ra", D("0.9"), 2, 0.0)]) == {"ra": None}  # it got both
+    # Two offers are affordable, three wanted; trade reduction leaves one trade of the two.
+    assert why(SELLERS, [Bid("ra", D("0.25"), 3, 0.0)]) == {
+        "ra": "matched 1 of 3 more peers wanted; 5 offers with the VRAM, 2 asking at most the bid's 0.250000"
+        " per effective TFLOP-hour; the lowest ask above it is 0.300000, and a max price of 0.300000 would"
+        " reach 3 offers"
+    }
+    # Outbid: the one offer goes to the higher bid.
+    reasons = why(SELLERS[:1], [Bid("ra", D("0.9"), 1, 0.0), Bid("rb", D("0.5"), 1, 0.0)])
+    assert reasons["ra"] is None
+    assert reasons["rb"] == (
+        "the bid reaches 1 offer with the VRAM, but the round gave them to higher bids or its trade"
+        " reduction left them out (thin market: 1 trade at uniform price 0.500000, the first losing bid)"
     )

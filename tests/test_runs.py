@@ -174,3 +174,14 @@ def test_a_running_run_without_reports_fails_after_the_stall_timeout() -> None:
     fresh = RunStatus(state="running", state_since=0.0, active=2, samples=0, escrow_units=5)
     assert decide(99.0, fresh, config) is None  # counted from the start when nothing was reported yet
     assert decide(101.0, fresh, config) is not None
+
+
+def test_recruiting_fails_at_its_deadline_quoting_the_market() -> None:
+    config = replace(CONFIG, recruit_seconds=60.0)
+    waiting = replace(status("recruiting", active=1), market_reason="no open offers in the market")
+    assert decide(160.0, waiting, config) is None  # "longer than": not at the bound
+    assert decide(160.5, waiting, config) == Transition(
+        "failed", "recruited 1 of min 2 peers live in 60 s: no open offers in the market"
+    )
+    assert decide(160.5, replace(waiting, active=2), config) == Transition("running", "2 of min 2 peers live")
+    assert decide(10_000.0, waiting, CONFIG) is None  # a run created before deadlines recruits on

@@ -318,6 +318,11 @@ class RunView(View):
     peers_min: int
     peers_max: int
     min_vram_gb: float
+    market_reason: str | None = Field(
+        None,
+        description="Why the last clearing round did not give the run every peer it bids for (the "
+        "reason a recruiting or paused run waits); None when it got them or no round has looked yet.",
+    )
     budget: Money
     escrow: Money
     held: Money = Field(
@@ -337,6 +342,11 @@ class RunView(View):
     peers: list[RunPeerView]
     model: ModelView | None
     created_at: float
+
+    @property
+    def waiting_for(self) -> str | None:
+        """Why the run waits for peers, while it does (recruiting or paused): the market's reason."""
+        return self.market_reason if self.state in ("recruiting", "paused") else None
 
 
 class RunList(View):

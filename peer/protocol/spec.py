@@ -118,6 +118,16 @@ class PeersSpec(Section):
     wait_seconds: float = Field(
         120.0, gt=0, le=7 * 24 * 3600, description="How long a paused run waits for replacements."
     )
+    recruit_seconds: float = Field(
+        600.0,
+        gt=0,
+        le=7 * 24 * 3600,
+        description="How long a new run may recruit before it has min peers; then it fails, with the "
+        "market's reason, and its escrow is refunded in full.",
+    )
+    min_vram_gb: float = Field(
+        0.0, ge=0, le=10_000, description="GPU memory each peer needs, in GB; offers with less never match."
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> PeersSpec:
