@@ -1,9 +1,11 @@
 """Researcher commands: ``hivemarket launch SPEC`` and ``hivemarket runs [show|cancel|fetch]``.
 
-``launch`` validates the spec locally (errors name the field), resolves ``stop.epochs`` into samples from
-the dataset's manifest, escrows the budget by creating the run, and follows it with a progress line
-until it ends. Exit status: 0 when the run finished, 1 when it failed or was cancelled (or on a failure
-to reach the coordinator), 2 for bad input.
+``launch`` validates the spec locally (errors name the field), makes sure the coordinator answers,
+resolves ``stop.epochs`` into samples from the dataset's manifest, escrows the budget by creating the run,
+and follows it with a progress line until it ends. A failure after the spec names the step that failed
+(reaching the coordinator, finding the dataset, creating the run, following it) and what to do. Exit
+status: 0 when the run finished, 1 when it failed or was cancelled (or on a failure to reach the
+coordinator), 2 for bad input.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -26,6 +29,8 @@ from peer.protocol.schemas import RunBody, RunView, unauditable
 from peer.protocol.spec import RunSpec, SpecError, load_spec
 from peer.protocol.states import ENDED
 from peer.settings import load_settings
+
+T = TypeVar("T")
 
 
 def _peers_range(value: str | None, spec: RunSpec) -> tuple[int, int]:
@@ -69,13 +74,26 @@ def resolve_spec(spec: RunSpec, coordinator: str) -> dict[str, Any]:
             version = data["dataset"]["version"] = named[0]["version"]
         manifest = asyncio.run(fetch_manifest(location, version))
     except DatasetUnreachable as e:
-        raise click.ClickException(f"cannot reach the dataset at {location}: {e}") from None
+        raise click.ClickException(
+            f"cannot reach the dataset at {location}: {e}; check spec.dataset.location and that its server "
+            "runs (`hivemarket data serve`, or `coordinator serve --dataset`)"
+        ) from None
     except DatasetError as e:
         raise InputError(f"spec.dataset: {e}") from None
     if spec.stop.samples is None:
         train = manifest.samples - len(test_ids(manifest.samples, spec.dataset.test_every))
         data["stop"] = {"samples": spec.target_samples(train)}
     return data
+
+
+def _step(what: str, action: Callable[[], T], todo: str = "") -> T:
+    """One step of ``launch``: its failure says which step failed and, where it helps, what to do (the
+    exit status stays the failure's own)."""
+    try:
+        return action()
+    except click.ClickException as e:
+        e.message = f"{what}: {e.message}" + (f"; {todo}" if todo else "")
+        raise
 
 
 @dataclass
@@ -213,15 +231,23 @@ def launch(
     if refusal is not None:
         raise InputError(f"--peers {peers_min}:{peers_max}: {refusal}")
     client = client_for(coordinator, load_cli_identity(identity_path, load_settings(), create_default=True))
+    _step(
+        "reaching the coordinator",
+        lambda: call(client_for(coordinator), lambda c: c.health()),
+        "check --coordinator (or $HIVEMARKET_COORDINATOR) and that `hivemarket coordinator serve` runs there",
+    )
+    resolved = _step("finding the dataset", lambda: resolve_spec(spec, client.base_url))
     body = RunBody(
-        spec=resolve_spec(spec, client.base_url),
+        spec=resolved,
         max_price=f"{price_value:f}",
         peers_min=peers_min,
         peers_max=peers_max,
         min_vram_gb=spec.peers.min_vram_gb if min_vram_gb is None else min_vram_gb,
         budget=f"{budget_value:f}",
     )
-    created = call(client, lambda c: c.create_run(body))
+    created = _step(
+        "creating the run", lambda: call(client, lambda c: c.create_run(body)), "nothing was escrowed"
+    )
     if not as_json:
         click.echo(
             f"run {created.id} created: escrowed {fmt_money(created.budget)}, "
@@ -232,7 +258,11 @@ def launch(
             echo_json(created.model_dump(mode="json"))
         return
     try:
-        view = call(client_for(coordinator), lambda c: watch(c, created.id, 1.0, echo=not as_json))
+        view = _step(
+            "following the run",
+            lambda: call(client_for(coordinator), lambda c: watch(c, created.id, 1.0, echo=not as_json)),
+            f"the run goes on: hivemarket runs show {created.id}",
+        )
     except KeyboardInterrupt:
         click.echo(
             f"\nstopped following; the run goes on. Cancel it with: hivemarket runs cancel {created.id}"

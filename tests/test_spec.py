@@ -355,9 +355,27 @@ def test_launch_at_a_coordinator_without_datasets_says_how_to_serve_one(tmp_path
         coordinator.stop()
     assert result.returncode == 2, result.stderr
     assert (
-        f"Error: spec.dataset: {coordinator.url} serves no dataset; start the coordinator with --dataset"
-        in (result.stderr)
+        f"Error: finding the dataset: spec.dataset: {coordinator.url} serves no dataset; start the "
+        "coordinator with --dataset" in result.stderr
     )
+
+
+def test_launch_names_an_unreachable_coordinator_before_anything_about_datasets(tmp_path: Path) -> None:
+    result = run_cli(
+        *("launch", str(EXAMPLE), "--budget", "1", "--max-price", "1", "--coordinator", "http://127.0.0.1:9"),
+        env=cli_env(tmp_path, HIVEMARKET_RETRIES="1"),
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "Error: reaching the coordinator: cannot reach the coordinator at http://127.0.0.1:9 after 2 attempts"
+    ), result.stderr
+    assert lines[0].endswith(
+        "; check --coordinator (or $HIVEMARKET_COORDINATOR) and that `hivemarket coordinator serve` runs"
+        " there"
+    )
+    assert "dataset" not in result.stderr
 
 
 # ------------------------------------------------------------------------------------------------ progress
