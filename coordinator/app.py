@@ -23,7 +23,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from coordinator import market, model_files
+from coordinator import market, model_files, quotes
 from coordinator.errors import BadRequest, BodyTooLarge, Forbidden, RateLimited, Unauthorized
 from coordinator.filters import FieldKind, FilterError, compile_filter, parse_sort
 from coordinator.http import Context, Route, encode, parse_body, read_body
@@ -51,6 +51,7 @@ from peer.protocol.schemas import (
     OfferResponse,
     OfferView,
     PeerList,
+    QuoteView,
     ReportList,
     ReportView,
     RunList,
@@ -261,6 +262,11 @@ class Coordinator:
         supply, demand = await self.store.market_depth()
         price = next((r.clearing_price for r in rounds if r.clearing_price is not None), None)
         return MarketView(clearing_price=price, supply=supply, demand=demand, rounds=rounds)
+
+    async def quote(self, ctx: Context) -> QuoteView:
+        s = self.settings
+        config = quotes.QuoteConfig(s.quote_round_seconds, s.quote_efficiency, s.quote_spread)
+        return await self.store.quote(ctx.body, self.market_config, config, s.quote_history)
 
     async def clear_market(self, ctx: Context) -> ClearingRoundView | None:  # None only when unsigned
         return await self._clear(ctx.now, ctx.envelope)

@@ -195,6 +195,16 @@ def clear(asks: Sequence[Ask], bids: Sequence[Bid], config: MarketConfig | None 
     return result(a_k if k > 1 else None, matches, reason + _unmatched_note(k - 1, matches))
 
 
+def depth_for(asks: Sequence[Ask], bid: Bid, config: MarketConfig | None = None) -> tuple[int, int, int]:
+    """How much of the book one bid can draw on: (tradeable offers, those with its VRAM, those of them
+    asking at most its price)."""
+    grid = _Grid.of((config or MarketConfig()).price_quantum)
+    sellers, _ = _supply(asks, grid)
+    buyers, _, _ = _demand([bid], grid)
+    fit = _fit(sellers, bid)
+    return len(sellers), len(fit), bisect_right(fit, buyers[0][0]) if buyers else 0
+
+
 def shortfalls(
     asks: Sequence[Ask], bids: Sequence[Bid], result: ClearingResult, config: MarketConfig | None = None
 ) -> dict[str, str | None]:
@@ -218,7 +228,7 @@ def shortfalls(
         if got >= bid.units:
             continue
         so_far = f"matched {got} of {bid.units} more peers wanted; " if got else ""
-        fit = [quanta for quanta, _, ask, _, _ in sellers if ask.vram_gb >= bid.min_vram_gb]
+        fit = _fit(sellers, bid)
         if not sellers:
             why = "no open offers in the market"
         elif not fit:
@@ -246,6 +256,11 @@ def shortfalls(
             )
         reasons[bid.run_id] = so_far + why
     return reasons
+
+
+def _fit(sellers: Sequence[_Seller], bid: Bid) -> list[int]:
+    """The normalised asks (cheapest first) of the sellers with the VRAM ``bid`` needs."""
+    return [quanta for quanta, _, ask, _, _ in sellers if ask.vram_gb >= bid.min_vram_gb]
 
 
 # Words in a thin-market reason when a trading order set its own price (the round is not truthful).

@@ -10,12 +10,13 @@ peer's standing (:func:`coordinator.offer_store.standing`), and the runs a round
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
-from coordinator import market, offer_store, run_store, runs, sql
+from coordinator import market, offer_store, quotes, run_store, runs, sql
 from peer.protocol.envelope import Envelope
 from peer.protocol.money import from_units, to_units
-from peer.protocol.schemas import ClearingRoundView
+from peer.protocol.schemas import ClearingRoundView, QuoteBody, QuoteView, check_run_spec
 
 _ASKS_QUERY = """
     SELECT l.id AS lease_id, o.account, o.price_units, o.tflops, o.vram_gb, p.uptime, p.lapses,
@@ -74,6 +75,42 @@ def clear(
         (now, price, len(result.matches), result.supply, result.demand, result.reason),
     )
     return _round_view(conn.execute("SELECT * FROM rounds WHERE id = ?", (cursor.lastrowid,)).fetchone())
+
+
+def quote(
+    conn: sqlite3.Connection,
+    body: QuoteBody,
+    config: market.MarketConfig,
+    quote_config: quotes.QuoteConfig,
+    history: int,
+) -> QuoteView:
+    """The quote of :func:`coordinator.quotes.quote` over the live book and this market's measurements of
+    the task: the epoch seconds of the last ``history`` accepted reports of runs with the same task,
+    options and ``batch.target``."""
+    spec = check_run_spec(body.spec)
+    bid = market.Bid(quotes.QUOTE_RUN, body.max_price, body.peers_max, body.min_vram_gb)
+    same: dict[str, bool] = {}  # run id -> whether it trains what this spec would (parsed once a run)
+    measured = []
+    rows = conn.execute(
+        "SELECT p.run_id, p.seconds, r.spec FROM reports p JOIN runs r ON r.id = p.run_id"
+        " WHERE json_extract(r.spec, '$.task') = ? AND p.pay_state != 'voided'"
+        " ORDER BY p.accepted_at DESC",
+        (spec.task,),
+    )
+    for row in rows:
+        if row["run_id"] not in same:
+            try:
+                other = check_run_spec(json.loads(row["spec"]))
+            except ValueError:  # a run created before specs were validated
+                same[row["run_id"]] = False
+            else:
+                same[row["run_id"]] = (other.options, other.batch.target) == (spec.options, spec.batch.target)
+        if same[row["run_id"]]:
+            measured.append(row["seconds"])
+            if len(measured) == history:
+                break
+    asks, _ = _asks(conn)
+    return quotes.quote(asks, _bids(conn), bid, spec, measured, body.flops_per_sample, quote_config, config)
 
 
 def _record_shortfalls(conn: sqlite3.Connection, reasons: dict[str, str | None]) -> None:

@@ -41,6 +41,8 @@ from peer.protocol.schemas import (
     OfferList,
     OfferResponse,
     PeerList,
+    QuoteBody,
+    QuoteView,
     ReportBody,
     ReportList,
     ReportView,
@@ -226,6 +228,14 @@ ROUTES: Sequence[Route] = (
     ),
     Route(
         "GET", "/v1/market", Coordinator.market_view, "Clearing price, supply, demand", response=MarketView
+    ),
+    Route(
+        "POST",
+        "/v1/market/quote",
+        Coordinator.quote,
+        "What a run would get now and cost: peers, price, speed, time (launch --dry-run; changes nothing)",
+        body=QuoteBody,
+        response=QuoteView,
     ),
     Route(
         "POST",

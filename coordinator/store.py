@@ -32,6 +32,7 @@ from coordinator import (
     match_store,
     model_store,
     offer_store,
+    quotes,
     report_store,
     run_store,
     runs,
@@ -56,6 +57,8 @@ from peer.protocol.schemas import (
     OfferResponse,
     OfferView,
     PeerView,
+    QuoteBody,
+    QuoteView,
     ReportBody,
     ReportView,
     RunBody,
@@ -103,6 +106,9 @@ class Store(Protocol):
     ) -> ClearingRoundView | None: ...
     async def rounds(self, limit: int) -> list[ClearingRoundView]: ...
     async def market_depth(self) -> tuple[int, int]: ...
+    async def quote(
+        self, body: QuoteBody, config: market.MarketConfig, quote_config: quotes.QuoteConfig, history: int
+    ) -> QuoteView: ...
     async def sweep(self, now: float, nonce_horizon: float) -> list[leases.Lapse]: ...
     async def resume_leases(self, now: float) -> int: ...
     async def counts(self) -> dict[str, int]: ...
@@ -279,6 +285,11 @@ class SQLiteStore:
 
     async def market_depth(self) -> tuple[int, int]:
         return await self._db.read(market_store.depth)
+
+    async def quote(
+        self, body: QuoteBody, config: market.MarketConfig, quote_config: quotes.QuoteConfig, history: int
+    ) -> QuoteView:
+        return await self._db.read(lambda conn: market_store.quote(conn, body, config, quote_config, history))
 
     # ------------------------------------------------------------------------------------------ upkeep
 

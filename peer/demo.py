@@ -327,7 +327,7 @@ class Demo:
         offers = self.ask(lambda c: c.offers())
         dearest = max(o.price_per_hour / Decimal(o.tflops * o.reliability) for o in offers)
         body = RunBody(
-            spec=resolve_spec(spec, self.url),
+            spec=resolve_spec(spec, self.url)[0],
             # to the micro-unit, rounded up: a GPU's price per TFLOP-hour is a fraction of a cent
             max_price=f"{(dearest * bid_over_asks).quantize(Decimal(1).scaleb(-PLACES), ROUND_CEILING)}",
             peers_min=peers_min,

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,8 +25,9 @@ from peer.console import echo_json, load_cli_identity, print_table
 from peer.market_cli import call, client_for, coordinator_option, json_option, money_option
 from peer.protocol.client import CoordinatorClient
 from peer.protocol.commands import InputError
+from peer.protocol.dataset import Manifest
 from peer.protocol.money import fmt_money
-from peer.protocol.schemas import RunBody, RunView, unauditable
+from peer.protocol.schemas import QuoteBody, QuoteView, RunBody, RunView, unauditable
 from peer.protocol.spec import RunSpec, SpecError, load_spec
 from peer.protocol.states import ENDED
 from peer.settings import load_settings
@@ -46,9 +48,10 @@ def _peers_range(value: str | None, spec: RunSpec) -> tuple[int, int]:
     return lo, hi
 
 
-def resolve_spec(spec: RunSpec, coordinator: str) -> dict[str, Any]:
+def resolve_spec(spec: RunSpec, coordinator: str) -> tuple[dict[str, Any], Manifest]:
     """The spec as posted: the dataset version filled in from its location when it was left out, and
-    ``stop.epochs`` turned into ``stop.samples`` with the dataset's training split."""
+    ``stop.epochs`` turned into ``stop.samples`` with the dataset's training split; and the dataset's
+    manifest."""
     from peer.data.fetch import DatasetUnreachable, fetch_manifest, list_datasets
     from peer.protocol.dataset import DatasetError
     from peer.samples import test_ids
@@ -83,7 +86,58 @@ def resolve_spec(spec: RunSpec, coordinator: str) -> dict[str, Any]:
     if spec.stop.samples is None:
         train = manifest.samples - len(test_ids(manifest.samples, spec.dataset.test_every))
         data["stop"] = {"samples": spec.target_samples(train)}
-    return data
+    return data, manifest
+
+
+def flops_per_sample(spec: RunSpec, manifest: Manifest) -> float | None:
+    """What one sample of the run costs, as the task installed here counts it; None when this machine
+    does not have the task (a launcher need not: its peers train it)."""
+    from peer.tasks import TaskError, load_task
+
+    try:
+        return load_task(spec.task, spec.options).flops_per_sample(manifest.schema)
+    except TaskError:
+        return None
+
+
+def print_quote(quote: QuoteView, body: QuoteBody, budget: Decimal | None) -> None:
+    """What ``launch --dry-run`` shows: the market for this run now, then time and cost with ranges."""
+    click.echo("dry run   nothing created: what the market would give this run now")
+    click.echo(
+        f"offers    {quote.offers_open} open, {quote.offers_with_vram} with the {body.min_vram_gb:g} GB of "
+        f"VRAM it needs, {quote.offers_affordable} asking at most its {fmt_money(body.max_price)} per "
+        "effective TFLOP-hour"
+    )
+    click.echo(
+        f"peers     {quote.peers} of {body.peers_min}-{body.peers_max}"
+        + (
+            f", at {fmt_money(quote.unit_price)} per effective TFLOP-hour: "
+            f"{fmt_money(quote.price_per_hour)} per hour together"
+            if quote.unit_price is not None
+            else ""
+        )
+    )
+    if quote.reason is not None:
+        click.echo(f"market    not matched: {quote.reason}")
+    if quote.peers < body.peers_min:
+        click.echo(f"would not start now: it needs {body.peers_min} peers")
+        return
+    low, mid, high = quote.samples_per_second
+    click.echo(f"speed     {mid:.0f} samples/s ({low:.0f}-{high:.0f}): {quote.basis_note}")
+    low, mid, high = quote.seconds
+    click.echo(
+        f"time      {mid:.0f} s ({low:.0f}-{high:.0f} s) of training: {body.spec['stop']['samples']} samples "
+        f"in {quote.steps} steps"
+    )
+    low_cost, cost, high_cost = quote.cost
+    fees = f"audit fees {quote.audit_share:.0%} of the pay included"
+    click.echo(f"cost      {fmt_money(cost)} ({fmt_money(low_cost)}-{fmt_money(high_cost)}), {fees}")
+    if budget is not None and cost > budget:
+        share = float(budget / cost)
+        click.echo(
+            f"budget    {fmt_money(budget)} runs out {share:.0%} of the way (about {mid * share:.0f} s): "
+            "the run would settle there, short of its samples"
+        )
 
 
 def _step(what: str, action: Callable[[], T], todo: str = "") -> T:
@@ -194,6 +248,11 @@ def print_run(view: RunView) -> None:
 )
 @click.option("--detach", is_flag=True, help="Create the run and exit without following it.")
 @click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Create nothing: print what the market would give the run now, its speed, time and cost.",
+)
+@click.option(
     "--identity", "identity_path", type=click.Path(dir_okay=False), help="Key file of your account."
 )
 @json_option
@@ -205,6 +264,7 @@ def launch(
     peers: str | None,
     min_vram_gb: float | None,
     detach: bool,
+    dry_run: bool,
     identity_path: str | None,
     as_json: bool,
 ) -> None:
@@ -220,31 +280,40 @@ def launch(
         raise InputError(str(e)) from None
     budget = budget or spec.price.budget
     max_price = max_price or spec.price.max
-    if budget is None:
+    if budget is None and not dry_run:
         raise InputError("--budget is required (or set price.budget in the spec)")
     if max_price is None:
         raise InputError("--max-price is required (or set price.max in the spec)")
-    budget_value = money_option(budget, "--budget", positive=True)
+    budget_value = None if budget is None else money_option(budget, "--budget", positive=True)
     price_value = money_option(max_price, "--max-price")
     peers_min, peers_max = _peers_range(peers, spec)
     refusal = unauditable(peers_min, spec)
     if refusal is not None:
         raise InputError(f"--peers {peers_min}:{peers_max}: {refusal}")
-    client = client_for(coordinator, load_cli_identity(identity_path, load_settings(), create_default=True))
+    base_url = client_for(coordinator).base_url
     _step(
         "reaching the coordinator",
         lambda: call(client_for(coordinator), lambda c: c.health()),
         "check --coordinator (or $HIVEMARKET_COORDINATOR) and that `hivemarket coordinator serve` runs there",
     )
-    resolved = _step("finding the dataset", lambda: resolve_spec(spec, client.base_url))
-    body = RunBody(
-        spec=resolved,
-        max_price=f"{price_value:f}",
-        peers_min=peers_min,
-        peers_max=peers_max,
-        min_vram_gb=spec.peers.min_vram_gb if min_vram_gb is None else min_vram_gb,
-        budget=f"{budget_value:f}",
-    )
+    resolved, manifest = _step("finding the dataset", lambda: resolve_spec(spec, base_url))
+    bid: dict[str, Any] = {
+        "spec": resolved,
+        "max_price": f"{price_value:f}",
+        "peers_min": peers_min,
+        "peers_max": peers_max,
+        "min_vram_gb": spec.peers.min_vram_gb if min_vram_gb is None else min_vram_gb,
+    }
+    if dry_run:
+        ask = QuoteBody(**bid, flops_per_sample=flops_per_sample(spec, manifest))
+        quote = _step("asking the market", lambda: call(client_for(coordinator), lambda c: c.quote(ask)))
+        if as_json:
+            echo_json(quote.model_dump(mode="json"))
+        else:
+            print_quote(quote, ask, budget_value)
+        return
+    client = client_for(coordinator, load_cli_identity(identity_path, load_settings(), create_default=True))
+    body = RunBody(**bid, budget=f"{budget_value:f}")
     created = _step(
         "creating the run", lambda: call(client, lambda c: c.create_run(body)), "nothing was escrowed"
     )

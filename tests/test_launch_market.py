@@ -112,3 +112,42 @@ def test_a_run_nobody_can_serve_says_why_then_fails_at_its_deadline_refunded(
     assert "not matched:" in followed.stderr  # the progress line said so while it waited
     account = json.loads(run_cli("account", "--json", env=env).stdout)
     assert Decimal(account["balance"]) == Decimal("10") and Decimal(account["escrow"]) == 0
+
+
+@pytest.mark.timeout(120)
+def test_dry_run_prints_the_market_speed_time_and_cost_and_creates_nothing(
+    market: CoordinatorProcess, tmp_path: Path
+) -> None:
+    env = cli_env(tmp_path / "launcher", HIVEMARKET_COORDINATOR=market.url)
+    spec = str(REPO / "examples" / "digits.toml")
+    shown = run_cli("launch", spec, "--dry-run", "--peers", "2:3", env=env, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0] == "dry run   nothing created: what the market would give this run now"
+    assert lines[1] == (
+        "offers    2 open, 2 with the 0 GB of VRAM it needs, 2 asking at most its 1000.00 per effective"
+        " TFLOP-hour"
+    )
+    assert lines[2].startswith("peers     2 of 2-3, at ")
+    assert lines[3].startswith(
+        "market    not matched: matched 2 of 3 more peers wanted; 2 offers with the VRAM"
+    )
+    assert lines[4].startswith("speed     ") and "the probe's figure" in lines[4]
+    assert lines[5].startswith("time      ") and "11504 samples in 45 steps" in lines[5]
+    assert lines[6].startswith("cost      ") and "audit fees" in lines[6]
+    # 80 TFLOP/s offers in a thin market clear far above the spec's budget of 5: the launcher is told.
+    assert lines[7].startswith("budget    5.00 runs out ") and "short of its samples" in lines[7]
+
+    quote = json.loads(run_cli("launch", spec, "--dry-run", "--json", env=env, timeout=60).stdout)
+    assert (quote["peers"], quote["basis"], quote["steps"]) == (2, "probe", 45)
+    low, mid, high = (Decimal(c) for c in quote["cost"])
+    assert 0 < low < mid < high
+    # The pay rule: the peers' hourly prices for the wall clock, plus the audited share paid again as fees.
+    expected = (
+        Decimal(quote["price_per_hour"])
+        * Decimal(quote["seconds"][1])
+        / 3600
+        * Decimal(1 + quote["audit_share"])
+    )
+    assert abs(mid - expected) <= Decimal("0.000001")
+    assert json.loads(run_cli("runs", "--json", env=env).stdout) == []  # nothing was created

@@ -61,6 +61,8 @@ from peer.protocol.schemas import (
     OfferView,
     PeerList,
     PeerView,
+    QuoteBody,
+    QuoteView,
     ReportBody,
     ReportList,
     ReportView,
@@ -282,6 +284,10 @@ class CoordinatorClient:
     async def market(self) -> MarketView:
         return await self._request(MarketView, "GET", "/v1/market")
 
+    async def quote(self, body: QuoteBody) -> QuoteView:
+        """What a run with ``body`` would get from the market now and cost; creates nothing, unsigned."""
+        return await self._request(QuoteView, "POST", "/v1/market/quote", body, signed=False)
+
     async def clear_market(self) -> ClearingRoundView:
         """Run a clearing round now; admin-signed."""
         return await self._request(ClearingRoundView, "POST", "/v1/market/clear", b"")
@@ -297,8 +303,10 @@ class CoordinatorClient:
         *,
         headers: dict[str, str] | None = None,
         body_sha256: str | None = None,
+        signed: bool = True,
     ) -> M:
         """Send, retry only while no HTTP answer comes, parse the answer as ``model`` or raise its error.
+        Every request but a GET is signed unless ``signed`` is False (a POST that changes nothing).
 
         ``body`` may be a callable that opens a fresh payload for each attempt (a file to stream); it is
         then signed by ``body_sha256`` and may take the model transfer timeout rather than a request's.
@@ -309,13 +317,13 @@ class CoordinatorClient:
         if self.use_msgpack:
             headers["Accept"] = MSGPACK
         data = self._encode(body) if isinstance(body, BaseModel) else body
-        if method != "GET":
+        if isinstance(body, BaseModel):
+            headers["Content-Type"] = MSGPACK if self.use_msgpack else "application/json"
+        if method != "GET" and signed:
             if self.identity is None:
                 raise ValueError(f"{method} {path} must be signed: create the client with an identity")
-            if isinstance(body, BaseModel):
-                headers["Content-Type"] = MSGPACK if self.use_msgpack else "application/json"
-            signed = data if isinstance(data, bytes) else b""
-            headers |= sign_request(self.identity, method, full_path, signed, body_sha256=body_sha256)
+            content = data if isinstance(data, bytes) else b""
+            headers |= sign_request(self.identity, method, full_path, content, body_sha256=body_sha256)
         url = URL(self._origin + full_path, encoded=True)  # encoded: send the path exactly as signed
         streamed = callable(data)
         options: dict[str, Any] = {}

@@ -232,7 +232,10 @@ def check_run_spec(spec: dict[str, Any]) -> RunSpec:
     return run_spec
 
 
-class RunBody(Body):
+class BidBody(Body):
+    """What a run asks of the market: the spec it trains, its price, peers and VRAM. A run adds its budget
+    (:class:`RunBody`); a quote asks what such a run would get now (:class:`QuoteBody`)."""
+
     spec: dict[str, Any] = Field(
         description="The run spec (data, never code): a valid peer.protocol.spec.RunSpec with stop.samples "
         "set."
@@ -241,7 +244,6 @@ class RunBody(Body):
     peers_min: int = Field(ge=1, le=10_000)
     peers_max: int = Field(ge=1, le=10_000)
     min_vram_gb: float = Field(0.0, ge=0, le=10_000)
-    budget: PositiveMoney
 
     @field_validator("spec")
     @classmethod
@@ -259,11 +261,25 @@ class RunBody(Body):
         return peers_max
 
     @model_validator(mode="after")
-    def _auditable(self) -> RunBody:
+    def _auditable(self) -> BidBody:
         refusal = unauditable(self.peers_min, check_run_spec(self.spec))
         if refusal is not None:
             raise field_error("peers_min", refusal)
         return self
+
+
+class RunBody(BidBody):
+    budget: PositiveMoney
+
+
+class QuoteBody(BidBody):
+    flops_per_sample: float | None = Field(
+        None,
+        gt=0,
+        le=1e18,
+        description="Floating-point operations one training sample costs (forward and backward), as the "
+        "task on the launcher's machine counts them; without it the estimate leaves compute out.",
+    )
 
 
 def unauditable(peers_min: int, spec: RunSpec) -> str | None:
@@ -351,6 +367,32 @@ class RunView(View):
 
 class RunList(View):
     runs: list[RunView]
+
+
+class QuoteView(View):
+    """What a run would get from the market now, and what it would cost: ``launch --dry-run``.
+
+    The figures are ranges (low, mid, high). ``basis`` says what the speed rests on: ``measured`` (the
+    epoch times of accepted reports of the same task and batch in this market) or ``probe`` (the matched
+    offers' benchmark TFLOP/s for compute, plus a round-time prior), explained in ``basis_note``.
+    """
+
+    offers_open: int = Field(description="Open offers that train.")
+    offers_with_vram: int = Field(description="Of those, the ones with the VRAM the run needs.")
+    offers_affordable: int = Field(description="Of those, the ones asking at most the bid.")
+    peers: int = Field(description="Peers a clearing round would give the run now.")
+    reason: str | None = Field(description="Why fewer than peers_max, if so (as runs show says it).")
+    unit_price: Money | None = Field(description="The clearing price per effective TFLOP-hour.")
+    price_per_hour: Money = Field(description="What the matched peers cost together per hour.")
+    basis: Literal["measured", "probe"]
+    basis_note: str
+    steps: int = Field(description="Optimizer steps to the spec's stop.samples.")
+    samples_per_second: tuple[float, float, float] = Field(description="The swarm's (low, mid, high).")
+    seconds: tuple[float, float, float] = Field(description="Wall clock of training (low, mid, high).")
+    cost: tuple[Money, Money, Money] = Field(
+        description="Pay and audit fees out of the escrow (low, mid, high)."
+    )
+    audit_share: float = Field(description="Expected audit fees as a share of the pay.")
 
 
 # ---------------------------------------------------------------------------------------- joins, reports

@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from peer.protocol.dataset import Schema
+
 GROUP = "hivemarket.tasks"
 
 
@@ -65,6 +67,12 @@ class Task:
     def evaluate(self, model: torch.nn.Module, batch: Any) -> dict[str, float]:
         """Metrics of the model on one batch (at least ``loss``); averaged over batches by the caller."""
         raise NotImplementedError
+
+    def flops_per_sample(self, schema: Schema) -> float:
+        """Floating-point operations one training sample costs, forward and backward: about 6 per
+        parameter per token, one token a sample unless the task says otherwise. ``launch --dry-run``
+        turns the market's TFLOP/s into time with it."""
+        return 6.0 * sum(p.numel() for p in self.build_model(0).parameters())
 
 
 def installed_tasks() -> dict[str, str]:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from peer.protocol.dataset import Schema
 from peer.tasks import Task
 
 VOCABULARY = 256
@@ -65,6 +66,10 @@ class BytesLM(Task):
         if tokens.shape[1] > MAX_TOKENS + 1:
             raise ValueError(f"samples of {tokens.shape[1]} bytes exceed bytes-lm's {MAX_TOKENS + 1}")
         return tokens
+
+    def flops_per_sample(self, schema: Schema) -> float:
+        """Every parameter once per predicted byte: a sample of n bytes predicts n - 1."""
+        return super().flops_per_sample(schema) * (schema.fields["tokens"].shape[0] - 1)
 
     def loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         """Mean next-byte cross-entropy; samples have the same length, so it is a per-sample mean."""
