@@ -85,6 +85,15 @@ def test_rent_volunteer_and_launch_as_the_readme_shows(tmp_path: Path):
             return len(json.loads(listed.stdout or "[]")) == 2
 
         wait_until(offers, 90, "both offers to be posted")
+        # Before paying: what the market would give the run and what it would cost (nothing is created).
+        dry = _cli(
+            launcher_home,
+            *("launch", str(REPO / "examples" / "digits.toml"), "--max-price", "1000", "--peers", "2:2"),
+            *("--coordinator", url, "--dry-run", "--json"),
+        )
+        assert dry.returncode == 0, dry.stderr
+        estimate = json.loads(dry.stdout)
+        assert (estimate["peers"], estimate["basis"], estimate["steps"]) == (2, "probe", 45)
         launched = _cli(
             launcher_home,
             *("launch", str(REPO / "examples" / "digits.toml"), "--budget", "5", "--max-price", "1000"),
@@ -101,6 +110,19 @@ def test_rent_volunteer_and_launch_as_the_readme_shows(tmp_path: Path):
         # A volunteer asks 0 but, like every seller in a uniform-price round, is paid the clearing price.
         assert Decimal(by_account[volunteer_account]["paid"]) > 0
         assert Decimal(run["spent"]) + Decimal(run["refunded"]) == Decimal("5")
+        # The estimate's range holds what the run cost (docs/training.md states the error measured).
+        low, mid, high = (Decimal(c) for c in estimate["cost"])
+        print(f"dry-run cost {low} {mid} {high}, spent {run['spent']}")
+        assert low <= Decimal(run["spent"]) <= high, (estimate, run["spent"])
+        # Once this market has measured the task, the next estimate rests on the measurement.
+        again = _cli(
+            launcher_home,
+            *("launch", str(REPO / "examples" / "digits.toml"), "--max-price", "1000", "--peers", "2:2"),
+            *("--coordinator", url, "--dry-run", "--json"),
+        )
+        measured = json.loads(again.stdout)
+        print(f"measured dry-run cost {measured['cost']}")
+        assert measured["basis"] == "measured", again.stdout
 
         listed = json.loads(_cli(launcher_home, "runs", "--coordinator", url, "--json").stdout)
         assert [r["id"] for r in listed] == [run["id"]]
