@@ -137,8 +137,31 @@ def clear(asks: Sequence[Ask], bids: Sequence[Bid], config: MarketConfig | None 
     sellers are assigned to the trading runs respecting ``min_vram_gb`` (see ``_assign``).
     """
     grid = _Grid.of((config or MarketConfig()).price_quantum)
-    sellers, excluded_asks = _supply(asks, grid)
-    buyers, demand, excluded_bids = _demand(bids, grid)
+    return _clear(_supply(asks, grid), _demand(bids, grid), grid)
+
+
+def clear_round(
+    asks: Sequence[Ask], bids: Sequence[Bid], config: MarketConfig | None = None
+) -> tuple[ClearingResult, dict[str, str | None]]:
+    """:func:`clear`, and why each bid got fewer peers than it wanted (None for one that got them all),
+    in the words a launcher acts on; one sort of the book serves both.
+
+    The first cause that applies, looking at the bid alone: no open offer; no offer with the VRAM it
+    needs; too few of those asking at most its price (the lowest ask above it, and the price that would
+    reach the peers it wants); else the offers it could have had went to higher bids, or the round's
+    trade reduction left its marginal trade out.
+    """
+    grid = _Grid.of((config or MarketConfig()).price_quantum)
+    supply, demand = _supply(asks, grid), _demand(bids, grid)
+    result = _clear(supply, demand, grid)
+    return result, _shortfalls(supply[0], demand[0], bids, result, grid)
+
+
+def _clear(
+    supply: tuple[list[_Seller], int], demand_: tuple[list[_Buyer], int, int], grid: _Grid
+) -> ClearingResult:
+    sellers, excluded_asks = supply
+    buyers, demand, excluded_bids = demand_
 
     def result(price: int | None, matches: tuple[Match, ...], reason: str) -> ClearingResult:
         excluded = ((excluded_asks, "asks"), (excluded_bids, "bids"))
@@ -205,30 +228,26 @@ def depth_for(asks: Sequence[Ask], bid: Bid, config: MarketConfig | None = None)
     return len(sellers), len(fit), bisect_right(fit, buyers[0][0]) if buyers else 0
 
 
-def shortfalls(
-    asks: Sequence[Ask], bids: Sequence[Bid], result: ClearingResult, config: MarketConfig | None = None
+def _shortfalls(
+    sellers: Sequence[_Seller],
+    buyers: Sequence[_Buyer],
+    bids: Sequence[Bid],
+    result: ClearingResult,
+    grid: _Grid,
 ) -> dict[str, str | None]:
-    """Why each bid got fewer peers than it wanted in the round that gave ``result`` (None for a bid that
-    got them all), in the words a launcher acts on.
-
-    The first cause that applies, looking at the bid alone: no open offer; no offer with the VRAM it
-    needs; too few of those asking at most its price (the lowest ask above it, and the price that would
-    reach the peers it wants); else the offers it could have had went to higher bids, or the round's
-    trade reduction left its marginal trade out.
-    """
-    grid = _Grid.of((config or MarketConfig()).price_quantum)
-    sellers, _ = _supply(asks, grid)
-    buyers, _, _ = _demand(bids, grid)
     matched: dict[str, int] = {}
     for match in result.matches:
         matched[match.run_id] = matched.get(match.run_id, 0) + 1
     reasons: dict[str, str | None] = {bid.run_id: None for bid in bids}
+    fits: dict[float, list[int]] = {}  # by min_vram_gb: most runs share a few values, so O(asks) each
     for price, bid in buyers:
         got = matched.get(bid.run_id, 0)
         if got >= bid.units:
             continue
         so_far = f"matched {got} of {bid.units} more peers wanted; " if got else ""
-        fit = _fit(sellers, bid)
+        fit = fits.get(bid.min_vram_gb)
+        if fit is None:
+            fit = fits[bid.min_vram_gb] = _fit(sellers, bid)
         if not sellers:
             why = "no open offers in the market"
         elif not fit:

@@ -52,8 +52,8 @@ def clear(
         sql.claim_nonce(conn, env)
     asks, lease_of = _asks(conn)
     bids = _bids(conn)
-    result = market.clear(asks, bids, config)
-    _record_shortfalls(conn, market.shortfalls(asks, bids, result, config))
+    result, shortfalls = market.clear_round(asks, bids, config)
+    _record_shortfalls(conn, shortfalls)
     if env is None and not (asks and bids):
         return None
     for match in result.matches:

@@ -4,8 +4,8 @@ of the book, the run's bid and spec, what this market has measured of the task, 
 How the estimate is made, so that a launcher can judge it:
 
 - **Who.** A clearing round is simulated over the open offers and the live runs' bids plus this one
-  (:func:`coordinator.market.clear`); the peers it would get and their hourly prices are what the run
-  would pay, and :func:`coordinator.market.shortfalls` says why it would get fewer than it asks for.
+  (:func:`coordinator.market.clear_round`); the peers it would get and their hourly prices are what the
+  run would pay, and the round says why it would get fewer than it asks for.
 - **How fast.** A step takes the slowest peer's compute for its share of ``batch.target`` plus one
   averaging round. ``measured``: the epoch times (report ``seconds``: compute and round) of recent
   accepted reports of runs with the same task, options and ``batch.target`` in this market, their
@@ -60,10 +60,10 @@ def quote(
     """The quote for ``bid`` (its ``run_id`` is :data:`QUOTE_RUN`) with ``spec``, given ``measured``
     epoch seconds of this task and batch in this market (newest first, any number)."""
     book = [*bids, bid]
-    result = market.clear(asks, book, market_config)
+    result, shortfalls = market.clear_round(asks, book, market_config)
     mine = [m for m in result.matches if m.run_id == bid.run_id]
     open_offers, with_vram, affordable = market.depth_for(asks, bid, market_config)
-    reason = market.shortfalls(asks, book, result, market_config)[bid.run_id]
+    reason = shortfalls[bid.run_id]
     per_hour = sum((m.price_per_hour for m in mine), Decimal(0))
     target = spec.batch.target
     steps = math.ceil((spec.stop.samples or 0) / target)

@@ -22,7 +22,7 @@ from coordinator.market import (
     MarketConfig,
     Match,
     clear,
-    shortfalls,
+    clear_round,
 )
 
 D = Decimal
@@ -428,7 +428,9 @@ def test_an_accounts_cheapest_ask_is_the_one_that_counts() -> None:
 def test_shortfalls_name_the_first_cause_a_launcher_can_act_on() -> None:
     # Normalised asks: s1 0.10, s2 0.20, s3 0.30, s4 0.40, s5 0.50, each with 24 GB.
     def why(asks: list[Ask], bids: list[Bid]) -> dict[str, str | None]:
-        return shortfalls(asks, bids, clear(asks, bids, CONFIG), CONFIG)
+        result, reasons = clear_round(asks, bids, CONFIG)
+        assert result == clear(asks, bids, CONFIG)  # the reasons change nothing of the round
+        return reasons
 
     assert why([], [Bid("ra", D("0.9"), 2, 0.0)]) == {"ra": "no open offers in the market"}
     assert why(SELLERS, [Bid("ra", D("0.9"), 1, 48.0)]) == {
