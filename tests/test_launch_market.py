@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
 from decimal import Decimal
 from pathlib import Path
 
@@ -85,11 +86,21 @@ def test_a_run_nobody_can_serve_says_why_then_fails_at_its_deadline_refunded(
     def shown() -> dict:
         return json.loads(run_cli("runs", "show", run_id, "--json", env=env).stdout)
 
-    # Within a clearing round or two (1 s each) the run says why nobody serves it, in every view.
-    view = wait_until(lambda: (v := shown())["market_reason"] and v, 10, "the market's reason")
+    # The next clearing round (1 s apart) records why nobody serves it; the API shows it at once.
+    def reason() -> dict | None:
+        async def get() -> dict:
+            async with CoordinatorClient(market.url) as client:
+                return (await client.run(run_id)).model_dump(mode="json")
+
+        view = asyncio.run(get())
+        return view if view["market_reason"] else None
+
+    view = wait_until(reason, 3, "the market's reason within a clearing round", interval=0.1)
     assert view["state"] == "recruiting" and view["market_reason"] == NO_VRAM
     text = run_cli("runs", "show", run_id, env=env).stdout
     assert f"market    not matched: {NO_VRAM}" in text
+    with urllib.request.urlopen(f"{market.url}/?run={run_id}", timeout=10) as page:  # the dashboard
+        assert f"not matched: {NO_VRAM}" in page.read().decode()
 
     # At its deadline it fails with that reason, and the whole escrow comes back.
     view = wait_until(lambda: (v := shown())["state"] == "failed" and v, 20, "the recruiting deadline")
