@@ -54,7 +54,7 @@ from typing import Any
 from bench.netlab import Host, Lab, missing
 from peer.demo import Demo, DemoError
 from peer.events import in_agreement
-from peer.protocol.schemas import RunView
+from peer.protocol.run_schemas import RunView
 from peer.protocol.states import ENDED
 
 PEERS = 4

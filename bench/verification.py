@@ -51,7 +51,7 @@ from coordinator.verification import AuditPolicy, choose_audits, verdict
 from peer.adversary import KINDS, EpochWork, behaviour, local_work
 from peer.data.examples import build_example
 from peer.data.reader import DatasetReader
-from peer.protocol.schemas import AuditTask
+from peer.protocol.run_schemas import AuditTask
 from peer.protocol.sketch import grad_seed, params_seed
 from peer.samples import train_ids
 from peer.sketch import Sketcher

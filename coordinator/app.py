@@ -34,28 +34,30 @@ from coordinator.store import Store
 from peer.protocol import states
 from peer.protocol.envelope import Envelope, EnvelopeError, check_fresh, verify_request_digest
 from peer.protocol.money import from_units, to_units
-from peer.protocol.schemas import (
-    OCTET_STREAM,
-    SHA256_HEADER,
-    AccountView,
+from peer.protocol.run_schemas import (
     AuditList,
     AuditTaskList,
     AuditView,
-    ClearingRoundView,
-    Health,
-    LeaseView,
-    LedgerAuditView,
     LossCurve,
-    MarketView,
-    OfferList,
-    OfferResponse,
-    OfferView,
-    PeerList,
     QuoteView,
     ReportList,
     ReportView,
     RunList,
     RunView,
+)
+from peer.protocol.schemas import (
+    OCTET_STREAM,
+    SHA256_HEADER,
+    AccountView,
+    ClearingRoundView,
+    Health,
+    LeaseView,
+    LedgerAuditView,
+    MarketView,
+    OfferList,
+    OfferResponse,
+    OfferView,
+    PeerList,
 )
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from coordinator import ledger, sql, verification
 from coordinator.errors import Conflict, NotFound
 from coordinator.verification import AuditPolicy
 from peer.protocol.money import from_units
-from peer.protocol.schemas import AuditResultBody, AuditTask, AuditView, ReportBody
+from peer.protocol.run_schemas import AuditResultBody, AuditTask, AuditView, ReportBody
 from peer.protocol.spec import RunSpec, VerificationSpec
 from peer.protocol.states import PayState
 

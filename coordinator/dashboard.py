@@ -25,14 +25,8 @@ from coordinator.app import Coordinator
 from coordinator.errors import BadRequest
 from coordinator.http import Context
 from peer.protocol.money import fmt_money
-from peer.protocol.schemas import (
-    ClearingRoundView,
-    LedgerAuditView,
-    LossPoint,
-    OfferView,
-    PeerView,
-    RunView,
-)
+from peer.protocol.run_schemas import LossPoint, RunView
+from peer.protocol.schemas import ClearingRoundView, LedgerAuditView, OfferView, PeerView
 from peer.protocol.states import LIVE
 
 

@@ -16,7 +16,8 @@ import sqlite3
 from coordinator import market, offer_store, quotes, run_store, runs, sql
 from peer.protocol.envelope import Envelope
 from peer.protocol.money import from_units, to_units
-from peer.protocol.schemas import ClearingRoundView, QuoteBody, QuoteView, check_run_spec
+from peer.protocol.run_schemas import QuoteBody, QuoteView, check_run_spec
+from peer.protocol.schemas import ClearingRoundView
 
 _ASKS_QUERY = """
     SELECT l.id AS lease_id, o.account, o.price_units, o.tflops, o.vram_gb, p.uptime, p.lapses,

@@ -16,7 +16,7 @@ from coordinator import run_store, runs, sql
 from coordinator.errors import Forbidden
 from peer.protocol import states
 from peer.protocol.envelope import Envelope
-from peer.protocol.schemas import JoinBody, RunView
+from peer.protocol.run_schemas import JoinBody, RunView
 
 
 def active_match(conn: sqlite3.Connection, run_id: str, account: str) -> sqlite3.Row:

@@ -14,7 +14,7 @@ import sqlite3
 from coordinator import match_store, run_store, runs, sql
 from coordinator.errors import Conflict, NotFound
 from peer.protocol.envelope import Envelope
-from peer.protocol.schemas import ModelView, RunView
+from peer.protocol.run_schemas import ModelView, RunView
 
 
 def accepts_model(conn: sqlite3.Connection, run_id: str) -> bool:

@@ -29,7 +29,7 @@ from decimal import ROUND_HALF_UP, Decimal
 
 from coordinator import market
 from peer.protocol.money import PLACES
-from peer.protocol.schemas import QuoteView
+from peer.protocol.run_schemas import QuoteView
 from peer.protocol.spec import RunSpec
 
 #: The run id a quote's bid takes in the simulated round (never a real run's: those are run-HEX).

@@ -22,7 +22,7 @@ from coordinator.errors import BadRequest, Conflict
 from peer.protocol import states
 from peer.protocol.envelope import Envelope
 from peer.protocol.money import from_units
-from peer.protocol.schemas import (
+from peer.protocol.run_schemas import (
     AuditResultBody,
     AuditTask,
     AuditView,

@@ -19,28 +19,14 @@ from coordinator import dashboard
 from coordinator.app import Coordinator
 from coordinator.http import Context, Route, errors_and_metrics
 from coordinator.openapi import build_openapi
-from peer.protocol.schemas import (
-    OCTET_STREAM,
-    SHA256_HEADER,
-    AccountView,
+from peer.protocol.run_schemas import (
     AuditClaimBody,
     AuditList,
     AuditResultBody,
     AuditTaskList,
     AuditView,
-    ClearingRoundView,
-    DepositBody,
-    Health,
-    HeartbeatBody,
     JoinBody,
-    LeaseView,
-    LedgerAuditView,
     LossCurve,
-    MarketView,
-    OfferBody,
-    OfferList,
-    OfferResponse,
-    PeerList,
     QuoteBody,
     QuoteView,
     ReportBody,
@@ -49,6 +35,22 @@ from peer.protocol.schemas import (
     RunBody,
     RunList,
     RunView,
+)
+from peer.protocol.schemas import (
+    OCTET_STREAM,
+    SHA256_HEADER,
+    AccountView,
+    ClearingRoundView,
+    DepositBody,
+    Health,
+    HeartbeatBody,
+    LeaseView,
+    LedgerAuditView,
+    MarketView,
+    OfferBody,
+    OfferList,
+    OfferResponse,
+    PeerList,
 )
 
 

@@ -23,7 +23,7 @@ from coordinator.errors import Conflict, Forbidden, NotFound
 from peer.protocol import states
 from peer.protocol.envelope import Envelope
 from peer.protocol.money import from_units, to_units
-from peer.protocol.schemas import ModelView, RunBody, RunPeerView, RunView, check_run_spec
+from peer.protocol.run_schemas import ModelView, RunBody, RunPeerView, RunView, check_run_spec
 
 logger = logging.getLogger(__name__)
 

@@ -43,26 +43,28 @@ from coordinator.leases import LeaseConfig
 from coordinator.schema import MIGRATIONS
 from peer.protocol import states
 from peer.protocol.envelope import Envelope
-from peer.protocol.schemas import (
-    AccountView,
+from peer.protocol.run_schemas import (
     AuditResultBody,
     AuditTask,
     AuditView,
-    ClearingRoundView,
     JoinBody,
-    LeaseView,
     LossCurve,
     ModelView,
-    OfferBody,
-    OfferResponse,
-    OfferView,
-    PeerView,
     QuoteBody,
     QuoteView,
     ReportBody,
     ReportView,
     RunBody,
     RunView,
+)
+from peer.protocol.schemas import (
+    AccountView,
+    ClearingRoundView,
+    LeaseView,
+    OfferBody,
+    OfferResponse,
+    OfferView,
+    PeerView,
     Telemetry,
 )
 

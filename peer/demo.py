@@ -36,7 +36,7 @@ from peer.node import reap
 from peer.protocol.client import CoordinatorClient
 from peer.protocol.identity import Identity, save_identity
 from peer.protocol.money import PLACES
-from peer.protocol.schemas import AuditView, ReportView, RunBody, RunView
+from peer.protocol.run_schemas import AuditView, ReportView, RunBody, RunView
 from peer.settings import AdversaryKind, load_settings
 
 T = TypeVar("T")

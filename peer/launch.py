@@ -27,7 +27,7 @@ from peer.protocol.client import CoordinatorClient
 from peer.protocol.commands import InputError
 from peer.protocol.dataset import Manifest
 from peer.protocol.money import fmt_money
-from peer.protocol.schemas import QuoteBody, QuoteView, RunBody, RunView, unauditable
+from peer.protocol.run_schemas import QuoteBody, QuoteView, RunBody, RunView, unauditable
 from peer.protocol.spec import RunSpec, SpecError, load_spec
 from peer.protocol.states import ENDED
 from peer.settings import load_settings

@@ -19,7 +19,7 @@ from hivemind.utils import get_logger
 
 from peer.protocol.client import AlreadyApplied, CoordinatorClient, CoordinatorError, CoordinatorUnreachable
 from peer.protocol.identity import Identity
-from peer.protocol.schemas import AuditResultBody, AuditTask, ReportBody, RunPeerView, RunView
+from peer.protocol.run_schemas import AuditResultBody, AuditTask, ReportBody, RunPeerView, RunView
 
 logger = get_logger(__name__)
 T = TypeVar("T")

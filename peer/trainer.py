@@ -53,7 +53,7 @@ from peer.model_file import model_bytes
 from peer.node import stop_dht
 from peer.protocol.client import CoordinatorError, CoordinatorUnreachable
 from peer.protocol.identity import Identity, load_identity
-from peer.protocol.schemas import AuditResultBody, MicroBatch, ReportBody, RunView
+from peer.protocol.run_schemas import AuditResultBody, MicroBatch, ReportBody, RunView
 from peer.protocol.sketch import grad_seed
 from peer.protocol.spec import describe
 from peer.protocol.states import BIDDING, REPORTING

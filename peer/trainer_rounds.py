@@ -18,7 +18,7 @@ from hivemind.utils import get_logger
 
 from peer.averaging import restore
 from peer.events import in_agreement
-from peer.protocol.schemas import RunView
+from peer.protocol.run_schemas import RunView
 from peer.run_link import live_peers
 from peer.trainer_state import FROM_PEERS
 

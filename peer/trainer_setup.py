@@ -25,7 +25,7 @@ from peer.deadlines import RoundDeadlines
 from peer.events import AGREEMENT_TOLERANCE
 from peer.node import NodeError, follow_clock, start_dht
 from peer.protocol.dataset import DatasetError, ShardInfo
-from peer.protocol.schemas import RunView
+from peer.protocol.run_schemas import RunView
 from peer.protocol.spec import RunSpec, SpecError, validate_spec
 from peer.run_link import live_peers
 from peer.samples import SampleStream

@@ -20,7 +20,7 @@ import torch
 
 from peer.data.loader import map_tensors
 from peer.data.reader import DatasetReader
-from peer.protocol.schemas import AuditResultBody, AuditTask
+from peer.protocol.run_schemas import AuditResultBody, AuditTask
 from peer.protocol.sketch import grad_seed, relative_distance, seed_of
 from peer.sketch import Sketcher
 from peer.tasks import Task

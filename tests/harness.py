@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import psutil
 
 from peer.protocol.identity import Identity, save_identity
-from peer.protocol.schemas import RunPeerView, RunView
+from peer.protocol.run_schemas import RunPeerView, RunView
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent

@@ -46,17 +46,8 @@ from coordinator.routes import ROUTES
 from coordinator.settings import ServerSettings
 from peer.protocol.envelope import HEADERS, sign_request
 from peer.protocol.identity import Identity
-from peer.protocol.schemas import (
-    SHA256_HEADER,
-    AuditClaimBody,
-    AuditResultBody,
-    DepositBody,
-    HardwareSummary,
-    JoinBody,
-    OfferBody,
-    ReportBody,
-    RunBody,
-)
+from peer.protocol.run_schemas import AuditClaimBody, AuditResultBody, JoinBody, ReportBody, RunBody
+from peer.protocol.schemas import SHA256_HEADER, DepositBody, HardwareSummary, OfferBody
 from tests.harness import CoordinatorProcess, cli_env, group_members, minimal_spec, start_coordinator
 
 MSGPACK = "application/msgpack"

@@ -11,7 +11,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from coordinator.dashboard import Board, Series, line_chart, render
 from peer.metrics import ROUND_BUCKETS, PeerCollector
-from peer.protocol.schemas import LedgerAuditView, LossPoint
+from peer.protocol.run_schemas import LossPoint
+from peer.protocol.schemas import LedgerAuditView
 from tests.harness import peer_view, prometheus_series, run_view
 
 HOSTILE = '<script>alert("x")</script>'

@@ -31,17 +31,8 @@ from peer.protocol.client import ClientSettings, CoordinatorClient, CoordinatorE
 from peer.protocol.envelope import sign_request
 from peer.protocol.identity import Identity
 from peer.protocol.money import UNIT, from_units, to_units
-from peer.protocol.schemas import (
-    SHA256_HEADER,
-    AuditResultBody,
-    HardwareSummary,
-    MicroBatch,
-    OfferBody,
-    ReportBody,
-    RunBody,
-    RunPeerView,
-    RunView,
-)
+from peer.protocol.run_schemas import AuditResultBody, MicroBatch, ReportBody, RunBody, RunPeerView, RunView
+from peer.protocol.schemas import SHA256_HEADER, HardwareSummary, OfferBody
 from tests.harness import CoordinatorProcess, cli_env, group_members, minimal_spec, start_coordinator
 
 HEARTBEAT = 0.5  # lease TTL 1.5 s

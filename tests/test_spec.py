@@ -15,7 +15,7 @@ import pytest
 from peer.launch import Progress, _peers_range
 from peer.protocol.commands import InputError
 from peer.protocol.identity import Identity
-from peer.protocol.schemas import RunView
+from peer.protocol.run_schemas import RunView
 from peer.protocol.spec import RunSpec, SpecError, load_spec, validate_spec
 from peer.tasks import load_task
 from tests.harness import REPO, cli_env, minimal_spec, peer_view, run_cli, start_coordinator

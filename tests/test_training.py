@@ -25,7 +25,7 @@ from peer.demo import Demo
 from peer.events import AGREEMENT_TOLERANCE
 from peer.model_file import load_model_file
 from peer.protocol.dataset import load_manifest
-from peer.protocol.schemas import ReportView, RunView
+from peer.protocol.run_schemas import ReportView, RunView
 from peer.protocol.sketch import relative_distance
 from peer.protocol.spec import validate_spec
 from peer.samples import train_ids

@@ -15,7 +15,7 @@ from coordinator.verification import AuditPolicy, verdict
 from peer.adversary import KINDS, Contribution, behaviour, local_work
 from peer.data.examples import build_example
 from peer.data.reader import DatasetReader
-from peer.protocol.schemas import AuditTask
+from peer.protocol.run_schemas import AuditTask
 from peer.protocol.sketch import grad_seed, params_seed
 from peer.sketch import Sketcher
 from peer.tasks.digits import DigitsMLP

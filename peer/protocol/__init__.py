@@ -10,8 +10,10 @@ envelope", is the walk-through). Read them in this order:
 :mod:`.money`                  money on the wire: decimal strings with at most 6 places, never floats
 :mod:`.spec`                   the run spec a researcher launches (TOML), validated the same everywhere
 :mod:`.states`                 run, audit and pay states, and which groups of run states mean what
-:mod:`.schemas`                every request and answer body of the HTTP API (``/openapi.json`` is built
-                               from them), content types and headers
+:mod:`.schemas`                the types every body uses (money, accounts, errors, content types,
+                               headers) and the bodies of accounts, offers, leases, peers and the market
+:mod:`.run_schemas`            the bodies of runs: creating one, a quote, reports, audits, the model
+                               (``/openapi.json`` is built from both)
 :mod:`.client`                 the typed async client of that API, with safe retries (same bytes, same
                                nonce), and its settings
 :mod:`.sketch`                 the gradient and parameter sketches reports commit to and audits compare:

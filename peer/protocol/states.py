@@ -1,7 +1,7 @@
 """The states that both sides name on the wire: a run's life cycle, an audit's and a report's pay.
 
 The coordinator decides the transitions (:mod:`coordinator.runs`, :mod:`coordinator.verification`); a peer
-reads the state in a :class:`peer.protocol.schemas.RunView` and acts on which group it falls in (a trainer
+reads the state in a :class:`peer.protocol.run_schemas.RunView` and acts on which group it falls in (a trainer
 reports only while the run is in ``REPORTING``, stops once it leaves ``BIDDING``).
 """
 
