@@ -8,8 +8,8 @@ How the estimate is made, so that a launcher can judge it:
   run would pay, and the round says why it would get fewer than it asks for.
 - **How fast.** A step takes the slowest peer's compute for its share of ``batch.target`` plus one
   averaging round. ``measured``: the epoch times (report ``seconds``: compute and round) of recent
-  accepted reports of runs with the same task, options and ``batch.target`` in this market, their
-  10th, 50th and 90th percentiles. ``probe``: no such report yet, so compute comes from the matched offers'
+  accepted reports of runs with the same task, options and ``batch.target`` in this market: their mean
+  (pay adds them up), and their 10th and 90th percentiles for the range. ``probe``: no such report yet, so compute comes from the matched offers'
   benchmark TFLOP/s at an assumed efficiency, with the FLOPs per sample the launcher's task counts, and
   the round from a prior (:class:`QuoteConfig`); the range is the middle figure divided and multiplied by
   ``spread``.
@@ -42,9 +42,9 @@ MIN_MEASURED = 3
 class QuoteConfig:
     """The probe's assumptions (:class:`coordinator.settings.ServerSettings`: ``quote_*``)."""
 
-    round_seconds: float = 0.5
+    round_seconds: float = 0.2
     efficiency: float = 0.3
-    spread: float = 2.0
+    spread: float = 3.0
 
 
 def quote(
@@ -107,10 +107,12 @@ def _step_seconds(
     if not mine:
         return (0.0, 0.0, 0.0), "probe", "no peer would match now: no time or cost to estimate"
     if len(measured) >= MIN_MEASURED:
+        # Pay adds every epoch's time, so the middle figure is their mean; the range their 10th and 90th
+        # percentiles (widened to the mean when a few slow epochs pull it outside).
         cuts = statistics.quantiles(measured, n=10, method="inclusive")
-        low, high = cuts[0], cuts[-1]
+        mean = statistics.fmean(measured)
         return (
-            (low, statistics.median(measured), high),
+            (min(cuts[0], mean), mean, max(cuts[-1], mean)),
             "measured",
             f"the epoch times of the last {len(measured)} accepted reports of {what} in this market",
         )
