@@ -6,17 +6,17 @@ How the estimate is made, so that a launcher can judge it:
 - **Who.** A clearing round is simulated over the open offers and the live runs' bids plus this one
   (:func:`coordinator.market.clear_round`); the peers it would get and their hourly prices are what the
   run would pay, and the round says why it would get fewer than it asks for.
-- **How fast.** A step takes the slowest peer's compute for its share of ``batch.target`` plus one
-  averaging round. ``measured``: the epoch times (report ``seconds``: compute and round) of recent
-  accepted reports of runs with the same task, options and ``batch.target`` in this market: their mean
-  (pay adds them up), and their 10th and 90th percentiles for the range. ``probe``: no such report yet, so compute comes from the matched offers'
-  benchmark TFLOP/s at an assumed efficiency, with the FLOPs per sample the launcher's task counts, and
-  the round from a prior (:class:`QuoteConfig`); the range is the middle figure divided and multiplied by
-  ``spread``.
-- **What it costs.** Each peer is paid its matched hourly price for the epochs it reports (the pay
-  rule, :func:`coordinator.runs.report_pay`), so pay is the peers' hourly prices times the wall clock;
-  audit fees add what the audited share of each report is paid again (:func:`coordinator.verification.
-  audit_fee`): at least ``min_audits`` micro-batches, or ``rate`` of them, out of each peer's share.
+- **How fast.** A step takes the slowest peer's compute for its share of ``batch.target`` plus one averaging
+  round. ``measured``: the epoch times (report ``seconds``: compute and round) of recent accepted reports of
+  runs with the same task, options and ``batch.target`` in this market: their mean (pay adds them up), and
+  their 10th and 90th percentiles for the range. ``probe``: no such report yet, so compute comes from the
+  matched offers' benchmark TFLOP/s at an assumed efficiency, with the FLOPs per sample the launcher's task
+  counts, and the round from a prior (:class:`QuoteConfig`); the range is the middle figure divided and
+  multiplied by ``spread``.
+- **What it costs.** Each peer is paid its matched hourly price for the epochs it reports (the pay rule,
+  :func:`coordinator.runs.report_pay`), so pay is the peers' hourly prices times the wall clock; audit fees
+  add what the audited share of each report is paid again (:func:`coordinator.verification.audit_fee`): at
+  least ``min_audits`` micro-batches, or ``rate`` of them, out of each peer's share.
 """
 
 from __future__ import annotations
