@@ -494,6 +494,9 @@ def run_demo(
     echo = (lambda _text: None) if as_json else (lambda text: click.echo(text, err=False))
     demo = Demo(peers, drop, echo, timeout, metrics=True)
     started = time.monotonic()
+    # SIGTERM (kill, a supervisor, a test's clean-up) stops the demo as Ctrl-C does, through the finally
+    # below: by default it would end this process at once and leave every peer and the coordinator running.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         demo.start_coordinator()
         demo.fund_launcher()
@@ -527,12 +530,18 @@ def run_demo(
         if keep:
             result["folder"] = str(demo.tmp)
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
         survivors = demo.close()
+        signal.signal(signal.SIGTERM, previous)
     if survivors:
         raise DemoError(f"processes survived the demo: {survivors}; logs are in {demo.tmp}")
     if not keep:
         shutil.rmtree(demo.tmp, ignore_errors=True)
     return result
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def print_result(result: dict[str, Any]) -> None:

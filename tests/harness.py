@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -185,6 +186,32 @@ class PeerSwarm:
                 peer.proc.wait(timeout=10)
             survivors += group_members(peer.proc.pid)
         return survivors
+
+
+class DemoProcess:
+    """``hivemarket demo ARGS`` in its own process group, its output collected line by line as it comes."""
+
+    def __init__(self, home: Path, *args: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "peer", "demo", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=cli_env(home),
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def printed(self, pattern: str) -> list[str]:
+        if self.proc.poll() is not None and self.proc.returncode != 0:
+            raise AssertionError(f"the demo exited with {self.proc.returncode}:\n{''.join(self.lines)}")
+        return re.findall(pattern, "".join(self.lines), re.MULTILINE)
 
 
 @dataclass

@@ -6,17 +6,13 @@ The screenshot is kept in tests/artifacts/dashboard.png (ignored by git) for peo
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
-import threading
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.browser import Browser
-from tests.harness import cli_env, group_members, kill_group, prometheus_series, wait_until
+from tests.harness import DemoProcess, group_members, kill_group, prometheus_series, wait_until
 
 SCREENSHOT = Path(__file__).parent / "artifacts" / "dashboard.png"
 
@@ -35,32 +31,6 @@ return {
 """
 
 
-class Demo:
-    """``hivemarket demo`` in its own process group, its output collected line by line as it comes."""
-
-    def __init__(self, home: Path):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "peer", "demo", "--peers", "3"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=cli_env(home),
-            start_new_session=True,
-        )
-        self.lines: list[str] = []
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def printed(self, pattern: str) -> list[str]:
-        if self.proc.poll() is not None and self.proc.returncode != 0:
-            raise AssertionError(f"the demo exited with {self.proc.returncode}:\n{''.join(self.lines)}")
-        return re.findall(pattern, "".join(self.lines), re.MULTILINE)
-
-
 def _scrape(url: str) -> dict[str, float]:
     with urllib.request.urlopen(url, timeout=10) as response:
         return prometheus_series(response.read().decode())
@@ -68,7 +38,7 @@ def _scrape(url: str) -> dict[str, float]:
 
 @pytest.mark.timeout(600)
 def test_dashboard_and_metrics_of_a_running_demo(tmp_path: Path) -> None:
-    demo = Demo(tmp_path)
+    demo = DemoProcess(tmp_path, "--peers", "3")
     browser = None
     try:
         (url,) = wait_until(lambda: demo.printed(r"^dashboard (http://\S+)/ "), 120, "the dashboard's URL")

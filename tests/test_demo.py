@@ -7,6 +7,8 @@ paid for an epoch that failed its audits."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from decimal import Decimal
@@ -16,7 +18,7 @@ import psutil
 import pytest
 
 from peer.adversary import KINDS
-from tests.harness import cli_env, group_members, kill_group
+from tests.harness import DemoProcess, cli_env, group_members, kill_group, wait_until
 
 
 @pytest.mark.timeout(600)
@@ -90,3 +92,22 @@ def test_demo_refuses_bad_options_before_starting_anything(
         timeout=60,
     )
     assert done.returncode == 2 and words in done.stderr, done.stderr
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_stops_the_demo_and_everything_it_started(tmp_path: Path) -> None:
+    """``kill``, a supervisor or a test's clean-up stop the demo the way Ctrl-C does: the coordinator and
+    every peer (each in a process group of its own, so signalling the demo's group does not reach them)
+    stop with it."""
+    demo = DemoProcess(tmp_path, "--peers", "3")
+    try:
+        wait_until(lambda: len(demo.printed(r"^peer-\d+\s+metrics ")) == 3, 120, "three peers to start")
+        started = psutil.Process(demo.proc.pid).children(recursive=True)
+        assert len(started) >= 4, started  # the coordinator and three peers, with what they started
+        os.kill(demo.proc.pid, signal.SIGTERM)  # the demo alone, as `kill PID` does
+        demo.proc.wait(timeout=60)
+    finally:
+        kill_group(demo.proc.pid)
+    assert demo.proc.returncode != 0
+    _, alive = psutil.wait_procs(started, timeout=10)
+    assert not alive, f"the demo left {alive} running after SIGTERM:\n{''.join(demo.lines)[-2000:]}"
