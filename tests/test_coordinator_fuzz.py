@@ -46,7 +46,14 @@ from coordinator.routes import ROUTES
 from coordinator.settings import ServerSettings
 from peer.protocol.envelope import HEADERS, sign_request
 from peer.protocol.identity import Identity
-from peer.protocol.run_schemas import AuditClaimBody, AuditResultBody, JoinBody, ReportBody, RunBody
+from peer.protocol.run_schemas import (
+    AuditClaimBody,
+    AuditResultBody,
+    JoinBody,
+    QuoteBody,
+    ReportBody,
+    RunBody,
+)
 from peer.protocol.schemas import SHA256_HEADER, DepositBody, HardwareSummary, OfferBody
 from tests.harness import CoordinatorProcess, cli_env, group_members, minimal_spec, start_coordinator
 
@@ -94,6 +101,14 @@ VALID_BODIES: dict[type, dict[str, Any]] = {
         "peers_max": 2,
         "min_vram_gb": 0.0,
         "budget": "0.01",
+    },
+    QuoteBody: {
+        "spec": minimal_spec("fuzz"),
+        "max_price": "0.5",
+        "peers_min": 1,
+        "peers_max": 2,
+        "min_vram_gb": 0.0,
+        "flops_per_sample": 1e6,
     },
     JoinBody: {"peer_id": "12D3KooWfuzz", "maddrs": ["/ip4/127.0.0.1/tcp/4001"]},
     ReportBody: {
@@ -373,7 +388,7 @@ def schema_bodies(draw: st.DrawFn, model: type) -> Any:
                 if isinstance(hardware, dict):
                     sub = draw(st.sampled_from([*HardwareSummary.model_fields, "extra"]))
                     hardware[sub] = draw(junk | st.sampled_from(HUGE_INTS + ODD_FLOATS))
-            elif model is RunBody:
+            elif model in (RunBody, QuoteBody):
                 spec = draw(st.dictionaries(st.text(max_size=10), junk, max_size=4))
                 spec["name"] = draw(st.one_of(st.text(max_size=300), junk))
                 spec[draw(st.text(max_size=5))] = draw(nested)
