@@ -10,7 +10,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from importlib.metadata import EntryPoint, entry_points
+from importlib.metadata import EntryPoint, distribution
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,8 @@ COMMANDS_GROUP = "hivemarket.commands"
 
 
 class LazyGroup(click.Group):
-    """A group that adds the commands installed under the ``hivemarket.commands`` entry points, each
-    imported only when used or listed by --help.
+    """A group that adds the commands this package declares under the ``hivemarket.commands`` entry
+    points, each imported only when used or listed by --help.
 
     Why entry points: the coordinator's commands (``hivemarket coordinator serve``) belong to the other
     wing, which this module must not import; the package's metadata names them instead. Why lazily: the
@@ -46,7 +46,8 @@ class LazyGroup(click.Group):
 
     @functools.cached_property
     def lazy(self) -> dict[str, EntryPoint]:
-        return {ep.name: ep for ep in entry_points(group=COMMANDS_GROUP)}
+        # This package's own metadata only: scanning every installed package's took 110 ms a start here.
+        return {ep.name: ep for ep in distribution("hivemarket").entry_points.select(group=COMMANDS_GROUP)}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.lazy})
