@@ -2,10 +2,10 @@
 runs), the matches and the round it records, and the history and depth of the book.
 
 Every function takes the connection of the write (or read) it is part of;
-:class:`coordinator.store.SQLiteStore` runs them inside one transaction with the request's nonce. Who
-trades at what price is :func:`coordinator.market.clear`'s pure decision; an ask's reliability is the
-peer's standing (:func:`coordinator.offer_store.standing`), and the runs a round fills move on through
-:func:`coordinator.run_store.advance`.
+:class:`coordinator.store.SQLiteStore` runs them inside one transaction with the request's nonce. Who trades
+at what price, and why a run is short of peers, is :func:`coordinator.market.clear_round`'s pure decision;
+an ask's reliability is the peer's standing (:func:`coordinator.offer_store.standing`), and the runs a round
+fills move on through :func:`coordinator.run_store.advance`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from peer.protocol.envelope import Envelope
 from peer.protocol.money import from_units, to_units
 from peer.protocol.run_schemas import QuoteBody, QuoteView, check_run_spec
 from peer.protocol.schemas import ClearingRoundView
+from peer.protocol.spec import RunSpec
 
 _ASKS_QUERY = """
     SELECT l.id AS lease_id, o.account, o.price_units, o.tflops, o.vram_gb, p.uptime, p.lapses,
@@ -44,7 +45,7 @@ def clear(
     config: market.MarketConfig,
     policy: runs.RunPolicy,
 ) -> ClearingRoundView | None:
-    """One clearing round over the live book, decided by :func:`coordinator.market.clear`.
+    """One clearing round over the live book, decided by :func:`coordinator.market.clear_round`.
 
     A scheduled round (no ``env``) over an empty side of the book is skipped and returns None, so the
     history only holds rounds that could have traded; an admin's round is always recorded.
@@ -90,28 +91,32 @@ def quote(
     options and ``batch.target``."""
     spec = check_run_spec(body.spec)
     bid = market.Bid(quotes.QUOTE_RUN, body.max_price, body.peers_max, body.min_vram_gb)
-    same: dict[str, bool] = {}  # run id -> whether it trains what this spec would (parsed once a run)
-    measured = []
+    same: dict[str, bool] = {}  # run id -> whether it trains what this spec would; each run's spec read once
+    measured: list[float] = []
     rows = conn.execute(
-        "SELECT p.run_id, p.seconds, r.spec FROM reports p JOIN runs r ON r.id = p.run_id"
-        " WHERE json_extract(r.spec, '$.task') = ? AND p.pay_state != 'voided'"
-        " ORDER BY p.accepted_at DESC",
+        "SELECT p.run_id, p.seconds FROM reports p JOIN runs r ON r.id = p.run_id"
+        " WHERE json_extract(r.spec, '$.task') = ? AND p.pay_state != 'voided' ORDER BY p.accepted_at DESC",
         (spec.task,),
     )
-    for row in rows:
-        if row["run_id"] not in same:
-            try:
-                other = check_run_spec(json.loads(row["spec"]))
-            except ValueError:  # a run created before specs were validated
-                same[row["run_id"]] = False
-            else:
-                same[row["run_id"]] = (other.options, other.batch.target) == (spec.options, spec.batch.target)
-        if same[row["run_id"]]:
-            measured.append(row["seconds"])
+    for run_id, seconds in rows:
+        if run_id not in same:
+            stored = conn.execute("SELECT spec FROM runs WHERE id = ?", (run_id,)).fetchone()["spec"]
+            same[run_id] = _trains_like(stored, spec)
+        if same[run_id]:
+            measured.append(seconds)
             if len(measured) == history:
                 break
     asks, _ = _asks(conn)
     return quotes.quote(asks, _bids(conn), bid, spec, measured, body.flops_per_sample, quote_config, config)
+
+
+def _trains_like(stored: str, spec: RunSpec) -> bool:
+    """Whether a run's stored spec trains what ``spec`` would: the same task, options and batch.target."""
+    try:
+        other = check_run_spec(json.loads(stored))
+    except ValueError:  # a run created before specs were validated
+        return False
+    return (other.task, other.options, other.batch.target) == (spec.task, spec.options, spec.batch.target)
 
 
 def _record_shortfalls(conn: sqlite3.Connection, reasons: dict[str, str | None]) -> None:
