@@ -11,7 +11,9 @@ puts into the all-reduce and the micro-batches it reports (sample ids, loss, gra
   come next in its own order, which it did not process; fewer near the end of a pass) with sketches
   copied from the ones it computed, and weighs its update in the all-reduce by the inflated count;
 - ``replay``: computes its first epoch honestly, then sends that epoch's update again every epoch,
-  reporting sketches of the old gradients under the new epoch's projections.
+  reporting sketches of the old gradients under the new epoch's projections;
+- ``noisy-round`` (fast path only): works and reports honestly, then sends a noisy update into the
+  all-reduce; audits cannot see it, the round's commitment check does (:mod:`peer.collective`).
 
 None of them can produce the sketch of a gradient it did not compute, so an audit of any micro-batch
 they did not compute fails. A cheater would write its own code, of course; these exist so that users
@@ -33,7 +35,8 @@ from peer.sketch import Sketcher
 from peer.tasks import Task
 from peer.validator import compute_micro_batches
 
-KINDS: tuple[AdversaryKind, ...] = get_args(AdversaryKind)
+#: The cheats that audits catch (``demo --adversaries``); ``noisy-round`` cheats the round instead.
+KINDS: tuple[AdversaryKind, ...] = tuple(k for k in get_args(AdversaryKind) if k != "noisy-round")
 
 
 @dataclass
@@ -93,6 +96,10 @@ class Honest:
 
     def contribute(self, work: EpochWork) -> Contribution:
         return work.compute(False)
+
+    def tamper(self, sent: torch.Tensor) -> None:
+        """Change what goes into a fast-path round after the commitment to it was signed (an honest peer
+        sends what it committed to)."""
 
 
 class FreeRider(Honest):
@@ -166,6 +173,18 @@ class Replay(Honest):
         return Contribution(micro, saved.update)
 
 
+class NoisyRound(Honest):
+    """Computes and reports honestly (every audit of its reports passes), then adds noise as large as its
+    update to what it sends into the fast path's all-reduce, after committing to the honest update. The
+    commitment check makes every member refuse such a round (:mod:`peer.collective`)."""
+
+    kind = "noisy-round"
+
+    def tamper(self, sent: torch.Tensor) -> None:
+        scale = float(sent.norm()) / max(1.0, sent.numel()) ** 0.5
+        sent.add_(torch.randn_like(sent), alpha=scale or 1e-3)
+
+
 def behaviour(kind: AdversaryKind | None) -> Honest:
     """The contribution behaviour of a peer: honest unless ``kind`` names a cheat."""
     cheats: dict[str, type[Honest]] = {
@@ -173,5 +192,6 @@ def behaviour(kind: AdversaryKind | None) -> Honest:
         "random-gradient": RandomGradient,
         "inflated-samples": InflatedSamples,
         "replay": Replay,
+        "noisy-round": NoisyRound,
     }
     return Honest() if kind is None else cheats[kind]()

@@ -14,7 +14,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: The cheats :mod:`peer.adversary` can play (named here so that reading settings never imports torch).
-AdversaryKind = Literal["free-rider", "random-gradient", "inflated-samples", "replay"]
+AdversaryKind = Literal["free-rider", "random-gradient", "inflated-samples", "replay", "noisy-round"]
 
 
 class PeerSettings(BaseSettings):
@@ -73,6 +73,21 @@ class PeerSettings(BaseSettings):
     chunk_deadline_factor: float = Field(
         2.0, gt=0, description="The chunk wait is this many times the slowest recent all-reduce round."
     )
+    fast_path: bool = Field(
+        True,
+        description="Offer this peer for runs' torch.distributed fast path (it advertises a reach address "
+        "beside its DHT address); false keeps it on hivemind's averager (for example behind a firewall that "
+        "lets the DHT's port through and nothing else).",
+    )
+    reach_timeout: float = Field(
+        1.0, gt=0, description="Seconds a fast-path member waits for another member's reach address."
+    )
+    regroup_timeout: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds the survivors of a failed fast-path round wait for the coordinator's next group "
+        "version before training the epoch again on what they have.",
+    )
     train_threads: int = Field(
         0, ge=0, description="Threads torch uses for training on the CPU; 0 keeps torch's default."
     )
@@ -88,7 +103,7 @@ class PeerSettings(BaseSettings):
     adversary: AdversaryKind | None = Field(
         None,
         description="Demonstrations and tests only: this peer cheats in the named way (peer.adversary) so "
-        "that its audits fail.",
+        "that its audits fail (or, noisy-round, the fast path's commitment check refuses its rounds).",
     )
 
 

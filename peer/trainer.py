@@ -10,7 +10,8 @@ match ends. The trainer:
    and joins the run at the coordinator with its addresses;
 4. loads the training state from the other peers if the run is under way (with a deadline), else
    resumes its local checkpoint after a crash, else starts from the spec's seed;
-5. trains in lock-step epochs (:mod:`peer.averaging`): its share of the target batch from its assigned
+5. trains in lock-step epochs (on the fast path, :mod:`peer.collective`, while the coordinator's group
+   puts the run on it; else :mod:`peer.averaging`): its share of the target batch from its assigned
    samples, one all-reduce with the peers at the same epoch, the same update everywhere; after each
    epoch it queues a signed contribution report (samples, loss, per-micro-batch gradient sketches, a
    sketch of the parameters the epoch started from) and checkpoints locally;
@@ -47,6 +48,7 @@ from pydantic import ValidationError
 
 from peer.adversary import Contribution, EpochWork, behaviour
 from peer.averaging import RunAverager, TrainingState, capture, learning_rate, restore
+from peer.collective import FastPath
 from peer.data.loader import PrefetchLoader
 from peer.events import EventLog
 from peer.model_file import model_bytes
@@ -84,6 +86,10 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin):
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.dht = None
         self.averager: RunAverager | None = None
+        self.fast: FastPath | None = None  # this peer's side of the fast path, when it offers one
+        self.view: RunView | None = None  # the run as the loop last fetched it (its group decides the path)
+        self.checked_in = 0  # the last group version this peer asked to be taken into (_group)
+        self.path = "hivemind"  # the path of the epoch's round, for the event log
         self.epoch = 0
         self.group_target = 0
         self.snapshot: TrainingState | None = None  # the epoch's start, while local updates move on
@@ -110,7 +116,7 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin):
         last_view = view
         while not self.stop.is_set():
             view = self.link.view() or last_view
-            last_view = view
+            last_view = self.view = view
             # a peer dropped and matched again has two matches: the active one is the one that counts
             matched = any(p.account == self.identity.account and p.state == "active" for p in view.peers)
             if not matched or self.link.ended:
@@ -184,6 +190,7 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin):
             "epoch",
             epoch=epoch,
             outcome=outcome,
+            path=self.path,
             params=param_sketch,
             group=group_size,
             samples=samples,
@@ -318,6 +325,8 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin):
     def close(self) -> None:
         if self.saving is not None:  # the last checkpoint is what a restart resumes from
             self.saving.join(self.settings.trainer_stop_timeout / 2)
+        if self.fast is not None:
+            self.fast.close()
         if self.averager is not None:
             self.averager.shutdown()
         if self.dht is not None:

@@ -1,5 +1,6 @@
 """An epoch's round from the trainer's side (step 5 of :mod:`peer.trainer`): all-reducing the epoch's
-update with the live peers (:class:`peer.averaging.RunAverager`), giving way to a group whose parameters
+update with the live peers (on the fast path, :mod:`peer.collective`, when the coordinator's group puts
+this peer on it; else :class:`peer.averaging.RunAverager`), giving way to a group whose parameters
 differ from this peer's, catching up with peers further on, and applying the step.
 
 :class:`RoundsMixin` is a part of :class:`peer.trainer.Trainer`: its methods use the attributes that
@@ -16,9 +17,9 @@ from typing import Any
 import torch
 from hivemind.utils import get_logger
 
-from peer.averaging import restore
+from peer.averaging import NO_SAMPLES_WEIGHT, restore
 from peer.events import in_agreement
-from peer.protocol.run_schemas import RunView
+from peer.protocol.run_schemas import GroupView, RunView
 from peer.run_link import live_peers
 from peer.trainer_state import FROM_PEERS
 
@@ -60,9 +61,13 @@ class RoundsMixin:
           peer's own update instead would set it apart from every other member of the broken round.
         """
         assert self.averager is not None
+        group = self._group()
+        if self.fast is not None and self.fast.usable(group) and len(group.members) > 1:
+            return self._fast_average(epoch, samples, group, param_sketch)
+        self.path = "hivemind"
         if len(live) == 1:
             return "alone", 1, True, 0.0
-        self.events.write("averaging", epoch=epoch, group=len(live))
+        self.events.write("averaging", epoch=epoch, group=len(live), path="hivemind")
         if len(live) != self.group_target:
             try:
                 self.averager.set_target_group_size(len(live), self.spec.averaging.timeout_seconds)
@@ -90,6 +95,70 @@ class RoundsMixin:
                 return "caught_up", size, False, result.seconds
             return "averaged", size, False, result.seconds
         return "averaged", size, True, result.seconds
+
+    def _group(self) -> GroupView | None:
+        """The newest group version this trainer knows of: from the view its loop fetched, or a newer one
+        fetched in the background since. A trainer not in it (it was slow to return after a failed
+        version, say) checks in, once per version, to be taken into the next one."""
+        views = [v for v in (self.view, self.link.peek()) if v is not None and v.group is not None]
+        group = max((v.group for v in views), key=lambda g: g.version, default=None)
+        if self.fast is None or group is None or group.version == self.checked_in:
+            return group
+        if not any(m.account == self.identity.account for m in group.members):
+            self.checked_in = group.version
+            try:
+                return self.fast.checkin(version=group.version)
+            except Exception as e:  # the next epoch asks again
+                logger.warning(f"Check-in for the fast path failed: {e!r}")
+        return group
+
+    def _fast_average(
+        self, epoch: int, samples: int, group: GroupView, param_sketch: list[float]
+    ) -> tuple[str, int, bool, float]:
+        """The epoch's round on the fast path (:mod:`peer.collective`); the outcomes are :meth:`_average`'s.
+        A round applied by no one (it broke, its members were at different epochs, or its result did not
+        match the commitments) is trained again; a member behind the others loads their state first."""
+        assert self.fast is not None
+        self.path = "fast"
+        size = len(group.members)
+        self.events.write("averaging", epoch=epoch, group=size, path="fast", version=group.version)
+        if not self.fast.ready(group):
+            return "redo", 1, False, 0.0
+        straggle = self.fast.deadlines.straggle()
+        began = time.monotonic()
+
+        def newer() -> bool:  # asked only once the round is late: a peek starts a fetch of the run
+            if time.monotonic() - began < straggle:
+                return False
+            latest = self.link.peek()
+            return latest is not None and latest.group is not None and latest.group.version > group.version
+
+        result = self.fast.average(
+            self.buffers,
+            epoch=epoch,
+            weight=max(samples, NO_SAMPLES_WEIGHT),
+            param_sketch=param_sketch,
+            wait_deadline=self.fast.deadlines.step(self.spec.averaging.matchmaking_seconds),
+            newer=newer,
+        )
+        if result.outcome == "averaged":
+            if self._defers_to_group(result.gathered, param_sketch):
+                logger.warning(f"Epoch {epoch}: parameters differ from the group's; loading theirs")
+                loaded = self._catch_up(epoch, same_epoch=True)
+                if loaded is not None and loaded > epoch:
+                    return "caught_up", size, False, result.seconds
+                return "averaged", size, False, result.seconds
+            return "averaged", size, True, result.seconds
+        logger.warning(
+            f"Epoch {epoch}: the fast-path round is not applied ({result.outcome}: {result.reason})"
+        )
+        self.events.write("round_refused", epoch=epoch, outcome=result.outcome, reason=result.reason[:300])
+        if result.outcome == "failed":
+            self.fast.regroup(group.version)
+        ahead = max(result.epochs.values(), default=epoch) > epoch or self._reported(self.link.peek(), epoch)
+        if ahead and self._catch_up(epoch) is not None:
+            return "caught_up", 1, False, 0.0
+        return "redo", 1, False, 0.0
 
     def _defers_to_group(self, gathered: dict[str, Any], param_sketch: list[float]) -> bool:
         """Whether the group's members disagree with this peer's parameters and this peer should give way:

@@ -19,13 +19,14 @@ import torch
 from hivemind.utils import get_logger
 
 from peer.averaging import RunAverager
+from peer.collective import FastPath
 from peer.data.fetch import FetchSettings, ShardCache, fetch_manifest, fetch_shards
 from peer.data.reader import DatasetReader
 from peer.deadlines import RoundDeadlines
 from peer.events import AGREEMENT_TOLERANCE
 from peer.node import NodeError, follow_clock, start_dht
 from peer.protocol.dataset import DatasetError, ShardInfo
-from peer.protocol.run_schemas import RunView
+from peer.protocol.run_schemas import GroupView, RunView
 from peer.protocol.spec import RunSpec, SpecError, validate_spec
 from peer.run_link import live_peers
 from peer.samples import SampleStream
@@ -34,6 +35,16 @@ from peer.trainer_exit import EXIT_REFUSED, EXIT_RETRY, TrainerExit
 from peer.validator import Snapshots, Validator
 
 logger = get_logger(__name__)
+
+
+def direct_host(maddrs: Sequence[str]) -> str | None:
+    """The IPv4 address of the first of this peer's multiaddrs that names one (the others connect to it),
+    or None (no multiaddr with a concrete IPv4 address: a client-mode node)."""
+    for maddr in maddrs:
+        parts = str(maddr).split("/")
+        if len(parts) > 2 and parts[1] == "ip4" and parts[2] != "0.0.0.0":
+            return parts[2]
+    return None
 
 
 def make_optimizer(spec: RunSpec, params: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -161,13 +172,49 @@ class SetupMixin:
         )
         view = self.link.join(str(self.dht.peer_id), maddrs)
         logger.info(f"Joined run {self.run_id} as {self.dht.peer_id} ({len(bootstrap)} bootstrap addresses)")
+        group = self._offer_fast_path(maddrs)
         others = [p for p in live_peers(view) if p.joined and p.account != self.identity.account]
         underway = len(others) >= view.peers_min  # they train without this peer (not waiting for it)
-        if underway:
+        # On the fast path the group's next version expects this peer by name, so there is no round to
+        # miss; on hivemind's, a round formed before the join would go on without it.
+        if underway and not (self.fast is not None and self.fast.usable(group)):
             view = self._next_epoch(view)
         self._initial_state(bool(bootstrap))
         self.late = underway  # at a run's start the peers begin epoch 0 together: nobody is late
         return view
+
+    def _offer_fast_path(self, maddrs: Sequence[str]) -> GroupView | None:
+        """Open this peer's reach address for the fast path and check in with it (:mod:`peer.collective`),
+        unless the run or this peer keeps to hivemind's path or the peer has no direct address (client
+        mode, say); the group the coordinator answers with, or None."""
+        if self.spec.averaging.path != "auto" or not self.settings.fast_path:
+            return None
+        host = direct_host(maddrs)
+        if host is None:
+            logger.info("No direct address for the fast path: this peer averages on hivemind's path")
+            return None
+        self.fast = FastPath(
+            run_id=self.run_id,
+            identity=self.identity,
+            client=self.link.client,
+            call=self.link.call,
+            host=host,
+            n_params=self.n_params,
+            precision="fp32" if self.spec.averaging.compression == "none" else "fp16",
+            deadlines=RoundDeadlines(
+                ceiling=self.spec.averaging.timeout_seconds,
+                floor=self.settings.chunk_deadline_floor,
+                factor=self.settings.chunk_deadline_factor,
+            ),
+            reach_timeout=self.settings.reach_timeout,
+            regroup_timeout=self.settings.regroup_timeout,
+        )
+        self.fast.tamper = self.behaviour.tamper
+        try:
+            return self.fast.checkin()
+        except Exception as e:  # the trainer checks in again when it sees a group without it
+            logger.warning(f"Check-in for the fast path failed: {e!r}")
+            return None
 
     def _next_epoch(self, view: RunView) -> RunView:
         """Wait (at most ``state_load_timeout``) until an epoch that began before this peer joined has

@@ -94,6 +94,12 @@ class AveragingSpec(Section):
         15.0, gt=0, le=3600, description="A round that has not finished by then is abandoned."
     )
     compression: Literal["none", "fp16", "8bit"] = "none"
+    path: Literal["auto", "hivemind"] = Field(
+        "auto",
+        description="auto: the run all-reduces on torch.distributed (gloo) while every live peer can reach "
+        "every other directly, and on hivemind's averager otherwise; hivemind: always hivemind's averager. "
+        "On the fast path 8bit compression sends fp16.",
+    )
     local_updates: bool = Field(
         False,
         description="DiLoCo style: each peer takes inner optimizer steps on its share of the batch and the "

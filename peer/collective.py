@@ -1,0 +1,457 @@
+"""The fast path of a run's averaging rounds: one torch.distributed (gloo) process group per group
+version, decided by the coordinator and built through its authenticated rendezvous.
+
+Why: hivemind's round (DHT matchmaking every step, a butterfly all-reduce over p2pd streams) measured
+4.8-12.5x gloo's ``all_reduce`` of the same tensor on loopback. When every member of a run can reach
+every other directly, the coordinator (which knows who is live) puts the run on this path
+(:mod:`coordinator.groups`); the members then build a gloo group once per membership change, and each
+epoch's round is two collectives on it:
+
+1. an all-gather of each member's signed *commitment*: its epoch, its weight (samples), a sketch of the
+   update it is about to send and a sketch of its parameters. Members at different epochs find out here,
+   before anything is summed; a signature that does not verify ends the round for everyone alike;
+2. an all-reduce (sum) of each member's update scaled by its share of the weights.
+
+Before anyone applies the result, each member checks it against the commitments: sketches are linear,
+so the sketch of the weighted mean must equal the weighted mean of the committed sketches, within float
+rounding. A member that sends something other than what it committed to (noise added after committing,
+say) makes the check fail on every member, and no one applies the round. (Who lied is found by the
+"pay for what is delivered" work; here nobody applies it.) Every member sees the same gathered
+commitments and the same sum, so all members reach the same verdict.
+
+Every collective has a deadline (:class:`peer.deadlines.RoundDeadlines`, from measured rounds); a member
+that dies mid-round closes its sockets and the others' collective fails within a fraction of a second
+(measured: 0.11-0.14 s for 4 x 100 MB on loopback). A failed round is applied by no one; the survivors
+ask the coordinator for the next version and train on it.
+
+Reachability is checked, not assumed: each peer runs a :class:`ReachListener` at the address it
+advertises, and before a group is used each member connects to every other member's; one that cannot
+reports it, and the coordinator puts the run back on hivemind's averager.
+
+torch.distributed authenticates nothing (torch's SECURITY.md: trusted networks only). What a host
+outside the run can do against this path, and why it is bounded: it cannot join a group (the rendezvous
+is members-only, :mod:`peer.rendezvous`); gloo's listening ports are new for every version; what it
+sends to them is dropped by gloo or breaks a connection, which fails that round for all (no one applies
+it) within the deadline; and a result it managed to change would fail the commitment check. Nothing on
+this path unpickles anything.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from hivemind.utils import get_logger
+
+from peer.deadlines import RoundDeadlines
+from peer.protocol.identity import Identity, verify_signature
+from peer.protocol.run_schemas import CheckinBody, GroupView
+from peer.protocol.sketch import SKETCH_DIMS, relative_distance, seed_of
+from peer.rendezvous import CoordinatorStore
+from peer.sketch import Sketcher
+
+logger = get_logger(__name__)
+
+#: How far the sketch of a round's result may be from the weighted mean of the committed sketches: float
+#: rounding of the sum (fp32), or of each member's part sent in fp16. Measured on digits and random
+#: tensors: fp32 below 1e-6, fp16 below 1e-3; an added noise of 1% of the update's norm gives about 1e-2.
+TAMPER_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3}
+POLL_SECONDS = 0.05  # how often a waiting collective looks whether a newer group version formed
+_HEADER = struct.Struct("<qqqd")  # version, epoch, rank, weight
+_SKETCHES = struct.Struct(f"<{2 * SKETCH_DIMS}d")  # update sketch, parameter sketch
+SIGNATURE_BYTES = 64
+COMMITMENT_BYTES = _HEADER.size + _SKETCHES.size + SIGNATURE_BYTES
+
+
+class RoundFailed(RuntimeError):
+    """A collective of the round failed or ran out of time: no member applies the round."""
+
+
+@dataclass(frozen=True)
+class Commitment:
+    """What a member says it puts into a round, signed with its account's key."""
+
+    version: int
+    epoch: int
+    rank: int
+    weight: float
+    update: tuple[float, ...]  # sketch of the update it sends (before scaling by its share)
+    params: tuple[float, ...]  # sketch of its parameters at the epoch's start
+    signature: bytes = b""
+
+    def message(self, run_id: str) -> bytes:
+        return (
+            b"hivemarket-round\0"
+            + run_id.encode()
+            + b"\0"
+            + _HEADER.pack(self.version, self.epoch, self.rank, self.weight)
+            + _SKETCHES.pack(*self.update, *self.params)
+        )
+
+    def signed(self, run_id: str, identity: Identity) -> Commitment:
+        return Commitment(**{**self.__dict__, "signature": identity.sign(self.message(run_id))})
+
+    def encode(self) -> bytes:
+        header = _HEADER.pack(self.version, self.epoch, self.rank, self.weight)
+        return header + _SKETCHES.pack(*self.update, *self.params) + self.signature
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Commitment:
+        if len(raw) != COMMITMENT_BYTES:
+            raise ValueError(f"a commitment is {COMMITMENT_BYTES} bytes, got {len(raw)}")
+        version, epoch, rank, weight = _HEADER.unpack_from(raw)
+        values = _SKETCHES.unpack_from(raw, _HEADER.size)
+        signature = raw[_HEADER.size + _SKETCHES.size :]
+        return cls(version, epoch, rank, weight, values[:SKETCH_DIMS], values[SKETCH_DIMS:], signature)
+
+
+@dataclass(frozen=True)
+class FastRound:
+    """What a round on the fast path gave.
+
+    - ``averaged``: the buffers hold the members' weighted mean, checked against their commitments;
+    - ``out_of_step``: the members were not all at this epoch (``epochs`` says where each was); nothing
+      was summed;
+    - ``rejected``: a commitment did not verify, or the result did not match the commitments (``reason``
+      says which); nothing is applied, by any member;
+    - ``failed``: a collective broke or ran out of time; nothing is applied.
+    """
+
+    outcome: Literal["averaged", "out_of_step", "rejected", "failed"]
+    reason: str = ""
+    gathered: dict[str, Any] = field(default_factory=dict)  # account -> {"account", "params"}
+    epochs: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0  # the all-reduce itself
+
+
+def verdict(
+    commitments: Sequence[Commitment], members: Sequence[str], run_id: str, version: int, epoch: int
+) -> tuple[str, str]:
+    """Whether the gathered commitments allow the round to go on: ``("ok", "")``, ``("out_of_step",
+    why)`` or ``("rejected", why)``. Pure; every member runs it on the same bytes and so agrees."""
+    for rank, (c, account) in enumerate(zip(commitments, members, strict=True)):
+        who = f"rank {rank} ({account[:12]}...)"
+        if c.version != version or c.rank != rank:
+            return "rejected", f"{who} committed to version {c.version} rank {c.rank}"
+        if not verify_signature(account, c.signature, c.message(run_id)):
+            return "rejected", f"{who}'s commitment is not signed by its account"
+        if not (math.isfinite(c.weight) and c.weight > 0):
+            return "rejected", f"{who} committed to weight {c.weight!r}"
+    epochs = {c.epoch for c in commitments}
+    if len(epochs) > 1:
+        return "out_of_step", f"members at epochs {sorted(epochs)} (this peer at {epoch})"
+    return "ok", ""
+
+
+def expected_sketch(commitments: Sequence[Commitment]) -> list[float]:
+    """The sketch the weighted mean of the committed updates must have (sketches are linear)."""
+    total = sum(c.weight for c in commitments)
+    return [sum(c.weight * c.update[d] for c in commitments) / total for d in range(SKETCH_DIMS)]
+
+
+class ReachListener:
+    """A TCP listener that answers every connection with this peer's account id and closes it: the
+    address a peer advertises for the fast path, which the other members connect to before a group is
+    used. It reads nothing from whoever connects."""
+
+    def __init__(self, host: str, account: str):
+        self._sock = socket.create_server((host, 0))
+        self._sock.settimeout(0.5)
+        self.address = f"{host}:{self._sock.getsockname()[1]}"
+        self._answer = account.encode()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="reach-listener", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:  # the accept timeout, or the socket closed
+                continue
+            with conn:
+                try:
+                    conn.settimeout(0.5)
+                    conn.sendall(self._answer)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._sock.close()
+        self._thread.join(timeout=2)
+
+
+def reaches(address: str, account: str, timeout: float) -> bool:
+    """Whether ``address`` accepts a connection within ``timeout`` seconds and answers as ``account``."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as conn:
+            conn.settimeout(timeout)
+            answer = b""
+            while len(answer) < len(account):
+                chunk = conn.recv(len(account) - len(answer))
+                if not chunk:
+                    break
+                answer += chunk
+            return answer == account.encode()
+    except (OSError, ValueError):
+        return False
+
+
+class FastPath:
+    """One trainer's side of its run's fast path: the reach listener, check-ins with the coordinator
+    and the process group of the current group version.
+
+    ``call`` runs a coroutine of ``client`` on the run link's loop and returns its result.
+    """
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        identity: Identity,
+        client: Any,
+        call: Callable[..., Any],
+        host: str,
+        n_params: int,
+        precision: Literal["fp32", "fp16"],
+        deadlines: RoundDeadlines,
+        reach_timeout: float,
+        regroup_timeout: float,
+    ):
+        self.run_id = run_id
+        self.identity = identity
+        self._client = client
+        self._call = call
+        self.listener = ReachListener(host, identity.account)
+        self.host = host
+        self.precision = precision
+        self.deadlines = deadlines
+        self.reach_timeout = reach_timeout
+        self.regroup_timeout = regroup_timeout
+        self.sketcher = Sketcher(n_params, seed_of("hivemarket-round", run_id))
+        self.flat = torch.zeros(n_params)
+        self.group: GroupView | None = None  # the version the process group below belongs to
+        self.pg: dist.ProcessGroup | None = None
+        self.rank = -1
+        self.tamper: Callable[[torch.Tensor], None] = lambda flat: None  # peer.adversary's noisy-round
+
+    # ------------------------------------------------------------------------------- membership
+
+    def checkin(
+        self,
+        *,
+        version: int | None = None,
+        failed_version: int | None = None,
+        unreachable: Sequence[str] = (),
+    ) -> GroupView:
+        body = CheckinBody(
+            address=self.listener.address,
+            version=version,
+            failed_version=failed_version,
+            unreachable=list(unreachable),
+        )
+        return self._call(lambda: self._client.group_checkin(self.run_id, body))
+
+    def usable(self, group: GroupView | None) -> bool:
+        """Whether ``group`` puts this peer on the fast path (it is a member of a version on it)."""
+        return (
+            group is not None
+            and group.path == "fast"
+            and any(m.account == self.identity.account for m in group.members)
+        )
+
+    def ready(self, group: GroupView) -> bool:
+        """Make the process group of ``group`` (a version this peer is a member of, on the fast path)
+        if it is not already made: check that every other member answers at its address, then
+        rendezvous. False when a member could not be reached (reported: the coordinator moves the run to
+        hivemind's path) or the rendezvous failed (reported as a failed version)."""
+        if self.group is not None and self.group.version == group.version and self.pg is not None:
+            return True
+        self.discard()
+        others = [m for m in group.members if m.account != self.identity.account]
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(others)))) as pool:
+            answers = list(
+                pool.map(
+                    lambda m: m.address is not None and reaches(m.address, m.account, self.reach_timeout),
+                    others,
+                )
+            )
+        missing = [m.account for m, ok in zip(others, answers, strict=True) if not ok]
+        if missing:
+            logger.warning(f"Group version {group.version}: cannot reach {[a[:12] for a in missing]}")
+            self._report(version=group.version, unreachable=missing)
+            return False
+        store = CoordinatorStore(self._client, self._call, self.run_id, group.version, self.deadlines.ceiling)
+        try:
+            self.build(group, store)
+        except Exception as e:  # a member that did not come, or the coordinator's refusal (stale version)
+            logger.warning(f"Group version {group.version} was not built: {e!r}"[:400])
+            self._report(failed_version=group.version)
+            return False
+        return True
+
+    def build(self, group: GroupView, store: dist.Store) -> None:
+        """Rendezvous through ``store`` and make the gloo process group of ``group``, bound to this
+        peer's direct address (a new listening port for every version)."""
+        rank = next(m.rank for m in group.members if m.account == self.identity.account)
+        started = time.monotonic()
+        options = dist.ProcessGroupGloo._Options()
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host)]
+        options._timeout = datetime.timedelta(seconds=self.deadlines.ceiling)
+        self.pg = dist.ProcessGroupGloo(store, rank, len(group.members), options)
+        self.group, self.rank = group, rank
+        logger.info(
+            f"Fast path: group version {group.version}, rank {rank} of {len(group.members)}, "
+            f"built in {time.monotonic() - started:.3f} s"
+        )
+
+    def _report(self, **kwargs: Any) -> None:
+        try:
+            self.checkin(**kwargs)
+        except Exception as e:  # the coordinator decides without it (regroup_seconds)
+            logger.warning(f"Could not tell the coordinator ({kwargs}): {e!r}")
+
+    def regroup(self, failed: int) -> GroupView | None:
+        """After version ``failed`` broke: report it and wait (at most ``regroup_timeout``) for the next
+        version; None if none came in time (the caller redoes the epoch and looks again)."""
+        self.discard()
+        ends = time.monotonic() + self.regroup_timeout
+        while time.monotonic() < ends:
+            try:
+                group = self.checkin(version=failed, failed_version=failed)
+            except Exception as e:
+                logger.warning(f"Check-in after version {failed} failed: {e!r}")
+                group = None
+            if group is not None and group.version > failed:
+                return group
+            time.sleep(POLL_SECONDS)
+        return None
+
+    def discard(self) -> None:
+        """Drop the current process group (its sockets close; anything waiting on it fails)."""
+        if self.pg is not None:
+            try:
+                self.pg.abort()
+            except Exception as e:
+                logger.debug(f"Aborting group version {self.group and self.group.version}: {e!r}")
+        self.pg, self.group, self.rank = None, None, -1
+
+    def close(self) -> None:
+        self.discard()
+        self.listener.close()
+
+    # ------------------------------------------------------------------------------- one round
+
+    def average(
+        self,
+        buffers: Sequence[torch.Tensor],
+        *,
+        epoch: int,
+        weight: float,
+        param_sketch: Sequence[float],
+        wait_deadline: float,
+        newer: Callable[[], bool] = lambda: False,
+    ) -> FastRound:
+        """One round on the ready group: commitments, the all-reduce, the check; ``buffers`` hold the
+        members' weighted mean only when the outcome is ``averaged``. ``wait_deadline`` bounds the
+        commitments' gather (where members wait for the slowest one's compute); the all-reduce has the
+        measured round deadline. ``newer()`` (asked a few times a second while waiting) says whether a
+        newer group version formed, which ends the wait at once."""
+        assert self.pg is not None and self.group is not None
+        group, members = self.group, [m.account for m in self.group.members]
+        offset = 0
+        for b in buffers:
+            self.flat[offset : offset + b.numel()].copy_(b.reshape(-1))
+            offset += b.numel()
+        mine = Commitment(
+            group.version,
+            epoch,
+            self.rank,
+            float(weight),
+            tuple(self.sketcher([self.flat])),
+            tuple(float(x) for x in param_sketch),
+        ).signed(self.run_id, self.identity)
+        try:
+            commitments = self._gather(mine, len(members), wait_deadline, newer)
+        except RoundFailed as e:
+            return FastRound("failed", str(e))
+        outcome, why = verdict(commitments, members, self.run_id, group.version, epoch)
+        pairs = list(zip(members, commitments, strict=True))
+        epochs = {a: c.epoch for a, c in pairs}
+        gathered = {a: {"account": a, "params": list(c.params)} for a, c in pairs}
+        if outcome != "ok":
+            return FastRound(outcome, why, gathered, epochs)  # type: ignore[arg-type]
+        total = sum(c.weight for c in commitments)
+        self.tamper(self.flat)
+        self.flat.mul_(weight / total)
+        started = time.monotonic()
+        try:
+            if self.precision == "fp16":
+                half = self.flat.clamp(-65504, 65504).half()
+                self._wait(self.pg.allreduce([half]), self.deadlines.round(), newer)
+                self.flat.copy_(half)
+            else:
+                self._wait(self.pg.allreduce([self.flat]), self.deadlines.round(), newer)
+        except RoundFailed as e:
+            return FastRound("failed", str(e), gathered, epochs)
+        seconds = time.monotonic() - started
+        self.deadlines.observe(seconds)
+        distance = relative_distance(self.sketcher([self.flat]), expected_sketch(commitments))
+        # (committed sketches that are not finite: an honest overflow, which every member then skips alike)
+        finite = all(math.isfinite(x) for c in commitments for x in c.update)
+        if finite and not distance <= TAMPER_TOLERANCE[self.precision]:
+            return FastRound(
+                "rejected",
+                f"the result is {distance:.3g} from the members' commitments "
+                f"(tolerance {TAMPER_TOLERANCE[self.precision]:g}): a member sent something else",
+                gathered,
+                epochs,
+                seconds,
+            )
+        offset = 0
+        for b in buffers:
+            b.copy_(self.flat[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()
+        return FastRound("averaged", "", gathered, epochs, seconds)
+
+    def _gather(
+        self, mine: Commitment, size: int, deadline: float, newer: Callable[[], bool]
+    ) -> list[Commitment]:
+        assert self.pg is not None
+        sent = torch.frombuffer(bytearray(mine.encode()), dtype=torch.uint8)
+        received = [torch.empty(COMMITMENT_BYTES, dtype=torch.uint8) for _ in range(size)]
+        self._wait(self.pg.allgather([received], [sent]), deadline, newer)
+        return [Commitment.decode(bytes(t.numpy())) for t in received]
+
+    def _wait(self, work: dist.Work, deadline: float, newer: Callable[[], bool]) -> None:
+        """Wait for ``work`` at most ``deadline`` seconds; a newer group version ends the wait too. On
+        any failure the group is discarded (its other members' collectives then fail as well)."""
+        done = threading.Event()
+        future = work.get_future()
+        future.add_done_callback(lambda _: done.set())
+        ends = time.monotonic() + deadline
+        version = self.group.version if self.group else None
+        while not done.wait(POLL_SECONDS):
+            if time.monotonic() > ends:
+                self.discard()
+                raise RoundFailed(f"group version {version}: no answer within {deadline:.2f} s")
+            if newer():
+                self.discard()
+                raise RoundFailed(f"group version {version} was replaced while this round waited")
+        try:
+            work.wait()
+        except Exception as e:  # gloo's error for a member that died or a connection that broke
+            self.discard()
+            raise RoundFailed(f"group version {version}: {e}"[:300]) from None
