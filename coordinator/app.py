@@ -10,6 +10,7 @@ never causes a 500: every refusal is an :class:`ApiError` with a JSON body.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import logging
 import re
@@ -38,8 +39,11 @@ from peer.protocol.run_schemas import (
     AuditList,
     AuditTaskList,
     AuditView,
+    GroupView,
     LossCurve,
     QuoteView,
+    RendezvousValues,
+    RendezvousWritten,
     ReportList,
     ReportView,
     RunList,
@@ -178,6 +182,28 @@ class Coordinator:
 
     async def leave_run(self, ctx: Context) -> RunView:
         return await self.store.leave(ctx.now, ctx.envelope, ctx.path_id("run_id"))
+
+    async def group_checkin(self, ctx: Context) -> GroupView:
+        return await self.store.group_checkin(ctx.now, ctx.envelope, ctx.path_id("run_id"), ctx.body)
+
+    async def rendezvous_set(self, ctx: Context) -> RendezvousWritten:
+        return await self.store.rendezvous_set(ctx.now, ctx.envelope, ctx.path_id("run_id"), ctx.body)
+
+    async def rendezvous_get(self, ctx: Context) -> RendezvousValues:
+        """A long poll: answer once every key is written, or after ``wait_ms`` with the ones that are. The
+        store is read again every ``rendezvous_poll_interval`` (the loop sleeps in between, and the state
+        stays in the database, so any replica may answer); a read of a version that stops being current
+        is refused (409 ``stale_version``) at once."""
+        run_id, body = ctx.path_id("run_id"), ctx.body
+        account = ctx.envelope.account
+        deadline = time.monotonic() + body.wait_ms / 1000
+        wanted = set(body.keys)
+        while True:
+            found = await self.store.rendezvous_get(account, run_id, body)
+            left = deadline - time.monotonic()
+            if wanted <= found.keys() or left <= 0:
+                return RendezvousValues(values={k: base64.b64encode(v).decode() for k, v in found.items()})
+            await asyncio.sleep(min(self.settings.rendezvous_poll_interval, left))
 
     async def post_report(self, ctx: Context) -> ReportView:
         """Accept an epoch's report and pay it: ``floor(price_units * min(seconds, now - since) / 3600)``

@@ -1,6 +1,7 @@
 """Persistence of a peer's place in a run (its match, made by a clearing round): the check that the signer
-holds one, joining the run (where its peers reach it), leaving it, and ending a match (a leave, a ban) so that
-its lease returns to the open market.
+holds one, joining the run (where its peers reach it), checking in with the run's training group and using its
+rendezvous store (:mod:`coordinator.group_store`), leaving it, and ending a match (a leave, a ban) so that its
+lease returns to the open market.
 
 Every function takes the connection of the write (or read) it is part of;
 :class:`coordinator.store.SQLiteStore` runs them inside one transaction with the request's nonce. The run's
@@ -12,11 +13,19 @@ from __future__ import annotations
 import json
 import sqlite3
 
-from coordinator import run_store, runs, sql
-from coordinator.errors import Forbidden
+from coordinator import group_store, run_store, runs, sql
+from coordinator.errors import Conflict, Forbidden
 from peer.protocol import states
 from peer.protocol.envelope import Envelope
-from peer.protocol.run_schemas import JoinBody, RunView
+from peer.protocol.run_schemas import (
+    CheckinBody,
+    GroupView,
+    JoinBody,
+    RendezvousGetBody,
+    RendezvousSetBody,
+    RendezvousWritten,
+    RunView,
+)
 
 
 def active_match(conn: sqlite3.Connection, run_id: str, account: str) -> sqlite3.Row:
@@ -71,8 +80,58 @@ def leave(
     sql.claim_nonce(conn, env)
     run_store.get_run(conn, run_id)
     end_match(conn, run_id, active_match(conn, run_id, env.account), "left")
+    group_store.refresh_group(conn, now, run_id, policy.group)
     run_store.advance(conn, now, policy, [run_id])
     return run_store.run_view(conn, run_id)
+
+
+def checkin(
+    conn: sqlite3.Connection,
+    now: float,
+    env: Envelope,
+    run_id: str,
+    body: CheckinBody,
+    policy: runs.RunPolicy,
+) -> GroupView:
+    """Record a joined peer's check-in with the run's group, decide the group anew (a new version when it
+    changed) and answer the current one, which the peer may not (yet, or any more) be a member of."""
+    sql.claim_nonce(conn, env)
+    run_store.get_run(conn, run_id)
+    match = active_match(conn, run_id, env.account)
+    if match["joined_at"] is None:
+        raise Conflict(
+            f"account {env.account[:12]}... has not joined run {run_id!r}; join before checking in",
+            code="not_joined",
+            field="run_id",
+        )
+    group_store.record_checkin(conn, now, run_id, match, body)
+    group = group_store.refresh_group(conn, now, run_id, policy.group)
+    assert group is not None  # the signer is a candidate now, so there is a group
+    return group_store.group_view(group)
+
+
+def rendezvous_set(
+    conn: sqlite3.Connection, now: float, env: Envelope, run_id: str, body: RendezvousSetBody
+) -> RendezvousWritten:
+    """A member of the run's current group version writes a key of its rendezvous store."""
+    sql.claim_nonce(conn, env)
+    _rendezvous_run(conn, run_id)
+    return group_store.rendezvous_set(conn, now, env.account, run_id, body)
+
+
+def rendezvous_get(
+    conn: sqlite3.Connection, account: str, run_id: str, body: RendezvousGetBody
+) -> dict[str, bytes]:
+    """The keys of the rendezvous store written so far, for a member of the current version (a read: the
+    signature says who reads, and a replay reads no more than the reader could)."""
+    _rendezvous_run(conn, run_id)
+    return group_store.rendezvous_get(conn, run_id, account, body.version, body.keys)
+
+
+def _rendezvous_run(conn: sqlite3.Connection, run_id: str) -> None:
+    run_store.refuse_unless(
+        run_store.get_run(conn, run_id), states.LIVE, "its group's rendezvous store is open while it lives"
+    )
 
 
 def end_match(conn: sqlite3.Connection, run_id: str, match: sqlite3.Row, state: str) -> None:

@@ -17,7 +17,7 @@ import logging
 import sqlite3
 from typing import Any
 
-from coordinator import audit_store, ledger, match_store, run_store, runs, sql, verification
+from coordinator import audit_store, group_store, ledger, match_store, run_store, runs, sql, verification
 from coordinator.errors import BadRequest, Conflict
 from peer.protocol import states
 from peer.protocol.envelope import Envelope
@@ -223,6 +223,7 @@ def submit_audit(
         ).fetchone()
         if why is not None and match is not None:
             match_store.end_match(conn, run_id, match, "banned")
+            group_store.refresh_group(conn, now, run_id, policy.group)
             audit_store.forfeit(conn, now, run_id, audit["account"])
             logger.info(f"Peer {audit['account'][:12]}... is banned from run {run_id}: {why}")
     run_store.advance(conn, now, policy, [run_id])

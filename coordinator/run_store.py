@@ -18,7 +18,7 @@ import sqlite3
 from collections import defaultdict
 from collections.abc import Sequence
 
-from coordinator import audit_store, ledger, runs, sql
+from coordinator import audit_store, group_store, ledger, runs, sql
 from coordinator.errors import Conflict, Forbidden, NotFound
 from peer.protocol import states
 from peer.protocol.envelope import Envelope
@@ -256,6 +256,7 @@ def run_views(conn: sqlite3.Connection, rows: Sequence[sqlite3.Row], *, one: boo
             escrow_args + held_args,
         )
     }
+    group_views = group_store.group_views(conn, [rows[0]["id"]] if one else None)
     views = []
     for row in rows:
         book = ledger.escrow_book(row["id"])
@@ -297,6 +298,7 @@ def run_views(conn: sqlite3.Connection, rows: Sequence[sqlite3.Row], *, one: boo
                 ],
                 model=model_view(row),
                 created_at=row["created_at"],
+                group=group_views.get(row["id"]),
             )
         )
     return views

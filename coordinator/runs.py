@@ -14,9 +14,10 @@ the run's own record.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
+from coordinator.groups import GroupConfig
 from peer.protocol.states import ENDED, RunState
 
 SECONDS_PER_HOUR = 3600
@@ -30,6 +31,7 @@ class RunPolicy:
     stall_timeout: float = 600.0
     audit_timeout: float = 120.0
     audit_claim_timeout: float = 30.0
+    group: GroupConfig = field(default_factory=GroupConfig)  # the training group (coordinator.groups)
 
 
 @dataclass(frozen=True)

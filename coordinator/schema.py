@@ -184,4 +184,41 @@ MIGRATIONS = (
     ALTER TABLE runs ADD COLUMN recruit_seconds REAL;
     ALTER TABLE runs ADD COLUMN market_reason TEXT
     """,
+    # The training group (coordinator.groups): its current version per run (members: JSON [[account, address
+    # or null], ...] in rank order), each peer's last check-in, and the rendezvous keys of the current
+    # version (older versions' keys are deleted when a new one forms). A check-in counts for the match
+    # (lease_id) it was made under. Runs before this have no group until a peer checks in.
+    """
+    CREATE TABLE run_groups (
+        run_id TEXT PRIMARY KEY,
+        version INTEGER NOT NULL,
+        members TEXT NOT NULL,
+        path TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        formed_at REAL NOT NULL,
+        failed_at REAL,
+        failed_by TEXT
+    );
+    CREATE INDEX run_groups_failed ON run_groups (failed_at) WHERE failed_at IS NOT NULL;
+    CREATE TABLE group_checkins (
+        run_id TEXT NOT NULL,
+        account TEXT NOT NULL,
+        lease_id TEXT NOT NULL,
+        address TEXT,
+        version INTEGER,
+        failed_version INTEGER,
+        unreachable TEXT NOT NULL,
+        at REAL NOT NULL,
+        PRIMARY KEY (run_id, account)
+    );
+    CREATE TABLE rendezvous_keys (
+        run_id TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        key TEXT NOT NULL,
+        value BLOB NOT NULL,
+        writer TEXT NOT NULL,
+        written_at REAL NOT NULL,
+        PRIMARY KEY (run_id, version, key)
+    )
+    """,
 )

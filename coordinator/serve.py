@@ -9,6 +9,7 @@ import uvloop
 
 from coordinator.app import Coordinator
 from coordinator.db import StoreUnavailable
+from coordinator.groups import GroupConfig
 from coordinator.leases import LeaseConfig
 from coordinator.routes import create_app
 from coordinator.runs import RunPolicy
@@ -91,6 +92,7 @@ def serve(
                 stall_timeout=settings.stall_timeout,
                 audit_timeout=settings.audit_timeout,
                 audit_claim_timeout=settings.audit_claim_timeout,
+                group=GroupConfig(regroup_seconds=settings.group_regroup_seconds),
             ),
         )
     except ValueError as e:

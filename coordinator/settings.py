@@ -70,6 +70,17 @@ class ServerSettings(BaseSettings):
     quote_spread: float = Field(
         3.0, ge=1, description="launch --dry-run: the probe's estimate ranges from mid / this to mid * this."
     )
+    group_regroup_seconds: float = Field(
+        0.5,
+        gt=0,
+        description="Seconds the survivors of a failed training-group version wait for its other members to "
+        "check in again before a new version forms without them.",
+    )
+    rendezvous_poll_interval: float = Field(
+        0.005,
+        gt=0,
+        description="Seconds between looks at the rendezvous store while a read waits for its keys.",
+    )
     quote_history: int = Field(
         200, gt=0, description="launch --dry-run: recent accepted reports of the task that it measures."
     )

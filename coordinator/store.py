@@ -9,7 +9,8 @@ from :mod:`coordinator.ledger`, :mod:`coordinator.leases`, :mod:`coordinator.mar
 per concept, each function taking the connection of the transaction it is part of:
 :mod:`coordinator.ledger_store` (deposits, accounts, the ledger's audit), :mod:`coordinator.offer_store`
 (offers, leases, peers), :mod:`coordinator.market_store` (clearing rounds), :mod:`coordinator.run_store`
-(runs), :mod:`coordinator.match_store` (a peer's place in a run), :mod:`coordinator.report_store` (reports,
+(runs), :mod:`coordinator.match_store` (a peer's place in a run), :mod:`coordinator.group_store` (the run's
+training group and its rendezvous store), :mod:`coordinator.report_store` (reports,
 their pay and audits), :mod:`coordinator.model_store` (the final model) and :mod:`coordinator.audit_store`
 (audits). Their tables are :mod:`coordinator.schema`. This module binds each request to its transaction, and
 holds the upkeep that spans them all (lapse sweeps, resuming after a restart, counts).
@@ -24,6 +25,7 @@ from urllib.parse import urlparse
 
 from coordinator import (
     audit_store,
+    group_store,
     leases,
     ledger,
     ledger_store,
@@ -47,11 +49,16 @@ from peer.protocol.run_schemas import (
     AuditResultBody,
     AuditTask,
     AuditView,
+    CheckinBody,
+    GroupView,
     JoinBody,
     LossCurve,
     ModelView,
     QuoteBody,
     QuoteView,
+    RendezvousGetBody,
+    RendezvousSetBody,
+    RendezvousWritten,
     ReportBody,
     ReportView,
     RunBody,
@@ -90,6 +97,13 @@ class Store(Protocol):
     async def cancel_run(self, now: float, env: Envelope, run_id: str) -> RunView: ...
     async def join(self, now: float, env: Envelope, run_id: str, body: JoinBody) -> RunView: ...
     async def leave(self, now: float, env: Envelope, run_id: str) -> RunView: ...
+    async def group_checkin(self, now: float, env: Envelope, run_id: str, body: CheckinBody) -> GroupView: ...
+    async def rendezvous_set(
+        self, now: float, env: Envelope, run_id: str, body: RendezvousSetBody
+    ) -> RendezvousWritten: ...
+    async def rendezvous_get(
+        self, account: str, run_id: str, body: RendezvousGetBody
+    ) -> dict[str, bytes]: ...
     async def report(self, now: float, env: Envelope, run_id: str, body: ReportBody) -> ReportView: ...
     async def reports(self, run_id: str) -> list[ReportView]: ...
     async def accepts_model(self, run_id: str) -> bool: ...
@@ -228,6 +242,22 @@ class SQLiteStore:
             lambda conn: match_store.leave(conn, now, env, run_id, self.run_policy), sql.remember_refusal(env)
         )
 
+    async def group_checkin(self, now: float, env: Envelope, run_id: str, body: CheckinBody) -> GroupView:
+        return await self._db.write(
+            lambda conn: match_store.checkin(conn, now, env, run_id, body, self.run_policy),
+            sql.remember_refusal(env),
+        )
+
+    async def rendezvous_set(
+        self, now: float, env: Envelope, run_id: str, body: RendezvousSetBody
+    ) -> RendezvousWritten:
+        return await self._db.write(
+            lambda conn: match_store.rendezvous_set(conn, now, env, run_id, body), sql.remember_refusal(env)
+        )
+
+    async def rendezvous_get(self, account: str, run_id: str, body: RendezvousGetBody) -> dict[str, bytes]:
+        return await self._db.read(lambda conn: match_store.rendezvous_get(conn, account, run_id, body))
+
     async def report(self, now: float, env: Envelope, run_id: str, body: ReportBody) -> ReportView:
         return await self._db.write(
             lambda conn: report_store.add_report(conn, now, env, run_id, body, self.run_policy),
@@ -296,7 +326,8 @@ class SQLiteStore:
     # ------------------------------------------------------------------------------------------ upkeep
 
     async def sweep(self, now: float, nonce_horizon: float) -> list[leases.Lapse]:
-        """Lapse leases that missed their heartbeats (dropping their matches), expire audits past their
+        """Lapse leases that missed their heartbeats (dropping their matches, which changes their runs'
+        groups), settle failed group versions whose survivors waited long enough, expire audits past their
         deadline, move the runs on (a drop may pause a run; a pause or a settling may time out) and forget
         old nonces."""
 
@@ -308,13 +339,24 @@ class SQLiteStore:
                 )
             ]
             lapses = leases.lapsed(now, active, self.lease_config.ttl)
+            dropped_from: set[str] = set()
             for lapse in lapses:
                 conn.execute("UPDATE leases SET state = 'lapsed' WHERE id = ?", (lapse.lease_id,))
                 conn.execute("UPDATE peers SET lapses = lapses + 1 WHERE account = ?", (lapse.account,))
+                dropped_from.update(
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT run_id FROM matches WHERE lease_id = ? AND state = 'active'",
+                        (lapse.lease_id,),
+                    ).fetchall()
+                )
                 conn.execute(
                     "UPDATE matches SET state = 'dropped' WHERE lease_id = ? AND state = 'active'",
                     (lapse.lease_id,),
                 )
+            for run_id in sorted(dropped_from):
+                group_store.refresh_group(conn, now, run_id, self.run_policy.group)
+            group_store.refresh_failed(conn, now, self.run_policy.group)
             audit_store.expire(conn, now)
             run_store.advance(conn, now, self.run_policy)
             conn.execute("DELETE FROM nonces WHERE timestamp < ?", (now - nonce_horizon,))

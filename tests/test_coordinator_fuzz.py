@@ -49,8 +49,11 @@ from peer.protocol.identity import Identity
 from peer.protocol.run_schemas import (
     AuditClaimBody,
     AuditResultBody,
+    CheckinBody,
     JoinBody,
     QuoteBody,
+    RendezvousGetBody,
+    RendezvousSetBody,
     ReportBody,
     RunBody,
 )
@@ -122,6 +125,11 @@ VALID_BODIES: dict[type, dict[str, Any]] = {
     },
     AuditClaimBody: {"limit": 4},
     AuditResultBody: {"sketch": [0.3, 0.4] * 16, "loss": 0.5},
+    # a check-in of the worker in live_run; member is rank 0 of version 1 of group_run's group
+    CheckinBody: {"address": "127.0.0.1:4567", "version": 1, "failed_version": None, "unreachable": []},
+    RendezvousSetBody: {"version": 1, "key": "pg/0", "value": "aGl2ZW1hcmtldA=="},
+    # pg/0 is written (by the fixture): a get that waits needs its keys and its wait_ms both mutated
+    RendezvousGetBody: {"version": 1, "keys": ["pg/0"], "wait_ms": 0},
 }
 MONEY_FIELDS = {"amount", "price_per_hour", "max_price", "budget"}
 
@@ -157,6 +165,7 @@ class Market:
     leaver: Identity  # matched to ``leaving_run``, which it may leave once
     audited: Identity  # reported in ``audit_run``: the audits there are of its micro-batches
     auditor: Identity  # in ``audit_run`` too, holding every audit in ``audit_ids``
+    member: Identity  # rank 0 of version 1 of ``group_run``'s group
     lease_id: str = ""
     run_id: str = ""  # a recruiting run (the fuzz of /cancel cancels it)
     live_run: str = ""  # a running run that takes joins and reports
@@ -164,6 +173,7 @@ class Market:
     modeled_run: str = ""  # finished, with a model to download
     leaving_run: str = ""  # running with ``leaver``, who can give its place back
     audit_run: str = ""  # running with ``audited`` and ``auditor``
+    group_run: str = ""  # running with ``member``, whose group only the rendezvous routes use
     audit_ids: list[str] = field(default_factory=list)
     statuses: dict[str, Counter[int]] = field(default_factory=dict)
     _conn: http.client.HTTPConnection | None = None
@@ -259,7 +269,7 @@ class Market:
 def market(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Market]:
     home: Path = tmp_path_factory.mktemp("fuzz") / "coordinator"
     server = start_coordinator(home, Identity.generate(), env=cli_env(home, **SERVER_ENV))
-    m = Market(server, *(Identity.generate() for _ in range(8)))
+    m = Market(server, *(Identity.generate() for _ in range(9)))
     try:
         for model, body in VALID_BODIES.items():
             model.model_validate(body)  # the templates the fuzz mutates are valid to begin with
@@ -269,6 +279,13 @@ def market(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Market]:
         assert status == 200, view
         # One peer per run, matched before the next offer is posted, so each round has one trade.
         m.live_run = m.run_with_peer(m.worker, target=1 << 40)
+        # the check-in fuzz changes live_run's group as it likes; group_run's stays at version 1
+        m.group_run = m.run_with_peer(m.member, target=1 << 40)
+        status, group = m.signed(m.member, "POST", f"/v1/runs/{m.group_run}/group", VALID_BODIES[CheckinBody])
+        assert status == 200 and group["version"] == 1, group
+        target = f"/v1/runs/{m.group_run}/rendezvous/set"
+        status, written = m.signed(m.member, "POST", target, VALID_BODIES[RendezvousSetBody])
+        assert status == 200, written
         m.leaving_run = m.run_with_peer(m.leaver, target=1)
         m.audit_run = m.run_with_peer(m.audited, m.auditor, target=1 << 40)
         m.audits_to_hold(40)
@@ -723,8 +740,10 @@ def requests_for(draw: st.DrawFn, route: Route, market: Market) -> Request:
 def _runs_of(route: Route, market: Market) -> list[str]:
     """Real run ids for the route: the ones whose state lets its requests succeed (and whose success does
     not end a run another route needs, as /cancel would)."""
-    if route.path.endswith(("/join", "/reports")):
+    if route.path.endswith(("/join", "/reports", "/group")):
         return [market.live_run]
+    if "/rendezvous/" in route.path:
+        return [market.group_run]
     if route.path.endswith("/model"):
         return [market.settling_run] if route.method == "PUT" else [market.modeled_run]
     if route.path.endswith("/cancel"):
@@ -738,8 +757,10 @@ def _runs_of(route: Route, market: Market) -> list[str]:
 
 def _owner_of(route: Route, market: Market) -> Identity:
     """Who may act on a signed route, so that half of the fuzz's valid signatures can succeed."""
-    if route.path.endswith(("/join", "/reports")):
+    if route.path.endswith(("/join", "/reports", "/group")):
         return market.worker
+    if "/rendezvous/" in route.path:
+        return market.member
     if route.path.endswith("/model"):
         return market.finisher
     if route.path.endswith("/leave"):

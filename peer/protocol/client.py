@@ -12,6 +12,8 @@ is answered "nonce_replayed" the first attempt was applied, which :class:`Alread
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import hashlib
 import json
 import math
@@ -40,11 +42,17 @@ from peer.protocol.run_schemas import (
     AuditTask,
     AuditTaskList,
     AuditView,
+    CheckinBody,
+    GroupView,
     JoinBody,
     LossCurve,
     LossPoint,
     QuoteBody,
     QuoteView,
+    RendezvousGetBody,
+    RendezvousSetBody,
+    RendezvousValues,
+    RendezvousWritten,
     ReportBody,
     ReportList,
     ReportView,
@@ -89,6 +97,12 @@ class ClientSettings(BaseSettings):
     retry_backoff_max: float = Field(5.0, gt=0, description="Longest delay between retries.")
     model_transfer_timeout: float = Field(
         600.0, gt=0, description="Seconds a model upload or download may take (they can be large)."
+    )
+    long_poll_margin: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds a rendezvous read may take beyond the wait it asks for (it waits on the "
+        "coordinator, so the request timeout alone could cut it).",
     )
 
 
@@ -214,6 +228,40 @@ class CoordinatorClient:
         """Give up this identity's place in a run (a run it cannot train); the run recruits another peer."""
         return await self._request(RunView, "POST", f"/v1/runs/{_seg(run_id)}/leave", b"")
 
+    async def group_checkin(self, run_id: str, body: CheckinBody) -> GroupView:
+        """Check in with the run's group: where this peer is reached, the version it is on, a version whose
+        collective failed for it, members it could not reach. Answers the run's current group (this peer
+        may not be in it yet); 403 ``not_in_run`` unless this identity holds an active match in the run,
+        409 ``not_joined`` before it joined. A check-in is safe to repeat, so one whose retry finds it
+        applied already is sent again to get the answer."""
+        route = f"/v1/runs/{_seg(run_id)}/group"
+        try:
+            return await self._request(GroupView, "POST", route, body)
+        except AlreadyApplied:
+            return await self._request(GroupView, "POST", route, body)
+
+    async def rendezvous_set(self, run_id: str, version: int, key: str, value: bytes) -> None:
+        """Write ``key`` of the rendezvous store of the run's group ``version`` (members only; a key whose
+        last '/'-separated part is a number is that rank's; the first member to write a key owns it). 409
+        ``stale_version`` when ``version`` is not the current one, 403 ``not_in_group`` or
+        ``key_not_yours``. A retry that finds the first attempt applied is a success: the value is written."""
+        body = RendezvousSetBody(version=version, key=key, value=base64.b64encode(value).decode())
+        with contextlib.suppress(AlreadyApplied):
+            await self._request(RendezvousWritten, "POST", f"/v1/runs/{_seg(run_id)}/rendezvous/set", body)
+
+    async def rendezvous_get(
+        self, run_id: str, version: int, keys: list[str], wait_ms: int
+    ) -> dict[str, bytes]:
+        """The values of ``keys`` in the rendezvous store of the run's group ``version`` (members only),
+        waiting up to ``wait_ms`` (at most 5000) for them all; the keys still missing then are left out.
+        409 ``stale_version`` when ``version`` is not (or stops being) the current one."""
+        body = RendezvousGetBody(version=version, keys=keys, wait_ms=wait_ms)
+        # The coordinator holds the answer up to wait_ms: give the request that long on top of its own limit.
+        timeout = max(self.settings.request_timeout, wait_ms / 1000 + self.settings.long_poll_margin)
+        route = f"/v1/runs/{_seg(run_id)}/rendezvous/get"
+        found = await self._request(RendezvousValues, "POST", route, body, timeout=timeout)
+        return {key: base64.b64decode(value) for key, value in found.values.items()}
+
     async def report(self, run_id: str, body: ReportBody) -> ReportView:
         """Report an epoch's work; the answer says what it was paid."""
         return await self._request(ReportView, "POST", f"/v1/runs/{_seg(run_id)}/reports", body)
@@ -306,12 +354,14 @@ class CoordinatorClient:
         headers: dict[str, str] | None = None,
         body_sha256: str | None = None,
         signed: bool = True,
+        timeout: float | None = None,
     ) -> M:
         """Send, retry only while no HTTP answer comes, parse the answer as ``model`` or raise its error.
         Every request but a GET is signed unless ``signed`` is False (a POST that changes nothing).
 
         ``body`` may be a callable that opens a fresh payload for each attempt (a file to stream); it is
         then signed by ``body_sha256`` and may take the model transfer timeout rather than a request's.
+        ``timeout`` replaces the request timeout (a long poll's).
         """
         session = self._open_session()
         full_path = self._prefix + path
@@ -331,6 +381,8 @@ class CoordinatorClient:
         options: dict[str, Any] = {}
         if streamed:
             options["timeout"] = aiohttp.ClientTimeout(total=self.settings.model_transfer_timeout)
+        elif timeout is not None:
+            options["timeout"] = aiohttp.ClientTimeout(total=timeout)
         for attempt in self._attempts():
             payload = data() if callable(data) else data
             try:

@@ -8,11 +8,16 @@ generated from.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import ipaddress
 import math
+import re
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     Field,
     ValidationError,
     ValidationInfo,
@@ -164,6 +169,28 @@ class ModelView(View):
     uploaded_at: float
 
 
+class GroupMemberView(View):
+    account: AccountId
+    rank: int = Field(description="0..n-1, by when the peer was matched (then its account).")
+    address: str | None = Field(
+        description="The host:port its fast-path listener answers on; None: it cannot be reached directly."
+    )
+
+
+class GroupView(View):
+    """Who all-reduces together in a run, decided by the coordinator (``coordinator.groups``); a new version
+    means a new process group."""
+
+    version: int = Field(ge=1, description="Grows by one each time the group changes.")
+    path: Literal["fast", "hivemind"] = Field(
+        description="fast: torch.distributed among the members; hivemind: its averager (a member cannot be "
+        "reached directly, or one member could not reach another)."
+    )
+    members: list[GroupMemberView] = Field(description="In rank order.")
+    reason: str = Field(description="Why this version exists, and why on its path.")
+    formed_at: float
+
+
 class RunView(View):
     id: str
     owner: AccountId
@@ -200,6 +227,9 @@ class RunView(View):
     peers: list[RunPeerView]
     model: ModelView | None
     created_at: float
+    group: GroupView | None = Field(
+        None, description="The training group's current version; None before any peer checked in."
+    )
 
     @property
     def waiting_for(self) -> str | None:
@@ -395,3 +425,101 @@ class AuditView(View):
 
 class AuditList(View):
     audits: list[AuditView]
+
+
+# -------------------------------------------------------------------------------- the group, rendezvous
+
+
+RENDEZVOUS_VALUE_BYTES = 64 << 10
+_HOSTNAME = re.compile(
+    r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+
+
+def check_address(address: str) -> str:
+    """``host:port``: a host name, an IPv4 address or a bracketed IPv6 address, and a port 1-65535."""
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{address[:80]!r} is not host:port with a port 1-65535")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"{host[:80]!r} is not an IPv6 address") from None
+    elif not _HOSTNAME.fullmatch(host):
+        raise ValueError(f"{host[:80]!r} is not a host name or address (IPv6 goes in brackets)")
+    return address
+
+
+RendezvousKey = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=200,
+        pattern=r"^[\x20-\x7e]+$",
+        description="Printable ASCII. A key whose last '/'-separated part is a number belongs to that rank.",
+    ),
+]
+
+
+class CheckinBody(Body):
+    """A member's (or would-be member's) word to the coordinator: where it is reached, the group version it
+    is on, and what went wrong there. The answer is the group to be in."""
+
+    address: Annotated[str, Field(max_length=300), AfterValidator(check_address)] | None = Field(
+        None,
+        description="host:port of this peer's fast-path listener; None: it cannot be reached directly "
+        "(client mode, behind NAT).",
+    )
+    version: int | None = Field(None, ge=1, le=1 << 62, description="The group version this peer is on.")
+    failed_version: int | None = Field(
+        None,
+        ge=1,
+        le=1 << 62,
+        description="A version whose collective failed for this peer: it asks for a new group.",
+    )
+    unreachable: list[AccountId] = Field(
+        default_factory=list,
+        max_length=1024,
+        description="Members of `version` this peer could not connect to.",
+    )
+
+
+def _check_base64(value: str) -> str:
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not valid base64") from None
+    if len(raw) > RENDEZVOUS_VALUE_BYTES:
+        raise ValueError(f"holds {len(raw)} bytes, more than {RENDEZVOUS_VALUE_BYTES}")
+    return value
+
+
+class RendezvousSetBody(Body):
+    """Write one key of the run's rendezvous store for a group version (members only, each its own keys)."""
+
+    version: int = Field(ge=1, le=1 << 62, description="The run's current group version.")
+    key: RendezvousKey
+    value: Annotated[
+        str, Field(max_length=4 * -(-RENDEZVOUS_VALUE_BYTES // 3)), AfterValidator(_check_base64)
+    ] = Field(description="Base64 of at most 64 KiB.")
+
+
+class RendezvousGetBody(Body):
+    """Read keys of the run's rendezvous store, waiting up to ``wait_ms`` for them all to be written."""
+
+    version: int = Field(ge=1, le=1 << 62, description="The run's current group version.")
+    keys: list[RendezvousKey] = Field(min_length=1, max_length=64)
+    wait_ms: int = Field(0, ge=0, le=5000, description="Longest wait for a missing key (a long poll).")
+
+
+class RendezvousWritten(View):
+    version: int
+    key: str
+    bytes: int = Field(description="Length of the value written.")
+
+
+class RendezvousValues(View):
+    values: dict[str, str] = Field(
+        description="Key to base64 value, for the keys present (missing: left out)."
+    )
