@@ -234,8 +234,15 @@ def _run_detail(board: Board) -> str:
         ["account", "state", "joined", "epoch", "samples", "paid", "audits passed/failed", "audit fees"],
         rows,
     )
+    group = run.group
+    training = (
+        ""
+        if group is None
+        else f' <span title="{_e(group.reason)}">group <b>v{group.version}</b> on the <b>{_e(group.path)}</b>'
+        f" path, {len(group.members)} members</span>"
+    )
     return f"""<section data-live id="run"><h2>Run {_e(run.id)} <small>{_e(run.name)}</small></h2>
-<p class="figures"><span>state {_state(run.state)}</span> <span>spent <b>{fmt_money(run.spent)}</b>
+<p class="figures"><span>state {_state(run.state)}</span>{training} <span>spent <b>{fmt_money(run.spent)}</b>
 of {fmt_money(run.budget)}</span> <span>held <b>{fmt_money(run.held)}</b></span>
 <span>refunded <b>{fmt_money(run.refunded)}</b></span></p>
 <div class="charts">{chart}</div>{table}</section>"""

@@ -210,6 +210,10 @@ def print_run(view: RunView) -> None:
         f"money     budget {fmt_money(view.budget)}, spent {fmt_money(view.spent)}, "
         f"escrow {fmt_money(view.escrow)}, refunded {fmt_money(view.refunded)}"
     )
+    if view.group is not None:
+        g = view.group
+        ranks = ", ".join(f"{m.rank} {m.account[:12]}" for m in g.members) or "no members"
+        click.echo(f"group     version {g.version} on the {g.path} path, by rank: {ranks} ({g.reason})")
     if view.model is not None:
         click.echo(f"model     {view.model.bytes} bytes, sha256 {view.model.sha256}")
     if view.peers:
