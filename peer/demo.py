@@ -276,9 +276,10 @@ class Demo:
         self.ask(lambda c: c.deposit(self.launcher.account, Decimal(DEMO_FUNDS)), self.admin)
         self.echo(f"launcher  {self.launcher.account[:12]} funded with {DEMO_FUNDS}")
 
-    def add_peer(self, adversary: AdversaryKind | None = None) -> str:
+    def add_peer(self, adversary: AdversaryKind | None = None, **env: str) -> str:
         """Start one more renting peer (``hivemarket rent``) with a fresh identity, cheating the way
-        ``adversary`` names if one is given; its account."""
+        ``adversary`` names if one is given, with ``env`` added to its environment (settings such as
+        ``HIVEMARKET_FAST_PATH``); its account."""
         i = len(self.peers)
         home = self.tmp / f"peer-{i}"
         home.mkdir(parents=True)
@@ -288,7 +289,7 @@ class Demo:
         listen = f"/ip4/{self.host(f'peer-{i}')}/tcp/0"
         args = ["rent", "--coordinator", self.url, "--price-per-hour", price, "--listen", listen]
         args += ["--metrics-port", "0"] if self.metrics else []
-        env = {"HIVEMARKET_ADVERSARY": adversary} if adversary else {}
+        env = {**env, "HIVEMARKET_ADVERSARY": adversary} if adversary else env
         self.peers[identity.account] = self._spawn(f"peer-{i}", args, home, **env)
         if adversary:
             self.cheats[identity.account] = adversary

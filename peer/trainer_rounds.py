@@ -19,7 +19,7 @@ from hivemind.utils import get_logger
 
 from peer.averaging import NO_SAMPLES_WEIGHT, restore
 from peer.events import in_agreement
-from peer.protocol.run_schemas import GroupView, RunView
+from peer.protocol.run_schemas import CheckinBody, GroupView, RunView
 from peer.run_link import live_peers
 from peer.trainer_state import FROM_PEERS
 
@@ -102,15 +102,25 @@ class RoundsMixin:
         version, say) checks in, once per version, to be taken into the next one."""
         views = [v for v in (self.view, self.link.peek()) if v is not None and v.group is not None]
         group = max((v.group for v in views), key=lambda g: g.version, default=None)
-        if self.fast is None or group is None or group.version == self.checked_in:
+        if group is None or group.version == self.checked_in:
             return group
         if not any(m.account == self.identity.account for m in group.members):
             self.checked_in = group.version
-            try:
-                return self.fast.checkin(version=group.version)
-            except Exception as e:  # the next epoch asks again
-                logger.warning(f"Check-in for the fast path failed: {e!r}")
+            return self._check_in(version=group.version) or group
         return group
+
+    def _check_in(self, **kwargs: Any) -> GroupView | None:
+        """Tell the coordinator where this peer is reached for the fast path (no address: it is not, and
+        the run stays on hivemind's path while it is a member); the group it answers with, or None when
+        the check-in failed (the next version without this peer makes it check in again)."""
+        try:
+            if self.fast is not None:
+                return self.fast.checkin(**kwargs)
+            body = CheckinBody(address=None, **kwargs)
+            return self.link.call(lambda: self.link.client.group_checkin(self.run_id, body))
+        except Exception as e:
+            logger.warning(f"Check-in with the coordinator's group failed: {e!r}")
+            return None
 
     def _fast_average(
         self, epoch: int, samples: int, group: GroupView, param_sketch: list[float]
@@ -131,7 +141,10 @@ class RoundsMixin:
             if time.monotonic() - began < straggle:
                 return False
             latest = self.link.peek()
-            return latest is not None and latest.group is not None and latest.group.version > group.version
+            if latest is None:
+                return False
+            moved = latest.group is not None and latest.group.version > group.version
+            return moved or latest.state != "running"  # a new version, or the others stopped training
 
         result = self.fast.average(
             self.buffers,

@@ -184,15 +184,14 @@ class SetupMixin:
         return view
 
     def _offer_fast_path(self, maddrs: Sequence[str]) -> GroupView | None:
-        """Open this peer's reach address for the fast path and check in with it (:mod:`peer.collective`),
-        unless the run or this peer keeps to hivemind's path or the peer has no direct address (client
-        mode, say); the group the coordinator answers with, or None."""
-        if self.spec.averaging.path != "auto" or not self.settings.fast_path:
-            return None
+        """Open this peer's reach address for the fast path (:mod:`peer.collective`), unless the run or
+        this peer keeps to hivemind's path or the peer has no direct address (client mode, say), and check
+        in with the coordinator either way: a member without an address keeps the whole run on hivemind's
+        path. The group the coordinator answers with, or None."""
         host = direct_host(maddrs)
-        if host is None:
-            logger.info("No direct address for the fast path: this peer averages on hivemind's path")
-            return None
+        if self.spec.averaging.path != "auto" or not self.settings.fast_path or host is None:
+            logger.info("This peer averages on hivemind's path (no fast-path address offered)")
+            return self._check_in()
         self.fast = FastPath(
             run_id=self.run_id,
             identity=self.identity,
@@ -210,11 +209,7 @@ class SetupMixin:
             regroup_timeout=self.settings.regroup_timeout,
         )
         self.fast.tamper = self.behaviour.tamper
-        try:
-            return self.fast.checkin()
-        except Exception as e:  # the trainer checks in again when it sees a group without it
-            logger.warning(f"Check-in for the fast path failed: {e!r}")
-            return None
+        return self._check_in()
 
     def _next_epoch(self, view: RunView) -> RunView:
         """Wait (at most ``state_load_timeout``) until an epoch that began before this peer joined has

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -10,15 +11,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psutil
 
 from peer.protocol.identity import Identity, save_identity
 from peer.protocol.run_schemas import RunPeerView, RunView
+
+if TYPE_CHECKING:
+    from peer.demo import Demo
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
@@ -364,3 +368,21 @@ def marked(mark: str, value: str) -> list[str]:
         except psutil.Error:  # another user's process, or one that just ended
             continue
     return found
+
+
+@contextlib.contextmanager
+def local_market(folder: Path, peers: int, timeout: float) -> Iterator[tuple[Demo, list[str]]]:
+    """A coordinator, a funded launcher and ``peers`` renting peers (their accounts), all stopped after;
+    the test fails if any process of theirs survives."""
+    from peer.demo import Demo  # torch and hivemind: only for the tests that train
+
+    demo = Demo(peers=peers, drop=False, echo=print, timeout=timeout, folder=folder)
+    try:
+        demo.start_coordinator()
+        demo.fund_launcher()
+        accounts = [demo.add_peer() for _ in range(peers)]
+        demo.wait_offers(peers)
+        yield demo, accounts
+    finally:
+        survivors = demo.close()
+        assert not survivors, f"processes left behind: {survivors}"

@@ -8,7 +8,6 @@ the peers' parameters agreed at every epoch, and the swarm's model is as good as
 
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,27 +29,11 @@ from peer.protocol.sketch import relative_distance
 from peer.protocol.spec import validate_spec
 from peer.samples import train_ids
 from peer.trainer_setup import make_optimizer
-from tests.harness import wait_until
+from tests.harness import local_market, wait_until
 
 EPOCHS = 150
 TRAIN_SAMPLES = 1438  # the digits' training split (every 5th of the 1,797 samples is held out)
 JOIN_AT_EPOCH = 6
-
-
-@contextlib.contextmanager
-def local_market(folder: Path, peers: int, timeout: float) -> Iterator[tuple[Demo, list[str]]]:
-    """A coordinator, a funded launcher and ``peers`` renting peers (their accounts), all stopped after;
-    the test fails if any process of theirs survives."""
-    demo = Demo(peers=peers, drop=False, echo=print, timeout=timeout, folder=folder)
-    try:
-        demo.start_coordinator()
-        demo.fund_launcher()
-        accounts = [demo.add_peer() for _ in range(peers)]
-        demo.wait_offers(peers)
-        yield demo, accounts
-    finally:
-        survivors = demo.close()
-        assert not survivors, f"processes left behind: {survivors}"
 
 
 @dataclass
