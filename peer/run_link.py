@@ -47,6 +47,7 @@ class RunLink:
         self.on_accepted: Callable[[ReportBody], None] | None = None  # called on the link's thread
         self._peeked: RunView | None = None
         self._peeking: concurrent.futures.Future[RunView] | None = None
+        self._claiming: concurrent.futures.Future[list[AuditTask]] | None = None
 
     def __enter__(self) -> RunLink:
         self._thread.start()
@@ -106,18 +107,33 @@ class RunLink:
         assert self._reports is not None
         self._loop.call_soon_threadsafe(self._reports.put_nowait, body)
 
-    def claim_audits(self, limit: int) -> list[AuditTask]:
-        """Audits of other peers' reports for this peer to recompute; none when the coordinator cannot be
+    def claimed_audits(self, limit: int) -> list[AuditTask]:
+        """Audits of other peers' reports for this peer to recompute, claimed in the background: the ones
+        of the last claim if it has come back (then the next claim starts), else none yet. Never blocks,
+        so that claiming costs the training loop no round trip; none when the coordinator cannot be
         reached or refuses (this peer is not joined yet, the run ended): auditing never stops training."""
+        claim = self._claiming
+        if claim is not None and not claim.done():
+            return []
+        self._claiming = asyncio.run_coroutine_threadsafe(
+            self._client.claim_audits(self.run_id, limit), self._loop
+        )
+        if claim is None:
+            return []
         try:
-            return self.call(lambda: self._client.claim_audits(self.run_id, limit))
+            return claim.result()
         except (CoordinatorUnreachable, CoordinatorError) as e:
             logger.warning(f"No audits taken: {e}")
             return []
 
-    def submit_audit(self, audit_id: str, body: AuditResultBody) -> None:
+    def answer_audit(self, audit_id: str, body: AuditResultBody) -> None:
+        """Send an audit's answer in the background (an answer that does not arrive in time goes to
+        another validator)."""
+        asyncio.run_coroutine_threadsafe(self._answer_audit(audit_id, body), self._loop)
+
+    async def _answer_audit(self, audit_id: str, body: AuditResultBody) -> None:
         try:
-            view = self.call(lambda: self._client.submit_audit(self.run_id, audit_id, body))
+            view = await self._client.submit_audit(self.run_id, audit_id, body)
             logger.info(f"Audit of {view.account[:12]}...'s epoch {view.epoch}: {view.state} ({view.reason})")
         except AlreadyApplied:
             pass

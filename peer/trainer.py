@@ -112,10 +112,19 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin):
         if view.state == "settling":  # restarted after a crash at the very end: no DHT needed to finish
             self._initial_state(others=False)
             return self._finish(view)
-        view = self.connect(view)
+        return self._train(self.connect(view))
+
+    def _train(self, view: RunView) -> int:
+        """The training loop, until this peer's part ends or the run settles (then :meth:`_finish`).
+
+        The run's view it acts on is the one fetched in the background while the last epoch trained
+        (``RunLink.peek``): at most one epoch old, and no request on the step's critical path (a blocking
+        fetch cost a round trip to the coordinator every epoch)."""
         last_view = view
         while not self.stop.is_set():
-            view = self.link.view() or last_view
+            view = self.link.peek() or last_view
+            if view.state != last_view.state or view.group != last_view.group:
+                view = self.link.view() or view  # a change: act on the freshest view of it
             last_view = self.view = view
             # a peer dropped and matched again has two matches: the active one is the one that counts
             matched = any(p.account == self.identity.account and p.state == "active" for p in view.peers)
@@ -276,17 +285,21 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin):
         return Contribution(micro, self.sums, kept)
 
     def _audit(self) -> None:
-        """Take the audits the coordinator has for this peer and answer each: the recomputed sketch and
-        loss, or declined (an epoch it no longer holds, a recomputation that failed)."""
+        """Recompute the audits the coordinator gave this peer and answer each: the recomputed sketch and
+        loss, or declined (an epoch it no longer holds, a recomputation that failed). The recomputation
+        is inline, one claim's worth per epoch, so that auditing keeps pace with training (an audit of
+        an epoch older than the snapshots kept, ``HIVEMARKET_AUDIT_WINDOW``, can only be declined; tried
+        in a thread of its own, it fell behind the fast path's epochs and the audits expired); claiming
+        and answering travel in the background."""
         if self.validator is None:
             return
-        for audit in self.link.claim_audits(self.settings.audits_per_claim):
+        for audit in self.link.claimed_audits(self.settings.audits_per_claim):
             try:
                 result = self.validator.recompute(audit)
             except Exception as e:  # a dataset or task failure here must not stop training
                 logger.warning(f"Audit {audit.id} could not be recomputed: {e!r}")
                 result = AuditResultBody(declined=f"recomputation failed: {e!r}"[:300])
-            self.link.submit_audit(audit.id, result)
+            self.link.answer_audit(audit.id, result)
 
     # ---------------------------------------------------------------------------------------- the end
 
