@@ -82,6 +82,12 @@ class PeerSettings(BaseSettings):
     reach_timeout: float = Field(
         1.0, gt=0, description="Seconds a fast-path member waits for another member's reach address."
     )
+    report_backlog: int = Field(
+        4,
+        ge=1,
+        description="Most reports a trainer lets wait for a slow coordinator before it waits too: a report "
+        "acknowledged later than the validators keep its epoch (HIVEMARKET_AUDIT_WINDOW) is never paid.",
+    )
     regroup_timeout: float = Field(
         5.0,
         gt=0,

@@ -153,6 +153,7 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin):
         return 0
 
     def _epoch(self, live: list[str]) -> None:
+        report_wait = self.link.keep_up(self.settings.report_backlog, self.stop)
         started, self.data_wait, self.load_wait = time.monotonic(), 0.0, 0.0
         epoch, spec = self.epoch, self.spec
         # Just loaded from the swarm, this peer is as far into the epoch as the download took: its own
@@ -208,6 +209,7 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin):
             round_s=round(time.monotonic() - computed, 4),
             load_s=round(self.load_wait, 4),
             allreduce_s=round(allreduce_s, 4),
+            report_wait_s=round(report_wait, 4),
         )
         if outcome == "redo" and self.snapshot is not None:  # local updates moved the parameters: rewind
             with self.lock:
