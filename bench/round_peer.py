@@ -6,13 +6,24 @@ the others, by ``--method``:
 - ``hivemarket`` (the default): hivemarket's :class:`peer.averaging.RunAverager`, one epoch key per round;
 - ``hivemind``: hivemind's own ``DecentralizedAverager`` as it comes (only the prefix and the target group
   size set) with hivemind's own codecs, hivemarket's 8-bit codec (``peer.codec``) not installed;
-- ``gloo``: ``torch.distributed``'s gloo ``all_reduce`` (the sum, divided by the number of peers).
+- ``gloo``: ``torch.distributed``'s gloo ``all_reduce`` (the sum, divided by the number of peers);
+- ``fast``: hivemarket's fast path (:class:`peer.collective.FastPath`) as a trainer drives it, through a
+  real coordinator: with ``--identity`` (a peer matched to ``--run`` on ``--coordinator``), it joins the
+  run, checks in with its reach address until the group's version holds all ``--peers``, makes that
+  version's process group (``FastPath.ready``) and runs each round with ``FastPath.average`` (weight 1,
+  epoch = the round's index on every peer; ``--compression fp16`` sends fp16);
+- ``fast-rebuild``: the same, but each round first rebuilds the group for a new version, the way the
+  trainer's survivors do after a round that broke (``FastPath.regroup``): every peer checks in with the
+  current version as failed, waits for the next version, which holds the same peers, and makes its
+  process group (reach checks, the coordinator's rendezvous, gloo's connections); the round's time is
+  that rebuild and the round. Before each round the peers wait for each other (outside the timed part),
+  so that no peer drops the old version's group while another still finishes a round on it.
 
 The averagers run over a DHT per peer: the first peer starts alone and writes its addresses to
 ``--addrs``; the others bootstrap from that file. For gloo the first peer writes the port of its
 rendezvous store there instead. Each round's result goes to stdout as a JSON line: wall-clock start and
-end, the outcome and why it failed, the group size, and how far this peer's result is from the exact
-mean (each peer's values are its index, so the mean is known).
+end, the outcome and why it failed, the group size (and on the fast path its version), and how far this
+peer's result is from the exact mean (each peer's values are its index, so the mean is known).
 
 ``bench/reliability.py`` starts one per host of a network lab (``bench/netlab.py``) and reads the lines;
 ``bench/averaging.py`` starts them on this machine's loopback, once per method and compression.
@@ -44,11 +55,14 @@ from hivemind.compression import (
 
 from peer.deadlines import RoundDeadlines
 from peer.node import start_dht, stop_dht
+from peer.protocol.identity import load_identity
+from peer.protocol.sketch import SKETCH_DIMS
 from peer.settings import PeerSettings, load_settings
 
 #: Averages ``values`` in place in round ``r``; returns the outcome ("averaged" or "failed"), the number
-#: of peers averaged with (this one included) and why the round failed ("" when it did not).
-Average = Callable[[torch.Tensor, int], tuple[str, int, str]]
+#: of peers averaged with (this one included), why the round failed ("" when it did not) and, on the
+#: fast path, the group version it ran on (None elsewhere).
+Average = Callable[[torch.Tensor, int], tuple[str, int, str, int | None]]
 HIVEMIND_CODECS: dict[str, type[CompressionBase]] = {
     "none": NoCompression,  # DecentralizedAverager's default
     "fp16": Float16Compression,
@@ -113,11 +127,11 @@ def hivemarket(args: argparse.Namespace, n: int) -> Iterator[Average]:
         try:
             averager.set_target_group_size(args.peers, 30)
 
-            def average(values: torch.Tensor, r: int) -> tuple[str, int, str]:
+            def average(values: torch.Tensor, r: int) -> tuple[str, int, str, int | None]:
                 result = averager.average(
                     [values], epoch=r, weight=1.0, gather=args.index, timeout=args.timeout
                 )
-                return result.outcome, len(result.gathered), result.reason
+                return result.outcome, len(result.gathered), result.reason, None
 
             yield average
         finally:
@@ -137,7 +151,7 @@ def hivemind_default(args: argparse.Namespace, n: int) -> Iterator[Average]:
         )
         try:
 
-            def average(values: torch.Tensor, r: int) -> tuple[str, int, str]:
+            def average(values: torch.Tensor, r: int) -> tuple[str, int, str, int | None]:
                 with averager.get_tensors() as tensors:
                     tensors[0].copy_(values)
                 # hivemind's `timeout` bounds only the search for a group, and by default nothing bounds
@@ -147,14 +161,14 @@ def hivemind_default(args: argparse.Namespace, n: int) -> Iterator[Average]:
                     gathered = control.result(timeout=args.timeout)
                 except TimeoutError:
                     control.cancel()
-                    return "failed", 0, f"no result within {args.timeout:g} s"
+                    return "failed", 0, f"no result within {args.timeout:g} s", None
                 except Exception as e:  # hivemind raises a variety of errors for a round that broke up
-                    return "failed", 0, repr(e)[:300]
+                    return "failed", 0, repr(e)[:300], None
                 if gathered is None:
-                    return "failed", 0, "no group"
+                    return "failed", 0, "no group", None
                 with averager.get_tensors() as tensors:
                     values.copy_(tensors[0])
-                return "averaged", len(gathered), ""
+                return "averaged", len(gathered), "", None
 
             yield average
         finally:
@@ -176,23 +190,107 @@ def gloo(args: argparse.Namespace, n: int) -> Iterator[Average]:
     dist.init_process_group("gloo", store=store, rank=args.index, world_size=args.peers, timeout=timeout)
     try:
 
-        def average(values: torch.Tensor, r: int) -> tuple[str, int, str]:
+        def average(values: torch.Tensor, r: int) -> tuple[str, int, str, int | None]:
             try:
                 dist.all_reduce(values)
             except RuntimeError as e:  # gloo's timeouts and broken connections
-                return "failed", 0, repr(e)[:300]
+                return "failed", 0, repr(e)[:300], None
             values.div_(args.peers)
-            return "averaged", args.peers, ""
+            return "averaged", args.peers, "", None
 
         yield average
     finally:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def fast(args: argparse.Namespace, n: int) -> Iterator[Average]:
+    """hivemarket's fast path through the coordinator at ``--coordinator``, on the ``--listen`` address,
+    as ``--identity`` (matched to ``--run``); with ``--method fast-rebuild`` every round rebuilds the
+    group first."""
+    # Imported here, as in the trainer: the other methods measure without it.
+    from peer.collective import POLL_SECONDS, FastPath
+    from peer.protocol.run_schemas import GroupView
+    from peer.run_link import RunLink
+
+    settings = load_settings()
+    identity = load_identity(args.identity)
+    host = multiaddr.Multiaddr(args.listen).value_for_protocol("ip4")
+    rebuild = args.method == "fast-rebuild"
+    with RunLink(args.coordinator, identity, args.run) as link:
+        link.call(lambda: link.client.join(args.run, f"bench-peer-{args.index}", [args.listen]))
+        path = FastPath(
+            run_id=args.run,
+            identity=identity,
+            client=link.client,
+            call=link.call,
+            host=host,
+            n_params=n,
+            precision="fp16" if args.compression == "fp16" else "fp32",
+            deadlines=RoundDeadlines(
+                ceiling=args.timeout,
+                floor=settings.chunk_deadline_floor,
+                factor=settings.chunk_deadline_factor,
+            ),
+            reach_timeout=settings.reach_timeout,
+            regroup_timeout=settings.regroup_timeout,
+        )
+
+        def whole(group: GroupView | None) -> GroupView:
+            """Check in until the group's version holds every peer, on the fast path."""
+            ends = time.monotonic() + args.timeout
+            while group is None or not (path.usable(group) and len(group.members) == args.peers):
+                if group is not None and group.path != "fast":
+                    raise RuntimeError(f"the coordinator put the group on {group.path}: {group.reason}")
+                if time.monotonic() > ends:
+                    raise TimeoutError(f"no group of {args.peers} within {args.timeout:g} s: {group}")
+                if group is not None:
+                    time.sleep(POLL_SECONDS)
+                group = path.checkin(version=group.version if path.usable(group) else None)
+            return group
+
+        try:
+            group = whole(path.checkin())
+            if not path.ready(group):
+                raise RuntimeError(f"group version {group.version} could not be made (see the log)")
+
+            def average(values: torch.Tensor, r: int) -> tuple[str, int, str, int | None]:
+                if rebuild:
+                    assert path.group is not None
+                    failed = path.group.version
+                    new = path.regroup(failed)
+                    if new is None:
+                        return (
+                            "failed",
+                            0,
+                            f"no version after {failed} within {path.regroup_timeout:g} s",
+                            None,
+                        )
+                    group = whole(new)
+                    if not path.ready(group):
+                        return "failed", 0, f"group version {group.version} could not be made", None
+                result = path.average(
+                    [values],
+                    epoch=r,
+                    weight=1.0,
+                    param_sketch=[0.0] * SKETCH_DIMS,
+                    wait_deadline=args.timeout,
+                )
+                group = path.group
+                size = len(group.members) if result.outcome == "averaged" and group else 0
+                return result.outcome, size, result.reason, group.version if group else None
+
+            yield average
+        finally:
+            path.close()
+
+
 METHODS: dict[str, Callable[[argparse.Namespace, int], contextlib.AbstractContextManager[Average]]] = {
     "hivemarket": hivemarket,
     "hivemind": hivemind_default,
     "gloo": gloo,
+    "fast": fast,
+    "fast-rebuild": fast,
 }
 
 
@@ -204,8 +302,11 @@ def main() -> int:
     parser.add_argument("--size-mb", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compression", default="none", choices=list(HIVEMIND_CODECS), help="not for gloo")
-    parser.add_argument("--listen", required=True, help="a multiaddr; gloo takes its IPv4 address")
+    parser.add_argument("--listen", required=True, help="a multiaddr; gloo and fast take its IPv4 address")
     parser.add_argument("--addrs", type=Path, required=True, help="in a folder of its own")
+    parser.add_argument("--coordinator", help="fast: the coordinator's URL")
+    parser.add_argument("--run", help="fast: the run this peer is matched to")
+    parser.add_argument("--identity", type=Path, help="fast: this peer's key (PEM)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds one round may take")
     parser.add_argument("--matchmaking", type=float, default=5.0, help="hivemarket's matchmaking time")
     args = parser.parse_args()
@@ -214,9 +315,11 @@ def main() -> int:
     with METHODS[args.method](args, n) as average:
         barrier(args.addrs.parent, "ready", args.index, args.peers)  # a late peer would stay behind
         for r in range(args.rounds):
+            if args.method == "fast-rebuild":  # no peer drops the last version while another uses it
+                barrier(args.addrs.parent, f"round-{r}", args.index, args.peers)
             values.fill_(float(args.index))
             start = time.time()
-            outcome, group, reason = average(values, r)
+            outcome, group, reason, version = average(values, r)
             end = time.time()
             expected = (args.peers - 1) / 2
             error = float((values - expected).abs().max())
@@ -230,6 +333,7 @@ def main() -> int:
                         "outcome": outcome,
                         "reason": reason,
                         "group": group,
+                        "version": version,
                         "max_error": error,
                     }
                 ),

@@ -1,9 +1,9 @@
 """A hivemarket swarm against torch.distributed DDP on the same model, data, batch and optimizer steps.
 
-    python -m bench.swarm_training [--steps 45] [--modes swarm,local,ddp,plain] [--peers 4] [--json]
+    python -m bench.swarm_training [--steps 45] [--modes swarm,hivemind,local,ddp,plain] [--peers 4] [--json]
     python -m bench.swarm_training --spec bytes_lm.toml --dataset text --options '{"dim": 64}' --steps 20
 
-Four ways to take the same ``--steps`` optimizer steps of a run of examples/``--spec`` (a task from the
+Five ways to take the same ``--steps`` optimizer steps of a run of examples/``--spec`` (a task from the
 registry, ``digits-mlp`` by default), each step ``batch.target`` samples of the same example dataset
 (built once with :func:`peer.data.examples.build_example`, read with
 :class:`peer.data.reader.DatasetReader` through the peers' loader), with the spec's optimizer
@@ -12,8 +12,12 @@ registry, ``digits-mlp`` by default), each step ``batch.target`` samples of the 
 - ``swarm``: the whole product on this machine (:func:`bench.local_market.market`): a coordinator and
   ``--peers`` renting peers, all of them needed (``peers_min`` = ``--peers``), matched to the run; each
   step every peer computes its share of the target batch in micro-batches of ``batch.per_peer`` and the
-  peers all-reduce their gradients over hivemind; audits on, as the spec says;
-- ``local``: the same swarm with ``averaging.local_updates`` (DiLoCo-style inner steps, the parameters'
+  peers all-reduce their gradients on the product's default path (``averaging.path = "auto"``: the fast
+  path, ``peer.collective``, since on loopback every peer reaches every other); audits on, as the spec
+  says;
+- ``hivemind``: the same swarm with ``averaging.path = "hivemind"``: the gradients all-reduced by
+  hivemind's averager, as before the fast path (both paths compared in one run);
+- ``local``: the ``swarm`` with ``averaging.local_updates`` (DiLoCo-style inner steps, the parameters'
   change averaged once a step) and ``verification.rate = 0`` (audits cannot recompute inner steps);
 - ``ddp``: ``--peers`` processes of ``torch.nn.parallel.DistributedDataParallel`` over gloo on
   127.0.0.1, each taking its quarter (1/``--peers``) of the same global batch, accumulating gradients
@@ -46,8 +50,23 @@ Why these figures and how they are measured:
   gradient was accumulated (which is when DDP hands the last bucket to the all-reduce: every gradient is
   computed) to the end of the backward pass, which waits for the all-reduce; the largest over steps and
   processes. Plain: 0.
-- *goals* (issue #8): the swarm's goodput >= 0.9x DDP's; local updates >= 1.0x DDP's at equal final
-  loss (not above DDP's by more than ``LOSS_TOLERANCE``); the final losses are given side by side.
+- *where a step's time goes* (the swarm modes, from the same events): a step's wall time is the gap
+  between a peer's consecutive ``epoch`` events (the first one, the warm-up, has none), split into
+  compute (``compute_s`` less the wait for data), data (``data_s``), blocked on the round (``round_s``)
+  and the rest (wall - ``compute_s`` - ``round_s``: applying the update, checkpoints, reports, audits,
+  looking at the run); the mean over every peer's steps, in seconds and as shares of the wall time. Beside
+  them the mean ``allreduce_s`` of the averaged steps, and compute over it (issue #18's bytes-lm goal is
+  for a configuration whose step computes at least 10x its all-reduce). ``paths`` counts the steps by
+  the path their round took (``fast`` or ``hivemind``).
+- *peak memory per peer*: the largest peak resident set (the kernel's ``VmHWM``, read every
+  ``MEMORY_POLL`` seconds while the mode runs) of a peer's trainer process (``python -m peer.trainer``,
+  started by its ``hivemarket rent``), and of the trainer with its child processes (hivemind's averager,
+  p2pd) summed: an upper bound, pages a forked child shares counted twice. DDP's and plain's: each
+  process's own ``ru_maxrss`` when it has trained. ``x plain`` divides by the plain process's.
+- *goals*: the swarm's goodput over DDP's: >= 0.5x on digits (issue #18; issue #8's 0.9x is left to
+  models whose step computes much more than it communicates), >= 0.9x on any other spec (issues #8 and
+  #18: bytes-lm); local updates >= 1.0x DDP's at equal final loss (not above DDP's by more than
+  ``LOSS_TOLERANCE``, issue #18's 3%); the final losses are given side by side.
 
 CPU contention: on a machine with few cores the swarm's peers, its coordinator, or the DDP processes all
 share them. Every trainer is held to one thread (the market's peers get ``HIVEMARKET_TRAIN_THREADS=1``;
@@ -65,20 +84,24 @@ import argparse
 import collections
 import contextlib
 import gc
+import itertools
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -88,10 +111,16 @@ from peer.protocol.spec import RunSpec, load_spec, validate_spec
 from peer.settings import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = ("swarm", "local", "ddp", "plain")
-GOAL_SWARM = 0.9  # the swarm's samples/s over DDP's
+MODES = ("swarm", "hivemind", "local", "ddp", "plain")
+SWARMS = ("swarm", "hivemind", "local")  # the modes that run the whole product
+#: The swarm's samples/s over DDP's: per task (issue #18: digits' steps are too short to hide a round),
+#: else GOAL_SWARM (issues #8 and #18: bytes-lm, whose step computes >= 10x its all-reduce).
+GOAL_SWARM_TASK = {"digits-mlp": 0.5}
+GOAL_SWARM = 0.9
+COMPUTE_OVER_ALLREDUCE = 10.0  # issue #18's bytes-lm configuration: a step computes this much its all-reduce
 GOAL_LOCAL = 1.0  # local updates' samples/s over DDP's ...
-LOSS_TOLERANCE = 0.05  # ... at a final loss at most this much (relative) above DDP's
+LOSS_TOLERANCE = 0.03  # ... at a final loss at most this much (relative) above DDP's (issue #18)
+MEMORY_POLL = 0.5  # seconds between looks at the swarm's trainers' peak memory
 #: How often the swarm's checkpoints are looked at: a peer's checkpoint of a step lasts until its next
 #: step ends (a few hundred milliseconds for digits on two cores); four peers write one each.
 CHECKPOINT_POLL = 0.02
@@ -102,14 +131,16 @@ GLOO_ENV = {"GLOO_SOCKET_IFNAME": "lo"}
 # ------------------------------------------------------------------------------------------------ the run
 
 
-def spec_changes(args: argparse.Namespace, local: bool) -> dict[str, Any]:
+def spec_changes(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     """The changes to examples/``args.spec`` for this bench (and the swarm's launch): the task options,
-    a stop after ``args.steps`` steps (which sets the length of the learning-rate schedule), and for
-    ``local`` the local-updates mode, unaudited."""
+    a stop after ``args.steps`` steps (which sets the length of the learning-rate schedule), for
+    ``local`` the local-updates mode, unaudited, and for ``hivemind`` hivemind's averager."""
     target = load_spec(example_spec(args.spec)).batch.target
     changes: dict[str, Any] = {"options": json.loads(args.options), "stop": {"samples": args.steps * target}}
-    if local:
+    if mode == "local":
         changes |= {"averaging": {"local_updates": True}, "verification": {"rate": 0.0}}
+    if mode == "hivemind":
+        changes |= {"averaging": {"path": "hivemind"}}
     return changes
 
 
@@ -241,6 +272,8 @@ def train(setup: dict[str, Any], rank: int, world: int) -> None:
         )
     if rank == 0:
         save_model(out / "model.pt", spec, steps, model)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    (out / f"memory-{rank}.json").write_text(json.dumps({"peak_rss_mb": peak}))
     (out / f"rank-{rank}.json").write_text(json.dumps(records))
 
 
@@ -294,9 +327,10 @@ def processes(folder: Path, spec: RunSpec, data: Path, steps: int, world: int, t
 def baseline(args: argparse.Namespace, mode: str, folder: Path, data: Path) -> dict[str, Any]:
     """The ``ddp`` or ``plain`` row: the processes' steady rate, the model's held-out loss, the longest
     time a step's backward pass waited on the all-reduce."""
-    spec = changed_spec(args.spec, spec_changes(args, local=False))
+    spec = changed_spec(args.spec, spec_changes(args, mode))
     world = args.peers if mode == "ddp" else 1
     records = processes(folder, spec, data, args.steps, world, args.timeout)
+    peaks = [json.loads((folder / f"memory-{rank}.json").read_text())["peak_rss_mb"] for rank in range(world)]
     return {
         "mode": mode,
         "samples_per_s": round(steady_rate(records, 0.0), 1),
@@ -304,6 +338,9 @@ def baseline(args: argparse.Namespace, mode: str, folder: Path, data: Path) -> d
         "samples": sum(r["samples"] for r in records),
         **evaluate(folder / "model.pt", spec, data),
         "longest_block_s": round(max(r["block_s"] for r in records), 3),
+        # a process has no children: its tree is itself
+        "peak_rss_mb": round(max(peaks), 1),
+        "peak_rss_tree_mb": round(max(peaks), 1),
     }
 
 
@@ -342,18 +379,108 @@ class Checkpoints:
         return None
 
 
+def high_water_mb(process: psutil.Process) -> float:
+    """The process's peak resident set so far (``VmHWM``), in MiB; 0 once it is gone."""
+    try:
+        with open(f"/proc/{process.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return 0.0
+
+
+class PeakMemory:
+    """Looks, every ``MEMORY_POLL`` seconds while it is entered, at the trainer processes (``peer.trainer``)
+    under each of ``peers()`` (peer name -> the pid of its ``hivemarket rent``) and keeps, per peer, the
+    largest peak resident set of a trainer (:func:`high_water_mb`) and of a trainer with its child
+    processes summed."""
+
+    def __init__(self, peers: Callable[[], dict[str, int]]):
+        self.peers = peers
+        self.main: dict[str, float] = {}
+        self.tree: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="peak-memory", daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while True:
+            self.look()
+            if self._stop.wait(MEMORY_POLL):
+                return
+
+    def look(self) -> None:
+        for name, pid in self.peers().items():
+            try:
+                below = psutil.Process(pid).children(recursive=True)
+                trainers = [p for p in below if "peer.trainer" in " ".join(p.cmdline())]
+                for trainer in trainers:
+                    main = high_water_mb(trainer)
+                    tree = main + sum(high_water_mb(c) for c in trainer.children(recursive=True))
+                    self.main[name] = max(self.main.get(name, 0.0), main)
+                    self.tree[name] = max(self.tree.get(name, 0.0), tree)
+            except psutil.Error:  # a peer or trainer that just ended
+                continue
+
+
+def step_breakdown(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where a swarm's step goes, from its peers' ``epoch`` events: per step of a peer (the gap since its
+    previous epoch event), the mean seconds of compute (less the data wait), data, round and the rest,
+    and their shares of the mean wall time; the mean all-reduce (``allreduce_s``) of those steps that
+    were averaged."""
+    by_peer: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    for e in events:
+        by_peer[e["peer"]].append(e)
+    parts: dict[str, list[float]] = {k: [] for k in ("wall", "compute", "data", "round", "rest")}
+    allreduce: list[float] = []
+    for mine in by_peer.values():
+        mine.sort(key=lambda e: e["time"])
+        for before, e in itertools.pairwise(mine):
+            wall = e["time"] - before["time"]
+            parts["wall"].append(wall)
+            parts["compute"].append(e["compute_s"] - e["data_s"])
+            parts["data"].append(e["data_s"])
+            parts["round"].append(e["round_s"])
+            parts["rest"].append(wall - e["compute_s"] - e["round_s"])
+            if e["outcome"] == "averaged":
+                allreduce.append(e["allreduce_s"])
+    if not parts["wall"]:
+        return {}
+    mean = {k: sum(v) / len(v) for k, v in parts.items()}
+    allreduce_s = sum(allreduce) / len(allreduce) if allreduce else 0.0
+    result: dict[str, Any] = {"steps": len(parts["wall"]), "wall_s": round(mean["wall"], 4)}
+    for k in ("compute", "data", "round", "rest"):
+        result[f"{k}_s"] = round(mean[k], 4)
+        result[f"{k}_share"] = round(mean[k] / mean["wall"], 3) if mean["wall"] > 0 else None
+    result["allreduce_s"] = round(allreduce_s, 4)
+    result["compute_over_allreduce"] = round(mean["compute"] / allreduce_s, 2) if allreduce_s else None
+    return result
+
+
 def swarm(args: argparse.Namespace, mode: str, folder: Path, data: Path) -> dict[str, Any]:
-    """The ``swarm`` or ``local`` row: the whole product trains the run until a peer has checkpointed
-    ``args.steps`` steps and the rounds of those steps are logged (the figures are of those steps)."""
+    """The ``swarm``, ``hivemind`` or ``local`` row: the whole product trains the run until a peer has
+    checkpointed ``args.steps`` steps and the rounds of those steps are logged (the figures are of those
+    steps)."""
     from peer.protocol.dataset import load_manifest
     from peer.tasks import load_task
 
-    local = mode == "local"
-    changes = spec_changes(args, local)
+    changes = spec_changes(args, mode)
     spec = changed_spec(args.spec, changes)
     steps = args.steps
-    with market(folder, args.peers, changes=changes, timeout=args.timeout, spec=args.spec,
-                dataset=args.dataset, peers_min=args.peers) as demo:  # fmt: skip
+    with (
+        market(folder, args.peers, changes=changes, timeout=args.timeout, spec=args.spec,
+               dataset=args.dataset, peers_min=args.peers) as demo,
+        PeakMemory(lambda: {c.name: c.proc.pid for c in list(demo.peers.values())}) as memory,
+    ):  # fmt: skip
         served = load_manifest(demo.tmp / args.dataset).version
         if served != load_manifest(data).version:
             raise RuntimeError(f"the coordinator serves dataset version {served}, not the baselines' own")
@@ -372,6 +499,7 @@ def swarm(args: argparse.Namespace, mode: str, folder: Path, data: Path) -> dict
             return events if all(members[e["epoch"]] >= e["group"] for e in events) else None
 
         events = demo.wait(f"every member of the rounds of steps 0-{steps - 1} to log it", logged)
+        memory.look()  # the last look, while every trainer still runs
     averaged = {e["epoch"] for e in events if e["outcome"] == "averaged"}
     if len(averaged) < 2:
         raise RuntimeError(f"{len(averaged)} of the {steps} steps were averaged: no rate to measure")
@@ -390,20 +518,30 @@ def swarm(args: argparse.Namespace, mode: str, folder: Path, data: Path) -> dict
         **evaluate(folder / "model.pt", spec, data),
         "longest_block_s": round(max(e["round_s"] for e in events), 3),
         "epochs_lost": sum(e["outcome"] != "averaged" for e in events),
+        "paths": dict(collections.Counter(str(e.get("path")) for e in events)),
+        "step": step_breakdown(events),
+        "peak_rss_mb": round(max(memory.main.values(), default=0.0), 1),
+        "peak_rss_tree_mb": round(max(memory.tree.values(), default=0.0), 1),
     }
 
 
 # ------------------------------------------------------------------------------------------------ report
 
 
-def goals(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Issue #8's goals for the modes measured (a goal whose modes failed or were not run is left out)."""
+def goals(rows: list[dict[str, Any]], task: str) -> dict[str, dict[str, Any]]:
+    """Issues #8's and #18's goals for the modes measured (a goal whose modes failed or were not run is
+    left out); the swarm's depends on the ``task`` trained."""
     by_mode = {r["mode"]: r for r in rows if "error" not in r}
     ddp = by_mode.get("ddp")
     result = {}
     if ddp and "swarm" in by_mode:
-        ratio = by_mode["swarm"]["ratio_to_ddp"]
-        result[f"swarm >= {GOAL_SWARM}x ddp samples/s"] = {"ratio": ratio, "met": ratio >= GOAL_SWARM}
+        ratio, goal = by_mode["swarm"]["ratio_to_ddp"], GOAL_SWARM_TASK.get(task, GOAL_SWARM)
+        result[f"swarm >= {goal}x ddp samples/s"] = {
+            "ratio": ratio,
+            "met": ratio >= goal,
+            # issue #18's 0.9x is for a configuration that computes >= COMPUTE_OVER_ALLREDUCE its all-reduce
+            "compute_over_allreduce": by_mode["swarm"]["step"].get("compute_over_allreduce"),
+        }
     if ddp and "local" in by_mode:
         local = by_mode["local"]
         equal = local["final_loss"] <= ddp["final_loss"] * (1 + LOSS_TOLERANCE)
@@ -420,14 +558,14 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def print_table(result: dict[str, Any]) -> None:
     initial = next((r["initial_loss"] for r in result["rows"] if "error" not in r), float("nan"))
     print(f"{result['machine']}\n{result['model']}; held-out loss {initial:.4f} at the start")
-    print(f"{'MODE':<7}{'STEPS':>6}{'SAMPLES':>9}{'SAMPLES/S':>11}{'VS DDP':>8}{'FINAL LOSS':>12}"
+    print(f"{'MODE':<9}{'STEPS':>6}{'SAMPLES':>9}{'SAMPLES/S':>11}{'VS DDP':>8}{'FINAL LOSS':>12}"
           f"{'ACCURACY':>10}{'LONGEST BLOCK s':>17}")  # fmt: skip
     for r in result["rows"]:
         if "error" in r:
-            print(f"{r['mode']:<7}failed: {r['error']}")
+            print(f"{r['mode']:<9}failed: {r['error']}")
             continue
         ratio = f"{r['ratio_to_ddp']:.3f}" if r["ratio_to_ddp"] is not None else "-"
-        print(f"{r['mode']:<7}{r['steps']:>6}{r['samples']:>9}{r['samples_per_s']:>11}{ratio:>8}"
+        print(f"{r['mode']:<9}{r['steps']:>6}{r['samples']:>9}{r['samples_per_s']:>11}{ratio:>8}"
               f"{r['final_loss']:>12.4f}{r['accuracy']:>10.1%}{r['longest_block_s']:>17}")  # fmt: skip
     for goal, entry in result["goals"].items():
         extra = (
@@ -435,7 +573,33 @@ def print_table(result: dict[str, Any]) -> None:
             if "final_loss" in entry
             else ""
         )
+        if entry.get("compute_over_allreduce") is not None:
+            extra += (
+                f" (a step computes {entry['compute_over_allreduce']:.1f}x its all-reduce; issue #18's "
+                f"bytes-lm goal is for >= {COMPUTE_OVER_ALLREDUCE:g}x)"
+            )
         print(f"goal: {goal}: {entry['ratio']:.3f}x{extra}: {'met' if entry['met'] else 'NOT met'}")
+    steps = [r for r in result["rows"] if r.get("step")]
+    if steps:
+        print("\nwhere a step goes (mean per step of a peer, from the event logs; s and share of the wall):")
+        print(f"{'MODE':<9}{'PATHS':<22}{'WALL s':>8}{'COMPUTE':>15}{'DATA':>15}{'ROUND':>15}{'REST':>15}"
+              f"{'ALLREDUCE s':>13}{'COMPUTE/AR':>12}")  # fmt: skip
+    for r in steps:
+        b = r["step"]
+        paths = ",".join(f"{k} {v}" for k, v in sorted(r["paths"].items()))
+        cells = "".join(
+            f"{b[f'{k}_s']:>8.4f} {b[f'{k}_share']:>5.1%}" for k in ("compute", "data", "round", "rest")
+        )
+        ratio = "-" if b["compute_over_allreduce"] is None else f"{b['compute_over_allreduce']:.1f}"
+        print(f"{r['mode']:<9}{paths:<22}{b['wall_s']:>8.4f}{cells}{b['allreduce_s']:>13.4f}{ratio:>12}")
+    memory = [r for r in result["rows"] if "peak_rss_mb" in r]
+    plain = next((r["peak_rss_mb"] for r in memory if r["mode"] == "plain"), None)
+    if memory:
+        print("\npeak memory per peer (RSS MiB: the trainer process; with its child processes, summed):")
+        print(f"{'MODE':<9}{'RSS':>9}{'x PLAIN':>9}{'WITH CHILDREN':>15}")
+    for r in memory:
+        ratio = f"{r['peak_rss_mb'] / plain:.2f}" if plain else "-"
+        print(f"{r['mode']:<9}{r['peak_rss_mb']:>9.1f}{ratio:>9}{r['peak_rss_tree_mb']:>15.1f}")
 
 
 @contextlib.contextmanager
@@ -476,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         worker(json.loads(args.worker.read_text()), args.rank, args.world, args.port)
         return 0
     modes = args.modes.split(",")
-    spec = changed_spec(args.spec, spec_changes(args, local=False))
+    spec = changed_spec(args.spec, spec_changes(args, "ddp"))
     problems = [
         ("--steps must be at least 2 (the rate is measured after the first)", args.steps < 2),
         (f"--modes are some of {','.join(MODES)}", bool(set(modes) - set(MODES))),
@@ -496,15 +660,17 @@ def main(argv: list[str] | None = None) -> int:
         for mode in modes:
             print(f"measuring {mode} ...", file=sys.stderr)
             try:
-                measure = swarm if mode in ("swarm", "local") else baseline
+                measure = swarm if mode in SWARMS else baseline
                 rows.append(measure(args, mode, folder / mode, data))
             except Exception as e:  # one mode's failure still leaves the others' figures
                 rows.append({"mode": mode, "error": repr(e)[:500]})
             print(json.dumps(rows[-1]), file=sys.stderr)  # a bench cut short still leaves these
     ddp = next((r["samples_per_s"] for r in rows if r["mode"] == "ddp" and "error" not in r), None)
+    plain = next((r["peak_rss_mb"] for r in rows if r["mode"] == "plain" and "error" not in r), None)
     for row in rows:
         if "error" not in row:
             row["ratio_to_ddp"] = round(row["samples_per_s"] / ddp, 3) if ddp else None
+            row["rss_vs_plain"] = round(row["peak_rss_mb"] / plain, 2) if plain else None
     result = {
         "machine": f"{platform.node()}: {os.cpu_count()} CPUs, load average {load:.1f} at the start and "
         f"{os.getloadavg()[0]:.1f} at the end, torch {torch.__version__}, one thread per trainer",
@@ -512,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{spec.batch.target} samples in micro-batches of {spec.batch.per_peer}, {spec.optimizer.name} "
         f"lr {spec.optimizer.lr:g} {spec.schedule.name}; {args.peers} peers / DDP processes",
         "rows": rows,
-        "goals": goals(rows),
+        "goals": goals(rows, spec.task),
     }
     if args.json:
         print(json.dumps(result))
