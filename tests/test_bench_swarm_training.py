@@ -23,7 +23,7 @@ from tests.harness import marked
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "BENCH_SWARM_TRAINING_TEST_RUN"  # inherited by every process the bench starts, p2pd included
 STEPS = 6
-PEERS = 2  # two swarms of them, on a machine of two cores
+PEERS = 2  # per swarm and DDP: two swarms (fast path, hivemind) in about the time one of 4 peers took
 
 
 @pytest.mark.timeout(300)
@@ -83,6 +83,7 @@ def test_the_swarm_training_bench_compares_the_swarm_with_ddp_and_leaves_no_proc
         assert sum(step[f"{k}_s"] for k in parts) == pytest.approx(step["wall_s"], abs=1e-3), step
         assert sum(step[f"{k}_share"] for k in parts) == pytest.approx(1, abs=0.01), step
         assert step["compute_s"] > 0 and step["round_s"] >= step["allreduce_s"] * 0.9, step
+        assert 0 <= step["report_wait_s"] <= step["rest_s"] + 1e-3, step  # a part of the rest
         assert step["compute_over_allreduce"] == pytest.approx(
             step["compute_s"] / step["allreduce_s"], rel=0.01
         )
