@@ -192,8 +192,14 @@ class ReachListener:
         self._thread.join(timeout=2)
 
 
-def reaches(address: str, account: str, timeout: float) -> bool:
-    """Whether ``address`` accepts a connection within ``timeout`` seconds and answers as ``account``."""
+def reaches(address: str, account: str, timeout: float, attempts: int = 3) -> bool:
+    """Whether ``address`` accepts a connection within ``timeout`` seconds and answers as ``account``, in
+    one of ``attempts`` tries: one slow answer (a busy peer's listener thread waits for the GIL) must not
+    move a whole run to hivemind's path."""
+    return any(_answers(address, account, timeout) for _ in range(attempts))
+
+
+def _answers(address: str, account: str, timeout: float) -> bool:
     host, _, port = address.rpartition(":")
     try:
         with socket.create_connection((host, int(port)), timeout=timeout) as conn:

@@ -151,7 +151,7 @@ def _member(rank: int, size: int, store_path: str, keys: list[bytes], out: mp.Qu
     fast.close()
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_rounds_average_refuse_tampering_and_fail_for_everyone_when_a_member_dies(tmp_path: Path):
     size = 3
     keys = [Identity.generate().to_pem() for _ in range(size)]
@@ -173,7 +173,7 @@ def test_rounds_average_refuse_tampering_and_fail_for_everyone_when_a_member_die
         results: dict[tuple[int, int], tuple] = {}
         expected_rounds = {0: 5, 1: 5, 2: 4}
         while len(results) < sum(expected_rounds.values()):
-            rank, index, outcome, reason, first, second = out.get(timeout=60)
+            rank, index, outcome, reason, first, second = out.get(timeout=150)
             results[(rank, index)] = (outcome, reason, first, second)
     finally:
         strangers.set()
