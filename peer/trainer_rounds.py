@@ -87,14 +87,21 @@ class RoundsMixin:
             if self._catch_up(epoch) is not None:
                 return "caught_up", 1, False, 0.0
             return "redo", 1, False, 0.0
-        size = len(result.gathered)
-        if self._defers_to_group(result.gathered, param_sketch):
+        return self._averaged(epoch, result.gathered, param_sketch, result.seconds)
+
+    def _averaged(
+        self, epoch: int, gathered: dict[str, Any], param_sketch: list[float], seconds: float
+    ) -> tuple[str, int, bool, float]:
+        """The outcome of a round that averaged (on either path), given what its members gathered: this
+        peer gives way (loads the group's state) when its parameters differ from the group's."""
+        size = len(gathered)
+        if self._defers_to_group(gathered, param_sketch):
             logger.warning(f"Epoch {epoch}: parameters differ from the group's; loading theirs")
             loaded = self._catch_up(epoch, same_epoch=True)
             if loaded is not None and loaded > epoch:
-                return "caught_up", size, False, result.seconds
-            return "averaged", size, False, result.seconds
-        return "averaged", size, True, result.seconds
+                return "caught_up", size, False, seconds
+            return "averaged", size, False, seconds
+        return "averaged", size, True, seconds
 
     def _group(self) -> GroupView | None:
         """The newest group version this trainer knows of: from the view its loop fetched, or a newer one
@@ -155,13 +162,7 @@ class RoundsMixin:
             newer=newer,
         )
         if result.outcome == "averaged":
-            if self._defers_to_group(result.gathered, param_sketch):
-                logger.warning(f"Epoch {epoch}: parameters differ from the group's; loading theirs")
-                loaded = self._catch_up(epoch, same_epoch=True)
-                if loaded is not None and loaded > epoch:
-                    return "caught_up", size, False, result.seconds
-                return "averaged", size, False, result.seconds
-            return "averaged", size, True, result.seconds
+            return self._averaged(epoch, result.gathered, param_sketch, result.seconds)
         logger.warning(
             f"Epoch {epoch}: the fast-path round is not applied ({result.outcome}: {result.reason})"
         )

@@ -7,6 +7,8 @@ import json
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -386,3 +388,50 @@ def local_market(folder: Path, peers: int, timeout: float) -> Iterator[tuple[Dem
     finally:
         survivors = demo.close()
         assert not survivors, f"processes left behind: {survivors}"
+
+
+class Strangers:
+    """A host outside the run: connects to every port the given processes listen on, again and again,
+    and sends garbage and handshake-shaped bytes (gloo's pair handshake starts with a sequence number)."""
+
+    PAYLOADS = (
+        b"\x00" * 8,
+        struct.pack("<Q", 1) + b"\xff" * 64,
+        struct.pack("<QQ", 0, 2**40),
+        b"GET / HTTP/1.0\r\n\r\n",
+    )
+
+    def __init__(self, pids: Callable[[], list[int]]):
+        self.pids = pids
+        self.connections = 0
+        self.ports: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Strangers:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for pid in self.pids():
+                try:
+                    listening = [
+                        c.laddr for c in psutil.Process(pid).net_connections("tcp") if c.status == "LISTEN"
+                    ]
+                except psutil.Error:
+                    continue
+                for addr in listening:
+                    self.ports.add(addr.port)
+                    for payload in (*self.PAYLOADS, os.urandom(256)):
+                        try:
+                            with socket.create_connection((addr.ip, addr.port), timeout=0.2) as s:
+                                s.sendall(payload)
+                            self.connections += 1
+                        except OSError:
+                            pass
+            self._stop.wait(0.05)

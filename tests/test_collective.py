@@ -8,12 +8,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import socket
-import struct
-import threading
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
@@ -27,6 +23,7 @@ from peer.collective import (
 )
 from peer.protocol.identity import Identity
 from peer.protocol.sketch import SKETCH_DIMS
+from tests.harness import Strangers
 
 RUN = "run-collective"
 N_PARAMS = 50_000
@@ -163,20 +160,17 @@ def test_rounds_average_refuse_tampering_and_fail_for_everyone_when_a_member_die
     ]
     for p in procs:
         p.start()
-    strangers = threading.Event()
     try:
         members = [pids.get(timeout=60) for _ in range(size)]
-        # Strangers: connect to every port the members listen on and send garbage and handshake-shaped
+        # Strangers connect to every port the members listen on and send garbage and handshake-shaped
         # bytes, over and over, while the rounds run.
-        thread = threading.Thread(target=_pester, args=([pid for _, pid in members], strangers), daemon=True)
-        thread.start()
-        results: dict[tuple[int, int], tuple] = {}
-        expected_rounds = {0: 5, 1: 5, 2: 4}
-        while len(results) < sum(expected_rounds.values()):
-            rank, index, outcome, reason, first, second = out.get(timeout=150)
-            results[(rank, index)] = (outcome, reason, first, second)
+        with Strangers(lambda: [pid for _, pid in members]):
+            results: dict[tuple[int, int], tuple] = {}
+            expected_rounds = {0: 5, 1: 5, 2: 4}
+            while len(results) < sum(expected_rounds.values()):
+                rank, index, outcome, reason, first, second = out.get(timeout=150)
+                results[(rank, index)] = (outcome, reason, first, second)
     finally:
-        strangers.set()
         for p in procs:
             p.join(timeout=20)
             if p.is_alive():
@@ -202,29 +196,3 @@ def test_rounds_average_refuse_tampering_and_fail_for_everyone_when_a_member_die
         assert first == rank + 1
     for p in procs:
         assert p.exitcode == 0
-
-
-def _pester(pids: list[int], stop: threading.Event) -> None:
-    payloads = [
-        b"\x00" * 8,
-        struct.pack("<Q", 1) + b"\xff" * 64,
-        struct.pack("<QQ", 0, 2**40),
-        os.urandom(512),
-        b"GET / HTTP/1.1\r\n\r\n",
-    ]
-    while not stop.is_set():
-        for pid in pids:
-            try:
-                listening = [
-                    c.laddr for c in psutil.Process(pid).net_connections("tcp") if c.status == "LISTEN"
-                ]
-            except psutil.Error:
-                continue
-            for addr in listening:
-                for payload in payloads:
-                    try:
-                        with socket.create_connection((addr.ip, addr.port), timeout=0.2) as s:
-                            s.sendall(payload)
-                    except OSError:
-                        pass
-        time.sleep(0.01)
