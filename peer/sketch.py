@@ -41,7 +41,9 @@ class Sketcher:
         if device not in self._signs:
             self._signs[device] = self._signs[torch.device("cpu")].to(device)
         signs = self._signs[device]
-        buffer = self._buffers.setdefault(device, torch.zeros_like(signs))
+        buffer = self._buffers.get(device)
+        if buffer is None:  # not setdefault: its default, a model-sized tensor, was built on every call
+            buffer = self._buffers[device] = torch.zeros_like(signs)
         offset = 0
         for t in tensors:
             end = offset + t.numel()
