@@ -414,18 +414,21 @@ class FastPath:
             return FastRound("failed", str(e), gathered, epochs)
         seconds = time.monotonic() - started
         self.deadlines.observe(seconds)
-        distance = relative_distance(self.sketcher([self.flat]), expected_sketch(commitments))
-        # (committed sketches that are not finite: an honest overflow, which every member then skips alike)
-        finite = all(math.isfinite(x) for c in commitments for x in c.update)
-        if finite and not distance <= TAMPER_TOLERANCE[self.precision]:
-            return FastRound(
-                "rejected",
+        result = self.sketcher([self.flat])
+        if all(math.isfinite(x) for c in commitments for x in c.update):
+            distance = relative_distance(result, expected_sketch(commitments))
+            why = (
                 f"the result is {distance:.3g} from the members' commitments "
-                f"(tolerance {TAMPER_TOLERANCE[self.precision]:g}): a member sent something else",
-                gathered,
-                epochs,
-                seconds,
+                f"(tolerance {TAMPER_TOLERANCE[self.precision]:g}): a member sent something else"
             )
+            matches = distance <= TAMPER_TOLERANCE[self.precision]
+        else:  # an honest overflow overflows the result too, and every member skips that step alike
+            why = (
+                "a member committed to a non-finite update, yet the result is finite: it sent something else"
+            )
+            matches = not all(math.isfinite(x) for x in result)
+        if not matches:
+            return FastRound("rejected", why, gathered, epochs, seconds)
         offset = 0
         for b in buffers:
             b.copy_(self.flat[offset : offset + b.numel()].view_as(b))
