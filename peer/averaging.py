@@ -82,6 +82,9 @@ class TrainingState:
     tensors: list[torch.Tensor]
     layout: list[list[Any]]  # per optimizer: [[param index, key], ...] of its tensor states
     scalars: list[dict[str, Any]]  # per optimizer: its non-tensor states and param-group hyperparameters
+    # An overlapped run's round still to be applied: the averaged update of the epoch before ``epoch``,
+    # which the step after ``epoch`` applies (None: nothing pending, as in a synchronous run).
+    pending: list[torch.Tensor] | None = None
 
 
 def capture(
@@ -125,6 +128,16 @@ def restore(
             raise ValueError(f"a parameter of shape {tuple(value.shape)} was sent for {tuple(p.shape)}")
     if not all(bool(torch.isfinite(t).all()) for t in state.tensors if t.is_floating_point()):
         raise ValueError("the state holds values that are not finite")
+    if state.pending is not None:
+        if len(state.pending) != len(params):
+            raise ValueError(f"the pending update holds {len(state.pending)} tensors for {len(params)}")
+        for p, value in zip(params, state.pending, strict=True):
+            if p.shape != value.shape or not value.is_floating_point():
+                raise ValueError(
+                    f"a pending update of shape {tuple(value.shape)} was sent for {tuple(p.shape)}"
+                )
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError("the pending update holds values that are not finite")
     rest = iter(state.tensors[len(params) :])
     loaded_states = []
     for optimizer, entries, scalars in zip(optimizers, state.layout, state.scalars, strict=True):
@@ -335,7 +348,11 @@ class RunAverager(DecentralizedAverager):
     def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], Sequence[Any]]:
         state = self._share_state()
         metadata = {"epoch": state.epoch, "layout": state.layout, "scalars": state.scalars}
-        return metadata, state.tensors, [CompressionInfo.from_tensor(t) for t in state.tensors]
+        tensors = state.tensors
+        if state.pending is not None:
+            metadata["pending"] = len(state.pending)
+            tensors = [*tensors, *state.pending]
+        return metadata, tensors, [CompressionInfo.from_tensor(t) for t in tensors]
 
     def average(
         self,
@@ -421,11 +438,18 @@ class RunAverager(DecentralizedAverager):
         if loaded is None:
             return None
         metadata, tensors = loaded
-        try:  # what a donor sends is untrusted: anything malformed counts as no state
+        try:  # what a donor sends is untrusted: anything malformed counts as no state (restore checks it)
+            tensors, pending = list(tensors), int(metadata.get("pending") or 0)
+            if not 0 <= pending <= len(tensors):
+                raise ValueError(f"a pending update of {pending} tensors in a state of {len(tensors)}")
             return TrainingState(
-                int(metadata["epoch"]), list(tensors), list(metadata["layout"]), list(metadata["scalars"])
+                int(metadata["epoch"]),
+                tensors[: len(tensors) - pending],
+                list(metadata["layout"]),
+                list(metadata["scalars"]),
+                tensors[len(tensors) - pending :] if pending else None,
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             logger.warning(f"A peer sent a malformed training state: {e!r}")
             return None
 

@@ -371,16 +371,58 @@ class FastPath:
         newer: Callable[[], bool] = lambda: False,
     ) -> FastRound:
         """One round on the ready group: commitments, the all-reduce, the check; ``buffers`` hold the
-        members' weighted mean only when the outcome is ``averaged``. ``wait_deadline`` bounds the
-        commitments' gather (where members wait for the slowest one's compute); the all-reduce has the
-        measured round deadline. ``newer()`` (asked a few times a second while waiting) says whether a
-        newer group version formed, which ends the wait at once."""
-        assert self.pg is not None and self.group is not None
-        group, members = self.group, [m.account for m in self.group.members]
+        members' weighted mean only when the outcome is ``averaged``. The synchronous form of
+        :meth:`load`, :meth:`reduce` and :meth:`unload`, which an overlapped round runs apart."""
+        self.load(buffers)
+        result = self.reduce(
+            epoch=epoch, weight=weight, param_sketch=param_sketch, wait_deadline=wait_deadline, newer=newer
+        )
+        if result.outcome == "averaged":
+            self.unload(buffers)
+        return result
+
+    def load(self, buffers: Sequence[torch.Tensor]) -> None:
+        """Copy ``buffers`` (this member's update) into the round's flat tensor, which :meth:`reduce`
+        averages in place; the caller may change ``buffers`` as soon as this returns."""
         offset = 0
         for b in buffers:
             self.flat[offset : offset + b.numel()].copy_(b.reshape(-1))
             offset += b.numel()
+
+    def views(self, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
+        """The round's flat tensor as views shaped like ``shapes`` (the result, once :meth:`reduce`
+        averaged; valid until the next :meth:`load`)."""
+        views, offset = [], 0
+        for shape in shapes:
+            n = math.prod(shape)
+            views.append(self.flat[offset : offset + n].view(shape))
+            offset += n
+        return views
+
+    def unload(self, buffers: Sequence[torch.Tensor]) -> None:
+        """Copy the round's result (after :meth:`reduce` averaged) into ``buffers``."""
+        offset = 0
+        for b in buffers:
+            b.copy_(self.flat[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()
+
+    def reduce(
+        self,
+        *,
+        epoch: int,
+        weight: float,
+        param_sketch: Sequence[float],
+        wait_deadline: float,
+        newer: Callable[[], bool] = lambda: False,
+    ) -> FastRound:
+        """The round of what :meth:`load` copied in: the flat tensor holds the members' weighted mean only
+        when the outcome is ``averaged``. ``wait_deadline`` bounds the commitments' gather (where members
+        wait for the slowest one's compute); the all-reduce has the measured round deadline. ``newer()``
+        (asked a few times a second while waiting) says whether a newer group version formed, which ends
+        the wait at once. It may run in a thread of its own (an overlapped round) while the caller
+        computes the next epoch, as long as nothing else uses this object until it returns."""
+        assert self.pg is not None and self.group is not None
+        group, members = self.group, [m.account for m in self.group.members]
         mine = Commitment(
             group.version,
             epoch,
@@ -429,10 +471,6 @@ class FastPath:
             matches = not all(math.isfinite(x) for x in result)
         if not matches:
             return FastRound("rejected", why, gathered, epochs, seconds)
-        offset = 0
-        for b in buffers:
-            b.copy_(self.flat[offset : offset + b.numel()].view_as(b))
-            offset += b.numel()
         return FastRound("averaged", "", gathered, epochs, seconds)
 
     def _gather(

@@ -48,6 +48,7 @@ class RunLink:
         self.on_accepted: Callable[[ReportBody], None] | None = None  # called on the link's thread
         self._peeked: RunView | None = None
         self._peeking: concurrent.futures.Future[RunView] | None = None
+        self._peek_lock = threading.Lock()  # the trainer's loop and its round thread both peek
         self._claiming: concurrent.futures.Future[list[AuditTask]] | None = None
         self._unanswered = 0  # reports queued or being sent
         self._counting = threading.Lock()
@@ -92,13 +93,14 @@ class RunLink:
         """The latest view fetched in the background (None before the first), starting a new fetch when
         none is under way: a look at the run that never blocks the caller, for loops that must keep their
         own pace while the coordinator is slow or gone."""
-        fetch = self._peeking
-        if fetch is not None and not fetch.done():
+        with self._peek_lock:
+            fetch = self._peeking
+            if fetch is not None and not fetch.done():
+                return self._peeked
+            if fetch is not None and fetch.exception() is None:
+                self._peeked = fetch.result()
+            self._peeking = asyncio.run_coroutine_threadsafe(self._client.run(self.run_id), self._loop)
             return self._peeked
-        if fetch is not None and fetch.exception() is None:
-            self._peeked = fetch.result()
-        self._peeking = asyncio.run_coroutine_threadsafe(self._client.run(self.run_id), self._loop)
-        return self._peeked
 
     def join(self, peer_id: str, maddrs: list[str]) -> RunView:
         try:

@@ -34,12 +34,14 @@ the step). The samples of a step come from :mod:`peer.samples`, the exit codes f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from hivemind.utils import get_logger
@@ -63,6 +65,7 @@ from peer.run_link import RunLink, live_peers
 from peer.settings import PeerSettings, load_settings
 from peer.sketch import Sketcher
 from peer.trainer_exit import TrainerExit
+from peer.trainer_overlap import EpochDone, OverlapMixin
 from peer.trainer_rounds import RoundsMixin
 from peer.trainer_setup import SetupMixin
 from peer.trainer_state import StateMixin
@@ -71,7 +74,7 @@ from peer.validator import Snapshots, Validator, compute_micro_batches, device_n
 logger = get_logger(__name__)
 
 
-class Trainer(SetupMixin, StateMixin, RoundsMixin):
+class Trainer(SetupMixin, StateMixin, RoundsMixin, OverlapMixin):
     def __init__(
         self, run_id: str, link: RunLink, identity: Identity, settings: PeerSettings, listen: list[str]
     ):
@@ -81,7 +84,7 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin):
         self.settings = settings
         self.listen = listen
         self.stop = threading.Event()
-        self.lock = threading.Lock()  # held while parameters change; the averager copies state under it
+        self.lock = threading.RLock()  # held while parameters change; the averager copies state under it
         self.workdir = settings.home / "runs" / run_id
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.dht = None
@@ -131,7 +134,8 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin):
             if not matched or self.link.ended:
                 logger.info(f"This peer's part in {self.run_id} is over ({self.link.ended or 'match ended'})")
                 return 0
-            if view.state == "settling":
+            if view.state == "settling":  # a round still in flight is applied by no one: the run is over
+                self._drop_in_flight()
                 return self._finish(view)
             if view.state in REPORTING:
                 self._audit()
@@ -164,6 +168,7 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin):
         ids = [] if late else self.stream.take(spec.batch.target, live)
         self._fetch_shards()
         sketch = Sketcher(self.n_params, grad_seed(self.run_id, epoch, self.identity.account))
+        self._predict()  # an overlapped epoch computes where the round in flight takes the parameters
         param_sketch = self._start_of(epoch)
         start = None
         if self.outer is not None:
@@ -189,28 +194,23 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin):
             b.copy_(update)
         samples = sum(len(m["ids"]) for m in micro)
         computed = time.monotonic()
-        outcome, group_size, reportable, allreduce_s = self._average(epoch, samples, live, param_sketch)
+        done = EpochDone(epoch, samples, micro, param_sketch, computed - started)
+        group = self._group()
+        if self._overlaps(group):
+            self._overlapped(done, group, computed, report_wait)
+            return
+        if not self._settle_in_flight():  # it found this peer out of step and loaded the group's state
+            self._epoch_event(done, "caught_up", computed, report_wait)
+            return
+        averaged = self._average(epoch, samples, live, param_sketch, group)
+        outcome, group_size, reportable, allreduce_s = averaged
         if outcome in ("averaged", "alone") and not all(bool(torch.isfinite(b).all()) for b in self.buffers):
             # The group averaged the same values, so every member skips this step alike and they stay in
             # agreement; the parameters keep their last good state. The epoch is not reported.
             logger.warning(f"Epoch {epoch}: the averaged update is not finite; skipping it")
             self._apply(start, skip=True)
             outcome = "skipped"
-        self.events.write(
-            "epoch",
-            epoch=epoch,
-            outcome=outcome,
-            path=self.path,
-            params=param_sketch,
-            group=group_size,
-            samples=samples,
-            compute_s=round(computed - started, 4),
-            data_s=round(self.data_wait, 4),
-            round_s=round(time.monotonic() - computed, 4),
-            load_s=round(self.load_wait, 4),
-            allreduce_s=round(allreduce_s, 4),
-            report_wait_s=round(report_wait, 4),
-        )
+        self._epoch_event(done, outcome, computed, report_wait, group=group_size, allreduce_s=allreduce_s)
         if outcome == "redo" and self.snapshot is not None:  # local updates moved the parameters: rewind
             with self.lock:
                 restore(self.snapshot, self.params, self.optimizers)
@@ -218,28 +218,64 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin):
         if outcome not in ("averaged", "alone"):
             return
         self._apply(start)
-        seconds = time.monotonic() - started
-        if not samples or not reportable:  # too little data for a share of this step, or out of step
+        if reportable:  # else out of step: its gradients were taken at parameters no validator holds
+            self._report(dataclasses.replace(done, seconds=time.monotonic() - started), group_size)
+
+    def _epoch_event(
+        self,
+        done: EpochDone,
+        outcome: str,
+        computed: float,
+        report_wait: float,
+        *,
+        group: int = 1,
+        allreduce_s: float = 0.0,
+        **extra: Any,
+    ) -> None:
+        """The event log's line for an epoch: where its time went (compute, data, the round, loading a
+        state, waiting for the report backlog) and what its round gave."""
+        self.events.write(
+            "epoch",
+            epoch=done.epoch,
+            outcome=outcome,
+            path=self.path,
+            params=done.param_sketch,
+            group=group,
+            samples=done.samples,
+            compute_s=round(done.seconds, 4),
+            data_s=round(self.data_wait, 4),
+            round_s=round(time.monotonic() - computed, 4),
+            load_s=round(self.load_wait, 4),
+            allreduce_s=round(allreduce_s, 4),
+            report_wait_s=round(report_wait, 4),
+            **extra,
+        )
+
+    def _report(self, done: EpochDone, group_size: int) -> None:
+        """Queue the signed report of an epoch whose round was applied, and checkpoint the state it led
+        to; an epoch with too little data for a share of the step has nothing to report."""
+        if not done.samples:
             return
-        loss = sum(m["loss"] * len(m["ids"]) for m in micro) / samples
+        loss = sum(m["loss"] * len(m["ids"]) for m in done.micro) / done.samples
         try:
             body = ReportBody(
-                epoch=epoch,
-                samples=samples,
+                epoch=done.epoch,
+                samples=done.samples,
                 loss=loss,
-                seconds=max(seconds, 1e-6),
+                seconds=max(done.seconds, 1e-6),
                 group_size=group_size,
-                param_sketch=param_sketch,
-                micro_batches=[MicroBatch(**m) for m in micro],
+                param_sketch=done.param_sketch,
+                micro_batches=[MicroBatch(**m) for m in done.micro],
                 device=device_name(self.device),
             )
         except ValidationError as e:  # a loss that is not finite, say: no report, training goes on
-            logger.warning(f"Epoch {epoch} is not reported: {describe(e, 'report')}")
+            logger.warning(f"Epoch {done.epoch} is not reported: {describe(e, 'report')}")
         else:
             self.link.report(body)
         self._checkpoint()
         logger.info(
-            f"Epoch {epoch}: {samples} samples, loss {loss:.4f}, group of {group_size}, {seconds:.2f} s"
+            f"Epoch {done.epoch}: {done.samples} samples, loss {loss:.4f}, group of {group_size}, "
+            f"{done.seconds:.2f} s"
         )
 
     def _compute(
@@ -342,6 +378,7 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin):
             self.saving.join(self.settings.trainer_stop_timeout / 2)
         if self.fast is not None:
             self.fast.close()
+        self._close_rounds()
         if self.averager is not None:
             self.averager.shutdown()
         if self.dht is not None:

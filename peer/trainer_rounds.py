@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -45,7 +46,7 @@ class RoundsMixin:
         return max(reported, default=-1) >= epoch
 
     def _average(
-        self, epoch: int, samples: int, live: list[str], param_sketch: list[float]
+        self, epoch: int, samples: int, live: list[str], param_sketch: list[float], group: GroupView | None
     ) -> tuple[str, int, bool, float]:
         """All-reduce this epoch's update: (the outcome, the group's size, whether this peer's work of
         the epoch can be reported, the all-reduce's seconds). Outcomes:
@@ -61,7 +62,6 @@ class RoundsMixin:
           peer's own update instead would set it apart from every other member of the broken round.
         """
         assert self.averager is not None
-        group = self._group()
         if self.fast is not None and self.fast.usable(group) and len(group.members) > 1:
             return self._fast_average(epoch, samples, group, param_sketch)
         self.path = "hivemind"
@@ -141,25 +141,13 @@ class RoundsMixin:
         self.events.write("averaging", epoch=epoch, group=size, path="fast", version=group.version)
         if not self.fast.ready(group):
             return "redo", 1, False, 0.0
-        straggle = self.fast.deadlines.straggle()
-        began = time.monotonic()
-
-        def newer() -> bool:  # asked only once the round is late: a peek starts a fetch of the run
-            if time.monotonic() - began < straggle:
-                return False
-            latest = self.link.peek()
-            if latest is None:
-                return False
-            moved = latest.group is not None and latest.group.version > group.version
-            return moved or latest.state != "running"  # a new version, or the others stopped training
-
         result = self.fast.average(
             self.buffers,
             epoch=epoch,
             weight=max(samples, NO_SAMPLES_WEIGHT),
             param_sketch=param_sketch,
             wait_deadline=self.fast.deadlines.step(self.spec.averaging.matchmaking_seconds),
-            newer=newer,
+            newer=self._newer(group, time.monotonic()),
         )
         if result.outcome == "averaged":
             return self._averaged(epoch, result.gathered, param_sketch, result.seconds)
@@ -173,6 +161,24 @@ class RoundsMixin:
         if ahead and self._catch_up(epoch) is not None:
             return "caught_up", 1, False, 0.0
         return "redo", 1, False, 0.0
+
+    def _newer(self, group: GroupView, began: float) -> Callable[[], bool]:
+        """Whether a round on ``group`` that began at ``began`` should stop waiting: a newer version
+        formed, or the others stopped training. Asked only once the round is late (a peek starts a fetch
+        of the run)."""
+        assert self.fast is not None
+        straggle = self.fast.deadlines.straggle()
+
+        def newer() -> bool:
+            if time.monotonic() - began < straggle:
+                return False
+            latest = self.link.peek()
+            if latest is None:
+                return False
+            moved = latest.group is not None and latest.group.version > group.version
+            return moved or latest.state != "running"
+
+        return newer
 
     def _defers_to_group(self, gathered: dict[str, Any], param_sketch: list[float]) -> bool:
         """Whether the group's members disagree with this peer's parameters and this peer should give way:
@@ -213,9 +219,18 @@ class RoundsMixin:
         self.late = not same_epoch  # loaded right after the round, it is in step with the others
         return loaded.epoch
 
-    def _apply(self, start: list[torch.Tensor] | None, *, skip: bool = False) -> None:
-        """Take the epoch's step with the averaged update and move to the next epoch; with ``skip`` only
-        move on, the parameters back at the epoch's start (local updates moved them) or as they were."""
+    def _apply(
+        self,
+        start: list[torch.Tensor] | None,
+        *,
+        skip: bool = False,
+        update: list[torch.Tensor] | None = None,
+        advance: bool = True,
+    ) -> None:
+        """Take the epoch's step with the averaged update (``update``, else the buffers) and move to the
+        next epoch; with ``skip`` only move on, the parameters back at the epoch's start (local updates
+        moved them) or as they were. Without ``advance`` it is an extra step at this epoch (an overlapped
+        round landed before a synchronous one)."""
         with self.lock:
             if start is not None and self.snapshot is None:  # the group's state was loaded at this epoch
                 start = [p.detach().clone() for p in self.params]
@@ -225,12 +240,14 @@ class RoundsMixin:
                 for p, s in zip(self.params, start, strict=True):
                     p.data.copy_(s)
             if not skip:  # outer step from the epoch's start along the averaged change, or the step itself
-                for p, b in zip(self.params, self.buffers, strict=True):
-                    p.grad = b.to(p.device, copy=True)
+                for p, b in zip(self.params, update or self.buffers, strict=True):
+                    p.grad = b.to(p.device, copy=True).view_as(p)
                 (self.outer if start is not None else self.optimizer).step()
             self.model.zero_grad(set_to_none=True)
-            self.epoch += 1
             self.snapshot = None
+            if not advance:  # the epoch's start (which its report and audits name) stays as it was
+                return
+            self.epoch += 1
         self._new_start()
         assert self.averager is not None
         self.averager.state_sharing_priority = self.epoch

@@ -29,10 +29,12 @@ class StateMixin:
     starts its validator keeps."""
 
     def _share_state(self) -> TrainingState:
-        """The state at the current epoch's start: with local updates the parameters move during the
-        epoch, so the snapshot taken when it began is what a joining peer gets."""
+        """The state at the current epoch's start, for a joining peer: with local updates the parameters
+        move during the epoch, so the snapshot taken when it began; with overlapped rounds, the round
+        that the epoch's end applies too (:meth:`peer.trainer_overlap.OverlapMixin._pending`)."""
         with self.lock:
-            return self.snapshot or capture(self.epoch, self.params, self.optimizers)
+            state = self.snapshot or capture(self.epoch, self.real or self.params, self.optimizers)
+            return self._pending(state)
 
     def _initial_state(self, others: bool) -> None:
         """The others' state when the run is under way, else the local checkpoint (a restart after a
@@ -69,6 +71,8 @@ class StateMixin:
                 return False
             self.epoch = state.epoch
             self.snapshot = None
+            self.real = None  # the loaded parameters replace those kept aside from a prediction
+            self._adopt(state)
         self._new_start()
         if self.averager is not None:
             self.averager.state_sharing_priority = self.epoch
@@ -103,7 +107,10 @@ class StateMixin:
         swarm's state when the swarm is further on). The file is replaced whole or not at all."""
         if self.saving is not None and self.saving.is_alive():
             return
-        state = self._share_state()  # a copy: training goes on while it is written
+        with self.lock:  # a copy: training goes on while it is written. Without the round in flight
+            # (waiting for it would stall the step): a restart from it loads the others' state when they
+            # are on, and alone it goes on from it.
+            state = self.snapshot or capture(self.epoch, self.real or self.params, self.optimizers)
         self.saving = threading.Thread(target=self._save, args=(state,), name="checkpoint", daemon=True)
         self.saving.start()
 

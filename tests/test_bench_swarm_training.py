@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.swarm_training import CHECKPOINT_SLACK
 from tests.harness import marked
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,7 +58,8 @@ def test_the_swarm_training_bench_compares_the_swarm_with_ddp_and_leaves_no_proc
     assert list(rows) == ["swarm", "hivemind", "ddp", "plain"]
     for row in rows.values():
         assert "error" not in row, row
-        assert row["steps"] == STEPS, row
+        # a swarm's model: a checkpoint of STEPS steps, or of a few more when every peer's moved on
+        assert STEPS <= row["steps"] <= STEPS + CHECKPOINT_SLACK, row
         assert math.isfinite(row["final_loss"]) and row["final_loss"] < row["initial_loss"], row
         assert row["samples_per_s"] > 0 and row["longest_block_s"] >= 0, row
         assert 0 < row["peak_rss_mb"] <= row["peak_rss_tree_mb"], row

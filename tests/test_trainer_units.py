@@ -3,6 +3,7 @@ the training state that peers hand each other, the learning-rate schedule and th
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import threading
@@ -293,6 +294,26 @@ def test_restore_refuses_a_truncated_state_with_value_error() -> None:
     truncated = TrainingState(state.epoch, state.tensors[: len(params) + 2], state.layout, state.scalars)
     with pytest.raises(ValueError):
         restore(truncated, params, _optimizers("adam", params, 0.01))
+
+
+def test_a_state_s_pending_round_must_be_shaped_like_the_parameters_and_finite() -> None:
+    """An overlapped run's state carries the averaged update still to apply (``pending``): what a donor
+    sends there is checked like the rest of its state before anything changes."""
+    model = DigitsMLP().build_model(0)
+    params = list(model.parameters())
+    state = capture(1, params, _optimizers("adam", params, 0.01))
+    good = [torch.full_like(p, 0.5) for p in params]
+    restore(dataclasses.replace(state, pending=good), params, _optimizers("adam", params, 0.01))
+    bad_shape = [*good[:-1], torch.zeros(3)]
+    with pytest.raises(ValueError, match=r"pending update of shape \(3,\) was sent for \(10,\)"):
+        restore(dataclasses.replace(state, pending=bad_shape), params, _optimizers("adam", params, 0.01))
+    with pytest.raises(ValueError, match="holds 1 tensors for 4"):
+        restore(dataclasses.replace(state, pending=good[:1]), params, _optimizers("adam", params, 0.01))
+    not_finite = [*good[:-1], torch.full_like(params[-1], float("nan"))]
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match="not finite"):
+        restore(dataclasses.replace(state, pending=not_finite), params, _optimizers("adam", params, 0.01))
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
 
 
 def test_a_refused_restore_leaves_the_model_as_it_was() -> None:

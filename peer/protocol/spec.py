@@ -100,6 +100,13 @@ class AveragingSpec(Section):
         "every other directly, and on hivemind's averager otherwise; hivemind: always hivemind's averager. "
         "On the fast path 8bit compression sends fp16.",
     )
+    overlap: bool = Field(
+        True,
+        description="On the fast path, the all-reduce of epoch t runs while epoch t+1 computes, and the step "
+        "after epoch t+1 applies epoch t's average (one-step-delayed gradients): the round leaves the "
+        "step's critical path. Gradient runs only: with local_updates, and on hivemind's path, rounds are "
+        "synchronous.",
+    )
     local_updates: bool = Field(
         False,
         description="DiLoCo style: each peer takes inner optimizer steps on its share of the batch and the "
