@@ -19,7 +19,7 @@ from peer.protocol.run_schemas import AuditTask
 from peer.protocol.sketch import grad_seed, params_seed
 from peer.sketch import Sketcher
 from peer.tasks.digits import DigitsMLP
-from peer.validator import Snapshots, Validator, micro_seed
+from peer.validator import Snapshots, Validator, micro_batch_gradient, micro_seed
 
 RUN = "run-test"
 PEER = "a" * 64
@@ -174,3 +174,23 @@ def test_a_model_with_dropout_is_audited_only_on_the_same_kind_of_device(setup: 
     assert declined is not None and "draws random masks (dropout)" in declined and "'NVIDIA H100'" in declined
     plain = Validator(RUN, setup.task, setup.model(), setup.reader, Snapshots(keep=1), agreement=1e-4)
     assert not plain.random  # the digits MLP has no dropout: any device may recompute it
+
+
+def test_a_micro_batch_with_dropout_recomputes_bit_for_bit_from_its_seed_alone() -> None:
+    """The seed decides the dropout masks whatever ran before (other seeds, other draws): a validator
+    that recomputes an audit after its own training gets the audited gradient exactly; another seed
+    gives other masks."""
+    from peer.tasks.bytes_lm import BytesLM
+
+    task = BytesLM(dim=16, layers=1, heads=2, dropout=0.5)
+    model = task.build_model(0)
+    params = list(model.parameters())
+    batch = torch.randint(0, 256, (4, 17))
+    loss, grads = micro_batch_gradient(task, model, params, batch, seed=7)
+    grads = [g.clone() for g in grads]
+    torch.rand(1000)  # the generators moved on meanwhile
+    micro_batch_gradient(task, model, params, batch, seed=8)
+    again, regrads = micro_batch_gradient(task, model, params, batch, seed=7)
+    assert again == loss and all(torch.equal(g, r) for g, r in zip(grads, regrads, strict=True))
+    other, _ = micro_batch_gradient(task, model, params, batch, seed=8)
+    assert other != loss
