@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
@@ -187,9 +188,19 @@ class Demo:
         raise DemoError(f"timed out waiting for {what}; logs are in {self.tmp}")
 
     def close(self) -> list[psutil.Process]:
-        """Stop every process the demo started; return those still alive after (none, normally)."""
-        for child in reversed(self.children):
-            child.stop(self.settings.shutdown_timeout)
+        """Stop every process the demo started; return those still alive after (none, normally).
+
+        The peers (and any other process but the coordinator) stop together, then the coordinator, so
+        that a peer's last words still reach it. A peer takes seconds to stop (3 to 7 s measured: its
+        trainer, DHT and p2pd): one after the other, 3 peers took 17 s to stop; together, 7 s."""
+        last = [c for c in reversed(self.children) if c.name == "coordinator"]
+        first = [c for c in reversed(self.children) if c.name != "coordinator"]
+        timeout = self.settings.shutdown_timeout
+        if first:
+            with ThreadPoolExecutor(len(first)) as pool:
+                list(pool.map(lambda c: c.stop(timeout), first))
+        for child in last:
+            child.stop(timeout)
         return [p for child in self.children for p in child.tree if p.is_running() and p.status() != "zombie"]
 
     def events(self, name: str) -> list[dict[str, Any]]:

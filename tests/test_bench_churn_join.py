@@ -39,7 +39,7 @@ def run_bench(module: str, args: list[str], timeout: float) -> dict:
 
 @pytest.mark.timeout(300)
 def test_the_churn_bench_kills_and_replaces_peers_and_loses_nothing() -> None:
-    result = run_bench("bench.churn", ["--minutes", "0.8", "--every", "12", "--grace", "20"], timeout=290)
+    result = run_bench("bench.churn", ["--minutes", "0.5", "--every", "8", "--grace", "25"], timeout=290)
     assert result["kills"] >= 2, result
     assert len(result["replacements"]) == result["kills"]
     assert result["replacements_contributed"] >= 1, result["replacements"]
