@@ -1,6 +1,6 @@
 """A hivemarket swarm against torch.distributed DDP on the same model, data, batch and optimizer steps.
 
-    python -m bench.swarm_training [--steps 45] [--modes swarm,sync,hivemind,local,ddp,plain] [--peers 4]
+    python -m bench.swarm_training [--steps 45] [--modes swarm,overlap,hivemind,local,ddp,plain] [--peers 4]
     python -m bench.swarm_training --spec bytes_lm.toml --dataset text --options '{"dim": 64}' --steps 20
 
 Six ways to take the same ``--steps`` optimizer steps of a run of examples/``--spec`` (a task from the
@@ -13,11 +13,11 @@ registry, ``digits-mlp`` by default), each step ``batch.target`` samples of the 
   ``--peers`` renting peers, all of them needed (``peers_min`` = ``--peers``), matched to the run; each
   step every peer computes its share of the target batch in micro-batches of ``batch.per_peer`` and the
   peers all-reduce their gradients on the product's default path (``averaging.path = "auto"``: the fast
-  path, ``peer.collective``, since on loopback every peer reaches every other), each step's round
-  overlapped with the next step's compute (``averaging.overlap``, the default: one-step-delayed
-  gradients, :mod:`peer.trainer_overlap`); audits on, as the spec says;
-- ``sync``: the same swarm with ``averaging.overlap = false``: each round on the fast path before the next
-  step computes;
+  path, ``peer.collective``, since on loopback every peer reaches every other); audits on, as the spec
+  says;
+- ``overlap``: the same swarm with ``averaging.overlap = true``: each step's round overlapped with the
+  next step's compute (one-step-delayed gradients taken at predicted parameters,
+  :mod:`peer.trainer_overlap`);
 - ``hivemind``: the same swarm with ``averaging.path = "hivemind"``: the gradients all-reduced by
   hivemind's averager, as before the fast path (both paths compared in one run);
 - ``local``: the ``swarm`` with ``averaging.local_updates`` (DiLoCo-style inner steps, the parameters'
@@ -74,7 +74,8 @@ Why these figures and how they are measured:
   models whose step computes much more than it communicates), >= 0.9x on any other spec (issues #8 and
   #18: bytes-lm); local updates >= 1.0x DDP's at equal final loss (not above DDP's by more than
   ``LOSS_TOLERANCE``, issue #18's 3%); the overlapped swarm's final loss within ``LOSS_TOLERANCE`` of
-  ``sync``'s (issue #18), its samples/s over sync's beside it; the final losses are given side by side.
+  the synchronous ``swarm``'s (issue #18), its samples/s over the swarm's beside it; the final losses
+  are given side by side.
 
 CPU contention: on a machine with few cores the swarm's peers, its coordinator, or the DDP processes all
 share them. Every trainer is held to one thread (the market's peers get ``HIVEMARKET_TRAIN_THREADS=1``;
@@ -119,8 +120,8 @@ from peer.protocol.spec import RunSpec, load_spec, validate_spec
 from peer.settings import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = ("swarm", "sync", "hivemind", "local", "ddp", "plain")
-SWARMS = ("swarm", "sync", "hivemind", "local")  # the modes that run the whole product
+MODES = ("swarm", "overlap", "hivemind", "local", "ddp", "plain")
+SWARMS = ("swarm", "overlap", "hivemind", "local")  # the modes that run the whole product
 #: The swarm's samples/s over DDP's: per task (issue #18: digits' steps are too short to hide a round),
 #: else GOAL_SWARM (issues #8 and #18: bytes-lm, whose step computes >= 10x its all-reduce).
 GOAL_SWARM_TASK = {"digits-mlp": 0.5}
@@ -143,7 +144,7 @@ GLOO_ENV = {"GLOO_SOCKET_IFNAME": "lo"}
 def spec_changes(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     """The changes to examples/``args.spec`` for this bench (and the swarm's launch): the task options,
     a stop after ``args.steps`` steps (which sets the length of the learning-rate schedule), for
-    ``local`` the local-updates mode, unaudited, for ``sync`` rounds not overlapped and for ``hivemind``
+    ``local`` the local-updates mode, unaudited, for ``overlap`` overlapped rounds and for ``hivemind``
     hivemind's averager."""
     target = load_spec(example_spec(args.spec)).batch.target
     changes: dict[str, Any] = {"options": json.loads(args.options), "stop": {"samples": args.steps * target}}
@@ -151,8 +152,8 @@ def spec_changes(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         changes |= {"averaging": {"local_updates": True}, "verification": {"rate": 0.0}}
     if mode == "hivemind":
         changes |= {"averaging": {"path": "hivemind"}}
-    if mode == "sync":
-        changes |= {"averaging": {"overlap": False}}
+    if mode == "overlap":
+        changes |= {"averaging": {"overlap": True}}
     return changes
 
 
@@ -570,9 +571,9 @@ def goals(rows: list[dict[str, Any]], task: str) -> dict[str, dict[str, Any]]:
             # issue #18's 0.9x is for a configuration that computes >= COMPUTE_OVER_ALLREDUCE its all-reduce
             "compute_over_allreduce": by_mode["swarm"]["step"].get("compute_over_allreduce"),
         }
-    if "swarm" in by_mode and "sync" in by_mode:
-        overlapped, sync = by_mode["swarm"], by_mode["sync"]
-        result[f"overlap's final loss within {LOSS_TOLERANCE:.0%} of sync's"] = {
+    if "swarm" in by_mode and "overlap" in by_mode:
+        overlapped, sync = by_mode["overlap"], by_mode["swarm"]
+        result[f"overlap's final loss within {LOSS_TOLERANCE:.0%} of the synchronous swarm's"] = {
             "final_loss": overlapped["final_loss"],
             "sync_final_loss": sync["final_loss"],
             "ratio": round(overlapped["samples_per_s"] / sync["samples_per_s"], 3),  # samples/s over sync's

@@ -101,11 +101,12 @@ class AveragingSpec(Section):
         "On the fast path 8bit compression sends fp16.",
     )
     overlap: bool = Field(
-        True,
-        description="On the fast path, the all-reduce of epoch t runs while epoch t+1 computes, and the step "
-        "after epoch t+1 applies epoch t's average (one-step-delayed gradients): the round leaves the "
-        "step's critical path. Gradient runs only: with local_updates, and on hivemind's path, rounds are "
-        "synchronous.",
+        False,
+        description="On the fast path, the all-reduce of epoch t runs while epoch t+1 computes (at "
+        "parameters predicted from the optimizer's state), and the step after epoch t+1 applies epoch t's "
+        "average: the round leaves the step's critical path. Off by default: peers replaced mid-run cost "
+        "far more with it (docs/training.md, 'Overlapped rounds'). Gradient runs only: with local_updates, "
+        "and on hivemind's path, rounds are synchronous.",
     )
     local_updates: bool = Field(
         False,
