@@ -14,11 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+from peer.data.reader import DatasetReader
 from peer.demo import Demo
 from peer.events import AGREEMENT_TOLERANCE
+from peer.model_file import load_model_file
+from peer.protocol.dataset import load_manifest
 from peer.protocol.run_schemas import ReportView, RunView
 from peer.protocol.sketch import relative_distance
+from peer.protocol.spec import validate_spec
+from peer.samples import test_ids as held_out_ids
+from peer.trainer_overlap import predicted_step
+from peer.trainer_setup import make_optimizer
 from tests.harness import Strangers, local_market, wait_until
 
 TRAIN_SAMPLES = 1438  # the digits' training split
@@ -161,3 +169,81 @@ def test_a_peer_without_a_direct_address_moves_the_run_to_hivemind_and_its_leavi
         reports = demo.ask(lambda c: c.reports(run.id))
         assert _assert_agreement(reports, set(accounts)) >= 10
         demo.ask(lambda c: c.cancel_run(run.id), demo.launcher)
+
+
+@pytest.mark.timeout(240)
+def test_overlapped_rounds_apply_each_average_one_epoch_late_at_predicted_parameters_on_every_peer(
+    tmp_path: Path,
+):
+    """``averaging.overlap``: two peers train with each round in the background. The run's model is what
+    one process gets by replaying the reported batches with the same rule (the gradient of epoch t taken
+    at the parameters plus the optimizer's predicted step, applied after epoch t+1), and not what a
+    synchronous replay gets; the peers reported from the same parameters and every audit (recomputed at
+    those predicted parameters) passed."""
+    with local_market(tmp_path, peers=2, timeout=180) as (demo, accounts):
+        run = demo.launch(
+            peers_min=2,
+            peers_max=2,
+            bid_over_asks=Decimal(20),
+            changes={
+                "batch": {"target": 512, "per_peer": 128},
+                "optimizer": {"lr": 0.01},
+                "averaging": {"overlap": True},
+                "stop": {"samples": 512 * 40},
+            },
+        )
+        final, _ = demo.follow(run)
+        assert final.state == "finished", final.reason
+        reports = demo.ask(lambda c: c.reports(run.id))
+        assert _assert_agreement(reports, set(accounts)) >= 30
+        audits = demo.ask(lambda c: c.audits(run.id))
+        assert audits and {a.state for a in audits} == {"passed"}, {a.state for a in audits}
+        for account in accounts:
+            epochs = [e for e in _epochs(demo, account) if e.get("overlap")]
+            assert len(epochs) >= 35 and [e["outcome"] for e in epochs[1:]].count("averaged") >= 34, epochs
+        model_file = demo.tmp / "model.pt"
+        demo.ask(lambda c: c.download_model(run.id, model_file))
+        task, swarm_model, saved = load_model_file(model_file)
+        spec = validate_spec(final.spec)
+        reader = DatasetReader(load_manifest(demo.tmp / "digits"), lambda s: demo.tmp / "digits" / s.file)
+        batches: dict[int, list[int]] = defaultdict(list)
+        for report in reports:
+            batches[report.epoch] += [i for m in report.micro_batches for i in m.ids]
+        held_out = held_out_ids(reader.manifest.samples, spec.dataset.test_every).tolist()
+        test = task.batch(reader.read(held_out))
+
+        def replay(overlapped: bool) -> float:
+            model = task.build_model(spec.seed)
+            params = list(model.parameters())
+            optimizer = make_optimizer(spec, params)
+            pending = None
+            for epoch in range(saved["epoch"]):
+                real = [p.detach().clone() for p in params]
+                if overlapped and pending is not None:
+                    with torch.no_grad():
+                        for p, step in zip(params, predicted_step(optimizer), strict=True):
+                            if step is not None:
+                                p.add_(step)
+                optimizer.zero_grad()
+                grads = None
+                if epoch in batches:
+                    task.loss(model, task.batch(reader.read(batches[epoch]))).backward()
+                    grads = [p.grad.clone() for p in params]
+                with torch.no_grad():
+                    for p, r in zip(params, real, strict=True):
+                        p.copy_(r)
+                step_with = pending if overlapped else grads
+                if step_with is not None:
+                    for p, g in zip(params, step_with, strict=True):
+                        p.grad = g
+                    optimizer.step()
+                pending = grads
+            with torch.no_grad():
+                return task.evaluate(model, test)["loss"]
+
+        with torch.no_grad():
+            swarm = task.evaluate(swarm_model, test)["loss"]
+        overlapped, synchronous = replay(True), replay(False)
+        print(f"swarm {swarm:.4f}, overlapped replay {overlapped:.4f}, synchronous replay {synchronous:.4f}")
+        assert abs(swarm - overlapped) <= 0.01 * overlapped, (swarm, overlapped)
+        assert abs(swarm - synchronous) > 0.05 * synchronous, (swarm, synchronous)
