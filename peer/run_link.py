@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -37,8 +38,9 @@ def live_peers(view: RunView) -> list[RunPeerView]:
 class RunLink:
     """A coordinator client on its own event loop thread; use as a context manager."""
 
-    def __init__(self, url: str, identity: Identity, run_id: str):
+    def __init__(self, url: str, identity: Identity, run_id: str, refresh: float = 0.0):
         self.run_id = run_id
+        self.refresh = refresh  # seconds at least between the background fetches of peek()
         self._client = CoordinatorClient(url, identity)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="run-link", daemon=True)
@@ -49,6 +51,7 @@ class RunLink:
         self._peeked: RunView | None = None
         self._peeking: concurrent.futures.Future[RunView] | None = None
         self._peek_lock = threading.Lock()  # the trainer's loop and its round thread both peek
+        self._peek_started = -math.inf  # when the last background fetch began (time.monotonic)
         self._claiming: concurrent.futures.Future[list[AuditTask]] | None = None
         self._unanswered = 0  # reports queued or being sent
         self._counting = threading.Lock()
@@ -92,14 +95,17 @@ class RunLink:
     def peek(self) -> RunView | None:
         """The latest view fetched in the background (None before the first), starting a new fetch when
         none is under way: a look at the run that never blocks the caller, for loops that must keep their
-        own pace while the coordinator is slow or gone."""
+        own pace while the coordinator is slow or gone. A new fetch starts at most every ``refresh``
+        seconds: each view costs the coordinator an aggregate over the run's reports."""
         with self._peek_lock:
             fetch = self._peeking
             if fetch is not None and not fetch.done():
                 return self._peeked
             if fetch is not None and fetch.exception() is None:
                 self._peeked = fetch.result()
-            self._peeking = asyncio.run_coroutine_threadsafe(self._client.run(self.run_id), self._loop)
+            if time.monotonic() - self._peek_started >= self.refresh:
+                self._peek_started = time.monotonic()
+                self._peeking = asyncio.run_coroutine_threadsafe(self._client.run(self.run_id), self._loop)
             return self._peeked
 
     def join(self, peer_id: str, maddrs: list[str]) -> RunView:

@@ -52,6 +52,13 @@ class PeerSettings(BaseSettings):
     run_poll_interval: float = Field(
         1.0, gt=0, description="Seconds between looks at a paused or settling run."
     )
+    view_refresh_interval: float = Field(
+        0.25,
+        gt=0,
+        description="Seconds at least between a trainer's background fetches of its run's view: fetched "
+        "after every epoch, a digits swarm's views were a third of the coordinator's CPU (each one "
+        "aggregates the run's reports and audits).",
+    )
     report_drain_timeout: float = Field(
         30.0, gt=0, description="Seconds a stopping trainer waits for its queued reports to be sent."
     )

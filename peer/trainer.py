@@ -397,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.train_threads:
         torch.set_num_threads(settings.train_threads)
     identity = load_identity(args.identity)
-    with RunLink(args.coordinator, identity, args.run_id) as link:
+    with RunLink(args.coordinator, identity, args.run_id, settings.view_refresh_interval) as link:
         trainer = Trainer(args.run_id, link, identity, settings, args.listen or ["/ip4/127.0.0.1/tcp/0"])
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: trainer.stop.set())
