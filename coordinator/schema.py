@@ -221,4 +221,11 @@ MIGRATIONS = (
         PRIMARY KEY (run_id, version, key)
     )
     """,
+    # Covering indexes for the aggregates every run view, report and audit computes over a run's reports
+    # (paid samples, the last acceptance, per-match tallies): without them each read every report's row,
+    # body and all (measured at 1,236 reports: the run's status 3.3 -> 0.2 ms, its view 13.5 -> 3.9 ms).
+    """
+    CREATE INDEX reports_run_pay ON reports (run_id, pay_state, samples, accepted_at);
+    CREATE INDEX reports_run_lease ON reports (run_id, lease_id, pay_state, samples, paid_units, epoch)
+    """,
 )
