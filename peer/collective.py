@@ -360,34 +360,16 @@ class FastPath:
 
     # ------------------------------------------------------------------------------- one round
 
-    def average(
-        self,
-        buffers: Sequence[torch.Tensor],
-        *,
-        epoch: int,
-        weight: float,
-        param_sketch: Sequence[float],
-        wait_deadline: float,
-        newer: Callable[[], bool] = lambda: False,
-    ) -> FastRound:
-        """One round on the ready group: commitments, the all-reduce, the check; ``buffers`` hold the
-        members' weighted mean only when the outcome is ``averaged``. The synchronous form of
-        :meth:`load`, :meth:`reduce` and :meth:`unload`, which an overlapped round runs apart."""
+    def average(self, buffers: Sequence[torch.Tensor], **round_args: Any) -> FastRound:
+        """One round on the ready group (``round_args``: :meth:`reduce`'s): commitments, the all-reduce,
+        the check; ``buffers`` hold the members' weighted mean only when the outcome is ``averaged``.
+        The synchronous form of :meth:`load`, :meth:`reduce` and :meth:`unload`, which an overlapped
+        round runs apart."""
         self.load(buffers)
-        result = self.reduce(
-            epoch=epoch, weight=weight, param_sketch=param_sketch, wait_deadline=wait_deadline, newer=newer
-        )
+        result = self.reduce(**round_args)
         if result.outcome == "averaged":
             self.unload(buffers)
         return result
-
-    def load(self, buffers: Sequence[torch.Tensor]) -> None:
-        """Copy ``buffers`` (this member's update) into the round's flat tensor, which :meth:`reduce`
-        averages in place; the caller may change ``buffers`` as soon as this returns."""
-        offset = 0
-        for b in buffers:
-            self.flat[offset : offset + b.numel()].copy_(b.reshape(-1))
-            offset += b.numel()
 
     def views(self, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
         """The round's flat tensor as views shaped like ``shapes`` (the result, once :meth:`reduce`
@@ -399,12 +381,16 @@ class FastPath:
             offset += n
         return views
 
+    def load(self, buffers: Sequence[torch.Tensor]) -> None:
+        """Copy ``buffers`` (this member's update) into the round's flat tensor, which :meth:`reduce`
+        averages in place; the caller may change ``buffers`` as soon as this returns."""
+        for view, b in zip(self.views([b.shape for b in buffers]), buffers, strict=True):
+            view.copy_(b)
+
     def unload(self, buffers: Sequence[torch.Tensor]) -> None:
         """Copy the round's result (after :meth:`reduce` averaged) into ``buffers``."""
-        offset = 0
-        for b in buffers:
-            b.copy_(self.flat[offset : offset + b.numel()].view_as(b))
-            offset += b.numel()
+        for b, view in zip(buffers, self.views([b.shape for b in buffers]), strict=True):
+            b.copy_(view)
 
     def reduce(
         self,

@@ -54,6 +54,7 @@ class RunLink:
         self._peek_started = -math.inf  # when the last background fetch began (time.monotonic)
         self._claiming: concurrent.futures.Future[list[AuditTask]] | None = None
         self._unanswered = 0  # reports queued or being sent
+        self._answering = 0  # audit answers being sent
         self._counting = threading.Lock()
         self.unreachable = False  # the last report could not reach the coordinator
 
@@ -121,15 +122,21 @@ class RunLink:
             self._unanswered += 1
         self._loop.call_soon_threadsafe(self._reports.put_nowait, body)
 
-    def keep_up(self, backlog: int, stop: threading.Event) -> float:
-        """Wait while more than ``backlog`` reports are queued and the coordinator answers (it is merely
-        slow); the seconds waited. Why: a report's audits go to peers that keep the start of only their
-        last few epochs (``HIVEMARKET_AUDIT_WINDOW``), so a peer whose reports lag further behind its
+    def keep_up(self, backlog: int, answers: int, stop: threading.Event) -> float:
+        """Wait while more than ``backlog`` reports are queued, or more than ``answers`` audit answers are
+        being sent, and the coordinator answers (it is merely slow); the seconds waited. Why: a report's
+        audits go to peers that keep the start of only their last few epochs
+        (``HIVEMARKET_AUDIT_WINDOW``), so a peer whose reports lag further behind its
         training than that is never paid for them (measured: 4 peers at 10 epochs/s on two cores, reports
-        acknowledged 300 s late, their audits all declined, and the run never reached its target). While
-        the coordinator cannot be reached at all, training goes on and the reports wait in the queue."""
+        acknowledged 300 s late, their audits all declined, and the run never reached its target); the
+        same holds for the audits this peer answers. While the coordinator cannot be reached at all,
+        training goes on and the reports wait in the queue."""
         began = time.monotonic()
-        while self._unanswered > backlog and not self.unreachable and not stop.wait(0.005):
+        while (
+            (self._unanswered > backlog or self._answering > answers)
+            and not self.unreachable
+            and not stop.wait(0.005)
+        ):
             pass
         return time.monotonic() - began
 
@@ -155,16 +162,40 @@ class RunLink:
     def answer_audit(self, audit_id: str, body: AuditResultBody) -> None:
         """Send an audit's answer in the background (an answer that does not arrive in time goes to
         another validator)."""
+        with self._counting:
+            self._answering += 1
         asyncio.run_coroutine_threadsafe(self._answer_audit(audit_id, body), self._loop)
 
     async def _answer_audit(self, audit_id: str, body: AuditResultBody) -> None:
+        """Send one answer; one the coordinator refused for load (429: a fast swarm's peer sends a report,
+        a claim and its answers every epoch; 5xx) is sent again with the reports' backoff, at most
+        ``retries`` times (measured: at 8 epochs/s on digits the answers dropped at the 50 requests/s
+        limit left every audit to lapse, and the run's reports unpaid)."""
         try:
-            view = await self._client.submit_audit(self.run_id, audit_id, body)
-            logger.info(f"Audit of {view.account[:12]}...'s epoch {view.epoch}: {view.state} ({view.reason})")
-        except AlreadyApplied:
-            pass
-        except (CoordinatorUnreachable, CoordinatorError) as e:  # it goes to another validator in time
-            logger.warning(f"Answer to audit {audit_id} not recorded: {e}")
+            await self._send_answer(audit_id, body)
+        finally:
+            with self._counting:
+                self._answering -= 1
+
+    async def _send_answer(self, audit_id: str, body: AuditResultBody) -> None:
+        settings = self._client.settings
+        for attempt in range(settings.retries + 1):
+            try:
+                view = await self._client.submit_audit(self.run_id, audit_id, body)
+                logger.info(
+                    f"Audit of {view.account[:12]}...'s epoch {view.epoch}: {view.state} ({view.reason})"
+                )
+                return
+            except AlreadyApplied:
+                return
+            except CoordinatorError as e:
+                if (e.status != 429 and e.status < 500) or attempt == settings.retries:
+                    logger.warning(f"Answer to audit {audit_id} not recorded: {e}")
+                    return
+            except CoordinatorUnreachable as e:  # it goes to another validator in time
+                logger.warning(f"Answer to audit {audit_id} not recorded: {e}")
+                return
+            await asyncio.sleep(min(settings.retry_backoff * 2**attempt, settings.retry_backoff_max))
 
     def upload_model(self, path: Path) -> RunView:
         try:

@@ -157,7 +157,9 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin, OverlapMixin):
         return 0
 
     def _epoch(self, live: list[str]) -> None:
-        report_wait = self.link.keep_up(self.settings.report_backlog, self.stop)
+        report_wait = self.link.keep_up(
+            self.settings.report_backlog, self.settings.audits_per_claim, self.stop
+        )
         started, self.data_wait, self.load_wait = time.monotonic(), 0.0, 0.0
         epoch, spec = self.epoch, self.spec
         # Just loaded from the swarm, this peer is as far into the epoch as the download took: its own
