@@ -70,6 +70,10 @@ SERVER_ENV = {
     "HIVEMARKET_HEARTBEAT_INTERVAL": "3600",
     "HIVEMARKET_SETTLE_TIMEOUT": "3600",
     "HIVEMARKET_CLEARING_INTERVAL": "3600",
+    # the audits held for the audit route's fuzz must outlast the routes fuzzed before it (measured: past
+    # the default 120 s under CI's load every one had expired, and no answer could succeed)
+    "HIVEMARKET_AUDIT_TIMEOUT": "3600",
+    "HIVEMARKET_AUDIT_CLAIM_TIMEOUT": "3600",
 }
 
 # Examples per route, sized so that the module runs in well under a minute on a 2-core machine.
