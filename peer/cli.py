@@ -209,9 +209,9 @@ def _maddrs(values: tuple[str, ...], option: str) -> list[str]:
 )
 @click.option(
     "--coordinator",
-    metavar="URL",
+    metavar="URL[,...]",
     help="Also volunteer for runs at this coordinator: an offer at price 0 whose matched runs this node "
-    "trains.",
+    "trains (several comma-separated URLs are replicas, tried in turn).",
 )
 @metrics_port_option
 def peer_start(
@@ -308,7 +308,7 @@ def _volunteer(
     body = OfferBody(price_per_hour="0", hardware=HardwareSummary(**hardware), roles=roles)
     # The run's DHT listens on the node's hosts, on ports of its own (the node holds the given ones).
     run_listen = [re.sub(r"/(tcp|udp)/\d+", r"/\1/0", maddr) for maddr in listen]
-    supervisor = TrainerSupervisor(client.base_url, identity_path(path, settings), settings, run_listen)
+    supervisor = TrainerSupervisor(client.coordinator, identity_path(path, settings), settings, run_listen)
     return serve_runs_in_background(client, body, supervisor, gpus)
 
 

@@ -294,13 +294,14 @@ def launch(
     refusal = unauditable(peers_min, spec)
     if refusal is not None:
         raise InputError(f"--peers {peers_min}:{peers_max}: {refusal}")
-    base_url = client_for(coordinator).base_url
+    reached = client_for(coordinator)
     _step(
         "reaching the coordinator",
-        lambda: call(client_for(coordinator), lambda c: c.health()),
+        lambda: call(reached, lambda c: c.health()),
         "check --coordinator (or $HIVEMARKET_COORDINATOR) and that `hivemarket coordinator serve` runs there",
     )
-    resolved, manifest = _step("finding the dataset", lambda: resolve_spec(spec, base_url))
+    # The coordinator's dataset comes from the replica that answered (one URL: the fetch has no fail-over).
+    resolved, manifest = _step("finding the dataset", lambda: resolve_spec(spec, reached.base_url))
     bid: dict[str, Any] = {
         "spec": resolved,
         "max_price": f"{price_value:f}",
@@ -310,7 +311,7 @@ def launch(
     }
     if dry_run:
         ask = QuoteBody(**bid, flops_per_sample=flops_per_sample(spec, manifest))
-        quote = _step("asking the market", lambda: call(client_for(coordinator), lambda c: c.quote(ask)))
+        quote = _step("asking the market", lambda: call(reached, lambda c: c.quote(ask)))
         if as_json:
             echo_json(quote.model_dump(mode="json"))
         else:
@@ -333,7 +334,7 @@ def launch(
     try:
         view = _step(
             "following the run",
-            lambda: call(client_for(coordinator), lambda c: watch(c, created.id, 1.0, echo=not as_json)),
+            lambda: call(client, lambda c: watch(c, created.id, 1.0, echo=not as_json)),
             f"the run goes on: hivemarket runs show {created.id}",
         )
     except KeyboardInterrupt:

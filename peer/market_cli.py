@@ -43,14 +43,16 @@ INPUT_STATUSES = frozenset({400, 402, 403, 404, 409})
 
 coordinator_option = click.option(
     "--coordinator",
-    metavar="URL",
+    metavar="URL[,...]",
     default=lambda: ClientSettings().coordinator,
-    help="Coordinator to talk to [default: $HIVEMARKET_COORDINATOR, else http://127.0.0.1:8470].",
+    help="Coordinator to talk to; several comma-separated URLs are replicas, tried in turn when one does "
+    "not answer [default: $HIVEMARKET_COORDINATOR, else http://127.0.0.1:8470].",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
 def client_for(url: str, identity: Identity | None = None) -> CoordinatorClient:
+    """A client of ``--coordinator`` (one URL or several, comma-separated); a bad one is exit 2."""
     try:
         return CoordinatorClient(url, identity)
     except ValueError as e:
@@ -154,7 +156,7 @@ def rent(
     except NodeError as e:
         raise InputError(str(e)) from None
     supervisor = TrainerSupervisor(
-        client.base_url, resolve_identity(identity_path, settings), settings, listen_maddrs
+        client.coordinator, resolve_identity(identity_path, settings), settings, listen_maddrs
     )
     from peer.hardware import probe, summary
 

@@ -390,7 +390,9 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin, OverlapMixin):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m peer.trainer", description=__doc__.splitlines()[0])
     parser.add_argument("run_id")
-    parser.add_argument("--coordinator", required=True)
+    parser.add_argument(
+        "--coordinator", required=True, help="Its URL, or its replicas' URLs comma-separated (tried in turn)."
+    )
     parser.add_argument("--identity", required=True, type=Path)
     parser.add_argument("--listen", action="append", default=[])
     args = parser.parse_args(argv)

@@ -23,7 +23,7 @@ from peer.trainer_exit import EXIT_REFUSED
 
 class TrainerSupervisor:
     def __init__(self, coordinator: str, identity: Path, settings: PeerSettings, listen: list[str]):
-        self.coordinator = coordinator
+        self.coordinator = coordinator  # every URL of --coordinator: the trainer fails over too
         self.identity = identity
         self.settings = settings
         self.listen = listen

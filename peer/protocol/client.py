@@ -4,9 +4,17 @@ Bodies are built from the models in :mod:`peer.protocol.schemas` (money travels 
 every POST carries the signed envelope of :mod:`peer.protocol.envelope`, signed over the exact bytes sent.
 
 Retries are safe by construction: only a request that never got an HTTP answer (connection error,
-timeout) is retried, and a retry re-sends the same bytes with the same signed headers, nonce included.
-The coordinator applies a nonce at most once, so a retried POST can never be applied twice; when a retry
-is answered "nonce_replayed" the first attempt was applied, which :class:`AlreadyApplied` tells the caller.
+timeout) or was answered 502/503/504 (the replica, or a proxy in front of it, cannot serve now) is
+retried, and a retry re-sends the same bytes with the same signed headers, nonce included. The
+coordinator applies a nonce at most once, so a retried POST can never be applied twice; when a retry is
+answered "nonce_replayed" the first attempt was applied, which :class:`AlreadyApplied` tells the caller.
+
+The client may be given several URLs of coordinator replicas over one store (comma-separated, as in
+``--coordinator`` and ``HIVEMARKET_COORDINATOR``). A request that gets no usable answer from one goes to
+the next at once, with the same bytes; after a round in which none answered it waits the retry backoff
+and starts the next round. The URL that answered last is tried first by the next request. All the URLs
+must serve the API under the same path prefix: the signature covers the path, so the one envelope is
+then valid on every replica and a request is never signed twice.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
@@ -89,10 +97,17 @@ class ClientSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HIVEMARKET_", frozen=True)
 
     coordinator: str = Field(
-        "http://127.0.0.1:8470", description="Coordinator URL used when --coordinator is omitted."
+        "http://127.0.0.1:8470",
+        description="Coordinator URL used when --coordinator is omitted; several comma-separated URLs are "
+        "replicas, tried in turn when one does not answer.",
     )
     request_timeout: float = Field(10.0, gt=0, description="Seconds one HTTP request may take.")
-    retries: int = Field(5, ge=0, description="Retries of a request that failed to reach the coordinator.")
+    retries: int = Field(
+        5,
+        ge=0,
+        description="Retries of a request that failed to reach the coordinator (each retry tries every URL "
+        "of --coordinator).",
+    )
     retry_backoff: float = Field(0.2, gt=0, description="First retry delay in seconds; doubles each retry.")
     retry_backoff_max: float = Field(5.0, gt=0, description="Longest delay between retries.")
     model_transfer_timeout: float = Field(
@@ -107,7 +122,10 @@ class ClientSettings(BaseSettings):
 
 
 M = TypeVar("M", bound=BaseModel)
+R = TypeVar("R")
 HASH_CHUNK = 1 << 20
+#: Answers that mean "this replica (or the proxy in front of it) cannot serve now": try the next URL.
+UNAVAILABLE_STATUSES = frozenset({502, 503, 504})
 
 
 # The bodies without a model in peer.protocol.schemas, validated like every other answer.
@@ -128,31 +146,84 @@ class AlreadyApplied(CoordinatorError):
 
 
 class CoordinatorUnreachable(Exception):
-    """No HTTP answer from the coordinator after every retry (refused, reset, timed out)."""
+    """No usable HTTP answer from any coordinator URL after every retry (refused, reset, timed out, or
+    502/503/504); the message names each URL tried and its last error."""
+
+
+class _Unavailable(Exception):
+    """An answer of :data:`UNAVAILABLE_STATUSES`: this URL cannot serve now, the next one may."""
+
+    def __init__(self, status: int, raw: bytes):
+        text = " ".join(raw.decode("utf-8", "replace").split())[:120]
+        super().__init__(f"HTTP {status}" + (f" {text}" if text else ""))
+
+
+#: What makes a request go to the next URL (and, after a round of them, back off and retry).
+_FAILOVER_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError, _Unavailable)
+
+
+def parse_coordinator_urls(urls: str | Sequence[str]) -> tuple[tuple[str, ...], str]:
+    """The URLs of ``--coordinator`` (a comma-separated string, or a sequence), without trailing slashes,
+    and the path prefix they share; a ValueError quotes the bad one."""
+    items = urls.split(",") if isinstance(urls, str) else list(urls)
+    found: list[str] = []
+    prefix: str | None = None
+    for item in items:
+        url = item.strip()
+        if not url:
+            raise ValueError(f"coordinator URL list {urls!r} has an empty entry")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+            raise ValueError(f"coordinator URL {url!r} is not of the form http://HOST:PORT")
+        url, path = url.rstrip("/"), parts.path.rstrip("/")
+        if url in found:
+            raise ValueError(f"coordinator URL {url!r} is listed twice")
+        if prefix is not None and path != prefix:
+            raise ValueError(
+                f"coordinator URLs {found[0]!r} and {url!r} have different paths ({prefix or '/'!r} and "
+                f"{path or '/'!r}): requests are signed over their path, so every replica must serve the "
+                "API under the same one"
+            )
+        prefix = path
+        found.append(url)
+    if not found:
+        raise ValueError("no coordinator URL given")
+    assert prefix is not None
+    return tuple(found), prefix
 
 
 class CoordinatorClient:
-    """One aiohttp session to one coordinator; use as ``async with CoordinatorClient(url, me) as c:``."""
+    """One aiohttp session to a coordinator (one URL, or the URLs of its replicas, tried in turn); use as
+    ``async with CoordinatorClient(url, me) as c:``. ``urls`` is one URL, several comma-separated, or a
+    sequence of them."""
 
     def __init__(
         self,
-        base_url: str,
+        urls: str | Sequence[str],
         identity: Identity | None = None,
         *,
         settings: ClientSettings | None = None,
         use_msgpack: bool = False,
     ):
-        parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
-            raise ValueError(f"coordinator URL {base_url!r} is not of the form http://HOST:PORT")
-        self.base_url = base_url.rstrip("/")
-        self._origin = f"{parts.scheme}://{parts.netloc}"
-        self._prefix = parts.path.rstrip("/")  # the server sees and verifies the full path
+        self.urls, self._prefix = parse_coordinator_urls(urls)  # the server sees and verifies the full path
+        self._origins = tuple(url[: len(url) - len(self._prefix)] for url in self.urls)
+        self._current = 0  # the URL that answered last: every request starts there
         self.identity = identity
         self.settings = settings or ClientSettings()
         self.use_msgpack = use_msgpack
         self._session: aiohttp.ClientSession | None = None
         self.clock = ClockEstimate()
+
+    @property
+    def base_url(self) -> str:
+        """The URL that answered last (the first one before any answer): where to fetch from a replica
+        that is up, such as the coordinator's dataset."""
+        return self.urls[self._current]
+
+    @property
+    def coordinator(self) -> str:
+        """All the URLs, comma-separated, as ``--coordinator`` takes them (to hand to another process)."""
+        return ",".join(self.urls)
 
     async def __aenter__(self) -> CoordinatorClient:
         self._session = aiohttp.ClientSession(
@@ -183,6 +254,10 @@ class CoordinatorClient:
 
     async def audit(self) -> LedgerAuditView:
         return await self._request(LedgerAuditView, "GET", "/v1/ledger/audit")
+
+    async def audit_replay(self) -> LedgerAuditView:
+        """Replay every ledger entry against the books; admin-signed."""
+        return await self._request(LedgerAuditView, "POST", "/v1/ledger/audit/replay", b"")
 
     async def post_offer(self, body: OfferBody) -> OfferResponse:
         """Create or update this identity's offer; the answer holds the lease to keep alive."""
@@ -301,29 +376,30 @@ class CoordinatorClient:
         that does not match the coordinator's hash is a :class:`CoordinatorError` and leaves ``out`` as it
         was."""
         session = self._open_session()
-        url = URL(self._origin + self._prefix + f"/v1/runs/{_seg(run_id)}/model", encoded=True)
+        path = self._prefix + f"/v1/runs/{_seg(run_id)}/model"
         timeout = aiohttp.ClientTimeout(total=self.settings.model_transfer_timeout)
         partial = out.parent / f".{out.name}.{secrets.token_hex(4)}.partial"
+
+        async def attempt(origin: str) -> tuple[str, str]:
+            async with session.get(URL(origin + path, encoded=True), timeout=timeout) as resp:
+                if resp.status in UNAVAILABLE_STATUSES:
+                    raise _Unavailable(resp.status, await resp.read())
+                if resp.status >= 400:
+                    _raise_error(resp.status, await resp.read(), resp.content_type, retried=False)
+                digest = hashlib.sha256()
+                with partial.open("wb") as f:
+                    async for chunk in resp.content.iter_chunked(HASH_CHUNK):
+                        digest.update(chunk)
+                        await asyncio.to_thread(f.write, chunk)
+                return resp.headers.get(SHA256_HEADER, ""), digest.hexdigest()
+
         try:
-            for attempt in self._attempts():
-                try:
-                    async with session.get(url, timeout=timeout) as resp:
-                        if resp.status >= 400:
-                            _raise_error(resp.status, await resp.read(), resp.content_type, retried=False)
-                        expected = resp.headers.get(SHA256_HEADER, "")
-                        digest = hashlib.sha256()
-                        with partial.open("wb") as f:
-                            async for chunk in resp.content.iter_chunked(HASH_CHUNK):
-                                digest.update(chunk)
-                                await asyncio.to_thread(f.write, chunk)
-                    break
-                except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as e:
-                    await self._backoff(attempt, e)
-            if digest.hexdigest() != expected:
+            (expected, actual), _ = await self._failover(attempt)
+            if actual != expected:
                 raise CoordinatorError(
                     200,
                     "hash_mismatch",
-                    f"the model of run {run_id} has SHA-256 {digest.hexdigest()}, "
+                    f"the model of run {run_id} has SHA-256 {actual}, "
                     f"the coordinator says {expected or 'nothing'}",
                 )
             os.replace(partial, out)
@@ -356,8 +432,9 @@ class CoordinatorClient:
         signed: bool = True,
         timeout: float | None = None,
     ) -> M:
-        """Send, retry only while no HTTP answer comes, parse the answer as ``model`` or raise its error.
-        Every request but a GET is signed unless ``signed`` is False (a POST that changes nothing).
+        """Send, retry (on the next URL, then after a backoff) only while no usable HTTP answer comes, parse
+        the answer as ``model`` or raise its error. Every attempt sends the same bytes and headers. Every
+        request but a GET is signed unless ``signed`` is False (a POST that changes nothing).
 
         ``body`` may be a callable that opens a fresh payload for each attempt (a file to stream); it is
         then signed by ``body_sha256`` and may take the model transfer timeout rather than a request's.
@@ -376,48 +453,77 @@ class CoordinatorClient:
                 raise ValueError(f"{method} {path} must be signed: create the client with an identity")
             content = data if isinstance(data, bytes) else b""
             headers |= sign_request(self.identity, method, full_path, content, body_sha256=body_sha256)
-        url = URL(self._origin + full_path, encoded=True)  # encoded: send the path exactly as signed
         streamed = callable(data)
         options: dict[str, Any] = {}
         if streamed:
             options["timeout"] = aiohttp.ClientTimeout(total=self.settings.model_transfer_timeout)
         elif timeout is not None:
             options["timeout"] = aiohttp.ClientTimeout(total=timeout)
-        for attempt in self._attempts():
+
+        async def attempt(origin: str) -> tuple[int, bytes, str]:
+            url = URL(origin + full_path, encoded=True)  # encoded: send the path exactly as signed
             payload = data() if callable(data) else data
             try:
                 sent = time.time()
                 async with session.request(method, url, data=payload, headers=headers, **options) as resp:
                     raw = await resp.read()
-                    status, content_type = resp.status, resp.content_type
                     self.clock.observe(sent, time.time(), resp.headers.get(TIME_HEADER))
-                break
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as e:
-                await self._backoff(attempt, e)
+                    if resp.status in UNAVAILABLE_STATUSES:
+                        raise _Unavailable(resp.status, raw)
+                    return resp.status, raw, resp.content_type
             finally:
                 if streamed:
                     payload.close()
+
+        (status, raw, content_type), retried = await self._failover(attempt)
         if status < 400:
             return _parse(model, status, _decode(raw, content_type))
-        _raise_error(status, raw, content_type, retried=attempt > 0)
+        _raise_error(status, raw, content_type, retried=retried)
 
     def _open_session(self) -> aiohttp.ClientSession:
         if self._session is None:
             raise RuntimeError("CoordinatorClient is used outside `async with`")
         return self._session
 
-    def _attempts(self) -> range:
-        return range(self.settings.retries + 1)
-
-    async def _backoff(self, attempt: int, error: Exception) -> None:
-        """Wait before the next attempt, or raise :class:`CoordinatorUnreachable` after the last one."""
+    async def _failover(self, attempt: Callable[[str], Awaitable[R]]) -> tuple[R, bool]:
+        """``attempt(origin)`` on the URL that answered last, then on the next ones in turn while it gets no
+        usable answer; after a round in which no URL answered, wait the backoff and start another, up to
+        ``retries`` more rounds. Returns the first answer, and whether an attempt was made before it (one
+        that may have reached a coordinator, so "nonce_replayed" then means applied). Raises
+        :class:`CoordinatorUnreachable` naming every URL and its last error when no round got an answer."""
         s = self.settings
-        if attempt == s.retries:
-            raise CoordinatorUnreachable(
-                f"cannot reach the coordinator at {self.base_url} after {attempt + 1} attempts: "
-                f"{str(error) or type(error).__name__}"
-            ) from error
-        await asyncio.sleep(min(s.retry_backoff * 2**attempt, s.retry_backoff_max))
+        count = len(self.urls)
+        errors: dict[int, BaseException] = {}
+        last: BaseException | None = None
+        for round_ in range(s.retries + 1):
+            start = self._current
+            for i in [(start + k) % count for k in range(count)]:
+                try:
+                    result = await attempt(self._origins[i])
+                except _FAILOVER_ERRORS as e:
+                    errors[i] = last = e
+                    continue
+                self._current = i
+                return result, bool(errors)
+            if round_ < s.retries:
+                await asyncio.sleep(min(s.retry_backoff * 2**round_, s.retry_backoff_max))
+        raise CoordinatorUnreachable(self._unreachable(errors, s.retries + 1)) from last
+
+    def _unreachable(self, errors: dict[int, BaseException], attempts: int) -> str:
+        def said(e: BaseException) -> str:
+            if isinstance(e, TimeoutError) and not str(e):
+                return "timed out waiting for an answer"
+            return str(e) or type(e).__name__
+
+        if len(self.urls) == 1:
+            return (
+                f"cannot reach the coordinator at {self.urls[0]} after {attempts} attempts: {said(errors[0])}"
+            )
+        each = "; ".join(f"{url}: {said(errors[i])}" for i, url in enumerate(self.urls))
+        return (
+            f"cannot reach the coordinator at any of its {len(self.urls)} URLs after {attempts} attempts "
+            f"each: {each}"
+        )
 
     def _encode(self, body: BaseModel) -> bytes:
         value = body.model_dump(mode="json")
