@@ -123,10 +123,15 @@ def apply(books: Mapping[str, int], entries: Iterable[Entry], limit: int) -> dic
 
 @dataclass(frozen=True)
 class Audit:
+    """``entries_checked``: the entries this audit replayed; ``last_entry``: the id of the last entry the
+    running totals include after it (None for a check of the books alone)."""
+
     conserved: bool
     deposits: int
     holdings: int
     reason: str
+    entries_checked: int = 0
+    last_entry: int | None = None
 
 
 def audit(books: Mapping[str, int]) -> Audit:
@@ -139,3 +144,47 @@ def audit(books: Mapping[str, int]) -> Audit:
     if holdings != deposits:
         return Audit(False, deposits, holdings, f"holdings {holdings} != deposits {deposits}")
     return Audit(True, deposits, holdings, "holdings equal deposits")
+
+
+def replay(totals: Mapping[str, int], movements: Iterable[tuple[str, str, int]]) -> dict[str, int]:
+    """The running totals of the books after ``movements``: (debit, credit, units) triples, each an entry or
+    the sum of entries between the same two books. Books that come to zero are dropped, as a book that was
+    never posted to holds zero."""
+    after = dict(totals)
+    for debit, credit, units in movements:
+        after[debit] = after.get(debit, 0) - units
+        after[credit] = after.get(credit, 0) + units
+    return {book: units for book, units in after.items() if units}
+
+
+def differences(books: Mapping[str, int], replayed: Mapping[str, int], limit: int = 5) -> str:
+    """The books whose units differ from what their entries add up to, at most ``limit`` of them by name
+    ("balance:a holds 7 units, its entries 5"), or "" when none do. A book absent from either holds 0."""
+    names = sorted(
+        name for name in books.keys() | replayed.keys() if books.get(name, 0) != replayed.get(name, 0)
+    )
+    shown = [
+        f"{name} holds {books.get(name, 0)} units, its entries {replayed.get(name, 0)}" for name in names
+    ]
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return "; ".join(shown[:limit]) + more
+
+
+def audit_entries(
+    books: Mapping[str, int], replayed: Mapping[str, int], *, entries_checked: int, last_entry: int
+) -> Audit:
+    """:func:`audit` of the books, and the books against ``replayed``, the totals their entries add up to
+    (:func:`replay`): conserved only when both hold. A book that differs is named with both figures."""
+    result = audit(books)
+    differ = differences(books, replayed)
+    reasons = ([f"books differ from their entries: {differ}"] if differ else []) + (
+        [] if result.conserved else [result.reason]
+    )
+    return Audit(
+        conserved=not reasons,
+        deposits=result.deposits,
+        holdings=result.holdings,
+        reason="; ".join(reasons) or "holdings equal deposits and every book its entries",
+        entries_checked=entries_checked,
+        last_entry=last_entry,
+    )

@@ -102,6 +102,15 @@ class LedgerAuditView(View):
     conserved: bool
     deposits: Money
     holdings: Money = Field(description="Sum of every balance, escrow, earning and fee.")
+    reason: str = Field("", description="Why the ledger is, or is not, conserved; names books that differ.")
+    entries_checked: int = Field(
+        0,
+        description="Ledger entries this audit replayed: those added since the last audit for the public one,"
+        " every entry for the admin's replay, none for a check of the books alone.",
+    )
+    last_entry: int | None = Field(
+        None, description="Id of the last entry replayed: the audit's running totals now reach it."
+    )
 
 
 # -------------------------------------------------------------------------------------------- offers, leases
