@@ -24,7 +24,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from coordinator import market, model_files, quotes
+from coordinator import ledger, market, model_files, quotes
 from coordinator.errors import BadRequest, BodyTooLarge, Forbidden, RateLimited, Unauthorized
 from coordinator.filters import FieldKind, FilterError, compile_filter, parse_sort
 from coordinator.http import Context, Route, encode, parse_body, read_body
@@ -85,7 +85,7 @@ OFFER_FIELDS = {
 
 @dataclass
 class Coordinator:
-    """Application state: settings, the store, metrics, the admin account and rate-limit buckets."""
+    """Application state: settings, the store, metrics, the admin account, rate-limit buckets, leadership."""
 
     settings: ServerSettings
     store: Store
@@ -94,6 +94,7 @@ class Coordinator:
     metrics: CoordinatorMetrics = field(default_factory=CoordinatorMetrics)
     market_config: market.MarketConfig = field(default_factory=market.MarketConfig)
     buckets: dict[str, Bucket] = field(default_factory=dict)
+    leading: bool = False  # whether this replica runs clearing and sweeps (see background)
     # Serialises publishing a model file with recording it, so that an upload that will be refused never
     # replaces the file of one that is being recorded.
     model_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -123,14 +124,26 @@ class Coordinator:
     async def ledger_audit(self, ctx: Context) -> LedgerAuditView:
         return await self.ledger(replay=True)
 
+    async def ledger_replay(self, ctx: Context) -> LedgerAuditView:
+        """The full audit, every entry replayed: admin-signed, as it scans the whole ledger."""
+        assert ctx.envelope is not None  # an admin route is authenticated before it runs
+        return self._ledger_view(await self.store.replay_audit(ctx.envelope))
+
     async def ledger(self, *, replay: bool) -> LedgerAuditView:
-        """Holdings against deposits; ``replay`` also checks every entry (a scan of the whole ledger)."""
-        result = await self.store.audit(replay=replay)
+        """Holdings against deposits; ``replay`` also checks the books against the entries added since the
+        last audit, replayed onto the running totals of those before (cheap: it reads only the new entries;
+        the metrics scrape and the dashboard still check the books alone)."""
+        return self._ledger_view(await self.store.audit(incremental=replay))
+
+    def _ledger_view(self, result: ledger.Audit) -> LedgerAuditView:
         self.metrics.ledger_conserved.set(1 if result.conserved else 0)
         return LedgerAuditView(
             conserved=result.conserved,
             deposits=from_units(result.deposits),
             holdings=from_units(result.holdings),
+            reason=result.reason,
+            entries_checked=result.entries_checked,
+            last_entry=result.last_entry,
         )
 
     async def post_offer(self, ctx: Context) -> OfferResponse:
@@ -356,15 +369,18 @@ class Coordinator:
     # ---------------------------------------------------------------------------------- background
 
     async def background(self, app: web.Application) -> AsyncIterator[None]:
-        """Open the store, resume leases, and run clearing and lapse sweeps while the app lives."""
+        """Open the store, and while the app lives: check whether this replica leads, and run clearing and
+        lapse sweeps while it does.
+
+        Replicas on one PostgreSQL database serve requests alike, but the work that must happen once (a
+        clearing round, a lapse sweep, settling) runs on the one that leads (:meth:`Store.lead`); on SQLite
+        the only process always leads. The first check happens before the app takes requests, so a
+        single coordinator clears and sweeps from its first second as before.
+        """
         await self.store.open()
-        removed = await asyncio.to_thread(model_files.remove_partials, self.settings.model_dir)
-        if removed:
-            logger.info(f"Removed {removed} partial model uploads left by an earlier process")
-        resumed = await self.store.resume_leases(self.clock())
-        if resumed:
-            logger.info(f"Resumed {resumed} active leases after a restart")
+        await self._check_leadership()
         tasks = [
+            asyncio.create_task(self._every(self.settings.leader_check_interval, self._check_leadership)),
             asyncio.create_task(self._every(self.settings.clearing_interval, self._clearing_round)),
             asyncio.create_task(self._every(self.settings.sweep_interval, self._sweep)),
         ]
@@ -384,16 +400,43 @@ class Coordinator:
             except Exception:
                 logger.exception(f"Background job {job.__name__} failed; retrying in {interval:g} s")
 
+    async def _check_leadership(self) -> None:
+        """Take or keep the lead; on taking it, resume the leases and runs (nobody swept while no replica
+        led, or while the coordinator was down, and that is not the peers' fault)."""
+        leading = await self.store.lead()
+        if leading and not self.leading:
+            logger.info(f"Leading: this replica clears the market and sweeps leases of {self.store.name}")
+            resumed = await self.store.resume_leases(self.clock())
+            if resumed:
+                logger.info(f"Resumed {resumed} active leases")
+        elif self.leading and not leading:
+            logger.warning("No longer leading: another replica clears the market and sweeps leases")
+        self.leading = leading
+        self.metrics.leader.set(1 if leading else 0)
+
     async def _clearing_round(self) -> None:
-        await self._clear(self.clock(), None)
+        if self.leading:
+            await self._clear(self.clock(), None)
 
     async def _sweep(self) -> None:
         now = self.clock()
-        lapses = await self.store.sweep(now, nonce_horizon=2 * self.settings.signature_window)
         # A bucket idle long enough to refill is the same as no bucket: forget it, or keys (free to make)
-        # would grow this dict without bound.
+        # would grow this dict without bound. Buckets are this replica's own (see the README on replicas).
         refill = self.settings.rate_limit_burst / self.settings.rate_limit_per_second
         self.buckets = {k: b for k, b in self.buckets.items() if now - b.updated < refill}
+        if not self.leading:
+            return
+        lapses = await self.store.sweep(now, nonce_horizon=2 * self.settings.signature_window)
+        removed = await asyncio.to_thread(
+            model_files.remove_partials,
+            self.settings.model_dir,
+            time.time() - self.settings.stale_upload_seconds,
+        )
+        if removed:
+            logger.info(
+                f"Removed {removed} partial model uploads, untouched for "
+                f"{self.settings.stale_upload_seconds:g} s"
+            )
         for lapse in lapses:
             logger.info(f"Lease {lapse.lease_id} of {lapse.account[:12]} lapsed: {lapse.reason}")
         self.metrics.lapsed_leases.inc(len(lapses))

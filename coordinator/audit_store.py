@@ -76,7 +76,7 @@ def claim(
            JOIN reports p ON p.run_id = a.run_id AND p.account = a.account AND p.epoch = a.epoch
            WHERE a.run_id = ? AND a.state = 'pending' AND a.account != ?
              AND (a.validator IS NULL OR a.validator = ? OR a.claimed_at < ?)
-             AND NOT EXISTS (SELECT 1 FROM json_each(a.declined) d WHERE d.value = ?)
+             AND a.declined NOT LIKE '%"' || ? || '"%'
            ORDER BY a.created_at, a.id LIMIT ?""",
         (run_id, validator, validator, now - claim_timeout, validator, limit),
     ).fetchall()

@@ -1,9 +1,16 @@
-"""The SQLite engine under the store: one connection on one thread, migrations, and group commit.
+"""The database engines under the store: one writer connection on one thread, migrations, group commit.
 
 Writes are queued and committed in batches: each write runs in its own SAVEPOINT inside one
 transaction, so a write that fails is rolled back alone, and every caller learns its result only after
 the COMMIT is durable. Many concurrent requests then cost one commit (one fsync) instead of one each,
 and a SIGKILL can lose only requests that were never acknowledged.
+
+Two engines share that loop: :class:`SQLiteDatabase` (a file, the embedded default) and
+:class:`coordinator.postgres.PostgresDatabase` (a server that several coordinator replicas share). The
+store modules' SQL is written in the dialect both accept (``?`` placeholders, ``ON CONFLICT``,
+``RETURNING``, ``IS DISTINCT FROM``; no JSON functions), and every write transaction is serialised
+(SQLite's single writer; a transaction-scoped advisory lock on PostgreSQL), so a store function reads
+the state it decides on and writes its decision without another write in between, on either engine.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,57 +26,70 @@ from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-Operation = Callable[[sqlite3.Connection], T]
-ErrorHook = Callable[[sqlite3.Connection, Exception], None]
+Operation = Callable[[Any], T]  # takes the engine's connection (sqlite3.Connection or its PostgreSQL twin)
+ErrorHook = Callable[[Any, Exception], None]
+Migration = tuple[int, str]  # (the schema version once applied, its script)
 
 
 class StoreUnavailable(RuntimeError):
-    """The database file cannot be opened or migrated; the message names the file and the reason."""
+    """The database cannot be opened, migrated or reached; the message names it and the reason."""
 
 
-class Database:
-    """SQLite in WAL mode behind a single-thread executor (sqlite3 connections are not thread-safe)."""
+class Database(ABC):
+    """Group commit over one writer connection, used from one thread (neither driver's connections are
+    thread-safe). Subclasses open the connection, begin a serialised write transaction and run reads."""
 
-    def __init__(self, path: Path, migrations: Sequence[str], *, synchronous: str, batch_max: int):
-        self.path = Path(path)
+    def __init__(self, name: str, migrations: Sequence[Migration], *, batch_max: int):
+        self.name = name  # what errors and logs call this database (a path, or a URL without password)
         self._migrations = migrations
-        self._synchronous = synchronous
         self._batch_max = batch_max
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
-        self._conn: sqlite3.Connection | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="db-writer")
+        self._conn: Any = None
         self._queue: asyncio.Queue[tuple[Operation[Any], ErrorHook | None, asyncio.Future]] = asyncio.Queue()
         self._writer: asyncio.Task | None = None
 
+    @abstractmethod
+    def _connect(self) -> Any:
+        """A new writer connection (raises :class:`StoreUnavailable` naming the database and why)."""
+
+    @abstractmethod
+    def _begin(self, conn: Any) -> None:
+        """Begin a write transaction that no other write (of any process) runs beside."""
+
+    @abstractmethod
+    async def read(self, op: Operation[T]) -> T:
+        """Run a read-only operation (it sees every write acknowledged so far)."""
+
     async def open(self) -> None:
         await self._run(self._open)
-        self._writer = asyncio.create_task(self._write_loop(), name="sqlite-writer")
+        self._writer = asyncio.create_task(self._write_loop(), name="db-writer")
 
     def _open(self) -> None:
-        try:
-            self._connect()
-        except (OSError, sqlite3.Error) as e:
-            raise StoreUnavailable(f"cannot open the database {self.path}: {e}") from None
+        self._conn = self._connect()
+        self._migrate(self._conn)
 
-    def _connect(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={self._synchronous}")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute("PRAGMA busy_timeout=5000")
-        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        row = conn.execute("SELECT version FROM schema_version").fetchone()
-        version = row[0] if row else 0
-        for number, script in enumerate(self._migrations[version:], start=version + 1):
-            conn.execute("BEGIN IMMEDIATE")
-            for statement in filter(str.strip, script.split(";")):
-                conn.execute(statement)
-            conn.execute("DELETE FROM schema_version")
-            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
+    def _migrate(self, conn: Any) -> None:
+        """Apply the migrations this database lacks, all in one serialised transaction (replicas that
+        open one database at once migrate it once)."""
+        self._begin(conn)
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            version = row[0] if row else 0
+            for number, script in self._migrations:
+                if number <= version:
+                    continue
+                for statement in filter(str.strip, script.split(";")):
+                    conn.execute(statement)
+                conn.execute("DELETE FROM schema_version")
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
+                version = number
+                logger.info(f"Applied schema migration {number} to {self.name}")
             conn.execute("COMMIT")
-            logger.info(f"Applied schema migration {number} to {self.path}")
-        self._conn = conn
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -80,10 +101,6 @@ class Database:
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
-    async def read(self, op: Operation[T]) -> T:
-        """Run a read-only operation (it sees every write acknowledged so far)."""
-        return await self._run(op, self._conn)
 
     async def write(self, op: Operation[T], on_error: ErrorHook | None = None) -> T:
         """Run ``op`` in a transaction; return once it is committed, or raise what it raised.
@@ -103,7 +120,7 @@ class Database:
             try:
                 outcomes = await self._run(self._commit_batch, [(op, hook) for op, hook, _ in batch])
             except Exception as e:  # the COMMIT itself failed: nothing in the batch was applied
-                logger.exception("SQLite commit failed")
+                logger.exception(f"Commit to {self.name} failed")
                 outcomes = [(False, e)] * len(batch)
             for (_, _, future), (ok, value) in zip(batch, outcomes, strict=True):
                 if future.done():
@@ -115,9 +132,8 @@ class Database:
 
     def _commit_batch(self, ops: list[tuple[Operation[Any], ErrorHook | None]]) -> list[tuple[bool, Any]]:
         conn = self._conn
-        assert conn is not None
         outcomes: list[tuple[bool, Any]] = []
-        conn.execute("BEGIN IMMEDIATE")
+        self._begin(conn)
         try:
             for op, on_error in ops:
                 conn.execute("SAVEPOINT op")
@@ -135,3 +151,37 @@ class Database:
                 conn.execute("ROLLBACK")
             raise
         return outcomes
+
+
+class SQLiteDatabase(Database):
+    """SQLite in WAL mode; reads run on the writer's thread and connection, between batches."""
+
+    def __init__(self, path: Path, migrations: Sequence[Migration], *, synchronous: str, batch_max: int):
+        super().__init__(str(path), migrations, batch_max=batch_max)
+        self.path = Path(path)
+        self._synchronous = synchronous
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=5000")
+            return conn
+        except (OSError, sqlite3.Error) as e:
+            raise StoreUnavailable(f"cannot open the database {self.path}: {e}") from None
+
+    def _open(self) -> None:
+        try:
+            super()._open()
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"cannot open the database {self.path}: {e}") from None
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+
+    async def read(self, op: Operation[T]) -> T:
+        return await self._run(op, self._conn)

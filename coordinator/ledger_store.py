@@ -1,5 +1,5 @@
-"""Persistence of accounts and the ledger's checks: deposits, what an account holds, and the audit of the
-books against the deposits (and against every entry).
+"""Persistence of accounts and the ledger's checks: deposits, what an account holds, and the audits of the
+books against the deposits and against their entries (incrementally, or every entry for the admin).
 
 Every function takes the connection of the write (or read) it is part of;
 :class:`coordinator.store.SQLiteStore` runs them inside one transaction with the request's nonce. The
@@ -9,6 +9,7 @@ entries and the audit are :mod:`coordinator.ledger`'s pure functions; postings g
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 
 from coordinator import ledger, offer_store, sql
@@ -38,17 +39,138 @@ def account_view(conn: sqlite3.Connection, account: str) -> AccountView:
     )
 
 
-def audit(conn: sqlite3.Connection, *, replay: bool) -> ledger.Audit:
-    """Check the books against the deposits, and with ``replay`` against every entry too (a scan of
-    the whole ledger, kept for the audit endpoint rather than every metrics scrape)."""
-    books = {row["name"]: row["units"] for row in conn.execute("SELECT name, units FROM books")}
-    if not replay:
+def audit(conn: sqlite3.Connection, *, incremental: bool) -> ledger.Audit:
+    """Check the books against the deposits and, when ``incremental``, against their entries too: the
+    running totals of the entries up to the last checked one (``ledger_totals`` up to
+    ``ledger_checkpoint.last_entry``), plus the entries added since, which this replays and then adds to
+    the totals. An audit thus reads only the entries that are new, whatever the size of the ledger.
+
+    The incremental audit is a write (:meth:`coordinator.store.SQLiteStore.audit` runs it through the
+    store's write path), for two reasons. It must read the books, the totals and the new entries as one
+    consistent state while requests post entries concurrently, and advance the totals in the same
+    transaction as it checked them: a write transaction gives both, and orders the audit among the
+    postings (a posting's entries are either all before it or all after). And its cost is that of the new
+    entries: with none, it writes nothing and the commit is free; otherwise it upserts the totals of the
+    books they touched and one checkpoint row. Advancing the totals only in the periodic sweep would leave
+    every public audit to replay all the entries since the last sweep, and its answer to depend on when
+    the sweep ran.
+
+    The totals advance whether the books match or not: they are what the entries add up to, not the
+    books, so a difference is reported again by every audit until it is repaired. An entry changed or
+    inserted below the checkpoint after it was checked is out of reach of the incremental audit; the
+    admin's full :func:`replay` finds it.
+
+    It relies on entries being committed in the order of their ids, which serialised writes give (SQLite's
+    single writer; the write lock every PostgreSQL write transaction holds until it commits): were writers
+    to commit concurrently, an entry committed late under an id below the checkpoint would never be
+    checked.
+
+    Without ``incremental`` it reads the books alone (the metrics scrape, the dashboard): a read.
+    """
+    books = _books(conn)
+    if not incremental:
         return ledger.audit(books)
-    replayed: dict[str, int] = {}
-    for row in conn.execute("SELECT debit, credit, SUM(units) AS units FROM entries GROUP BY debit, credit"):
-        replayed[row["debit"]] = replayed.get(row["debit"], 0) - row["units"]
-        replayed[row["credit"]] = replayed.get(row["credit"], 0) + row["units"]
-    result = ledger.audit(books)
-    if {k: v for k, v in replayed.items() if v} != {k: v for k, v in books.items() if v}:
-        return ledger.Audit(False, result.deposits, result.holdings, "books differ from the entries")
-    return result
+    last = _checkpoint(conn)
+    totals = _totals(conn)
+    movements, checked, through = _new_entries(conn, last)
+    replayed = ledger.replay(totals, movements)
+    _advance(conn, totals, replayed, last, through)
+    return ledger.audit_entries(books, replayed, entries_checked=checked, last_entry=through)
+
+
+def replay(conn: sqlite3.Connection, env: Envelope) -> ledger.Audit:
+    """Replay every entry (the admin-signed full audit, a scan of the whole ledger) and check the books
+    against what they add up to, and against the deposits. It also checks the entries the running totals
+    already include against those totals: an entry changed, inserted or deleted below the checkpoint since
+    it was checked is reported with the books it touched. The running totals are then rebuilt from this
+    replay, so the public incremental audit goes on from what the entries say now (and keeps reporting a
+    difference the replay found until it is repaired). A write: it claims the request's nonce, and holds
+    the write lock for the length of the scan."""
+    sql.claim_nonce(conn, env)
+    books = _books(conn)
+    last = _checkpoint(conn)
+    totals = _totals(conn)
+    through = max(last, int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM entries").fetchone()[0]))
+    old, old_count = _entries_between(conn, 0, last)
+    checked_before = ledger.replay({}, old)
+    new, new_count = _entries_between(conn, last, through)
+    replayed = ledger.replay(checked_before, new)
+    _advance(conn, totals, replayed, last, through)
+    result = ledger.audit_entries(books, replayed, entries_checked=old_count + new_count, last_entry=through)
+    changed = sorted(
+        name
+        for name in totals.keys() | checked_before.keys()
+        if totals.get(name, 0) != checked_before.get(name, 0)
+    )
+    if not changed:
+        return result
+    reason = f"the entries up to #{last} changed since they were checked: {', '.join(changed)}"
+    return dataclasses.replace(
+        result, conserved=False, reason=reason if result.conserved else f"{result.reason}; {reason}"
+    )
+
+
+def _books(conn: sqlite3.Connection) -> dict[str, int]:
+    return {row["name"]: int(row["units"]) for row in conn.execute("SELECT name, units FROM books")}
+
+
+def _checkpoint(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT last_entry FROM ledger_checkpoint WHERE id = 1").fetchone()
+    return int(row["last_entry"]) if row else 0
+
+
+def _totals(conn: sqlite3.Connection) -> dict[str, int]:
+    return {row["book"]: int(row["units"]) for row in conn.execute("SELECT book, units FROM ledger_totals")}
+
+
+def _new_entries(conn: sqlite3.Connection, after: int) -> tuple[list[tuple[str, str, int]], int, int]:
+    """The entries with ids above ``after``, summed per pair of books; how many there are; the id of the
+    last one (``after`` when there are none).
+
+    Summed here rather than by a GROUP BY: with one, SQLite's planner walks the ``entries_debit`` index to
+    group without sorting, a scan of the whole table, where the plain range reads only the new rows by
+    their primary key (tests/test_ledger_audit.py asserts the plan)."""
+    sums: dict[tuple[str, str], int] = {}
+    count, last = 0, after
+    for row in conn.execute("SELECT id, debit, credit, units FROM entries WHERE id > ?", (after,)):
+        pair = (row["debit"], row["credit"])
+        sums[pair] = sums.get(pair, 0) + int(row["units"])
+        count, last = count + 1, max(last, int(row["id"]))
+    return [(debit, credit, units) for (debit, credit), units in sums.items()], count, last
+
+
+def _entries_between(
+    conn: sqlite3.Connection, after: int, through: int
+) -> tuple[list[tuple[str, str, int]], int]:
+    """The entries with ids in (``after``, ``through``], summed per pair of books, and how many there are:
+    a GROUP BY that may scan the whole ledger, for the admin's replay."""
+    rows = conn.execute(
+        "SELECT debit, credit, SUM(units) AS units, COUNT(*) AS entries FROM entries WHERE id > ? AND id <= ?"
+        " GROUP BY debit, credit",
+        (after, through),
+    ).fetchall()
+    return [(row["debit"], row["credit"], int(row["units"])) for row in rows], sum(
+        int(r["entries"]) for r in rows
+    )
+
+
+def _advance(
+    conn: sqlite3.Connection, before: dict[str, int], after: dict[str, int], last: int, through: int
+) -> None:
+    """Store the running totals ``after`` (only the books that changed) and move the checkpoint from
+    ``last`` to ``through``: nothing is written when nothing changed."""
+    changed = sorted(
+        name for name in before.keys() | after.keys() if before.get(name, 0) != after.get(name, 0)
+    )
+    if changed:
+        conn.executemany(
+            "INSERT INTO ledger_totals (book, units) VALUES (?, ?)"
+            " ON CONFLICT (book) DO UPDATE SET units = excluded.units",
+            [(name, after.get(name, 0)) for name in changed],
+        )
+    if through != last:
+        conn.execute(
+            "INSERT INTO ledger_checkpoint (id, last_entry) VALUES (1, ?)"
+            " ON CONFLICT (id) DO UPDATE SET last_entry = excluded.last_entry",
+            (through,),
+        )

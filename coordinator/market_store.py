@@ -2,7 +2,7 @@
 runs), the matches and the round it records, and the history and depth of the book.
 
 Every function takes the connection of the write (or read) it is part of;
-:class:`coordinator.store.SQLiteStore` runs them inside one transaction with the request's nonce. Who trades
+:class:`coordinator.store.SQLStore` runs them inside one transaction with the request's nonce. Who trades
 at what price, and why a run is short of peers, is :func:`coordinator.market.clear_round`'s pure decision;
 an ask's reliability is the peer's standing (:func:`coordinator.offer_store.standing`), and the runs a round
 fills move on through :func:`coordinator.run_store.advance`.
@@ -71,12 +71,12 @@ def clear(
         )
     run_store.advance(conn, now, policy)  # recruiting or paused runs may now run
     price = None if result.clearing_price is None else to_units(result.clearing_price)
-    cursor = conn.execute(
+    row = conn.execute(
         "INSERT INTO rounds (at, clearing_price_units, trades, supply, demand, reason)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
+        " VALUES (?, ?, ?, ?, ?, ?) RETURNING *",
         (now, price, len(result.matches), result.supply, result.demand, result.reason),
-    )
-    return _round_view(conn.execute("SELECT * FROM rounds WHERE id = ?", (cursor.lastrowid,)).fetchone())
+    ).fetchone()
+    return _round_view(row)
 
 
 def quote(
@@ -91,29 +91,32 @@ def quote(
     options and ``batch.target``."""
     spec = check_run_spec(body.spec)
     bid = market.Bid(quotes.QUOTE_RUN, body.max_price, body.peers_max, body.min_vram_gb)
-    same: dict[str, bool] = {}  # run id -> whether it trains what this spec would; each run's spec read once
-    measured: list[float] = []
-    rows = conn.execute(
-        "SELECT p.run_id, p.seconds FROM reports p JOIN runs r ON r.id = p.run_id"
-        " WHERE json_extract(r.spec, '$.task') = ? AND p.pay_state != 'voided' ORDER BY p.accepted_at DESC",
-        (spec.task,),
+    same = sorted(
+        row["id"] for row in conn.execute("SELECT id, spec FROM runs") if _trains_like(row["spec"], spec)
     )
-    for run_id, seconds in rows:
-        if run_id not in same:
-            stored = conn.execute("SELECT spec FROM runs WHERE id = ?", (run_id,)).fetchone()["spec"]
-            same[run_id] = _trains_like(stored, spec)
-        if same[run_id]:
-            measured.append(seconds)
-            if len(measured) == history:
-                break
+    measured = (
+        [
+            row["seconds"]
+            for row in conn.execute(
+                f"SELECT seconds FROM reports WHERE run_id IN ({','.join('?' * len(same))})"
+                " AND pay_state != 'voided' ORDER BY accepted_at DESC LIMIT ?",
+                (*same, history),
+            )
+        ]
+        if same
+        else []
+    )
     asks, _ = _asks(conn)
     return quotes.quote(asks, _bids(conn), bid, spec, measured, body.flops_per_sample, quote_config, config)
 
 
 def _trains_like(stored: str, spec: RunSpec) -> bool:
     """Whether a run's stored spec trains what ``spec`` would: the same task, options and batch.target."""
+    stored_spec = json.loads(stored)
+    if not isinstance(stored_spec, dict) or stored_spec.get("task") != spec.task:  # cheap, before validating
+        return False
     try:
-        other = check_run_spec(json.loads(stored))
+        other = check_run_spec(stored_spec)
     except ValueError:  # a run created before specs were validated
         return False
     return (other.task, other.options, other.batch.target) == (spec.task, spec.options, spec.batch.target)
@@ -128,7 +131,7 @@ def _record_shortfalls(conn: sqlite3.Connection, reasons: dict[str, str | None])
         *reasons.items(),
     ]:
         conn.execute(
-            "UPDATE runs SET market_reason = ? WHERE id = ? AND market_reason IS NOT ?",
+            "UPDATE runs SET market_reason = ? WHERE id = ? AND market_reason IS DISTINCT FROM ?",
             (reason, run_id, reason),
         )
 

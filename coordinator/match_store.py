@@ -4,7 +4,7 @@ rendezvous store (:mod:`coordinator.group_store`), leaving it, and ending a matc
 lease returns to the open market.
 
 Every function takes the connection of the write (or read) it is part of;
-:class:`coordinator.store.SQLiteStore` runs them inside one transaction with the request's nonce. The run's
+:class:`coordinator.store.SQLStore` runs them inside one transaction with the request's nonce. The run's
 own record, its state gate and its state changes are :mod:`coordinator.run_store`'s.
 """
 

@@ -37,6 +37,9 @@ class CoordinatorMetrics:
         self.audits = Counter(
             "hivemarket_audits", "Contribution audits decided, by verdict", ["verdict"], registry=r
         )
+        self.leader = Gauge(
+            "hivemarket_leader", "1 while this replica clears the market and sweeps leases", registry=r
+        )
         self.ledger_conserved = Gauge(
             "hivemarket_ledger_conserved", "1 when the last audit balanced", registry=r
         )

@@ -3,12 +3,15 @@
 A model can be far larger than any JSON body, so it never sits in memory: chunks are written (and hashed)
 in a worker thread as they arrive, and the upload is refused with 413 as soon as it passes the limit. The
 file is fsynced before it is published under its final name, so a model the store has recorded survives
-a crash; a temporary file left by a crash is removed when the coordinator starts.
+a crash; a temporary file left by a crash is removed by the leading replica's sweep once no one has
+written it for ``HIVEMARKET_STALE_UPLOAD_SECONDS`` (replicas share the folder, and another replica may be
+receiving an upload right now).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import secrets
@@ -36,13 +39,16 @@ def final_path(model_dir: Path, run_id: str) -> Path:
     return model_dir / f"{run_id}.model"
 
 
-def remove_partials(model_dir: Path) -> int:
-    """Delete temporary files of uploads a crash interrupted (none of them is referenced)."""
+def remove_partials(model_dir: Path, untouched_since: float) -> int:
+    """Delete temporary files of uploads that were last written before ``untouched_since`` (wall clock):
+    a crash interrupted them, since a live upload writes every chunk. None of them is referenced."""
     removed = 0
     if model_dir.is_dir():
         for path in model_dir.glob(f".upload-*{PARTIAL_SUFFIX}"):
-            path.unlink(missing_ok=True)
-            removed += 1
+            with contextlib.suppress(FileNotFoundError):  # another replica removed it first
+                if path.stat().st_mtime < untouched_since:
+                    path.unlink()
+                    removed += 1
     return removed
 
 

@@ -2,7 +2,7 @@
 record of the upload (the run then finishes, or once its last audits are decided), and the model's record.
 
 Every function takes the connection of the write (or read) it is part of;
-:class:`coordinator.store.SQLiteStore` runs them inside one transaction with the request's nonce. The model's
+:class:`coordinator.store.SQLStore` runs them inside one transaction with the request's nonce. The model's
 bytes are on disk (:mod:`coordinator.model_files`); its record is columns of the run's row, so its view is
 :func:`coordinator.run_store.model_view`.
 """

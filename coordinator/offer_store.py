@@ -2,7 +2,7 @@
 book of offers, the peers behind them, and the standing the market prices each peer by.
 
 Every function takes the connection of the write (or read) it is part of;
-:class:`coordinator.store.SQLiteStore` runs them inside one transaction with the request's nonce. Decisions
+:class:`coordinator.store.SQLStore` runs them inside one transaction with the request's nonce. Decisions
 (credited uptime, reliability, lapses) are :mod:`coordinator.leases`'s pure functions; this module reads the
 state they need and writes what they return.
 """
@@ -82,7 +82,7 @@ def post_offer(
 ) -> OfferResponse:
     account = env.account
     sql.claim_nonce(conn, env)
-    conn.execute("INSERT OR IGNORE INTO peers (account) VALUES (?)", (account,))
+    conn.execute("INSERT INTO peers (account) VALUES (?) ON CONFLICT DO NOTHING", (account,))
     row = conn.execute(
         "SELECT l.* FROM offers o JOIN leases l ON l.id = o.lease_id"
         " WHERE o.account = ? AND l.state = 'active'",

@@ -3,7 +3,7 @@
 them out to validators in the run, taking their verdicts, and banning a peer whose reports fail.
 
 Every function takes the connection of the write (or read) it is part of;
-:class:`coordinator.store.SQLiteStore` runs them inside one transaction with the request's nonce. The pay
+:class:`coordinator.store.SQLStore` runs them inside one transaction with the request's nonce. The pay
 rule is :func:`coordinator.runs.report_pay` and the audit decisions are :mod:`coordinator.verification`'s;
 the audits' own records, and the pay they release or void, are :mod:`coordinator.audit_store`'s. This module
 checks first that the caller is in the run (:mod:`coordinator.match_store`), and moves the run on

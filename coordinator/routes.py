@@ -101,7 +101,15 @@ ROUTES: Sequence[Route] = (
         "GET",
         "/v1/ledger/audit",
         Coordinator.ledger_audit,
-        "Holdings against deposits",
+        "Holdings against deposits, and the books against the entries added since the last audit",
+        response=LedgerAuditView,
+    ),
+    Route(
+        "POST",
+        "/v1/ledger/audit/replay",
+        Coordinator.ledger_replay,
+        "Replay every ledger entry against the books (admin: a scan of the whole ledger)",
+        auth="admin",
         response=LedgerAuditView,
     ),
     Route(

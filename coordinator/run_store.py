@@ -2,7 +2,7 @@
 views of runs with their peers, work, money and model.
 
 Every function takes the connection of the write (or read) it is part of;
-:class:`coordinator.store.SQLiteStore` runs them inside one transaction with the request's nonce. Decisions
+:class:`coordinator.store.SQLStore` runs them inside one transaction with the request's nonce. Decisions
 are :mod:`coordinator.runs`'s pure functions: this module gathers the state they need and writes what they
 return, with the reason. What a run's peers do in it is persisted beside it, each moving the run on through
 :func:`advance`: their places in it (:mod:`coordinator.match_store`), their reports and the audits of them
@@ -209,7 +209,8 @@ def run_views(conn: sqlite3.Connection, rows: Sequence[sqlite3.Row], *, one: boo
     audited: dict[tuple[str, str], tuple[int, int]] = {
         (r["run_id"], r["account"]): (r["passed"], r["failed"])
         for r in conn.execute(
-            "SELECT run_id, account, SUM(state = 'passed') AS passed, SUM(state = 'failed') AS failed"
+            "SELECT run_id, account, SUM(CASE WHEN state = 'passed' THEN 1 ELSE 0 END) AS passed,"
+            " SUM(CASE WHEN state = 'failed' THEN 1 ELSE 0 END) AS failed"
             f" FROM audits {where} GROUP BY run_id, account",
             args,
         )
@@ -228,7 +229,7 @@ def run_views(conn: sqlite3.Connection, rows: Sequence[sqlite3.Row], *, one: boo
             f"""SELECT p.run_id, p.epoch, AVG(p.loss) AS loss FROM reports p
                 JOIN (SELECT run_id, MAX(epoch) AS epoch FROM reports {where} GROUP BY run_id) last
                   ON p.run_id = last.run_id AND p.epoch = last.epoch
-                GROUP BY p.run_id""",
+                GROUP BY p.run_id, p.epoch""",
             args,
         )
     }

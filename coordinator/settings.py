@@ -84,6 +84,21 @@ class ServerSettings(BaseSettings):
     quote_history: int = Field(
         200, gt=0, description="launch --dry-run: recent accepted reports of the task that it measures."
     )
+    leader_check_interval: float = Field(
+        1.0,
+        gt=0,
+        description="Seconds between a replica's checks that it leads (PostgreSQL): a replica that dies "
+        "hands clearing and sweeps to another within about this long.",
+    )
+    db_readers: int = Field(
+        4, gt=0, description="PostgreSQL connections per replica that serve reads (writes use one more)."
+    )
+    stale_upload_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="A partial model upload untouched this long is removed (replicas share the model folder, "
+        "so one may only remove the uploads that no replica is still writing).",
+    )
 
     @property
     def lease_ttl(self) -> float:

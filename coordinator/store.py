@@ -1,5 +1,5 @@
-"""Persistence of the coordinator: the :class:`Store` interface the HTTP layer uses, and its SQLite
-implementation, which runs each request as one write (or read) of :class:`coordinator.db.Database`.
+"""Persistence of the coordinator: the :class:`Store` interface the HTTP layer uses, and its implementation,
+which runs each request as one write (or read) of a :class:`coordinator.db.Database`: SQLite or PostgreSQL.
 
 Every signed write claims its nonce in the same transaction as its effect, so a request is applied at
 most once even when it is replayed after a crash, and an acknowledged request is never lost (group
@@ -18,9 +18,9 @@ holds the upkeep that spans them all (lapse sweeps, resuming after a restart, co
 
 from __future__ import annotations
 
-import sqlite3
+import asyncio
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlparse
 
 from coordinator import (
@@ -40,9 +40,9 @@ from coordinator import (
     runs,
     sql,
 )
-from coordinator.db import Database
+from coordinator.db import Database, SQLiteDatabase
 from coordinator.leases import LeaseConfig
-from coordinator.schema import MIGRATIONS
+from coordinator.schema import postgres_migrations, sqlite_migrations
 from peer.protocol import states
 from peer.protocol.envelope import Envelope
 from peer.protocol.run_schemas import (
@@ -75,15 +75,22 @@ from peer.protocol.schemas import (
     Telemetry,
 )
 
+if TYPE_CHECKING:
+    from coordinator.postgres import Leadership
+
 
 class Store(Protocol):
-    """What the HTTP layer needs from persistence; SQLite today, PostgreSQL can implement it later."""
+    """What the HTTP layer needs from persistence."""
+
+    name: str
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
+    async def lead(self) -> bool: ...
     async def deposit(self, now: float, env: Envelope, account: str, units: int) -> AccountView: ...
     async def account(self, account: str) -> AccountView: ...
-    async def audit(self, *, replay: bool) -> ledger.Audit: ...
+    async def audit(self, *, incremental: bool) -> ledger.Audit: ...
+    async def replay_audit(self, env: Envelope) -> ledger.Audit: ...
     async def post_offer(self, now: float, env: Envelope, body: OfferBody) -> OfferResponse: ...
     async def heartbeat(
         self, now: float, env: Envelope, lease_id: str, telemetry: Telemetry | None = None
@@ -136,44 +143,66 @@ def open_store(
     *,
     synchronous: str,
     batch_max: int,
+    readers: int = 4,
     run_policy: runs.RunPolicy | None = None,
 ) -> Store:
-    """A store for ``sqlite:///PATH`` (the only backend so far); other schemes are refused by name.
+    """A store for ``sqlite:///PATH`` or ``postgresql://USER@HOST[:PORT]/DB``; other schemes are refused.
 
     As in SQLAlchemy, ``sqlite:///market.db`` is relative to the working directory and
-    ``sqlite:////var/lib/market.db`` (four slashes) is absolute.
+    ``sqlite:////var/lib/market.db`` (four slashes) is absolute. A PostgreSQL URL is libpq's (any of its
+    parameters, ``?sslmode=require`` for one); several coordinator replicas may share that database.
+    ``readers`` is the number of PostgreSQL connections that serve reads (SQLite reads on its writer).
     """
     parsed = urlparse(url)
+    if parsed.scheme in ("postgresql", "postgres"):
+        from coordinator.postgres import Leadership, PostgresDatabase  # psycopg only where it is used
+
+        db: Database = PostgresDatabase(url, postgres_migrations(), batch_max=batch_max, readers=readers)
+        return SQLStore(db, lease_config, run_policy=run_policy, leadership=Leadership(url))
     if parsed.scheme != "sqlite" or parsed.netloc or len(parsed.path) < 2:
-        raise ValueError(f"--db {url!r}: only sqlite:///PATH is supported (PostgreSQL is planned)")
+        raise ValueError(f"--db {url!r}: use sqlite:///PATH or postgresql://USER@HOST/DATABASE")
     path = Path(parsed.path[1:])
-    return SQLiteStore(
-        path, lease_config, synchronous=synchronous, batch_max=batch_max, run_policy=run_policy
-    )
+    db = SQLiteDatabase(path, sqlite_migrations(), synchronous=synchronous, batch_max=batch_max)
+    return SQLStore(db, lease_config, run_policy=run_policy)
 
 
-class SQLiteStore:
-    """The SQLite implementation of :class:`Store` (WAL mode, group commit)."""
+class SQLStore:
+    """:class:`Store` over a :class:`coordinator.db.Database`: SQLite (one process) or PostgreSQL (replicas).
+
+    ``leadership`` decides which replica runs the work that must happen once (clearing, sweeps); without
+    one (SQLite: one process per file) this process always leads.
+    """
 
     def __init__(
         self,
-        path: Path,
+        db: Database,
         lease_config: LeaseConfig,
         *,
-        synchronous: str,
-        batch_max: int,
         run_policy: runs.RunPolicy | None = None,
+        leadership: Leadership | None = None,
     ):
-        self.path = path
         self.lease_config = lease_config
         self.run_policy = run_policy or runs.RunPolicy()
-        self._db = Database(path, MIGRATIONS, synchronous=synchronous, batch_max=batch_max)
+        self._db = db
+        self._leadership = leadership
+
+    @property
+    def name(self) -> str:
+        return self._db.name
+
+    async def lead(self) -> bool:
+        """Whether this process should run the market's once-only work now (checked before each job)."""
+        if self._leadership is None:
+            return True
+        return await asyncio.to_thread(self._leadership.check)
 
     async def open(self) -> None:
         await self._db.open()
 
     async def close(self) -> None:
         await self._db.close()
+        if self._leadership is not None:
+            await asyncio.to_thread(self._leadership.close)
 
     # ------------------------------------------------------------------------------------------ accounts
 
@@ -185,8 +214,16 @@ class SQLiteStore:
     async def account(self, account: str) -> AccountView:
         return await self._db.read(lambda conn: ledger_store.account_view(conn, account))
 
-    async def audit(self, *, replay: bool) -> ledger.Audit:
-        return await self._db.read(lambda conn: ledger_store.audit(conn, replay=replay))
+    async def audit(self, *, incremental: bool) -> ledger.Audit:
+        """The books against the deposits (a read) and, ``incremental``, against the entries added since
+        the last audit (a write: it advances the running totals; see :func:`ledger_store.audit`)."""
+        if not incremental:
+            return await self._db.read(lambda conn: ledger_store.audit(conn, incremental=False))
+        return await self._db.write(lambda conn: ledger_store.audit(conn, incremental=True))
+
+    async def replay_audit(self, env: Envelope) -> ledger.Audit:
+        """Every entry replayed (admin-signed; see :func:`ledger_store.replay`)."""
+        return await self._db.write(lambda conn: ledger_store.replay(conn, env), sql.remember_refusal(env))
 
     # ------------------------------------------------------------------------------------- offers, leases
 
@@ -331,7 +368,7 @@ class SQLiteStore:
         deadline, move the runs on (a drop may pause a run; a pause or a settling may time out) and forget
         old nonces."""
 
-        def op(conn: sqlite3.Connection) -> list[leases.Lapse]:
+        def op(conn: Any) -> list[leases.Lapse]:
             active = [
                 leases.LeaseState(row["id"], row["account"], row["last_heartbeat"])
                 for row in conn.execute(
@@ -369,7 +406,7 @@ class SQLiteStore:
         clocks (pause, stall and settle deadlines): peers could neither renew nor report while the
         coordinator was down, and that is not their fault."""
 
-        def op(conn: sqlite3.Connection) -> int:
+        def op(conn: Any) -> int:
             marks = ",".join("?" * len(states.LIVE))
             conn.execute(
                 f"UPDATE runs SET state_since = ? WHERE state IN ({marks}) AND state_since < ?",
@@ -383,7 +420,7 @@ class SQLiteStore:
         return await self._db.write(op)
 
     async def counts(self) -> dict[str, int]:
-        def op(conn: sqlite3.Connection) -> dict[str, int]:
+        def op(conn: Any) -> dict[str, int]:
             counts = {
                 f"runs_{row[0]}": row[1]
                 for row in conn.execute("SELECT state, COUNT(*) FROM runs GROUP BY state")

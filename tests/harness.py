@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import psutil
+import psycopg
 
 from peer.protocol.identity import Identity, save_identity
 from peer.protocol.run_schemas import RunPeerView, RunView
@@ -222,11 +224,13 @@ class DemoProcess:
 
 @dataclass
 class CoordinatorProcess:
-    """A running ``hivemarket coordinator serve`` on a free port with its own SQLite file."""
+    """A running ``hivemarket coordinator serve`` on a free port with its own database: a SQLite file
+    (``db_path``), or the PostgreSQL database ``db_url`` names."""
 
     proc: subprocess.Popen
     url: str
     db_path: Path
+    db_url: str
     admin: Identity
     home: Path
     log: Path
@@ -244,24 +248,26 @@ class CoordinatorProcess:
 
     def restart(self, timeout: float = 60) -> CoordinatorProcess:
         """Start a new server process on the same database (the previous one must be stopped)."""
-        return start_coordinator(self.home, self.admin, db_path=self.db_path, env=self.env, timeout=timeout)
+        return start_coordinator(self.home, self.admin, db_url=self.db_url, env=self.env, timeout=timeout)
 
 
 def start_coordinator(
     home: Path,
     admin: Identity,
     *,
-    db_path: Path | None = None,
+    db_url: str | None = None,
     env: dict[str, str] | None = None,
     args: Sequence[str] = (),
     timeout: float = 60,
 ) -> CoordinatorProcess:
-    """Start the coordinator as a subprocess (own process group) and wait until it accepts requests."""
+    """Start the coordinator as a subprocess (own process group) and wait until it accepts requests; its
+    database is ``db_url``, by default a SQLite file in ``home``."""
     home.mkdir(parents=True, exist_ok=True)
     admin_key = home / "admin.pem"
     if not admin_key.exists():
         save_identity(admin, admin_key)
-    db_path = db_path or home / "coordinator.db"
+    db_path = home / "coordinator.db"
+    db_url = db_url or f"sqlite:///{db_path}"
     run_env = env if env is not None else cli_env(home)
     log = home / f"coordinator-{time.monotonic_ns()}.log"
     with log.open("w") as out:
@@ -275,7 +281,7 @@ def start_coordinator(
                 "--port",
                 "0",
                 "--db",
-                f"sqlite:///{db_path}",
+                db_url,
                 "--admin-key",
                 str(admin_key),
                 *args,
@@ -297,7 +303,17 @@ def start_coordinator(
     except BaseException:
         kill_group(proc.pid)
         raise
-    return CoordinatorProcess(proc, url, db_path, admin, home, log, run_env)
+    return CoordinatorProcess(proc, url, db_path, db_url, admin, home, log, run_env)
+
+
+def query_db(url: str, query: str) -> list[tuple[Any, ...]]:
+    """The rows of ``query`` on a coordinator's database (``sqlite:///PATH`` or ``postgresql://...``), for a
+    test that checks what was stored."""
+    if url.startswith("sqlite:///"):
+        with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as db:
+            return db.execute(query).fetchall()
+    with psycopg.connect(url) as db:
+        return [tuple(row) for row in db.execute(query).fetchall()]
 
 
 def peer_view(account: str, state: str = "active", matched_at: float = 1.0, **changes: Any) -> RunPeerView:

@@ -157,7 +157,10 @@ async def test_msgpack_and_json_clients_get_the_same_models(coordinator: Coordin
         for name in ("account", "offers", "market", "audit"):
             args = (peer.account,) if name == "account" else ()
             from_json = await getattr(as_json, name)(*args)
-            assert from_json == await getattr(as_msgpack, name)(*args), name
+            from_msgpack = await getattr(as_msgpack, name)(*args)
+            if name == "audit":  # each audit checks the entries new since the last one: the first checked all
+                from_msgpack = from_msgpack.model_copy(update={"entries_checked": from_json.entries_checked})
+            assert from_json == from_msgpack, name
         assert (await as_msgpack.offers())[0] == posted.offer
         async with (
             aiohttp.ClientSession() as raw,

@@ -18,6 +18,7 @@ from coordinator.routes import ROUTES
 from peer.protocol.envelope import NONCE_HEADER, sign_request
 from peer.protocol.identity import Identity, save_identity
 from peer.protocol.schemas import TIME_HEADER
+from tests.conftest import Databases
 from tests.harness import CoordinatorProcess, cli_env, minimal_spec, run_cli, start_coordinator, wait_until
 
 HEARTBEAT = 0.5
@@ -25,7 +26,7 @@ H100 = {"gpu": "H100", "gpu_count": 1, "vram_gb": 80.0, "tflops": 400.0, "ram_gb
 A10 = {"gpu": "A10", "gpu_count": 1, "vram_gb": 24.0, "tflops": 60.0, "ram_gb": 64.0, "cpu_cores": 8}
 
 
-def _start(home: Path) -> CoordinatorProcess:
+def _start(home: Path, db_url: str | None) -> CoordinatorProcess:
     """Fast leases, small limits, no automatic clearing (tests clear on demand)."""
     env = cli_env(
         home,
@@ -36,13 +37,13 @@ def _start(home: Path) -> CoordinatorProcess:
         HIVEMARKET_RATE_LIMIT_PER_SECOND="5",
         HIVEMARKET_MAX_BODY_BYTES="4096",
     )
-    return start_coordinator(home, Identity.generate(), env=env)
+    return start_coordinator(home, Identity.generate(), env=env, db_url=db_url)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoordinatorProcess]:
+def server(tmp_path_factory: pytest.TempPathFactory, databases: Databases) -> Iterator[CoordinatorProcess]:
     """One server for most of the module's tests (each test uses fresh accounts)."""
-    process = _start(tmp_path_factory.mktemp("coordinator"))
+    process = _start(tmp_path_factory.mktemp("coordinator"), databases.url())
     try:
         yield process
     finally:
@@ -56,9 +57,9 @@ async def api(server: CoordinatorProcess) -> AsyncIterator[Api]:
 
 
 @pytest.fixture
-async def own_api(tmp_path: Path) -> AsyncIterator[Api]:
+async def own_api(tmp_path: Path, databases: Databases) -> AsyncIterator[Api]:
     """A server of the test's own, for tests that need the whole market to themselves."""
-    process = _start(tmp_path)
+    process = _start(tmp_path, databases.url())
     try:
         async with aiohttp.ClientSession() as session:
             yield Api(process, session)
@@ -449,10 +450,13 @@ async def test_metrics_show_the_named_series(api: Api) -> None:
         assert name in text, name
 
 
-def test_restart_keeps_everything_acknowledged(tmp_path: Path) -> None:
-    """A clean restart on the same SQLite file: accounts, offers and leases are all still there."""
+def test_restart_keeps_everything_acknowledged(tmp_path: Path, databases: Databases) -> None:
+    """A clean restart on the same database: accounts, offers and leases are all still there."""
     server = start_coordinator(
-        tmp_path, Identity.generate(), env=cli_env(tmp_path, HIVEMARKET_HEARTBEAT_INTERVAL="5")
+        tmp_path,
+        Identity.generate(),
+        env=cli_env(tmp_path, HIVEMARKET_HEARTBEAT_INTERVAL="5"),
+        db_url=databases.url(),
     )
     peer, alice = Identity.generate(), Identity.generate()
 
@@ -516,7 +520,13 @@ def test_serve_refuses_bad_input_with_one_line(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
         cases = {
             f"--port {port} on 127.0.0.1 is already in use": ["--port", str(port)],
-            "only sqlite:///PATH is supported": ["--port", "0", "--db", "postgresql://db/market"],
+            "use sqlite:///PATH or postgresql://USER@HOST/DATABASE": ["--port", "0", "--db", "mysql://db/m"],
+            f"cannot connect to the database postgresql://me:***@127.0.0.1:{port}/m": [
+                "--port",
+                "0",
+                "--db",
+                f"postgresql://me:secret@127.0.0.1:{port}/m?connect_timeout=2",
+            ],
             "does not exist": ["--port", "0", "--admin-key", str(tmp_path / "nope.pem")],
             "cannot open the database /proc/nope/m.db": ["--port", "0", "--db", "sqlite:////proc/nope/m.db"],
         }

@@ -2,7 +2,7 @@
 
 Each cycle pre-signs a burst of concurrent requests (admin deposits into three accounts and launcher
 escrows into new runs), fires it at the real server, SIGKILLs the server while requests are in flight,
-restarts it on the same SQLite file and checks that:
+restarts it on the same database (a SQLite file; a PostgreSQL database) and checks that:
 
 - every acknowledged (2xx) request is there: deposits are in the balances, acknowledged runs exist;
 - nothing is there twice, and replaying every pre-signed request of the cycle (byte for byte, same
@@ -28,6 +28,7 @@ import statistics
 import time
 import urllib.parse
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ import pytest
 from peer.protocol.envelope import sign_request
 from peer.protocol.identity import Identity
 from peer.protocol.money import UNIT, format_units
+from tests.conftest import Databases
 from tests.harness import (
     CoordinatorProcess,
     cli_env,
@@ -106,20 +108,25 @@ def _presign_cycle(cycle: int, admin: Identity, launcher: Identity, accounts: li
 
 
 async def _send_all(
-    url: str, requests: list[Signed], kill: tuple[int, int, float] | None = None, spread: float = 0.0
+    url: str | Sequence[str],
+    requests: list[Signed],
+    kill: tuple[int, int, float] | None = None,
+    spread: float = 0.0,
 ) -> list[Outcome]:
-    """POST every request concurrently, each starting at a random moment within ``spread`` seconds.
+    """POST every request concurrently, each starting at a random moment within ``spread`` seconds; with
+    several URLs (coordinator replicas), the i-th request goes to the (i mod n)-th.
 
     With ``kill=(pid, after_acks, delay)``, SIGKILL ``pid`` once ``after_acks`` requests were
     acknowledged (0: right away) and ``delay`` more seconds passed.
     """
+    urls = [url] if isinstance(url, str) else list(url)
     acknowledged = asyncio.Event()
     acks = 0
     timeout = aiohttp.ClientTimeout(total=30)
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
-        async def send(request: Signed) -> Outcome:
+        async def send(request: Signed, url: str) -> Outcome:
             nonlocal acks
             outcome = Outcome(None)
             if spread:
@@ -146,7 +153,7 @@ async def _send_all(
             await asyncio.sleep(delay)
             os.kill(pid, signal.SIGKILL)
 
-        sends = [asyncio.create_task(send(r)) for r in requests]
+        sends = [asyncio.create_task(send(r, urls[i % len(urls)])) for i, r in enumerate(requests)]
         if kill is not None:
             await killer(*kill)
         return list(await asyncio.gather(*sends))
@@ -193,14 +200,16 @@ def _sigkill_and_reap(server: CoordinatorProcess) -> None:
 
 
 @pytest.mark.timeout(240)
-def test_sigkill_during_concurrent_deposits_and_escrows_loses_nothing_acknowledged(tmp_path: Path) -> None:
+def test_sigkill_during_concurrent_deposits_and_escrows_loses_nothing_acknowledged(
+    tmp_path: Path, databases: Databases
+) -> None:
     rng_seed = int(os.environ.get("HIVEMARKET_CRASH_SEED", time.time_ns() % 2**32))
     random.seed(rng_seed)
     admin, launcher = Identity.generate(), Identity.generate()
     others = [Identity.generate().account for _ in range(2)]
     accounts = [launcher.account, *others]
     home = tmp_path / "coordinator"
-    server = start_coordinator(home, admin, env=cli_env(home, **NO_RATE_LIMIT))
+    server = start_coordinator(home, admin, env=cli_env(home, **NO_RATE_LIMIT), db_url=databases.url())
 
     # What every account holds once each cycle is settled (all its requests applied exactly once).
     deposited = dict.fromkeys(accounts, 0)

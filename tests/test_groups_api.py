@@ -6,7 +6,6 @@ gives a new version. The market, its peers and fast leases are tests/test_runs_a
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,14 +15,18 @@ import pytest
 
 from peer.launch import print_run
 from peer.protocol.run_schemas import CheckinBody, GroupView, RendezvousGetBody, RendezvousSetBody, RunView
+from tests.conftest import Databases
+from tests.harness import query_db
 from tests.test_runs_api import AUDITED, Market, Peer, _answer, own_market, refused, report
 
 REGROUP = 0.3  # seconds the survivors of a failed version wait for a silent member
 
 
 @pytest.fixture
-async def market(tmp_path: Path) -> AsyncIterator[Market]:
-    async with own_market(tmp_path, "100", HIVEMARKET_GROUP_REGROUP_SECONDS=str(REGROUP)) as market:
+async def market(tmp_path: Path, databases: Databases) -> AsyncIterator[Market]:
+    async with own_market(
+        tmp_path, databases, "100", HIVEMARKET_GROUP_REGROUP_SECONDS=str(REGROUP)
+    ) as market:
         yield market
 
 
@@ -189,8 +192,7 @@ async def test_members_write_their_own_keys_and_read_the_others(market: Market) 
             await refused(waiting, 409, "stale_version", "version")
             assert time.monotonic() - started < 1.0
             assert await first.client.rendezvous_get(run.id, 3, ["shared", "pg/0", "pg/1"], 0) == {}
-            with sqlite3.connect(market.server.db_path) as db:
-                assert db.execute("SELECT version FROM rendezvous_keys").fetchall() == []
+            assert query_db(market.server.db_url, "SELECT version FROM rendezvous_keys") == []
 
 
 async def test_rendezvous_bodies_are_checked_field_by_field(market: Market) -> None:

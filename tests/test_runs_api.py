@@ -22,17 +22,18 @@ from typing import Any
 import aiohttp
 import pytest
 
-from coordinator.db import Database
+from coordinator.db import SQLiteDatabase
 from coordinator.leases import LeaseConfig
 from coordinator.runs import RunPolicy
-from coordinator.schema import MIGRATIONS
-from coordinator.store import SQLiteStore
+from coordinator.schema import sqlite_migrations
+from coordinator.store import open_store
 from peer.protocol.client import ClientSettings, CoordinatorClient, CoordinatorError
 from peer.protocol.envelope import sign_request
 from peer.protocol.identity import Identity
 from peer.protocol.money import UNIT, from_units, to_units
 from peer.protocol.run_schemas import AuditResultBody, MicroBatch, ReportBody, RunBody, RunPeerView, RunView
 from peer.protocol.schemas import SHA256_HEADER, HardwareSummary, OfferBody
+from tests.conftest import Databases
 from tests.harness import CoordinatorProcess, cli_env, group_members, minimal_spec, start_coordinator
 
 HEARTBEAT = 0.5  # lease TTL 1.5 s
@@ -49,9 +50,11 @@ FAST = ClientSettings(retries=2, retry_backoff=0.05, retry_backoff_max=0.2, requ
 H100 = HardwareSummary(gpu="H100", gpu_count=1, vram_gb=80.0, tflops=400.0, ram_gb=256.0, cpu_cores=32)
 
 
-def start(tmp_path: Path, **env: str) -> CoordinatorProcess:
+def start(tmp_path: Path, db_url: str | None, **env: str) -> CoordinatorProcess:
     home = tmp_path / "coordinator"
-    return start_coordinator(home, Identity.generate(), env=cli_env(home, **{**SERVER_ENV, **env}))
+    return start_coordinator(
+        home, Identity.generate(), env=cli_env(home, **{**SERVER_ENV, **env}), db_url=db_url
+    )
 
 
 def stop(server: CoordinatorProcess) -> None:
@@ -61,8 +64,8 @@ def stop(server: CoordinatorProcess) -> None:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[CoordinatorProcess]:
-    process = start(tmp_path)
+def server(tmp_path: Path, databases: Databases) -> Iterator[CoordinatorProcess]:
+    process = start(tmp_path, databases.url())
     try:
         yield process
     finally:
@@ -192,9 +195,9 @@ async def market_on(server: CoordinatorProcess, funds: str) -> AsyncIterator[Mar
 
 
 @contextlib.asynccontextmanager
-async def own_market(tmp_path: Path, funds: str, **env: str) -> AsyncIterator[Market]:
+async def own_market(tmp_path: Path, databases: Databases, funds: str, **env: str) -> AsyncIterator[Market]:
     """A market on a server of its own, started with ``env`` (shorter timeouts, say), stopped after."""
-    server = start(tmp_path, **env)
+    server = start(tmp_path, databases.url(), **env)
     try:
         async with market_on(server, funds) as market:
             yield market
@@ -589,9 +592,9 @@ async def test_target_settles_then_the_model_finishes_the_run(market: Market, tm
         await market.conserved()
 
 
-async def test_settle_timeout_finishes_without_a_model(tmp_path: Path) -> None:
+async def test_settle_timeout_finishes_without_a_model(tmp_path: Path, databases: Databases) -> None:
     async with (
-        own_market(tmp_path, "10", HIVEMARKET_SETTLE_TIMEOUT="1") as market,
+        own_market(tmp_path, databases, "10", HIVEMARKET_SETTLE_TIMEOUT="1") as market,
         Peer(market.server.url) as a,
     ):
         run = await market.launch(target=4, budget="10")
@@ -609,7 +612,7 @@ async def test_settle_timeout_finishes_without_a_model(tmp_path: Path) -> None:
 async def test_an_existing_database_migrates(tmp_path: Path) -> None:
     """A database made by the first schema opens with the second: old runs get no target and a state date."""
     path = tmp_path / "old.db"
-    old = Database(path, MIGRATIONS[:1], synchronous="NORMAL", batch_max=8)
+    old = SQLiteDatabase(path, sqlite_migrations()[:1], synchronous="NORMAL", batch_max=8)
     await old.open()
     spec = json.dumps({"name": "legacy"})
     await old.write(
@@ -626,8 +629,8 @@ async def test_an_existing_database_migrates(tmp_path: Path) -> None:
         )
     )
     await old.close()
-    store = SQLiteStore(
-        path, LeaseConfig(1.0, 3.0), synchronous="NORMAL", batch_max=8, run_policy=RunPolicy()
+    store = open_store(
+        f"sqlite:///{path}", LeaseConfig(1.0, 3.0), synchronous="NORMAL", batch_max=8, run_policy=RunPolicy()
     )
     await store.open()
     try:
@@ -797,10 +800,12 @@ async def test_failed_audits_void_the_pay_and_ban_the_cheat(market: Market) -> N
         await market.conserved()
 
 
-async def test_audits_nobody_can_do_expire_and_the_report_stays_unpaid(tmp_path: Path) -> None:
+async def test_audits_nobody_can_do_expire_and_the_report_stays_unpaid(
+    tmp_path: Path, databases: Databases
+) -> None:
     env = {"HIVEMARKET_AUDIT_TIMEOUT": "1", "HIVEMARKET_AUDIT_CLAIM_TIMEOUT": "0.5"}
     async with (
-        own_market(tmp_path, "10", **env) as market,
+        own_market(tmp_path, databases, "10", **env) as market,
         Peer(market.server.url) as a,
         Peer(market.server.url) as b,
         Peer(market.server.url) as c,

@@ -1,0 +1,251 @@
+"""The PostgreSQL engine: the store's SQL run through psycopg 3, for coordinator replicas that share a server.
+
+Why psycopg 3 (synchronous) and not asyncpg: the store modules are synchronous functions of a connection,
+run on a worker thread, so that one function reads the state it decides on and writes the decision in one
+transaction; psycopg's blocking API keeps that shape (asyncpg would turn every store function into a
+coroutine), and its C build measured within the bench's noise of SQLite (bench/coordinator_load.py).
+
+How it keeps SQLite's guarantees:
+
+- **Serialised writes.** Every write transaction first takes one transaction-scoped advisory lock
+  (:data:`WRITE_LOCK`), so writes from all replicas run one at a time, as SQLite's single writer does: a
+  store function that reads a balance and writes it back cannot lose an update. Group commit
+  (:class:`coordinator.db.Database`) makes one lock and one commit serve a batch of requests.
+- **Consistent reads.** Each read runs in a REPEATABLE READ, READ ONLY transaction on a pool of reader
+  connections (reads do not queue behind writes, and a read sees one snapshot across its statements).
+- **The same SQL.** :class:`Connection` takes the store's ``?`` placeholders (bound client-side, so the
+  server sees literals and types them as SQLite would), returns rows addressable by name and position like
+  ``sqlite3.Row``, and loads NUMERIC (what PostgreSQL's SUM of BIGINT returns) as ``int`` or ``float``.
+- **Leadership.** Work that must run once across replicas (clearing, sweeps) runs on the replica that
+  holds the session advisory lock :data:`LEADER_LOCK` (:class:`Leadership`); PostgreSQL releases it the
+  moment that replica's connection closes, which a SIGKILL does at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg.adapt import Loader
+from psycopg.pq import TransactionStatus
+
+from coordinator.db import Database, Migration, Operation, StoreUnavailable, T
+
+logger = logging.getLogger(__name__)
+
+WRITE_LOCK = 0x6869766501  # "hive" 1: held by every write transaction, across every replica
+LEADER_LOCK = 0x6869766502  # "hive" 2: held by the replica that clears the market and sweeps leases
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _one_line(error: Exception) -> str:
+    """libpq's messages span lines (a hint on the second); errors here are one line each."""
+    return " ".join(str(error).split())
+
+
+@functools.lru_cache(maxsize=4096)
+def _pyformat(query: str) -> str:
+    """The store's ``?`` placeholders as psycopg's ``%s``; a literal ``%`` (in LIKE patterns) doubled."""
+    out: list[str] = []
+    quoted = False
+    for ch in query:
+        if ch == "'":
+            quoted = not quoted
+        if ch == "%":
+            out.append("%%")
+        elif ch == "?" and not quoted:
+            out.append("%s")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+class Row:
+    """A result row addressable as ``row["column"]``, ``row[0]`` and by unpacking, as ``sqlite3.Row`` is."""
+
+    __slots__ = ("_index", "_values")
+
+    def __init__(self, index: dict[str, int], values: Sequence[Any]):
+        self._index = index
+        self._values = values
+
+    def __getitem__(self, key: str | int) -> Any:
+        return self._values[self._index[key] if isinstance(key, str) else key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+
+def _row_factory(cursor: psycopg.Cursor) -> Any:
+    index = {column.name: i for i, column in enumerate(cursor.description or ())}
+    return lambda values: Row(index, values)
+
+
+class _NumberLoader(Loader):
+    """NUMERIC as ``int`` when whole, else ``float``: SQLite has no decimals, and the store's code does
+    integer arithmetic on SUMs of BIGINT columns (which PostgreSQL returns as NUMERIC)."""
+
+    def load(self, data: Any) -> int | float:
+        text = bytes(data).decode()
+        return float(text) if any(c in text for c in ".eEN") else int(text)
+
+
+class Connection:
+    """A psycopg connection that speaks the store's SQL (the subset of ``sqlite3.Connection`` it uses)."""
+
+    def __init__(self, raw: psycopg.Connection):
+        self.raw = raw
+
+    def execute(self, query: str, params: Sequence[Any] = ()) -> psycopg.ClientCursor:
+        cursor = self.raw.cursor()
+        if params:
+            cursor.execute(_pyformat(query), params)
+        else:
+            cursor.execute(query)
+        return cursor
+
+    def executemany(self, query: str, rows: Sequence[Sequence[Any]]) -> None:
+        self.raw.cursor().executemany(_pyformat(query), rows)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.raw.info.transaction_status != TransactionStatus.IDLE
+
+    @property
+    def closed(self) -> bool:
+        return self.raw.closed
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def connect(url: str) -> Connection:
+    """A connection in autocommit mode (the engine issues BEGIN and COMMIT itself), binding parameters
+    client-side; :class:`StoreUnavailable` names the server (without its password) and why."""
+    try:
+        raw = psycopg.connect(
+            url, autocommit=True, cursor_factory=psycopg.ClientCursor, row_factory=_row_factory
+        )
+    except psycopg.Error as e:
+        raise StoreUnavailable(f"cannot connect to the database {redact(url)}: {_one_line(e)}") from None
+    raw.adapters.register_loader("numeric", _NumberLoader)
+    return Connection(raw)
+
+
+class PostgresDatabase(Database):
+    """PostgreSQL behind one writer connection (group commit) and ``readers`` reader connections."""
+
+    def __init__(self, url: str, migrations: Sequence[Migration], *, batch_max: int, readers: int):
+        super().__init__(redact(url), migrations, batch_max=batch_max)
+        self.url = url
+        self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="db-reader")
+        self._local = threading.local()
+        self._reader_conns: list[Connection] = []
+        self._reader_lock = threading.Lock()
+
+    def _connect(self) -> Connection:
+        return connect(self.url)
+
+    def _open(self) -> None:
+        try:
+            super()._open()
+        except psycopg.Error as e:
+            raise StoreUnavailable(f"cannot migrate the database {self.name}: {_one_line(e)}") from None
+
+    def _begin(self, conn: Connection) -> None:
+        conn.execute("BEGIN")
+        conn.execute(f"SELECT pg_advisory_xact_lock({WRITE_LOCK})")
+
+    def _commit_batch(self, ops: list[tuple[Operation[Any], Any]]) -> list[tuple[bool, Any]]:
+        if self._conn is None or self._conn.closed:  # the server restarted or the link broke: reconnect
+            self._conn = self._connect()
+        try:
+            return super()._commit_batch(ops)
+        except psycopg.OperationalError as e:
+            self._conn.close()
+            raise StoreUnavailable(f"lost the database {self.name}: {_one_line(e)}") from None
+
+    async def read(self, op: Operation[T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._readers, self._read, op)
+
+    def _read(self, op: Operation[T]) -> T:
+        conn: Connection | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            conn = self._local.conn = self._connect()
+            with self._reader_lock:
+                self._reader_conns.append(conn)
+        try:
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            try:
+                return op(conn)
+            finally:
+                if conn.in_transaction and not conn.closed:
+                    conn.execute("ROLLBACK")
+        except psycopg.OperationalError as e:
+            conn.close()
+            raise StoreUnavailable(f"lost the database {self.name}: {_one_line(e)}") from None
+
+    async def close(self) -> None:
+        await super().close()
+        self._readers.shutdown(wait=True)
+        with self._reader_lock:
+            for conn in self._reader_conns:
+                conn.close()
+
+
+class Leadership:
+    """Whether this replica leads: holds :data:`LEADER_LOCK` on a connection of its own.
+
+    A session advisory lock lives as long as the connection that took it, so a replica that dies (its
+    socket closes) hands leadership on without any timeout; :meth:`check` runs on a worker thread each
+    time the replica's background jobs are due, and reconnects and retries when the connection is gone.
+    """
+
+    def __init__(self, url: str):
+        self.url = url
+        self._conn: Connection | None = None
+        self._held = False
+
+    def check(self) -> bool:
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn, self._held = connect(self.url), False
+            if self._held:
+                self._conn.execute("SELECT 1")
+            else:
+                self._held = bool(
+                    self._conn.execute(f"SELECT pg_try_advisory_lock({LEADER_LOCK})").fetchone()[0]
+                )
+        except (psycopg.Error, StoreUnavailable) as e:
+            logger.warning(f"Lost the leadership connection to {redact(self.url)}: {e}")
+            if self._conn is not None:
+                self._conn.close()
+            self._conn, self._held = None, False
+        return self._held
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn, self._held = None, False
