@@ -155,7 +155,12 @@ def open_store(
     """
     parsed = urlparse(url)
     if parsed.scheme in ("postgresql", "postgres"):
-        from coordinator.postgres import Leadership, PostgresDatabase  # psycopg only where it is used
+        try:  # psycopg only where it is used: the postgres extra
+            from coordinator.postgres import Leadership, PostgresDatabase
+        except ImportError as e:
+            raise ValueError(
+                f"--db {url!r}: PostgreSQL needs psycopg ({e}): pip install 'hivemarket[postgres]'"
+            ) from None
 
         db: Database = PostgresDatabase(url, postgres_migrations(), batch_max=batch_max, readers=readers)
         return SQLStore(db, lease_config, run_policy=run_policy, leadership=Leadership(url))
