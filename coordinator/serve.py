@@ -39,7 +39,8 @@ def coordinator_group() -> None:
 @click.option(
     "--db",
     "db_url",
-    help="sqlite:///RELATIVE or sqlite:////ABSOLUTE path [default: $HIVEMARKET_HOME/coordinator.db].",
+    help="sqlite:///RELATIVE or sqlite:////ABSOLUTE path, or postgresql://USER@HOST[:PORT]/DATABASE "
+    "(replicas may share it) [default: sqlite:///$HIVEMARKET_HOME/coordinator.db].",
 )
 @click.option(
     "--admin-key",
@@ -87,6 +88,7 @@ def serve(
             LeaseConfig(settings.heartbeat_interval, settings.lease_ttl),
             synchronous=sqlite_synchronous,
             batch_max=settings.write_batch_max,
+            readers=settings.db_readers,
             run_policy=RunPolicy(
                 settle_timeout=settings.settle_timeout,
                 stall_timeout=settings.stall_timeout,

@@ -31,7 +31,7 @@ class ServerSettings(BaseSettings):
     sweep_interval: float = Field(1.0, gt=0, description="Seconds between checks for lapsed leases.")
     rate_limit_per_second: float = Field(50.0, gt=0, description="Sustained signed requests per account.")
     rate_limit_burst: float = Field(100.0, gt=0, description="Requests an account may send at once.")
-    write_batch_max: int = Field(512, gt=0, description="Most writes committed in one SQLite transaction.")
+    write_batch_max: int = Field(512, gt=0, description="Most writes committed in one database transaction.")
     market_history: int = Field(50, gt=0, description="Clearing rounds kept for /v1/market.")
     dashboard_refresh: float = Field(
         2.0, gt=0, description="Seconds between the web dashboard's live updates."
