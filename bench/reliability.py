@@ -154,19 +154,11 @@ class LabDemo(Demo):
         )
         trial.seconds = (left_running or time.time()) - first_round
         trial.samples = view.samples
-        # The event logs first: a report acknowledged by then is listed by the coordinator (a run still
-        # training acknowledges more meanwhile; listed first, those would look lost).
-        acknowledged = set()
-        for account, name in self.names().items():
-            events = self.events(name)
-            acknowledged |= {(account, e["epoch"]) for e in events if e["event"] == "report_accepted"}
-            epochs = [e for e in events if e["event"] == "epoch"]
+        for name in self.names().values():
+            epochs = [e for e in self.events(name) if e["event"] == "epoch"]
             trial.epochs_lost += sum(e["outcome"] in ("redo", "caught_up", "skipped") for e in epochs)
             trial.stall = max([trial.stall, *(e["round_s"] for e in epochs)])
-        reports = self.ask(lambda c: c.reports(self.run_id))
-        listed = [(r.account, r.epoch) for r in reports]
-        trial.doubled = len(listed) - len(set(listed))
-        trial.data_lost = len(acknowledged - set(listed))
+        trial.data_lost, trial.doubled = self.reports_lost_and_doubled()
         trial.conserved = self.ask(lambda c: c.audit()).conserved
         return trial
 

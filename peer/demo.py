@@ -193,8 +193,8 @@ class Demo:
         The peers (and any other process but the coordinator) stop together, then the coordinator, so
         that a peer's last words still reach it. A peer takes seconds to stop (3 to 7 s measured: its
         trainer, DHT and p2pd): one after the other, 3 peers took 17 s to stop; together, 7 s."""
-        last = [c for c in reversed(self.children) if c.name == "coordinator"]
-        first = [c for c in reversed(self.children) if c.name != "coordinator"]
+        last = [c for c in reversed(self.children) if c.name.startswith("coordinator")]
+        first = [c for c in reversed(self.children) if not c.name.startswith("coordinator")]
         timeout = self.settings.shutdown_timeout
         if first:
             with ThreadPoolExecutor(len(first)) as pool:
@@ -230,7 +230,10 @@ class Demo:
 
     # ------------------------------------------------------------------------------------------ steps
 
-    def start_coordinator(self) -> str:
+    def start_coordinator(self, db_url: str | None = None, replicas: int = 1) -> str:
+        """Start the market: ``replicas`` coordinator processes on ``db_url`` (default: a SQLite file in the
+        demo's folder, which only one process may serve); its URL, or the replicas' URLs joined by commas
+        (what ``--coordinator`` takes)."""
         from peer.data.examples import build_example
 
         report = build_example(self.dataset, self.tmp / self.dataset, shard_bytes=1 << 20)
@@ -248,22 +251,29 @@ class Demo:
             "--port",
             str(self.coordinator_port),
             "--db",
-            f"sqlite:///{self.tmp / 'market.db'}",
+            db_url or f"sqlite:///{self.tmp / 'market.db'}",
             "--admin-key",
             str(self.tmp / "admin.pem"),
             "--dataset",
             str(self.tmp / self.dataset),
         ]
-        self.url = self.serve()
-        self.echo(f"coordinator {self.url} (SQLite in {self.tmp})")
+        self.url = ",".join(
+            self.serve("coordinator" if i == 0 else f"coordinator-{i}") for i in range(replicas)
+        )
+        self.echo(
+            f"coordinator {self.url} ({'SQLite in ' + str(self.tmp) if db_url is None else 'PostgreSQL'})"
+        )
         self.echo(f"dashboard {self.url}/ (open it in a browser to watch the market and the run)")
         return self.url
 
-    def serve(self) -> str:
-        """Start the coordinator process (again, after a crash: same database and port); its URL."""
-        log = self.tmp / "coordinator.log"
+    def serve(self, name: str = "coordinator") -> str:
+        """Start a coordinator process ``name`` (again, after a crash: same database and port); its URL."""
+        log = self.tmp / f"{name}.log"
         before = log.read_text().count("listening on") if log.exists() else 0
-        child = self._spawn("coordinator", self.coordinator_args, self.tmp / "coordinator")
+        # Replicas share the model folder as they share the database.
+        child = self._spawn(
+            name, self.coordinator_args, self.tmp / name, HIVEMARKET_MODEL_DIR=str(self.tmp / "models")
+        )
 
         def listening() -> str | None:
             found = re.findall(r"listening on (http://\S+)", child.log.read_text())
@@ -339,7 +349,7 @@ class Demo:
         offers = self.ask(lambda c: c.offers())
         dearest = max(o.price_per_hour / Decimal(o.tflops * o.reliability) for o in offers)
         body = RunBody(
-            spec=resolve_spec(spec, self.url)[0],
+            spec=resolve_spec(spec, self.url.split(",")[0])[0],  # replicas serve the same dataset
             # to the micro-unit, rounded up: a GPU's price per TFLOP-hour is a fraction of a cent
             max_price=f"{(dearest * bid_over_asks).quantize(Decimal(1).scaleb(-PLACES), ROUND_CEILING)}",
             peers_min=peers_min,
@@ -386,6 +396,20 @@ class Demo:
 
         live = [p for p in live_peers(view) if p.account not in self.cheats]
         return live[-1].account if len(live) > 1 else None
+
+    def reports_lost_and_doubled(self) -> tuple[int, int]:
+        """(reports the coordinator acknowledged to a peer but does not list, reports it lists twice).
+
+        The peers' event logs are read first: a report acknowledged by then is listed by the coordinator
+        (a run still training acknowledges more meanwhile; listed first, those would look lost)."""
+        acknowledged = {
+            (account, e["epoch"])
+            for account, name in self.names().items()
+            for e in self.events(name)
+            if e["event"] == "report_accepted"
+        }
+        listed = [(r.account, r.epoch) for r in self.ask(lambda c: c.reports(self.run_id))]
+        return len(acknowledged - set(listed)), len(listed) - len(set(listed))
 
     def evaluate(self, run: RunView) -> dict[str, float]:
         from peer.data.reader import DatasetReader

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import signal
 import time
 import urllib.request
 from collections import Counter
@@ -22,11 +23,13 @@ from pathlib import Path
 
 import pytest
 
+from peer.demo import Demo
 from peer.protocol.client import CoordinatorClient
 from peer.protocol.identity import Identity
 from peer.protocol.money import UNIT, format_units
-from peer.protocol.run_schemas import RunBody
+from peer.protocol.run_schemas import RunBody, RunView
 from peer.protocol.schemas import OfferBody
+from peer.protocol.states import ENDED
 from tests.harness import CoordinatorProcess, cli_env, minimal_spec, start_coordinator, wait_until
 from tests.postgres import PostgresServer
 from tests.test_coordinator_crash import (
@@ -216,3 +219,54 @@ def test_replicas_share_one_database_and_survive_a_sigkill_mid_burst(
     finally:
         for server in servers:
             server.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_training_peer_keeps_reporting_when_the_replica_it_talks_to_dies(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    """Two renting peers train a digits run against two replicas; the replica they talk to (the first URL)
+    is SIGKILLed mid-run and not restarted: their reports go to the other, the run finishes, and no report
+    the coordinator acknowledged is lost or listed twice. (A client keeps to the URL that answered last, so
+    until the kill every request of the peers went to the first replica.)"""
+    demo = Demo(2, False, lambda _line: None, timeout=240, folder=tmp_path / "demo")
+    try:
+        demo.start_coordinator(postgres_server.database(), replicas=2)
+        demo.fund_launcher()
+        for _ in range(2):
+            demo.add_peer()
+        demo.wait_offers(2)
+        demo.launch(2, 2, changes={"stop": {"epochs": 8}})
+        view = demo.wait(
+            "a fifth of the samples",
+            lambda: v if (v := demo_view(demo)).samples >= v.target_samples / 5 else None,
+        )
+        assert view.state == "running", view
+        first = next(c for c in demo.children if c.name == "coordinator")
+        demo.dropped_names.add(first.name)
+        first.kill_group(signal.SIGKILL)
+        killed = time.time()
+        names = list(demo.names().values())
+        demo.wait(
+            "a report accepted by the surviving replica",
+            lambda: (
+                True
+                if any(
+                    e["event"] == "report_accepted" and e["time"] > killed
+                    for n in names
+                    for e in demo.events(n)
+                )
+                else None
+            ),
+        )
+        final = demo.wait("the run to end", lambda: v if (v := demo_view(demo)).state in ENDED else None)
+        assert final.state == "finished" and final.model is not None, final
+        assert demo.reports_lost_and_doubled() == (0, 0)
+        assert demo.ask(lambda c: c.audit()).conserved
+    finally:
+        survivors = demo.close()
+    assert not survivors, survivors
+
+
+def demo_view(demo: Demo) -> RunView:
+    return demo.ask(lambda c: c.run(demo.run_id))
