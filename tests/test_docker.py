@@ -7,12 +7,14 @@ must name a real `hivemarket` command whose options click accepts, and is then *
 virtualenv with a temporary folder standing in for the image's volume: the coordinator image's command
 must answer /healthz (and the images' health checks must pass against it), the peer image's command must
 post an offer to it, and both must come back as the same coordinator and account from the same volume.
-compose.yml and the README's `docker` commands are checked against the same commands, with their
-environment.
+The coordinator image's command also runs as compose.yml's two replicas do: twice at once on one volume
+and one PostgreSQL database (a throwaway server, tests/postgres.py). compose.yml and the README's `docker`
+commands are checked against the same commands, with their environment.
 """
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import itertools
 import json
@@ -38,10 +40,13 @@ import click
 import pytest
 import yaml
 
+from coordinator.settings import ServerSettings
 from peer.cli import main
-from peer.protocol.identity import load_identity
+from peer.protocol.client import CoordinatorClient, parse_coordinator_urls
+from peer.protocol.identity import Identity, load_identity
 from peer.protocol.money import parse_money
 from tests.harness import FAST_ENV, REPO, group_members, kill_group, marked, wait_until
+from tests.postgres import PostgresServer
 
 T = TypeVar("T")
 DOCKER = REPO / "docker"
@@ -51,6 +56,8 @@ COMPOSE = DOCKER / "compose.yml"
 COMPOSE_GPU = DOCKER / "compose.gpu.yml"
 #: The programs that may wrap the command as PID 1; the test runs what they start.
 INIT_WRAPPERS = (["tini", "--"],)
+#: What each image installs of this project: the coordinator also its PostgreSQL driver.
+PROJECT_INSTALLED = {PEER_IMAGE: ".", COORDINATOR_IMAGE: ".[postgres]"}
 
 
 # -------------------------------------------------------------------------------------------- Dockerfile
@@ -352,9 +359,13 @@ def test_dockerfile_installs_like_the_readme_and_runs_a_real_command(path: Path)
     home = image.env["HIVEMARKET_HOME"]
     assert image.volumes == [home]
     assert home not in json.dumps(image.argv), f"{home} named directly instead of as $HIVEMARKET_HOME"
-    # `pip install -c constraints.txt .` as the README does, from files that reach the build context
+    # `pip install -c constraints.txt .` as the README does (the coordinator with the postgres extra, which
+    # pyproject.toml must define), from files that reach the build context
     assert "constraints.txt" in image.copies
-    assert any(re.search(r"\bpip install\b.* -c constraints\.txt \.$", run) for run in image.runs)
+    installs = [shlex.split(run) for run in image.runs if re.search(r"\bpip install\b", run)]
+    assert [words[-3:] for words in installs] == [["-c", "constraints.txt", PROJECT_INSTALLED[path]]]
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert all(extra in extras for extra in re.findall(r"\w+", PROJECT_INSTALLED[path].strip(".[]")))
     for source in image.copies:
         assert (REPO / source).exists(), f"COPY {source}: no such file"
         assert not dockerignored(source), f"COPY {source}: left out of the build context by .dockerignore"
@@ -373,6 +384,10 @@ def test_dockerfile_installs_like_the_readme_and_runs_a_real_command(path: Path)
         assert (ctx.params["host"], ctx.params["port"]) == ("0.0.0.0", 8470)
         assert f"{ctx.params['port']}/tcp" in image.expose
         assert image.healthcheck, "the coordinator image has no HEALTHCHECK"
+        # SQLite on the volume by default; DATABASE_URL, when set, is the database instead
+        assert ctx.params["db_url"] == f"sqlite:///{image.env['HIVEMARKET_HOME']}/coordinator.db"
+        database = "postgresql://market:secret@db.example:5432/market"
+        assert long_running(image.argv, {**image.env, "DATABASE_URL": database}).params["db_url"] == database
 
 
 def test_the_peer_refuses_to_start_without_a_coordinator(tmp_path: Path) -> None:
@@ -390,10 +405,13 @@ def test_the_peer_refuses_to_start_without_a_coordinator(tmp_path: Path) -> None
 
 
 def services_and_images(compose: dict[str, Any]) -> dict[str, tuple[dict[str, Any], Path]]:
-    """Each service with the Dockerfile it is built from, which must exist, built from the repository."""
+    """Each service built from this repository, with the Dockerfile it is built from, which must exist;
+    the services that run a published image instead (PostgreSQL) are left out."""
     found = {}
     for name, service in compose["services"].items():
         build = service.get("build")
+        if build is None and name in PUBLISHED_IMAGES:
+            continue
         assert isinstance(build, dict), f"{name}: build must name the context and the Dockerfile"
         context = (COMPOSE.parent / build["context"]).resolve()
         dockerfile = (context / build.get("dockerfile", "Dockerfile")).resolve()
@@ -405,10 +423,15 @@ def services_and_images(compose: dict[str, Any]) -> dict[str, tuple[dict[str, An
 
 def service_env(image: Image, service: dict[str, Any]) -> dict[str, str]:
     """The container's environment: the image's ENV, then the service's `environment` (map or list)."""
+    return {**image.env, **compose_env(service)}
+
+
+def compose_env(service: dict[str, Any]) -> dict[str, str]:
+    """A service's `environment` (map or list) as strings."""
     given = service.get("environment") or {}
     if isinstance(given, list):
         given = dict(item.split("=", 1) for item in given)
-    return {**image.env, **{k: str(v) for k, v in given.items()}}
+    return {k: str(v) for k, v in given.items()}
 
 
 def service_argv(image: Image, service: dict[str, Any]) -> list[str]:
@@ -420,16 +443,48 @@ def service_argv(image: Image, service: dict[str, Any]) -> list[str]:
     return [*image.entrypoint, *words(service.get("command", image.cmd))]
 
 
-def test_compose_is_a_coordinator_and_three_peers_that_find_it() -> None:
-    """compose.yml builds both images from this repository, each service's command (the image's, with the
-    service's environment) parses, each keeps its state on a volume of its own, and the peers reach the
-    coordinator by its service name and port once it is healthy."""
+def service_networks(service: dict[str, Any]) -> set[str]:
+    """The networks a service joins (list or map form); compose puts a service with none on `default`."""
+    return set(service.get("networks") or ["default"])
+
+
+def mounts(service: dict[str, Any]) -> dict[str, str]:
+    """A service's volumes: the path in the container -> the named volume (or host path) mounted there."""
+    return {target: source for source, target, *_ in (v.split(":") for v in service.get("volumes", []))}
+
+
+#: The services of compose.yml that run a published image rather than one built here.
+PUBLISHED_IMAGES = {"postgres"}
+
+
+def test_compose_is_postgresql_two_coordinator_replicas_and_three_peers_that_find_them() -> None:
+    """compose.yml: PostgreSQL (the official image, healthy once pg_isready answers, its data on a named
+    volume, on a network that only the coordinators join), two replicas of the coordinator image on its
+    database (the same URL, whose user, password and database are the ones the postgres service creates)
+    sharing one volume (the admin key and the models), and three peers of the peer image, each with a
+    volume of its own, that name both replicas by service name and port and start once both are healthy.
+    Each built service's command (the image's, with the service's environment) parses with the real CLI."""
     compose = yaml.safe_load(COMPOSE.read_text())
     services = services_and_images(compose)
     coordinators = [n for n, (_, df) in services.items() if df == COORDINATOR_IMAGE]
     peers = [n for n, (_, df) in services.items() if df == PEER_IMAGE]
-    assert coordinators == ["coordinator"] and len(peers) == 3
-    assert set(services) == {*coordinators, *peers}, "a service built from neither image"
+    assert coordinators == ["coordinator-1", "coordinator-2"] and len(peers) == 3
+    assert set(compose["services"]) == {*coordinators, *peers, *PUBLISHED_IMAGES}, "an unexpected service"
+    named_volumes = set(compose.get("volumes") or {})
+
+    # PostgreSQL: a database, a user and a password of its own, data on a volume, not reachable by peers
+    postgres = compose["services"]["postgres"]
+    assert re.fullmatch(r"postgres:1[5-9](\.\d+)*", postgres["image"]), postgres["image"]
+    pg_env = compose_env(postgres)
+    assert {"POSTGRES_USER", "POSTGRES_DB", "POSTGRES_PASSWORD"} <= set(pg_env)
+    assert mounts(postgres).get("/var/lib/postgresql/data") in named_volumes, "the ledger is on no volume"
+    check = postgres["healthcheck"]["test"]
+    assert check[:2] == ["CMD", "pg_isready"], check
+    assert "ports" not in postgres, "the database must not be published on the host"
+    database_networks = service_networks(postgres)
+    assert all(compose["networks"][n].get("internal") for n in database_networks), (
+        "the database's network must be internal"
+    )
 
     volumes_used: list[str] = []
     contexts: dict[str, click.Context] = {}
@@ -440,23 +495,55 @@ def test_compose_is_a_coordinator_and_three_peers_that_find_it() -> None:
         assert not unknown, f"{name}: neither the image nor hivemarket reads {sorted(unknown)}"
         contexts[name] = ctx = long_running(service_argv(image, service), env)
         assert ctx.command_path == ("hivemarket rent" if name in peers else "hivemarket coordinator serve")
-        # each service's state on its own named volume, mounted where its HIVEMARKET_HOME is
-        mounts = {target: source for source, target, *_ in (v.split(":") for v in service["volumes"])}
-        assert env["HIVEMARKET_HOME"] in mounts, f"{name}: no volume at {env['HIVEMARKET_HOME']}"
-        volume = mounts[env["HIVEMARKET_HOME"]]
-        assert volume in (compose.get("volumes") or {}), f"{name}: {volume} is not a named volume"
+        # each service's state on a named volume, mounted where its HIVEMARKET_HOME is
+        volume = mounts(service).get(env["HIVEMARKET_HOME"])
+        assert volume in named_volumes, f"{name}: no named volume at {env['HIVEMARKET_HOME']}"
         volumes_used.append(volume)
-    assert len(set(volumes_used)) == len(volumes_used), "two services share a volume"
+        joins_database = bool(service_networks(service) & database_networks)
+        assert joins_database == (name in coordinators), (
+            f"{name}: only coordinators join the database's network"
+        )
+        assert "default" in service_networks(service), f"{name}: not on the network the market shares"
+    # the replicas share one volume (one admin key, one model folder); every peer has one of its own
+    assert len(set(volumes_used[:2])) == 1 and len(set(volumes_used)) == len(peers) + 1, volumes_used
 
-    coordinator, _ = services["coordinator"]
-    port = contexts["coordinator"].params["port"]
-    assert any(str(p).endswith(f":{port}") for p in coordinator.get("ports", [])), "not published"
-    assert coordinator["healthcheck"]["test"][0] == "CMD"
+    # the replicas: one database, the postgres service's, and one admin key and model folder
+    urls = {contexts[n].params["db_url"] for n in coordinators}
+    assert len(urls) == 1, f"the replicas use different databases: {urls}"
+    database = urlsplit(urls.pop())
+    assert database.scheme == "postgresql" and (database.hostname, database.port) == ("postgres", 5432)
+    assert (database.username, database.password, database.path) == (
+        pg_env["POSTGRES_USER"],
+        pg_env["POSTGRES_PASSWORD"],
+        f"/{pg_env['POSTGRES_DB']}",
+    ), "DATABASE_URL names another user, password or database than the postgres service creates"
+    coordinator_image = parse_dockerfile(COORDINATOR_IMAGE)
+    for name in coordinators:
+        env = service_env(coordinator_image, services[name][0])
+        with container_environment(env):
+            model_dir = ServerSettings().model_dir
+        for path in (Path(contexts[name].params["admin_key"]), model_dir):
+            assert path.is_relative_to(env["HIVEMARKET_HOME"]), f"{name}: {path} is not on the shared volume"
+    published: list[int] = []
+    for name in coordinators:
+        service, _ = services[name]
+        port = contexts[name].params["port"]
+        ports = [str(p) for p in service.get("ports", [])]
+        assert len(ports) == 1 and ports[0].startswith("127.0.0.1:") and ports[0].endswith(f":{port}"), ports
+        published.append(int(ports[0].split(":")[1]))
+        assert service["healthcheck"]["test"][0] == "CMD"
+        assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert published == [8470, 8471], published
+
+    # the peers: both replicas, by service name and the port they listen on, once both are healthy
+    replicas = [("coordinator-1", contexts["coordinator-1"].params["port"])]
+    replicas.append(("coordinator-2", contexts["coordinator-2"].params["port"]))
     for name in peers:
         service, _ = services[name]
-        url = urlsplit(contexts[name].params["coordinator"])
-        assert (url.hostname, url.port) == ("coordinator", port), f"{name} talks to {url.geturl()}"
-        assert service["depends_on"]["coordinator"]["condition"] == "service_healthy"
+        urls_given, _ = parse_coordinator_urls(contexts[name].params["coordinator"])
+        assert [(urlsplit(u).hostname, urlsplit(u).port) for u in urls_given] == replicas, urls_given
+        for coordinator in coordinators:
+            assert service["depends_on"][coordinator]["condition"] == "service_healthy", name
 
     gpu = yaml.safe_load(COMPOSE_GPU.read_text())
     assert set(gpu["services"]) == set(peers)
@@ -477,7 +564,6 @@ def readme_docker_commands() -> list[list[str]]:
 
 def settings_variables() -> set[str]:
     """Every HIVEMARKET_* variable the peer, the coordinator and the client read."""
-    from coordinator.settings import ServerSettings
     from peer.protocol.client import ClientSettings
     from peer.settings import PeerSettings
 
@@ -619,17 +705,31 @@ def get_json(url: str) -> tuple[int, Any]:
         return 0, None
 
 
-def start_coordinator_image(containers: Containers, volume: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_coordinator_image(
+    containers: Containers, volume: Path, name: str = "coordinator", **env_overrides: str
+) -> tuple[subprocess.Popen[bytes], str]:
     """The coordinator image's command on port 0; returns the process and the URL it listens on."""
+    proc, log = run_coordinator_image(containers, volume, name, **env_overrides)
+    return proc, wait_listening(containers, log)
+
+
+def run_coordinator_image(
+    containers: Containers, volume: Path, name: str, **env_overrides: str
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """The coordinator image's command on port 0, started; its process and log."""
     image = parse_dockerfile(COORDINATOR_IMAGE)
-    env = container_env(image, volume, containers.root / "coordinator-home", PORT="0")
-    proc, log = containers.run(image, env, "coordinator")
+    env = container_env(image, volume, containers.root / f"{name}-home", PORT="0", **env_overrides)
+    return containers.run(image, env, name)
+
+
+def wait_listening(containers: Containers, log: Path) -> str:
+    """The URL a coordinator started by :func:`run_coordinator_image` listens on, once it does."""
 
     def listening() -> str | None:
         found = re.search(r"listening on http://0\.0\.0\.0:(\d+)", log.read_text())
         return f"http://127.0.0.1:{found[1]}" if found else None
 
-    return proc, containers.wait(listening, 60, "the coordinator image's command to listen")
+    return containers.wait(listening, 60, "the coordinator image's command to listen")
 
 
 def offers(url: str) -> list[dict[str, Any]]:
@@ -660,10 +760,15 @@ def wait_for_offer(containers: Containers, url: str, identity: Path, after: floa
 
 
 def health_checks() -> list[list[str]]:
-    """The coordinator's health check as the image declares it and as compose.yml does."""
-    compose_test = yaml.safe_load(COMPOSE.read_text())["services"]["coordinator"]["healthcheck"]["test"]
-    assert compose_test[0] == "CMD", compose_test
-    return [parse_dockerfile(COORDINATOR_IMAGE).healthcheck, compose_test[1:]]
+    """The coordinator's health check as the image declares it and as compose.yml's replicas do."""
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    compose_tests: list[list[str]] = []
+    for name in ("coordinator-1", "coordinator-2"):
+        compose_test = services[name]["healthcheck"]["test"]
+        assert compose_test[0] == "CMD", compose_test
+        if compose_test[1:] not in compose_tests:  # the same (one anchor) need not run twice
+            compose_tests.append(compose_test[1:])
+    return [parse_dockerfile(COORDINATOR_IMAGE).healthcheck, *compose_tests]
 
 
 def run_health_checks(env: dict[str, str]) -> list[int]:
@@ -726,3 +831,55 @@ def test_the_images_commands_make_a_market_that_survives_restarts(
     assert len(offers(url)) == 1
     assert containers.stop(peer) == 0, containers.logs()
     assert containers.stop(coordinator) == 0, containers.logs()
+
+
+def leader_gauge(url: str) -> float | None:
+    """`hivemarket_leader` from a replica's /metrics: 1 while it clears and sweeps; None if it is silent."""
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+    found = re.search(r"^hivemarket_leader (\S+)$", text, re.M)
+    return float(found[1]) if found else None
+
+
+async def deposit_through_each(urls: Sequence[str], admin_key: Path, account: str) -> list[Any]:
+    """Deposit 1 into ``account`` through each replica in turn, signed with ``admin_key``; then the balance
+    each replica reads (GET /v1/accounts, unsigned)."""
+    admin = load_identity(admin_key)
+    for url in urls:
+        async with CoordinatorClient(url, admin) as client:
+            await client.deposit(account, "1")
+    return [get_json(f"{url}/v1/accounts/{account}")[1]["balance"] for url in urls]
+
+
+@pytest.mark.timeout(240)
+def test_the_coordinator_image_makes_replicas_on_postgresql(
+    containers: Containers, tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    """compose.yml's replicas without docker: two of the coordinator image's commands, started at once on
+    one new volume and one new PostgreSQL database (DATABASE_URL), both come up, with no SQLite file and
+    the one admin key that the first start creates (each accepts a deposit signed with it), on one ledger
+    (each reads what both wrote), one of them leading; each stops on SIGTERM."""
+    volume = tmp_path / "coordinator-data"
+    database = postgres_server.database()
+    started = [
+        run_coordinator_image(containers, volume, f"coordinator-{i}", DATABASE_URL=database) for i in (1, 2)
+    ]
+    urls = [wait_listening(containers, log) for _, log in started]
+    for url in urls:
+        assert get_json(f"{url}/healthz") == (200, {"status": "ok"})
+    # the race for the admin key made one key; the ledger is in PostgreSQL, not on the volume
+    assert [p.name for p in volume.iterdir() if p.is_file()] == ["admin.pem"], list(volume.iterdir())
+    account = Identity.generate().account
+    balances = asyncio.run(deposit_through_each(urls, volume / "admin.pem", account))
+    assert [parse_money(b) for b in balances] == [parse_money("2")] * 2, "the replicas share no ledger"
+
+    def one_leader() -> list[float] | None:
+        gauges = [g for g in (leader_gauge(url) for url in urls) if g is not None]
+        return gauges if sorted(gauges) == [0.0, 1.0] else None
+
+    containers.wait(one_leader, 30, "one replica, and only one, to lead")
+    for proc, _ in started:
+        assert containers.stop(proc) == 0, containers.logs()
