@@ -1,6 +1,6 @@
 """The ledger audit that scales: the public ``GET /v1/ledger/audit`` replays only the entries added since the
-last audit onto running totals, tampering with the SQLite file is reported naming the book, and the full
-replay of every entry is the admin's (``POST /v1/ledger/audit/replay``)."""
+last audit onto running totals, tampering with the database (SQLite or PostgreSQL) is reported naming the
+book, and the full replay of every entry is the admin's (``POST /v1/ledger/audit/replay``)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from coordinator import ledger, ledger_store
+from coordinator import ledger, ledger_store, postgres
 from peer.protocol.envelope import sign_request
 from peer.protocol.identity import Identity
-from tests.harness import CoordinatorProcess, minimal_spec, prometheus_series
+from tests.conftest import Databases
+from tests.harness import CoordinatorProcess, minimal_spec, prometheus_series, start_coordinator
 
 REPLAY = "/v1/ledger/audit/replay"
 
@@ -52,14 +53,23 @@ class Http:
 
 
 @pytest.fixture
-async def http(coordinator: CoordinatorProcess) -> AsyncIterator[Http]:
-    async with aiohttp.ClientSession() as session:
-        yield Http(coordinator, session)
+async def http(tmp_path: Path, databases: Databases) -> AsyncIterator[Http]:
+    server = start_coordinator(tmp_path / "coordinator", Identity.generate(), db_url=databases.url())
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield Http(server, session)
+    finally:
+        server.stop()
 
 
 @contextmanager
-def database(server: CoordinatorProcess) -> Iterator[sqlite3.Connection]:
-    """A second connection to the running coordinator's SQLite file (WAL: the server sees its commits)."""
+def database(server: CoordinatorProcess) -> Iterator[Any]:
+    """A second connection to the running coordinator's database, each statement committed at once: the
+    SQLite file (WAL: the server sees its commits) or the PostgreSQL database, speaking the same SQL."""
+    if server.db_url.startswith("postgresql"):
+        with closing(postgres.connect(server.db_url)) as pg:
+            yield pg
+        return
     with closing(sqlite3.connect(server.db_path, timeout=30, isolation_level=None)) as conn:
         conn.row_factory = sqlite3.Row
         yield conn
