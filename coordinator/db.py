@@ -24,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from coordinator.errors import Unavailable
+
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 Operation = Callable[[Any], T]  # takes the engine's connection (sqlite3.Connection or its PostgreSQL twin)
@@ -31,8 +33,12 @@ ErrorHook = Callable[[Any, Exception], None]
 Migration = tuple[int, str]  # (the schema version once applied, its script)
 
 
-class StoreUnavailable(RuntimeError):
-    """The database cannot be opened, migrated or reached; the message names it and the reason."""
+class StoreUnavailable(Unavailable):
+    """The database cannot be opened, migrated or reached; the message names it and the reason. A request
+    that meets it is answered 503 (clients go to another replica, or retry), never a 500."""
+
+    def __init__(self, message: str):
+        super().__init__(message, field="database")
 
 
 class Database(ABC):
@@ -119,6 +125,9 @@ class Database(ABC):
                 batch.append(self._queue.get_nowait())
             try:
                 outcomes = await self._run(self._commit_batch, [(op, hook) for op, hook, _ in batch])
+            except StoreUnavailable as e:  # nothing in the batch was applied; each request gets a 503
+                logger.warning(str(e))
+                outcomes = [(False, e)] * len(batch)
             except Exception as e:  # the COMMIT itself failed: nothing in the batch was applied
                 logger.exception(f"Commit to {self.name} failed")
                 outcomes = [(False, e)] * len(batch)

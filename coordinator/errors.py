@@ -58,6 +58,12 @@ class BodyTooLarge(ApiError):
     status, code = 413, "body_too_large"
 
 
+class Unavailable(ApiError):
+    """The service cannot answer now (its database is unreachable); another replica, or a retry, may."""
+
+    status, code = 503, "unavailable"
+
+
 class RateLimited(ApiError):
     status, code = 429, "rate_limited"
 

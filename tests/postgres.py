@@ -54,7 +54,7 @@ class PostgresServer:
         self._count = 0
         self._owner = self._unprivileged()
         os.chown(self.root, self._owner.pw_uid, self._owner.pw_gid)
-        data, log = self.root / "data", self.root / "server.log"
+        data = self.root / "data"
         settings = [
             f"-p {self.port}",
             "-c listen_addresses=127.0.0.1",
@@ -64,37 +64,28 @@ class PostgresServer:
         if not durable:
             settings += ["-c fsync=off", "-c full_page_writes=off"]
         self._pg_ctl = bindir / "pg_ctl"
+        self._settings = " ".join(settings)
         try:
-            self._as_owner(
-                [
-                    str(bindir / "initdb"),
-                    "-D",
-                    str(data),
-                    "-U",
-                    USER,
-                    "--auth=trust",
-                    "--no-locale",
-                    "-E",
-                    "UTF8",
-                ]
-            )
-            self._as_owner(
-                [
-                    str(bindir / "pg_ctl"),
-                    "-D",
-                    str(data),
-                    "-l",
-                    str(log),
-                    "-o",
-                    " ".join(settings),
-                    "-w",
-                    "start",
-                ]
-            )
+            initdb = [str(bindir / "initdb"), "-D", str(data), "-U", USER, "--auth=trust", "--no-locale"]
+            self._as_owner([*initdb, "-E", "UTF8"])
+            self.start()
         except BaseException:
             self.stop()
             raise
         self.admin_url = f"postgresql://{USER}@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        """Start the server (again, after :meth:`halt`: same port and data)."""
+        data, log = self.root / "data", self.root / "server.log"
+        self._as_owner(
+            [str(self._pg_ctl), "-D", str(data), "-l", str(log), "-o", self._settings, "-w", "start"]
+        )
+
+    def halt(self) -> None:
+        """Stop the server, keeping its data (fast shutdown: it disconnects every client)."""
+        if (self.root / "data" / "postmaster.pid").exists():
+            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+                self._as_owner([str(self._pg_ctl), "-D", str(self.root / "data"), "-m", "fast", "-w", "stop"])
 
     @staticmethod
     def _unprivileged() -> pwd.struct_passwd:
@@ -129,10 +120,8 @@ class PostgresServer:
         return f"postgresql://{USER}@127.0.0.1:{self.port}/{name}"
 
     def stop(self) -> None:
-        """Stop the server (fast shutdown: it disconnects clients) and remove its folder."""
-        if (self.root / "data" / "postmaster.pid").exists():
-            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
-                self._as_owner([str(self._pg_ctl), "-D", str(self.root / "data"), "-m", "fast", "-w", "stop"])
+        """Stop the server and remove its folder."""
+        self.halt()
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> PostgresServer:

@@ -36,6 +36,7 @@ from tests.test_coordinator_crash import (
     DEPOSIT_SCALE,
     NO_RATE_LIMIT,
     Signed,
+    _get,
     _get_ok,
     _holdings,
     _presign_cycle,
@@ -270,3 +271,45 @@ def test_a_training_peer_keeps_reporting_when_the_replica_it_talks_to_dies(
 
 def demo_view(demo: Demo) -> RunView:
     return demo.ask(lambda c: c.run(demo.run_id))
+
+
+@pytest.mark.timeout(120)
+def test_a_database_that_goes_away_gets_503s_and_the_coordinator_recovers(tmp_path: Path) -> None:
+    """PostgreSQL stopped under a running replica: requests are answered 503 ``unavailable`` naming the
+    database (clients go to another replica), never a 500, nothing is half applied; once the server is back
+    the same replica serves again without a restart."""
+    with PostgresServer() as pg:
+        server = start_coordinator(tmp_path / "coordinator", Identity.generate(), db_url=pg.database())
+        account = Identity.generate().account
+        deposit = f"/v1/accounts/{account}/deposit"
+        try:
+            first = _signed_post(server.admin, deposit, {"amount": "1"})
+            assert (
+                asyncio.run(_send_all(server.url, [Signed("deposit", deposit, *first, UNIT)]))[0].status
+                == 200
+            )
+            pg.halt()
+            down = _signed_post(server.admin, deposit, {"amount": "2"})
+            [refused] = asyncio.run(_send_all(server.url, [Signed("deposit", deposit, *down, 2 * UNIT)]))
+            assert refused.status == 503, refused
+            assert refused.body["error"]["code"] == "unavailable", refused.body
+            assert "database" in refused.body["error"]["message"], refused.body
+            status, _ = _get(server.url, f"/v1/accounts/{account}")
+            assert status == 503
+            pg.start()
+            again = _signed_post(server.admin, deposit, {"amount": "4"})
+            wait_until(
+                lambda: (
+                    asyncio.run(_send_all(server.url, [Signed("deposit", deposit, *again, 4 * UNIT)]))[
+                        0
+                    ].status
+                    in (200, 401)
+                ),  # 401: an earlier try of these bytes was applied (nonce replayed)
+                30,
+                "the replica to serve again",
+            )
+            assert _holdings(server.url, account) == (5 * UNIT, 0)  # the refused deposit left nothing behind
+            assert _get_ok(server.url, "/v1/ledger/audit")["conserved"]
+            assert "Unhandled error" not in server.output()
+        finally:
+            server.stop()
