@@ -62,6 +62,10 @@ class Database(ABC):
     def _begin(self, conn: Any) -> None:
         """Begin a write transaction that no other write (of any process) runs beside."""
 
+    def _settle(self, conn: Any) -> None:  # noqa: B027 (SQLite runs each statement as it is issued)
+        """Make the statements an operation issued take effect before its savepoint is released (a
+        pipelined engine sends them without waiting; its errors must surface inside the operation)."""
+
     @abstractmethod
     async def read(self, op: Operation[T]) -> T:
         """Run a read-only operation (it sees every write acknowledged so far)."""
@@ -147,7 +151,9 @@ class Database(ABC):
             for op, on_error in ops:
                 conn.execute("SAVEPOINT op")
                 try:
-                    outcomes.append((True, op(conn)))
+                    result = op(conn)
+                    self._settle(conn)
+                    outcomes.append((True, result))
                 except Exception as e:
                     conn.execute("ROLLBACK TO op")
                     if on_error is not None:

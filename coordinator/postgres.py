@@ -15,6 +15,10 @@ How it keeps SQLite's guarantees:
   (:data:`WRITE_LOCK`), so writes from all replicas run one at a time, as SQLite's single writer does: a
   store function that reads a balance and writes it back cannot lose an update. Group commit
   (:class:`coordinator.db.Database`) makes one lock and one commit serve a batch of requests.
+- **Few round trips.** A batch runs in psycopg's pipeline mode: statements whose results nobody reads
+  yet (savepoints, UPDATEs, INSERTs) go out without waiting, and a read or the end of an operation waits
+  for them, so an operation's errors still surface inside it. A heartbeat went from six round trips to
+  three, and one replica from 385-442 to 539 heartbeats/s (bench/coordinator_load.py, 500 peers).
 - **Consistent reads.** Each read runs in a REPEATABLE READ, READ ONLY transaction on a pool of reader
   connections (reads do not queue behind writes, and a read sees one snapshot across its statements).
 - **The same SQL.** :class:`Connection` takes the store's ``?`` placeholders (bound client-side, so the
@@ -121,8 +125,9 @@ class Connection:
 
     def __init__(self, raw: psycopg.Connection):
         self.raw = raw
+        self.pipeline: psycopg.Pipeline | None = None  # set while the writer commits a batch
 
-    def execute(self, query: str, params: Sequence[Any] = ()) -> psycopg.ClientCursor:
+    def execute(self, query: str, params: Sequence[Any] = ()) -> psycopg.Cursor:
         cursor = self.raw.cursor()
         if params:
             cursor.execute(_pyformat(query), params)
@@ -132,6 +137,12 @@ class Connection:
 
     def executemany(self, query: str, rows: Sequence[Sequence[Any]]) -> None:
         self.raw.cursor().executemany(_pyformat(query), rows)
+
+    def sync(self) -> None:
+        """Wait for every statement sent so far (in pipeline mode they are sent without waiting), raising
+        the first one's error."""
+        if self.pipeline is not None:
+            self.pipeline.sync()
 
     @property
     def in_transaction(self) -> bool:
@@ -149,9 +160,7 @@ def connect(url: str) -> Connection:
     """A connection in autocommit mode (the engine issues BEGIN and COMMIT itself), binding parameters
     client-side; :class:`StoreUnavailable` names the server (without its password) and why."""
     try:
-        raw = psycopg.connect(
-            url, autocommit=True, cursor_factory=psycopg.ClientCursor, row_factory=_row_factory
-        )
+        raw = psycopg.connect(url, autocommit=True, row_factory=_row_factory)
     except psycopg.Error as e:
         raise StoreUnavailable(f"cannot connect to the database {redact(url)}: {_one_line(e)}") from None
     raw.adapters.register_loader("numeric", _NumberLoader)
@@ -186,10 +195,16 @@ class PostgresDatabase(Database):
         if self._conn is None or self._conn.closed:  # the server restarted or the link broke: reconnect
             self._conn = self._connect()
         try:
-            return super()._commit_batch(ops)
+            with self._conn.raw.pipeline() as self._conn.pipeline:
+                return super()._commit_batch(ops)
         except psycopg.OperationalError as e:
             self._conn.close()
             raise StoreUnavailable(f"lost the database {self.name}: {_one_line(e)}") from None
+        finally:
+            self._conn.pipeline = None
+
+    def _settle(self, conn: Connection) -> None:
+        conn.sync()
 
     async def read(self, op: Operation[T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._readers, self._read, op)

@@ -23,10 +23,10 @@ def claim_nonce(conn: sqlite3.Connection, env: Envelope) -> None:
     forget old nonces by a range of the primary key (measured: a third of the bytes written per request).
     """
     claimed = conn.execute(
-        "INSERT INTO nonces (account, nonce, timestamp) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+        "INSERT INTO nonces (account, nonce, timestamp) VALUES (?, ?, ?) ON CONFLICT DO NOTHING RETURNING 1",
         (env.account, env.nonce, env.timestamp),
-    ).rowcount
-    if not claimed:
+    ).fetchone()
+    if claimed is None:
         (refused,) = conn.execute(
             "SELECT refused FROM nonces WHERE timestamp = ? AND account = ? AND nonce = ?",
             (env.timestamp, env.account, env.nonce),
