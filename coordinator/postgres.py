@@ -18,15 +18,17 @@ How it keeps SQLite's guarantees:
 - **Few round trips.** A batch runs in psycopg's pipeline mode: statements whose results nobody reads
   yet (savepoints, UPDATEs, INSERTs) go out without waiting, and a read or the end of an operation waits
   for them, so an operation's errors still surface inside it. A heartbeat went from six round trips to
-  three, and one replica from 385-442 to 539 heartbeats/s (bench/coordinator_load.py, 500 peers).
+  three; one replica went from 282 to 558 heartbeats/s (bench/coordinator_load.py, docs/performance.md).
 - **Consistent reads.** Each read runs in a REPEATABLE READ, READ ONLY transaction on a pool of reader
   connections (reads do not queue behind writes, and a read sees one snapshot across its statements).
-- **The same SQL.** :class:`Connection` takes the store's ``?`` placeholders (bound client-side, so the
-  server sees literals and types them as SQLite would), returns rows addressable by name and position like
-  ``sqlite3.Row``, and loads NUMERIC (what PostgreSQL's SUM of BIGINT returns) as ``int`` or ``float``.
+- **The same SQL.** :class:`Connection` takes the store's ``?`` placeholders (bound server-side: psycopg
+  prepares a statement after its fifth use, which spares the server parsing and planning the hot ones),
+  returns rows addressable by name and position like ``sqlite3.Row``, and loads NUMERIC (what
+  PostgreSQL's SUM of BIGINT returns) as ``int`` or ``float``.
 - **Leadership.** Work that must run once across replicas (clearing, sweeps) runs on the replica that
   holds the session advisory lock :data:`LEADER_LOCK` (:class:`Leadership`); PostgreSQL releases it the
-  moment that replica's connection closes, which a SIGKILL does at once.
+  moment that replica's connection closes, which a SIGKILL does at once, and within about
+  :data:`KEEPALIVE_SECONDS` when its host vanishes without closing it (TCP keepalives on that session).
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ logger = logging.getLogger(__name__)
 
 WRITE_LOCK = 0x6869766501  # "hive" 1: held by every write transaction, across every replica
 LEADER_LOCK = 0x6869766502  # "hive" 2: held by the replica that clears the market and sweeps leases
+# The server probes the leader's connection after 5 s of silence, every 1 s, 3 times: a leader whose host
+# vanished (no FIN) loses the lock after about this long.
+KEEPALIVE = {"tcp_keepalives_idle": 5, "tcp_keepalives_interval": 1, "tcp_keepalives_count": 3}
+KEEPALIVE_SECONDS = 8
 
 
 def redact(url: str) -> str:
@@ -157,8 +163,8 @@ class Connection:
 
 
 def connect(url: str) -> Connection:
-    """A connection in autocommit mode (the engine issues BEGIN and COMMIT itself), binding parameters
-    client-side; :class:`StoreUnavailable` names the server (without its password) and why."""
+    """A connection in autocommit mode (the engine issues BEGIN and COMMIT itself); :class:`StoreUnavailable`
+    names the server (without its password) and why."""
     try:
         raw = psycopg.connect(url, autocommit=True, row_factory=_row_factory)
     except psycopg.Error as e:
@@ -251,6 +257,8 @@ class Leadership:
         try:
             if self._conn is None or self._conn.closed:
                 self._conn, self._held = connect(self.url), False
+                for name, value in KEEPALIVE.items():
+                    self._conn.execute(f"SET {name} = {value}")
             if self._held:
                 self._conn.execute("SELECT 1")
             else:
