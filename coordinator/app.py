@@ -109,7 +109,7 @@ class Coordinator:
         for state in typing.get_args(states.RunState):
             self.metrics.runs.labels(state).set(counts.get(f"runs_{state}", 0))
         self.metrics.live_peers.set(counts["live_leases"])
-        await self.ledger(replay=False)  # sets the conservation gauge
+        await self.ledger(incremental=False)  # sets the conservation gauge
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -122,18 +122,18 @@ class Coordinator:
         return await self.store.account(ctx.path_id("account"))
 
     async def ledger_audit(self, ctx: Context) -> LedgerAuditView:
-        return await self.ledger(replay=True)
+        return await self.ledger(incremental=True)
 
     async def ledger_replay(self, ctx: Context) -> LedgerAuditView:
         """The full audit, every entry replayed: admin-signed, as it scans the whole ledger."""
         assert ctx.envelope is not None  # an admin route is authenticated before it runs
         return self._ledger_view(await self.store.replay_audit(ctx.envelope))
 
-    async def ledger(self, *, replay: bool) -> LedgerAuditView:
-        """Holdings against deposits; ``replay`` also checks the books against the entries added since the
-        last audit, replayed onto the running totals of those before (cheap: it reads only the new entries;
-        the metrics scrape and the dashboard still check the books alone)."""
-        return self._ledger_view(await self.store.audit(incremental=replay))
+    async def ledger(self, *, incremental: bool) -> LedgerAuditView:
+        """Holdings against deposits; ``incremental`` also checks the books against the entries added since
+        the last audit, replayed onto the running totals of those before (cheap: it reads only the new
+        entries; the metrics scrape and the dashboard still check the books alone)."""
+        return self._ledger_view(await self.store.audit(incremental=incremental))
 
     def _ledger_view(self, result: ledger.Audit) -> LedgerAuditView:
         self.metrics.ledger_conserved.set(1 if result.conserved else 0)

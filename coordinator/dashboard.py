@@ -88,7 +88,7 @@ async def gather(coordinator: Coordinator, q: str, sort: str, run_id: str | None
         run=run,
         loss=loss,
         peers=await store.peers(),
-        ledger=await coordinator.ledger(replay=False),  # a replay scans every entry: not every refresh
+        ledger=await coordinator.ledger(incremental=False),  # the books alone: a read, on every refresh
     )
 
 

@@ -157,12 +157,16 @@ def replay(totals: Mapping[str, int], movements: Iterable[tuple[str, str, int]])
     return {book: units for book, units in after.items() if units}
 
 
+def changed_books(before: Mapping[str, int], after: Mapping[str, int]) -> list[str]:
+    """The names of the books that hold different units in ``before`` and ``after``, sorted; a book absent
+    from either holds 0."""
+    return sorted(name for name in before.keys() | after.keys() if before.get(name, 0) != after.get(name, 0))
+
+
 def differences(books: Mapping[str, int], replayed: Mapping[str, int], limit: int = 5) -> str:
     """The books whose units differ from what their entries add up to, at most ``limit`` of them by name
     ("balance:a holds 7 units, its entries 5"), or "" when none do. A book absent from either holds 0."""
-    names = sorted(
-        name for name in books.keys() | replayed.keys() if books.get(name, 0) != replayed.get(name, 0)
-    )
+    names = changed_books(books, replayed)
     shown = [
         f"{name} holds {books.get(name, 0)} units, its entries {replayed.get(name, 0)}" for name in names
     ]

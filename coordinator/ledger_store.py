@@ -2,7 +2,7 @@
 books against the deposits and against their entries (incrementally, or every entry for the admin).
 
 Every function takes the connection of the write (or read) it is part of;
-:class:`coordinator.store.SQLiteStore` runs them inside one transaction with the request's nonce. The
+:class:`coordinator.store.SQLStore` runs them inside one transaction with the request's nonce. The
 entries and the audit are :mod:`coordinator.ledger`'s pure functions; postings go through
 :func:`coordinator.sql.post`, which every other store module shares.
 """
@@ -45,7 +45,7 @@ def audit(conn: sqlite3.Connection, *, incremental: bool) -> ledger.Audit:
     ``ledger_checkpoint.last_entry``), plus the entries added since, which this replays and then adds to
     the totals. An audit thus reads only the entries that are new, whatever the size of the ledger.
 
-    The incremental audit is a write (:meth:`coordinator.store.SQLiteStore.audit` runs it through the
+    The incremental audit is a write (:meth:`coordinator.store.SQLStore.audit` runs it through the
     store's write path), for two reasons. It must read the books, the totals and the new entries as one
     consistent state while requests post entries concurrently, and advance the totals in the same
     transaction as it checked them: a write transaction gives both, and orders the audit among the
@@ -97,11 +97,7 @@ def replay(conn: sqlite3.Connection, env: Envelope) -> ledger.Audit:
     replayed = ledger.replay(checked_before, new)
     _advance(conn, totals, replayed, last, through)
     result = ledger.audit_entries(books, replayed, entries_checked=old_count + new_count, last_entry=through)
-    changed = sorted(
-        name
-        for name in totals.keys() | checked_before.keys()
-        if totals.get(name, 0) != checked_before.get(name, 0)
-    )
+    changed = ledger.changed_books(totals, checked_before)
     if not changed:
         return result
     reason = f"the entries up to #{last} changed since they were checked: {', '.join(changed)}"
@@ -159,9 +155,7 @@ def _advance(
 ) -> None:
     """Store the running totals ``after`` (only the books that changed) and move the checkpoint from
     ``last`` to ``through``: nothing is written when nothing changed."""
-    changed = sorted(
-        name for name in before.keys() | after.keys() if before.get(name, 0) != after.get(name, 0)
-    )
+    changed = ledger.changed_books(before, after)
     if changed:
         conn.executemany(
             "INSERT INTO ledger_totals (book, units) VALUES (?, ?)"
