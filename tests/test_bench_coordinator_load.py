@@ -36,11 +36,12 @@ def test_the_load_bench_reports_sqlite_postgresql_and_two_replicas() -> None:
     rows = {row["store"]: row for row in outcome["rows"]}
     assert list(rows) == ["sqlite", "postgresql", "postgresql-2"]
     assert [row["replicas"] for row in rows.values()] == [1, 1, 2]
-    for row in rows.values():
+    for row, run in zip(rows.values(), outcome["runs"], strict=True):
         assert row["heartbeats_per_s"] > 0, row
         assert row["p99_ms"] is not None and row["p99_ms"] > 0, row
         assert row["p50_ms"] <= row["p99_ms"], row
-        assert row["errors"] == 0, row
+        failed = {s["scenario"]: s["errors_by_status"] for s in run["scenarios"] if s["errors"]}
+        assert row["errors"] == 0, (row["store"], failed)
         assert row["healthz_per_s"] > 0, row
         assert row["replica_cores"] > 0, row
         assert row["heartbeats_per_replica_cpu_s"] == pytest.approx(
