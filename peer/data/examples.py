@@ -4,10 +4,13 @@ time and every machine with the same package versions builds the same dataset ve
     digits  scikit-learn's bundled handwritten digits: 1,797 8x8 images, float32 ``x`` in [0, 1], int ``y``
     text    CPython's own documentation (``pydoc_data.topics``) as fixed-length ``tokens`` of raw bytes:
             byte-level, so a tiny language model needs no tokenizer (vocabulary of 256)
+    text-bpe the same text as fixed-length ``tokens`` of byte-level BPE ids, with the tokenizer trained
+            when it is packed and stored beside the shards (peer/data/bpe.py says how the version covers it)
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -44,7 +47,15 @@ def _text() -> tuple[Schema, Iterator[dict]]:
     return schema, ({"tokens": row} for row in tokens)
 
 
-_BUILDERS: dict[str, Callable[[], tuple[Schema, Iterator[dict]]]] = {"digits": _digits, "text": _text}
+def _text_bpe() -> tuple[Schema, Iterator[dict], dict[str, bytes]]:
+    from peer.data.bpe import text_bpe  # imports tokenizers: only this example needs it
+
+    return text_bpe()
+
+
+# A builder returns (schema, records) or (schema, records, files): files (name -> bytes) are written beside
+# the shards, their SHA-256 in the manifest's source, so the version covers them too.
+_BUILDERS: dict[str, Callable[[], tuple]] = {"digits": _digits, "text": _text, "text-bpe": _text_bpe}
 EXAMPLES = tuple(_BUILDERS)
 
 
@@ -53,13 +64,18 @@ def build_example(name: str, out: Path, shard_bytes: int) -> PackReport:
     builder = _BUILDERS.get(name)
     if builder is None:
         raise DatasetError(f"unknown example {name!r}; the examples are {', '.join(EXAMPLES)}")
-    schema, records = builder()
-    return write_dataset(
+    schema, records, *extra = builder()
+    files: dict[str, bytes] = extra[0] if extra else {}
+    hashes = [f" {file}:sha256:{hashlib.sha256(data).hexdigest()}" for file, data in sorted(files.items())]
+    report = write_dataset(
         records,
         schema,
         out,
         shard_bytes=shard_bytes,
         max_record_bytes=_MAX_RECORD_BYTES,
         name=name,
-        source=f"example:{name}",
+        source=f"example:{name}" + "".join(hashes),
     )
+    for file, data in files.items():
+        (Path(out) / file).write_bytes(data)
+    return report
