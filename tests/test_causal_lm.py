@@ -18,7 +18,7 @@ from peer.data.bpe import BPE_TOKENS, TOKENIZER_FILE, VOCABULARY, corpus, load_t
 from peer.data.examples import build_example
 from peer.data.reader import DatasetReader
 from peer.protocol.dataset import DatasetError, verify_dataset
-from peer.tasks import TaskError
+from peer.tasks import TaskError, installed_tasks, load_task, load_trained_state, trained_state
 from peer.tasks.causal_lm import CausalLM
 from peer.validator import micro_batch_gradient
 
@@ -43,6 +43,11 @@ def parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------ the model
+
+
+def test_the_task_is_installed_under_its_name() -> None:
+    assert installed_tasks()["causal-lm"] == "peer.tasks.causal_lm:CausalLM"
+    assert type(load_task("causal-lm", {"layers": 1})) is CausalLM
 
 
 def test_a_seed_pins_every_parameter_and_another_seed_changes_them() -> None:
@@ -216,3 +221,17 @@ def test_flops_per_sample_counts_every_predicted_token(text_bpe: Path) -> None:
     task = CausalLM(**TINY)
     count = sum(p.numel() for p in task.build_model(0).parameters())
     assert task.flops_per_sample(verify_dataset(text_bpe).schema) == 6.0 * count * (BPE_TOKENS - 1)
+
+
+def test_a_trained_state_with_tied_embeddings_loads_back_exactly() -> None:
+    """Snapshots and model files hold ``trained_state``: both names of the tied embedding, one tensor."""
+    task = CausalLM(**TINY)
+    model = task.build_model(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    state = {k: v.clone() for k, v in trained_state(model).items()}
+    fresh = task.build_model(0)
+    load_trained_state(fresh, state)
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
