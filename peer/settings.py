@@ -26,6 +26,11 @@ class PeerSettings(BaseSettings):
         default_factory=lambda: Path.home() / ".hivemarket",
         description="Folder for the identity file and local state.",
     )
+    model_dirs: str = Field(
+        "",
+        description="Folders of local transformers checkpoints (or folders of them), separated by ':', "
+        "that a run may name as its base model by their digest (`hivemarket models` lists them).",
+    )
     record_ttl: float = Field(60.0, gt=0, description="Seconds a capability record lives in the DHT.")
     record_refresh: float = Field(
         20.0, gt=0, description="Seconds between re-publications of the record; well under record_ttl."

@@ -6,6 +6,8 @@ time and every machine with the same package versions builds the same dataset ve
             byte-level, so a tiny language model needs no tokenizer (vocabulary of 256)
     text-bpe the same text as fixed-length ``tokens`` of byte-level BPE ids, with the tokenizer trained
             when it is packed and stored beside the shards (peer/data/bpe.py says how the version covers it)
+    python-code  the standard library's documented functions, each with its docstring's first paragraph:
+            (query, passage) pairs tokenized for MiniLM, for the embed-lora task (peer/data/python_code.py)
 """
 
 from __future__ import annotations
@@ -53,9 +55,20 @@ def _text_bpe() -> tuple[Schema, Iterator[dict], dict[str, bytes]]:
     return text_bpe()
 
 
+def _python_code() -> tuple[Schema, Iterator[dict], dict[str, bytes]]:
+    from peer.data.python_code import python_code  # imports tokenizers: only this example needs it
+
+    return python_code()
+
+
 # A builder returns (schema, records) or (schema, records, files): files (name -> bytes) are written beside
 # the shards, their SHA-256 in the manifest's source, so the version covers them too.
-_BUILDERS: dict[str, Callable[[], tuple]] = {"digits": _digits, "text": _text, "text-bpe": _text_bpe}
+_BUILDERS: dict[str, Callable[[], tuple]] = {
+    "digits": _digits,
+    "text": _text,
+    "text-bpe": _text_bpe,
+    "python-code": _python_code,
+}
 EXAMPLES = tuple(_BUILDERS)
 
 

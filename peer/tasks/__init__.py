@@ -75,6 +75,27 @@ class Task:
         return 6.0 * sum(p.numel() for p in self.build_model(0).parameters())
 
 
+def trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict without its frozen parameters: what training changes, and so what a final
+    model file and a validator's epoch snapshots hold. A task that adapts a pretrained model (LoRA) trains
+    well under 1% of it; the rest comes back from ``build_model``, which loads the same weights on every
+    peer (:mod:`peer.tasks.pretrained`)."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    return {name: tensor for name, tensor in model.state_dict().items() if name not in frozen}
+
+
+def load_trained_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load what :func:`trained_state` took into a model from ``build_model``; every trained entry must be
+    there (a file of another model is refused, not half loaded)."""
+    expected = set(trained_state(model))
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise TaskError(
+            f"the saved state does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    model.load_state_dict(dict(state), strict=False)
+
+
 def installed_tasks() -> dict[str, str]:
     """Task name -> the ``module:attribute`` it loads from, for every task installed on this machine."""
     return {ep.name: ep.value for ep in entry_points(group=GROUP)}
