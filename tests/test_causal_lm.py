@@ -190,8 +190,8 @@ def test_the_loss_is_the_mean_of_the_per_sample_losses(records: list[dict[str, A
     task = CausalLM(**TINY)
     model = task.build_model(0)
     loss = task.loss(model, task.batch(records[:6]))
-    singles = [float(task.loss(model, task.batch([r]))) for r in records[:6]]
-    assert float(loss) == pytest.approx(float(np.mean(singles)), rel=1e-5)
+    singles = [task.loss(model, task.batch([r])).item() for r in records[:6]]
+    assert loss.item() == pytest.approx(float(np.mean(singles)), rel=1e-5)
 
 
 def test_an_audit_on_another_number_of_threads_recomputes_the_same_gradient(
