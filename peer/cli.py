@@ -381,17 +381,42 @@ def _print_records(records: list[dict[str, Any]]) -> None:
     metavar="KINDS",
     help="Add cheating peers, comma-separated: free-rider, random-gradient, inflated-samples, replay.",
 )
+@click.option(
+    "--example",
+    default="digits",
+    show_default=True,
+    type=click.Choice(["digits", "bytes_lm", "adapt_minilm", "llama_tiny"]),
+    help="The run: examples/EXAMPLE.toml on the example dataset it names (adapt_minilm and llama_tiny "
+    "need pip install 'hivemarket[hf]').",
+)
+@click.option(
+    "--samples",
+    type=click.IntRange(1),
+    default=None,
+    help="Train this many samples instead of the spec's stop.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
-def demo(n_peers: int, no_drop: bool, timeout: float, keep: bool, adversaries: str, as_json: bool) -> None:
-    """Run the whole market on this machine: a coordinator, N renting peers and a digits training run
-    in which one peer is killed mid-run; print the losses, the test accuracy and the settled ledger.
-    With --adversaries, cheating peers join too: the audits catch them and they are not paid.
+def demo(
+    n_peers: int,
+    no_drop: bool,
+    timeout: float,
+    keep: bool,
+    adversaries: str,
+    example: str,
+    samples: int | None,
+    as_json: bool,
+) -> None:
+    """Run the whole market on this machine: a coordinator, N renting peers and a training run (digits
+    unless --example says otherwise) in which one peer is killed mid-run; print the held-out loss and
+    accuracy before and after, and the settled ledger. With --adversaries, cheating peers join too: the
+    audits catch them and they are not paid.
 
     \b
     Example:
       hivemarket demo
       hivemarket demo --peers 4 --json
       hivemarket demo --adversaries free-rider,random-gradient,inflated-samples,replay
+      hivemarket demo --example adapt_minilm --samples 1024
     """
     from peer.demo import parse_adversaries, print_result, run_demo
 
@@ -404,7 +429,9 @@ def demo(n_peers: int, no_drop: bool, timeout: float, keep: bool, adversaries: s
             f"--peers {n_peers}: a demo that kills a peer needs at least 3 (audits need two peers left); "
             "add --no-drop to run with 2"
         )
-    result = run_demo(n_peers, not no_drop, as_json, timeout, keep, cheats)
+    result = run_demo(
+        n_peers, not no_drop, as_json, timeout, keep, cheats, spec=f"{example}.toml", samples=samples
+    )
     if as_json:
         echo_json(result)
     else:

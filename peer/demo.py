@@ -427,7 +427,12 @@ class Demo:
         batch = task.batch(reader.read(test_ids(manifest.samples, spec.dataset.test_every).tolist()))
         initial = task.evaluate(task.build_model(spec.seed), batch)
         final = task.evaluate(model, batch)
-        return {"initial_loss": initial["loss"], "final_loss": final["loss"], "accuracy": final["accuracy"]}
+        return {
+            "initial_loss": initial["loss"],
+            "final_loss": final["loss"],
+            "initial_accuracy": initial["accuracy"],
+            "accuracy": final["accuracy"],
+        }
 
 
 def ledger(
@@ -517,6 +522,16 @@ def adversaries(
     return rows
 
 
+def example_dataset(spec_name: str) -> str:
+    """The example dataset (:mod:`peer.data.examples`) that the example spec ``spec_name`` trains on."""
+    from peer.protocol.spec import load_spec
+
+    name = load_spec(example_spec(spec_name)).dataset.name
+    if name is None:
+        raise DemoError(f"examples/{spec_name} names no dataset (dataset.name)")
+    return name
+
+
 def run_demo(
     peers: int,
     drop: bool,
@@ -524,11 +539,16 @@ def run_demo(
     timeout: float,
     keep: bool = False,
     cheats: Sequence[AdversaryKind] = (),
+    *,
+    spec: str = SPEC,
+    samples: int | None = None,
 ) -> dict[str, Any]:
-    """Run the demo; its temporary folder (database, dataset, logs) is removed on success unless ``keep``,
-    and kept (and named in the error) when something failed."""
+    """Run the demo of examples/``spec`` (on the example dataset it names; ``samples`` replaces its stop);
+    its temporary folder (database, dataset, logs) is removed on success unless ``keep``, and kept (and
+    named in the error) when something failed."""
     echo = (lambda _text: None) if as_json else (lambda text: click.echo(text, err=False))
-    demo = Demo(peers, drop, echo, timeout, metrics=True)
+    dataset = example_dataset(spec)
+    demo = Demo(peers, drop, echo, timeout, metrics=True, spec=spec, dataset=dataset)
     started = time.monotonic()
     # SIGTERM (kill, a supervisor, a test's clean-up) stops the demo as Ctrl-C does, through the finally
     # below: by default it would end this process at once and leave every peer and the coordinator running.
@@ -541,21 +561,31 @@ def run_demo(
         for kind in cheats:
             demo.add_peer(kind)
         demo.wait_offers(peers + len(cheats))
-        run = demo.launch(peers_min=max(2, peers - 1), peers_max=peers + len(cheats))
+        run = demo.launch(
+            peers_min=max(2, peers - 1),
+            peers_max=peers + len(cheats),
+            changes={"stop": {"samples": samples}} if samples else None,
+        )
         final, killed = demo.follow(run)
         if final.state != "finished" or final.model is None:
             raise DemoError(f"run {final.id} ended {final.state}: {final.reason}; logs are in {demo.tmp}")
         metrics = demo.evaluate(final)
+        rounds = [e for name in demo.names().values() for e in demo.events(name) if e["event"] == "epoch"]
         audit = demo.ask(lambda c: c.audit())
         reports = demo.ask(lambda c: c.reports(final.id))
         audits = demo.ask(lambda c: c.audits(final.id))
         result = {
             "run_id": final.id,
+            "spec": spec,
+            "dataset": dataset,
             **metrics,
             "samples": final.samples,
             "epochs": final.epoch,
             "peers": peers,
             "dropped": list(killed),
+            # the payload a peer put into an all-reduce, and what averaging every parameter would put in
+            "round_bytes": max((e.get("round_bytes", 0) for e in rounds), default=0),
+            "model_bytes": max((e.get("model_bytes", 0) for e in rounds), default=0),
             "audits": {
                 state: sum(a.state == state for a in audits) for state in ("passed", "failed", "expired")
             },
@@ -586,8 +616,14 @@ def print_result(result: dict[str, Any]) -> None:
         f"run       {result['run_id']}: {result['samples']} samples in {result['epochs']} steps, "
         f"{result['seconds']} s"
     )
-    click.echo(f"loss      {result['initial_loss']:.4f} -> {result['final_loss']:.4f} (held-out digits)")
-    click.echo(f"accuracy  {result['accuracy']:.1%} on the held-out digits")
+    held_out = f"held-out {result['dataset']}"
+    click.echo(f"loss      {result['initial_loss']:.4f} -> {result['final_loss']:.4f} ({held_out})")
+    click.echo(f"accuracy  {result['initial_accuracy']:.1%} -> {result['accuracy']:.1%} ({held_out})")
+    if result["model_bytes"]:
+        click.echo(
+            f"rounds    {result['round_bytes'] / 1e6:.2f} MB a peer a round, "
+            f"{result['round_bytes'] / result['model_bytes']:.1%} of averaging the whole model"
+        )
     audits = result["audits"]
     click.echo(f"audits    {audits['passed']} passed, {audits['failed']} failed, {audits['expired']} expired")
     cheats = {row["account"]: row for row in result["adversaries"]}

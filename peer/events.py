@@ -20,7 +20,10 @@ Events (every one has ``time``, wall-clock seconds, and ``event``):
   was not finite), ``params`` (the parameter sketch), ``group``, ``samples``, ``compute_s``,
   ``data_s`` (the part of ``compute_s`` spent waiting for batches), ``round_s`` (time blocked on the
   network: the all-reduce with its matchmaking, and any state download), ``load_s`` (the part of
-  ``round_s`` spent downloading the state of peers further on), ``allreduce_s``;
+  ``round_s`` spent downloading the state of peers further on), ``allreduce_s``, ``round_bytes`` (the
+  payload this peer put into the round, 0 without one; an all-reduce moves about 2(n-1)/n of it each
+  way) and ``model_bytes`` (the payload were every parameter averaged: an adapted model's adapters are
+  a small share of it);
 - ``averaging``: ``epoch``, ``group`` (the live peers expected): this peer starts the epoch's round;
 - ``state_loaded``: ``epoch``, ``source``;
 - ``report_accepted``: ``epoch``, ``samples``.

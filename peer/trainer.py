@@ -250,8 +250,16 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin, OverlapMixin):
             load_s=round(self.load_wait, 4),
             allreduce_s=round(allreduce_s, 4),
             report_wait_s=round(report_wait, 4),
+            round_bytes=self._element_bytes() * self.n_params if group > 1 else 0,
+            model_bytes=self._element_bytes() * self.n_model_params,
             **extra,
         )
+
+    def _element_bytes(self) -> int:
+        """A parameter's bytes in this epoch's round: 4, or 2 with fp16; 8bit is 1 on hivemind's averager
+        (plus its per-chunk scales) and fp16 on the fast path."""
+        compression = self.spec.averaging.compression
+        return {"none": 4, "fp16": 2, "8bit": 2 if self.path == "fast" else 1}[compression]
 
     def _report(self, done: EpochDone, group_size: int) -> None:
         """Queue the signed report of an epoch whose round was applied, and checkpoint the state it led

@@ -87,6 +87,7 @@ class SetupMixin:
         self.data_wait = 0.0  # seconds this epoch's training waited for its batches (the event log's data_s)
         self.load_wait = 0.0  # seconds this epoch waited for the state of peers further on (load_s)
         self.n_params = sum(p.numel() for p in self.params)
+        self.n_model_params = sum(p.numel() for p in self.model.parameters())  # frozen ones too
         self._open_dataset()
         if self.spec.verification.rate > 0:
             self.snapshots = Snapshots(self.settings.audit_window)

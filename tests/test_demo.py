@@ -2,7 +2,8 @@
 
 It runs with the four cheats of ``--adversaries`` (the plain demo is the same run without them): the
 swarm trains through a drop and through the cheats' noise, every cheat is caught and banned, and nobody is
-paid for an epoch that failed its audits."""
+paid for an epoch that failed its audits. ``--example adapt_minilm`` runs the LoRA adaptation of MiniLM
+through a drop the same way. ``--example`` offers every spec of examples/."""
 
 from __future__ import annotations
 
@@ -20,30 +21,34 @@ import pytest
 from peer.adversary import KINDS
 from tests.harness import DemoProcess, cli_env, group_members, kill_group, wait_until
 
+ROOT = Path(__file__).resolve().parents[1]
 
-@pytest.mark.timeout(600)
-def test_demo_trains_through_a_drop_and_four_cheats_and_settles_the_ledger(tmp_path: Path):
+
+def run_demo_json(home: Path, *args: str, timeout: float) -> dict:
+    """``hivemarket demo --json ARGS`` to its end: its result, once the test checked that it left no
+    process and no p2pd daemon behind."""
     daemons_before = _p2pd()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "peer", "demo", "--json", "--adversaries", ",".join(KINDS)],
+        [sys.executable, "-m", "peer", "demo", "--json", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=cli_env(tmp_path),
+        env=cli_env(home),
         start_new_session=True,
     )
     try:
-        out, err = proc.communicate(timeout=540)
+        out, err = proc.communicate(timeout=timeout)
     finally:
         kill_group(proc.pid)
     assert proc.returncode == 0, err[-4000:]
     assert not group_members(proc.pid), "the demo left processes behind"
     assert _p2pd() <= daemons_before, "the demo left p2pd daemons behind"  # its peers have own sessions
-    result = json.loads(out)
+    return json.loads(out)
 
-    assert result["accuracy"] >= 0.85, result
-    assert result["final_loss"] < result["initial_loss"] / 5, result
-    assert result["peers"] == 3
+
+def check_drop_and_ledger(result: dict) -> list[dict]:
+    """The killed peer is not paid after its drop, the survivors are paid, and every unit the launcher
+    spent reached a peer or a validator; the honest peers' ledger rows."""
     assert len(result["dropped"]) == 1
     ledger = result["ledger"]
     assert ledger["conserved"] is True
@@ -58,6 +63,18 @@ def test_demo_trains_through_a_drop_and_four_cheats_and_settles_the_ledger(tmp_p
     paid = sum(Decimal(a["paid"]) + Decimal(a["fees"]) for a in peers + cheats)
     assert paid == Decimal(launcher["spent"])  # every unit the launcher spent reached a peer or a validator
     assert Decimal(launcher["spent"]) + Decimal(launcher["refunded"]) == Decimal(launcher["budget"])
+    return peers
+
+
+@pytest.mark.timeout(600)
+def test_demo_trains_through_a_drop_and_four_cheats_and_settles_the_ledger(tmp_path: Path):
+    result = run_demo_json(tmp_path, "--adversaries", ",".join(KINDS), timeout=540)
+
+    assert result["accuracy"] >= 0.85, result
+    assert result["final_loss"] < result["initial_loss"] / 5, result
+    assert result["peers"] == 3
+    assert result["round_bytes"] == result["model_bytes"] > 0  # digits averages every parameter
+    check_drop_and_ledger(result)
 
     assert sorted(a["kind"] for a in result["adversaries"]) == sorted(KINDS)
     for cheat in result["adversaries"]:
@@ -70,6 +87,26 @@ def test_demo_trains_through_a_drop_and_four_cheats_and_settles_the_ledger(tmp_p
     assert result["audits"]["passed"] > 0 and result["audits"]["failed"] >= len(KINDS)
 
 
+@pytest.mark.timeout(420)
+def test_the_adaptation_example_trains_through_a_drop_averaging_only_its_adapters(tmp_path: Path):
+    """``demo --example adapt_minilm``: MiniLM with LoRA on the python-code pairs, 3 peers, one killed. The
+    held-out loss falls, the work is audited and paid, and a round carries the adapters only."""
+    result = run_demo_json(tmp_path, "--example", "adapt_minilm", "--samples", "640", timeout=380)
+
+    assert result["spec"] == "adapt_minilm.toml" and result["dataset"] == "python-code"
+    assert result["final_loss"] < result["initial_loss"], result
+    assert 0 < result["round_bytes"] < 0.05 * result["model_bytes"], result  # 0.5% with layers = 2
+    assert result["audits"]["passed"] > 0 and result["audits"]["failed"] == 0, result["audits"]
+    check_drop_and_ledger(result)
+
+
+def test_the_demo_offers_every_example_spec() -> None:
+    from peer.cli import demo
+
+    (option,) = [p for p in demo.params if p.name == "example"]
+    assert sorted(option.type.choices) == sorted(p.stem for p in (ROOT / "examples").glob("*.toml"))
+
+
 def _p2pd() -> set[int]:
     return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "p2pd"}
 
@@ -79,6 +116,7 @@ def _p2pd() -> set[int]:
     [
         (["--adversaries", "free-rider,bogus"], "--adversaries: 'bogus' is not a cheat this demo knows"),
         (["--peers", "2"], "--peers 2: a demo that kills a peer needs at least 3"),
+        (["--example", "mnist"], "'mnist' is not one of 'digits', 'bytes_lm', 'adapt_minilm', 'llama_tiny'"),
     ],
 )
 def test_demo_refuses_bad_options_before_starting_anything(
