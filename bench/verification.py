@@ -1,9 +1,11 @@
 """Benchmark: audits catch each cheat, never an honest peer, and cost the swarm little compute.
 
-Everything runs in this process on the real digits task and dataset (built untimed in a temporary
-folder) with the code peers and the coordinator run: the contribution behaviours of peer.adversary, the
-recomputation of peer.validator, the draw and the verdict of coordinator.verification, at the default
-``[verification]`` settings of a run spec unless flags change them.
+Everything runs in this process on a real task and dataset (``--task``: the digits MLP by default,
+``embed-lora`` for MiniLM adapted with LoRA, ``causal-lm`` for the small Llama; each with the options,
+dataset and micro-batch of its example spec, the dataset built untimed in a temporary folder) with the
+code peers and the coordinator run: the contribution behaviours of peer.adversary, the recomputation of
+peer.validator, the draw and the verdict of coordinator.verification, at the default ``[verification]``
+settings of a run spec unless flags change them.
 
 1. Catch rate. ``--trials`` trials per cheat. A trial is a fresh run (a new secret audit key, a new model
    seed) of ``--epochs`` epochs; each epoch the cheat reports ``--micro-batches`` micro-batches of
@@ -15,8 +17,9 @@ recomputation of peer.validator, the draw and the verdict of coordinator.verific
    autocast (reduced precision), (d) on CUDA, where a GPU is present. Prints the largest sketch distance
    and loss gap per condition against the tolerances, and the count of failed audits. Goal: 0.
 3. Cost. For one peer of a ``--peers``-peer swarm whose epoch is ``--cost-micro-batches`` micro-batches
-   of ``--cost-per-peer`` samples of the bytes-lm transformer (``--cost-dim``, ``--cost-layers``; the
-   digits MLP does too little work per sample to stand for a model anyone rents GPUs for): the time it
+   of the task's (its example spec's micro-batch; for digits, ``--cost-per-peer`` samples of the bytes-lm
+   transformer instead, ``--cost-dim``, ``--cost-layers``: the digits MLP does too little work per sample
+   to stand for a model anyone rents GPUs for): the time it
    spends on verification (sketching each micro-batch's gradient, drawing the epoch's sketchers, keeping
    the epoch's start parameters, recomputing its share of the audits: on average as many as one report
    draws; the data of audited samples is read from the local cache, as after a first fetch) over the time
@@ -24,7 +27,8 @@ recomputation of peer.validator, the draw and the verdict of coordinator.verific
    training (the same micro-batches without sketches). Every peer reports and audits alike, so this is
    the swarm's ratio. Goal: <= 5%. Per micro-batch timings are medians of ``--repeat`` micro-batches.
 
-    python bench/verification.py [--trials N] [--epochs E] [--micro-batches M] [--per-peer B]
+    python bench/verification.py [--task digits-mlp|embed-lora|causal-lm]
+                                 [--trials N] [--epochs E] [--micro-batches M] [--per-peer B]
                                  [--honest-audits N] [--cost-micro-batches M] [--cost-per-peer B]
                                  [--cost-dim D] [--cost-layers L] [--repeat R] [--json]
 """
@@ -53,9 +57,10 @@ from peer.data.examples import build_example
 from peer.data.reader import DatasetReader
 from peer.protocol.run_schemas import AuditTask
 from peer.protocol.sketch import grad_seed, params_seed
+from peer.protocol.spec import load_spec
 from peer.samples import train_ids
 from peer.sketch import Sketcher
-from peer.tasks import Task
+from peer.tasks import Task, load_task
 from peer.tasks.bytes_lm import BytesLM
 from peer.tasks.digits import DigitsMLP
 from peer.validator import Snapshots, Validator, micro_batch_gradient, micro_seed
@@ -67,17 +72,41 @@ GOAL_COST = 0.05
 LR = 0.1
 
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+#: The task of each row and the example spec whose options, dataset and micro-batch it takes.
+TASKS = {"digits-mlp": "digits.toml", "embed-lora": "adapt_minilm.toml", "causal-lm": "llama_tiny.toml"}
+
+
 @dataclass
 class Data:
     reader: DatasetReader
     ids: list[int]  # the training split
 
 
-def load_digits(folder: Path) -> Data:
-    manifest = build_example("digits", folder / "digits", shard_bytes=1 << 20).manifest
-    reader = DatasetReader(manifest, lambda s: folder / "digits" / s.file)
-    test_every = 5
-    return Data(reader, train_ids(torch.arange(manifest.samples).numpy(), test_every).tolist())
+@dataclass
+class Setting:
+    task: Task
+    data: Data
+    per_peer: int  # the example spec's micro-batch
+    label: str
+
+
+def load_setting(name: str, folder: Path) -> Setting:
+    """The task ``name`` as its example spec sets it up, on that spec's example dataset."""
+    spec = load_spec(EXAMPLES / TASKS[name])
+    dataset = spec.dataset.name
+    assert dataset is not None, f"examples/{TASKS[name]} names no dataset"
+    manifest = build_example(dataset, folder / dataset, shard_bytes=1 << 20).manifest
+    reader = DatasetReader(manifest, lambda s: folder / dataset / s.file)
+    ids = train_ids(torch.arange(manifest.samples).numpy(), spec.dataset.test_every).tolist()
+    options = ", ".join(f"{k} {v}" for k, v in spec.options.items() if k != "base")
+    task = load_task(spec.task, dict(spec.options))
+    return Setting(task, Data(reader, ids), spec.batch.per_peer, f"{spec.task} ({options}) on {dataset}")
+
+
+def trained(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """What a peer trains, sketches and averages: an adapted model's adapters, not its frozen base."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 class Epochs:
@@ -115,9 +144,9 @@ def start_epoch(
 ) -> tuple[EpochWork, list[float]]:
     """What a peer does as an epoch starts: keep the start parameters for audits, and set up the epoch's
     work on its next micro-batches; the work, and the parameter sketch its reports carry."""
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in trained(model))
     grads, params = sketchers(n_params, epoch)
-    param_sketch = params(model.parameters())
+    param_sketch = params(trained(model))
     snapshots.put(epoch, model, param_sketch)
     seed = lambda i: micro_seed(RUN, epoch, PEER, i)  # noqa: E731
     work = local_work(task, model, data.reader, stream.next(), grads, seed, stream.spare, device=device)
@@ -140,22 +169,24 @@ def audit_task(epoch: int, index: int, micro: dict[str, Any], param_sketch: list
 def step(model: torch.nn.Module, update: list[torch.Tensor]) -> None:
     """The swarm's step: plain SGD with the averaged gradient (moves the parameters between epochs)."""
     with torch.no_grad():
-        for p, g in zip(model.parameters(), update, strict=True):
+        for p, g in zip(trained(model), update, strict=True):
             p.sub_(LR * g.to(p.device))
 
 
 # ------------------------------------------------------------------------------------------ catch rate
 
 
-def catch_trials(data: Data, kind: str, args: argparse.Namespace, policy: AuditPolicy) -> dict[str, Any]:
-    task = DigitsMLP(hidden=64)
+def catch_trials(
+    setting: Setting, kind: str, args: argparse.Namespace, policy: AuditPolicy
+) -> dict[str, Any]:
+    task, data, per_peer = setting.task, setting.data, args.per_peer or setting.per_peer
     caught_at: list[int | None] = []
     distances: list[float] = []  # of the audit that caught each trial
     for trial in range(args.trials):
         key, model = secrets.token_bytes(32), task.build_model(trial)
         snapshots = Snapshots(keep=args.epochs)
         validator = Validator(RUN, task, task.build_model(0), data.reader, snapshots, agreement=1e-4)
-        cheat, stream = behaviour(kind), Epochs(data.ids, trial, args.micro_batches, args.per_peer)  # type: ignore[arg-type]
+        cheat, stream = behaviour(kind), Epochs(data.ids, trial, args.micro_batches, per_peer)  # type: ignore[arg-type]
         caught_at.append(None)
         for epoch in range(args.epochs):
             work, param_sketch = start_epoch(task, model, data, stream, snapshots, epoch)
@@ -210,8 +241,8 @@ def conditions() -> dict[str, tuple[Callable[[], contextlib.AbstractContextManag
     return found
 
 
-def honest_audits(data: Data, args: argparse.Namespace, policy: AuditPolicy) -> list[dict[str, Any]]:
-    task = DigitsMLP(hidden=64)
+def honest_audits(setting: Setting, args: argparse.Namespace, policy: AuditPolicy) -> list[dict[str, Any]]:
+    task, data, per_peer = setting.task, setting.data, args.per_peer or setting.per_peer
     results = []
     found = conditions()
     per_condition = -(-args.honest_audits // len(found))
@@ -219,7 +250,7 @@ def honest_audits(data: Data, args: argparse.Namespace, policy: AuditPolicy) -> 
         model = task.build_model(1).to(device)
         snapshots = Snapshots(keep=2)
         validator = Validator(RUN, task, task.build_model(0), data.reader, snapshots, agreement=1e-4)
-        stream = Epochs(data.ids, 7, args.micro_batches, args.per_peer)
+        stream = Epochs(data.ids, 7, args.micro_batches, per_peer)
         distances, gaps, failed, audits, epoch = [], [], 0, 0, 0
         while audits < per_condition:
             work, param_sketch = start_epoch(task, model, data, stream, snapshots, epoch, device)
@@ -250,17 +281,27 @@ def honest_audits(data: Data, args: argparse.Namespace, policy: AuditPolicy) -> 
 # ------------------------------------------------------------------------------------------------ cost
 
 
-def cost(args: argparse.Namespace, policy: AuditPolicy, folder: Path) -> dict[str, Any]:
-    """Per micro-batch timings of a byte-level transformer language model, scaled to an epoch of
-    ``--cost-micro-batches`` micro-batches (training them all would take minutes on a CPU)."""
+def cost_setting(args: argparse.Namespace, setting: Setting, folder: Path) -> Setting:
+    """What the cost is measured on: the task itself, but for digits a byte-level transformer language
+    model (the MLP does too little work per sample to stand for a model anyone rents GPUs for)."""
+    if not isinstance(setting.task, DigitsMLP):
+        return setting
     manifest = build_example("text", folder / "text", shard_bytes=1 << 20).manifest
     reader = DatasetReader(manifest, lambda s: folder / "text" / s.file)
     task = BytesLM(dim=args.cost_dim, layers=args.cost_layers, heads=4, dropout=0.1)
+    label = f"bytes-lm dim {args.cost_dim}, {args.cost_layers} layers, dropout 0.1"
+    return Setting(task, Data(reader, list(range(manifest.samples))), args.cost_per_peer, label)
+
+
+def cost(args: argparse.Namespace, policy: AuditPolicy, setting: Setting) -> dict[str, Any]:
+    """Per micro-batch timings, scaled to an epoch of ``--cost-micro-batches`` micro-batches (training
+    them all would take minutes on a CPU)."""
+    task, reader = setting.task, setting.data.reader
+    per_peer = setting.per_peer
     model = task.build_model(0)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trained(model)
     n_params = sum(p.numel() for p in params)
-    ids = list(range(manifest.samples))
-    stream = Epochs(ids, 3, args.repeat, args.cost_per_peer)
+    stream = Epochs(setting.data.ids, 3, args.repeat, per_peer)
     snapshots = Snapshots(keep=2)
     validator = Validator(RUN, task, task.build_model(0), reader, snapshots, agreement=1e-4)
     m = args.cost_micro_batches
@@ -297,12 +338,12 @@ def cost(args: argparse.Namespace, policy: AuditPolicy, folder: Path) -> dict[st
     train, sketch, audit = (statistics.median(rounds[k]) for k in ("train", "sketch", "audit"))
     verification = m * sketch + sketchers_s + snapshot_s + audits_per_report * audit
     return {
-        "model": f"bytes-lm dim {args.cost_dim}, {args.cost_layers} layers, dropout 0.1",
+        "model": setting.label,
         "parameters": n_params,
         "peers": args.peers,
         "micro_batches": m,
-        "per_peer": args.cost_per_peer,
-        "target": args.peers * m * args.cost_per_peer,
+        "per_peer": per_peer,
+        "target": args.peers * m * per_peer,
         "train_s": m * train,
         "sketch_s": m * sketch,
         "snapshot_s": snapshot_s,
@@ -319,15 +360,18 @@ def cost(args: argparse.Namespace, policy: AuditPolicy, folder: Path) -> dict[st
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=list(TASKS), default="digits-mlp")
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--micro-batches", type=int, default=8, help="per report, in the catch trials")
-    parser.add_argument("--per-peer", type=int, default=32, help="samples per micro-batch (trials)")
+    parser.add_argument(
+        "--per-peer", type=int, default=None, help="samples per micro-batch (trials) [the example spec's]"
+    )
     parser.add_argument("--honest-audits", type=int, default=3000)
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--cost-micro-batches", type=int, default=64, help="per peer and epoch")
     parser.add_argument(
-        "--cost-per-peer", type=int, default=16, help="samples (of 128 bytes) per micro-batch"
+        "--cost-per-peer", type=int, default=16, help="samples (of 128 bytes) per micro-batch (digits' cost)"
     )
     parser.add_argument("--cost-dim", type=int, default=128)
     parser.add_argument("--cost-layers", type=int, default=2)
@@ -336,11 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     policy = AuditPolicy.default()
     with tempfile.TemporaryDirectory(prefix="bench-verification-") as folder:
-        data = load_digits(Path(folder))
-        catch = [catch_trials(data, kind, args, policy) for kind in KINDS]
-        honest = honest_audits(data, args, policy)
-        spend = cost(args, policy, Path(folder))
+        setting = load_setting(args.task, Path(folder))
+        catch = [catch_trials(setting, kind, args, policy) for kind in KINDS]
+        honest = honest_audits(setting, args, policy)
+        spend = cost(args, policy, cost_setting(args, setting, Path(folder)))
     result = {
+        "task": setting.label,
         "policy": {
             "rate": policy.rate,
             "min_audits": policy.min_audits,
@@ -359,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
+    print(f"task: {setting.label}")
     print(f"audits: rate {policy.rate:g}, >= {policy.min_audits} per report, tolerance {policy.tolerance:g}")
     header = ("CHEAT", "TRIALS", "CAUGHT", "RATE", "MEAN EPOCHS", "MAX", "MIN DISTANCE")
     print(
