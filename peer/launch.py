@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 
 import click
 
-from peer.console import echo_json, load_cli_identity, print_table
-from peer.market_cli import call, client_for, coordinator_option, json_option, money_option
+from peer.console import echo_json, json_option, load_cli_identity, print_table
+from peer.market_cli import call, client_for, coordinator_option, money_option
 from peer.protocol.client import CoordinatorClient
 from peer.protocol.commands import InputError
 from peer.protocol.dataset import Manifest

