@@ -325,6 +325,7 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin, OverlapMixin):
                 lambda index: micro_seed(self.run_id, epoch, self.identity.account, index),
                 step,
                 keep_grads=keep_grads,
+                autocast=self.autocast,
             )
         self.data_wait += loader.stats().wait_seconds
         if start is not None:

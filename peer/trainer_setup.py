@@ -24,6 +24,7 @@ from peer.data.fetch import FetchSettings, ShardCache, fetch_manifest, fetch_sha
 from peer.data.reader import DatasetReader
 from peer.deadlines import RoundDeadlines
 from peer.events import AGREEMENT_TOLERANCE
+from peer.hardware import BF16_MIN_CAPABILITY
 from peer.node import NodeError, follow_clock, start_dht
 from peer.protocol.dataset import DatasetError, ShardInfo
 from peer.protocol.run_schemas import GroupView, RunView
@@ -45,6 +46,15 @@ def direct_host(maddrs: Sequence[str]) -> str | None:
         if len(parts) > 2 and parts[1] == "ip4" and parts[2] != "0.0.0.0":
             return parts[2]
     return None
+
+
+def training_autocast(precision: str, device: torch.device) -> torch.dtype | None:
+    """What a trainer computes its micro-batches in: bfloat16 autocast where the spec asks for bf16 and
+    the device computes it natively (a CUDA GPU of compute capability 8.0+; older GPUs emulate it, and
+    CPUs without bfloat16 units run it slower than float32), else None: float32."""
+    if precision != "bf16" or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= BF16_MIN_CAPABILITY else None
 
 
 def make_optimizer(spec: RunSpec, params: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -72,6 +82,7 @@ class SetupMixin:
         self.target = view.target_samples
         self.total_epochs = math.ceil(self.target / self.spec.batch.target)
         self.model = self.task.build_model(self.spec.seed).to(self.device)
+        self.autocast = training_autocast(self.spec.precision, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.spec, self.params)
         self.optimizers = [self.optimizer]

@@ -62,12 +62,21 @@ def seed_generators(seed: int) -> None:
 
 
 def micro_batch_gradient(
-    task: Task, model: torch.nn.Module, params: Sequence[torch.nn.Parameter], batch: Any, seed: int
+    task: Task,
+    model: torch.nn.Module,
+    params: Sequence[torch.nn.Parameter],
+    batch: Any,
+    seed: int,
+    autocast: torch.dtype | None = None,
 ) -> tuple[float, list[torch.Tensor]]:
-    """The micro-batch's mean loss and the gradient of every parameter (zeros where it has none)."""
+    """The micro-batch's mean loss and the gradient of every parameter (zeros where it has none); with
+    ``autocast``, the forward pass runs under autocast to that dtype (a trainer's ``precision``; audits
+    recompute in float32)."""
     seed_generators(seed)
     model.train()  # the mode the peer trained in: dropout and the like behave the same on both sides
-    loss = task.loss(model, batch)
+    device_type = params[0].device.type if params else "cpu"
+    with torch.autocast(device_type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        loss = task.loss(model, batch)
     model.zero_grad(set_to_none=True)
     loss.backward()
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -85,6 +94,7 @@ def compute_micro_batches(
     step: Callable[[list[int], list[torch.Tensor]], None],
     *,
     keep_grads: bool = False,
+    autocast: torch.dtype | None = None,
 ) -> tuple[list[dict[str, Any]], list[list[torch.Tensor]] | None]:
     """A peer's honest work on its micro-batches: for each, the gradient (:func:`micro_batch_gradient`,
     seeded by ``seed(index)``), then ``step(ids, grads)`` (accumulate, or an inner optimizer step); the
@@ -92,7 +102,7 @@ def compute_micro_batches(
     micro: list[dict[str, Any]] = []
     kept: list[list[torch.Tensor]] | None = [] if keep_grads else None
     for index, (chunk, batch) in enumerate(zip(chunks, batches, strict=True)):
-        loss, grads = micro_batch_gradient(task, model, params, batch, seed(index))
+        loss, grads = micro_batch_gradient(task, model, params, batch, seed(index), autocast)
         micro.append({"ids": chunk, "loss": loss, "sketch": sketch(grads)})
         if kept is not None:
             kept.append([g.detach().clone() for g in grads])

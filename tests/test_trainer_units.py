@@ -22,11 +22,14 @@ from peer.averaging import TrainingState, capture, learning_rate, restore
 from peer.data.examples import build_example
 from peer.protocol.assignment import assign
 from peer.protocol.dataset import Manifest, load_manifest
+from peer.protocol.sketch import relative_distance
 from peer.protocol.spec import validate_spec
 from peer.run_link import live_peers
 from peer.samples import SampleStream, shares, train_ids
+from peer.sketch import Sketcher
 from peer.tasks.digits import DigitsMLP
-from peer.trainer_setup import make_optimizer
+from peer.trainer_setup import make_optimizer, training_autocast
+from peer.validator import micro_batch_gradient
 from tests.harness import minimal_spec, peer_view, run_view
 
 A, B, C = "a" * 64, "b" * 64, "c" * 64
@@ -462,3 +465,31 @@ def test_a_donors_hyperparameters_and_foreign_state_are_not_taken() -> None:
     sgd_state = capture(1, params, sgd_opts)
     with pytest.raises(ValueError, match="not the one a Adam keeps"):
         restore(sgd_state, list(fresh.parameters()), _optimizers("adam", list(fresh.parameters()), lr=0.01))
+
+
+# ------------------------------------------------------------------------------------------ precision
+
+
+def test_bf16_is_used_only_where_the_device_computes_it_natively() -> None:
+    assert training_autocast("fp32", torch.device("cpu")) is None
+    assert training_autocast("bf16", torch.device("cpu")) is None  # a CPU runs bf16 slower than fp32
+    assert validate_spec(minimal_spec("p", precision="bf16")).precision == "bf16"
+    with pytest.raises(ValueError, match=r"spec.precision"):
+        validate_spec(minimal_spec("p", precision="fp8"))
+
+
+def test_a_bf16_micro_batch_is_audited_against_float32_within_the_tolerance() -> None:
+    """A peer under bf16 autocast computes another gradient than the float32 validator, close enough."""
+    task = DigitsMLP(hidden=64)
+    model = task.build_model(0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    rng = np.random.default_rng(0)
+    batch = task.batch([{"x": rng.random((8, 8), dtype=np.float32), "y": int(y)} for y in range(10)] * 3)
+    sketch = Sketcher(sum(p.numel() for p in params), 1)
+    loss_32, grads_32 = micro_batch_gradient(task, model, params, batch, 5)
+    reference = sketch([g.clone() for g in grads_32])
+    loss_16, grads_16 = micro_batch_gradient(task, model, params, batch, 5, autocast=torch.bfloat16)
+    distance = relative_distance(sketch(grads_16), reference)
+    tolerance = validate_spec(minimal_spec("p", verification={})).verification.tolerance
+    assert 0 < distance < tolerance / 4, distance
+    assert loss_16 != loss_32 and abs(loss_16 - loss_32) / loss_32 < 0.05

@@ -189,6 +189,12 @@ class RunSpec(Section):
         default_factory=dict, max_length=64, description="Task options (the task validates them)."
     )
     seed: int = Field(0, ge=0, lt=1 << 63)
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: peers whose GPU computes bfloat16 natively (compute capability 8.0+) train under "
+        "bfloat16 autocast; other peers, and every validator, compute in float32 (bench/verification.py "
+        "measures honest bf16 work against float32 recomputation well within the audit tolerance).",
+    )
     dataset: DatasetSpec
     optimizer: OptimizerSpec = OptimizerSpec()
     schedule: ScheduleSpec = ScheduleSpec()
