@@ -32,6 +32,7 @@ from torch.nn import functional as F
 
 from peer.protocol.dataset import Schema
 from peer.tasks import Task, TaskError
+from peer.tasks.pretrained import quiet_transformers
 
 # option -> the name transformers' configs share for it
 _CONFIG_NAMES = {
@@ -44,17 +45,6 @@ _CONFIG_NAMES = {
     "positions": "max_position_embeddings",
     "tie_embeddings": "tie_word_embeddings",
 }
-
-
-def _transformers() -> Any:
-    """transformers, quietened: its warnings and progress bars would land in every peer's log."""
-    try:
-        import transformers
-    except ImportError:
-        raise TaskError("causal-lm needs transformers: pip install 'hivemarket[hf]'") from None
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    return transformers
 
 
 class CausalLM(Task):
@@ -97,7 +87,7 @@ class CausalLM(Task):
         kv_heads = v["kv_heads"] or v["heads"]
         if v["heads"] % kv_heads:
             raise TaskError(f"spec.options.kv_heads: heads ({v['heads']}) is not a multiple of {kv_heads}")
-        transformers = _transformers()
+        transformers = quiet_transformers("causal-lm")
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
         family = v["family"]
@@ -148,7 +138,7 @@ class CausalLM(Task):
 
     def build_model(self, seed: int) -> torch.nn.Module:
         """The model from the config, float32, eager attention; the seed alone decides every parameter."""
-        transformers = _transformers()
+        transformers = quiet_transformers("causal-lm")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return transformers.AutoModelForCausalLM.from_config(

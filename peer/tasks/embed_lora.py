@@ -34,22 +34,18 @@ from torch.nn import functional as F
 
 from peer.protocol.dataset import Schema
 from peer.tasks import Task, TaskError
-from peer.tasks.pretrained import find_model
+from peer.tasks.pretrained import find_model, quiet_transformers
 
 FIELDS = ("query", "passage")
 
 
 def _hf() -> tuple[Any, Any]:
     """transformers and peft, imported on use: the base install does not carry them."""
+    transformers = quiet_transformers("embed-lora")
     try:
         import peft
-        import transformers
     except ImportError:
-        raise TaskError(
-            "the embed-lora task needs transformers and peft: pip install 'hivemarket[hf]'"
-        ) from None
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+        raise TaskError("embed-lora needs peft: pip install 'hivemarket[hf]'") from None
     return transformers, peft
 
 

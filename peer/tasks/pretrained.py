@@ -29,6 +29,7 @@ import zipfile
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -42,6 +43,18 @@ DIGEST_PREFIX = "sha256:"
 _CHUNK = 1 << 20
 
 _digests: dict[tuple[str, tuple[tuple[str, int, int], ...]], str] = {}
+
+
+def quiet_transformers(task: str) -> Any:
+    """transformers, imported on use (the base install does not carry it) and quietened: its warnings and
+    progress bars would land in every peer's log. ``task`` names who needs it, for the error."""
+    try:
+        import transformers
+    except ImportError:
+        raise TaskError(f"{task} needs transformers: pip install 'hivemarket[hf]'") from None
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
 
 
 @dataclass(frozen=True)
