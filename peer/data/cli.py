@@ -176,11 +176,15 @@ def example_command(name: str, out: Path, shard_size: str, as_json: bool) -> Non
     """Build an example dataset from installed packages, offline.
 
     digits: scikit-learn's 1,797 labelled 8x8 digit images. text: Python's own documentation as 128-byte
-    samples for a byte-level language model. Nothing is downloaded.
+    samples for a byte-level language model. text-bpe: the same text as 64-token samples of a BPE
+    tokenizer trained as it is packed (stored beside the shards). python-code: the standard library's
+    documented functions paired with their docstrings, tokenized for MiniLM. The last two need pip
+    install 'hivemarket[hf]'. Nothing is downloaded.
 
     \b
     Example:
       hivemarket data example digits ./digits-ds
+      hivemarket data example python-code ./python-code
     """
     try:
         report = build_example(name, out, _size(shard_size, "--shard-size"))
