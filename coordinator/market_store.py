@@ -52,11 +52,14 @@ def clear(
     """
     if env is not None:
         sql.claim_nonce(conn, env)
-    asks, lease_of = _asks(conn)
     bids = _bids(conn)
+    if env is None and not bids:  # nothing to clear, and reading every ask would hold the writer for nothing
+        _record_shortfalls(conn, {})
+        return None
+    asks, lease_of = _asks(conn)
     result, shortfalls = market.clear_round(asks, bids, config)
     _record_shortfalls(conn, shortfalls)
-    if env is None and not (asks and bids):
+    if env is None and not asks:
         return None
     for match in result.matches:
         units = to_units(match.price_per_hour)

@@ -13,10 +13,11 @@ import json
 import secrets
 import sqlite3
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from coordinator import leases, sql, verification
-from coordinator.errors import Conflict, Forbidden, NotFound
+from coordinator.errors import ApiError, Conflict, Forbidden, NotFound
 from coordinator.leases import LeaseConfig
 from peer.protocol.envelope import Envelope
 from peer.protocol.money import from_units, to_units
@@ -139,19 +140,89 @@ def _renew(conn: sqlite3.Connection, lease: sqlite3.Row, now: float, ttl: float)
     conn.execute("UPDATE peers SET uptime = uptime + ? WHERE account = ?", (uptime, lease["account"]))
 
 
-def heartbeat(
-    conn: sqlite3.Connection,
-    now: float,
-    env: Envelope,
-    lease_id: str,
-    telemetry: Telemetry | None,
-    times: LeaseConfig,
-) -> LeaseView:
-    sql.claim_nonce(conn, env)
-    lease = conn.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
+@dataclass(frozen=True)
+class Heartbeat:
+    """One signed heartbeat: the lease it renews, when it arrived, the GPUs' telemetry if it carried any."""
+
+    now: float
+    env: Envelope
+    lease_id: str
+    telemetry: Telemetry | None = None
+
+
+def heartbeats(
+    conn: sqlite3.Connection, beats: list[Heartbeat], times: LeaseConfig
+) -> list[LeaseView | ApiError]:
+    """Renew the leases of many heartbeats at once (a :data:`coordinator.db.Batched` kind): one read of their
+    leases, one insert of their nonces and one update per table, whatever their number.
+
+    Each heartbeat is decided as if it ran alone, in order: a replayed nonce refuses it first, then a lease
+    that does not exist, is another account's, or is no longer active; a refused heartbeat's nonce is
+    recorded with its refusal and it changes nothing. Two heartbeats of one lease credit uptime in turn.
+    """
+    ids = sorted({beat.lease_id for beat in beats})
+    found = conn.execute(f"SELECT * FROM leases WHERE id IN ({','.join('?' * len(ids))})", ids)
+    lease_rows = {row["id"]: dict(row) for row in found}
+    checked: list[ApiError | None] = []
+    for beat in beats:
+        try:
+            _check_lease(lease_rows.get(beat.lease_id), beat.lease_id, beat.env.account)
+            checked.append(None)
+        except ApiError as e:
+            checked.append(e)
+    replays = sql.claim_nonces(
+        conn,
+        [(beat.env, None if e is None else sql.refusal(e)) for beat, e in zip(beats, checked, strict=True)],
+    )
+    renewed: dict[str, float] = {}  # lease -> its last heartbeat
+    uptime: dict[str, float] = {}  # account -> uptime credited
+    telemetry: dict[str, tuple[float | None, float | None, float | None, float]] = {}  # account -> last
+    outcomes: list[LeaseView | ApiError] = []
+    for beat, error, replay in zip(beats, checked, replays, strict=True):
+        if replay is not None or error is not None:
+            outcomes.append(replay or error)  # type: ignore[arg-type]
+            continue
+        lease = lease_rows[beat.lease_id]
+        credit = leases.credited_uptime(beat.now, lease["last_heartbeat"], times.ttl)
+        uptime[lease["account"]] = uptime.get(lease["account"], 0.0) + credit
+        lease["last_heartbeat"] = renewed[lease["id"]] = beat.now
+        if beat.telemetry is not None:
+            t = beat.telemetry
+            telemetry[lease["account"]] = (t.power_w, t.temperature_c, t.utilization_pct, beat.now)
+        outcomes.append(lease_view(lease, times))
+    if renewed:
+        conn.execute(
+            f"UPDATE leases SET last_heartbeat = v.column2 FROM (VALUES {_rows(len(renewed), 2)}) AS v"
+            " WHERE leases.id = v.column1",
+            [value for item in renewed.items() for value in item],
+        )
+        conn.execute(
+            f"UPDATE peers SET uptime = uptime + v.column2 FROM (VALUES {_rows(len(uptime), 2)}) AS v"
+            " WHERE peers.account = v.column1",
+            [value for item in uptime.items() for value in item],
+        )
+    if telemetry:
+        # NULL telemetry is typed, or PostgreSQL would take a column of NULLs for text
+        number = "CAST(? AS DOUBLE PRECISION)"
+        marks = ",".join([f"(?, {number}, {number}, {number}, ?)"] * len(telemetry))
+        conn.execute(
+            "UPDATE offers SET power_w = v.column2, temperature_c = v.column3, utilization_pct = v.column4,"
+            f" telemetry_at = v.column5 FROM (VALUES {marks}) AS v WHERE offers.account = v.column1",
+            [value for account, values in telemetry.items() for value in (account, *values)],
+        )
+    return outcomes
+
+
+def _rows(count: int, width: int) -> str:
+    """``count`` rows of ``width`` placeholders, for a VALUES list."""
+    return ",".join(["(" + ", ".join("?" * width) + ")"] * count)
+
+
+def _check_lease(lease: Mapping[str, Any] | None, lease_id: str, account: str) -> None:
+    """Refuse a heartbeat for a lease that does not exist, is another account's, or is no longer active."""
     if lease is None:
         raise NotFound(f"lease {lease_id!r} does not exist", field="lease_id")
-    if lease["account"] != env.account:
+    if lease["account"] != account:
         raise Forbidden(f"lease {lease_id!r} belongs to another account", field="lease_id")
     if lease["state"] != "active":
         raise Conflict(
@@ -159,14 +230,6 @@ def heartbeat(
             code=f"lease_{lease['state']}",
             field="lease_id",
         )
-    _renew(conn, lease, now, times.ttl)
-    if telemetry is not None:
-        conn.execute(
-            "UPDATE offers SET power_w = ?, temperature_c = ?, utilization_pct = ?, telemetry_at = ?"
-            " WHERE account = ?",
-            (telemetry.power_w, telemetry.temperature_c, telemetry.utilization_pct, now, env.account),
-        )
-    return lease_view({**dict(lease), "last_heartbeat": now}, times)
 
 
 def offers(conn: sqlite3.Connection) -> list[OfferView]:

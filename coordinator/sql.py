@@ -7,7 +7,7 @@ They take the connection of the transaction they are part of; callers run them i
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from coordinator import ledger
 from coordinator.errors import ApiError, Conflict, NonceReplayed, NonceReused, PaymentRequired, Unauthorized
@@ -22,35 +22,79 @@ def claim_nonce(conn: sqlite3.Connection, env: Envelope) -> None:
     the one it was signed with, and keying by time first makes inserts append-only and lets the sweep
     forget old nonces by a range of the primary key (measured: a third of the bytes written per request).
     """
-    claimed = conn.execute(
-        "INSERT INTO nonces (account, nonce, timestamp) VALUES (?, ?, ?) ON CONFLICT DO NOTHING RETURNING 1",
-        (env.account, env.nonce, env.timestamp),
-    ).fetchone()
-    if claimed is None:
-        (refused,) = conn.execute(
-            "SELECT refused FROM nonces WHERE timestamp = ? AND account = ? AND nonce = ?",
-            (env.timestamp, env.account, env.nonce),
-        ).fetchone()
-        if refused is None:
-            raise NonceReplayed(
-                f"nonce {env.nonce} was already used; the request it carried was applied",
-                field="X-Hivemarket-Nonce",
-            )
-        raise NonceReused(
-            f"nonce {env.nonce} was already used by a request refused with {refused}; nothing was applied",
+    (error,) = claim_nonces(conn, [(env, None)])
+    if error is not None:
+        raise error
+
+
+def claim_nonces(
+    conn: sqlite3.Connection, claims: Sequence[tuple[Envelope, str | None]]
+) -> list[ApiError | None]:
+    """Record many requests' nonces in one statement, each as applied (None) or as refused with the given
+    reason (see :func:`refusal`); for each, None when its nonce was new, else the replay error that refuses
+    it. A nonce repeated within ``claims`` is new only the first time."""
+    first: dict[tuple[int, str, str], int] = {}
+    for i, (env, _) in enumerate(claims):
+        first.setdefault((env.timestamp, env.account, env.nonce), i)
+    rows = [
+        (claims[i][0].account, claims[i][0].nonce, claims[i][0].timestamp, claims[i][1])
+        for i in first.values()
+    ]
+    marks = ",".join(["(?, ?, ?, ?)"] * len(rows))
+    claimed = {
+        (row[0], row[1], row[2])
+        for row in conn.execute(
+            f"INSERT INTO nonces (account, nonce, timestamp, refused) VALUES {marks}"
+            " ON CONFLICT DO NOTHING RETURNING timestamp, account, nonce",
+            [value for row in rows for value in row],
+        )
+    }
+    errors: list[ApiError | None] = []
+    for i, (env, refused) in enumerate(claims):
+        key = (env.timestamp, env.account, env.nonce)
+        if first[key] == i and key in claimed:
+            errors.append(None)
+            continue
+        if first[key] != i and key in claimed:  # the first of this batch took it
+            refused = claims[first[key]][1]
+        else:
+            (refused,) = conn.execute(
+                "SELECT refused FROM nonces WHERE timestamp = ? AND account = ? AND nonce = ?", key
+            ).fetchone()
+        errors.append(_replayed(env, refused))
+    return errors
+
+
+def _replayed(env: Envelope, refused: str | None) -> ApiError:
+    if refused is None:
+        return NonceReplayed(
+            f"nonce {env.nonce} was already used; the request it carried was applied",
             field="X-Hivemarket-Nonce",
         )
+    return NonceReused(
+        f"nonce {env.nonce} was already used by a request refused with {refused}; nothing was applied",
+        field="X-Hivemarket-Nonce",
+    )
+
+
+def refusal(error: Exception) -> str | None:
+    """What the nonce of a request refused with ``error`` records (its status and code), or None for an
+    error that must not burn the nonce (a request that was not authenticated did not spend it)."""
+    if isinstance(error, ApiError) and not isinstance(error, Unauthorized):
+        return f"{error.status} {error.code}"
+    return None
 
 
 def remember_refusal(env: Envelope) -> Callable[[sqlite3.Connection, Exception], None]:
     """Keep the nonce of a refused request, so that it cannot be replayed once the state would allow it."""
 
     def hook(conn: sqlite3.Connection, error: Exception) -> None:
-        if isinstance(error, ApiError) and not isinstance(error, Unauthorized):
+        refused = refusal(error)
+        if refused is not None:
             conn.execute(
                 "INSERT INTO nonces (account, nonce, timestamp, refused) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT DO NOTHING",
-                (env.account, env.nonce, env.timestamp, f"{error.status} {error.code}"),
+                (env.account, env.nonce, env.timestamp, refused),
             )
 
     return hook

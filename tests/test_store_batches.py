@@ -1,0 +1,108 @@
+"""Batched writes (coordinator.db.Database.write_batched) on a real SQLite file and a real PostgreSQL server:
+heartbeats that arrive together are renewed in a few statements, each decided as if it ran alone."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coordinator.errors import Conflict, Forbidden, NonceReplayed, NonceReused, NotFound
+from coordinator.leases import LeaseConfig
+from coordinator.store import SQLStore, open_store
+from peer.protocol.envelope import Envelope
+from peer.protocol.schemas import HardwareSummary, OfferBody, Telemetry
+from tests.conftest import Databases
+
+pytestmark = pytest.mark.timeout(120)
+
+TIMES = LeaseConfig(heartbeat_interval=5.0, ttl=15.0)
+T0 = 1_000_000.0
+HARDWARE = HardwareSummary(gpu="A10", gpu_count=1, vram_gb=24.0, tflops=60.0, ram_gb=64.0, cpu_cores=8)
+
+
+@pytest.fixture
+async def store(tmp_path: Path, databases: Databases) -> AsyncIterator[SQLStore]:
+    url = databases.url() or f"sqlite:///{tmp_path}/market.db"
+    opened = open_store(url, TIMES, synchronous="FULL", batch_max=64)
+    await opened.open()
+    try:
+        yield opened  # type: ignore[misc]
+    finally:
+        await opened.close()
+
+
+def envelope(account: str, at: float, nonce: str | None = None) -> Envelope:
+    return Envelope(account, int(at), nonce or secrets.token_hex(8))
+
+
+async def offer(store: SQLStore, account: str, at: float) -> str:
+    body = OfferBody(price_per_hour="1", hardware=HARDWARE)
+    response = await store.post_offer(at, envelope(account, at), body)
+    return response.lease.id
+
+
+async def rows(store: SQLStore, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    return await store._db.read(lambda conn: [tuple(row) for row in conn.execute(query, params)])
+
+
+async def test_heartbeats_that_arrive_together_are_each_decided_as_if_alone(store: SQLStore) -> None:
+    a, b, c = "a" * 64, "b" * 64, "c" * 64
+    lapsed = await offer(store, c, T0)
+    lease_a, _ = await offer(store, a, T0 + 10), await offer(store, b, T0 + 10)
+    assert [lapse.lease_id for lapse in await store.sweep(T0 + 16, nonce_horizon=3600)] == [lapsed]
+
+    first = envelope(a, T0 + 12)
+    refused = envelope(c, T0 + 12)
+    telemetry = Telemetry(power_w=250.0, temperature_c=None, utilization_pct=None)
+    beats = [
+        store.heartbeat(T0 + 12, first, lease_a),
+        store.heartbeat(T0 + 12, first, lease_a),  # the same request twice: applied once
+        store.heartbeat(T0 + 13, envelope(a, T0 + 13), lease_a, telemetry),  # credited after the first
+        store.heartbeat(T0 + 13, envelope(b, T0 + 13), lease_a),  # another account's lease
+        store.heartbeat(T0 + 13, envelope(b, T0 + 13), "0" * 16),  # no such lease
+        store.heartbeat(T0 + 13, refused, lapsed),
+    ]
+    outcomes = await asyncio.gather(*beats, return_exceptions=True)
+
+    assert outcomes[0].expires_at == T0 + 12 + TIMES.ttl
+    assert isinstance(outcomes[1], NonceReplayed), outcomes[1]
+    assert outcomes[2].expires_at == T0 + 13 + TIMES.ttl
+    assert isinstance(outcomes[3], Forbidden), outcomes[3]
+    assert isinstance(outcomes[4], NotFound), outcomes[4]
+    assert isinstance(outcomes[5], Conflict) and outcomes[5].code == "lease_lapsed", outcomes[5]
+    assert await rows(store, "SELECT last_heartbeat FROM leases WHERE id = ?", lease_a) == [(T0 + 13,)]
+    # the offer renewed the lease at T0 + 10; the two heartbeats credit 2 s and then 1 s
+    assert await rows(store, "SELECT uptime FROM peers WHERE account = ?", a) == [(3.0,)]
+    assert await rows(store, "SELECT uptime FROM peers WHERE account = ?", b) == [(0.0,)]
+    telemetry_row = (
+        "SELECT power_w, temperature_c, utilization_pct, telemetry_at FROM offers WHERE account = ?"
+    )
+    assert await rows(store, telemetry_row, a) == [(250.0, None, None, T0 + 13)]
+
+    # the refused heartbeat's nonce was kept with its refusal: replayed, it is refused as reused
+    with pytest.raises(NonceReused, match="409 lease_lapsed"):
+        await store.heartbeat(T0 + 14, refused, lapsed)
+
+
+async def test_a_kind_that_fails_as_a_whole_runs_each_item_alone(store: SQLStore) -> None:
+    """A database error in one item (here a missing table) refuses that item only; the others commit."""
+
+    def kind(conn: Any, accounts: list[str]) -> list[str]:
+        for account in accounts:
+            conn.execute("INSERT INTO peers (account) VALUES (?)", (account,))
+            if account == "bad":
+                conn.execute("SELECT * FROM no_such_table")
+        return [f"added {account}" for account in accounts]
+
+    outcomes = await asyncio.gather(
+        *(store._db.write_batched(kind, account) for account in ("x", "bad", "y")), return_exceptions=True
+    )
+
+    assert outcomes[0] == "added x" and outcomes[2] == "added y"
+    assert "no_such_table" in str(outcomes[1])
+    assert await rows(store, "SELECT account FROM peers ORDER BY account") == [("x",), ("y",)]
