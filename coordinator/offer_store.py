@@ -24,8 +24,8 @@ from peer.protocol.money import from_units, to_units
 from peer.protocol.schemas import LeaseView, OfferBody, OfferResponse, OfferView, PeerView, Telemetry
 
 OFFER_QUERY = """
-    SELECT o.*, l.state AS lease_state, l.run_id, p.uptime, p.lapses, p.audits_passed, p.audits_failed,
-           p.verdicts_overturned
+    SELECT o.*, l.state AS lease_state, l.run_id, l.last_heartbeat, l.price_units AS lease_price_units,
+           p.uptime, p.lapses, p.audits_passed, p.audits_failed, p.verdicts_overturned
     FROM offers o JOIN leases l ON l.id = o.lease_id JOIN peers p ON p.account = o.account
 """
 
@@ -82,13 +82,16 @@ def post_offer(
     times: LeaseConfig,
 ) -> OfferResponse:
     account = env.account
-    sql.claim_nonce(conn, env)
+    settle_claim = sql.send_claims(conn, [env])
     conn.execute("INSERT INTO peers (account) VALUES (?) ON CONFLICT DO NOTHING", (account,))
-    row = conn.execute(
+    row = conn.execute(  # one round trip for the claim and this read
         "SELECT l.* FROM offers o JOIN leases l ON l.id = o.lease_id"
         " WHERE o.account = ? AND l.state = 'active'",
         (account,),
     ).fetchone()
+    (replayed,) = settle_claim([None])
+    if replayed is not None:
+        raise replayed
     if row is not None:
         lease_id = row["id"]
         _renew(conn, row, now, times.ttl)
@@ -130,7 +133,14 @@ def post_offer(
         ),
     )
     offer = conn.execute(OFFER_QUERY + " WHERE o.account = ?", (account,)).fetchone()
-    lease = conn.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
+    lease = {
+        "id": lease_id,
+        "account": account,
+        "state": offer["lease_state"],
+        "last_heartbeat": offer["last_heartbeat"],
+        "run_id": offer["run_id"],
+        "price_units": offer["lease_price_units"],
+    }
     return OfferResponse(offer=offer_view(offer), lease=lease_view(lease, times))
 
 
@@ -153,16 +163,18 @@ class Heartbeat:
 def heartbeats(
     conn: sqlite3.Connection, beats: list[Heartbeat], times: LeaseConfig
 ) -> list[LeaseView | ApiError]:
-    """Renew the leases of many heartbeats at once (a :data:`coordinator.db.Batched` kind): one read of their
-    leases, one insert of their nonces and one update per table, whatever their number.
+    """Renew the leases of many heartbeats at once (a :data:`coordinator.db.Batched` kind): one insert of
+    their nonces and one read of their leases (one round trip for both), then one update per table,
+    whatever their number.
 
     Each heartbeat is decided as if it ran alone, in order: a replayed nonce refuses it first, then a lease
     that does not exist, is another account's, or is no longer active; a refused heartbeat's nonce is
     recorded with its refusal and it changes nothing. Two heartbeats of one lease credit uptime in turn.
     """
+    settle_claims = sql.send_claims(conn, [beat.env for beat in beats])
     ids = sorted({beat.lease_id for beat in beats})
     found = conn.execute(f"SELECT * FROM leases WHERE id IN ({','.join('?' * len(ids))})", ids)
-    lease_rows = {row["id"]: dict(row) for row in found}
+    lease_rows = {row["id"]: dict(row) for row in found}  # one round trip for the claims and the leases
     checked: list[ApiError | None] = []
     for beat in beats:
         try:
@@ -170,10 +182,7 @@ def heartbeats(
             checked.append(None)
         except ApiError as e:
             checked.append(e)
-    replays = sql.claim_nonces(
-        conn,
-        [(beat.env, None if e is None else sql.refusal(e)) for beat, e in zip(beats, checked, strict=True)],
-    )
+    replays = settle_claims([None if e is None else sql.refusal(e) for e in checked])
     renewed: dict[str, float] = {}  # lease -> its last heartbeat
     uptime: dict[str, float] = {}  # account -> uptime credited
     telemetry: dict[str, tuple[float | None, float | None, float | None, float]] = {}  # account -> last

@@ -22,47 +22,55 @@ def claim_nonce(conn: sqlite3.Connection, env: Envelope) -> None:
     the one it was signed with, and keying by time first makes inserts append-only and lets the sweep
     forget old nonces by a range of the primary key (measured: a third of the bytes written per request).
     """
-    (error,) = claim_nonces(conn, [(env, None)])
+    (error,) = send_claims(conn, [env])([None])
     if error is not None:
         raise error
 
 
-def claim_nonces(
-    conn: sqlite3.Connection, claims: Sequence[tuple[Envelope, str | None]]
-) -> list[ApiError | None]:
-    """Record many requests' nonces in one statement, each as applied (None) or as refused with the given
-    reason (see :func:`refusal`); for each, None when its nonce was new, else the replay error that refuses
-    it. A nonce repeated within ``claims`` is new only the first time."""
+def send_claims(
+    conn: sqlite3.Connection, envs: Sequence[Envelope]
+) -> Callable[[Sequence[str | None]], list[ApiError | None]]:
+    """Claim many requests' nonces in one statement, and return what settles them: called with each
+    request's refusal (see :func:`refusal`; None for a request that is applied), it returns for each None
+    when its nonce was new, else the replay error that refuses it, and records the refusals. A nonce
+    repeated within ``envs`` is new only the first time.
+
+    The two steps let a caller send its own reads between them: on PostgreSQL (pipeline mode) the claim
+    then travels in the same round trip as those reads. Call the result before acting on what was read,
+    so that a replay is refused as a replay whatever the state says now.
+    """
     first: dict[tuple[int, str, str], int] = {}
-    for i, (env, _) in enumerate(claims):
+    for i, env in enumerate(envs):
         first.setdefault((env.timestamp, env.account, env.nonce), i)
-    rows = [
-        (claims[i][0].account, claims[i][0].nonce, claims[i][0].timestamp, claims[i][1])
-        for i in first.values()
-    ]
-    marks = ",".join(["(?, ?, ?, ?)"] * len(rows))
-    claimed = {
-        (row[0], row[1], row[2])
-        for row in conn.execute(
-            f"INSERT INTO nonces (account, nonce, timestamp, refused) VALUES {marks}"
-            " ON CONFLICT DO NOTHING RETURNING timestamp, account, nonce",
-            [value for row in rows for value in row],
-        )
-    }
-    errors: list[ApiError | None] = []
-    for i, (env, refused) in enumerate(claims):
-        key = (env.timestamp, env.account, env.nonce)
-        if first[key] == i and key in claimed:
-            errors.append(None)
-            continue
-        if first[key] != i and key in claimed:  # the first of this batch took it
-            refused = claims[first[key]][1]
-        else:
-            (refused,) = conn.execute(
-                "SELECT refused FROM nonces WHERE timestamp = ? AND account = ? AND nonce = ?", key
-            ).fetchone()
-        errors.append(_replayed(env, refused))
-    return errors
+    rows = [(envs[i].account, envs[i].nonce, envs[i].timestamp) for i in first.values()]
+    cursor = conn.execute(
+        f"INSERT INTO nonces (account, nonce, timestamp) VALUES {','.join(['(?, ?, ?)'] * len(rows))}"
+        " ON CONFLICT DO NOTHING RETURNING timestamp, account, nonce",
+        [value for row in rows for value in row],
+    )
+
+    def settle(refusals: Sequence[str | None]) -> list[ApiError | None]:
+        claimed = {(row[0], row[1], row[2]) for row in cursor}
+        errors: list[ApiError | None] = []
+        for i, (env, refused) in enumerate(zip(envs, refusals, strict=True)):
+            key = (env.timestamp, env.account, env.nonce)
+            if key not in claimed:  # claimed before this batch
+                (earlier,) = conn.execute(
+                    "SELECT refused FROM nonces WHERE timestamp = ? AND account = ? AND nonce = ?", key
+                ).fetchone()
+                errors.append(_replayed(env, earlier))
+            elif first[key] != i:  # claimed by the first of this batch
+                errors.append(_replayed(env, refusals[first[key]]))
+            else:
+                errors.append(None)
+                if refused is not None:
+                    conn.execute(
+                        "UPDATE nonces SET refused = ? WHERE timestamp = ? AND account = ? AND nonce = ?",
+                        (refused, *key),
+                    )
+        return errors
+
+    return settle
 
 
 def _replayed(env: Envelope, refused: str | None) -> ApiError:
