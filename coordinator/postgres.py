@@ -20,8 +20,9 @@ How it keeps SQLite's guarantees:
   for them, so an operation's errors still surface inside it (one replica: 282 to 558 heartbeats/s).
   Heartbeats, the hot path, are batched besides (:meth:`coordinator.db.Database.write_batched`): those of
   one batch share one read, one insert and one update per table, so the statements and round trips per
-  heartbeat fall with the load (the store alone: 568 to 3,573 heartbeats/s; the server's CPU per
-  heartbeat 480 to 88 us; bench/coordinator_load.py and docs/performance.md for the whole coordinator).
+  heartbeat fall with the load (the store alone: 568 to about 4,500 heartbeats/s; the server's CPU per
+  heartbeat 480 to 101 us; bench/coordinator_load.py and docs/performance.md for the whole coordinator).
+  A nonce claim travels in the round trip of the request's first read (:func:`coordinator.sql.send_claims`).
 - **Consistent reads.** Each read runs in a REPEATABLE READ, READ ONLY transaction on a pool of reader
   connections (reads do not queue behind writes, and a read sees one snapshot across its statements).
 - **The same SQL.** :class:`Connection` takes the store's ``?`` placeholders (bound server-side: psycopg
