@@ -106,3 +106,19 @@ async def test_a_kind_that_fails_as_a_whole_runs_each_item_alone(store: SQLStore
     assert outcomes[0] == "added x" and outcomes[2] == "added y"
     assert "no_such_table" in str(outcomes[1])
     assert await rows(store, "SELECT account FROM peers ORDER BY account") == [("x",), ("y",)]
+
+
+async def test_a_replayed_offer_is_refused_as_replayed_and_changes_nothing(store: SQLStore) -> None:
+    """The offer's nonce claim is settled after its first read (one round trip on PostgreSQL): a replay is
+    still refused as a replay, before the offer is written again."""
+    a = "d" * 64
+    env = envelope(a, T0)
+    body = OfferBody(price_per_hour="1", hardware=HARDWARE)
+    first = await store.post_offer(T0, env, body)
+    assert first.lease.state == "active" and first.lease.expires_at == T0 + TIMES.ttl
+    with pytest.raises(NonceReplayed):
+        await store.post_offer(T0 + 5, env, OfferBody(price_per_hour="9", hardware=HARDWARE))
+    assert await rows(store, "SELECT price_units, updated_at FROM offers WHERE account = ?", a) == [
+        (1_000_000, T0)
+    ]
+    assert await rows(store, "SELECT last_heartbeat FROM leases WHERE account = ?", a) == [(T0,)]
