@@ -95,14 +95,14 @@ def plain(args: argparse.Namespace, dataset: Path, busy: Busy) -> dict[str, Any]
     from peer.protocol.dataset import load_manifest
     from peer.protocol.spec import load_spec
     from peer.samples import train_ids
-    from peer.tasks import load_task
+    from peer.tasks import load_task, trained_parameters
     from peer.trainer_setup import make_optimizer
 
     spec = load_spec(Path(__file__).resolve().parent.parent / "examples" / "bytes_lm.toml")
     task = load_task("bytes-lm", options(args))
     device = torch.device("cpu" if args.cpu else "cuda")
     model = task.build_model(spec.seed).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trained_parameters(model)
     optimizer = make_optimizer(spec, params)
     manifest = load_manifest(dataset)
     reader = DatasetReader(manifest, lambda s: dataset / s.file)

@@ -236,14 +236,14 @@ def train(setup: dict[str, Any], rank: int, world: int) -> None:
     from peer.data.loader import PrefetchLoader
     from peer.data.reader import DatasetReader
     from peer.protocol.dataset import load_manifest
-    from peer.tasks import load_task
+    from peer.tasks import load_task, trained_parameters
     from peer.trainer_setup import make_optimizer
 
     spec, steps = validate_spec(setup["spec"]), setup["steps"]
     data, out = Path(setup["data"]), Path(setup["out"])
     task = load_task(spec.task, dict(spec.options))
     model = task.build_model(spec.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trained_parameters(model)
     optimizer = make_optimizer(spec, params)
     net: torch.nn.Module = model
     ready: list[float] = []  # when each gradient of the syncing backward pass was accumulated
@@ -498,7 +498,7 @@ def swarm(args: argparse.Namespace, mode: str, folder: Path, data: Path) -> dict
     checkpointed ``args.steps`` steps and the rounds of those steps are logged (the figures are of those
     steps)."""
     from peer.protocol.dataset import load_manifest
-    from peer.tasks import load_task
+    from peer.tasks import load_task, trained_parameters
 
     changes = spec_changes(args, mode)
     spec = changed_spec(args.spec, changes)
@@ -533,7 +533,7 @@ def swarm(args: argparse.Namespace, mode: str, folder: Path, data: Path) -> dict
     if len(averaged) < 2:
         raise RuntimeError(f"{len(averaged)} of the {steps} steps were averaged: no rate to measure")
     model = load_task(spec.task, dict(spec.options)).build_model(spec.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trained_parameters(model)
     with torch.no_grad():
         for p, value in zip(params, tensors[: len(params)], strict=True):  # the optimizers' states follow
             p.copy_(value)

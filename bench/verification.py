@@ -60,7 +60,7 @@ from peer.protocol.sketch import grad_seed, params_seed
 from peer.protocol.spec import load_spec
 from peer.samples import train_ids
 from peer.sketch import Sketcher
-from peer.tasks import Task, load_task
+from peer.tasks import Task, load_task, trained_parameters
 from peer.tasks.bytes_lm import BytesLM
 from peer.tasks.digits import DigitsMLP
 from peer.validator import Snapshots, Validator, micro_batch_gradient, micro_seed
@@ -104,11 +104,6 @@ def load_setting(name: str, folder: Path) -> Setting:
     return Setting(task, Data(reader, ids), spec.batch.per_peer, f"{spec.task} ({options}) on {dataset}")
 
 
-def trained(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """What a peer trains, sketches and averages: an adapted model's adapters, not its frozen base."""
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 class Epochs:
     """A stream of micro-batches over a shuffled training split, cycling, with spare ids after them."""
 
@@ -144,9 +139,9 @@ def start_epoch(
 ) -> tuple[EpochWork, list[float]]:
     """What a peer does as an epoch starts: keep the start parameters for audits, and set up the epoch's
     work on its next micro-batches; the work, and the parameter sketch its reports carry."""
-    n_params = sum(p.numel() for p in trained(model))
+    n_params = sum(p.numel() for p in trained_parameters(model))
     grads, params = sketchers(n_params, epoch)
-    param_sketch = params(trained(model))
+    param_sketch = params(trained_parameters(model))
     snapshots.put(epoch, model, param_sketch)
     seed = lambda i: micro_seed(RUN, epoch, PEER, i)  # noqa: E731
     work = local_work(task, model, data.reader, stream.next(), grads, seed, stream.spare, device=device)
@@ -169,7 +164,7 @@ def audit_task(epoch: int, index: int, micro: dict[str, Any], param_sketch: list
 def step(model: torch.nn.Module, update: list[torch.Tensor]) -> None:
     """The swarm's step: plain SGD with the averaged gradient (moves the parameters between epochs)."""
     with torch.no_grad():
-        for p, g in zip(trained(model), update, strict=True):
+        for p, g in zip(trained_parameters(model), update, strict=True):
             p.sub_(LR * g.to(p.device))
 
 
@@ -299,7 +294,7 @@ def cost(args: argparse.Namespace, policy: AuditPolicy, setting: Setting) -> dic
     task, reader = setting.task, setting.data.reader
     per_peer = setting.per_peer
     model = task.build_model(0)
-    params = trained(model)
+    params = trained_parameters(model)
     n_params = sum(p.numel() for p in params)
     stream = Epochs(setting.data.ids, 3, args.repeat, per_peer)
     snapshots = Snapshots(keep=2)

@@ -32,7 +32,7 @@ from peer.data.loader import map_tensors
 from peer.data.reader import DatasetReader
 from peer.settings import AdversaryKind
 from peer.sketch import Sketcher
-from peer.tasks import Task
+from peer.tasks import Task, trained_parameters
 from peer.validator import compute_micro_batches
 
 #: The cheats that audits catch (``demo --adversaries``); ``noisy-round`` cheats the round instead.
@@ -70,7 +70,7 @@ def local_work(
 ) -> EpochWork:
     """The epoch of a peer that computes in this process, reading batches one by one (the trainer uses a
     prefetching loader instead): for trials of the audits (bench/verification.py) and tests."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trained_parameters(model)
     total = sum(len(c) for c in chunks)
 
     def compute(keep_grads: bool) -> Contribution:

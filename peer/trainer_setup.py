@@ -31,7 +31,7 @@ from peer.protocol.run_schemas import GroupView, RunView
 from peer.protocol.spec import RunSpec, SpecError, validate_spec
 from peer.run_link import live_peers
 from peer.samples import SampleStream
-from peer.tasks import TaskError, load_task
+from peer.tasks import TaskError, load_task, trained_parameters
 from peer.trainer_exit import EXIT_REFUSED, EXIT_RETRY, TrainerExit
 from peer.validator import Snapshots, Validator
 
@@ -83,7 +83,7 @@ class SetupMixin:
         self.total_epochs = math.ceil(self.target / self.spec.batch.target)
         self.model = self.task.build_model(self.spec.seed).to(self.device)
         self.autocast = training_autocast(self.spec.precision, self.device)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.params = trained_parameters(self.model)
         self.optimizer = make_optimizer(self.spec, self.params)
         self.optimizers = [self.optimizer]
         self.outer: torch.optim.Optimizer | None = None

@@ -23,7 +23,7 @@ from peer.data.reader import DatasetReader
 from peer.protocol.run_schemas import AuditResultBody, AuditTask
 from peer.protocol.sketch import grad_seed, relative_distance, seed_of
 from peer.sketch import Sketcher
-from peer.tasks import Task, load_trained_state, trained_state
+from peer.tasks import Task, load_trained_state, trained_parameters, trained_state
 
 
 def device_name(device: torch.device) -> str:
@@ -171,7 +171,7 @@ class Validator:
         self.run_id = run_id
         self.task = task
         self.model = model
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = trained_parameters(model)
         self.n_params = sum(p.numel() for p in self.params)
         self.reader = reader
         self.snapshots = snapshots

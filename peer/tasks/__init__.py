@@ -75,6 +75,12 @@ class Task:
         return 6.0 * sum(p.numel() for p in self.build_model(0).parameters())
 
 
+def trained_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """What a peer trains, averages, sketches and is paid for: the parameters that take gradients (a LoRA
+    task's adapters, not its frozen base)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict without its frozen parameters: what training changes, and so what a final
     model file and a validator's epoch snapshots hold. A task that adapts a pretrained model (LoRA) trains
