@@ -139,9 +139,9 @@ def start_epoch(
 ) -> tuple[EpochWork, list[float]]:
     """What a peer does as an epoch starts: keep the start parameters for audits, and set up the epoch's
     work on its next micro-batches; the work, and the parameter sketch its reports carry."""
-    n_params = sum(p.numel() for p in trained_parameters(model))
-    grads, params = sketchers(n_params, epoch)
-    param_sketch = params(trained_parameters(model))
+    trained = trained_parameters(model)
+    grads, params = sketchers(sum(p.numel() for p in trained), epoch)
+    param_sketch = params(trained)
     snapshots.put(epoch, model, param_sketch)
     seed = lambda i: micro_seed(RUN, epoch, PEER, i)  # noqa: E731
     work = local_work(task, model, data.reader, stream.next(), grads, seed, stream.spare, device=device)

@@ -201,13 +201,13 @@ def heartbeats(
         outcomes.append(lease_view(lease, times))
     if renewed:
         conn.execute(
-            f"UPDATE leases SET last_heartbeat = v.column2 FROM (VALUES {_rows(len(renewed), 2)}) AS v"
-            " WHERE leases.id = v.column1",
+            "UPDATE leases SET last_heartbeat = v.column2"
+            f" FROM (VALUES {sql.value_rows(len(renewed), 2)}) AS v WHERE leases.id = v.column1",
             [value for item in renewed.items() for value in item],
         )
         conn.execute(
-            f"UPDATE peers SET uptime = uptime + v.column2 FROM (VALUES {_rows(len(uptime), 2)}) AS v"
-            " WHERE peers.account = v.column1",
+            "UPDATE peers SET uptime = uptime + v.column2"
+            f" FROM (VALUES {sql.value_rows(len(uptime), 2)}) AS v WHERE peers.account = v.column1",
             [value for item in uptime.items() for value in item],
         )
     if telemetry:
@@ -220,11 +220,6 @@ def heartbeats(
             [value for account, values in telemetry.items() for value in (account, *values)],
         )
     return outcomes
-
-
-def _rows(count: int, width: int) -> str:
-    """``count`` rows of ``width`` placeholders, for a VALUES list."""
-    return ",".join(["(" + ", ".join("?" * width) + ")"] * count)
 
 
 def _check_lease(lease: Mapping[str, Any] | None, lease_id: str, account: str) -> None:

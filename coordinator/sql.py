@@ -44,7 +44,7 @@ def send_claims(
         first.setdefault((env.timestamp, env.account, env.nonce), i)
     rows = [(envs[i].account, envs[i].nonce, envs[i].timestamp) for i in first.values()]
     cursor = conn.execute(
-        f"INSERT INTO nonces (account, nonce, timestamp) VALUES {','.join(['(?, ?, ?)'] * len(rows))}"
+        f"INSERT INTO nonces (account, nonce, timestamp) VALUES {value_rows(len(rows), 3)}"
         " ON CONFLICT DO NOTHING RETURNING timestamp, account, nonce",
         [value for row in rows for value in row],
     )
@@ -71,6 +71,11 @@ def send_claims(
         return errors
 
     return settle
+
+
+def value_rows(count: int, width: int) -> str:
+    """``count`` rows of ``width`` placeholders, for a multi-row VALUES list."""
+    return ",".join(["(" + ", ".join("?" * width) + ")"] * count)
 
 
 def _replayed(env: Envelope, refused: str | None) -> ApiError:
