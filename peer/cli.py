@@ -376,6 +376,11 @@ def _print_records(records: list[dict[str, Any]]) -> None:
 @click.option("--timeout", default=600.0, show_default=True, help="Give up after this many seconds.")
 @click.option("--keep", is_flag=True, help="Keep the temporary folder (database, dataset, model, logs).")
 @click.option(
+    "--stay",
+    is_flag=True,
+    help="After the result, keep the coordinator, dashboard and peers running until Ctrl-C.",
+)
+@click.option(
     "--adversaries",
     default="",
     metavar="KINDS",
@@ -401,6 +406,7 @@ def demo(
     no_drop: bool,
     timeout: float,
     keep: bool,
+    stay: bool,
     adversaries: str,
     example: str,
     samples: int | None,
@@ -417,6 +423,7 @@ def demo(
       hivemarket demo --peers 4 --json
       hivemarket demo --adversaries free-rider,random-gradient,inflated-samples,replay
       hivemarket demo --example adapt_minilm --samples 1024
+      hivemarket demo --stay
     """
     from peer.demo import parse_adversaries, print_result, run_demo
 
@@ -429,10 +436,15 @@ def demo(
             f"--peers {n_peers}: a demo that kills a peer needs at least 3 (audits need two peers left); "
             "add --no-drop to run with 2"
         )
-    result = run_demo(
-        n_peers, not no_drop, as_json, timeout, keep, cheats, spec=f"{example}.toml", samples=samples
+    run_demo(
+        n_peers,
+        not no_drop,
+        as_json,
+        timeout,
+        keep,
+        cheats,
+        spec=f"{example}.toml",
+        samples=samples,
+        show=echo_json if as_json else print_result,
+        stay=stay,
     )
-    if as_json:
-        echo_json(result)
-    else:
-        print_result(result)

@@ -542,10 +542,14 @@ def run_demo(
     *,
     spec: str = SPEC,
     samples: int | None = None,
+    show: Callable[[dict[str, Any]], None] = lambda _result: None,
+    stay: bool = False,
 ) -> dict[str, Any]:
-    """Run the demo of examples/``spec`` (on the example dataset it names; ``samples`` replaces its stop);
-    its temporary folder (database, dataset, logs) is removed on success unless ``keep``, and kept (and
-    named in the error) when something failed."""
+    """Run the demo of examples/``spec`` (on the example dataset it names; ``samples`` replaces its stop)
+    and ``show`` its result; with ``stay`` the coordinator, its dashboard and the peers then keep running
+    until Ctrl-C or SIGTERM (which end a staying demo normally), so that the finished run can be looked
+    at. Its temporary folder (database, dataset, logs) is removed on success unless ``keep``, and kept
+    (and named in the error) when something failed."""
     echo = (lambda _text: None) if as_json else (lambda text: click.echo(text, err=False))
     dataset = example_dataset(spec)
     demo = Demo(peers, drop, echo, timeout, metrics=True, spec=spec, dataset=dataset)
@@ -595,6 +599,14 @@ def run_demo(
         }
         if keep:
             result["folder"] = str(demo.tmp)
+        show(result)
+        if stay:
+            echo(f"staying   the dashboard and the peers run until Ctrl-C: {demo.url}/")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
         survivors = demo.close()

@@ -6,6 +6,7 @@ The screenshot is kept in tests/artifacts/dashboard.png (ignored by git) for peo
 
 from __future__ import annotations
 
+import signal
 import urllib.request
 from pathlib import Path
 
@@ -38,31 +39,29 @@ def _scrape(url: str) -> dict[str, float]:
 
 @pytest.mark.timeout(600)
 def test_dashboard_and_metrics_of_a_running_demo(tmp_path: Path) -> None:
-    demo = DemoProcess(tmp_path, "--peers", "3")
+    # --stay: the demo keeps its coordinator and peers up after the run, so that nothing below races the
+    # run's end (on an idle machine the digits run trains for about 4 s); --no-drop: every peer's metrics
+    # stay up.
+    demo = DemoProcess(tmp_path, "--peers", "3", "--no-drop", "--stay")
     browser = None
     try:
         (url,) = wait_until(lambda: demo.printed(r"^dashboard (http://\S+)/ "), 120, "the dashboard's URL")
-        peer_metrics = wait_until(lambda: demo.printed(r"^peer-\d+\s+metrics (http://\S+)"), 180, "metrics")
         browser = Browser()
-        browser.get(url + "/")
+        browser.get(url + "/")  # loaded early: the run's epochs reach it through live updates
+        peer_metrics = wait_until(lambda: demo.printed(r"^peer-\d+\s+metrics (http://\S+)"), 180, "metrics")
+        assert len(peer_metrics) == 3, peer_metrics
+        wait_until(lambda: demo.printed(r"^staying "), 300, "the run to finish and the demo to stay up")
 
         def trained() -> dict | None:
             state = browser.run(PAGE_STATE)
             return state if state["loss"] >= 3 and state["updates"] >= 1 else None
 
-        state = wait_until(trained, 300, "the loss plot to show 3 epochs through live updates", interval=0.5)
-        coordinator = wait_until(
-            lambda: (
-                (s := _scrape(url + "/metrics")).get('hivemarket_audits_total{verdict="passed"}', 0) > 0 and s
-            ),
-            120,
-            "the coordinator's metrics to count a passed audit",
-        )
-        peer = wait_until(
-            lambda: (s := _scrape(peer_metrics[0]))["hivemarket_peer_samples_total"] > 0 and s,
-            60,
-            "a peer's metrics to count samples",
-        )
+        state = wait_until(trained, 60, "the loss plot to show 3 epochs through live updates", interval=0.5)
+        coordinator = _scrape(url + "/metrics")
+        assert coordinator.get('hivemarket_audits_total{verdict="passed"}', 0) > 0, coordinator
+        peers = [_scrape(u) for u in peer_metrics]
+        peer = max(peers, key=lambda s: s["hivemarket_peer_samples_total"])
+        assert peer["hivemarket_peer_samples_total"] > 0, peers
 
         # The page drew real data: the run, its peers and the market, and a loss line through the points.
         assert state["runs"] == 1 and state["run_peers"] >= 2, state
@@ -93,7 +92,8 @@ def test_dashboard_and_metrics_of_a_running_demo(tmp_path: Path) -> None:
         png = browser.screenshot(SCREENSHOT)
         assert png.startswith(b"\x89PNG") and len(png) > 20_000, len(png)  # a rendered page, not a blank
 
-        demo.proc.wait(timeout=300)
+        demo.proc.send_signal(signal.SIGTERM)  # a staying demo ends normally when told to
+        demo.proc.wait(timeout=120)
         assert demo.proc.returncode == 0, "".join(demo.lines)[-4000:]
     finally:
         if browser is not None:
