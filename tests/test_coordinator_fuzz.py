@@ -842,6 +842,9 @@ def test_random_and_malformed_requests_never_cause_a_5xx(market: Market, route: 
         max_examples=_examples(route),
         deadline=None,
         database=None,
+        # the same examples at every run: a route whose rare valid requests (a valid admin-signed deposit is
+        # about 1 example in 70) all missed in one run failed CI at random
+        derandomize=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
     )
     @given(request=requests_for(route, market))
