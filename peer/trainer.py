@@ -134,8 +134,8 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin, OverlapMixin):
             if not matched or self.link.ended:
                 logger.info(f"This peer's part in {self.run_id} is over ({self.link.ended or 'match ended'})")
                 return 0
-            if view.state == "settling":  # a round still in flight is applied by no one: the run is over
-                self._drop_in_flight()
+            if view.state == "settling":
+                self._end_in_flight()
                 return self._finish(view)
             if view.state in REPORTING:
                 self._audit()

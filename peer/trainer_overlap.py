@@ -265,6 +265,20 @@ class OverlapMixin:
         outcome, _ = self._land(self.in_flight, self.in_flight.result(), advance=False)
         return outcome not in ("caught_up", "redo")
 
+    def _end_in_flight(self) -> None:
+        """The run settles: the round in flight is applied and its work reported if it averaged, else
+        dropped. Its result is the same on every member, and a member still training applies it (seen
+        in CI: the other member had reached the run's target first; dropping the round it had finished
+        left its work in the model unreported)."""
+        flight = self.in_flight
+        if flight is None:
+            return
+        result = flight.result()  # within the round's deadlines; at once when a member has gone
+        if result.outcome == "averaged":
+            self._land(flight, result, advance=True)
+        else:
+            self._drop_in_flight()
+
     def _drop_in_flight(self) -> None:
         """Forget the round in flight, unapplied (a state is being loaded, or the run settles): its
         group is discarded so that its thread ends within a poll, not at its deadline."""

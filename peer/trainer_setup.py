@@ -187,9 +187,12 @@ class SetupMixin:
         group = self._offer_fast_path(maddrs)
         others = [p for p in live_peers(view) if p.joined and p.account != self.identity.account]
         underway = len(others) >= view.peers_min  # they train without this peer (not waiting for it)
-        # On the fast path the group's next version expects this peer by name, so there is no round to
-        # miss; on hivemind's, a round formed before the join would go on without it.
-        if underway and not (self.fast is not None and self.fast.usable(group)):
+        # On the fast path every version formed after this check-in names this peer (also when the answer
+        # is a version still settling a failure), so there is no round to miss, and its members wait for
+        # this peer: waiting here for an epoch they cannot end without it stalled them all (seen in CI: 60
+        # s, a member killed as a third peer joined). On hivemind's, a round formed before the join would go
+        # on without it.
+        if underway and not (self.fast is not None and group is not None and group.path == "fast"):
             view = self._next_epoch(view)
         self._initial_state(bool(bootstrap))
         self.late = underway  # at a run's start the peers begin epoch 0 together: nobody is late
