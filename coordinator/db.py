@@ -84,6 +84,10 @@ class Database(ABC):
         """Make the statements an operation issued take effect before its savepoint is released (a
         pipelined engine sends them without waiting; its errors must surface inside the operation)."""
 
+    def _recover(self, conn: Any) -> None:  # noqa: B027 (SQLite takes statements after an error)
+        """Make the connection take statements again after an operation raised (a pipelined engine
+        discards every statement that follows an error until it syncs)."""
+
     @abstractmethod
     async def read(self, op: Operation[T]) -> T:
         """Run a read-only operation (it sees every write acknowledged so far)."""
@@ -170,19 +174,33 @@ class Database(ABC):
                 else:
                     future.set_exception(value)
 
-    def _commit_batch(self, ops: list[tuple[Operation[Any], ErrorHook | None]]) -> list[tuple[bool, Any]]:
+    def _commit_batch(
+        self, ops: list[tuple[Operation[Any], ErrorHook | None]], *, defer_last: bool = False
+    ) -> list[tuple[bool, Any]]:
+        """Run ``ops`` in one transaction and commit it; each op's outcome, in order.
+
+        With ``defer_last`` the last step (the last batched kind's call, else the last operation) is not
+        settled on its own: what it sent goes to the server with the COMMIT, a round trip less a batch.
+        Should any of it fail, the COMMIT fails with it and nothing in the batch is applied; the engine
+        then runs the batch again without deferring (:class:`coordinator.postgres.PostgresDatabase`)."""
         conn = self._conn
         outcomes: list[tuple[bool, Any]] = [(False, None)] * len(ops)
         kinds: dict[Batched, list[int]] = {}
+        singles: list[int] = []
+        for i, (op, _) in enumerate(ops):
+            if isinstance(op, _Part):
+                kinds.setdefault(op.kind, []).append(i)
+            else:
+                singles.append(i)
         self._begin(conn)
         try:
-            for i, (op, on_error) in enumerate(ops):
-                if isinstance(op, _Part):
-                    kinds.setdefault(op.kind, []).append(i)
-                else:
-                    outcomes[i] = self._apply(conn, op, on_error)
-            for kind, positions in kinds.items():
-                results = self._apply_kind(conn, kind, [ops[i][0].item for i in positions])  # type: ignore[attr-defined]
+            for i in singles:
+                op, on_error = ops[i]
+                last = defer_last and not kinds and i == singles[-1]
+                outcomes[i] = self._apply(conn, op, on_error, settle=not last)
+            for n, (kind, positions) in enumerate(kinds.items(), 1):
+                items = [ops[i][0].item for i in positions]  # type: ignore[attr-defined]
+                results = self._apply_kind(conn, kind, items, settle=not (defer_last and n == len(kinds)))
                 for i, result in zip(positions, results, strict=True):
                     outcomes[i] = (not isinstance(result, Exception), result)
             conn.execute("COMMIT")
@@ -192,9 +210,9 @@ class Database(ABC):
             raise
         return outcomes
 
-    def _apply_kind(self, conn: Any, kind: Batched, items: list[Any]) -> list[Any]:
+    def _apply_kind(self, conn: Any, kind: Batched, items: list[Any], *, settle: bool = True) -> list[Any]:
         """Every pending item of ``kind`` in one savepoint; should ``kind`` raise, each item alone."""
-        ok, results = self._apply(conn, lambda c: kind(c, items), None)
+        ok, results = self._apply(conn, lambda c: kind(c, items), None, settle=settle)
         if ok:
             return results
         if len(items) == 1:
@@ -202,15 +220,20 @@ class Database(ABC):
         alone = (self._apply(conn, lambda c, item=item: kind(c, [item]), None) for item in items)
         return [result[0] if ok else result for ok, result in alone]
 
-    def _apply(self, conn: Any, op: Operation[Any], on_error: ErrorHook | None) -> tuple[bool, Any]:
+    def _apply(
+        self, conn: Any, op: Operation[Any], on_error: ErrorHook | None, *, settle: bool = True
+    ) -> tuple[bool, Any]:
         """Run one operation in its own savepoint: (True, its result) or (False, what it raised), its
-        changes rolled back and ``on_error`` run."""
+        changes rolled back and ``on_error`` run. Without ``settle`` an error of a statement it sent
+        without waiting surfaces later, at the COMMIT (see :meth:`_commit_batch`)."""
         conn.execute("SAVEPOINT op")
         try:
             result = op(conn)
-            self._settle(conn)
+            if settle:
+                self._settle(conn)
             outcome = (True, result)
         except Exception as e:
+            self._recover(conn)
             conn.execute("ROLLBACK TO op")
             if on_error is not None:
                 on_error(conn, e)

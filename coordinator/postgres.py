@@ -38,6 +38,7 @@ How it keeps SQLite's guarantees:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import threading
@@ -136,9 +137,10 @@ class Connection:
     def __init__(self, raw: psycopg.Connection):
         self.raw = raw
         self.pipeline: psycopg.Pipeline | None = None  # set while the writer commits a batch
+        self._last: psycopg.Cursor | None = None  # the cursor of the statement sent last
 
     def execute(self, query: str, params: Sequence[Any] = ()) -> psycopg.Cursor:
-        cursor = self.raw.cursor()
+        cursor = self._last = self.raw.cursor()
         if params:
             cursor.execute(_pyformat(query), params)
         else:
@@ -146,13 +148,22 @@ class Connection:
         return cursor
 
     def executemany(self, query: str, rows: Sequence[Sequence[Any]]) -> None:
-        self.raw.cursor().executemany(_pyformat(query), rows)
+        cursor = self._last = self.raw.cursor()
+        cursor.executemany(_pyformat(query), rows)
 
     def sync(self) -> None:
         """Wait for every statement sent so far (in pipeline mode they are sent without waiting), raising
-        the first one's error."""
-        if self.pipeline is not None:
+        the first one's error; no round trip when the last one's result is already here (results come in
+        order: an operation that ended with a read has nothing left to wait for)."""
+        if self.pipeline is not None and (self._last is None or self._last.pgresult is None):
             self.pipeline.sync()
+
+    def recover(self) -> None:
+        """Take statements again after an error: in pipeline mode the server discards what follows an
+        error until a sync, which raises that error or ``PipelineAborted`` (both already known here)."""
+        if self.pipeline is not None:
+            with contextlib.suppress(psycopg.Error):
+                self.pipeline.sync()
 
     @property
     def in_transaction(self) -> bool:
@@ -201,20 +212,36 @@ class PostgresDatabase(Database):
         conn.execute("BEGIN")
         conn.execute(f"SELECT pg_advisory_xact_lock({WRITE_LOCK})")
 
-    def _commit_batch(self, ops: list[tuple[Operation[Any], Any]]) -> list[tuple[bool, Any]]:
+    def _commit_batch(
+        self, ops: list[tuple[Operation[Any], Any]], *, defer_last: bool = True
+    ) -> list[tuple[bool, Any]]:
         if self._conn is None or self._conn.closed:  # the server restarted or the link broke: reconnect
             self._conn = self._connect()
         try:
             with self._conn.raw.pipeline() as self._conn.pipeline:
-                return super()._commit_batch(ops)
-        except psycopg.OperationalError as e:
+                return super()._commit_batch(ops, defer_last=defer_last)
+        except psycopg.Error as e:
+            if self._conn.raw.broken or self._conn.closed:
+                self._conn.close()
+                raise StoreUnavailable(f"lost the database {self.name}: {_one_line(e)}") from None
+            if not defer_last:
+                self._conn.close()  # its transaction may be left aborted
+                raise
+            # What the last step deferred failed with the COMMIT: nothing in the batch was applied. Run it
+            # again with every step settled, so the error refuses only its own request, on a new
+            # connection (an aborted pipeline leaves psycopg's prepared statements out of step with the
+            # server's: "prepared statement _pg3_0 does not exist").
+            logger.info(f"A batch's deferred step failed ({_one_line(e)}); running the batch again")
             self._conn.close()
-            raise StoreUnavailable(f"lost the database {self.name}: {_one_line(e)}") from None
+            return self._commit_batch(ops, defer_last=False)
         finally:
             self._conn.pipeline = None
 
     def _settle(self, conn: Connection) -> None:
         conn.sync()
+
+    def _recover(self, conn: Connection) -> None:
+        conn.recover()
 
     async def read(self, op: Operation[T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._readers, self._read, op)

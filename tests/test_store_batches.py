@@ -122,3 +122,29 @@ async def test_a_replayed_offer_is_refused_as_replayed_and_changes_nothing(store
         (1_000_000, T0)
     ]
     assert await rows(store, "SELECT last_heartbeat FROM leases WHERE account = ?", a) == [(T0,)]
+
+
+async def test_a_batch_whose_last_write_fails_at_the_commit_refuses_only_that_write(store: SQLStore) -> None:
+    """On PostgreSQL the batch's last write is not settled alone: its statements go with the COMMIT. A
+    database error there (a write that reads nothing back) must still refuse that write only, and be
+    raised as the database's error, not as a lost database; writes after it run as before."""
+
+    def add(account: str) -> Any:
+        def op(conn: Any) -> str:
+            conn.execute("INSERT INTO peers (account) VALUES (?)", (account,))
+            return f"added {account}"
+
+        return op
+
+    def bad(conn: Any) -> None:
+        conn.execute("INSERT INTO peers (account) VALUES (?)", ("z",))
+        conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+    outcomes = await asyncio.gather(
+        store._db.write(add("x")), store._db.write(add("y")), store._db.write(bad), return_exceptions=True
+    )
+
+    assert outcomes[:2] == ["added x", "added y"], outcomes
+    assert "no_such_table" in str(outcomes[2]), outcomes[2]
+    assert await store._db.write(add("w")) == "added w"
+    assert await rows(store, "SELECT account FROM peers ORDER BY account") == [("w",), ("x",), ("y",)]
