@@ -6,6 +6,7 @@ on PostgreSQL, one replica >= 0.8x one on SQLite and two replicas >= 1.3x one, p
 
     python bench/coordinator_load.py [--stores sqlite,postgresql,postgresql-2] [--peers N] [--duration S]
         [--warmup S] [--concurrency C] [--workers W] [--update-fraction F] [--sqlite-synchronous FULL|NORMAL]
+        [--postgres-via socket|tcp]
         [--profile OUT] [--json]
 
 Rows (``--stores``, default all three, measured one after the other in one run, so that their ratios
@@ -15,7 +16,10 @@ come from the same machine at about the same time):
   is fsynced).
 - ``postgresql``: one coordinator on a database of a throwaway PostgreSQL server
   (``tests/postgres.py``, started once for the run) that is durable: fsync and synchronous_commit on, as
-  SQLite FULL is, so that the comparison is of engines that both survive a power cut.
+  SQLite FULL is, so that the comparison is of engines that both survive a power cut. Its replicas
+  connect over TCP loopback (``--postgres-via``, default ``tcp``), as a replica on another host must;
+  ``socket`` connects through the server's Unix socket, as a replica on the database's host may
+  (libpq's default without a host).
 - ``postgresql-2``: two replicas (each its own ``coordinator serve`` process, same admin key, same new
   database; the second starts once the first has migrated it) with the generator's connections, the
   setup's offers and the lease keep-alive split evenly over the two URLs.
@@ -80,10 +84,11 @@ every microsecond it spends is taken from the server. So
 - the generator runs in W separate processes (default 2) so that one event loop's delays do not
   become everyone's latency.
 
-``--profile OUT`` runs ``py-spy record --pid SERVER --nonblocking`` over the measured window of each
-row's signed phase (of its first replica; the row's name is added to the file's stem when several rows
-run; py-spy must be on PATH; ``.svg`` gives a flame graph, ``.txt`` collapsed stacks, ``.json``
-speedscope).
+``--profile OUT`` runs ``py-spy record --pid SERVER --nonblocking --idle --threads`` over the measured
+window of each row's signed phase (of its first replica; the row's name is added to the file's stem when
+several rows run; py-spy must be on PATH; ``.svg`` gives a flame graph, ``.txt`` collapsed stacks,
+``.json`` speedscope). Idle samples are kept, per thread: a writer bound by waiting (on the database, or
+for the event loop to hand it the next batch) shows it.
 
 ``--json`` prints one object: ``rows`` (one per store: heartbeats/s, p50/p99, errors, healthz/s, the
 cores of the replicas, the database server, the generator and the rest, heartbeats per replica-CPU-second),
@@ -764,6 +769,8 @@ def _start_profiler(profile: Path | None, pid: int, duration: float) -> subproce
         "--pid",
         str(pid),
         "--nonblocking",
+        "--idle",
+        "--threads",
         "--duration",
         str(max(1, int(duration))),
         "--format",
@@ -941,6 +948,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=("FULL", "NORMAL"),
         default="FULL",
         help="the server's --sqlite-synchronous",
+    )
+    parser.add_argument(
+        "--postgres-via",
+        choices=("socket", "tcp"),
+        default="tcp",
+        help="how the replicas reach the PostgreSQL server: TCP loopback, or its Unix socket",
     )
     parser.add_argument(
         "--profile", type=Path, help="py-spy the (first) server over each row's signed window into this file"
@@ -1232,7 +1245,7 @@ def run_store(
     database = None
     if store.engine == "postgresql":
         assert postgres is not None
-        db_url = postgres[0].database(store.name.replace("-", "_"))
+        db_url = postgres[0].database(store.name.replace("-", "_"), socket=args.postgres_via == "socket")
         database = ProcessTree(postgres[1]["postmaster_pid"])
     else:
         db_url = f"sqlite:///{home / 'coordinator.db'}"
@@ -1363,11 +1376,12 @@ def report(outcome: dict[str, Any], as_json: bool) -> None:
     )
     pg = o["postgresql"]
     if pg:
+        via = "Unix socket" if o["postgres_via"] == "socket" else "TCP loopback"
         print(
             f"PostgreSQL {pg['server_version']} on this machine, durable: fsync={pg['fsync']}, "
             f"synchronous_commit={pg['synchronous_commit']}, full_page_writes={pg['full_page_writes']} "
             f"(SQLite synchronous={o['sqlite_synchronous']}); {pg['readers_per_replica']} reader connections "
-            "and one writer per replica"
+            f"and one writer per replica, through its {via}"
         )
     p = c["projection"]
     if p and p["heartbeats_per_s_per_replica_core"]:
@@ -1441,6 +1455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "warmup_s": args.warmup,
         "update_fraction": args.update_fraction,
         "sqlite_synchronous": args.sqlite_synchronous,
+        "postgres_via": args.postgres_via,
         "runs": runs,
     }
     report(outcome, args.json)

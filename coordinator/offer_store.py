@@ -54,7 +54,7 @@ def lease_view(row: Mapping[str, Any], times: LeaseConfig) -> LeaseView:
     )
 
 
-def offer_view(row: sqlite3.Row) -> OfferView:
+def offer_view(row: Mapping[str, Any]) -> OfferView:
     state = "offline" if row["lease_state"] != "active" else "matched" if row["run_id"] else "open"
     return OfferView(
         account=row["account"],
@@ -81,73 +81,69 @@ def post_offer(
     body: OfferBody,
     times: LeaseConfig,
 ) -> OfferResponse:
+    """Post (or replace) the account's offer, renewing its active lease or opening one. One read, sent
+    with the nonce's claim (one round trip on PostgreSQL): the peer's standing and its active lease; the
+    answer is built from them and the body, not read back (a second round trip)."""
     account = env.account
     settle_claim = sql.send_claims(conn, [env])
     conn.execute("INSERT INTO peers (account) VALUES (?) ON CONFLICT DO NOTHING", (account,))
-    row = conn.execute(  # one round trip for the claim and this read
-        "SELECT l.* FROM offers o JOIN leases l ON l.id = o.lease_id"
-        " WHERE o.account = ? AND l.state = 'active'",
+    row = conn.execute(
+        "SELECT p.uptime, p.lapses, p.audits_passed, p.audits_failed, p.verdicts_overturned,"
+        " l.id, l.last_heartbeat, l.run_id, l.price_units"
+        " FROM peers p LEFT JOIN offers o ON o.account = p.account"
+        " LEFT JOIN leases l ON l.id = o.lease_id AND l.state = 'active'"
+        " WHERE p.account = ?",
         (account,),
     ).fetchone()
     (replayed,) = settle_claim([None])
     if replayed is not None:
         raise replayed
-    if row is not None:
-        lease_id = row["id"]
-        _renew(conn, row, now, times.ttl)
+    peer = dict(row)
+    if row["id"] is not None:
+        lease = {"id": row["id"], "account": account, "state": "active", "last_heartbeat": now}
+        lease |= {"run_id": row["run_id"], "price_units": row["price_units"]}
+        peer["uptime"] += _renew(conn, lease, row["last_heartbeat"], now, times.ttl)
     else:
-        lease_id = secrets.token_hex(8)
+        lease = {"id": secrets.token_hex(8), "account": account, "state": "active", "last_heartbeat": now}
+        lease |= {"run_id": None, "price_units": None}
         conn.execute(
             "INSERT INTO leases (id, account, state, created_at, last_heartbeat)"
             " VALUES (?, ?, 'active', ?, ?)",
-            (lease_id, account, now, now),
+            (lease["id"], account, now, now),
         )
     hw = body.hardware
-    conn.execute(
-        """INSERT INTO offers (account, price_units, gpu, gpu_count, vram_gb, tflops, ram_gb,
-                               cpu_cores, roles, min_lease_seconds, peer_id, maddrs, lease_id,
-                               updated_at)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-           ON CONFLICT (account) DO UPDATE SET
-             price_units = excluded.price_units, gpu = excluded.gpu, gpu_count = excluded.gpu_count,
-             vram_gb = excluded.vram_gb, tflops = excluded.tflops, ram_gb = excluded.ram_gb,
-             cpu_cores = excluded.cpu_cores, roles = excluded.roles,
-             min_lease_seconds = excluded.min_lease_seconds, peer_id = excluded.peer_id,
-             maddrs = excluded.maddrs, lease_id = excluded.lease_id,
-             updated_at = excluded.updated_at""",
-        (
-            account,
-            to_units(body.price_per_hour),
-            hw.gpu,
-            hw.gpu_count,
-            hw.vram_gb,
-            hw.tflops,
-            hw.ram_gb,
-            hw.cpu_cores,
-            json.dumps(sorted(set(body.roles))),
-            body.min_lease_seconds,
-            body.peer_id,
-            json.dumps(body.maddrs),
-            lease_id,
-            now,
-        ),
-    )
-    offer = conn.execute(OFFER_QUERY + " WHERE o.account = ?", (account,)).fetchone()
-    lease = {
-        "id": lease_id,
+    offer = {
         "account": account,
-        "state": offer["lease_state"],
-        "last_heartbeat": offer["last_heartbeat"],
-        "run_id": offer["run_id"],
-        "price_units": offer["lease_price_units"],
+        "price_units": to_units(body.price_per_hour),
+        "gpu": hw.gpu,
+        "gpu_count": hw.gpu_count,
+        "vram_gb": hw.vram_gb,
+        "tflops": hw.tflops,
+        "ram_gb": hw.ram_gb,
+        "cpu_cores": hw.cpu_cores,
+        "roles": json.dumps(sorted(set(body.roles))),
+        "min_lease_seconds": body.min_lease_seconds,
+        "peer_id": body.peer_id,
+        "maddrs": json.dumps(body.maddrs),
+        "lease_id": lease["id"],
+        "updated_at": now,
     }
-    return OfferResponse(offer=offer_view(offer), lease=lease_view(lease, times))
+    conn.execute(
+        f"INSERT INTO offers ({', '.join(offer)}) VALUES ({', '.join('?' * len(offer))})"
+        " ON CONFLICT (account) DO UPDATE SET "
+        + ", ".join(f"{column} = excluded.{column}" for column in offer if column != "account"),
+        tuple(offer.values()),
+    )
+    view = offer_view({**peer, **offer, "lease_state": "active", "run_id": lease["run_id"]})
+    return OfferResponse(offer=view, lease=lease_view(lease, times))
 
 
-def _renew(conn: sqlite3.Connection, lease: sqlite3.Row, now: float, ttl: float) -> None:
-    uptime = leases.credited_uptime(now, lease["last_heartbeat"], ttl)
+def _renew(conn: sqlite3.Connection, lease: Mapping[str, Any], last: float, now: float, ttl: float) -> float:
+    """Renew ``lease`` (last heard from at ``last``) at ``now``; the uptime credited to its peer."""
+    uptime = leases.credited_uptime(now, last, ttl)
     conn.execute("UPDATE leases SET last_heartbeat = ? WHERE id = ?", (now, lease["id"]))
     conn.execute("UPDATE peers SET uptime = uptime + ? WHERE account = ?", (uptime, lease["account"]))
+    return uptime
 
 
 @dataclass(frozen=True)

@@ -111,12 +111,15 @@ class PostgresServer:
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command[:2])} failed ({done.returncode}): {done.stderr[-2000:]}")
 
-    def database(self, name: str | None = None) -> str:
-        """The URL of a new, empty database."""
+    def database(self, name: str | None = None, *, socket: bool = False) -> str:
+        """The URL of a new, empty database: over TCP, or with ``socket`` through the server's Unix socket
+        (what a client on the server's host uses by default)."""
         self._count += 1
         name = name or f"test_{self._count}"
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
+        if socket:
+            return f"postgresql://{USER}@/{name}?host={self.root}&port={self.port}"
         return f"postgresql://{USER}@127.0.0.1:{self.port}/{name}"
 
     def stop(self) -> None:

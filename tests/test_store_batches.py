@@ -148,3 +148,17 @@ async def test_a_batch_whose_last_write_fails_at_the_commit_refuses_only_that_wr
     assert "no_such_table" in str(outcomes[2]), outcomes[2]
     assert await store._db.write(add("w")) == "added w"
     assert await rows(store, "SELECT account FROM peers ORDER BY account") == [("w",), ("x",), ("y",)]
+
+
+async def test_an_offer_answers_what_the_book_then_lists(store: SQLStore) -> None:
+    """post_offer builds its answer from one read and the body instead of reading the row back: the offer
+    it answers (new, then renewed with uptime credited) is the one the book lists, on both stores."""
+    a = "e" * 64
+    for at, price in ((T0, "1.5"), (T0 + 4, "2.25")):
+        body = OfferBody(price_per_hour=price, hardware=HARDWARE, roles=["trainer", "validator"])
+        answered = await store.post_offer(at, envelope(a, at), body)
+        (listed,) = [o for o in await store.offers() if o.account == a]
+        assert answered.offer == listed, (answered.offer, listed)
+        assert answered.lease.expires_at == at + TIMES.ttl
+    assert answered.offer.reliability > 0 and answered.offer.updated_at == T0 + 4
+    assert await rows(store, "SELECT uptime FROM peers WHERE account = ?", a) == [(4.0,)]
