@@ -22,7 +22,9 @@ How it keeps SQLite's guarantees:
   one batch share one read, one insert and one update per table, so the statements and round trips per
   heartbeat fall with the load (the store alone: 568 to about 4,500 heartbeats/s; the server's CPU per
   heartbeat 480 to 101 us; bench/coordinator_load.py and docs/performance.md for the whole coordinator).
-  A nonce claim travels in the round trip of the request's first read (:func:`coordinator.sql.send_claims`).
+  A nonce claim travels in the round trip of the request's first read (:func:`coordinator.sql.send_claims`),
+  and a batch's last step is settled by its COMMIT (:meth:`coordinator.db.Database._commit_batch`): a
+  batch of heartbeats is two round trips, its read and its commit.
 - **Consistent reads.** Each read runs in a REPEATABLE READ, READ ONLY transaction on a pool of reader
   connections (reads do not queue behind writes, and a read sees one snapshot across its statements).
 - **The same SQL.** :class:`Connection` takes the store's ``?`` placeholders (bound server-side: psycopg
