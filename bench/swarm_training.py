@@ -178,20 +178,14 @@ def sample_order(spec: RunSpec, samples: int, steps: int) -> np.ndarray:
 
 
 def evaluate(model_file: Path, spec: RunSpec, data: Path) -> dict[str, float]:
-    """A model file's loss and accuracy on the held-out split, and the loss of the spec's initial model:
-    the pieces of :meth:`peer.demo.Demo.evaluate`, applied to any mode's model file."""
+    """A model file's loss and accuracy on the held-out split, and the loss of the spec's initial model
+    (:func:`peer.held_out.evaluate`), for any mode's model file."""
     from peer.data.reader import DatasetReader
-    from peer.model_file import load_model_file
+    from peer.held_out import evaluate as held_out
     from peer.protocol.dataset import load_manifest
-    from peer.samples import test_ids
 
-    task, model, _ = load_model_file(model_file)
-    manifest = load_manifest(data)
-    reader = DatasetReader(manifest, lambda s: data / s.file)
-    batch = task.batch(reader.read(test_ids(manifest.samples, spec.dataset.test_every).tolist()))
-    final = task.evaluate(model, batch)
-    initial = task.evaluate(task.build_model(spec.seed), batch)
-    return {"initial_loss": initial["loss"], "final_loss": final["loss"], "accuracy": final["accuracy"]}
+    found = held_out(model_file, spec, DatasetReader(load_manifest(data), lambda s: data / s.file))
+    return {"initial_loss": found.initial_loss, "final_loss": found.final_loss, "accuracy": found.accuracy}
 
 
 def save_model(path: Path, spec: RunSpec, steps: int, model: torch.nn.Module) -> None:

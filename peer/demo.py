@@ -412,26 +412,22 @@ class Demo:
         return len(acknowledged - set(listed)), len(listed) - len(set(listed))
 
     def evaluate(self, run: RunView) -> dict[str, float]:
+        """The held-out metrics of the run's model and of the spec's starting model (:mod:`peer.held_out`)."""
         from peer.data.reader import DatasetReader
-        from peer.model_file import load_model_file
+        from peer.held_out import evaluate
         from peer.protocol.dataset import load_manifest
         from peer.protocol.spec import validate_spec
-        from peer.samples import test_ids
 
         path = self.tmp / "model.pt"
         self.ask(lambda c: c.download_model(run.id, path))
-        task, model, _ = load_model_file(path)
-        spec = validate_spec(run.spec)
         manifest = load_manifest(self.tmp / self.dataset)
         reader = DatasetReader(manifest, lambda s: self.tmp / self.dataset / s.file)
-        batch = task.batch(reader.read(test_ids(manifest.samples, spec.dataset.test_every).tolist()))
-        initial = task.evaluate(task.build_model(spec.seed), batch)
-        final = task.evaluate(model, batch)
+        found = evaluate(path, validate_spec(run.spec), reader)
         return {
-            "initial_loss": initial["loss"],
-            "final_loss": final["loss"],
-            "initial_accuracy": initial["accuracy"],
-            "accuracy": final["accuracy"],
+            "initial_loss": found.initial_loss,
+            "final_loss": found.final_loss,
+            "initial_accuracy": found.initial_accuracy,
+            "accuracy": found.accuracy,
         }
 
 

@@ -11,7 +11,9 @@ coordinator), 2 for bad input.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -342,12 +344,39 @@ def launch(
             f"\nstopped following; the run goes on. Cancel it with: hivemarket runs cancel {created.id}"
         )
         return
+    held_out: dict[str, Any] | None = None
+    line = None
+    if view.state == "finished" and view.model is not None:
+        location = reached.base_url if spec.dataset.location == "coordinator" else spec.dataset.location
+        held_out, line = _held_out(client, view, spec, manifest, location)
     if as_json:
-        echo_json(view.model_dump(mode="json"))
+        echo_json({**view.model_dump(mode="json"), "held_out": held_out})
     else:
         print_run(view)
+        if line is not None:
+            click.echo(line)
     if view.state != "finished":
         sys.exit(1)
+
+
+def _held_out(
+    client: CoordinatorClient, view: RunView, spec: RunSpec, manifest: Manifest, location: str
+) -> tuple[dict[str, Any] | None, str]:
+    """The finished run's model against the spec's starting model on the dataset's test split
+    (:mod:`peer.held_out`), and the line that says so; or None and why there are no figures (the task's
+    packages or base weights missing on this machine, the dataset unreachable)."""
+    from peer.data.fetch import FetchSettings
+    from peer.held_out import evaluate, fetch_test_split
+
+    with tempfile.TemporaryDirectory(prefix="hivemarket-launch-") as folder:
+        path = Path(folder) / "model.pt"
+        try:
+            call(client, lambda c: c.download_model(view.id, path))
+            reader = fetch_test_split(location, manifest, spec.dataset.test_every, FetchSettings().cache_root)
+            found = evaluate(path, spec, reader)
+        except Exception as e:  # figures are a courtesy: the run's outcome stands without them
+            return None, f"held-out  not evaluated: {type(e).__name__}: {e}"
+    return dataclasses.asdict(found), found.line(manifest.name)
 
 
 @click.group("runs", invoke_without_command=True)

@@ -110,6 +110,11 @@ def test_rent_volunteer_and_launch_as_the_readme_shows(tmp_path: Path):
         # A volunteer asks 0 but, like every seller in a uniform-price round, is paid the clearing price.
         assert Decimal(by_account[volunteer_account]["paid"]) > 0
         assert Decimal(run["spent"]) + Decimal(run["refunded"]) == Decimal("5")
+        # launch evaluates the model on the held-out split (fetched from the coordinator) against the start
+        held_out = run["held_out"]
+        assert held_out is not None and held_out["samples"] == 359, held_out  # every 5th of 1,797
+        assert held_out["final_loss"] < held_out["initial_loss"], held_out
+        assert held_out["accuracy"] > held_out["initial_accuracy"], held_out
         # The estimate's range holds what the run cost (docs/training.md states the error measured).
         low, mid, high = (Decimal(c) for c in estimate["cost"])
         print(f"dry-run cost {low} {mid} {high}, spent {run['spent']}")
