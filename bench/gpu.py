@@ -1,17 +1,24 @@
 """The GPU check: how much of one GPU a swarm of hivemarket peers sharing it turns into training, against
 one plain PyTorch process training the same model on the same data and batch.
 
-    python -m bench.gpu [--peers 2] [--seconds 60] [--dim 1024 --layers 8] [--json]
+    python -m bench.gpu [--task bytes-lm|embed-lora] [--precision fp32|bf16] [--peers 2] [--seconds 60]
+        [--dim 1024 --layers 8] [--json]
+
+The workload (``--task``): ``bytes-lm``, the byte-level transformer of examples/bytes_lm.toml on the text
+example, sized by ``--dim``/``--layers``/``--heads``; or ``embed-lora``, the LoRA adaptation of the
+packaged MiniLM of examples/adapt_minilm.toml on the python-code example (needs ``hivemarket[hf]``;
+only the adapters train and travel). ``--precision bf16`` computes micro-batches under bfloat16 autocast
+where the GPU does it natively, in both the plain process and the peers (the spec's ``precision``).
 
 Three measurements, one after the other on the same GPU:
 
-- ``plain``: one process, no hivemarket: the bytes-lm model (:mod:`peer.tasks.bytes_lm`) trained with the
-  spec's optimizer, ``--target`` samples a step in micro-batches of ``--micro``, read by the same loader
-  the peers use (:class:`peer.data.loader.PrefetchLoader`);
-- ``swarm``: the whole product on this machine (:class:`peer.demo.Demo`): a coordinator serving the text
-  dataset and ``--peers`` ``hivemarket rent`` peers on this GPU, matched to a run of
-  examples/bytes_lm.toml with the same model, target batch and micro-batch. Each step the peers split the
-  target batch, then all-reduce their gradients (fp16) over loopback; verification audits run too;
+- ``plain``: one process, no hivemarket: the workload's model trained with the spec's optimizer,
+  ``--target`` samples a step in micro-batches of ``--micro``, read by the same loader the peers use
+  (:class:`peer.data.loader.PrefetchLoader`);
+- ``swarm``: the whole product on this machine (:class:`peer.demo.Demo`): a coordinator serving the
+  dataset and ``--peers`` ``hivemarket rent`` peers on this GPU, matched to a run of the workload's spec
+  with the same model, target batch and micro-batch. Each step the peers split the target batch, then
+  all-reduce their gradients over loopback; verification audits run too;
 - ``local``: the same swarm with ``local_updates`` (DiLoCo-style: an inner step per micro-batch, the
   parameters' change averaged once a step).
 
@@ -31,6 +38,7 @@ import platform
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +46,27 @@ import numpy as np
 import torch
 
 from bench.local_market import epochs, market, steady_rate, workspace
+from peer.protocol.spec import RunSpec
 
 GOAL_BUSY = 0.95
 GOAL_RATIO = 0.95
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A task to measure: its example spec, the example dataset it trains on and the default batch."""
+
+    spec: str
+    dataset: str
+    micro: int
+    target: int
+
+
+WORKLOADS = {
+    "bytes-lm": Workload("bytes_lm.toml", "text", micro=64, target=4096),
+    "embed-lora": Workload("adapt_minilm.toml", "python-code", micro=32, target=512),
+}
 
 
 class Busy:
@@ -84,8 +110,17 @@ class Busy:
             self._nvml.nvmlShutdown()
 
 
+def workload_spec(args: argparse.Namespace) -> RunSpec:
+    from peer.protocol.spec import load_spec
+
+    return load_spec(EXAMPLES / WORKLOADS[args.task].spec)
+
+
 def options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"dim": args.dim, "layers": args.layers, "heads": args.heads, "dropout": 0.0}
+    """The model's options: bytes-lm sized by the command line, the others as their spec has them."""
+    if args.task == "bytes-lm":
+        return {"dim": args.dim, "layers": args.layers, "heads": args.heads, "dropout": 0.0}
+    return dict(workload_spec(args).options)
 
 
 def plain(args: argparse.Namespace, dataset: Path, busy: Busy) -> dict[str, Any]:
@@ -93,14 +128,14 @@ def plain(args: argparse.Namespace, dataset: Path, busy: Busy) -> dict[str, Any]
     from peer.data.loader import PrefetchLoader
     from peer.data.reader import DatasetReader
     from peer.protocol.dataset import load_manifest
-    from peer.protocol.spec import load_spec
     from peer.samples import train_ids
     from peer.tasks import load_task, trained_parameters
-    from peer.trainer_setup import make_optimizer
+    from peer.trainer_setup import make_optimizer, training_autocast
 
-    spec = load_spec(Path(__file__).resolve().parent.parent / "examples" / "bytes_lm.toml")
-    task = load_task("bytes-lm", options(args))
+    spec = workload_spec(args)
+    task = load_task(spec.task, options(args))
     device = torch.device("cpu" if args.cpu else "cuda")
+    autocast = training_autocast(args.precision, device)
     model = task.build_model(spec.seed).to(device)
     params = trained_parameters(model)
     optimizer = make_optimizer(spec, params)
@@ -115,7 +150,11 @@ def plain(args: argparse.Namespace, dataset: Path, busy: Busy) -> dict[str, Any]
         loader = PrefetchLoader(reader, chosen, args.micro, collate=task.batch, device=device)
         with loader:
             for batch in loader:
-                (task.loss(model, batch) / micro).backward()
+                with torch.autocast(
+                    device.type, dtype=autocast or torch.float32, enabled=autocast is not None
+                ):
+                    loss = task.loss(model, batch)
+                (loss / micro).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loader.stats().wait_seconds
@@ -145,16 +184,18 @@ def plain(args: argparse.Namespace, dataset: Path, busy: Busy) -> dict[str, Any]
 def swarm(args: argparse.Namespace, folder: Path, busy: Busy, local_updates: bool) -> dict[str, Any]:
     """``args.peers`` hivemarket peers on this GPU train a run of the same model; measured from the
     moment every peer has finished an epoch, for ``args.seconds``."""
+    workload = WORKLOADS[args.task]
     changes = {
         "options": options(args),
+        "precision": args.precision,
         "batch": {"target": args.target, "per_peer": args.micro},
         "stop": {"epochs": 1000},  # the measurement ends it, not the run
         "averaging": {"local_updates": local_updates, "timeout_seconds": 60.0},
         # audits recompute gradients at an epoch's start, which inner steps move away from
         **({"verification": {"rate": 0.0}} if local_updates else {}),
     }
-    with market(folder, args.peers, changes=changes, timeout=args.timeout, spec="bytes_lm.toml",
-                dataset="text") as demo:  # fmt: skip
+    with market(folder, args.peers, changes=changes, timeout=args.timeout, spec=workload.spec,
+                dataset=workload.dataset) as demo:  # fmt: skip
         demo.wait(
             "every peer to finish an epoch",
             lambda: True if len({e["peer"] for e in epochs(demo)}) == args.peers else None,
@@ -182,13 +223,17 @@ def swarm(args: argparse.Namespace, folder: Path, busy: Busy, local_updates: boo
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", choices=sorted(WORKLOADS), default="bytes-lm", help="the workload")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="the spec's precision")
     p.add_argument("--peers", type=int, default=2, help="hivemarket peers sharing the GPU")
     p.add_argument("--seconds", type=float, default=90.0, help="measurement window of each mode")
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--micro", type=int, default=64, help="micro-batch (samples of 128 bytes)")
-    p.add_argument("--target", type=int, default=4096, help="samples per optimizer step, all peers together")
+    p.add_argument(
+        "--micro", type=int, help="micro-batch [bytes-lm: 64 samples of 128 bytes; embed-lora: 32]"
+    )
+    p.add_argument("--target", type=int, help="samples a step, all peers [bytes-lm: 4096; embed-lora: 512]")
     p.add_argument("--modes", default="plain,swarm,local")
     p.add_argument("--timeout", type=float, default=400.0, help="seconds one swarm mode may take")
     p.add_argument("--keep", action="store_true", help="keep the logs")
@@ -199,6 +244,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    workload = WORKLOADS[args.task]
+    args.micro = args.micro or workload.micro
+    args.target = args.target or workload.target
     if not args.cpu and not torch.cuda.is_available():
         reason = "no CUDA GPU on this machine: nothing to measure"
         print(json.dumps({"gpu": None, "reason": reason}) if args.json else reason)
@@ -206,13 +254,15 @@ def main(argv: list[str] | None = None) -> int:
     from peer.data.examples import build_example
 
     name = "cpu" if args.cpu else torch.cuda.get_device_name(0)
-    params = sum(p.numel() for p in _model(args).parameters())
+    model = _model(args)
+    params = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rows = []
     busy = Busy(gpu=not args.cpu)
     try:
         with workspace("gpu", args.keep) as folder:
-            dataset = folder / "text"
-            build_example("text", dataset, shard_bytes=1 << 20)
+            dataset = folder / workload.dataset
+            build_example(workload.dataset, dataset, shard_bytes=1 << 20)
             for mode in args.modes.split(","):
                 print(f"measuring {mode} ...", file=sys.stderr)
                 try:
@@ -234,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "gpu": name,
         "machine": f"{platform.node()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}",
-        "model": f"bytes-lm dim {args.dim}, {args.layers} layers, {params / 1e6:.1f}M parameters, fp32",
+        "model": f"{args.task} ({_shape(args)}), {params / 1e6:.1f}M parameters, "
+        f"{trained / 1e6:.2f}M trained, {args.precision}",
         "batch": {"target": args.target, "micro": args.micro, "peers": args.peers},
         "rows": rows,
     }
@@ -255,7 +306,14 @@ def main(argv: list[str] | None = None) -> int:
 def _model(args: argparse.Namespace) -> torch.nn.Module:
     from peer.tasks import load_task
 
-    return load_task("bytes-lm", options(args)).build_model(0)
+    return load_task(workload_spec(args).task, options(args)).build_model(0)
+
+
+def _shape(args: argparse.Namespace) -> str:
+    if args.task == "bytes-lm":
+        return f"dim {args.dim}, {args.layers} layers"
+    o = options(args)
+    return f"LoRA rank {o['rank']} on {o['targets']}, last {o['layers']} layers"
 
 
 if __name__ == "__main__":
