@@ -425,17 +425,15 @@ def scenario_round(lab: Lab, folder: Path, args: argparse.Namespace) -> Trial:
     folder.mkdir(parents=True, exist_ok=True)
     addrs = folder / "addrs.json"
     script = Path(__file__).resolve().parent / "round_peer.py"
-    env = {**os.environ, "HIVEMIND_LOGLEVEL": "ERROR"}
+    env = {**os.environ, "HIVEMIND_LOGLEVEL": "WARNING"}
     procs = []
     for i, host in enumerate(hosts):
         argv = [sys.executable, str(script), "--index", str(i), "--peers", str(PEERS), "--size-mb", "10"]
         argv += ["--rounds", str(args.rounds), "--compression", "8bit", "--addrs", str(addrs)]
         argv += ["--listen", f"/ip4/{host.ip}/tcp/0"]
-        procs.append(
-            subprocess.Popen(
-                lab.command(host, argv), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
-            )
-        )
+        with (folder / f"round-peer-{i}.log").open("w") as log:  # why a round failed, kept for a look
+            command = lab.command(host, argv)
+            procs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env))
     outs = [p.communicate(timeout=args.timeout)[0] for p in procs]
     lines = [json.loads(line) for out in outs for line in out.splitlines() if line.startswith("{")]
     trial = Trial(completed=True)
@@ -445,7 +443,16 @@ def scenario_round(lab: Lab, folder: Path, args: argparse.Namespace) -> Trial:
             trial.completed = False
             continue
         trial.recovery.append(max(line["end"] for line in mine) - max(line["start"] for line in mine))
-    trial.checks = {"rounds": args.rounds, "max_error": max((line["max_error"] for line in lines), default=0)}
+    trial.checks = {
+        "rounds": args.rounds,
+        "max_error": max((line["max_error"] for line in lines), default=0),
+        # each peer's round that did not average, and why (its log: round-peer-INDEX.log in the folder)
+        "not_averaged": [
+            (line["index"], line["round"], line["outcome"], line["group"], str(line["reason"])[:200])
+            for line in lines
+            if line["outcome"] != "averaged" or line["group"] != PEERS
+        ],
+    }
     return trial
 
 
