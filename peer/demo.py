@@ -538,7 +538,7 @@ def run_demo(
     *,
     spec: str = SPEC,
     samples: int | None = None,
-    show: Callable[[dict[str, Any]], None] = lambda _result: None,
+    show: Callable[[dict[str, Any]], None],
     stay: bool = False,
 ) -> dict[str, Any]:
     """Run the demo of examples/``spec`` (on the example dataset it names; ``samples`` replaces its stop)

@@ -11,12 +11,11 @@ coordinator), 2 for bad input.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
@@ -376,7 +375,7 @@ def _held_out(
             found = evaluate(path, spec, reader)
         except Exception as e:  # figures are a courtesy: the run's outcome stands without them
             return None, f"held-out  not evaluated: {type(e).__name__}: {e}"
-    return dataclasses.asdict(found), found.line(manifest.name)
+    return asdict(found), found.line(manifest.name)
 
 
 @click.group("runs", invoke_without_command=True)
