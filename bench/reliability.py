@@ -431,6 +431,9 @@ def scenario_round(lab: Lab, folder: Path, args: argparse.Namespace) -> Trial:
         argv = [sys.executable, str(script), "--index", str(i), "--peers", str(PEERS), "--size-mb", "10"]
         argv += ["--rounds", str(args.rounds), "--compression", "8bit", "--addrs", str(addrs)]
         argv += ["--listen", f"/ip4/{host.ip}/tcp/0"]
+        # a group of 4 forms as soon as all 4 arrive; the bound only matters when one is slow (seen in CI,
+        # the other core busy: "could not find a group" within the default 5 s, 2 of 4 runs)
+        argv += ["--matchmaking", "15"]
         with (folder / f"round-peer-{i}.log").open("w") as log:  # why a round failed, kept for a look
             command = lab.command(host, argv)
             procs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env))
