@@ -74,6 +74,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,8 +190,12 @@ class Market:
     of its own), started at the first row that needs it and stopped by :meth:`close`, and the runs it
     holds: one per row, with the row's peers matched to it through the public API."""
 
-    def __init__(self, folder: Path):
+    def __init__(
+        self, folder: Path, host: str = "127.0.0.1", command: Callable[[list[str]], list[str]] = list
+    ):
         self.folder = folder
+        self.host = host  # the address it listens on; ``command`` runs it where that is (a lab's host)
+        self.command = command
         self.child: Child | None = None
         self.url = ""
         self.admin = Identity.generate()
@@ -200,7 +205,7 @@ class Market:
             return self.url
         self.folder.mkdir(parents=True)
         save_identity(self.admin, self.folder / "admin.pem")
-        argv = [sys.executable, "-m", "peer", "coordinator", "serve", "--host", "127.0.0.1", "--port", "0"]
+        argv = [sys.executable, "-m", "peer", "coordinator", "serve", "--host", self.host, "--port", "0"]
         argv += [
             "--db",
             f"sqlite:///{self.folder / 'coordinator.db'}",
@@ -211,7 +216,7 @@ class Market:
         log = self.folder / "coordinator.log"
         with log.open("w") as out:
             proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                self.command(argv), stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
         self.child = Child("coordinator", proc, log)
         deadline = time.monotonic() + timeout

@@ -7,7 +7,9 @@ launched on them, and faults put on the hosts' links and processes while it trai
 - ``clean``: no fault (the baseline of ``lossy``'s goodput);
 - ``lossy``: every host drops 5% of the packets it sends and its link is capped at 20 Mbit/s each way;
 - ``round``: one all-reduce round of 10 MB of fp32 values across 4 peers on such lossy, capped links
-  (``bench/round_peer.py``), 8-bit compressed; the figure is the round's wall time;
+  (``bench/round_peer.py``), on hivemind's averager, 8-bit compressed; the figure is the round's wall
+  time; ``round-fast``: the same on the fast path (torch.distributed gloo, through a real
+  coordinator's rendezvous), sent in fp16; ``round-gloo``: gloo's own fp32 ``all_reduce``, the baseline;
 - ``partition``: one peer's link drops everything for ``--partition-seconds`` (30), then heals;
 - ``freeze``: one peer's processes are stopped (SIGSTOP) for 10 s, then continued;
 - ``peer-kill``: a peer's trainer (and its p2pd) is killed with SIGKILL once every peer has entered
@@ -51,6 +53,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from bench.averaging import Market
 from bench.netlab import Host, Lab, missing
 from peer.demo import Demo, DemoError
 from peer.events import in_agreement
@@ -60,8 +63,13 @@ from peer.protocol.states import ENDED
 PEERS = 4
 LOSS_PERCENT = 5
 CAP_MBIT = 20
+#: The round scenarios: bench/round_peer.py's method and compression for each. hivemind's averager
+#: (a run's path when a peer cannot be reached directly) in 8-bit; the fast path in fp16 (what a run
+#: with `averaging.compression` fp16 or 8bit sends on it); gloo's fp32 all_reduce, the baseline.
+ROUNDS = {"round": ("hivemarket", "8bit"), "round-fast": ("fast", "fp16"), "round-gloo": ("gloo", "none")}
+BYTES_PER_VALUE = {"8bit": 1, "fp16": 2, "none": 4}
 SCENARIOS = (
-    *("clean", "lossy", "round", "partition", "freeze"),
+    *("clean", "lossy", *ROUNDS, "partition", "freeze"),
     *("peer-kill", "coordinator-kill", "clock", "long"),
 )
 #: Every run's spec changes: a matchmaking time whose request timeout (half of it) outlasts a lost
@@ -416,8 +424,15 @@ def scenario_long(lab: Lab, folder: Path, args: argparse.Namespace) -> Trial:
         demo.close()
 
 
-def scenario_round(lab: Lab, folder: Path, args: argparse.Namespace) -> Trial:
-    """One 10 MB all-reduce round across 4 peers on lossy, capped links (8-bit), per trial."""
+def scenario_round(lab: Lab, folder: Path, args: argparse.Namespace, name: str) -> Trial:
+    """``--rounds`` all-reduce rounds of 10 MB of fp32 values across 4 peers on lossy, capped links, by
+    the method and compression :data:`ROUNDS` gives ``name``; the figure is each round's wall time.
+
+    ``checks`` says how that compares with what the links allow: ``link_minimum_s`` is the time the
+    bytes each peer must send take at the cap (an all-reduce, ring or butterfly, sends 2(n-1)/n of the
+    tensor per peer: 7.5 MB in fp16, 15 MB in fp32, 3.75 MB in 8-bit), ``to_link_minimum`` the median
+    round over it. The fast path's peers rendezvous through a real coordinator on a host of its own."""
+    method, compression = ROUNDS[name]
     hosts = [lab.add(f"r{i}") for i in range(PEERS)]
     for host in hosts:
         lab.loss(host, LOSS_PERCENT)
@@ -425,19 +440,32 @@ def scenario_round(lab: Lab, folder: Path, args: argparse.Namespace) -> Trial:
     folder.mkdir(parents=True, exist_ok=True)
     addrs = folder / "addrs.json"
     script = Path(__file__).resolve().parent / "round_peer.py"
-    env = {**os.environ, "HIVEMIND_LOGLEVEL": "WARNING"}
+    market: Market | None = None
+    fast: list[list[str]] = [[] for _ in hosts]  # each peer's arguments for the fast path
+    if method == "fast":
+        coordinator = lab.add("coord")  # its link is neither lossy nor capped: the rounds do not cross it
+        market = Market(folder / "coordinator", coordinator.ip, lambda argv: lab.command(coordinator, argv))
     procs = []
-    for i, host in enumerate(hosts):
-        argv = [sys.executable, str(script), "--index", str(i), "--peers", str(PEERS), "--size-mb", "10"]
-        argv += ["--rounds", str(args.rounds), "--compression", "8bit", "--addrs", str(addrs)]
-        argv += ["--listen", f"/ip4/{host.ip}/tcp/0"]
-        # a group of 4 forms as soon as all 4 arrive; the bound only matters when one is slow (seen in CI,
-        # the other core busy: "could not find a group" within the default 5 s, 2 of 4 runs)
-        argv += ["--matchmaking", "15"]
-        with (folder / f"round-peer-{i}.log").open("w") as log:  # why a round failed, kept for a look
-            command = lab.command(host, argv)
-            procs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env))
-    outs = [p.communicate(timeout=args.timeout)[0] for p in procs]
+    try:
+        if market is not None:
+            url, run_id, keys = market.matched_run(folder / "keys", PEERS, args.timeout)
+            fast = [["--coordinator", url, "--run", run_id, "--identity", str(key)] for key in keys]
+        for i, host in enumerate(hosts):
+            argv = [sys.executable, str(script), "--index", str(i), "--peers", str(PEERS), "--size-mb", "10"]
+            argv += ["--rounds", str(args.rounds), "--method", method, "--compression", compression]
+            argv += ["--addrs", str(addrs), "--listen", f"/ip4/{host.ip}/tcp/0", *fast[i]]
+            # a group of 4 forms as soon as all 4 arrive; the bound only matters when one is slow (seen in
+            # CI, the other core busy: "could not find a group" within the default 5 s, 2 of 4 runs)
+            argv += ["--matchmaking", "15"]
+            env = {**os.environ, "HIVEMIND_LOGLEVEL": "WARNING", "GLOO_SOCKET_IFNAME": host.dev}
+            with (folder / f"round-peer-{i}.log").open("w") as log:  # why a round failed, kept for a look
+                command = lab.command(host, argv)
+                out = subprocess.PIPE
+                procs.append(subprocess.Popen(command, stdout=out, stderr=log, text=True, env=env))
+        outs = [p.communicate(timeout=args.timeout)[0] for p in procs]
+    finally:
+        if market is not None:
+            market.close()
     lines = [json.loads(line) for out in outs for line in out.splitlines() if line.startswith("{")]
     trial = Trial(completed=True)
     for r in range(args.rounds):
@@ -446,9 +474,13 @@ def scenario_round(lab: Lab, folder: Path, args: argparse.Namespace) -> Trial:
             trial.completed = False
             continue
         trial.recovery.append(max(line["end"] for line in mine) - max(line["start"] for line in mine))
+    minimum = link_minimum(10e6 / 4 * BYTES_PER_VALUE[compression])
     trial.checks = {
+        "method": f"{method} {compression}",
         "rounds": args.rounds,
         "max_error": max((line["max_error"] for line in lines), default=0),
+        "link_minimum_s": round(minimum, 2),
+        "to_link_minimum": round(statistics.median(trial.recovery) / minimum, 2) if trial.recovery else None,
         # each peer's round that did not average, and why (its log: round-peer-INDEX.log in the folder)
         "not_averaged": [
             (line["index"], line["round"], line["outcome"], line["group"], str(line["reason"])[:200])
@@ -459,10 +491,16 @@ def scenario_round(lab: Lab, folder: Path, args: argparse.Namespace) -> Trial:
     return trial
 
 
+def link_minimum(tensor_bytes: float) -> float:
+    """Seconds an all-reduce of ``tensor_bytes`` across :data:`PEERS` takes at least on links capped at
+    :data:`CAP_MBIT`: each peer sends (and receives) 2(n-1)/n of the tensor."""
+    return 2 * (PEERS - 1) / PEERS * tensor_bytes * 8 / (CAP_MBIT * 1e6)
+
+
 RUNNERS: dict[str, Callable[[Lab, Path, argparse.Namespace], Trial]] = {
     "clean": lambda lab, f, a: scenario_run(lab, f, a, "clean"),
     "lossy": lambda lab, f, a: scenario_run(lab, f, a, "lossy"),
-    "round": scenario_round,
+    **{name: lambda lab, f, a, name=name: scenario_round(lab, f, a, name) for name in ROUNDS},
     "partition": lambda lab, f, a: scenario_partition(lab, f, a, "partition"),
     "freeze": lambda lab, f, a: scenario_partition(lab, f, a, "freeze"),
     "peer-kill": scenario_peer_kill,

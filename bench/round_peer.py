@@ -20,10 +20,11 @@ the others, by ``--method``:
   so that no peer drops the old version's group while another still finishes a round on it.
 
 The averagers run over a DHT per peer: the first peer starts alone and writes its addresses to
-``--addrs``; the others bootstrap from that file. For gloo the first peer writes the port of its
-rendezvous store there instead. Each round's result goes to stdout as a JSON line: wall-clock start and
-end, the outcome and why it failed, the group size (and on the fast path its version), and how far this
-peer's result is from the exact mean (each peer's values are its index, so the mean is known).
+``--addrs``; the others bootstrap from that file. For gloo the first peer writes the address and
+port of its rendezvous store there instead. Each round's result goes to stdout as a JSON line:
+wall-clock start and end, the outcome and why it failed, the group size (and on the fast path its
+version), and how far this peer's result is from the exact mean (each peer's values are its index, so
+the mean is known).
 
 ``bench/reliability.py`` starts one per host of a network lab (``bench/netlab.py``) and reads the lines;
 ``bench/averaging.py`` starts them on this machine's loopback, once per method and compression.
@@ -182,11 +183,12 @@ def gloo(args: argparse.Namespace, n: int) -> Iterator[Average]:
     host = multiaddr.Multiaddr(args.listen).value_for_protocol("ip4")
     timeout = timedelta(seconds=args.timeout)
     if args.index:
-        store = dist.TCPStore(host, published(args.addrs), args.peers, is_master=False, timeout=timeout)
+        master, port = published(args.addrs)
+        store = dist.TCPStore(master, port, args.peers, is_master=False, timeout=timeout)
     else:
         # not waiting for the others in the constructor: they learn the port only once it returns
         store = dist.TCPStore(host, 0, args.peers, is_master=True, timeout=timeout, wait_for_workers=False)
-        publish(args.addrs, store.port)
+        publish(args.addrs, [host, store.port])
     dist.init_process_group("gloo", store=store, rank=args.index, world_size=args.peers, timeout=timeout)
     try:
 
