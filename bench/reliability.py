@@ -24,8 +24,8 @@ failed, a state loaded instead), data lost (reports the coordinator acknowledged
 longer lists; must be 0), doubled (reports listed twice; must be 0), money conserved (the ledger's
 audit; must be true), recovery p50/p95 (seconds from the fault's end until the peer trains in sync
 again: parameters in agreement with another peer's at the same epoch, ``peer.events.in_agreement``;
-for coordinator-kill until the next acknowledged report; for peer-kill the survivors' longest wait
-in the round the kill hit), the longest
+for coordinator-kill until the next acknowledged report; for peer-kill from the kill until every
+survivor trains again), the longest
 blocked step (seconds a peer waited on the network in one epoch) and goodput (verified samples per
 second of training: from the first peer's first round to the run leaving ``running``; start-up, which
 on lossy links is mostly fetching the dataset and joining the DHT, is not training).
@@ -249,7 +249,8 @@ def scenario_partition(lab: Lab, folder: Path, args: argparse.Namespace, fault: 
 
 
 def scenario_peer_kill(lab: Lab, folder: Path, args: argparse.Namespace) -> Trial:
-    """SIGKILL a trainer mid all-reduce, ``--kills`` times in one run (its worker starts a new one).
+    """SIGKILL a trainer mid all-reduce, ``--kills`` times in one run (its worker starts a new one); the
+    recovery figure of a kill is the time until every survivor trains again (:func:`_back_to_training`).
 
     Checks, per kill, the goal's three: the survivors' round ended within the averaging deadline
     (``round_s`` less ``load_s``: a survivor whose round broke ends it there, then downloads the state
@@ -265,6 +266,7 @@ def scenario_peer_kill(lab: Lab, folder: Path, args: argparse.Namespace) -> Tria
         "not_finite": 0,
         "disagreed": 0,
         "repaired": 0,
+        "paths": [],  # the paths the survivors' hit rounds ran on
     }
     recovery = []
     try:
@@ -281,6 +283,7 @@ def scenario_peer_kill(lab: Lab, folder: Path, args: argparse.Namespace) -> Tria
             if trainer is None:
                 continue
             time.sleep(0.1)  # the group is formed (everyone is in): the all-reduce is under way
+            killed_at = time.time()
             for p in [*trainer.children(recursive=True), trainer]:
                 p.kill()
             checks["kills"] += 1
@@ -299,7 +302,8 @@ def scenario_peer_kill(lab: Lab, folder: Path, args: argparse.Namespace) -> Tria
             agree_after = _agree(after_next)
             checks["disagreed"] += not agree_after
             checks["repaired"] += agree_after and not _agree(_epoch_events(demo, survivors, epoch + 1) or {})
-            recovery.append(max(e["round_s"] for e in rounds.values()))
+            checks["paths"] = sorted({*checks["paths"], *(e["path"] for e in rounds.values())})
+            recovery.append(_back_to_training(demo, survivors, killed_at, epoch + 2))
         trial = demo.finish(Trial(), wait_end=False)
         trial.completed = True
         trial.recovery = recovery
@@ -307,6 +311,19 @@ def scenario_peer_kill(lab: Lab, folder: Path, args: argparse.Namespace) -> Tria
         return trial
     finally:
         demo.close()
+
+
+def _back_to_training(demo: LabDemo, names: list[str], killed_at: float, last: int) -> float:
+    """Seconds from a kill until the last of ``names`` trains again: the longest a survivor then waited
+    between computing and training the next epoch (its round, a rebuilt group, a state loaded), over its
+    epochs up to ``last``. An epoch event is written as its peer goes back to computing, and its
+    ``round_s`` is how long it waited since it computed; only the wait after the kill counts."""
+    waits = [0.0]
+    for name in names:
+        for e in demo.events(name):
+            if e["event"] == "epoch" and e["time"] > killed_at and e["epoch"] <= last:
+                waits.append(e["time"] - max(killed_at, e["time"] - e["round_s"]))
+    return max(waits)
 
 
 def _agree(events: dict[str, dict[str, Any]]) -> bool:

@@ -87,6 +87,7 @@ def _group(row: sqlite3.Row) -> groups.Group:
         failed_at=row["failed_at"],
         failed_by=row["failed_by"],
         addresses=tuple(address for _, address in members),
+        suspects=frozenset((account, address) for account, address in json.loads(row["suspects"])),
     )
 
 
@@ -94,10 +95,12 @@ def save(conn: sqlite3.Connection, run_id: str, group: groups.Group) -> None:
     """Write ``group`` as the run's current one; a new version deletes the older versions' rendezvous keys."""
     members = json.dumps([[m, a] for m, a in zip(group.members, group.addresses, strict=True)])
     conn.execute(
-        "INSERT INTO run_groups (run_id, version, members, path, reason, formed_at, failed_at, failed_by)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET version = excluded.version,"
+        "INSERT INTO run_groups"
+        " (run_id, version, members, path, reason, formed_at, failed_at, failed_by, suspects)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET version = excluded.version,"
         " members = excluded.members, path = excluded.path, reason = excluded.reason,"
-        " formed_at = excluded.formed_at, failed_at = excluded.failed_at, failed_by = excluded.failed_by",
+        " formed_at = excluded.formed_at, failed_at = excluded.failed_at, failed_by = excluded.failed_by,"
+        " suspects = excluded.suspects",
         (
             run_id,
             group.version,
@@ -107,6 +110,7 @@ def save(conn: sqlite3.Connection, run_id: str, group: groups.Group) -> None:
             group.formed_at,
             group.failed_at,
             group.failed_by,
+            json.dumps(sorted([account, address] for account, address in group.suspects)),
         ),
     )
     conn.execute("DELETE FROM rendezvous_keys WHERE run_id = ? AND version < ?", (run_id, group.version))

@@ -16,11 +16,16 @@ changed (so that the store writes nothing), or a new version with the reason it 
   ``regroup_seconds`` have passed since; its members are the candidates that checked in since the failure
   (a candidate that joined meanwhile among them), so a member that died mid all-reduce is left out. It
   comes back as a joiner when it checks in again.
+- **Unreachable.** A member that reports it cannot reach another member of the current fast version
+  fails the version as a broken collective does: the member it cannot reach may have died just then (a
+  peer killed while a new version forms), and then the regroup leaves it out and the next version stays on
+  the fast path. Its address becomes a *suspect* of the run's group.
 - **Path.** A version is on the ``fast`` path (torch.distributed) when every member has an address and no
-  member reported, against the version it replaces, that it could not reach another member of it; else on
-  ``hivemind`` (its averager works through NAT and relays). A member that reports an unreachable member of
-  the current fast version moves the same members to a new version on hivemind. A version with the same
-  members and addresses as a hivemind version stays on hivemind; any other change tries fast again.
+  member is at a suspect address (one it could not be reached at before, while it is still a candidate;
+  a restarted peer listens at a new one); else on ``hivemind`` (its averager works through NAT and
+  relays). So an unreachable member that comes back (it is alive, but others cannot connect to it)
+  moves the group to hivemind. A version with the same members and addresses as a hivemind version stays
+  on hivemind; any other change tries fast again.
 - Inputs that do not fit (a report about a version other than the current one, an unreachable account that
   is not a member, a peer reporting itself) are ignored.
 
@@ -62,6 +67,8 @@ class Group:
     failed_at: float | None = None
     failed_by: str | None = None
     addresses: tuple[str | None, ...] = ()
+    # (account, address) pairs a member was reported unreachable at, kept while the account is a candidate
+    suspects: frozenset[tuple[str, str]] = frozenset()
 
     def address_of(self, account: str) -> str | None:
         return dict(zip(self.members, self.addresses, strict=False)).get(account)
@@ -88,22 +95,25 @@ def decide(
     by_account = {c.account: c for c in ranked}
     members = set(current.members)
 
+    in_it = [c for c in ranked if c.account in members]
+    unreachable = _unreachable(current, in_it) if current.path == "fast" else {}
+    suspects = current.suspects | {(whom, at) for whom, (_, at) in unreachable.items() if at is not None}
     failed_at, failed_by = current.failed_at, current.failed_by
     if failed_at is None:
-        reporters = [c for c in ranked if c.account in members and c.failed_version == current.version]
+        reporters = [c for c in in_it if c.failed_version == current.version]
+        reporters += [who for who, _ in unreachable.values()]
         if reporters:
             first = min(reporters, key=lambda c: (c.checked_in_at, c.matched_at, c.account))
             failed_at, failed_by = first.checked_in_at, first.account
+    suspects = frozenset(pair for pair in suspects if pair[0] in by_account)  # kept while a candidate
     if failed_at is not None:
-        return _after_failure(now, current, ranked, failed_at, failed_by or "", config)
+        return _after_failure(now, current, ranked, (failed_at, failed_by or ""), suspects, config)
 
     joined = [c for c in ranked if c.account not in members and c.checked_in_at >= current.formed_at]
     left = [m for m in current.members if m not in by_account]
     moved = [c for c in ranked if c.account in members and c.address != current.address_of(c.account)]
     staying = [c for c in ranked if c.account in members or c.checked_in_at >= current.formed_at]
-    # a member that cannot reach another member of the current fast version: hivemind from now on
-    unreachable = _unreachable_pair(current, staying) if current.path == "fast" else None
-    if not (joined or left or moved or unreachable) or not staying:
+    if not (joined or left or moved) or not staying:
         return current  # a group whose members all left is kept until a candidate checks in again
     why = []
     if joined:
@@ -111,13 +121,20 @@ def decide(
     if left:
         why.append(f"{_names(left)} left")
     why += [f"{_short(c.account)} moved to {c.address or 'no direct address'}" for c in moved]
-    return _form(current.version + 1, now, staying, "; ".join(why), current)
+    return _form(current.version + 1, now, staying, "; ".join(why), current, suspects)
 
 
 def _after_failure(
-    now: float, current: Group, ranked: list[Candidate], failed_at: float, failed_by: str, config: GroupConfig
+    now: float,
+    current: Group,
+    ranked: list[Candidate],
+    failure: tuple[float, str],
+    suspects: frozenset[tuple[str, str]],
+    config: GroupConfig,
 ) -> Group:
-    """The current version failed at ``failed_at``: wait for its members to come back, then regroup."""
+    """The current version failed at ``failed_at`` (reported by ``failed_by``): wait for its members to
+    come back, then regroup."""
+    failed_at, failed_by = failure
     returned = [c for c in ranked if c.checked_in_at >= failed_at]
     live = {c.account: c for c in ranked}
     waiting = [m for m in current.members if m in live and live[m].checked_in_at < failed_at]
@@ -134,10 +151,10 @@ def _after_failure(
             why += f"; {_names(joined)} joined"
         if not (waiting or gone or joined):
             why += "; every member returned"
-        return _form(current.version + 1, now, returned, why, current)
-    if current.failed_at == failed_at and current.failed_by == failed_by:
+        return _form(current.version + 1, now, returned, why, current, suspects)
+    if (current.failed_at, current.failed_by, current.suspects) == (failed_at, failed_by, suspects):
         return current
-    return replace(current, failed_at=failed_at, failed_by=failed_by)
+    return replace(current, failed_at=failed_at, failed_by=failed_by, suspects=suspects)
 
 
 def _form(
@@ -146,16 +163,17 @@ def _form(
     members: list[Candidate],
     why: str,
     previous: Group | None,
+    suspects: frozenset[tuple[str, str]] = frozenset(),
 ) -> Group:
     """A new version of ``members`` (in rank order) with its path and the reason for both."""
     accounts = tuple(c.account for c in members)
     addresses = tuple(c.address for c in members)
     path: Path = "fast"
     no_address = [c.account for c in members if c.address is None]
-    unreachable = None if previous is None else _unreachable_pair(previous, members)
-    if unreachable is not None:
-        who, whom, at = unreachable
-        path_why = f"{_short(who.account)} cannot reach {_short(whom)} at {at}: hivemind's averager"
+    suspect = [c for c in members if (c.account, c.address) in suspects]
+    if suspect:
+        where = ", ".join(f"{_short(c.account)} at {c.address}" for c in suspect)
+        path_why = f"{where} could not be reached before: hivemind's averager"
         path = "hivemind"
     elif no_address:
         path_why = f"{_names(no_address)} cannot be reached directly (no address): hivemind's averager"
@@ -171,22 +189,21 @@ def _form(
     else:
         path_why = ""
     reason = "; ".join(part for part in (why, path_why) if part)
-    return Group(version, accounts, path, reason, now, addresses=addresses)
+    return Group(version, accounts, path, reason, now, addresses=addresses, suspects=suspects)
 
 
-def _unreachable_pair(
-    version: Group, members: Sequence[Candidate]
-) -> tuple[Candidate, str, str | None] | None:
-    """The first (reporter, unreachable member, its address) among ``members``' reports against ``version``
-    in which both are in ``members``, or None."""
+def _unreachable(version: Group, members: Sequence[Candidate]) -> dict[str, tuple[Candidate, str | None]]:
+    """The members of ``version`` that another of its ``members`` reported, against that version, it could
+    not reach: each with the first such reporter and the address it was tried at."""
     accounts = {c.account for c in members}
+    found: dict[str, tuple[Candidate, str | None]] = {}
     for c in members:
         if c.version != version.version:
             continue
         for other in sorted(c.unreachable):
-            if other in accounts and other != c.account:
-                return c, other, version.address_of(other)
-    return None
+            if other in accounts and other != c.account and other not in found:
+                found[other] = (c, version.address_of(other))
+    return found
 
 
 def _short(account: str) -> str:

@@ -250,6 +250,11 @@ MIGRATIONS = (
     );
     INSERT INTO ledger_checkpoint (id, last_entry) VALUES (1, 0)
     """,
+    # The addresses a member of a run's fast-path group could not be reached at (coordinator.groups:
+    # JSON [[account, address], ...]), so that a later version does not try them on the fast path again.
+    """
+    ALTER TABLE run_groups ADD COLUMN suspects TEXT NOT NULL DEFAULT '[]'
+    """,
 )
 
 POSTGRES_BASELINE_VERSION = 7

@@ -187,23 +187,52 @@ def test_no_address_puts_the_group_on_hivemind() -> None:
     )
 
 
-def test_an_unreachable_member_moves_the_same_members_to_hivemind() -> None:
+def test_an_unreachable_member_fails_the_version_and_one_that_returns_moves_it_to_hivemind() -> None:
     v1 = formed(peer(A), peer(B), peer(C))
     report = peer(A, 2.0, version=1, unreachable=frozenset({B}))
-    v2 = decide(2.0, v1, [report, peer(B, 1.0), peer(C, 1.0)], CONFIG)
+    marked = decide(2.0, v1, [report, peer(B, 1.0), peer(C, 1.0)], CONFIG)
+    assert marked is not None and (marked.version, marked.failed_at, marked.failed_by) == (1, 2.0, A)
+    assert marked.suspects == {(B, "10.0.0.b:4000")}
+    # B is alive (it checks in again, at the same address) but A cannot connect to it: hivemind
+    back = [report, peer(B, 2.1, version=1, failed=1), peer(C, 2.1, version=1, failed=1)]
+    v2 = decide(2.1, marked, back, CONFIG)
     assert v2 is not None and (v2.version, v2.members, v2.path) == (2, (A, B, C), "hivemind")
-    assert v2.reason == f"{short(A)} cannot reach {short(B)} at 10.0.0.b:4000: hivemind's averager"
+    assert v2.reason == (
+        f"version 1 failed (reported by {short(A)}); every member returned; "
+        f"{short(B)} at 10.0.0.b:4000 could not be reached before: hivemind's averager"
+    )
     # the report was against version 1: on version 2 it changes nothing
     assert decide(2.5, v2, [report, peer(B, 2.5, version=2), peer(C, 2.5, version=2)], CONFIG) is v2
 
 
-def test_the_next_membership_change_tries_fast_again() -> None:
+def test_an_unreachable_member_that_died_is_left_out_and_the_rest_stay_fast() -> None:
+    v1 = formed(peer(A), peer(B), peer(C))
+    report = peer(A, 2.0, version=1, unreachable=frozenset({B}))
+    marked = decide(2.0, v1, [report, peer(B, 1.0), peer(C, 1.0)], CONFIG)
+    survivors = [report, peer(B, 1.0), peer(C, 2.1, version=1, failed=1)]
+    assert decide(2.4, marked, survivors, CONFIG) is marked  # B may still come back
+    v2 = decide(2.6, marked, survivors, CONFIG)
+    assert v2 is not None and (v2.version, v2.members, v2.path) == (2, (A, C), "fast")
+    assert v2.reason == (f"version 1 failed (reported by {short(A)}); {short(B)} did not return within 0.5 s")
+    # its restarted trainer listens at a new address: tried on the fast path again
+    v3 = decide(
+        3.0, v2, [peer(A, 2.6, version=2), peer(B, 3.0, address="10.0.0.b:5000"), peer(C, 2.6)], CONFIG
+    )
+    assert v3 is not None and (v3.members, v3.path) == ((A, B, C), "fast")
+
+
+def test_a_suspect_address_stays_off_the_fast_path_while_its_peer_is_a_candidate() -> None:
     v1 = formed(peer(A), peer(B))
-    v2 = decide(2.0, v1, [peer(A, 2.0, version=1, unreachable=frozenset({B})), peer(B, 1.0)], CONFIG)
+    report = peer(A, 2.0, version=1, unreachable=frozenset({B}))
+    marked = decide(2.0, v1, [report, peer(B, 1.0)], CONFIG)
+    v2 = decide(2.1, marked, [report, peer(B, 2.1, version=1, failed=1)], CONFIG)
     assert v2 is not None and v2.path == "hivemind"
     v3 = decide(3.0, v2, [peer(A, 2.5, version=2), peer(B, 2.5, version=2), peer(C, 3.0)], CONFIG)
-    assert v3 is not None and (v3.version, v3.members, v3.path) == (3, (A, B, C), "fast")
-    assert v3.reason == f"{short(C)} joined"
+    assert v3 is not None and (v3.version, v3.members, v3.path) == (3, (A, B, C), "hivemind")
+    assert v3.reason.startswith(f"{short(C)} joined; {short(B)} at 10.0.0.b:4000 could not be reached")
+    # once B is gone, its address is forgotten and the group is fast again
+    v4 = decide(4.0, v3, [peer(A, 3.5, version=3), peer(C, 3.5, version=3)], CONFIG)
+    assert v4 is not None and (v4.members, v4.path, v4.suspects) == ((A, C), "fast", frozenset())
     # and a group on hivemind for want of an address is fast again once the peer without one leaves
     h1 = formed(peer(A), peer(B), peer(C, address=None))
     assert h1.path == "hivemind"
@@ -212,13 +241,16 @@ def test_the_next_membership_change_tries_fast_again() -> None:
 
 
 def test_a_regroup_of_the_same_members_stays_on_hivemind() -> None:
-    v1 = formed(peer(A), peer(B))
-    v2 = decide(2.0, v1, [peer(A, 2.0, version=1, unreachable=frozenset({B})), peer(B, 1.0)], CONFIG)
-    assert v2 is not None and v2.path == "hivemind"
-    marked = decide(3.0, v2, [peer(A, 3.0, version=2, failed=2), peer(B, 1.0)], CONFIG)
-    v3 = decide(3.1, marked, [peer(A, 3.0, version=2, failed=2), peer(B, 3.1, version=2)], CONFIG)
-    assert v3 is not None and (v3.version, v3.path) == (3, "hivemind")
-    assert v3.reason.endswith("the same members as version 2: hivemind's averager")
+    h1 = formed(peer(A), peer(B, address=None))
+    assert h1.path == "hivemind"
+    marked = decide(3.0, h1, [peer(A, 3.0, version=1, failed=1), peer(B, 1.0, address=None)], CONFIG)
+    back = [peer(A, 3.0, version=1, failed=1), peer(B, 3.1, version=1, address=None)]
+    h2 = decide(3.1, marked, back, CONFIG)
+    assert h2 is not None and (h2.version, h2.path) == (2, "hivemind")
+    moved = [peer(A, 3.0, version=1, failed=1), peer(B, 3.1, version=1, address="10.0.0.b:4000")]
+    marked = decide(3.0, h1, [peer(A, 3.0, version=1, failed=1), peer(B, 1.0, address=None)], CONFIG)
+    h2 = decide(3.1, marked, moved, CONFIG)
+    assert h2 is not None and (h2.version, h2.path) == (2, "fast")
 
 
 def test_a_failure_whose_members_report_an_unreachable_one_regroups_on_hivemind() -> None:
@@ -230,7 +262,7 @@ def test_a_failure_whose_members_report_an_unreachable_one_regroups_on_hivemind(
     assert v2 is not None and (v2.members, v2.path) == ((A, B), "hivemind")
     assert v2.reason == (
         f"version 1 failed (reported by {short(A)}); every member returned; "
-        f"{short(A)} cannot reach {short(B)} at 10.0.0.b:4000: hivemind's averager"
+        f"{short(B)} at 10.0.0.b:4000 could not be reached before: hivemind's averager"
     )
 
 
