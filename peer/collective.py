@@ -26,7 +26,8 @@ ask the coordinator for the next version and train on it.
 
 Reachability is checked, not assumed: each peer runs a :class:`ReachListener` at the address it
 advertises, and before a group is used each member connects to every other member's; one that cannot
-reports it, and the coordinator puts the run back on hivemind's averager.
+reports it, and the coordinator regroups without that member or, should it come back (alive but not
+reachable), puts the run on hivemind's averager.
 
 torch.distributed authenticates nothing (torch's SECURITY.md: trusted networks only). What a host
 outside the run can do against this path, and why it is bounded: it cannot join a group (the rendezvous
@@ -55,7 +56,7 @@ from hivemind.utils import get_logger
 
 from peer.deadlines import RoundDeadlines
 from peer.protocol.identity import Identity, verify_signature
-from peer.protocol.run_schemas import CheckinBody, GroupView
+from peer.protocol.run_schemas import CheckinBody, GroupMemberView, GroupView
 from peer.protocol.sketch import SKETCH_DIMS, relative_distance, seed_of
 from peer.rendezvous import CoordinatorStore
 from peer.sketch import Sketcher
@@ -67,6 +68,7 @@ logger = get_logger(__name__)
 #: tensors: fp32 below 1e-6, fp16 below 1e-3; an added noise of 1% of the update's norm gives about 1e-2.
 TAMPER_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3}
 POLL_SECONDS = 0.05  # how often a waiting collective looks whether a newer group version formed
+REACH_RECHECK_SECONDS = 0.5  # how often a late group build checks that the others still answer
 _HEADER = struct.Struct("<qqqd")  # version, epoch, rank, weight
 _SKETCHES = struct.Struct(f"<{2 * SKETCH_DIMS}d")  # update sketch, parameter sketch
 SIGNATURE_BYTES = 64
@@ -75,6 +77,16 @@ COMMITMENT_BYTES = _HEADER.size + _SKETCHES.size + SIGNATURE_BYTES
 
 class RoundFailed(RuntimeError):
     """A collective of the round failed or ran out of time: no member applies the round."""
+
+
+class BuildStopped(RuntimeError):
+    """A version's process group was given up on before it was made: out of time, ``replaced`` by a
+    newer version, or because members in ``unreachable`` stopped answering at their addresses."""
+
+    def __init__(self, message: str, *, replaced: bool = False, unreachable: Sequence[str] = ()):
+        super().__init__(message)
+        self.replaced = replaced
+        self.unreachable = list(unreachable)
 
 
 @dataclass(frozen=True)
@@ -278,15 +290,38 @@ class FastPath:
             and any(m.account == self.identity.account for m in group.members)
         )
 
-    def ready(self, group: GroupView) -> bool:
+    def ready(self, group: GroupView, newer: Callable[[], bool] = lambda: False) -> bool:
         """Make the process group of ``group`` (a version this peer is a member of, on the fast path)
         if it is not already made: check that every other member answers at its address, then
-        rendezvous. False when a member could not be reached (reported: the coordinator moves the run to
-        hivemind's path) or the rendezvous failed (reported as a failed version)."""
+        rendezvous. False when a member could not be reached (reported: the coordinator fails the
+        version, and regroups without it or, if it comes back, on hivemind's path) or the rendezvous
+        failed (reported as a failed version). ``newer`` ends the wait for the others, as in a round."""
         if self.group is not None and self.group.version == group.version and self.pg is not None:
             return True
         self.discard()
-        others = [m for m in group.members if m.account != self.identity.account]
+        missing = self._unreachable([m for m in group.members if m.account != self.identity.account])
+        if missing:
+            logger.warning(f"Group version {group.version}: cannot reach {[a[:12] for a in missing]}")
+            self._report(version=group.version, unreachable=missing)
+            return False
+        store = CoordinatorStore(self._client, self._call, self.run_id, group.version, self.deadlines.ceiling)
+        try:
+            self.build(group, store, newer)
+        except BuildStopped as e:
+            logger.warning(f"Group version {group.version} was not built: {e}")
+            if e.unreachable:
+                self._report(version=group.version, unreachable=e.unreachable)
+            elif not e.replaced:
+                self._report(failed_version=group.version)
+            return False
+        except Exception as e:  # a member that did not come, or the coordinator's refusal (stale version)
+            logger.warning(f"Group version {group.version} was not built: {e!r}"[:400])
+            self._report(failed_version=group.version)
+            return False
+        return True
+
+    def _unreachable(self, others: Sequence[GroupMemberView]) -> list[str]:
+        """The accounts among ``others`` that do not answer at their addresses as themselves."""
         with ThreadPoolExecutor(max_workers=max(1, min(16, len(others)))) as pool:
             answers = list(
                 pool.map(
@@ -294,29 +329,70 @@ class FastPath:
                     others,
                 )
             )
-        missing = [m.account for m, ok in zip(others, answers, strict=True) if not ok]
-        if missing:
-            logger.warning(f"Group version {group.version}: cannot reach {[a[:12] for a in missing]}")
-            self._report(version=group.version, unreachable=missing)
-            return False
-        store = CoordinatorStore(self._client, self._call, self.run_id, group.version, self.deadlines.ceiling)
-        try:
-            self.build(group, store)
-        except Exception as e:  # a member that did not come, or the coordinator's refusal (stale version)
-            logger.warning(f"Group version {group.version} was not built: {e!r}"[:400])
-            self._report(failed_version=group.version)
-            return False
-        return True
+        return [m.account for m, ok in zip(others, answers, strict=True) if not ok]
 
-    def build(self, group: GroupView, store: dist.Store) -> None:
+    def build(
+        self, group: GroupView, store: CoordinatorStore, newer: Callable[[], bool] = lambda: False
+    ) -> None:
         """Rendezvous through ``store`` and make the gloo process group of ``group``, bound to this
-        peer's direct address (a new listening port for every version)."""
+        peer's direct address (a new listening port for every version).
+
+        gloo's constructor blocks until every member has connected, and its connects retry for as long as
+        it likes (measured: 75 s against a member killed while the version formed, with a 15 s timeout
+        set), so it runs on a thread of its own and this waits for it by the round's rules: at most the
+        deadline ceiling, ended by ``newer``, and, once the others are late (``straggle``), ended as
+        soon as a member no longer answers at its address (it died: :class:`BuildStopped` names it). A
+        build given up on has its store's waits ended and its group, should it still come, aborted."""
         rank = next(m.rank for m in group.members if m.account == self.identity.account)
         started = time.monotonic()
         options = dist.ProcessGroupGloo._Options()
         options._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host)]
         options._timeout = datetime.timedelta(seconds=self.deadlines.ceiling)
-        self.pg = dist.ProcessGroupGloo(store, rank, len(group.members), options)
+        lock, made, given_up = threading.Lock(), {}, threading.Event()
+
+        def make() -> None:
+            try:
+                pg = dist.ProcessGroupGloo(store, rank, len(group.members), options)
+            except Exception as e:
+                made["error"] = e
+                return
+            with lock:
+                if not given_up.is_set():
+                    made["pg"] = pg
+                    return
+            pg.abort()
+
+        thread = threading.Thread(target=make, name=f"gloo-build-v{group.version}", daemon=True)
+        thread.start()
+        ends, straggle = started + self.deadlines.ceiling, started + self.deadlines.straggle()
+        checked = started
+        known = [m for m in group.members if m.account != self.identity.account and m.address is not None]
+        while True:
+            thread.join(POLL_SECONDS)
+            if not thread.is_alive():
+                break
+            now = time.monotonic()
+            stop: BuildStopped | None = None
+            if now > ends:
+                stop = BuildStopped(f"not made within {self.deadlines.ceiling:.2f} s")
+            elif newer():
+                stop = BuildStopped("a newer version formed while it was made", replaced=True)
+            elif now > straggle and now - checked >= REACH_RECHECK_SECONDS:
+                checked = now
+                gone = self._unreachable(known)
+                if gone:
+                    stop = BuildStopped(f"{[a[:12] for a in gone]} stopped answering", unreachable=gone)
+            if stop is not None:
+                with lock:
+                    given_up.set()
+                    pg = made.pop("pg", None)
+                if pg is not None:  # it came just now: a group given up on is not used
+                    pg.abort()
+                store.set_timeout(datetime.timedelta(0))
+                raise stop
+        if "error" in made:
+            raise made["error"]
+        self.pg = made["pg"]
         self.group, self.rank = group, rank
         logger.info(
             f"Fast path: group version {group.version}, rank {rank} of {len(group.members)}, "

@@ -154,7 +154,7 @@ class OverlapMixin:
         launched = False
         if outcome not in ("caught_up", "redo"):  # else this epoch's work was done out of step: dropped
             group = regrouped or self._group() or group
-            if self._overlaps(group) and self.fast.ready(group):
+            if self._overlaps(group) and self.fast.ready(group, self._newer(group, time.monotonic())):
                 self._launch(done, group)
                 launched = True
         self._epoch_event(

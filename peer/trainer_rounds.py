@@ -139,7 +139,7 @@ class RoundsMixin:
         self.path = "fast"
         size = len(group.members)
         self.events.write("averaging", epoch=epoch, group=size, path="fast", version=group.version)
-        if not self.fast.ready(group):
+        if not self.fast.ready(group, self._newer(group, time.monotonic())):
             return "redo", 1, False, 0.0
         result = self.fast.average(
             self.buffers,

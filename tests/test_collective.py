@@ -8,20 +8,26 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from peer.collective import (
     COMMITMENT_BYTES,
+    BuildStopped,
     Commitment,
+    FastPath,
     ReachListener,
     expected_sketch,
     reaches,
     verdict,
 )
+from peer.deadlines import RoundDeadlines
 from peer.protocol.identity import Identity
+from peer.protocol.run_schemas import GroupMemberView, GroupView
 from peer.protocol.sketch import SKETCH_DIMS
 from tests.harness import Strangers
 
@@ -196,3 +202,62 @@ def test_rounds_average_refuse_tampering_and_fail_for_everyone_when_a_member_die
         assert first == rank + 1
     for p in procs:
         assert p.exitcode == 0
+
+
+def _lone_member(ceiling: float, other_address: str | None) -> tuple[FastPath, GroupView]:
+    """Rank 0 of a two-member group whose rank 1 never comes (at ``other_address``, if any)."""
+    me, other = Identity.generate(), Identity.generate()
+    group = GroupView(
+        version=1,
+        path="fast",
+        members=[
+            GroupMemberView(account=me.account, rank=0, address=None),
+            GroupMemberView(account=other.account, rank=1, address=other_address),
+        ],
+        reason="test",
+        formed_at=0.0,
+    )
+    fast = FastPath(
+        run_id=RUN,
+        identity=me,
+        client=None,
+        call=None,
+        host="127.0.0.1",
+        n_params=N_PARAMS,
+        precision="fp32",
+        deadlines=RoundDeadlines(ceiling=ceiling, floor=0.4),
+        reach_timeout=0.5,
+        regroup_timeout=1.0,
+    )
+    return fast, group
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("why", ["ceiling", "newer", "died"])
+def test_a_group_build_that_waits_for_a_member_ends_by_the_rounds_rules(tmp_path: Path, why: str):
+    # gloo's own constructor waited 75 s for a member killed while the version formed (bench/reliability
+    # peer-kill); the build must end by the ceiling, at a newer version, or once the member stops answering
+    address = f"127.0.0.1:{_closed_port()}" if why == "died" else None
+    fast, group = _lone_member(ceiling=20.0 if why != "ceiling" else 1.5, other_address=address)
+    store = dist.FileStore(str(tmp_path / "store"), 2)
+    started = time.monotonic()
+    newer = (lambda: time.monotonic() - started > 0.5) if why == "newer" else (lambda: False)
+    try:
+        with pytest.raises(BuildStopped) as stopped:
+            fast.build(group, store, newer)
+        took = time.monotonic() - started
+        assert fast.pg is None and fast.group is None
+        if why == "ceiling":
+            assert "not made within 1.50 s" in str(stopped.value) and 1.5 <= took < 5
+        elif why == "newer":
+            assert stopped.value.replaced and took < 5
+        else:
+            assert stopped.value.unreachable == [group.members[1].account] and took < 5
+    finally:
+        fast.close()
