@@ -51,7 +51,8 @@ class RoundsMixin:
         """All-reduce this epoch's update: (the outcome, the group's size, whether this peer's work of
         the epoch can be reported, the all-reduce's seconds). Outcomes:
 
-        - ``alone``: the only live peer; its own update is the step;
+        - ``alone``: the only live peer, or the only member of the run's fast-path group (the others are
+          gone or coming back, and will load its state); its own update is the step;
         - ``averaged``: the buffers hold the group's average, to apply. Not reportable when this peer's
           parameters differed from the group's and it loaded theirs: its gradients were taken at
           parameters no validator holds;
@@ -62,8 +63,13 @@ class RoundsMixin:
           peer's own update instead would set it apart from every other member of the broken round.
         """
         assert self.averager is not None
-        if self.fast is not None and self.fast.usable(group) and len(group.members) > 1:
-            return self._fast_average(epoch, samples, group, param_sketch)
+        if self.fast is not None and self.fast.usable(group):
+            if len(group.members) > 1:
+                return self._fast_average(epoch, samples, group, param_sketch)
+            # The coordinator's group is this peer alone (the others died or are still coming back):
+            # hivemind's averager would wait out its matchmaking for peers that are on the fast path.
+            self.path = "fast"
+            return "alone", 1, True, 0.0
         self.path = "hivemind"
         if len(live) == 1:
             return "alone", 1, True, 0.0
@@ -140,6 +146,9 @@ class RoundsMixin:
         size = len(group.members)
         self.events.write("averaging", epoch=epoch, group=size, path="fast", version=group.version)
         if not self.fast.ready(group, self._newer(group, time.monotonic())):
+            # what stopped it (a member gone, a newer version) gives a new version: wait for it rather
+            # than try this one again at once (a joiner with no samples to compute would spin)
+            self.fast.regroup(group.version)
             return "redo", 1, False, 0.0
         result = self.fast.average(
             self.buffers,
