@@ -249,8 +249,9 @@ def scenario_partition(lab: Lab, folder: Path, args: argparse.Namespace, fault: 
 
 
 def scenario_peer_kill(lab: Lab, folder: Path, args: argparse.Namespace) -> Trial:
-    """SIGKILL a trainer mid all-reduce, ``--kills`` times in one run (its worker starts a new one); the
-    recovery figure of a kill is the time until every survivor trains again (:func:`_back_to_training`).
+    """SIGKILL a trainer mid all-reduce, ``--kills`` times in one run (its worker starts a new one, and
+    the next kill waits for it: :func:`_trainers`); the recovery figure of a kill is the time until every
+    survivor trains again (:func:`_back_to_training`).
 
     Checks, per kill, the goal's three: the survivors' round ended within the averaging deadline
     (``round_s`` less ``load_s``: a survivor whose round broke ends it there, then downloads the state
@@ -276,7 +277,7 @@ def scenario_peer_kill(lab: Lab, folder: Path, args: argparse.Namespace) -> Tria
             lab.cap(host, 10)
         names = list(demo.names().values())
         while checks["kills"] < args.kills:
-            live = demo.wait("two trainers or more", lambda: _trainers(demo, names))
+            live = demo.wait("every peer's trainer", lambda: _trainers(demo, names))
             epoch = _all_averaging(demo, live)
             victim = random.choice(live)
             trainer = demo.trainer(victim)
@@ -349,9 +350,11 @@ def _common_epoch(demo: LabDemo, names: list[str], first: int) -> dict[str, dict
 
 
 def _trainers(demo: LabDemo, names: list[str]) -> list[str] | None:
-    """The peers whose trainer runs now, when there are two or more."""
+    """The peers, once every one's trainer runs (a killed one's worker has started it again): a kill
+    then leaves the run's ``peers_min`` (3 of 4) to go on, as one peer's failure would in a run; killing
+    again before a restart comes back would measure the restart, not the survivors."""
     running = [n for n in names if demo.trainer(n) is not None]
-    return running if len(running) >= 2 else None
+    return running if len(running) == len(names) else None
 
 
 def _all_averaging(demo: LabDemo, names: list[str]) -> int:

@@ -405,18 +405,20 @@ class FastPath:
         except Exception as e:  # the coordinator decides without it (regroup_seconds)
             logger.warning(f"Could not tell the coordinator ({kwargs}): {e!r}")
 
-    def regroup(self, failed: int) -> GroupView | None:
-        """After version ``failed`` broke: report it and wait (at most ``regroup_timeout``) for the next
-        version; None if none came in time (the caller redoes the epoch and looks again)."""
+    def regroup(self, version: int, *, failed: bool = True) -> GroupView | None:
+        """Wait (at most ``regroup_timeout``) for the version after ``version``, reporting that one failed
+        (it broke, or could not be made) unless not ``failed`` (it is fine, but not enough: this peer
+        alone while others are coming); None if none came in time (the caller redoes the epoch and
+        looks again)."""
         self.discard()
         ends = time.monotonic() + self.regroup_timeout
         while time.monotonic() < ends:
             try:
-                group = self.checkin(version=failed, failed_version=failed)
+                group = self.checkin(version=version, failed_version=version if failed else None)
             except Exception as e:
-                logger.warning(f"Check-in after version {failed} failed: {e!r}")
+                logger.warning(f"Check-in after version {version} failed: {e!r}")
                 group = None
-            if group is not None and group.version > failed:
+            if group is not None and group.version > version:
                 return group
             time.sleep(POLL_SECONDS)
         return None

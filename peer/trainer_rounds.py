@@ -51,8 +51,7 @@ class RoundsMixin:
         """All-reduce this epoch's update: (the outcome, the group's size, whether this peer's work of
         the epoch can be reported, the all-reduce's seconds). Outcomes:
 
-        - ``alone``: the only live peer, or the only member of the run's fast-path group (the others are
-          gone or coming back, and will load its state); its own update is the step;
+        - ``alone``: the only live peer; its own update is the step;
         - ``averaged``: the buffers hold the group's average, to apply. Not reportable when this peer's
           parameters differed from the group's and it loaded theirs: its gradients were taken at
           parameters no validator holds;
@@ -66,10 +65,14 @@ class RoundsMixin:
         if self.fast is not None and self.fast.usable(group):
             if len(group.members) > 1:
                 return self._fast_average(epoch, samples, group, param_sketch)
-            # The coordinator's group is this peer alone (the others died or are still coming back):
-            # hivemind's averager would wait out its matchmaking for peers that are on the fast path.
+            # The coordinator's group is this peer alone while other peers are live (their trainers are
+            # starting or coming back): wait for the version that takes them in, as a round waits for
+            # its members (hivemind's averager had waited out its matchmaking for peers on the fast path).
             self.path = "fast"
-            return "alone", 1, True, 0.0
+            if len(live) == 1:
+                return "alone", 1, True, 0.0
+            self.fast.regroup(group.version, failed=False)
+            return "redo", 1, False, 0.0
         self.path = "hivemind"
         if len(live) == 1:
             return "alone", 1, True, 0.0
