@@ -1,7 +1,7 @@
 """A hivemarket swarm against torch.distributed DDP on the same model, data, batch and optimizer steps.
 
     python -m bench.swarm_training [--steps 45] [--modes swarm,overlap,hivemind,local,ddp,plain] [--peers 4]
-    python -m bench.swarm_training --spec bytes_lm.toml --dataset text --options '{"dim": 64}' --steps 20
+    python -m bench.swarm_training --spec bytes_lm.toml --dataset text --changes '{"batch": {"target": 2048}}'
 
 Six ways to take the same ``--steps`` optimizer steps of a run of examples/``--spec`` (a task from the
 registry, ``digits-mlp`` by default), each step ``batch.target`` samples of the same example dataset
@@ -142,18 +142,20 @@ GLOO_ENV = {"GLOO_SOCKET_IFNAME": "lo"}
 
 
 def spec_changes(args: argparse.Namespace, mode: str) -> dict[str, Any]:
-    """The changes to examples/``args.spec`` for this bench (and the swarm's launch): the task options,
-    a stop after ``args.steps`` steps (which sets the length of the learning-rate schedule), for
-    ``local`` the local-updates mode, unaudited, for ``overlap`` overlapped rounds and for ``hivemind``
-    hivemind's averager."""
-    target = load_spec(example_spec(args.spec)).batch.target
-    changes: dict[str, Any] = {"options": json.loads(args.options), "stop": {"samples": args.steps * target}}
-    if mode == "local":
-        changes |= {"averaging": {"local_updates": True}, "verification": {"rate": 0.0}}
-    if mode == "hivemind":
-        changes |= {"averaging": {"path": "hivemind"}}
-    if mode == "overlap":
-        changes |= {"averaging": {"overlap": True}}
+    """The changes to examples/``args.spec`` for this bench (and the swarm's launch): ``--changes`` (spec
+    sections, each over the file's), a stop after ``args.steps`` steps (which sets the length of the
+    learning-rate schedule), for ``local`` the local-updates mode, unaudited, for ``overlap`` overlapped
+    rounds and for ``hivemind`` hivemind's averager."""
+    changes: dict[str, dict[str, Any]] = json.loads(args.changes)
+    target = changed_spec(args.spec, changes).batch.target
+    changes["stop"] = {"samples": args.steps * target}
+    mode_changes = {
+        "local": {"averaging": {"local_updates": True}, "verification": {"rate": 0.0}},
+        "hivemind": {"averaging": {"path": "hivemind"}},
+        "overlap": {"averaging": {"overlap": True}},
+    }
+    for key, value in mode_changes.get(mode, {}).items():
+        changes[key] = {**changes.get(key, {}), **value}
     return changes
 
 
@@ -651,7 +653,11 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--spec", default="digits.toml", help="a spec of examples/")
     p.add_argument("--dataset", default="digits", help="the example dataset it trains on")
-    p.add_argument("--options", default="{}", help="task options over the spec's, as JSON")
+    p.add_argument(
+        "--changes",
+        default="{}",
+        help='spec sections over the file\'s, as JSON: {"options": {"dim": 64}, "batch": {"target": 2048}}',
+    )
     p.add_argument("--steps", type=int, default=45, help="optimizer steps of every mode (>= 2)")
     p.add_argument("--peers", type=int, default=4, help="swarm peers, and DDP processes")
     p.add_argument("--modes", default=",".join(MODES))
