@@ -204,6 +204,17 @@ class ReachListener:
         self._thread.join(timeout=2)
 
 
+def _aborted(pg: dist.ProcessGroup, pending: dist.Work | None) -> bool:
+    """Abort ``pg`` unless its ``pending`` collective is still running; whether it was aborted."""
+    if pending is not None and not pending.is_completed():
+        return False
+    try:
+        pg.abort()
+    except Exception as e:
+        logger.debug(f"Aborting a process group: {e!r}")
+    return True
+
+
 def reaches(address: str, account: str, timeout: float, attempts: int = 3) -> bool:
     """Whether ``address`` accepts a connection within ``timeout`` seconds and answers as ``account``, in
     one of ``attempts`` tries: one slow answer (a busy peer's listener thread waits for the GIL) must not
@@ -262,6 +273,7 @@ class FastPath:
         self.flat = torch.zeros(n_params)
         self.group: GroupView | None = None  # the version the process group below belongs to
         self.pg: dist.ProcessGroup | None = None
+        self._retired: list[tuple[dist.ProcessGroup, dist.Work]] = []  # see discard()
         self.rank = -1
         self.tamper: Callable[[torch.Tensor], None] = lambda flat: None  # peer.adversary's noisy-round
 
@@ -423,13 +435,19 @@ class FastPath:
             time.sleep(POLL_SECONDS)
         return None
 
-    def discard(self) -> None:
-        """Drop the current process group (its sockets close; anything waiting on it fails)."""
+    def discard(self, pending: dist.Work | None = None) -> None:
+        """Drop the current process group (its sockets close; anything waiting on it fails).
+
+        A group with a collective still ``pending`` (given up on while live members have not answered)
+        is not aborted yet: gloo's abort then blocks, holding the interpreter, until that collective's
+        own timeout (measured: 14 s at a run's end, where two members stopped for the run's settling
+        while two waited in the last round). It is kept aside and aborted once that collective ended."""
+        self._retired = [(pg, work) for pg, work in self._retired if not _aborted(pg, work)]
         if self.pg is not None:
-            try:
-                self.pg.abort()
-            except Exception as e:
-                logger.debug(f"Aborting group version {self.group and self.group.version}: {e!r}")
+            if pending is not None and not pending.is_completed():
+                self._retired.append((self.pg, pending))
+            else:
+                _aborted(self.pg, None)
         self.pg, self.group, self.rank = None, None, -1
 
     def close(self) -> None:
@@ -556,10 +574,10 @@ class FastPath:
         version = self.group.version if self.group else None
         while not done.wait(POLL_SECONDS):
             if time.monotonic() > ends:
-                self.discard()
+                self.discard(pending=work)
                 raise RoundFailed(f"group version {version}: no answer within {deadline:.2f} s")
             if newer():
-                self.discard()
+                self.discard(pending=work)
                 raise RoundFailed(f"group version {version} was replaced while this round waited")
         try:
             work.wait()
