@@ -480,8 +480,9 @@ def scenario_round(lab: Lab, folder: Path, args: argparse.Namespace, name: str) 
             env = {**os.environ, "HIVEMIND_LOGLEVEL": "WARNING", "GLOO_SOCKET_IFNAME": host.dev}
             with (folder / f"round-peer-{i}.log").open("w") as log:  # why a round failed, kept for a look
                 command = lab.command(host, argv)
-                out = subprocess.PIPE
-                procs.append(subprocess.Popen(command, stdout=out, stderr=log, text=True, env=env))
+                procs.append(
+                    subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+                )
         outs = [p.communicate(timeout=args.timeout)[0] for p in procs]
     finally:
         if market is not None:

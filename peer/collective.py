@@ -343,9 +343,7 @@ class FastPath:
             )
         return [m.account for m, ok in zip(others, answers, strict=True) if not ok]
 
-    def build(
-        self, group: GroupView, store: CoordinatorStore, newer: Callable[[], bool] = lambda: False
-    ) -> None:
+    def build(self, group: GroupView, store: dist.Store, newer: Callable[[], bool] = lambda: False) -> None:
         """Rendezvous through ``store`` and make the gloo process group of ``group``, bound to this
         peer's direct address (a new listening port for every version).
 
@@ -372,7 +370,7 @@ class FastPath:
                 if not given_up.is_set():
                     made["pg"] = pg
                     return
-            pg.abort()
+            _aborted(pg, None)
 
         thread = threading.Thread(target=make, name=f"gloo-build-v{group.version}", daemon=True)
         thread.start()
@@ -399,7 +397,7 @@ class FastPath:
                     given_up.set()
                     pg = made.pop("pg", None)
                 if pg is not None:  # it came just now: a group given up on is not used
-                    pg.abort()
+                    _aborted(pg, None)
                 store.set_timeout(datetime.timedelta(0))
                 raise stop
         if "error" in made:
