@@ -63,6 +63,8 @@ class Database(ABC):
     """Group commit over one writer connection, used from one thread (neither driver's connections are
     thread-safe). Subclasses open the connection, begin a serialised write transaction and run reads."""
 
+    database_error: type[Exception]  # what the engine's driver raises for a failed statement
+
     def __init__(self, name: str, migrations: Sequence[Migration], *, batch_max: int):
         self.name = name  # what errors and logs call this database (a path, or a URL without password)
         self._migrations = migrations
@@ -84,9 +86,10 @@ class Database(ABC):
         """Make the statements an operation issued take effect before its savepoint is released (a
         pipelined engine sends them without waiting; its errors must surface inside the operation)."""
 
-    def _recover(self, conn: Any) -> None:  # noqa: B027 (SQLite takes statements after an error)
+    def _recover(self, conn: Any, *, deferred: bool) -> None:  # noqa: B027 (SQLite takes statements after an error)
         """Make the connection take statements again after an operation raised (a pipelined engine
-        discards every statement that follows an error until it syncs)."""
+        discards every statement that follows an error until it syncs; ``deferred``, it raises that error,
+        which may be an earlier operation's)."""
 
     @abstractmethod
     async def read(self, op: Operation[T]) -> T:
@@ -175,14 +178,15 @@ class Database(ABC):
                     future.set_exception(value)
 
     def _commit_batch(
-        self, ops: list[tuple[Operation[Any], ErrorHook | None]], *, defer_last: bool = False
+        self, ops: list[tuple[Operation[Any], ErrorHook | None]], *, deferred: bool = False
     ) -> list[tuple[bool, Any]]:
         """Run ``ops`` in one transaction and commit it; each op's outcome, in order.
 
-        With ``defer_last`` the last step (the last batched kind's call, else the last operation) is not
-        settled on its own: what it sent goes to the server with the COMMIT, a round trip less a batch.
-        Should any of it fail, the COMMIT fails with it and nothing in the batch is applied; the engine
-        then runs the batch again without deferring (:class:`coordinator.postgres.PostgresDatabase`)."""
+        ``deferred`` (an engine that pipelines statements) settles no step on its own: what a step sends
+        goes to the server with a later step's read or with the COMMIT, a round trip less a step. A
+        database error can then surface in a later step than the one that caused it, so it refuses no
+        step: it ends the batch with nothing applied, and the engine runs the batch again with every step
+        settled (:class:`coordinator.postgres.PostgresDatabase`), where each error refuses its own step."""
         conn = self._conn
         outcomes: list[tuple[bool, Any]] = [(False, None)] * len(ops)
         kinds: dict[Batched, list[int]] = {}
@@ -196,11 +200,10 @@ class Database(ABC):
         try:
             for i in singles:
                 op, on_error = ops[i]
-                last = defer_last and not kinds and i == singles[-1]
-                outcomes[i] = self._apply(conn, op, on_error, settle=not last)
-            for n, (kind, positions) in enumerate(kinds.items(), 1):
+                outcomes[i] = self._apply(conn, op, on_error, deferred=deferred)
+            for kind, positions in kinds.items():
                 items = [ops[i][0].item for i in positions]  # type: ignore[attr-defined]
-                results = self._apply_kind(conn, kind, items, settle=not (defer_last and n == len(kinds)))
+                results = self._apply_kind(conn, kind, items, deferred=deferred)
                 for i, result in zip(positions, results, strict=True):
                     outcomes[i] = (not isinstance(result, Exception), result)
             conn.execute("COMMIT")
@@ -210,30 +213,32 @@ class Database(ABC):
             raise
         return outcomes
 
-    def _apply_kind(self, conn: Any, kind: Batched, items: list[Any], *, settle: bool = True) -> list[Any]:
+    def _apply_kind(self, conn: Any, kind: Batched, items: list[Any], *, deferred: bool) -> list[Any]:
         """Every pending item of ``kind`` in one savepoint; should ``kind`` raise, each item alone."""
-        ok, results = self._apply(conn, lambda c: kind(c, items), None, settle=settle)
+        ok, results = self._apply(conn, lambda c: kind(c, items), None, deferred=deferred)
         if ok:
             return results
         if len(items) == 1:
             return [results]
-        alone = (self._apply(conn, lambda c, item=item: kind(c, [item]), None) for item in items)
+        alone = [self._apply(conn, lambda c, i=item: kind(c, [i]), None, deferred=deferred) for item in items]
         return [result[0] if ok else result for ok, result in alone]
 
     def _apply(
-        self, conn: Any, op: Operation[Any], on_error: ErrorHook | None, *, settle: bool = True
+        self, conn: Any, op: Operation[Any], on_error: ErrorHook | None, *, deferred: bool
     ) -> tuple[bool, Any]:
         """Run one operation in its own savepoint: (True, its result) or (False, what it raised), its
-        changes rolled back and ``on_error`` run. Without ``settle`` an error of a statement it sent
-        without waiting surfaces later, at the COMMIT (see :meth:`_commit_batch`)."""
+        changes rolled back and ``on_error`` run. ``deferred``: see :meth:`_commit_batch` (a database
+        error is raised, not taken as the operation's refusal)."""
         conn.execute("SAVEPOINT op")
         try:
             result = op(conn)
-            if settle:
+            if not deferred:
                 self._settle(conn)
             outcome = (True, result)
         except Exception as e:
-            self._recover(conn)
+            if deferred and isinstance(e, self.database_error):
+                raise
+            self._recover(conn, deferred=deferred)
             conn.execute("ROLLBACK TO op")
             if on_error is not None:
                 on_error(conn, e)
@@ -244,6 +249,8 @@ class Database(ABC):
 
 class SQLiteDatabase(Database):
     """SQLite in WAL mode; reads run on the writer's thread and connection, between batches."""
+
+    database_error = sqlite3.Error
 
     def __init__(self, path: Path, migrations: Sequence[Migration], *, synchronous: str, batch_max: int):
         super().__init__(str(path), migrations, batch_max=batch_max)

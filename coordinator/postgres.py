@@ -23,8 +23,10 @@ How it keeps SQLite's guarantees:
   heartbeat fall with the load (the store alone: 568 to about 4,500 heartbeats/s; the server's CPU per
   heartbeat 480 to 101 us; bench/coordinator_load.py and docs/performance.md for the whole coordinator).
   A nonce claim travels in the round trip of the request's first read (:func:`coordinator.sql.send_claims`),
-  and a batch's last step is settled by its COMMIT (:meth:`coordinator.db.Database._commit_batch`): a
-  batch of heartbeats is two round trips, its read and its commit.
+  and no step of a batch waits for its own writes: they reach the server with a later step's read or
+  with the COMMIT (:meth:`coordinator.db.Database._commit_batch`; a failed statement runs the batch again
+  with every step settled, so that it refuses only its own request). A batch of heartbeats is two round
+  trips, its read and its commit, and an offer update among them adds one, its read.
 - **Consistent reads.** Each read runs in a REPEATABLE READ, READ ONLY transaction on a pool of reader
   connections (reads do not queue behind writes, and a read sees one snapshot across its statements).
 - **The same SQL.** :class:`Connection` takes the store's ``?`` placeholders (bound server-side: psycopg
@@ -63,6 +65,11 @@ LEADER_LOCK = 0x6869766502  # "hive" 2: held by the replica that clears the mark
 # vanished (no FIN) loses the lock after about this long.
 KEEPALIVE = {"tcp_keepalives_idle": 5, "tcp_keepalives_interval": 1, "tcp_keepalives_count": 3}
 KEEPALIVE_SECONDS = 8
+# The coordinator's tables are small and hot (every page cached): an index lookup costs about what reading a
+# page in order does. At PostgreSQL's default (4, for spinning disks) the planner scanned all 2,000 leases and
+# hashed them to update a heartbeat batch's 16 (0.43 ms a statement, measured); at this cost it looks the 16
+# up (0.10 ms), and the gap grows with the table.
+PLANNER = {"random_page_cost": 1.1}
 
 
 def redact(url: str) -> str:
@@ -160,12 +167,17 @@ class Connection:
         if self.pipeline is not None and (self._last is None or self._last.pgresult is None):
             self.pipeline.sync()
 
-    def recover(self) -> None:
+    def recover(self, *, deferred: bool) -> None:
         """Take statements again after an error: in pipeline mode the server discards what follows an
-        error until a sync, which raises that error or ``PipelineAborted`` (both already known here)."""
-        if self.pipeline is not None:
-            with contextlib.suppress(psycopg.Error):
-                self.pipeline.sync()
+        error until a sync, which raises that error or ``PipelineAborted``. Settled, that error is the
+        operation's own and already known; ``deferred``, it may be an earlier operation's: raised."""
+        if self.pipeline is None:
+            return
+        if deferred:
+            self.pipeline.sync()
+            return
+        with contextlib.suppress(psycopg.Error):
+            self.pipeline.sync()
 
     @property
     def in_transaction(self) -> bool:
@@ -187,11 +199,15 @@ def connect(url: str) -> Connection:
     except psycopg.Error as e:
         raise StoreUnavailable(f"cannot connect to the database {redact(url)}: {_one_line(e)}") from None
     raw.adapters.register_loader("numeric", _NumberLoader)
+    for name, value in PLANNER.items():
+        raw.execute(f"SET {name} = {value}")
     return Connection(raw)
 
 
 class PostgresDatabase(Database):
     """PostgreSQL behind one writer connection (group commit) and ``readers`` reader connections."""
+
+    database_error = psycopg.Error
 
     def __init__(self, url: str, migrations: Sequence[Migration], *, batch_max: int, readers: int):
         super().__init__(redact(url), migrations, batch_max=batch_max)
@@ -215,35 +231,35 @@ class PostgresDatabase(Database):
         conn.execute(f"SELECT pg_advisory_xact_lock({WRITE_LOCK})")
 
     def _commit_batch(
-        self, ops: list[tuple[Operation[Any], Any]], *, defer_last: bool = True
+        self, ops: list[tuple[Operation[Any], Any]], *, deferred: bool = True
     ) -> list[tuple[bool, Any]]:
         if self._conn is None or self._conn.closed:  # the server restarted or the link broke: reconnect
             self._conn = self._connect()
         try:
             with self._conn.raw.pipeline() as self._conn.pipeline:
-                return super()._commit_batch(ops, defer_last=defer_last)
+                return super()._commit_batch(ops, deferred=deferred)
         except psycopg.Error as e:
             if self._conn.raw.broken or self._conn.closed:
                 self._conn.close()
                 raise StoreUnavailable(f"lost the database {self.name}: {_one_line(e)}") from None
-            if not defer_last:
+            if not deferred:
                 self._conn.close()  # its transaction may be left aborted
                 raise
-            # What the last step deferred failed with the COMMIT: nothing in the batch was applied. Run it
-            # again with every step settled, so the error refuses only its own request, on a new
-            # connection (an aborted pipeline leaves psycopg's prepared statements out of step with the
-            # server's: "prepared statement _pg3_0 does not exist").
-            logger.info(f"A batch's deferred step failed ({_one_line(e)}); running the batch again")
+            # A deferred statement failed: nothing in the batch was applied. Run it again with every step
+            # settled, so the error refuses only its own request, on a new connection (an aborted pipeline
+            # leaves psycopg's prepared statements out of step with the server's: "prepared statement
+            # _pg3_0 does not exist").
+            logger.info(f"A batch's deferred statement failed ({_one_line(e)}); running the batch again")
             self._conn.close()
-            return self._commit_batch(ops, defer_last=False)
+            return self._commit_batch(ops, deferred=False)
         finally:
             self._conn.pipeline = None
 
     def _settle(self, conn: Connection) -> None:
         conn.sync()
 
-    def _recover(self, conn: Connection) -> None:
-        conn.recover()
+    def _recover(self, conn: Connection, *, deferred: bool) -> None:
+        conn.recover(deferred=deferred)
 
     async def read(self, op: Operation[T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._readers, self._read, op)

@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,6 +65,7 @@ def test_the_load_bench_reports_sqlite_postgresql_and_two_replicas() -> None:
         rows["postgresql-2"]["heartbeats_per_s"] / rows["postgresql"]["heartbeats_per_s"]
     )
     assert (pg_vs_sqlite["goal"], two_vs_one["goal"]) == (0.8, 1.3)
+    assert pg_vs_sqlite["trials"] == [pg_vs_sqlite["value"]]  # one trial: its own ratio is the one judged
     for ratio in (pg_vs_sqlite, two_vs_one):
         assert ratio["met"] == (ratio["value"] >= ratio["goal"])
     p99_met = all(row["p99_ms"] <= outcome["goals"]["p99_ms"] for row in rows.values())
@@ -78,3 +80,31 @@ def test_the_load_bench_reports_sqlite_postgresql_and_two_replicas() -> None:
     assert outcome["machine"]["cores"] >= 1
     assert outcome["postgresql"]["durable"] is True  # fsync on, as SQLite's synchronous=FULL
     assert outcome["sqlite_synchronous"] == "FULL"
+
+
+def test_with_several_trials_the_judged_ratio_is_the_median_of_the_trials() -> None:
+    """The rows alternate over trials; each trial's ratio is of its own rows, and the median is judged."""
+    from bench.coordinator_load import compare
+
+    def run(store: str, trial: int, rate: float) -> dict[str, Any]:
+        summary = {
+            "heartbeats_per_s": rate,
+            "heartbeats_per_healthz": rate / 10_000,
+            "p99_goal_met": True,
+            "heartbeats_per_replica_cpu_s": rate,
+            "database_cpu_s_per_1000_heartbeats": None if store == "sqlite" else 0.1,
+        }
+        return {"store": store, "trial": trial, "summary": summary}
+
+    rates = [(2000, 1000), (3000, 2700), (2000, 1600)]  # (sqlite, postgresql): 0.5x, 0.9x, 0.8x
+    runs = [
+        run(store, trial, rate)
+        for trial, pair in enumerate(rates, 1)
+        for store, rate in zip(("sqlite", "postgresql"), pair, strict=True)
+    ]
+
+    ratio = compare(runs)["ratios"]["postgresql_vs_sqlite"]
+
+    assert ratio["trials"] == pytest.approx([0.5, 0.9, 0.8])
+    assert ratio["value"] == pytest.approx(0.8) and ratio["met"] is True
+    assert "two_replicas_vs_one" not in compare(runs)["ratios"]  # no row of two replicas was measured

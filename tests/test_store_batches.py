@@ -125,7 +125,7 @@ async def test_a_replayed_offer_is_refused_as_replayed_and_changes_nothing(store
 
 
 async def test_a_batch_whose_last_write_fails_at_the_commit_refuses_only_that_write(store: SQLStore) -> None:
-    """On PostgreSQL the batch's last write is not settled alone: its statements go with the COMMIT. A
+    """On PostgreSQL no write of a batch is settled alone: the last one's statements go with the COMMIT. A
     database error there (a write that reads nothing back) must still refuse that write only, and be
     raised as the database's error, not as a lost database; writes after it run as before."""
 
@@ -162,3 +162,41 @@ async def test_an_offer_answers_what_the_book_then_lists(store: SQLStore) -> Non
         assert answered.lease.expires_at == at + TIMES.ttl
     assert answered.offer.reliability > 0 and answered.offer.updated_at == T0 + 4
     assert await rows(store, "SELECT uptime FROM peers WHERE account = ?", a) == [(4.0,)]
+
+
+async def test_a_write_that_fails_where_a_later_write_reads_refuses_only_the_first(store: SQLStore) -> None:
+    """On PostgreSQL a write's failed statement surfaces in the round trip of the next read, a later
+    write's, or when a later write is refused and rolls back: the error must refuse the write that sent
+    the statement, never the one that met it, and nothing of the failed write may be committed."""
+
+    def add(account: str) -> Any:
+        def op(conn: Any) -> str:
+            conn.execute("INSERT INTO peers (account) VALUES (?)", (account,))
+            return f"added {account}"
+
+        return op
+
+    def bad(conn: Any) -> None:  # fails once the server has run it, 50 ms after it was sent
+        conn.execute("INSERT INTO peers (account) VALUES (?)", ("z",))
+        conn.execute("UPDATE peers SET uptime = 1 / (SELECT 0 FROM pg_sleep(0.05)) WHERE account = 'z'")
+
+    def reader(conn: Any) -> int:
+        conn.execute("INSERT INTO peers (account) VALUES (?)", ("r",))
+        return conn.execute("SELECT COUNT(*) FROM peers").fetchone()[0]
+
+    def refused(conn: Any) -> None:
+        conn.execute("INSERT INTO peers (account) VALUES (?)", ("q",))
+        raise Conflict("refused after a statement", field="account")
+
+    outcomes = await asyncio.gather(
+        *(store._db.write(op) for op in (add("x"), bad, reader, refused, bad, add("y"))),
+        return_exceptions=True,
+    )
+
+    assert outcomes[0] == "added x", outcomes
+    for failed in (outcomes[1], outcomes[4]):  # PostgreSQL divides by zero; SQLite has no pg_sleep
+        assert "division by zero" in str(failed) or "pg_sleep" in str(failed), outcomes
+    assert outcomes[2] == 2, outcomes  # x and r: nothing of the failed write
+    assert isinstance(outcomes[3], Conflict), outcomes
+    assert outcomes[5] == "added y", outcomes
+    assert await rows(store, "SELECT account FROM peers ORDER BY account") == [("r",), ("x",), ("y",)]
