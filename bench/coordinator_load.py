@@ -4,9 +4,9 @@ The goals: >= 3,000 signed heartbeats/s with p99 <= 50 ms at 2,000 peers on a 2-
 on PostgreSQL, one replica >= 0.8x one on SQLite and two replicas >= 1.3x one, p99 <= 50 ms in every row
 (issue 21, item 4).
 
-    python bench/coordinator_load.py [--stores sqlite,postgresql,postgresql-2] [--trials T] [--peers N] [--duration S]
-        [--warmup S] [--concurrency C] [--workers W] [--update-fraction F] [--sqlite-synchronous FULL|NORMAL]
-        [--postgres-via socket|tcp]
+    python bench/coordinator_load.py [--stores sqlite,postgresql,postgresql-2] [--trials T] [--peers N]
+        [--duration S] [--warmup S] [--concurrency C] [--workers W] [--update-fraction F]
+        [--sqlite-synchronous FULL|NORMAL] [--postgres-via socket|tcp]
         [--profile OUT] [--json]
 
 Rows (``--stores``, default all three, measured one after the other in one run, so that their ratios
