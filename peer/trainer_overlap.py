@@ -183,8 +183,10 @@ class OverlapMixin:
                 epoch=done.epoch,
                 weight=max(done.samples, NO_SAMPLES_WEIGHT),
                 param_sketch=done.param_sketch,
-                # the members wait for the slowest one's compute in the gather, overlapped by their own
-                wait_deadline=self.fast.deadlines.step(self.spec.averaging.matchmaking_seconds),
+                # the members wait for the slowest one's next epoch in the gather, beside their own
+                wait_deadline=self.fast.deadlines.overlapped(
+                    self.spec.averaging.matchmaking_seconds, done.seconds
+                ),
                 newer=self._newer(group, time.monotonic()),
             )
             self.in_flight = InFlight(done.epoch, done, group, future)

@@ -46,3 +46,14 @@ def test_a_straggler_is_allowed_the_slowest_recent_round() -> None:
     assert d.straggle() == 1.8
     d.observe(9.0)
     assert d.straggle() == 5.0  # never beyond the chunk wait
+
+
+def test_an_overlapped_round_waits_up_to_an_epoch_and_a_half_beyond_the_step_deadline() -> None:
+    """A member of an overlapped round can be a whole epoch ahead of the slowest (measured: 4,096-sample
+    epochs of 15-30 s on shared cores failed every round at the step deadline alone)."""
+    d = RoundDeadlines(ceiling=30.0, floor=2.0)
+    for _ in range(5):
+        d.observe(0.1)
+    assert d.step(1.0) == 8.0
+    assert d.overlapped(1.0, epoch_seconds=20.0) == 38.0  # past the ceiling: the wait runs beside compute
+    assert d.overlapped(1.0, epoch_seconds=0.05) == pytest.approx(8.075)  # tiny epochs: the step deadline
