@@ -99,6 +99,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -678,6 +679,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker is not None:
         worker(json.loads(args.worker.read_text()), args.rank, args.world, args.port)
         return 0
+    # SIGTERM unwinds like Ctrl-C, so that the running mode's market is stopped (before, a SIGTERM left its
+    # coordinator, peers, trainers and p2pd daemons running).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     modes = args.modes.split(",")
     spec = changed_spec(args.spec, spec_changes(args, "ddp"))
     problems = [
