@@ -273,7 +273,7 @@ class FastPath:
         self.flat = torch.zeros(n_params)
         self.group: GroupView | None = None  # the version the process group below belongs to
         self.pg: dist.ProcessGroup | None = None
-        self._retired: list[tuple[dist.ProcessGroup, dist.Work]] = []  # see discard()
+        self._retired: list[tuple[dist.ProcessGroup, dist.Work | None]] = []  # see discard()
         self.rank = -1
         self.tamper: Callable[[torch.Tensor], None] = lambda flat: None  # peer.adversary's noisy-round
 
@@ -441,11 +441,8 @@ class FastPath:
         own timeout (measured: 14 s at a run's end, where two members stopped for the run's settling
         while two waited in the last round). It is kept aside and aborted once that collective ended."""
         self._retired = [(pg, work) for pg, work in self._retired if not _aborted(pg, work)]
-        if self.pg is not None:
-            if pending is not None and not pending.is_completed():
-                self._retired.append((self.pg, pending))
-            else:
-                _aborted(self.pg, None)
+        if self.pg is not None and not _aborted(self.pg, pending):
+            self._retired.append((self.pg, pending))
         self.pg, self.group, self.rank = None, None, -1
 
     def close(self) -> None:

@@ -46,6 +46,16 @@ async def offer(store: SQLStore, account: str, at: float) -> str:
     return response.lease.id
 
 
+def add(account: str) -> Any:
+    """A write that adds peer ``account`` and answers so."""
+
+    def op(conn: Any) -> str:
+        conn.execute("INSERT INTO peers (account) VALUES (?)", (account,))
+        return f"added {account}"
+
+    return op
+
+
 async def rows(store: SQLStore, query: str, *params: Any) -> list[tuple[Any, ...]]:
     return await store._db.read(lambda conn: [tuple(row) for row in conn.execute(query, params)])
 
@@ -129,13 +139,6 @@ async def test_a_batch_whose_last_write_fails_at_the_commit_refuses_only_that_wr
     database error there (a write that reads nothing back) must still refuse that write only, and be
     raised as the database's error, not as a lost database; writes after it run as before."""
 
-    def add(account: str) -> Any:
-        def op(conn: Any) -> str:
-            conn.execute("INSERT INTO peers (account) VALUES (?)", (account,))
-            return f"added {account}"
-
-        return op
-
     def bad(conn: Any) -> None:
         conn.execute("INSERT INTO peers (account) VALUES (?)", ("z",))
         conn.execute("INSERT INTO no_such_table VALUES (1)")
@@ -168,13 +171,6 @@ async def test_a_write_that_fails_where_a_later_write_reads_refuses_only_the_fir
     """On PostgreSQL a write's failed statement surfaces in the round trip of the next read, a later
     write's, or when a later write is refused and rolls back: the error must refuse the write that sent
     the statement, never the one that met it, and nothing of the failed write may be committed."""
-
-    def add(account: str) -> Any:
-        def op(conn: Any) -> str:
-            conn.execute("INSERT INTO peers (account) VALUES (?)", (account,))
-            return f"added {account}"
-
-        return op
 
     def bad(conn: Any) -> None:  # fails once the server has run it, 50 ms after it was sent
         conn.execute("INSERT INTO peers (account) VALUES (?)", ("z",))
