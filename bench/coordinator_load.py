@@ -86,11 +86,11 @@ every microsecond it spends is taken from the server. So
 - the generator runs in W separate processes (default 2) so that one event loop's delays do not
   become everyone's latency.
 
-``--profile OUT`` runs ``py-spy record --pid SERVER --nonblocking --idle --threads`` over the measured
-window of each row's signed phase (of its first replica; the row's name is added to the file's stem when
-several rows run; py-spy must be on PATH; ``.svg`` gives a flame graph, ``.txt`` collapsed stacks,
-``.json`` speedscope). Idle samples are kept, per thread: a writer bound by waiting (on the database, or
-for the event loop to hand it the next batch) shows it.
+``--profile OUT`` runs ``py-spy record --pid SERVER --subprocesses --nonblocking --idle --threads`` over the
+measured window of each row's signed phase (of its first replica and its PostgreSQL writer process; the row's
+name is added to the file's stem when several rows run; py-spy must be on PATH; ``.svg`` gives a flame graph,
+``.txt`` collapsed stacks, ``.json`` speedscope). Idle samples are kept, per thread: a writer bound by waiting
+(on the database, or for the event loop to hand it the next batch) shows it.
 
 ``--json`` prints one object: ``rows`` (one per store: heartbeats/s, p50/p99, errors, healthz/s, the
 cores of the replicas, the database server, the generator and the rest, heartbeats per replica-CPU-second),
@@ -771,6 +771,7 @@ def _start_profiler(profile: Path | None, pid: int, duration: float) -> subproce
         "record",
         "--pid",
         str(pid),
+        "--subprocesses",
         "--nonblocking",
         "--idle",
         "--threads",

@@ -1,20 +1,21 @@
 """The PostgreSQL engine: the store's SQL run through psycopg 3, for coordinator replicas that share a server.
 
 Why psycopg 3 (synchronous, C build) and not asyncpg: the store modules are synchronous functions of a
-connection, run on a worker thread, so that one function reads the state it decides on and writes the
-decision in one transaction; psycopg's blocking API keeps that shape (asyncpg would turn every store
-function into a coroutine). Measured before choosing (2 cores, loopback, 2,000 iterations, twice): the
-coordinator's write shape (BEGIN, the advisory lock, an INSERT, an UPDATE, a SELECT, COMMIT) took 1,075-
-1,080 us a transaction with psycopg binding client-side and 1,295-1,431 us with asyncpg (prepared
-statements and its transaction block: psycopg 0.75-0.83x the time); a one-row SELECT 209-211 us against
-204-205 us (1.02-1.04x). The engine against SQLite, one and two replicas: bench/coordinator_load.py.
+connection, run by one writer (a process of its own: :class:`PostgresDatabase`), so that one function reads
+the state it decides on and writes the decision in one transaction; psycopg's blocking API keeps that shape
+(asyncpg would turn every store function into a coroutine). Measured before choosing (2 cores, loopback, 2,000
+iterations, twice): the coordinator's write shape (BEGIN, the advisory lock, an INSERT, an UPDATE, a SELECT,
+COMMIT) took 1,075-1,080 us a transaction with psycopg binding client-side and 1,295-1,431 us with asyncpg
+(prepared statements and its transaction block: psycopg 0.75-0.83x the time); a one-row SELECT 209-211 us
+against 204-205 us (1.02-1.04x). The engine against SQLite, one and two replicas: bench/coordinator_load.py.
 
 How it keeps SQLite's guarantees:
 
 - **Serialised writes.** Every write transaction first takes one transaction-scoped advisory lock
   (:data:`WRITE_LOCK`), so writes from all replicas run one at a time, as SQLite's single writer does: a
   store function that reads a balance and writes it back cannot lose an update. Group commit
-  (:class:`coordinator.db.Database`) makes one lock and one commit serve a batch of requests.
+  (:class:`coordinator.db.Database`) makes one lock and one commit serve a batch of requests; the batch
+  runs in the replica's writer process, so the driver's work does not hold the event loop's interpreter.
 - **Few round trips.** A batch runs in psycopg's pipeline mode: statements whose results nobody reads
   yet (savepoints, UPDATEs, INSERTs) go out without waiting, and a read or the end of an operation waits
   for them, so an operation's errors still surface inside it (one replica: 282 to 558 heartbeats/s).
@@ -45,9 +46,15 @@ import asyncio
 import contextlib
 import functools
 import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import signal
 import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -55,7 +62,7 @@ import psycopg
 from psycopg.adapt import Loader
 from psycopg.pq import TransactionStatus
 
-from coordinator.db import Database, Migration, Operation, StoreUnavailable, T
+from coordinator.db import Database, Migration, Operation, StoreUnavailable, T, Writer
 
 logger = logging.getLogger(__name__)
 
@@ -204,25 +211,22 @@ def connect(url: str) -> Connection:
     return Connection(raw)
 
 
-class PostgresDatabase(Database):
-    """PostgreSQL behind one writer connection (group commit) and ``readers`` reader connections."""
+class PostgresWriter(Writer):
+    """The writer connection: group commit in pipeline mode, every transaction under :data:`WRITE_LOCK`.
+    It runs in a process of its own (:class:`PostgresDatabase`)."""
 
     database_error = psycopg.Error
 
-    def __init__(self, url: str, migrations: Sequence[Migration], *, batch_max: int, readers: int):
-        super().__init__(redact(url), migrations, batch_max=batch_max)
+    def __init__(self, url: str, migrations: Sequence[Migration]):
+        super().__init__(redact(url), migrations)
         self.url = url
-        self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="db-reader")
-        self._local = threading.local()
-        self._reader_conns: list[Connection] = []
-        self._reader_lock = threading.Lock()
 
     def _connect(self) -> Connection:
         return connect(self.url)
 
-    def _open(self) -> None:
+    def open(self) -> None:
         try:
-            super()._open()
+            super().open()
         except psycopg.Error as e:
             raise StoreUnavailable(f"cannot migrate the database {self.name}: {_one_line(e)}") from None
 
@@ -230,30 +234,30 @@ class PostgresDatabase(Database):
         conn.execute("BEGIN")
         conn.execute(f"SELECT pg_advisory_xact_lock({WRITE_LOCK})")
 
-    def _commit_batch(
+    def commit_batch(
         self, ops: list[tuple[Operation[Any], Any]], *, deferred: bool = True
     ) -> list[tuple[bool, Any]]:
-        if self._conn is None or self._conn.closed:  # the server restarted or the link broke: reconnect
-            self._conn = self._connect()
+        if self.conn is None or self.conn.closed:  # the server restarted or the link broke: reconnect
+            self.conn = self._connect()
         try:
-            with self._conn.raw.pipeline() as self._conn.pipeline:
-                return super()._commit_batch(ops, deferred=deferred)
+            with self.conn.raw.pipeline() as self.conn.pipeline:
+                return super().commit_batch(ops, deferred=deferred)
         except psycopg.Error as e:
-            if self._conn.raw.broken or self._conn.closed:
-                self._conn.close()
+            if self.conn.raw.broken or self.conn.closed:
+                self.conn.close()
                 raise StoreUnavailable(f"lost the database {self.name}: {_one_line(e)}") from None
             if not deferred:
-                self._conn.close()  # its transaction may be left aborted
+                self.conn.close()  # its transaction may be left aborted
                 raise
             # A deferred statement failed: nothing in the batch was applied. Run it again with every step
             # settled, so the error refuses only its own request, on a new connection (an aborted pipeline
             # leaves psycopg's prepared statements out of step with the server's: "prepared statement
             # _pg3_0 does not exist").
             logger.info(f"A batch's deferred statement failed ({_one_line(e)}); running the batch again")
-            self._conn.close()
-            return self._commit_batch(ops, deferred=False)
+            self.conn.close()
+            return self.commit_batch(ops, deferred=False)
         finally:
-            self._conn.pipeline = None
+            self.conn.pipeline = None
 
     def _settle(self, conn: Connection) -> None:
         conn.sync()
@@ -261,13 +265,93 @@ class PostgresDatabase(Database):
     def _recover(self, conn: Connection, *, deferred: bool) -> None:
         conn.recover(deferred=deferred)
 
+
+_writer: PostgresWriter | None = None  # in a writer process: the writer it serves
+
+
+def _adopt(writer: PostgresWriter) -> None:
+    """A writer process's start: serve ``writer``. Ctrl-C reaches the whole process group; the replica
+    shuts its writer down itself, after the batch in hand. A replica that dies (SIGKILL) cannot: the
+    writer then exits at once (measured without this: an orphan blocked on its queue for good)."""
+    global _writer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _writer = writer
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(
+            target=_exit_with, args=(parent.sentinel,), daemon=True, name="replica-watch"
+        ).start()
+
+
+def _exit_with(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])
+    os._exit(1)  # a batch in hand is rolled back by the server as the connection closes
+
+
+def _in_writer(method: str, *args: Any) -> Any:
+    """Run the writer's ``method`` in its process. What crosses back must unpickle in the replica: an
+    exception that would not (a driver's, say) comes back as a RuntimeError quoting it."""
+    assert _writer is not None
+    try:
+        result = getattr(_writer, method)(*args)
+    except Exception as e:
+        raise _portable(e) from None
+    if method == "commit_batch":
+        result = [(ok, value if ok else _portable(value)) for ok, value in result]
+    return result
+
+
+def _portable(error: Exception) -> Exception:
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+class PostgresDatabase(Database):
+    """PostgreSQL: the writer in a process of its own, ``readers`` reader connections on threads.
+
+    Why a process: psycopg holds the interpreter while it sends and parses (its C code) and in its
+    per-statement Python, 135 us a heartbeat measured beside the event loop's 330 (py-spy ``--gil``),
+    where SQLite's writer holds it 20 us. On a thread that time came out of the event loop's, and one
+    replica served 0.72x SQLite's heartbeats; with the writer in a process, 1.07-1.16x (2 cores,
+    bench/coordinator_load.py). A batch crosses as one pickle each way (every write is a :class:`Call`).
+    Should the process die, the batch in hand is answered 503 (its requests may or may not have committed; a
+    retry with the same bytes is applied at most once) and the next batch starts a new one.
+    """
+
+    def __init__(self, url: str, migrations: Sequence[Migration], *, batch_max: int, readers: int):
+        super().__init__(PostgresWriter(url, migrations), batch_max=batch_max)
+        self.url = url
+        self._process: ProcessPoolExecutor | None = None
+        self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="db-reader")
+        self._local = threading.local()
+        self._reader_conns: list[Connection] = []
+        self._reader_lock = threading.Lock()
+
+    async def _call_writer(self, method: str, *args: Any) -> Any:
+        if self._process is None:
+            self._process = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),  # a fork would copy the replica's threads
+                initializer=_adopt,
+                initargs=(self.writer,),
+            )
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._process, _in_writer, method, *args)
+        except BrokenProcessPool:
+            self._process.shutdown(wait=False)
+            self._process = None
+            raise StoreUnavailable(f"the writer process of {self.name} died") from None
+
     async def read(self, op: Operation[T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._readers, self._read, op)
 
     def _read(self, op: Operation[T]) -> T:
         conn: Connection | None = getattr(self._local, "conn", None)
         if conn is None or conn.closed:
-            conn = self._local.conn = self._connect()
+            conn = self._local.conn = connect(self.url)
             with self._reader_lock:
                 self._reader_conns.append(conn)
         try:
@@ -282,7 +366,9 @@ class PostgresDatabase(Database):
             raise StoreUnavailable(f"lost the database {self.name}: {_one_line(e)}") from None
 
     async def close(self) -> None:
-        await super().close()
+        if self._process is not None:
+            await super().close()
+            self._process.shutdown(wait=True)
         self._readers.shutdown(wait=True)
         with self._reader_lock:
             for conn in self._reader_conns:

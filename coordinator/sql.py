@@ -98,19 +98,16 @@ def refusal(error: Exception) -> str | None:
     return None
 
 
-def remember_refusal(env: Envelope) -> Callable[[sqlite3.Connection, Exception], None]:
-    """Keep the nonce of a refused request, so that it cannot be replayed once the state would allow it."""
-
-    def hook(conn: sqlite3.Connection, error: Exception) -> None:
-        refused = refusal(error)
-        if refused is not None:
-            conn.execute(
-                "INSERT INTO nonces (account, nonce, timestamp, refused) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT DO NOTHING",
-                (env.account, env.nonce, env.timestamp, refused),
-            )
-
-    return hook
+def remember_refusal(conn: sqlite3.Connection, error: Exception, env: Envelope) -> None:
+    """Keep the nonce of a refused request, so that it cannot be replayed once the state would allow it
+    (the error hook of a signed write: ``Call(remember_refusal, env)``)."""
+    refused = refusal(error)
+    if refused is not None:
+        conn.execute(
+            "INSERT INTO nonces (account, nonce, timestamp, refused) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT DO NOTHING",
+            (env.account, env.nonce, env.timestamp, refused),
+        )
 
 
 def books(conn: sqlite3.Connection, names: set[str]) -> dict[str, int]:

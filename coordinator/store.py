@@ -19,7 +19,6 @@ holds the upkeep that spans them all (lapse sweeps, resuming after a restart, co
 from __future__ import annotations
 
 import asyncio
-import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlparse
@@ -41,7 +40,7 @@ from coordinator import (
     runs,
     sql,
 )
-from coordinator.db import Database, SQLiteDatabase
+from coordinator.db import Call, Database, SQLiteDatabase
 from coordinator.leases import LeaseConfig
 from coordinator.schema import postgres_migrations, sqlite_migrations
 from peer.protocol import states
@@ -192,7 +191,7 @@ class SQLStore:
         self._db = db
         self._leadership = leadership
         # one object, so that pending heartbeats are batched together (see Database.write_batched)
-        self._heartbeats = functools.partial(offer_store.heartbeats, times=lease_config)
+        self._heartbeats = Call(offer_store.heartbeats, times=lease_config)
 
     @property
     def name(self) -> str:
@@ -216,29 +215,29 @@ class SQLStore:
 
     async def deposit(self, now: float, env: Envelope, account: str, units: int) -> AccountView:
         return await self._db.write(
-            lambda conn: ledger_store.deposit(conn, now, env, account, units), sql.remember_refusal(env)
+            Call(ledger_store.deposit, now, env, account, units), Call(sql.remember_refusal, env)
         )
 
     async def account(self, account: str) -> AccountView:
-        return await self._db.read(lambda conn: ledger_store.account_view(conn, account))
+        return await self._db.read(Call(ledger_store.account_view, account))
 
     async def audit(self, *, incremental: bool) -> ledger.Audit:
         """The books against the deposits (a read) and, ``incremental``, against the entries added since
         the last audit (a write: it advances the running totals; see :func:`ledger_store.audit`)."""
         if not incremental:
-            return await self._db.read(lambda conn: ledger_store.audit(conn, incremental=False))
-        return await self._db.write(lambda conn: ledger_store.audit(conn, incremental=True))
+            return await self._db.read(Call(ledger_store.audit, incremental=False))
+        return await self._db.write(Call(ledger_store.audit, incremental=True))
 
     async def replay_audit(self, env: Envelope) -> ledger.Audit:
         """Every entry replayed (admin-signed; see :func:`ledger_store.replay`)."""
-        return await self._db.write(lambda conn: ledger_store.replay(conn, env), sql.remember_refusal(env))
+        return await self._db.write(Call(ledger_store.replay, env), Call(sql.remember_refusal, env))
 
     # ------------------------------------------------------------------------------------- offers, leases
 
     async def post_offer(self, now: float, env: Envelope, body: OfferBody) -> OfferResponse:
         return await self._db.write(
-            lambda conn: offer_store.post_offer(conn, now, env, body, self.lease_config),
-            sql.remember_refusal(env),
+            Call(offer_store.post_offer, now, env, body, self.lease_config),
+            Call(sql.remember_refusal, env),
         )
 
     async def heartbeat(
@@ -257,7 +256,7 @@ class SQLStore:
 
     async def create_run(self, now: float, env: Envelope, body: RunBody) -> RunView:
         return await self._db.write(
-            lambda conn: run_store.create_run(conn, now, env, body), sql.remember_refusal(env)
+            Call(run_store.create_run, now, env, body), Call(sql.remember_refusal, env)
         )
 
     async def runs(self) -> list[RunView]:
@@ -268,82 +267,82 @@ class SQLStore:
         )
 
     async def run(self, run_id: str) -> RunView:
-        return await self._db.read(lambda conn: run_store.run_view(conn, run_id))
+        return await self._db.read(Call(run_store.run_view, run_id))
 
     async def cancel_run(self, now: float, env: Envelope, run_id: str) -> RunView:
         return await self._db.write(
-            lambda conn: run_store.cancel_run(conn, now, env, run_id), sql.remember_refusal(env)
+            Call(run_store.cancel_run, now, env, run_id), Call(sql.remember_refusal, env)
         )
 
     async def join(self, now: float, env: Envelope, run_id: str, body: JoinBody) -> RunView:
         return await self._db.write(
-            lambda conn: match_store.join(conn, now, env, run_id, body), sql.remember_refusal(env)
+            Call(match_store.join, now, env, run_id, body), Call(sql.remember_refusal, env)
         )
 
     async def leave(self, now: float, env: Envelope, run_id: str) -> RunView:
         return await self._db.write(
-            lambda conn: match_store.leave(conn, now, env, run_id, self.run_policy), sql.remember_refusal(env)
+            Call(match_store.leave, now, env, run_id, self.run_policy), Call(sql.remember_refusal, env)
         )
 
     async def group_checkin(self, now: float, env: Envelope, run_id: str, body: CheckinBody) -> GroupView:
         return await self._db.write(
-            lambda conn: match_store.checkin(conn, now, env, run_id, body, self.run_policy),
-            sql.remember_refusal(env),
+            Call(match_store.checkin, now, env, run_id, body, self.run_policy),
+            Call(sql.remember_refusal, env),
         )
 
     async def rendezvous_set(
         self, now: float, env: Envelope, run_id: str, body: RendezvousSetBody
     ) -> RendezvousWritten:
         return await self._db.write(
-            lambda conn: match_store.rendezvous_set(conn, now, env, run_id, body), sql.remember_refusal(env)
+            Call(match_store.rendezvous_set, now, env, run_id, body), Call(sql.remember_refusal, env)
         )
 
     async def rendezvous_get(self, account: str, run_id: str, body: RendezvousGetBody) -> dict[str, bytes]:
-        return await self._db.read(lambda conn: match_store.rendezvous_get(conn, account, run_id, body))
+        return await self._db.read(Call(match_store.rendezvous_get, account, run_id, body))
 
     async def report(self, now: float, env: Envelope, run_id: str, body: ReportBody) -> ReportView:
         return await self._db.write(
-            lambda conn: report_store.add_report(conn, now, env, run_id, body, self.run_policy),
-            sql.remember_refusal(env),
+            Call(report_store.add_report, now, env, run_id, body, self.run_policy),
+            Call(sql.remember_refusal, env),
         )
 
     async def reports(self, run_id: str) -> list[ReportView]:
-        return await self._db.read(lambda conn: report_store.reports(conn, run_id))
+        return await self._db.read(Call(report_store.reports, run_id))
 
     async def loss_curve(self, run_id: str) -> LossCurve:
-        return await self._db.read(lambda conn: report_store.loss_curve(conn, run_id))
+        return await self._db.read(Call(report_store.loss_curve, run_id))
 
     async def accepts_model(self, run_id: str) -> bool:
-        return await self._db.read(lambda conn: model_store.accepts_model(conn, run_id))
+        return await self._db.read(Call(model_store.accepts_model, run_id))
 
     async def check_uploader(self, account: str, run_id: str) -> None:
-        await self._db.read(lambda conn: model_store.check_uploader(conn, run_id, account))
+        await self._db.read(Call(model_store.check_uploader, run_id, account))
 
     async def record_model(self, now: float, env: Envelope, run_id: str, sha256: str, size: int) -> RunView:
         return await self._db.write(
-            lambda conn: model_store.record_model(conn, now, env, run_id, sha256, size, self.run_policy),
-            sql.remember_refusal(env),
+            Call(model_store.record_model, now, env, run_id, sha256, size, self.run_policy),
+            Call(sql.remember_refusal, env),
         )
 
     async def model(self, run_id: str) -> ModelView:
-        return await self._db.read(lambda conn: model_store.model(conn, run_id))
+        return await self._db.read(Call(model_store.model, run_id))
 
     async def claim_audits(self, now: float, env: Envelope, run_id: str, limit: int) -> list[AuditTask]:
         return await self._db.write(
-            lambda conn: report_store.claim_audits(conn, now, env, run_id, limit, self.run_policy),
-            sql.remember_refusal(env),
+            Call(report_store.claim_audits, now, env, run_id, limit, self.run_policy),
+            Call(sql.remember_refusal, env),
         )
 
     async def submit_audit(
         self, now: float, env: Envelope, run_id: str, audit_id: str, body: AuditResultBody
     ) -> AuditView:
         return await self._db.write(
-            lambda conn: report_store.submit_audit(conn, now, env, run_id, audit_id, body, self.run_policy),
-            sql.remember_refusal(env),
+            Call(report_store.submit_audit, now, env, run_id, audit_id, body, self.run_policy),
+            Call(sql.remember_refusal, env),
         )
 
     async def audits(self, run_id: str) -> list[AuditView]:
-        return await self._db.read(lambda conn: report_store.audits(conn, run_id))
+        return await self._db.read(Call(report_store.audits, run_id))
 
     # ---------------------------------------------------------------------------------------------- market
 
@@ -351,12 +350,12 @@ class SQLStore:
         self, now: float, env: Envelope | None, config: market.MarketConfig
     ) -> ClearingRoundView | None:
         return await self._db.write(
-            lambda conn: market_store.clear(conn, now, env, config, self.run_policy),
-            None if env is None else sql.remember_refusal(env),
+            Call(market_store.clear, now, env, config, self.run_policy),
+            None if env is None else Call(sql.remember_refusal, env),
         )
 
     async def rounds(self, limit: int) -> list[ClearingRoundView]:
-        return await self._db.read(lambda conn: market_store.rounds(conn, limit))
+        return await self._db.read(Call(market_store.rounds, limit))
 
     async def market_depth(self) -> tuple[int, int]:
         return await self._db.read(market_store.depth)
@@ -364,7 +363,7 @@ class SQLStore:
     async def quote(
         self, body: QuoteBody, config: market.MarketConfig, quote_config: quotes.QuoteConfig, history: int
     ) -> QuoteView:
-        return await self._db.read(lambda conn: market_store.quote(conn, body, config, quote_config, history))
+        return await self._db.read(Call(market_store.quote, body, config, quote_config, history))
 
     # ------------------------------------------------------------------------------------------ upkeep
 
@@ -373,61 +372,13 @@ class SQLStore:
         groups), settle failed group versions whose survivors waited long enough, expire audits past their
         deadline, move the runs on (a drop may pause a run; a pause or a settling may time out) and forget
         old nonces."""
-
-        def op(conn: Any) -> list[leases.Lapse]:
-            # only the leases silent for ttl can lapse: reading every live lease would hold the writer
-            # (2,000 rows: tens of ms on PostgreSQL); which of them lapse stays leases.lapsed's decision
-            active = [
-                leases.LeaseState(row["id"], row["account"], row["last_heartbeat"])
-                for row in conn.execute(
-                    "SELECT id, account, last_heartbeat FROM leases"
-                    " WHERE state = 'active' AND last_heartbeat <= ?",
-                    (now - self.lease_config.ttl,),
-                )
-            ]
-            lapses = leases.lapsed(now, active, self.lease_config.ttl)
-            dropped_from: set[str] = set()
-            for lapse in lapses:
-                conn.execute("UPDATE leases SET state = 'lapsed' WHERE id = ?", (lapse.lease_id,))
-                conn.execute("UPDATE peers SET lapses = lapses + 1 WHERE account = ?", (lapse.account,))
-                dropped_from.update(
-                    row[0]
-                    for row in conn.execute(
-                        "SELECT run_id FROM matches WHERE lease_id = ? AND state = 'active'",
-                        (lapse.lease_id,),
-                    ).fetchall()
-                )
-                conn.execute(
-                    "UPDATE matches SET state = 'dropped' WHERE lease_id = ? AND state = 'active'",
-                    (lapse.lease_id,),
-                )
-            for run_id in sorted(dropped_from):
-                group_store.refresh_group(conn, now, run_id, self.run_policy.group)
-            group_store.refresh_failed(conn, now, self.run_policy.group)
-            audit_store.expire(conn, now)
-            run_store.advance(conn, now, self.run_policy)
-            conn.execute("DELETE FROM nonces WHERE timestamp < ?", (now - nonce_horizon,))
-            return lapses
-
-        return await self._db.write(op)
+        return await self._db.write(Call(_sweep, now, nonce_horizon, self.lease_config, self.run_policy))
 
     async def resume_leases(self, now: float) -> int:
         """After a restart, give every active lease a fresh heartbeat deadline, and every live run fresh
         clocks (pause, stall and settle deadlines): peers could neither renew nor report while the
         coordinator was down, and that is not their fault."""
-
-        def op(conn: Any) -> int:
-            marks = ",".join("?" * len(states.LIVE))
-            conn.execute(
-                f"UPDATE runs SET state_since = ? WHERE state IN ({marks}) AND state_since < ?",
-                (now, *states.LIVE, now),
-            )
-            return conn.execute(
-                "UPDATE leases SET last_heartbeat = ? WHERE state = 'active' AND last_heartbeat < ?",
-                (now, now),
-            ).rowcount
-
-        return await self._db.write(op)
+        return await self._db.write(Call(_resume, now))
 
     async def counts(self) -> dict[str, int]:
         def op(conn: Any) -> dict[str, int]:
@@ -441,3 +392,51 @@ class SQLStore:
             return counts
 
         return await self._db.read(op)
+
+
+def _sweep(
+    conn: Any, now: float, nonce_horizon: float, lease_config: LeaseConfig, run_policy: runs.RunPolicy
+) -> list[leases.Lapse]:
+    """:meth:`SQLStore.sweep`'s write."""
+    # only the leases silent for ttl can lapse: reading every live lease would hold the writer
+    # (2,000 rows: tens of ms on PostgreSQL); which of them lapse stays leases.lapsed's decision
+    active = [
+        leases.LeaseState(row["id"], row["account"], row["last_heartbeat"])
+        for row in conn.execute(
+            "SELECT id, account, last_heartbeat FROM leases WHERE state = 'active' AND last_heartbeat <= ?",
+            (now - lease_config.ttl,),
+        )
+    ]
+    lapses = leases.lapsed(now, active, lease_config.ttl)
+    dropped_from: set[str] = set()
+    for lapse in lapses:
+        conn.execute("UPDATE leases SET state = 'lapsed' WHERE id = ?", (lapse.lease_id,))
+        conn.execute("UPDATE peers SET lapses = lapses + 1 WHERE account = ?", (lapse.account,))
+        dropped_from.update(
+            row[0]
+            for row in conn.execute(
+                "SELECT run_id FROM matches WHERE lease_id = ? AND state = 'active'", (lapse.lease_id,)
+            ).fetchall()
+        )
+        conn.execute(
+            "UPDATE matches SET state = 'dropped' WHERE lease_id = ? AND state = 'active'", (lapse.lease_id,)
+        )
+    for run_id in sorted(dropped_from):
+        group_store.refresh_group(conn, now, run_id, run_policy.group)
+    group_store.refresh_failed(conn, now, run_policy.group)
+    audit_store.expire(conn, now)
+    run_store.advance(conn, now, run_policy)
+    conn.execute("DELETE FROM nonces WHERE timestamp < ?", (now - nonce_horizon,))
+    return lapses
+
+
+def _resume(conn: Any, now: float) -> int:
+    """:meth:`SQLStore.resume_leases`'s write."""
+    marks = ",".join("?" * len(states.LIVE))
+    conn.execute(
+        f"UPDATE runs SET state_since = ? WHERE state IN ({marks}) AND state_since < ?",
+        (now, *states.LIVE, now),
+    )
+    return conn.execute(
+        "UPDATE leases SET last_heartbeat = ? WHERE state = 'active' AND last_heartbeat < ?", (now, now)
+    ).rowcount

@@ -4,15 +4,20 @@ heartbeats that arrive together are renewed in a few statements, each decided as
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from coordinator.db import Call, StoreUnavailable
 from coordinator.errors import Conflict, Forbidden, NonceReplayed, NonceReused, NotFound
 from coordinator.leases import LeaseConfig
+from coordinator.postgres import PostgresDatabase
 from coordinator.store import SQLStore, open_store
 from peer.protocol.envelope import Envelope
 from peer.protocol.schemas import HardwareSummary, OfferBody, Telemetry
@@ -46,14 +51,46 @@ async def offer(store: SQLStore, account: str, at: float) -> str:
     return response.lease.id
 
 
-def add(account: str) -> Any:
+# The writes below are module-level functions bound with Call: on PostgreSQL they run in the writer's process.
+
+
+def _add(conn: Any, account: str) -> str:
+    conn.execute("INSERT INTO peers (account) VALUES (?)", (account,))
+    return f"added {account}"
+
+
+def add(account: str) -> Call:
     """A write that adds peer ``account`` and answers so."""
+    return Call(_add, account)
 
-    def op(conn: Any) -> str:
+
+def _add_each(conn: Any, accounts: list[str]) -> list[str]:
+    """A batched kind: adds every account, and fails as a whole at the account "bad" (a missing table)."""
+    for account in accounts:
         conn.execute("INSERT INTO peers (account) VALUES (?)", (account,))
-        return f"added {account}"
+        if account == "bad":
+            conn.execute("SELECT * FROM no_such_table")
+    return [f"added {account}" for account in accounts]
 
-    return op
+
+def _fails_at_commit(conn: Any) -> None:
+    conn.execute("INSERT INTO peers (account) VALUES (?)", ("z",))
+    conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+
+def _fails_late(conn: Any) -> None:  # fails once the server has run it, 50 ms after it was sent
+    conn.execute("INSERT INTO peers (account) VALUES (?)", ("z",))
+    conn.execute("UPDATE peers SET uptime = 1 / (SELECT 0 FROM pg_sleep(0.05)) WHERE account = 'z'")
+
+
+def _add_and_count(conn: Any) -> int:
+    conn.execute("INSERT INTO peers (account) VALUES (?)", ("r",))
+    return conn.execute("SELECT COUNT(*) FROM peers").fetchone()[0]
+
+
+def _refused(conn: Any) -> None:
+    conn.execute("INSERT INTO peers (account) VALUES (?)", ("q",))
+    raise Conflict("refused after a statement", field="account")
 
 
 async def rows(store: SQLStore, query: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -101,14 +138,7 @@ async def test_heartbeats_that_arrive_together_are_each_decided_as_if_alone(stor
 
 async def test_a_kind_that_fails_as_a_whole_runs_each_item_alone(store: SQLStore) -> None:
     """A database error in one item (here a missing table) refuses that item only; the others commit."""
-
-    def kind(conn: Any, accounts: list[str]) -> list[str]:
-        for account in accounts:
-            conn.execute("INSERT INTO peers (account) VALUES (?)", (account,))
-            if account == "bad":
-                conn.execute("SELECT * FROM no_such_table")
-        return [f"added {account}" for account in accounts]
-
+    kind = Call(_add_each)
     outcomes = await asyncio.gather(
         *(store._db.write_batched(kind, account) for account in ("x", "bad", "y")), return_exceptions=True
     )
@@ -138,11 +168,7 @@ async def test_a_batch_whose_last_write_fails_at_the_commit_refuses_only_that_wr
     """On PostgreSQL no write of a batch is settled alone: the last one's statements go with the COMMIT. A
     database error there (a write that reads nothing back) must still refuse that write only, and be
     raised as the database's error, not as a lost database; writes after it run as before."""
-
-    def bad(conn: Any) -> None:
-        conn.execute("INSERT INTO peers (account) VALUES (?)", ("z",))
-        conn.execute("INSERT INTO no_such_table VALUES (1)")
-
+    bad = Call(_fails_at_commit)
     outcomes = await asyncio.gather(
         store._db.write(add("x")), store._db.write(add("y")), store._db.write(bad), return_exceptions=True
     )
@@ -171,19 +197,7 @@ async def test_a_write_that_fails_where_a_later_write_reads_refuses_only_the_fir
     """On PostgreSQL a write's failed statement surfaces in the round trip of the next read, a later
     write's, or when a later write is refused and rolls back: the error must refuse the write that sent
     the statement, never the one that met it, and nothing of the failed write may be committed."""
-
-    def bad(conn: Any) -> None:  # fails once the server has run it, 50 ms after it was sent
-        conn.execute("INSERT INTO peers (account) VALUES (?)", ("z",))
-        conn.execute("UPDATE peers SET uptime = 1 / (SELECT 0 FROM pg_sleep(0.05)) WHERE account = 'z'")
-
-    def reader(conn: Any) -> int:
-        conn.execute("INSERT INTO peers (account) VALUES (?)", ("r",))
-        return conn.execute("SELECT COUNT(*) FROM peers").fetchone()[0]
-
-    def refused(conn: Any) -> None:
-        conn.execute("INSERT INTO peers (account) VALUES (?)", ("q",))
-        raise Conflict("refused after a statement", field="account")
-
+    bad, reader, refused = Call(_fails_late), Call(_add_and_count), Call(_refused)
     outcomes = await asyncio.gather(
         *(store._db.write(op) for op in (add("x"), bad, reader, refused, bad, add("y"))),
         return_exceptions=True,
@@ -196,3 +210,25 @@ async def test_a_write_that_fails_where_a_later_write_reads_refuses_only_the_fir
     assert isinstance(outcomes[3], Conflict), outcomes
     assert outcomes[5] == "added y", outcomes
     assert await rows(store, "SELECT account FROM peers ORDER BY account") == [("r",), ("x",), ("y",)]
+
+
+async def test_a_writer_process_that_dies_costs_a_503_and_nothing_acknowledged(store: SQLStore) -> None:
+    """PostgreSQL's writer runs in a process of its own: SIGKILLed, the writes in hand are answered 503
+    (StoreUnavailable, which clients retry), a new writer takes the next batch, and every write answered
+    before is still there."""
+    if not isinstance(store._db, PostgresDatabase):
+        pytest.skip("SQLite's writer is a thread of the replica")
+    assert await store._db.write(add("before")) == "added before"
+    (writer,) = store._db._process._processes.values()  # type: ignore[union-attr]
+    os.kill(writer.pid, signal.SIGKILL)
+    outcomes: list[Any] = []
+    deadline = time.monotonic() + 30
+    while not outcomes or isinstance(outcomes[-1], StoreUnavailable):
+        assert time.monotonic() < deadline, outcomes
+        outcomes.append(
+            (await asyncio.gather(store._db.write(add(f"after-{len(outcomes)}")), return_exceptions=True))[0]
+        )
+    assert len(outcomes) <= 2 and outcomes[-1].startswith("added after-"), outcomes
+    assert all("writer process" in str(o) for o in outcomes[:-1]), outcomes
+    assert writer.pid not in {p.pid for p in store._db._process._processes.values()}  # type: ignore[union-attr]
+    assert ("before",) in await rows(store, "SELECT account FROM peers")
