@@ -270,11 +270,13 @@ _writer: PostgresWriter | None = None  # in a writer process: the writer it serv
 
 
 def _adopt(writer: PostgresWriter) -> None:
-    """A writer process's start: serve ``writer``. Ctrl-C reaches the whole process group; the replica
-    shuts its writer down itself, after the batch in hand. A replica that dies (SIGKILL) cannot: the
-    writer then exits at once (measured without this: an orphan blocked on its queue for good)."""
+    """A writer process's start: serve ``writer``. Ctrl-C, and a SIGTERM sent to the process group (a
+    service manager's stop), reach the writer too; the replica shuts its writer down itself, after the
+    batch in hand. A replica that dies (SIGKILL) cannot: the writer then exits at once (measured without
+    this: an orphan blocked on its queue for good)."""
     global _writer
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.SIG_IGN)
     _writer = writer
     parent = multiprocessing.parent_process()
     if parent is not None:
@@ -367,8 +369,12 @@ class PostgresDatabase(Database):
 
     async def close(self) -> None:
         if self._process is not None:
-            await super().close()
-            self._process.shutdown(wait=True)
+            try:
+                await super().close()
+            except StoreUnavailable as e:  # a writer that died took its connection with it
+                logger.warning(str(e))
+            if self._process is not None:
+                self._process.shutdown(wait=True)
         self._readers.shutdown(wait=True)
         with self._reader_lock:
             for conn in self._reader_conns:

@@ -13,6 +13,7 @@ conserved. It also measures how long the market had no leader after the leader d
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import re
 import signal
@@ -313,3 +314,33 @@ def test_a_database_that_goes_away_gets_503s_and_the_coordinator_recovers(tmp_pa
             assert "Unhandled error" not in server.output()
         finally:
             server.stop()
+
+
+def test_a_replica_stopped_with_its_process_group_exits_cleanly(tmp_path: Path) -> None:
+    """A service manager stops a replica by SIGTERM to its whole process group, the writer process
+    included: the replica still closes its writer after the batch in hand and exits 0, and nothing of the
+    group is left behind (the writer ignores the signal and leaves with its replica)."""
+    with PostgresServer() as pg:
+        server = start_coordinator(tmp_path / "coordinator", Identity.generate(), db_url=pg.database())
+        try:
+            account = Identity.generate().account
+            deposit = f"/v1/accounts/{account}/deposit"
+            signed = _signed_post(server.admin, deposit, {"amount": "1"})
+            assert (
+                asyncio.run(_send_all(server.url, [Signed("deposit", deposit, *signed, UNIT)]))[0].status
+                == 200
+            )
+            os.killpg(server.proc.pid, signal.SIGTERM)
+            assert server.proc.wait(timeout=30) == 0, server.output()
+            wait_until(lambda: not _group_alive(server.proc.pid), 10, "the replica's process group to end")
+            assert "died" not in server.output(), server.output()
+        finally:
+            server.stop()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
