@@ -22,6 +22,7 @@ from coordinator.store import SQLStore, open_store
 from peer.protocol.envelope import Envelope
 from peer.protocol.schemas import HardwareSummary, OfferBody, Telemetry
 from tests.conftest import Databases
+from tests.postgres import PostgresServer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -212,12 +213,22 @@ async def test_a_write_that_fails_where_a_later_write_reads_refuses_only_the_fir
     assert await rows(store, "SELECT account FROM peers ORDER BY account") == [("r",), ("x",), ("y",)]
 
 
-async def test_a_writer_process_that_dies_costs_a_503_and_nothing_acknowledged(store: SQLStore) -> None:
+async def test_a_writer_process_that_dies_costs_a_503_and_nothing_acknowledged(
+    postgres_server: PostgresServer,
+) -> None:
     """PostgreSQL's writer runs in a process of its own: SIGKILLed, the writes in hand are answered 503
     (StoreUnavailable, which clients retry), a new writer takes the next batch, and every write answered
     before is still there."""
-    if not isinstance(store._db, PostgresDatabase):
-        pytest.skip("SQLite's writer is a thread of the replica")
+    store = open_store(postgres_server.database(), TIMES, synchronous="FULL", batch_max=64)
+    await store.open()
+    try:
+        await _kill_the_writer(store)
+    finally:
+        await store.close()
+
+
+async def _kill_the_writer(store: SQLStore) -> None:
+    assert isinstance(store._db, PostgresDatabase)
     assert await store._db.write(add("before")) == "added before"
     (writer,) = store._db._process._processes.values()  # type: ignore[union-attr]
     os.kill(writer.pid, signal.SIGKILL)
