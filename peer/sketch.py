@@ -14,40 +14,56 @@ class Sketcher:
     """Sketches vectors of one fixed length with one seed (the signs are drawn once, on the CPU, and
     copied once to each device whose tensors it sketches, so a GPU's gradients never travel).
 
-    Float32 throughout: ~1e-7 of relative rounding, deterministic for the same inputs on the same device.
-    Not thread-safe (it reuses one buffer per device); each thread that sketches has its own.
+    Every block is projected on the same signs (:mod:`peer.protocol.sketch`), so the blocks a tensor
+    covers whole are one matrix-vector product: the vector is read once, the signs stay in cache, and
+    nothing is written (measured, 25M floats, one thread: 4.6 against 19 ms for a multiply into a buffer
+    and a sum; with signs per coordinate the buffer and the signs were each the model's size on every
+    device). Float32 throughout: ~1e-7 of relative rounding, deterministic for the same inputs cut the
+    same way on the same device.
     """
 
     def __init__(self, length: int, seed: int, dims: int = SKETCH_DIMS):
         generator = torch.Generator().manual_seed(seed)
         self.dims = dims
         self.length = length
-        block = -(-length // dims)
-        signs = torch.zeros(block * dims)  # the padding past ``length`` stays 0
-        # In place: the same signs as ``randint * 2.0 - 1`` without two temporaries of the model's size
-        # (measured: 0.5 s instead of 1.0-1.5 s for 102M parameters, drawn twice every epoch).
-        head = signs[:length]
-        head.copy_(torch.randint(0, 2, (length,), generator=generator, dtype=torch.int8))
-        head.mul_(2).sub_(1)
-        self._signs = {torch.device("cpu"): signs}
-        self._buffers: dict[torch.device, torch.Tensor] = {}
+        self._block = -(-length // dims)
+        signs = torch.randint(0, 2, (self._block,), generator=generator, dtype=torch.int8).float()
+        self._signs = {torch.device("cpu"): signs.mul_(2).sub_(1)}
 
     def __call__(self, tensors: Iterable[torch.Tensor]) -> list[float]:
         tensors = list(tensors)
         total = sum(t.numel() for t in tensors)
         if total != self.length:
             raise ValueError(f"sketcher is for {self.length} values, got {total}")
-        device = tensors[0].device if tensors else torch.device("cpu")
+        device = tensors[0].device
         if device not in self._signs:
             self._signs[device] = self._signs[torch.device("cpu")].to(device)
-        signs = self._signs[device]
-        buffer = self._buffers.get(device)
-        if buffer is None:  # not setdefault: its default, a model-sized tensor, was built on every call
-            buffer = self._buffers[device] = torch.zeros_like(signs)
+        signs, size = self._signs[device], self._block
+        sums: list[torch.Tensor] = []  # partial sums, each 1-D
+        blocks: list[int] = []  # the block of each partial sum, in order
         offset = 0
         for t in tensors:
-            end = offset + t.numel()
             flat = t.detach().reshape(-1).to(device=device, dtype=torch.float32)
-            torch.mul(flat, signs[offset:end], out=buffer[offset:end])
+            at, end = offset, offset + flat.numel()
+            while at < end:
+                block, within = divmod(at, size)
+                whole = (end - at) // size if within == 0 else 0
+                if whole:  # blocks this tensor covers from start to end: one product
+                    part = flat[at - offset : at - offset + whole * size].view(whole, size)
+                    sums.append(torch.mv(part, signs))
+                    blocks.extend(range(block, block + whole))
+                    at += whole * size
+                else:  # a block's head or tail
+                    stop = min(end, (block + 1) * size)
+                    sums.append(
+                        torch.dot(flat[at - offset : stop - offset], signs[within : within + stop - at]).view(
+                            1
+                        )
+                    )
+                    blocks.append(block)
+                    at = stop
             offset = end
-        return buffer.view(self.dims, -1).sum(dim=1).double().tolist()
+        sketch = [0.0] * self.dims
+        for block, value in zip(blocks, torch.cat(sums).double().tolist(), strict=True):
+            sketch[block] += value
+        return sketch

@@ -35,7 +35,32 @@ def test_a_sketch_has_dims_numbers() -> None:
 
 def test_the_same_seed_gives_the_same_sketch() -> None:
     v = vector(0)
-    assert Sketcher(LENGTH, 42)(shaped(v)) == Sketcher(LENGTH, 42)([v])  # however the vector is cut
+    assert Sketcher(LENGTH, 42)(shaped(v)) == Sketcher(LENGTH, 42)(shaped(v))
+    # however the vector is cut, to float32 rounding (a block cut in two is two partial sums)
+    assert relative_distance(Sketcher(LENGTH, 42)(shaped(v)), Sketcher(LENGTH, 42)([v])) < 1e-6
+
+
+def test_a_sketch_is_the_documented_signed_block_sum() -> None:
+    """The recipe of peer.protocol.sketch, written out in float64 coordinate by coordinate: what a
+    validator written elsewhere computes."""
+    length, dims, seed = 1_003, 8, 5  # a last block shorter than the others
+    v = vector(9, length)
+    b = -(-length // dims)
+    r = torch.randint(0, 2, (b,), generator=torch.Generator().manual_seed(seed), dtype=torch.int8) * 2 - 1
+    expected = [0.0] * dims
+    for i, x in enumerate(v.double().tolist()):
+        expected[i // b] += int(r[i % b]) * x
+    got = Sketcher(length, seed, dims=dims)(shaped_as(v, [(10, 50), (3,), (0,), (2, 250)]))
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+def shaped_as(flat: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    out, at = [], 0
+    for shape in shapes:
+        n = int(torch.Size(shape).numel())
+        out.append(flat[at : at + n].reshape(shape))
+        at += n
+    return out
 
 
 def test_different_seeds_give_different_sketches() -> None:

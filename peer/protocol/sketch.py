@@ -1,12 +1,15 @@
 """Sketches of large vectors (gradients, parameters): what contribution reports commit to, audits compare.
 
-A sketch is a signed block sum: every coordinate of the flattened vector is multiplied by a random sign
-and the result is cut into ``dims`` contiguous blocks, each summed. It is a random projection, so sketches
+A sketch is a signed block sum: the flattened vector is cut into ``dims`` contiguous blocks, every
+coordinate of a block is multiplied by a random sign, and each block is summed. The signs are one random
+vector of a block's length, the same for every block, so a sketch is a matrix-vector product that reads
+the vector once (signs drawn for every coordinate made it a multiply into a buffer and a sum: 4x the
+time, and a buffer and signs the size of the model). It is a random projection, so sketches
 are linear (the sketch of a sum is the sum of the sketches) and two vectors that are close have close
 sketches, at O(n) cost and no ``dims x n`` matrix. Every block needs every coordinate in it, so the
 sketch of a gradient cannot be had without the whole backward pass. (A CountSketch, which scatters
-coordinates into random buckets, does the same job 5x slower on a CPU: scattered adds against three
-sequential passes; peers sketch every micro-batch, so this is on the training path.) The signs come
+coordinates into random buckets, does the same job slower on a CPU: scattered adds against one sequential
+read; peers sketch every micro-batch, so this is on the training path.) The signs come
 from a seed that everyone derives the same way:
 
     gradient sketches:  seed("hivemarket-grad",   run_id, epoch, account)  (a peer cannot reuse another's)
@@ -17,9 +20,9 @@ bits for torch.Generator.
 
 Everyone must compute the same numbers: a peer sketches with :class:`peer.sketch.Sketcher` (torch), the
 coordinator compares sketches with :func:`relative_distance` (plain Python, so the service never imports
-torch). The sign of coordinate ``i`` is ``2 * randint(0, 2) - 1`` drawn in order from a
-``torch.Generator`` seeded as above, block ``j`` holds coordinates ``[j * ceil(n / dims), (j + 1) *
-ceil(n / dims))``.
+torch). With ``b = ceil(n / dims)``, block ``j`` holds coordinates ``[j * b, (j + 1) * b)``, and the sign
+of coordinate ``i`` is ``r[i mod b]``, where ``r`` is ``b`` draws of ``2 * randint(0, 2) - 1`` in order
+from a ``torch.Generator`` seeded as above.
 """
 
 from __future__ import annotations
