@@ -52,7 +52,8 @@ class Call:
     arguments bound after the ones it is called with. ``Call(f, a, b)(conn)`` is ``f(conn, a, b)``.
 
     A closure does not pickle, and a write may run in the writer's process (PostgreSQL); ``functools.partial``
-    would bind its arguments before the connection."""
+    would bind its arguments before the connection. The requests of a batched kind share one Call, and a
+    batch is pickled as a whole, so pickle's memo keeps them one kind in the writer's process."""
 
     __slots__ = ("args", "fn", "kwargs")
 
