@@ -316,9 +316,11 @@ class PostgresDatabase(Database):
 
     Why a process: psycopg holds the interpreter while it sends and parses (its C code) and in its
     per-statement Python, 135 us a heartbeat measured beside the event loop's 330 (py-spy ``--gil``),
-    where SQLite's writer holds it 20 us. On a thread that time came out of the event loop's, and one
-    replica served 0.72x SQLite's heartbeats; with the writer in a process, 1.07-1.16x (2 cores,
-    bench/coordinator_load.py). A batch crosses as one pickle each way (every write is a :class:`Call`).
+    where SQLite's writer holds it 20 us. On a thread that time came out of the event loop's: one
+    replica's ceiling was about 1,600 heartbeats/s; with the writer in a process it served 2,579/s at 128
+    connections on 1.26 cores (2 cores, bench/coordinator_load.py; at 32 connections, where a replica
+    waits on its batch's round trips, no change showed). A batch crosses as one pickle each way (every
+    write is a :class:`Call`).
     Should the process die, the batch in hand is answered 503 (its requests may or may not have committed; a
     retry with the same bytes is applied at most once) and the next batch starts a new one.
     """
