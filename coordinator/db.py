@@ -342,7 +342,6 @@ class SQLiteDatabase(Database):
 
     def __init__(self, path: Path, migrations: Sequence[Migration], *, synchronous: str, batch_max: int):
         super().__init__(SQLiteWriter(path, migrations, synchronous=synchronous), batch_max=batch_max)
-        self.path = Path(path)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="db-writer")
 
     async def _call_writer(self, method: str, *args: Any) -> Any:

@@ -321,8 +321,9 @@ class PostgresDatabase(Database):
     connections on 1.26 cores (2 cores, bench/coordinator_load.py; at 32 connections, where a replica
     waits on its batch's round trips, no change showed). A batch crosses as one pickle each way (every
     write is a :class:`Call`).
-    Should the process die, the batch in hand is answered 503 (its requests may or may not have committed; a
-    retry with the same bytes is applied at most once) and the next batch starts a new one.
+
+    Should the process die, the batch in hand is answered 503 (its requests may or may not have
+    committed; a retry with the same bytes is applied at most once) and the next batch starts a new one.
     """
 
     def __init__(self, url: str, migrations: Sequence[Migration], *, batch_max: int, readers: int):
