@@ -19,7 +19,7 @@ import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -65,6 +65,7 @@ from peer.protocol.schemas import (
 )
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -197,25 +198,47 @@ class Coordinator:
         return await self.store.leave(ctx.now, ctx.envelope, ctx.path_id("run_id"))
 
     async def group_checkin(self, ctx: Context) -> GroupView:
-        return await self.store.group_checkin(ctx.now, ctx.envelope, ctx.path_id("run_id"), ctx.body)
+        """Record the check-in and answer the run's group; with ``wait_ms``, a check-in on a version that is
+        still current waits (a long poll) until a newer version forms or the failed one is due to regroup:
+        the survivors of a broken round learn of the next version when it forms, not at their next poll."""
+        run_id, body = ctx.path_id("run_id"), ctx.body
+        view = await self.store.group_checkin(ctx.now, ctx.envelope, run_id, body)
+        version = body.version
+        if version is None or body.wait_ms == 0 or view.version > version:
+            return view
+        later = await self._long_poll(
+            body.wait_ms, lambda: self.store.group_after(self.clock(), run_id, version), lambda found: found
+        )
+        return later or view
 
     async def rendezvous_set(self, ctx: Context) -> RendezvousWritten:
         return await self.store.rendezvous_set(ctx.now, ctx.envelope, ctx.path_id("run_id"), ctx.body)
 
     async def rendezvous_get(self, ctx: Context) -> RendezvousValues:
-        """A long poll: answer once every key is written, or after ``wait_ms`` with the ones that are. The
-        store is read again every ``rendezvous_poll_interval`` (the loop sleeps in between, and the state
-        stays in the database, so any replica may answer); a read of a version that stops being current
-        is refused (409 ``stale_version``) at once."""
+        """A long poll: answer once every key is written, or after ``wait_ms`` with the ones that are; a
+        read of a version that stops being current is refused (409 ``stale_version``) at once."""
         run_id, body = ctx.path_id("run_id"), ctx.body
         account = ctx.envelope.account
-        deadline = time.monotonic() + body.wait_ms / 1000
         wanted = set(body.keys)
+        found = await self._long_poll(
+            body.wait_ms,
+            lambda: self.store.rendezvous_get(account, run_id, body),
+            lambda values: wanted <= values.keys(),
+        )
+        return RendezvousValues(values={k: base64.b64encode(v).decode() for k, v in found.items()})
+
+    async def _long_poll(
+        self, wait_ms: int, look: Callable[[], Awaitable[T]], answered: Callable[[T], object]
+    ) -> T:
+        """``look()`` again every ``rendezvous_poll_interval`` until what it found is ``answered`` or
+        ``wait_ms`` passed; what it found last. The loop sleeps in between and the state stays in the
+        database, so any replica may answer."""
+        deadline = time.monotonic() + wait_ms / 1000
         while True:
-            found = await self.store.rendezvous_get(account, run_id, body)
+            found = await look()
             left = deadline - time.monotonic()
-            if wanted <= found.keys() or left <= 0:
-                return RendezvousValues(values={k: base64.b64encode(v).decode() for k, v in found.items()})
+            if answered(found) or left <= 0:
+                return found
             await asyncio.sleep(min(self.settings.rendezvous_poll_interval, left))
 
     async def post_report(self, ctx: Context) -> ReportView:

@@ -30,7 +30,8 @@ changed (so that the store writes nothing), or a new version with the reason it 
   is not a member, a peer reporting itself) are ignored.
 
 The decision runs when a peer checks in and when a match ends; a failed version whose deadline passed is
-settled by the next check-in of a survivor (they poll while they wait) or by the coordinator's sweep.
+settled by the next check-in of a survivor (a survivor waiting in a long poll is answered once it is due,
+and checks in again at once) or by the coordinator's sweep.
 """
 
 from __future__ import annotations
@@ -79,6 +80,15 @@ class GroupConfig:
     """Coordinator-wide settings of the decision (``HIVEMARKET_GROUP_REGROUP_SECONDS``)."""
 
     regroup_seconds: float = 0.5
+
+
+def answers_wait(now: float, group: Group, version: int, config: GroupConfig) -> bool:
+    """Whether a check-in waiting for the version after ``version`` (a long poll) is answered now: a newer
+    version formed, or ``group`` failed ``regroup_seconds`` ago or more. The regroup that is due then
+    forms at the next check-in (the waiting peer's, which follows at once), not while a read waits."""
+    if group.version > version:
+        return True
+    return group.failed_at is not None and now - group.failed_at >= config.regroup_seconds
 
 
 def decide(

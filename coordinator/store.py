@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 from coordinator import (
     audit_store,
     group_store,
+    groups,
     leases,
     ledger,
     ledger_store,
@@ -105,6 +106,7 @@ class Store(Protocol):
     async def join(self, now: float, env: Envelope, run_id: str, body: JoinBody) -> RunView: ...
     async def leave(self, now: float, env: Envelope, run_id: str) -> RunView: ...
     async def group_checkin(self, now: float, env: Envelope, run_id: str, body: CheckinBody) -> GroupView: ...
+    async def group_after(self, now: float, run_id: str, version: int) -> GroupView | None: ...
     async def rendezvous_set(
         self, now: float, env: Envelope, run_id: str, body: RendezvousSetBody
     ) -> RendezvousWritten: ...
@@ -289,6 +291,14 @@ class SQLStore:
             Call(match_store.checkin, now, env, run_id, body, self.run_policy),
             Call(sql.remember_refusal, env),
         )
+
+    async def group_after(self, now: float, run_id: str, version: int) -> GroupView | None:
+        """The run's group if a check-in waiting on ``version`` is answered now (:func:`groups.answers_wait`),
+        else None."""
+        group = await self._db.read(Call(group_store.current, run_id))
+        if group is None or not groups.answers_wait(now, group, version, self.run_policy.group):
+            return None
+        return group_store.group_view(group)
 
     async def rendezvous_set(
         self, now: float, env: Envelope, run_id: str, body: RendezvousSetBody

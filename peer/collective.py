@@ -58,7 +58,7 @@ from peer.deadlines import RoundDeadlines
 from peer.protocol.identity import Identity, verify_signature
 from peer.protocol.run_schemas import CheckinBody, GroupMemberView, GroupView
 from peer.protocol.sketch import SKETCH_DIMS, relative_distance, seed_of
-from peer.rendezvous import CoordinatorStore
+from peer.rendezvous import LONG_POLL_MS, CoordinatorStore
 from peer.sketch import Sketcher
 
 logger = get_logger(__name__)
@@ -275,6 +275,8 @@ class FastPath:
         self.pg: dist.ProcessGroup | None = None
         self._retired: list[tuple[dist.ProcessGroup, dist.Work | None]] = []  # see discard()
         self.rank = -1
+        self.weight = 1.0  # this member's, in the round load() put in the flat tensor
+        self.divisor = 1.0  # what the flat tensor is divided by to be the mean: see reduce()
         self.tamper: Callable[[torch.Tensor], None] = lambda flat: None  # peer.adversary's noisy-round
 
     # ------------------------------------------------------------------------------- membership
@@ -285,12 +287,14 @@ class FastPath:
         version: int | None = None,
         failed_version: int | None = None,
         unreachable: Sequence[str] = (),
+        wait_ms: int = 0,
     ) -> GroupView:
         body = CheckinBody(
             address=self.listener.address,
             version=version,
             failed_version=failed_version,
             unreachable=list(unreachable),
+            wait_ms=wait_ms,
         )
         return self._call(lambda: self._client.group_checkin(self.run_id, body))
 
@@ -422,15 +426,19 @@ class FastPath:
         looks again)."""
         self.discard()
         ends = time.monotonic() + self.regroup_timeout
-        while time.monotonic() < ends:
-            try:
-                group = self.checkin(version=version, failed_version=version if failed else None)
+        while (left := ends - time.monotonic()) > 0:
+            try:  # a long poll: the coordinator answers as soon as the next version forms
+                group = self.checkin(
+                    version=version,
+                    failed_version=version if failed else None,
+                    wait_ms=int(min(LONG_POLL_MS, left * 1000)),
+                )
             except Exception as e:
                 logger.warning(f"Check-in after version {version} failed: {e!r}")
-                group = None
-            if group is not None and group.version > version:
+                time.sleep(POLL_SECONDS)
+                continue
+            if group.version > version:
                 return group
-            time.sleep(POLL_SECONDS)
         return None
 
     def discard(self, pending: dist.Work | None = None) -> None:
@@ -451,20 +459,20 @@ class FastPath:
 
     # ------------------------------------------------------------------------------- one round
 
-    def average(self, buffers: Sequence[torch.Tensor], **round_args: Any) -> FastRound:
+    def average(self, buffers: Sequence[torch.Tensor], *, weight: float, **round_args: Any) -> FastRound:
         """One round on the ready group (``round_args``: :meth:`reduce`'s): commitments, the all-reduce,
         the check; ``buffers`` hold the members' weighted mean only when the outcome is ``averaged``.
         The synchronous form of :meth:`load`, :meth:`reduce` and :meth:`unload`, which an overlapped
         round runs apart."""
-        self.load(buffers)
+        self.load(buffers, weight)
         result = self.reduce(**round_args)
         if result.outcome == "averaged":
             self.unload(buffers)
         return result
 
     def views(self, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
-        """The round's flat tensor as views shaped like ``shapes`` (the result, once :meth:`reduce`
-        averaged; valid until the next :meth:`load`)."""
+        """The round's flat tensor as views shaped like ``shapes`` (the mean, once :meth:`reduce` averaged
+        with ``mean``; valid until the next :meth:`load`)."""
         views, offset = [], 0
         for shape in shapes:
             n = math.prod(shape)
@@ -472,68 +480,93 @@ class FastPath:
             offset += n
         return views
 
-    def load(self, buffers: Sequence[torch.Tensor]) -> None:
-        """Copy ``buffers`` (this member's update) into the round's flat tensor, which :meth:`reduce`
-        averages in place; the caller may change ``buffers`` as soon as this returns."""
+    def load(self, buffers: Sequence[torch.Tensor], weight: float) -> None:
+        """Copy ``buffers`` (this member's update) times its ``weight`` (samples) into the round's flat
+        tensor, which :meth:`reduce` sums in place; the caller may change ``buffers`` as soon as this
+        returns. Scaling by its own weight, which each member knows before the round, rather than by its
+        share of the total, known only once the commitments are gathered, lets the all-reduce start
+        without waiting for the gather (the division by the total is folded into :meth:`unload`)."""
+        self.weight = float(weight)
         for view, b in zip(self.views([b.shape for b in buffers]), buffers, strict=True):
-            view.copy_(b)
+            torch.mul(b, self.weight, out=view)
 
     def unload(self, buffers: Sequence[torch.Tensor]) -> None:
-        """Copy the round's result (after :meth:`reduce` averaged) into ``buffers``."""
+        """Write the round's result (after :meth:`reduce` averaged) into ``buffers``: the weighted mean."""
         for b, view in zip(buffers, self.views([b.shape for b in buffers]), strict=True):
-            b.copy_(view)
+            torch.div(view, self.divisor, out=b)
 
     def reduce(
         self,
         *,
         epoch: int,
-        weight: float,
         param_sketch: Sequence[float],
         wait_deadline: float,
         newer: Callable[[], bool] = lambda: False,
+        mean: bool = False,
     ) -> FastRound:
-        """The round of what :meth:`load` copied in: the flat tensor holds the members' weighted mean only
-        when the outcome is ``averaged``. ``wait_deadline`` bounds the commitments' gather (where members
-        wait for the slowest one's compute); the all-reduce has the measured round deadline. ``newer()``
-        (asked a few times a second while waiting) says whether a newer group version formed, which ends
-        the wait at once. It may run in a thread of its own (an overlapped round) while the caller
-        computes the next epoch, as long as nothing else uses this object until it returns."""
+        """The round of what :meth:`load` put in: when the outcome is ``averaged`` the flat tensor holds
+        the members' weighted sum (``divisor`` is their total weight: :meth:`unload` divides), or with
+        ``mean`` their weighted mean (for :meth:`views`). ``wait_deadline`` bounds the commitments'
+        gather (where members wait for the slowest one's compute); the all-reduce has the measured
+        round deadline. ``newer()`` (asked a few times a second while waiting) says whether a newer
+        group version formed, which ends the wait at once. It may run in a thread of its own (an
+        overlapped round) while the caller computes the next epoch, as long as nothing else uses this
+        object until it returns.
+
+        In fp32 the all-reduce is issued right behind the gather, so the two travel together: a round
+        whose commitments do not allow it (members out of step, a bad signature) still sums, and its sum
+        is dropped. In fp16 each member's part must be scaled to its share before it is halved (a
+        weighted sum could overflow fp16), so the all-reduce waits for the gather."""
         assert self.pg is not None and self.group is not None
         group, members = self.group, [m.account for m in self.group.members]
         mine = Commitment(
             group.version,
             epoch,
             self.rank,
-            float(weight),
-            tuple(self.sketcher([self.flat])),
+            self.weight,
+            tuple(x / self.weight for x in self.sketcher([self.flat])),
             tuple(float(x) for x in param_sketch),
         ).signed(self.run_id, self.identity)
+        sent = torch.frombuffer(bytearray(mine.encode()), dtype=torch.uint8)
+        received = [torch.empty(COMMITMENT_BYTES, dtype=torch.uint8) for _ in members]
+        self.divisor = 1.0
         try:
-            commitments = self._gather(mine, len(members), wait_deadline, newer)
+            gathering = self.pg.allgather([received], [sent])
+            summing = None
+            if self.precision == "fp32":
+                self.tamper(self.flat)
+                summing = self.pg.allreduce([self.flat])
+            self._wait(gathering, wait_deadline, newer, pending=summing)
         except RoundFailed as e:
             return FastRound("failed", str(e))
+        commitments = [Commitment.decode(bytes(t.numpy())) for t in received]
         outcome, why = verdict(commitments, members, self.run_id, group.version, epoch)
         pairs = list(zip(members, commitments, strict=True))
         epochs = {a: c.epoch for a, c in pairs}
         gathered = {a: {"account": a, "params": list(c.params)} for a, c in pairs}
-        if outcome != "ok":
-            return FastRound(outcome, why, gathered, epochs)  # type: ignore[arg-type]
         total = sum(c.weight for c in commitments)
-        self.tamper(self.flat)
-        self.flat.mul_(weight / total)
         started = time.monotonic()
         try:
-            if self.precision == "fp16":
-                half = self.flat.clamp(-65504, 65504).half()
+            if outcome != "ok":  # the sum in flight is dropped, once it ended (the next round reuses flat)
+                if summing is not None:
+                    self._wait(summing, self.deadlines.round(), newer)
+                return FastRound(outcome, why, gathered, epochs)  # type: ignore[arg-type]
+            if summing is None:
+                self.tamper(self.flat)
+                half = self.flat.mul_(1 / total).clamp_(-65504, 65504).half()
                 self._wait(self.pg.allreduce([half]), self.deadlines.round(), newer)
                 self.flat.copy_(half)
             else:
-                self._wait(self.pg.allreduce([self.flat]), self.deadlines.round(), newer)
+                self._wait(summing, self.deadlines.round(), newer)
+                self.divisor = total
         except RoundFailed as e:
             return FastRound("failed", str(e), gathered, epochs)
         seconds = time.monotonic() - started
         self.deadlines.observe(seconds)
-        result = self.sketcher([self.flat])
+        if mean and self.divisor != 1.0:
+            self.flat.div_(self.divisor)
+            self.divisor = 1.0
+        result = [x / self.divisor for x in self.sketcher([self.flat])]
         if all(math.isfinite(x) for c in commitments for x in c.update):
             distance = relative_distance(result, expected_sketch(commitments))
             why = (
@@ -550,18 +583,13 @@ class FastPath:
             return FastRound("rejected", why, gathered, epochs, seconds)
         return FastRound("averaged", "", gathered, epochs, seconds)
 
-    def _gather(
-        self, mine: Commitment, size: int, deadline: float, newer: Callable[[], bool]
-    ) -> list[Commitment]:
-        assert self.pg is not None
-        sent = torch.frombuffer(bytearray(mine.encode()), dtype=torch.uint8)
-        received = [torch.empty(COMMITMENT_BYTES, dtype=torch.uint8) for _ in range(size)]
-        self._wait(self.pg.allgather([received], [sent]), deadline, newer)
-        return [Commitment.decode(bytes(t.numpy())) for t in received]
-
-    def _wait(self, work: dist.Work, deadline: float, newer: Callable[[], bool]) -> None:
+    def _wait(
+        self, work: dist.Work, deadline: float, newer: Callable[[], bool], pending: dist.Work | None = None
+    ) -> None:
         """Wait for ``work`` at most ``deadline`` seconds; a newer group version ends the wait too. On
-        any failure the group is discarded (its other members' collectives then fail as well)."""
+        any failure the group is discarded (its other members' collectives then fail as well); given up
+        on, it is aborted once ``pending`` (a collective issued after ``work``, else ``work``) ended."""
+        last = pending if pending is not None else work
         done = threading.Event()
         future = work.get_future()
         future.add_done_callback(lambda _: done.set())
@@ -569,13 +597,13 @@ class FastPath:
         version = self.group.version if self.group else None
         while not done.wait(POLL_SECONDS):
             if time.monotonic() > ends:
-                self.discard(pending=work)
+                self.discard(pending=last)
                 raise RoundFailed(f"group version {version}: no answer within {deadline:.2f} s")
             if newer():
-                self.discard(pending=work)
+                self.discard(pending=last)
                 raise RoundFailed(f"group version {version} was replaced while this round waited")
         try:
             work.wait()
         except Exception as e:  # gloo's error for a member that died or a connection that broke
-            self.discard()
+            self.discard(pending=pending)
             raise RoundFailed(f"group version {version}: {e}"[:300]) from None

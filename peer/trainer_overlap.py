@@ -177,12 +177,12 @@ class OverlapMixin:
         if self._rounds is None:
             self._rounds = ThreadPoolExecutor(max_workers=1, thread_name_prefix="round")
         with self.lock:  # a donor never sees the step applied without the round that follows it
-            self.fast.load(self.buffers)
+            self.fast.load(self.buffers, max(done.samples, NO_SAMPLES_WEIGHT))
             future = self._rounds.submit(
                 self.fast.reduce,
                 epoch=done.epoch,
-                weight=max(done.samples, NO_SAMPLES_WEIGHT),
                 param_sketch=done.param_sketch,
+                mean=True,  # _update_of() applies the flat tensor's views
                 # the members wait for the slowest one's next epoch in the gather, beside their own
                 wait_deadline=self.fast.deadlines.overlapped(
                     self.spec.averaging.matchmaking_seconds, done.seconds

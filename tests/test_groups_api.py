@@ -116,6 +116,7 @@ async def test_checkin_bodies_are_checked_field_by_field(market: Market) -> None
             ({"failed_version": -1}, "failed_version"),
             ({"unreachable": ["not an account"]}, "unreachable.0"),
             ({"unreachable": [a.account] * 1025}, "unreachable"),
+            ({"wait_ms": 5001}, "wait_ms"),
         ):
             body = CheckinBody.model_construct(**fields)  # as a client that does not validate would send
             await refused(a.client.group_checkin(run.id, body), 400, "bad_request", field)
@@ -256,6 +257,41 @@ async def test_a_failure_regroups_without_the_member_that_went_silent(market: Ma
         v6 = await checkin(d, run.id, version=5, failed_version=5)
         assert v6.version == 6 and time.monotonic() - started < REGROUP
         assert v6.reason == f"version 5 failed (reported by {a.account[:8]}...); every member returned"
+
+
+async def test_survivors_waiting_in_a_long_poll_learn_of_the_next_version_when_it_forms(
+    market: Market,
+) -> None:
+    url = market.server.url
+    async with Peer(url) as a, Peer(url) as b, Peer(url) as c:
+        run = await running(market, a, b, c)
+        for peer in (a, b, c):
+            v3 = await checkin(peer, run.id)
+        assert v3.version == 3
+        # a long poll on a version nobody failed waits its whole time and answers the same version
+        started = time.monotonic()
+        assert (await checkin(a, run.id, version=3, wait_ms=300)).version == 3
+        assert time.monotonic() - started >= 0.3
+        # a and b wait for the version after the one that broke; c's return forms it and answers them
+        waits = [
+            asyncio.create_task(checkin(p, run.id, version=3, failed_version=3, wait_ms=5000)) for p in (a, b)
+        ]
+        deadline = time.monotonic() + 5.0
+        while not query_db(market.server.db_url, "SELECT 1 FROM run_groups WHERE failed_at IS NOT NULL"):
+            assert time.monotonic() < deadline, "the failure was never recorded"
+            await asyncio.sleep(0.01)
+        formed = time.monotonic()
+        v4 = await checkin(c, run.id, version=3, failed_version=3)
+        assert v4.version == 4 and v4.reason.endswith("every member returned")
+        assert [(await w).version for w in waits] == [4, 4]
+        assert time.monotonic() - formed < 2.5  # answered when it formed, not at the end of the 5 s wait
+        # c goes silent in version 4: the survivors' long polls are answered once the regroup is due,
+        # and their next check-in forms version 5 without c
+        started = time.monotonic()
+        waited = await checkin(a, run.id, version=4, failed_version=4, wait_ms=5000)
+        assert waited.version == 4 and REGROUP <= time.monotonic() - started < 2.5
+        v5 = await checkin(a, run.id, version=4, failed_version=4)
+        assert v5.version == 5 and c.account not in accounts(v5)
 
 
 async def test_an_unreachable_member_that_returns_moves_the_group_to_hivemind(

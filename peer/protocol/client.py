@@ -306,14 +306,16 @@ class CoordinatorClient:
     async def group_checkin(self, run_id: str, body: CheckinBody) -> GroupView:
         """Check in with the run's group: where this peer is reached, the version it is on, a version whose
         collective failed for it, members it could not reach. Answers the run's current group (this peer
-        may not be in it yet); 403 ``not_in_run`` unless this identity holds an active match in the run,
-        409 ``not_joined`` before it joined. A check-in is safe to repeat, so one whose retry finds it
-        applied already is sent again to get the answer."""
+        may not be in it yet); with ``wait_ms`` (and ``version``), the answer waits for the version after
+        it (:meth:`coordinator.app.Coordinator.group_checkin`). 403 ``not_in_run`` unless this identity
+        holds an active match in the run, 409 ``not_joined`` before it joined. A check-in is safe to
+        repeat, so one whose retry finds it applied already is sent again to get the answer."""
         route = f"/v1/runs/{_seg(run_id)}/group"
+        timeout = self._long_poll_timeout(body.wait_ms)
         try:
-            return await self._request(GroupView, "POST", route, body)
+            return await self._request(GroupView, "POST", route, body, timeout=timeout)
         except AlreadyApplied:
-            return await self._request(GroupView, "POST", route, body)
+            return await self._request(GroupView, "POST", route, body, timeout=timeout)
 
     async def rendezvous_set(self, run_id: str, version: int, key: str, value: bytes) -> None:
         """Write ``key`` of the rendezvous store of the run's group ``version`` (members only; a key whose
@@ -331,9 +333,8 @@ class CoordinatorClient:
         waiting up to ``wait_ms`` (at most 5000) for them all; the keys still missing then are left out.
         409 ``stale_version`` when ``version`` is not (or stops being) the current one."""
         body = RendezvousGetBody(version=version, keys=keys, wait_ms=wait_ms)
-        # The coordinator holds the answer up to wait_ms: give the request that long on top of its own limit.
-        timeout = max(self.settings.request_timeout, wait_ms / 1000 + self.settings.long_poll_margin)
         route = f"/v1/runs/{_seg(run_id)}/rendezvous/get"
+        timeout = self._long_poll_timeout(wait_ms)
         found = await self._request(RendezvousValues, "POST", route, body, timeout=timeout)
         return {key: base64.b64decode(value) for key, value in found.values.items()}
 
@@ -419,6 +420,10 @@ class CoordinatorClient:
         return await self._request(ClearingRoundView, "POST", "/v1/market/clear", b"")
 
     # ------------------------------------------------------------------------------------------ transport
+
+    def _long_poll_timeout(self, wait_ms: int) -> float:
+        """A request the coordinator may hold up to ``wait_ms`` gets that long on top of its own limit."""
+        return max(self.settings.request_timeout, wait_ms / 1000 + self.settings.long_poll_margin)
 
     async def _request(
         self,

@@ -483,6 +483,13 @@ class CheckinBody(Body):
         max_length=1024,
         description="Members of `version` this peer could not connect to.",
     )
+    wait_ms: int = Field(
+        0,
+        ge=0,
+        le=5000,
+        description="With `version`: while it is still the current one, wait up to this long for the next "
+        "(a long poll); answered as soon as one forms, or when a failed `version` is due to regroup.",
+    )
 
 
 def _check_base64(value: str) -> str:
