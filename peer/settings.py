@@ -64,6 +64,13 @@ class PeerSettings(BaseSettings):
         "after every epoch, a digits swarm's views were a third of the coordinator's CPU (each one "
         "aggregates the run's reports and audits).",
     )
+    state_announce_interval: float = Field(
+        2.0,
+        ge=0,
+        description="Seconds at least between a trainer's announcements of its epoch in the DHT (whom "
+        "joiners load the state from): announced after every epoch, a digits swarm's DHT stores took a "
+        "quarter of the machine's CPU.",
+    )
     report_drain_timeout: float = Field(
         30.0, gt=0, description="Seconds a stopping trainer waits for its queued reports to be sent."
     )

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import queue
 import signal
 import sys
 import threading
@@ -101,8 +102,12 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin, OverlapMixin):
         self.behaviour = behaviour(settings.adversary)
         self.snapshots: Snapshots | None = None
         self.validator: Validator | None = None
-        self.saving: threading.Thread | None = None  # the checkpoint being written (_checkpoint)
+        self.saver: threading.Thread | None = None  # writes the checkpoints (_checkpoint)
+        self.to_save: queue.SimpleQueue[TrainingState] = queue.SimpleQueue()
+        self.saved = threading.Event()  # no checkpoint is being written
+        self.saved.set()
         self.late = False  # the state was just loaded from the swarm, mid-epoch (_epoch)
+        self.announced = -float("inf")  # when the epoch was last announced in the DHT (_announce)
         self.events = EventLog(self.workdir / "events.jsonl")
         link.on_accepted = lambda body: self.events.write(
             "report_accepted", epoch=body.epoch, samples=body.samples
@@ -385,8 +390,7 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin, OverlapMixin):
         return 0
 
     def close(self) -> None:
-        if self.saving is not None:  # the last checkpoint is what a restart resumes from
-            self.saving.join(self.settings.trainer_stop_timeout / 2)
+        self.saved.wait(self.settings.trainer_stop_timeout / 2)  # what a restart resumes from
         if self.fast is not None:
             self.fast.close()
         self._close_rounds()

@@ -261,5 +261,4 @@ class RoundsMixin:
                 return
             self.epoch += 1
         self._new_start()
-        assert self.averager is not None
-        self.averager.state_sharing_priority = self.epoch
+        self._announce()

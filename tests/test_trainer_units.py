@@ -26,6 +26,7 @@ from peer.protocol.sketch import relative_distance
 from peer.protocol.spec import validate_spec
 from peer.run_link import live_peers
 from peer.samples import SampleStream, shares, train_ids
+from peer.settings import PeerSettings
 from peer.sketch import Sketcher
 from peer.tasks.digits import DigitsMLP
 from peer.trainer_setup import make_optimizer, training_autocast
@@ -420,6 +421,7 @@ def _bare_trainer(local_updates: bool) -> trainer.Trainer:
     t.buffers = [torch.full_like(p, 0.5) for p in t.params]
     t.averager = _Priority()  # type: ignore[assignment]
     t.epoch, t.snapshot, t.snapshots = 3, None, None
+    t.settings, t.announced = PeerSettings(state_announce_interval=60.0), -math.inf
     return t
 
 
@@ -432,6 +434,7 @@ def test_a_skipped_step_moves_to_the_next_epoch_and_keeps_the_parameters() -> No
     assert not t.optimizer.state  # the optimizer took no step either
     t._apply(None)
     assert t.epoch == 5 and not all(torch.equal(a, b) for a, b in zip(before, t.params, strict=True))
+    assert t.averager.state_sharing_priority == 4  # announced at most once a state_announce_interval
 
 
 def test_a_skipped_local_updates_step_returns_to_the_epochs_start() -> None:
