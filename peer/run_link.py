@@ -13,6 +13,7 @@ import concurrent.futures
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +27,8 @@ from peer.protocol.run_schemas import AuditResultBody, AuditTask, ReportBody, Ru
 logger = get_logger(__name__)
 T = TypeVar("T")
 
+#: How many answered audits a link remembers so as not to recompute them (a claim returns at most 64).
+ANSWERED_KEPT = 1024
 #: Answers to a report that mean this peer's part in the run is over (dropped, released, run ended).
 FINAL_CODES = frozenset({"not_in_run", "run_ended", "not_joined"})
 
@@ -55,6 +58,10 @@ class RunLink:
         self._claiming: concurrent.futures.Future[list[AuditTask]] | None = None
         self._unanswered = 0  # reports queued or being sent
         self._answering = 0  # audit answers being sent
+        # audits this peer answered or is answering (the most recent ANSWERED_KEPT): a claim still holds
+        # them until the answer lands, and a claim in flight meanwhile brings them back (measured on
+        # digits: half of every validator's recomputations were of audits it had answered already)
+        self._answered: OrderedDict[str, None] = OrderedDict()
         self._counting = threading.Lock()
         self.unreachable = False  # the last report could not reach the coordinator
 
@@ -154,30 +161,40 @@ class RunLink:
         if claim is None:
             return []
         try:
-            return claim.result()
+            tasks = claim.result()
         except (CoordinatorUnreachable, CoordinatorError) as e:
             logger.warning(f"No audits taken: {e}")
             return []
+        with self._counting:
+            return [t for t in tasks if t.id not in self._answered]
 
     def answer_audit(self, audit_id: str, body: AuditResultBody) -> None:
         """Send an audit's answer in the background (an answer that does not arrive in time goes to
-        another validator)."""
+        another validator); later claims leave the audit out unless the answer is not recorded."""
         with self._counting:
             self._answering += 1
+            self._answered[audit_id] = None
+            while len(self._answered) > ANSWERED_KEPT:
+                self._answered.popitem(last=False)
         asyncio.run_coroutine_threadsafe(self._answer_audit(audit_id, body), self._loop)
 
     async def _answer_audit(self, audit_id: str, body: AuditResultBody) -> None:
         """Send one answer; one the coordinator refused for load (429: a fast swarm's peer sends a report,
         a claim and its answers every epoch; 5xx) is sent again with the reports' backoff, at most
         ``retries`` times (measured: at 8 epochs/s on digits the answers dropped at the 50 requests/s
-        limit left every audit to lapse, and the run's reports unpaid)."""
+        limit left every audit to lapse, and the run's reports unpaid). One that is not recorded may be
+        claimed and recomputed again."""
+        recorded = False
         try:
-            await self._send_answer(audit_id, body)
+            recorded = await self._send_answer(audit_id, body)
         finally:
             with self._counting:
                 self._answering -= 1
+                if not recorded:
+                    self._answered.pop(audit_id, None)
 
-    async def _send_answer(self, audit_id: str, body: AuditResultBody) -> None:
+    async def _send_answer(self, audit_id: str, body: AuditResultBody) -> bool:
+        """Whether the audit is decided or holds this answer."""
         settings = self._client.settings
         for attempt in range(settings.retries + 1):
             try:
@@ -185,17 +202,20 @@ class RunLink:
                 logger.info(
                     f"Audit of {view.account[:12]}...'s epoch {view.epoch}: {view.state} ({view.reason})"
                 )
-                return
+                return True
             except AlreadyApplied:
-                return
+                return True
             except CoordinatorError as e:
+                if e.code == "audit_decided":  # decided meanwhile (another validator took it over)
+                    return True
                 if (e.status != 429 and e.status < 500) or attempt == settings.retries:
                     logger.warning(f"Answer to audit {audit_id} not recorded: {e}")
-                    return
+                    return False
             except CoordinatorUnreachable as e:  # it goes to another validator in time
                 logger.warning(f"Answer to audit {audit_id} not recorded: {e}")
-                return
+                return False
             await asyncio.sleep(min(settings.retry_backoff * 2**attempt, settings.retry_backoff_max))
+        return False
 
     def upload_model(self, path: Path) -> RunView:
         try:

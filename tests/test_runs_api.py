@@ -31,8 +31,17 @@ from peer.protocol.client import ClientSettings, CoordinatorClient, CoordinatorE
 from peer.protocol.envelope import sign_request
 from peer.protocol.identity import Identity
 from peer.protocol.money import UNIT, from_units, to_units
-from peer.protocol.run_schemas import AuditResultBody, MicroBatch, ReportBody, RunBody, RunPeerView, RunView
+from peer.protocol.run_schemas import (
+    AuditResultBody,
+    AuditTask,
+    MicroBatch,
+    ReportBody,
+    RunBody,
+    RunPeerView,
+    RunView,
+)
 from peer.protocol.schemas import SHA256_HEADER, HardwareSummary, OfferBody
+from peer.run_link import RunLink
 from tests.conftest import Databases
 from tests.harness import CoordinatorProcess, cli_env, group_members, minimal_spec, start_coordinator
 
@@ -726,6 +735,34 @@ def _answer(report: ReportBody, index: int, *, wrong: bool = False) -> AuditResu
     claim = report.micro_batches[index]
     sketch = [-x for x in claim.sketch] if wrong else [x * (1 + 1e-6) for x in claim.sketch]
     return AuditResultBody(sketch=sketch, loss=claim.loss)
+
+
+async def test_a_validator_leaves_out_the_audits_it_answered_when_a_claim_brings_them_back(
+    market: Market,
+) -> None:
+    async with Peer(market.server.url) as a, Peer(market.server.url) as b:
+        run = await _audited_run(market, a, b)
+        body = report(0, samples=6, seconds=0.2)
+        await wait_for_clock(time.time() + 0.3)
+        await a.client.report(run.id, body)
+        with RunLink(market.server.url, b.identity, run.id) as link:
+
+            def claimed() -> list[AuditTask]:
+                """The audits of the next claim that comes back (the first call only starts one)."""
+                deadline = time.monotonic() + 10
+                while not (tasks := link.claimed_audits(8)):
+                    assert time.monotonic() < deadline, "no audits were claimed"
+                    time.sleep(0.01)
+                return tasks
+
+            first = await asyncio.to_thread(claimed)  # and the next claim starts at once
+            assert sorted(t.index for t in first) == [0, 1]
+            # that claim comes back holding both again (b holds them, unanswered) before b answers one
+            assert link._claiming is not None
+            await asyncio.wrap_future(link._claiming)
+            answered, other = first
+            link.answer_audit(answered.id, _answer(body, answered.index))
+            assert [t.id for t in await asyncio.to_thread(claimed)] == [other.id]
 
 
 async def test_audits_hold_pay_until_a_validator_confirms_and_pay_the_validator(market: Market) -> None:
