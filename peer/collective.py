@@ -5,12 +5,14 @@ Why: hivemind's round (DHT matchmaking every step, a butterfly all-reduce over p
 4.8-12.5x gloo's ``all_reduce`` of the same tensor on loopback. When every member of a run can reach
 every other directly, the coordinator (which knows who is live) puts the run on this path
 (:mod:`coordinator.groups`); the members then build a gloo group once per membership change, and each
-epoch's round is two collectives on it:
+epoch's round is two collectives on it, issued together (in fp32):
 
 1. an all-gather of each member's signed *commitment*: its epoch, its weight (samples), a sketch of the
-   update it is about to send and a sketch of its parameters. Members at different epochs find out here,
-   before anything is summed; a signature that does not verify ends the round for everyone alike;
-2. an all-reduce (sum) of each member's update scaled by its share of the weights.
+   update it is about to send and a sketch of its parameters. Members at different epochs find out here;
+   a signature that does not verify ends the round for everyone alike (the sum is then dropped);
+2. an all-reduce (sum) of each member's update scaled by its own weight; the sum is divided by the
+   gathered total weight on the way out (in fp16 each part is scaled to its share before it is halved,
+   after the gather, so that the sum cannot overflow).
 
 Before anyone applies the result, each member checks it against the commitments: sketches are linear,
 so the sketch of the weighted mean must equal the weighted mean of the committed sketches, within float
