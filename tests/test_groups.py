@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from coordinator.groups import Candidate, Group, GroupConfig, decide
+from coordinator.groups import Candidate, Group, GroupConfig, answers_wait, decide
 
 CONFIG = GroupConfig(regroup_seconds=0.5)
 A, B, C, D = ("a" * 64, "b" * 64, "c" * 64, "d" * 64)
@@ -134,6 +134,16 @@ def test_a_member_that_does_not_return_is_left_out_after_regroup_seconds() -> No
     v3 = decide(7.0, v2, [peer(A, 5.6, version=2), peer(B, 5.6, version=2), peer(C, 7.0)], CONFIG)
     assert v3 is not None and (v3.version, v3.members) == (3, (A, B, C))
     assert v3.reason == f"{short(C)} joined"
+
+
+def test_a_long_poll_for_the_next_version_is_answered_when_it_forms_or_the_failure_is_due() -> None:
+    v1 = formed(peer(A), peer(B))
+    assert not answers_wait(9.0, v1, 1, CONFIG)  # nothing failed: only a new version answers it
+    assert answers_wait(9.0, v1, 0, CONFIG)  # the waiting peer is behind: answered at once
+    marked = decide(5.0, v1, [peer(A, 5.0, version=1, failed=1), peer(B, 1.0)], CONFIG)
+    assert marked is not None
+    assert not answers_wait(5.4, marked, 1, CONFIG)  # B may still come back
+    assert answers_wait(5.5, marked, 1, CONFIG)  # due: the waiting peer's next check-in regroups
 
 
 def test_a_member_that_drops_during_the_wait_no_longer_holds_it_up() -> None:
