@@ -255,6 +255,12 @@ MIGRATIONS = (
     """
     ALTER TABLE run_groups ADD COLUMN suspects TEXT NOT NULL DEFAULT '[]'
     """,
+    # A run's last report (the status every report and audit answer recomputes, coordinator.run_store):
+    # reports_run_pay leads with pay_state, so MAX(accepted_at) read every report of the run (measured
+    # at 1,216 reports: 159 us a status of 415).
+    """
+    CREATE INDEX reports_run_accepted ON reports (run_id, accepted_at)
+    """,
 )
 
 POSTGRES_BASELINE_VERSION = 7
