@@ -213,6 +213,11 @@ def failed_epochs(conn: sqlite3.Connection, run_id: str, account: str) -> int:
     return count
 
 
+def count_paid(conn: sqlite3.Connection, run_id: str, samples: int) -> None:
+    """Add a report's ``samples`` to its run's paid samples, as the report is paid (which is final)."""
+    conn.execute("UPDATE runs SET paid_samples = paid_samples + ? WHERE id = ?", (samples, run_id))
+
+
 def settle_report(conn: sqlite3.Connection, now: float, run_id: str, account: str, epoch: int) -> PayState:
     """Pay or void a held report once its audits say so (:func:`coordinator.verification.report_outcome`)."""
     report = _report(conn, run_id, account, epoch)
@@ -237,6 +242,8 @@ def settle_report(conn: sqlite3.Connection, now: float, run_id: str, account: st
         "UPDATE reports SET pay_state = ?, pay_reason = ? WHERE run_id = ? AND account = ? AND epoch = ?",
         (outcome, reason, run_id, account, epoch),
     )
+    if outcome == "paid":
+        count_paid(conn, run_id, report["samples"])
     return outcome
 
 

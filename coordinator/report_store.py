@@ -115,6 +115,8 @@ def add_report(
             pay_reason,
         ),
     )
+    if pay_state == "paid":
+        audit_store.count_paid(conn, run_id, body.samples)
     conn.execute(
         "UPDATE matches SET last_report_at = ? WHERE run_id = ? AND lease_id = ?",
         (now, run_id, match["lease_id"]),

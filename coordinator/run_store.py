@@ -31,8 +31,7 @@ logger = logging.getLogger(__name__)
 _STATUS_QUERY = """
     SELECT r.*,
            (SELECT COUNT(*) FROM matches m WHERE m.run_id = r.id AND m.state = 'active') AS active,
-           (SELECT COALESCE(SUM(p.samples), 0) FROM reports p
-            WHERE p.run_id = r.id AND p.pay_state = 'paid') AS done,
+           r.paid_samples AS done,
            (SELECT COUNT(*) FROM audits a WHERE a.run_id = r.id AND a.state = 'pending') AS audits_pending,
            (SELECT MAX(p.accepted_at) FROM reports p WHERE p.run_id = r.id) AS last_report_at,
            COALESCE((SELECT b.units FROM books b WHERE b.name = 'escrow:' || r.id), 0) AS escrow_units

@@ -261,6 +261,13 @@ MIGRATIONS = (
     """
     CREATE INDEX reports_run_accepted ON reports (run_id, accepted_at)
     """,
+    # A run's paid samples, kept as reports are paid (a paid report stays paid): the same status summed
+    # them over the run's reports (143 of its 149 us at 1,216 reports, and growing with the run).
+    """
+    ALTER TABLE runs ADD COLUMN paid_samples BIGINT NOT NULL DEFAULT 0;
+    UPDATE runs SET paid_samples = (SELECT COALESCE(SUM(p.samples), 0) FROM reports p
+                                    WHERE p.run_id = runs.id AND p.pay_state = 'paid')
+    """,
 )
 
 POSTGRES_BASELINE_VERSION = 7

@@ -43,7 +43,14 @@ from peer.protocol.run_schemas import (
 from peer.protocol.schemas import SHA256_HEADER, HardwareSummary, OfferBody
 from peer.run_link import RunLink
 from tests.conftest import Databases
-from tests.harness import CoordinatorProcess, cli_env, group_members, minimal_spec, start_coordinator
+from tests.harness import (
+    CoordinatorProcess,
+    cli_env,
+    group_members,
+    minimal_spec,
+    query_db,
+    start_coordinator,
+)
 
 HEARTBEAT = 0.5  # lease TTL 1.5 s
 MAX_MODEL = 4096
@@ -296,6 +303,7 @@ async def test_join_report_pay_exactly_and_conserve(market: Market) -> None:
             b.model_dump() for b in report(0, loss=2.0).micro_batches
         ]  # an unaudited report shows what it claimed
         assert listed[0].param_sketch == [1.0, 2.0, 3.0, 4.0] * 8 and listed[0].group_size == 2
+        assert paid_samples(market, run.id) == sum(r.samples for r in listed)  # unaudited: paid at once
         await market.conserved()
 
 
@@ -731,6 +739,18 @@ async def _audited_run(market: Market, a: Peer, b: Peer) -> RunView:
     return run
 
 
+def paid_samples(market: Market, run_id: str) -> int:
+    """The run's paid samples as the coordinator keeps them (the status its transitions read), checked
+    against the sum over its paid reports."""
+    ((kept, summed),) = query_db(
+        market.server.db_url,
+        "SELECT r.paid_samples, (SELECT COALESCE(SUM(p.samples), 0) FROM reports p"
+        f" WHERE p.run_id = r.id AND p.pay_state = 'paid') FROM runs r WHERE r.id = '{run_id}'",
+    )
+    assert kept == summed
+    return kept
+
+
 def _answer(report: ReportBody, index: int, *, wrong: bool = False) -> AuditResultBody:
     claim = report.micro_batches[index]
     sketch = [-x for x in claim.sketch] if wrong else [x * (1 + 1e-6) for x in claim.sketch]
@@ -792,7 +812,7 @@ async def test_audits_hold_pay_until_a_validator_confirms_and_pay_the_validator(
         view = await market.run(run.id)
         mine, theirs = peer_of(view, a.account), peer_of(view, b.account)
         assert mine.paid == accepted.paid and (mine.audits_passed, mine.audits_failed) == (2, 0)
-        assert view.samples == mine.samples == 6 and view.held == 0
+        assert view.samples == mine.samples == 6 == paid_samples(market, run.id) and view.held == 0
         audits = await market.client.audits(run.id)
         assert theirs.fees == sum((x.fee for x in audits), Decimal(0)) > 0  # paid for the recomputation
         assert view.spent == mine.paid + theirs.fees
@@ -967,5 +987,7 @@ async def test_a_failure_needs_a_second_validator_and_a_false_one_costs_its_vali
             run.id, confirming.id, _answer(cheat, confirming.index, wrong=True)
         )
         assert confirmed.state == "failed" and "confirms the failure reported by" in confirmed.reason
+        first_report, _ = await a.client.reports(run.id)
         assert [r.pay_state for r in await a.client.reports(run.id)] == ["paid", "voided"]
+        assert paid_samples(market, run.id) == first_report.samples  # the voided one is not counted
         await market.conserved()
