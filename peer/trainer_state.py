@@ -102,8 +102,8 @@ class StateMixin:
     def _announce(self, *, force: bool = False) -> None:
         """Tell the DHT this peer's epoch: the priority by which joiners choose whom to load the state from
         (the highest). At most every ``state_announce_interval`` unless ``force`` (a state just loaded):
-        each change is a DHT store through every peer's p2pd, and announced after every epoch of a
-        digits swarm (8 epochs a second, 4 peers) they took 0.5 of the machine's 2 cores. A late
+        each change is a DHT store through the peers' p2pd daemons, and announced after every epoch of
+        a digits swarm (8 epochs a second, 4 peers) the daemons took 0.28 of the machine's 2 cores. A late
         announcement only makes a joiner's choice among peers at about the same epoch; the state it
         loads is the donor's current one, whatever the priority said."""
         now = time.monotonic()
