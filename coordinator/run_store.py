@@ -232,6 +232,14 @@ def run_views(conn: sqlite3.Connection, rows: Sequence[sqlite3.Row], *, one: boo
             args,
         )
     }
+    totals = {
+        r["run_id"]: r["samples"]
+        for r in conn.execute(
+            f"SELECT run_id, SUM(samples) AS samples FROM reports {where}"
+            f" {'AND' if where else 'WHERE'} pay_state = 'paid' GROUP BY run_id",
+            args,
+        )
+    }
     refunds = {
         r["debit"]: r["units"]
         for r in conn.execute(
@@ -276,7 +284,7 @@ def run_views(conn: sqlite3.Connection, rows: Sequence[sqlite3.Row], *, one: boo
                 spent=from_units(row["budget_units"] - books.get(book, 0) - held - refunded),
                 refunded=from_units(refunded),
                 target_samples=row["target_samples"] or 0,
-                samples=row["paid_samples"],
+                samples=totals.get(row["id"], 0),
                 epoch=0 if epoch_loss is None else epoch_loss[0] + 1,
                 loss=None if epoch_loss is None else epoch_loss[1],
                 peers=[
