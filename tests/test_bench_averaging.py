@@ -61,7 +61,7 @@ def test_the_averaging_bench_measures_every_method_against_gloo_and_leaves_no_pr
             if "not done within" not in row["reason"]:
                 assert "off the exact mean" in row["reason"] and row["max_error"] > 1e-3, row
             continue
-        assert row["ok"] and not row["reason"], row
+        assert row["ok"] and not row["reason"], (key, row["reason"])
         assert len(row["round_seconds"]) == 1 and row["seconds"] == row["round_seconds"][0] > 0, row
         assert math.isfinite(row["ratio"]) and row["ratio"] > 0, row
         assert row["ratio"] == pytest.approx(row["seconds"] / gloo), row
