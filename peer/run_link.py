@@ -22,13 +22,22 @@ from hivemind.utils import get_logger
 
 from peer.protocol.client import AlreadyApplied, CoordinatorClient, CoordinatorError, CoordinatorUnreachable
 from peer.protocol.identity import Identity
-from peer.protocol.run_schemas import AuditResultBody, AuditTask, ReportBody, RunPeerView, RunView
+from peer.protocol.run_schemas import (
+    AuditClaimBody,
+    AuditResultBody,
+    AuditTask,
+    ReportBody,
+    RunPeerView,
+    RunView,
+)
 
 logger = get_logger(__name__)
 T = TypeVar("T")
 
 #: How many answered audits a link remembers so as not to recompute them (a claim returns at most 64).
 ANSWERED_KEPT = 1024
+#: The most audits one claim may ask for (``AuditClaimBody.limit``).
+MAX_CLAIM = AuditClaimBody.model_fields["limit"].metadata[-1].le
 #: Answers to a report that mean this peer's part in the run is over (dropped, released, run ended).
 FINAL_CODES = frozenset({"not_in_run", "run_ended", "not_joined"})
 
@@ -56,6 +65,8 @@ class RunLink:
         self._peek_lock = threading.Lock()  # the trainer's loop and its round thread both peek
         self._peek_started = -math.inf  # when the last background fetch began (time.monotonic)
         self._claiming: concurrent.futures.Future[list[AuditTask]] | None = None
+        self._claim_pause = 0.0  # seconds the next claim waits first: claims refused for load back off
+        self._asked = 0  # how many audits the claim in flight asked for
         self._unanswered = 0  # reports queued or being sent
         self._answering = 0  # audit answers being sent
         # audits this peer answered or is answering (the most recent ANSWERED_KEPT): a claim still holds
@@ -147,26 +158,51 @@ class RunLink:
             pass
         return time.monotonic() - began
 
-    def claimed_audits(self, limit: int) -> list[AuditTask]:
+    def claimed_audits(self, limit: int, wait: bool = False) -> tuple[list[AuditTask], bool]:
         """Audits of other peers' reports for this peer to recompute, claimed in the background: the ones
-        of the last claim if it has come back (then the next claim starts), else none yet. Never blocks,
-        so that claiming costs the training loop no round trip; none when the coordinator cannot be
-        reached or refuses (this peer is not joined yet, the run ended): auditing never stops training."""
+        of the last claim if it has come back (then the next claim starts), else none yet; and whether
+        auditing is behind: that claim came back full with some this peer has not answered yet, or the
+        coordinator refused it for load (429, 5xx; the next claim then backs off as a report does).
+
+        A claim asks for ``limit`` more than the answers on their way: the coordinator gives the audits
+        this peer holds first, and those would crowd out the new ones. Blocks only with ``wait``, for
+        the claim in flight (bounded by its back-off and the client's request timeout), so that claiming
+        costs the training loop no round trip unless auditing is behind. None, and not behind, when the
+        coordinator cannot be reached or refuses otherwise (this peer is not joined yet, the run ended):
+        auditing never stops training."""
         claim = self._claiming
         if claim is not None and not claim.done():
-            return []
-        self._claiming = asyncio.run_coroutine_threadsafe(
-            self._client.claim_audits(self.run_id, limit), self._loop
-        )
+            if not wait:
+                return [], False
+            concurrent.futures.wait([claim])
+        asked, self._asked = self._asked, min(limit + self._answering, MAX_CLAIM)
+        claiming = self._claim(self._asked, self._claim_pause)
+        self._claiming = asyncio.run_coroutine_threadsafe(claiming, self._loop)
         if claim is None:
-            return []
+            return [], False
         try:
             tasks = claim.result()
-        except (CoordinatorUnreachable, CoordinatorError) as e:
+        except CoordinatorError as e:
+            loaded = e.status == 429 or e.status >= 500
+            settings = self._client.settings
+            if not loaded:
+                logger.warning(f"No audits taken: {e}")
+                return [], False
+            pause = max(self._claim_pause * 2, settings.retry_backoff)
+            self._claim_pause = min(pause, settings.retry_backoff_max)
+            logger.info(f"No audits taken, the next claim in {self._claim_pause:g} s: {e}")
+            return [], True
+        except CoordinatorUnreachable as e:
             logger.warning(f"No audits taken: {e}")
-            return []
+            return [], False
+        self._claim_pause = 0.0
         with self._counting:
-            return [t for t in tasks if t.id not in self._answered]
+            new = [t for t in tasks if t.id not in self._answered]
+        return new, len(tasks) >= asked and bool(new)
+
+    async def _claim(self, limit: int, pause: float) -> list[AuditTask]:
+        await asyncio.sleep(pause)
+        return await self._client.claim_audits(self.run_id, limit)
 
     def answer_audit(self, audit_id: str, body: AuditResultBody) -> None:
         """Send an audit's answer in the background (an answer that does not arrive in time goes to

@@ -341,19 +341,29 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin, OverlapMixin):
     def _audit(self) -> None:
         """Recompute the audits the coordinator gave this peer and answer each: the recomputed sketch and
         loss, or declined (an epoch it no longer holds, a recomputation that failed). The recomputation
-        is inline, one claim's worth per epoch, so that auditing keeps pace with training (an audit of
-        an epoch older than the snapshots kept, ``HIVEMARKET_AUDIT_WINDOW``, can only be declined; tried
-        in a thread of its own, it fell behind the fast path's epochs and the audits expired); claiming
-        and answering travel in the background."""
+        is inline, so that auditing keeps pace with training (an audit of an epoch older than the
+        snapshots kept, ``HIVEMARKET_AUDIT_WINDOW``, can only be declined; tried in a thread of its own,
+        it fell behind the fast path's epochs and the audits expired). Claiming and answering travel in
+        the background, one claim's worth an epoch, while auditing keeps up; when it is behind (a full
+        claim: audits are waiting; or a claim refused for load) the next claim is awaited and recomputed
+        before training on, until one brings nothing new. That is the backpressure: without it, two peers
+        at 30 epochs/s on digits went over the coordinator's 50 requests/s per account, their claims were
+        refused, they fell out of the window within 10 s and every later audit expired: the reports went
+        unpaid and the run never reached its target."""
         if self.validator is None:
             return
-        for audit in self.link.claimed_audits(self.settings.audits_per_claim):
-            try:
-                result = self.validator.recompute(audit)
-            except Exception as e:  # a dataset or task failure here must not stop training
-                logger.warning(f"Audit {audit.id} could not be recomputed: {e!r}")
-                result = AuditResultBody(declined=f"recomputation failed: {e!r}"[:300])
-            self.link.answer_audit(audit.id, result)
+        behind = False
+        while not self.stop.is_set():
+            tasks, behind = self.link.claimed_audits(self.settings.audits_per_claim, wait=behind)
+            for audit in tasks:
+                try:
+                    result = self.validator.recompute(audit)
+                except Exception as e:  # a dataset or task failure here must not stop training
+                    logger.warning(f"Audit {audit.id} could not be recomputed: {e!r}")
+                    result = AuditResultBody(declined=f"recomputation failed: {e!r}"[:300])
+                self.link.answer_audit(audit.id, result)
+            if not behind:
+                return
 
     # ---------------------------------------------------------------------------------------- the end
 

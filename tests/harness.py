@@ -389,16 +389,18 @@ def marked(mark: str, value: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def local_market(folder: Path, peers: int, timeout: float) -> Iterator[tuple[Demo, list[str]]]:
-    """A coordinator, a funded launcher and ``peers`` renting peers (their accounts), all stopped after;
-    the test fails if any process of theirs survives."""
+def local_market(
+    folder: Path, peers: int, timeout: float, **peer_env: str
+) -> Iterator[tuple[Demo, list[str]]]:
+    """A coordinator, a funded launcher and ``peers`` renting peers (their accounts; ``peer_env`` added
+    to their environment), all stopped after; the test fails if any process of theirs survives."""
     from peer.demo import Demo  # torch and hivemind: only for the tests that train
 
     demo = Demo(peers=peers, drop=False, echo=print, timeout=timeout, folder=folder)
     try:
         demo.start_coordinator()
         demo.fund_launcher()
-        accounts = [demo.add_peer() for _ in range(peers)]
+        accounts = [demo.add_peer(**peer_env) for _ in range(peers)]
         demo.wait_offers(peers)
         yield demo, accounts
     finally:

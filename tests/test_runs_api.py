@@ -50,6 +50,7 @@ from tests.harness import (
     minimal_spec,
     query_db,
     start_coordinator,
+    wait_until,
 )
 
 HEARTBEAT = 0.5  # lease TTL 1.5 s
@@ -767,22 +768,28 @@ async def test_a_validator_leaves_out_the_audits_it_answered_when_a_claim_brings
         await a.client.report(run.id, body)
         with RunLink(market.server.url, b.identity, run.id) as link:
 
-            def claimed() -> list[AuditTask]:
-                """The audits of the next claim that comes back (the first call only starts one)."""
+            def claimed(limit: int = 8) -> tuple[list[AuditTask], bool]:
+                """The audits of the next claim that comes back (the first call only starts one), and
+                whether it came back full."""
                 deadline = time.monotonic() + 10
-                while not (tasks := link.claimed_audits(8)):
+                while not (got := link.claimed_audits(limit))[0]:
                     assert time.monotonic() < deadline, "no audits were claimed"
                     time.sleep(0.01)
-                return tasks
+                return got
 
-            first = await asyncio.to_thread(claimed)  # and the next claim starts at once
-            assert sorted(t.index for t in first) == [0, 1]
+            first, full = await asyncio.to_thread(claimed)  # and the next claim starts at once
+            assert sorted(t.index for t in first) == [0, 1] and not full  # room to spare: not behind
             # that claim comes back holding both again (b holds them, unanswered) before b answers one
             assert link._claiming is not None
             await asyncio.wrap_future(link._claiming)
             answered, other = first
             link.answer_audit(answered.id, _answer(body, answered.index))
-            assert [t.id for t in await asyncio.to_thread(claimed)] == [other.id]
+            assert [t.id for t in (await asyncio.to_thread(claimed))[0]] == [other.id]
+            await asyncio.to_thread(wait_until, lambda: link._answering == 0, 10, "the answer to land", 0.01)
+            await asyncio.to_thread(claimed, 1)  # the claim of 8 in flight comes back; a claim of 1 starts
+            # awaited, a claim is never empty for being early; a claim of 1 comes back full (more may wait)
+            tasks, full = await asyncio.to_thread(link.claimed_audits, 1, True)
+            assert [t.id for t in tasks] == [other.id] and full
 
 
 async def test_audits_hold_pay_until_a_validator_confirms_and_pay_the_validator(market: Market) -> None:
