@@ -60,7 +60,8 @@ Why these figures and how they are measured:
   between a peer's consecutive ``epoch`` events (the first one, the warm-up, has none), split into
   compute (``compute_s`` less the wait for data), data (``data_s``), blocked on the round (``round_s``)
   and the rest (wall - ``compute_s`` - ``round_s``: applying the update, checkpoints, reports, audits,
-  looking at the run; ``report_wait_s``, a trainer's wait for its backlog of reports, is one part of it);
+  looking at the run; ``report_wait_s``, a trainer's wait for its backlog of reports, and ``audit_s``,
+  its recomputation of other peers' audits, are parts of it);
   the mean over every peer's steps, in seconds and as shares of the wall time. Beside
   them the mean ``allreduce_s`` of the averaged steps, and compute over it (issue #18's bytes-lm goal is
   for a configuration whose step computes at least 10x its all-reduce). ``paths`` counts the steps by
@@ -479,13 +480,14 @@ class PeakMemory:
 def step_breakdown(events: list[dict[str, Any]]) -> dict[str, Any]:
     """Where a swarm's step goes, from its peers' ``epoch`` events: per step of a peer (the gap since its
     previous epoch event), the mean seconds of compute (less the data wait), data, round and the rest,
-    and their shares of the mean wall time (with the part of the rest spent waiting for reports to be
-    sent, ``report_wait_s``); the mean all-reduce (``allreduce_s``) of those steps that were averaged."""
+    and their shares of the mean wall time (with the parts of the rest spent waiting for reports to be
+    sent, ``report_wait_s``, and recomputing other peers' audits, ``audit_s``); the mean all-reduce
+    (``allreduce_s``) of those steps that were averaged."""
     by_peer: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     for e in events:
         by_peer[e["peer"]].append(e)
     parts: dict[str, list[float]] = {
-        k: [] for k in ("wall", "compute", "data", "round", "rest", "report_wait")
+        k: [] for k in ("wall", "compute", "data", "round", "rest", "report_wait", "audit")
     }
     allreduce: list[float] = []
     for mine in by_peer.values():
@@ -497,7 +499,8 @@ def step_breakdown(events: list[dict[str, Any]]) -> dict[str, Any]:
             parts["data"].append(e["data_s"])
             parts["round"].append(e["round_s"])
             parts["rest"].append(wall - e["compute_s"] - e["round_s"])
-            parts["report_wait"].append(e.get("report_wait_s", 0.0))  # part of the rest, where logged
+            parts["report_wait"].append(e.get("report_wait_s", 0.0))  # parts of the rest, where logged
+            parts["audit"].append(e.get("audit_s", 0.0))
             if e["outcome"] == "averaged":
                 allreduce.append(e["allreduce_s"])
     if not parts["wall"]:
@@ -509,6 +512,7 @@ def step_breakdown(events: list[dict[str, Any]]) -> dict[str, Any]:
         result[f"{k}_s"] = round(mean[k], 4)
         result[f"{k}_share"] = round(mean[k] / mean["wall"], 3) if mean["wall"] > 0 else None
     result["report_wait_s"] = round(mean["report_wait"], 4)
+    result["audit_s"] = round(mean["audit"], 4)
     result["allreduce_s"] = round(allreduce_s, 4)
     result["compute_over_allreduce"] = round(mean["compute"] / allreduce_s, 2) if allreduce_s else None
     return result
@@ -642,7 +646,7 @@ def print_table(result: dict[str, Any]) -> None:
     if steps:
         print("\nwhere a step goes (mean per step of a peer, from the event logs; s and share of the wall):")
         print(f"{'MODE':<9}{'PATHS':<22}{'WALL s':>8}{'COMPUTE':>15}{'DATA':>15}{'ROUND':>15}{'REST':>15}"
-              f"{'REPORT WAIT s':>15}{'ALLREDUCE s':>13}{'COMPUTE/AR':>12}")  # fmt: skip
+              f"{'REPORT WAIT s':>15}{'AUDITS s':>10}{'ALLREDUCE s':>13}{'COMPUTE/AR':>12}")  # fmt: skip
     for r in steps:
         b = r["step"]
         paths = ",".join(f"{k} {v}" for k, v in sorted(r["paths"].items()))
@@ -650,7 +654,7 @@ def print_table(result: dict[str, Any]) -> None:
             f"{b[f'{k}_s']:>8.4f} {b[f'{k}_share']:>5.1%}" for k in ("compute", "data", "round", "rest")
         )
         ratio = "-" if b["compute_over_allreduce"] is None else f"{b['compute_over_allreduce']:.1f}"
-        wait = f"{b['report_wait_s']:>15.4f}{b['allreduce_s']:>13.4f}"
+        wait = f"{b['report_wait_s']:>15.4f}{b.get('audit_s', 0.0):>10.4f}{b['allreduce_s']:>13.4f}"
         print(f"{r['mode']:<9}{paths:<22}{b['wall_s']:>8.4f}{cells}{wait}{ratio:>12}")
     memory = [r for r in result["rows"] if "peak_rss_mb" in r]
     plain = next((r["peak_rss_mb"] for r in memory if r["mode"] == "plain"), None)

@@ -20,7 +20,9 @@ Events (every one has ``time``, wall-clock seconds, and ``event``):
   was not finite), ``params`` (the parameter sketch), ``group``, ``samples``, ``compute_s``,
   ``data_s`` (the part of ``compute_s`` spent waiting for batches), ``round_s`` (time blocked on the
   network: the all-reduce with its matchmaking, and any state download), ``load_s`` (the part of
-  ``round_s`` spent downloading the state of peers further on), ``allreduce_s``, ``round_bytes`` (the
+  ``round_s`` spent downloading the state of peers further on), ``allreduce_s``, ``report_wait_s`` (the
+  wait for the backlog of reports and audit answers before the epoch), ``audit_s`` (recomputing other
+  peers' audits before the epoch), ``round_bytes`` (the
   payload this peer put into the round, 0 without one; an all-reduce moves about 2(n-1)/n of it each
   way) and ``model_bytes`` (the payload were every parameter averaged: an adapted model's adapters are
   a small share of it);

@@ -166,6 +166,7 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin, OverlapMixin):
             self.settings.report_backlog, self.settings.audits_per_claim, self.stop
         )
         started, self.data_wait, self.load_wait = time.monotonic(), 0.0, 0.0
+        self.epoch_audit_s, self.audit_seconds = self.audit_seconds, 0.0
         epoch, spec = self.epoch, self.spec
         # Just loaded from the swarm, this peer is as far into the epoch as the download took: its own
         # share would reach the round after the others closed it, and it would load again, and again
@@ -240,7 +241,7 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin, OverlapMixin):
         **extra: Any,
     ) -> None:
         """The event log's line for an epoch: where its time went (compute, data, the round, loading a
-        state, waiting for the report backlog) and what its round gave."""
+        state, waiting for the report backlog, the audits recomputed before it) and what its round gave."""
         self.events.write(
             "epoch",
             epoch=done.epoch,
@@ -255,6 +256,7 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin, OverlapMixin):
             load_s=round(self.load_wait, 4),
             allreduce_s=round(allreduce_s, 4),
             report_wait_s=round(report_wait, 4),
+            audit_s=round(self.epoch_audit_s, 4),
             round_bytes=self._element_bytes() * self.n_params if group > 1 else 0,
             model_bytes=self._element_bytes() * self.n_model_params,
             **extra,
@@ -352,7 +354,7 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin, OverlapMixin):
         unpaid and the run never reached its target."""
         if self.validator is None:
             return
-        behind = False
+        began, behind = time.monotonic(), False
         while not self.stop.is_set():
             tasks, behind = self.link.claimed_audits(self.settings.audits_per_claim, wait=behind)
             for audit in tasks:
@@ -363,7 +365,8 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin, OverlapMixin):
                     result = AuditResultBody(declined=f"recomputation failed: {e!r}"[:300])
                 self.link.answer_audit(audit.id, result)
             if not behind:
-                return
+                break
+        self.audit_seconds += time.monotonic() - began
 
     # ---------------------------------------------------------------------------------------- the end
 

@@ -96,6 +96,8 @@ class SetupMixin:
         self.buffers = [torch.zeros_like(p, device="cpu") for p in self.params]
         self.sums = [torch.zeros_like(p) for p in self.params]
         self.data_wait = 0.0  # seconds this epoch's training waited for its batches (the event log's data_s)
+        self.audit_seconds = 0.0  # seconds recomputing audits since the last epoch began ...
+        self.epoch_audit_s = 0.0  # ... and before this one (the event log's audit_s)
         self.load_wait = 0.0  # seconds this epoch waited for the state of peers further on (load_s)
         self.n_params = sum(p.numel() for p in self.params)
         self.n_model_params = sum(p.numel() for p in self.model.parameters())  # frozen ones too

@@ -86,6 +86,7 @@ def test_the_swarm_training_bench_compares_the_swarm_with_ddp_and_leaves_no_proc
         assert sum(step[f"{k}_share"] for k in parts) == pytest.approx(1, abs=0.01), step
         assert step["compute_s"] > 0 and step["round_s"] >= step["allreduce_s"] * 0.9, step
         assert 0 <= step["report_wait_s"] <= step["rest_s"] + 1e-3, step  # a part of the rest
+        assert 0 < step["audit_s"] <= step["rest_s"] + 1e-3, step  # another: the peers audit each other
         # the ratio is of the unrounded means; the times are rounded to 0.1 ms, which at a few ms is ~2%
         half = 0.5e-4
         low = (step["compute_s"] - half) / (step["allreduce_s"] + half)
