@@ -268,6 +268,14 @@ MIGRATIONS = (
     UPDATE runs SET paid_samples = (SELECT COALESCE(SUM(p.samples), 0) FROM reports p
                                     WHERE p.run_id = runs.id AND p.pay_state = 'paid')
     """,
+    # A run's view sums its audits by audited peer and by validator, and averages the loss of its last
+    # epoch: covering indexes for the three, which read whole rows before (measured at 1,596 reports and
+    # 3,192 audits: a view 8.0-9.7 -> 4.1 ms; a 400-step digits swarm fetches about 20 a second).
+    """
+    CREATE INDEX audits_run_account_state ON audits (run_id, account, state);
+    CREATE INDEX audits_run_validator_fee ON audits (run_id, validator, fee_units);
+    CREATE INDEX reports_run_epoch ON reports (run_id, epoch, loss)
+    """,
 )
 
 POSTGRES_BASELINE_VERSION = 7
