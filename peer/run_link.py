@@ -23,7 +23,7 @@ from hivemind.utils import get_logger
 from peer.protocol.client import AlreadyApplied, CoordinatorClient, CoordinatorError, CoordinatorUnreachable
 from peer.protocol.identity import Identity
 from peer.protocol.run_schemas import (
-    AuditClaimBody,
+    MAX_AUDIT_CLAIM,
     AuditResultBody,
     AuditTask,
     ReportBody,
@@ -36,8 +36,6 @@ T = TypeVar("T")
 
 #: How many answered audits a link remembers so as not to recompute them (a claim returns at most 64).
 ANSWERED_KEPT = 1024
-#: The most audits one claim may ask for (``AuditClaimBody.limit``).
-MAX_CLAIM = AuditClaimBody.model_fields["limit"].metadata[-1].le
 #: Answers to a report that mean this peer's part in the run is over (dropped, released, run ended).
 FINAL_CODES = frozenset({"not_in_run", "run_ended", "not_joined"})
 
@@ -175,19 +173,22 @@ class RunLink:
             if not wait:
                 return [], False
             concurrent.futures.wait([claim])
-        asked, self._asked = self._asked, min(limit + self._answering, MAX_CLAIM)
+        tasks, behind = ([], False) if claim is None else self._claimed(claim)
+        self._asked = min(limit + self._answering, MAX_AUDIT_CLAIM)
         claiming = self._claim(self._asked, self._claim_pause)
         self._claiming = asyncio.run_coroutine_threadsafe(claiming, self._loop)
-        if claim is None:
-            return [], False
+        return tasks, behind
+
+    def _claimed(self, claim: concurrent.futures.Future[list[AuditTask]]) -> tuple[list[AuditTask], bool]:
+        """What a claim that came back gives (see :meth:`claimed_audits`); one refused for load sets the
+        next claim's back-off."""
         try:
             tasks = claim.result()
         except CoordinatorError as e:
-            loaded = e.status == 429 or e.status >= 500
-            settings = self._client.settings
-            if not loaded:
+            if not (e.status == 429 or e.status >= 500):
                 logger.warning(f"No audits taken: {e}")
                 return [], False
+            settings = self._client.settings
             pause = max(self._claim_pause * 2, settings.retry_backoff)
             self._claim_pause = min(pause, settings.retry_backoff_max)
             logger.info(f"No audits taken, the next claim in {self._claim_pause:g} s: {e}")
@@ -198,7 +199,7 @@ class RunLink:
         self._claim_pause = 0.0
         with self._counting:
             new = [t for t in tasks if t.id not in self._answered]
-        return new, len(tasks) >= asked and bool(new)
+        return new, len(tasks) >= self._asked and bool(new)
 
     async def _claim(self, limit: int, pause: float) -> list[AuditTask]:
         await asyncio.sleep(pause)

@@ -364,8 +364,12 @@ class LossCurve(View):
     points: list[LossPoint]
 
 
+#: The most audits one claim may take.
+MAX_AUDIT_CLAIM = 64
+
+
 class AuditClaimBody(Body):
-    limit: int = Field(4, ge=1, le=64, description="Most audits to take at once.")
+    limit: int = Field(4, ge=1, le=MAX_AUDIT_CLAIM, description="Most audits to take at once.")
 
 
 class AuditTask(View):
