@@ -184,6 +184,9 @@ def submit(
     )
     column = "audits_passed" if result.passed else "audits_failed"
     conn.execute(f"UPDATE peers SET {column} = {column} + 1 WHERE account = ?", (audit["account"],))
+    passed = int(result.passed)
+    _count_account(conn, run["id"], audit["account"], passed=passed, failed=1 - passed)
+    _count_account(conn, run["id"], validator, fees=total)
     settle_report(conn, now, run["id"], audit["account"], audit["epoch"])
     return _row(conn, audit_id)
 
@@ -213,9 +216,31 @@ def failed_epochs(conn: sqlite3.Connection, run_id: str, account: str) -> int:
     return count
 
 
-def count_paid(conn: sqlite3.Connection, run_id: str, samples: int) -> None:
-    """Add a report's ``samples`` to its run's paid samples, as the report is paid (which is final)."""
+def count_paid(conn: sqlite3.Connection, run_id: str, lease_id: str, samples: int, units: int) -> None:
+    """Add a report's ``samples`` and pay to its run's and its match's tallies, as the report is paid
+    (which is final): a run's view reads them instead of summing the run's reports."""
     conn.execute("UPDATE runs SET paid_samples = paid_samples + ? WHERE id = ?", (samples, run_id))
+    conn.execute(
+        "UPDATE matches SET paid_samples = paid_samples + ?, paid_units = paid_units + ?"
+        " WHERE run_id = ? AND lease_id = ?",
+        (samples, units, run_id, lease_id),
+    )
+
+
+def _count_account(
+    conn: sqlite3.Connection, run_id: str, account: str, *, passed: int = 0, failed: int = 0, fees: int = 0
+) -> None:
+    """Add to an account's tallies in a run (the audits of its reports passed and failed, the fees it
+    earned validating), which a run's view reads instead of summing the run's audits."""
+    conn.execute(
+        """INSERT INTO run_accounts (run_id, account, audits_passed, audits_failed, fee_units)
+           VALUES (?, ?, ?, ?, ?)
+           ON CONFLICT (run_id, account) DO UPDATE SET
+               audits_passed = run_accounts.audits_passed + excluded.audits_passed,
+               audits_failed = run_accounts.audits_failed + excluded.audits_failed,
+               fee_units = run_accounts.fee_units + excluded.fee_units""",
+        (run_id, account, passed, failed, fees),
+    )
 
 
 def settle_report(conn: sqlite3.Connection, now: float, run_id: str, account: str, epoch: int) -> PayState:
@@ -243,7 +268,7 @@ def settle_report(conn: sqlite3.Connection, now: float, run_id: str, account: st
         (outcome, reason, run_id, account, epoch),
     )
     if outcome == "paid":
-        count_paid(conn, run_id, report["samples"])
+        count_paid(conn, run_id, report["lease_id"], report["samples"], units)
     return outcome
 
 

@@ -116,10 +116,21 @@ def add_report(
         ),
     )
     if pay_state == "paid":
-        audit_store.count_paid(conn, run_id, body.samples)
+        audit_store.count_paid(conn, run_id, match["lease_id"], body.samples, pay.units)
     conn.execute(
-        "UPDATE matches SET last_report_at = ? WHERE run_id = ? AND lease_id = ?",
-        (now, run_id, match["lease_id"]),
+        """UPDATE matches SET last_report_at = ?,
+               last_epoch = CASE WHEN last_epoch IS NULL OR last_epoch < ? THEN ? ELSE last_epoch END
+           WHERE run_id = ? AND lease_id = ?""",
+        (now, body.epoch, body.epoch, run_id, match["lease_id"]),
+    )
+    # the run's last epoch and the losses reported at it (its view's epoch and loss)
+    conn.execute(
+        """UPDATE runs SET
+               last_loss_sum = CASE WHEN last_epoch = ? THEN last_loss_sum + ? ELSE ? END,
+               last_loss_count = CASE WHEN last_epoch = ? THEN last_loss_count + 1 ELSE 1 END,
+               last_epoch = ?
+           WHERE id = ? AND (last_epoch IS NULL OR last_epoch <= ?)""",
+        (body.epoch, body.loss, body.loss, body.epoch, body.epoch, run_id, body.epoch),
     )
     audit_store.expire(conn, now, run_id)  # a run with no other peer has nobody to audit the report
     run_store.advance(conn, now, policy, [run_id])

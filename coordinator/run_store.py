@@ -180,8 +180,9 @@ def run_view(conn: sqlite3.Connection, run_id: str) -> RunView:
 
 
 def run_views(conn: sqlite3.Connection, rows: Sequence[sqlite3.Row], *, one: bool = False) -> list[RunView]:
-    """Views of ``rows``: one run (``one``) or every run, each aggregate gathered by one GROUP BY query
-    over the run (or over all runs) rather than a query per run or per report."""
+    """Views of ``rows``: one run (``one``) or every run. Their reports' and audits' tallies are kept
+    on the run, its matches and ``run_accounts`` as reports are paid and audits decided, so a view
+    costs the same however long its run; the rest is gathered by one query over the run (or all runs)."""
     if not rows:
         return []
     if one:
@@ -196,49 +197,8 @@ def run_views(conn: sqlite3.Connection, rows: Sequence[sqlite3.Row], *, one: boo
     matches = defaultdict(list)
     for m in conn.execute(f"SELECT * FROM matches {where} ORDER BY matched_at, account", args):
         matches[m["run_id"]].append(m)
-    per_match: dict[tuple[str, str], tuple[int, int, int | None]] = {
-        (r["run_id"], r["lease_id"]): (r["samples"], r["paid"], r["epoch"])
-        for r in conn.execute(
-            "SELECT run_id, lease_id, SUM(CASE WHEN pay_state = 'paid' THEN samples ELSE 0 END) AS samples,"
-            " SUM(CASE WHEN pay_state = 'paid' THEN paid_units ELSE 0 END) AS paid, MAX(epoch) AS epoch"
-            f" FROM reports {where} GROUP BY run_id, lease_id",
-            args,
-        )
-    }
-    audited: dict[tuple[str, str], tuple[int, int]] = {
-        (r["run_id"], r["account"]): (r["passed"], r["failed"])
-        for r in conn.execute(
-            "SELECT run_id, account, SUM(CASE WHEN state = 'passed' THEN 1 ELSE 0 END) AS passed,"
-            " SUM(CASE WHEN state = 'failed' THEN 1 ELSE 0 END) AS failed"
-            f" FROM audits {where} GROUP BY run_id, account",
-            args,
-        )
-    }
-    fees: dict[tuple[str, str], int] = {
-        (r["run_id"], r["validator"]): r["fees"]
-        for r in conn.execute(
-            f"SELECT run_id, validator, SUM(fee_units) AS fees FROM audits {where}"
-            " GROUP BY run_id, validator",
-            args,
-        )
-    }
-    latest = {
-        r["run_id"]: (r["epoch"], r["loss"])
-        for r in conn.execute(
-            f"""SELECT p.run_id, p.epoch, AVG(p.loss) AS loss FROM reports p
-                JOIN (SELECT run_id, MAX(epoch) AS epoch FROM reports {where} GROUP BY run_id) last
-                  ON p.run_id = last.run_id AND p.epoch = last.epoch
-                GROUP BY p.run_id, p.epoch""",
-            args,
-        )
-    }
-    totals = {
-        r["run_id"]: r["samples"]
-        for r in conn.execute(
-            f"SELECT run_id, SUM(samples) AS samples FROM reports {where}"
-            f" {'AND' if where else 'WHERE'} pay_state = 'paid' GROUP BY run_id",
-            args,
-        )
+    tallies = {
+        (r["run_id"], r["account"]): r for r in conn.execute(f"SELECT * FROM run_accounts {where}", args)
     }
     refunds = {
         r["debit"]: r["units"]
@@ -262,7 +222,6 @@ def run_views(conn: sqlite3.Connection, rows: Sequence[sqlite3.Row], *, one: boo
         book = ledger.escrow_book(row["id"])
         held = books.get(ledger.held_book(row["id"]), 0)
         refunded = refunds.get(book, 0)
-        epoch_loss = latest.get(row["id"])
         views.append(
             RunView(
                 id=row["id"],
@@ -284,18 +243,10 @@ def run_views(conn: sqlite3.Connection, rows: Sequence[sqlite3.Row], *, one: boo
                 spent=from_units(row["budget_units"] - books.get(book, 0) - held - refunded),
                 refunded=from_units(refunded),
                 target_samples=row["target_samples"] or 0,
-                samples=totals.get(row["id"], 0),
-                epoch=0 if epoch_loss is None else epoch_loss[0] + 1,
-                loss=None if epoch_loss is None else epoch_loss[1],
-                peers=[
-                    _peer_view(
-                        m,
-                        per_match.get((row["id"], m["lease_id"]), (0, 0, None)),
-                        audited.get((row["id"], m["account"]), (0, 0)),
-                        fees.get((row["id"], m["account"]), 0),
-                    )
-                    for m in matches[row["id"]]
-                ],
+                samples=row["paid_samples"],
+                epoch=0 if row["last_epoch"] is None else row["last_epoch"] + 1,
+                loss=row["last_loss_sum"] / row["last_loss_count"] if row["last_loss_count"] else None,
+                peers=[_peer_view(m, tallies.get((row["id"], m["account"]))) for m in matches[row["id"]]],
                 model=model_view(row),
                 created_at=row["created_at"],
                 group=group_views.get(row["id"]),
@@ -304,9 +255,8 @@ def run_views(conn: sqlite3.Connection, rows: Sequence[sqlite3.Row], *, one: boo
     return views
 
 
-def _peer_view(
-    m: sqlite3.Row, work: tuple[int, int, int | None], audited: tuple[int, int], fee_units: int
-) -> RunPeerView:
+def _peer_view(m: sqlite3.Row, tally: sqlite3.Row | None) -> RunPeerView:
+    """A match's view, with its account's tallies in the run (None: no audit of it or by it decided)."""
     return RunPeerView(
         account=m["account"],
         lease_id=m["lease_id"],
@@ -317,13 +267,13 @@ def _peer_view(
         joined_at=m["joined_at"],
         peer_id=m["peer_id"],
         maddrs=json.loads(m["maddrs"]) if m["maddrs"] else [],
-        samples=work[0],
-        paid=from_units(work[1]),
+        samples=m["paid_samples"],
+        paid=from_units(m["paid_units"]),
         last_report_at=m["last_report_at"],
-        epoch=work[2],
-        audits_passed=audited[0],
-        audits_failed=audited[1],
-        fees=from_units(fee_units),
+        epoch=m["last_epoch"],
+        audits_passed=tally["audits_passed"] if tally else 0,
+        audits_failed=tally["audits_failed"] if tally else 0,
+        fees=from_units(tally["fee_units"] if tally else 0),
     )
 
 

@@ -113,7 +113,7 @@ class RunLink:
         """The latest view fetched in the background (None before the first), starting a new fetch when
         none is under way: a look at the run that never blocks the caller, for loops that must keep their
         own pace while the coordinator is slow or gone. A new fetch starts at most every ``refresh``
-        seconds: each view costs the coordinator an aggregate over the run's reports."""
+        seconds: each view costs the coordinator a read of the run, its matches and its tallies."""
         with self._peek_lock:
             fetch = self._peeking
             if fetch is not None and not fetch.done():

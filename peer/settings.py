@@ -62,7 +62,7 @@ class PeerSettings(BaseSettings):
         gt=0,
         description="Seconds at least between a trainer's background fetches of its run's view: fetched "
         "after every epoch, a digits swarm's views were a third of the coordinator's CPU (each one "
-        "aggregates the run's reports and audits).",
+        "aggregated the run's reports and audits; it now reads tallies kept as they are decided).",
     )
     state_announce_interval: float = Field(
         2.0,

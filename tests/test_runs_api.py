@@ -741,14 +741,48 @@ async def _audited_run(market: Market, a: Peer, b: Peer) -> RunView:
 
 
 def paid_samples(market: Market, run_id: str) -> int:
-    """The run's paid samples as the coordinator keeps them (the status its transitions read), checked
-    against the sum over its paid reports."""
-    ((kept, summed),) = query_db(
-        market.server.db_url,
+    """The run's paid samples as the coordinator keeps them (the status its transitions read); every
+    tally its view reads (per run, per match, per account) is checked against the sums over the run's
+    reports and audits that it stands for."""
+    url, run = market.server.db_url, f"'{run_id}'"
+    ((kept, summed, last, loss_sum, count, epoch, losses, reported),) = query_db(
+        url,
         "SELECT r.paid_samples, (SELECT COALESCE(SUM(p.samples), 0) FROM reports p"
-        f" WHERE p.run_id = r.id AND p.pay_state = 'paid') FROM runs r WHERE r.id = '{run_id}'",
+        "  WHERE p.run_id = r.id AND p.pay_state = 'paid'),"
+        " r.last_epoch, r.last_loss_sum, r.last_loss_count, (SELECT MAX(p.epoch) FROM reports p"
+        "  WHERE p.run_id = r.id),"
+        " (SELECT COALESCE(SUM(p.loss), 0) FROM reports p WHERE p.run_id = r.id AND p.epoch = r.last_epoch),"
+        " (SELECT COUNT(*) FROM reports p WHERE p.run_id = r.id AND p.epoch = r.last_epoch)"
+        f" FROM runs r WHERE r.id = {run}",
     )
-    assert kept == summed
+    assert (kept, last, count) == (summed, epoch, reported) and loss_sum == pytest.approx(losses)
+    matches = query_db(
+        url,
+        "SELECT m.paid_samples, m.paid_units, m.last_epoch,"
+        " (SELECT COALESCE(SUM(p.samples), 0) FROM reports p WHERE p.run_id = m.run_id"
+        "  AND p.lease_id = m.lease_id AND p.pay_state = 'paid'),"
+        " (SELECT COALESCE(SUM(p.paid_units), 0) FROM reports p WHERE p.run_id = m.run_id"
+        "  AND p.lease_id = m.lease_id AND p.pay_state = 'paid'),"
+        " (SELECT MAX(p.epoch) FROM reports p WHERE p.run_id = m.run_id AND p.lease_id = m.lease_id)"
+        f" FROM matches m WHERE m.run_id = {run}",
+    )
+    assert matches and all(row[:3] == row[3:] for row in matches), matches
+    accounts = query_db(
+        url,
+        "SELECT t.audits_passed, t.audits_failed, t.fee_units,"
+        " (SELECT COUNT(*) FROM audits a WHERE a.run_id = t.run_id AND a.account = t.account"
+        "  AND a.state = 'passed'),"
+        " (SELECT COUNT(*) FROM audits a WHERE a.run_id = t.run_id AND a.account = t.account"
+        "  AND a.state = 'failed'),"
+        " (SELECT COALESCE(SUM(a.fee_units), 0) FROM audits a WHERE a.run_id = t.run_id"
+        "  AND a.validator = t.account)"
+        f" FROM run_accounts t WHERE t.run_id = {run}",
+    )
+    assert all(row[:3] == row[3:] for row in accounts), accounts
+    ((decided,),) = query_db(
+        url, f"SELECT COUNT(*) FROM audits WHERE run_id = {run} AND state IN ('passed', 'failed')"
+    )
+    assert sum(row[0] + row[1] for row in accounts) == decided  # no decided audit left uncounted
     return kept
 
 
@@ -854,6 +888,7 @@ async def test_failed_audits_void_the_pay_and_ban_the_cheat(market: Market) -> N
         assert view.samples == 0  # voided samples do not count toward the target
         assert peer_of(view, a.account).state == "banned" and peer_of(view, a.account).paid == 0
         assert view.spent == peer_of(view, b.account).fees  # only the validator was paid
+        assert peer_of(view, a.account).audits_failed == 3 and paid_samples(market, run.id) == 0
         with pytest.raises(CoordinatorError) as caught:
             await a.client.report(run.id, report(2, samples=6))
         assert caught.value.code == "not_in_run" and "banned" in caught.value.message
