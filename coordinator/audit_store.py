@@ -175,6 +175,7 @@ def submit(
     for who in paid:
         units = min(sql.book(conn, ledger.escrow_book(run["id"])), fee)
         sql.post(conn, ledger.audit_fee(run["id"], who, units), now)
+        _count_account(conn, run["id"], who, fees=units)
         total += units
     state = "passed" if result.passed else "failed"
     conn.execute(
@@ -186,7 +187,6 @@ def submit(
     conn.execute(f"UPDATE peers SET {column} = {column} + 1 WHERE account = ?", (audit["account"],))
     passed = int(result.passed)
     _count_account(conn, run["id"], audit["account"], passed=passed, failed=1 - passed)
-    _count_account(conn, run["id"], validator, fees=total)
     settle_report(conn, now, run["id"], audit["account"], audit["epoch"])
     return _row(conn, audit_id)
 

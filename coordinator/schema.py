@@ -272,8 +272,8 @@ MIGRATIONS = (
     # fetch (measured at 1,596 reports and 3,192 audits: 8.0-9.7 ms a view, growing with the run; a
     # 400-step digits swarm fetches about 20 a second). Per match: its paid samples and pay and its last
     # reported epoch; per run: its last epoch and the losses reported at it; per account in a run: the
-    # audits of its reports passed and failed and the fees it earned as a validator (counted, as the
-    # sums were, to the validator that decided each audit).
+    # audits of its reports passed and failed and the fees it earned as a validator (from the ledger: the
+    # sum over the audits counted a confirmed failure's two fees to the validator that decided it).
     """
     ALTER TABLE matches ADD COLUMN paid_samples BIGINT NOT NULL DEFAULT 0;
     ALTER TABLE matches ADD COLUMN paid_units BIGINT NOT NULL DEFAULT 0;
@@ -304,14 +304,15 @@ MIGRATIONS = (
     );
     INSERT INTO run_accounts (run_id, account)
         SELECT run_id, account FROM audits
-        UNION SELECT run_id, validator FROM audits WHERE validator IS NOT NULL;
+        UNION SELECT substr(debit, 8), substr(credit, 8) FROM entries WHERE kind = 'audit_fee';
     UPDATE run_accounts SET
         audits_passed = (SELECT COUNT(*) FROM audits a WHERE a.run_id = run_accounts.run_id
                          AND a.account = run_accounts.account AND a.state = 'passed'),
         audits_failed = (SELECT COUNT(*) FROM audits a WHERE a.run_id = run_accounts.run_id
                          AND a.account = run_accounts.account AND a.state = 'failed'),
-        fee_units = (SELECT COALESCE(SUM(a.fee_units), 0) FROM audits a WHERE a.run_id = run_accounts.run_id
-                     AND a.validator = run_accounts.account)
+        fee_units = (SELECT COALESCE(SUM(e.units), 0) FROM entries e WHERE e.kind = 'audit_fee'
+                     AND e.debit = 'escrow:' || run_accounts.run_id
+                     AND e.credit = 'earned:' || run_accounts.account)
     """,
 )
 

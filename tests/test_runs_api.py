@@ -774,8 +774,8 @@ def paid_samples(market: Market, run_id: str) -> int:
         "  AND a.state = 'passed'),"
         " (SELECT COUNT(*) FROM audits a WHERE a.run_id = t.run_id AND a.account = t.account"
         "  AND a.state = 'failed'),"
-        " (SELECT COALESCE(SUM(a.fee_units), 0) FROM audits a WHERE a.run_id = t.run_id"
-        "  AND a.validator = t.account)"
+        " (SELECT COALESCE(SUM(e.units), 0) FROM entries e WHERE e.kind = 'audit_fee'"
+        "  AND e.debit = 'escrow:' || t.run_id AND e.credit = 'earned:' || t.account)"
         f" FROM run_accounts t WHERE t.run_id = {run}",
     )
     assert all(row[:3] == row[3:] for row in accounts), accounts
