@@ -299,7 +299,7 @@ async def _persist(settings: ClientSettings, op: Callable[[], Awaitable[T]]) -> 
         try:
             result = await op()
         except (CoordinatorUnreachable, CoordinatorError) as e:
-            if isinstance(e, CoordinatorError) and e.status != 429 and e.status < 500:
+            if isinstance(e, CoordinatorError) and not e.for_load:
                 raise
             delay = min(settings.retry_backoff * 2**failures, settings.retry_backoff_max)
             failures += 1

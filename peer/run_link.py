@@ -185,7 +185,7 @@ class RunLink:
         try:
             tasks = claim.result()
         except CoordinatorError as e:
-            if not (e.status == 429 or e.status >= 500):
+            if not e.for_load:
                 logger.warning(f"No audits taken: {e}")
                 return [], False
             settings = self._client.settings
@@ -245,7 +245,7 @@ class RunLink:
             except CoordinatorError as e:
                 if e.code == "audit_decided":  # decided meanwhile (another validator took it over)
                     return True
-                if (e.status != 429 and e.status < 500) or attempt == settings.retries:
+                if not e.for_load or attempt == settings.retries:
                     logger.warning(f"Answer to audit {audit_id} not recorded: {e}")
                     return False
             except CoordinatorUnreachable as e:  # it goes to another validator in time
@@ -308,7 +308,7 @@ class RunLink:
                     self.ended = f"{e.code}: {e.message}"
                     logger.info(f"The coordinator takes no more reports from this peer ({self.ended})")
                     return
-                if e.status != 429 and e.status < 500:
+                if not e.for_load:
                     logger.warning(f"Report of epoch {body.epoch} refused: {e}")
                     return
             await asyncio.sleep(min(backoff * 2**failures, backoff_max))

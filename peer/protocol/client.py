@@ -140,6 +140,11 @@ class CoordinatorError(Exception):
         where = f", field {self.field}" if self.field else ""
         return f"{' '.join(self.message.split())} ({self.status} {self.code}{where})"
 
+    @property
+    def for_load(self) -> bool:
+        """Whether the coordinator refused for load (429, 5xx): the same request may succeed later."""
+        return self.status == 429 or self.status >= 500
+
 
 class AlreadyApplied(CoordinatorError):
     """A retried POST was answered "nonce replayed": its first attempt WAS applied; re-read the state."""
