@@ -10,6 +10,12 @@ test or bench process can reach the hosts' servers directly. Each lab takes a /2
 interface of the machine uses, so that two labs (a bench still cleaning up, and a new one) never route
 to each other's hosts. Only these addresses are ever traffic targets.
 
+A host can sit behind a home router (``add(name, behind_nat=True)``): a router namespace on the bridge
+holds the public address, the host has a private one (``10.214.N.2`` on a /24 of its own, N counted per
+lab) behind it, and the router masquerades the host's outgoing traffic (nftables NAT) and forwards
+nothing inbound, as a home router with no port forwarding does. The other hosts can reach the router's
+address and nothing behind it; the host reaches every other host.
+
 Faults (each on one host's link, in both directions unless said otherwise):
 
 - ``loss(host, percent)``: the host's namespace drops that share of the packets it *sends* (nftables
@@ -42,6 +48,7 @@ from pathlib import Path
 
 PREFIX = "hm"
 NETWORK = "10.213"  # each lab takes a free /24 of 10.213.0.0/16 (see Lab.subnet)
+HOME_NETWORK = "10.214"  # the private /24s behind the lab's home routers (see Lab.add)
 TOOLS = ("ip", "tc", "nft")
 
 
@@ -84,13 +91,13 @@ def sweep() -> list[str]:
     return removed
 
 
-def free_subnet() -> str:
-    """A /24 of NETWORK that no interface of this machine has an address in."""
+def free_subnet(network: str = NETWORK, taken: Sequence[str] = ()) -> str:
+    """A /24 of ``network`` (a /16) that no interface of this machine, and none of ``taken``, has."""
     used = sh("ip", "-o", "-4", "addr", "show", check=False).stdout
     for n in range(1, 255):
-        if f" {NETWORK}.{n}." not in used:
-            return f"{NETWORK}.{n}"
-    raise LabError(f"every /24 of {NETWORK}.0.0/16 is in use")
+        if f" {network}.{n}." not in used and f"{network}.{n}" not in taken:
+            return f"{network}.{n}"
+    raise LabError(f"every /24 of {network}.0.0/16 is in use")
 
 
 def _alive(pid: int) -> bool:
@@ -123,11 +130,21 @@ def _remove_namespace(ns: str) -> None:
 
 @dataclass
 class Host:
+    """A host: its namespace, its own address, and its link (``dev`` here, ``hub_dev`` at the other end,
+    in ``link_ns``: the hub's, or its home router's). ``public_ip`` is the address the other hosts see
+    its traffic come from: its own, or its router's when it is behind a NAT."""
+
     name: str
     ns: str
     ip: str
     dev: str = "eth0"
     hub_dev: str = ""
+    link_ns: str = ""
+    public_ip: str = ""
+
+    @property
+    def behind_nat(self) -> bool:
+        return self.public_ip != self.ip
 
 
 class Lab:
@@ -145,6 +162,7 @@ class Lab:
         self.hub = f"{self.tag}-hub"
         self.control = f"{PREFIX}{os.getpid()}c{Lab.made}"[-15:]  # an interface name has 15 characters
         self.hosts: dict[str, Host] = {}
+        self.homes: list[str] = []  # the private /24s behind the home routers
         self.processes: list[subprocess.Popen] = []
         self.subnet = free_subnet()
         self.control_ip = f"{self.subnet}.1"
@@ -169,10 +187,65 @@ class Lab:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def add(self, name: str) -> Host:
-        """A new host called ``name``, linked to the bridge, with loopback up."""
-        i = len(self.hosts)
-        host = Host(name, f"{self.tag}-{name}", f"{self.subnet}.{10 + i}", hub_dev=f"v{i}")
+    def add(self, name: str, *, behind_nat: bool = False) -> Host:
+        """A new host called ``name`` with loopback up, linked to the bridge, or with ``behind_nat`` to a
+        home router of its own (a host ``<name>rt`` on the bridge) that masquerades its traffic and lets
+        nothing in that the host did not start."""
+        if not behind_nat:
+            host = self._bridged(name)
+            self.hosts[name] = host
+            return host
+        router = self._bridged(f"{name}rt")
+        self.hosts[router.name] = router
+        home = free_subnet(HOME_NETWORK, self.homes)
+        self.homes.append(home)
+        host = Host(name, f"{self.tag}-{name}", f"{home}.2", hub_dev="lan", link_ns=router.ns,
+                    public_ip=router.ip)  # fmt: skip
+        sh("ip", "netns", "add", host.ns)
+        sh("ip", "link", "set", "lo", "up", ns=host.ns)
+        sh(
+            "ip",
+            "link",
+            "add",
+            "lan",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            host.dev,
+            "netns",
+            host.ns,
+            ns=router.ns,
+        )
+        sh("ip", "addr", "add", f"{home}.1/24", "dev", "lan", ns=router.ns)
+        sh("ip", "link", "set", "lan", "up", ns=router.ns)
+        sh("ip", "addr", "add", f"{host.ip}/24", "dev", host.dev, ns=host.ns)
+        sh("ip", "link", "set", host.dev, "up", ns=host.ns)
+        sh("ip", "route", "add", "default", "via", f"{home}.1", ns=host.ns)
+        sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=router.ns)
+        sh("nft", "add", "table", "ip", "hmnat", ns=router.ns)
+        sh("nft", "add chain ip hmnat post { type nat hook postrouting priority 100 ; }", ns=router.ns)
+        sh(
+            "nft",
+            f"add rule ip hmnat post ip saddr {home}.0/24 oifname {router.dev} masquerade",
+            ns=router.ns,
+        )
+        # a home router forwards what its hosts started (and the answers to it), nothing else inbound
+        sh(
+            "nft",
+            "add chain ip hmnat inbound { type filter hook forward priority 0 ; policy drop ; }",
+            ns=router.ns,
+        )
+        sh("nft", "add rule ip hmnat inbound ct state established,related accept", ns=router.ns)
+        sh("nft", "add rule ip hmnat inbound iifname lan accept", ns=router.ns)
+        self.hosts[name] = host
+        return host
+
+    def _bridged(self, name: str) -> Host:
+        """A host on the bridge, at the lab's next address."""
+        i = len([h for h in self.hosts.values() if h.link_ns == self.hub])
+        ip = f"{self.subnet}.{10 + i}"
+        host = Host(name, f"{self.tag}-{name}", ip, hub_dev=f"v{i}", link_ns=self.hub, public_ip=ip)
         sh("ip", "netns", "add", host.ns)
         sh("ip", "link", "set", "lo", "up", ns=host.ns)
         sh("ip", "link", "add", host.hub_dev, "type", "veth", "peer", "name", host.dev, "netns", host.ns,
@@ -180,7 +253,6 @@ class Lab:
         sh("ip", "link", "set", host.hub_dev, "master", "br0", "up", ns=self.hub)
         sh("ip", "addr", "add", f"{host.ip}/24", "dev", host.dev, ns=host.ns)
         sh("ip", "link", "set", host.dev, "up", ns=host.ns)
-        self.hosts[name] = host
         return host
 
     # ------------------------------------------------------------------------------------------- faults
@@ -196,7 +268,7 @@ class Lab:
 
     def cap(self, host: Host, mbit: float) -> None:
         """Limit ``host``'s link to ``mbit`` Mbit/s each way (0 removes the cap)."""
-        ends = ((host.dev, host.ns), (host.hub_dev, self.hub))
+        ends = ((host.dev, host.ns), (host.hub_dev, host.link_ns))
         for dev, ns in ends:
             sh("tc", "qdisc", "del", "dev", dev, "root", ns=ns, check=False)
         if mbit:

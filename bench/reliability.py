@@ -17,6 +17,12 @@ launched on them, and faults put on the hosts' links and processes while it trai
 - ``coordinator-kill``: the coordinator is killed with SIGKILL mid-run and restarted 2 s later on the
   same database and port. One run, ``--restarts`` (10) kills;
 - ``clock``: one peer's wall clock runs 2 s ahead (libfaketime);
+- ``nat``: 2 of the 4 peers are volunteers at home (asking 0, as ``peer start --coordinator`` does),
+  each behind a home router of its own (a NAT with no port forwarded: ``bench/netlab.py``); once both
+  are paid, one has its trainer killed and its worker starts a new one. Figures: seconds from the
+  launch to the first report accepted from behind a NAT (``checks``), the killed volunteer's recovery
+  (until it reports again) and the goodput (compare ``clean``'s). Checks: the addresses of the home
+  peers the coordinator hands out are all relayed ones, and each connects from another host;
 - ``long``: a clean run held for ``--minutes`` (10) whose figure is the longest blocked step.
 
 Columns: trials, runs completed, epochs lost (epochs a peer trained and then discarded: a round that
@@ -57,8 +63,10 @@ from bench.averaging import Market
 from bench.netlab import Host, Lab, missing
 from peer.demo import Demo, DemoError
 from peer.events import in_agreement
+from peer.node import is_relayed
 from peer.protocol.run_schemas import RunView
 from peer.protocol.states import ENDED
+from peer.run_link import live_peers
 
 PEERS = 4
 LOSS_PERCENT = 5
@@ -70,11 +78,13 @@ ROUNDS = {"round": ("hivemarket", "8bit"), "round-fast": ("fast", "fp16"), "roun
 BYTES_PER_VALUE = {"8bit": 1, "fp16": 2, "none": 4}
 SCENARIOS = (
     *("clean", "lossy", *ROUNDS, "partition", "freeze"),
-    *("peer-kill", "coordinator-kill", "clock", "long"),
+    *("peer-kill", "coordinator-kill", "clock", "nat", "long"),
 )
 #: Every run's spec changes: a matchmaking time whose request timeout (half of it) outlasts a lost
 #: packet's retransmission (TCP's SYN retry is 1 s), and enough epochs for faults to land mid-run.
 AVERAGING = {"matchmaking_seconds": 3.0, "timeout_seconds": 15.0}
+#: The peers of the ``nat`` scenario that are volunteers at home, behind a NAT each.
+AT_HOME = ("peer-2", "peer-3")
 
 
 @dataclass
@@ -100,14 +110,22 @@ class LabDemo(Demo):
 
     coordinator_port = 8470  # the coordinator's host is its own: a fixed port survives its restarts
 
-    def __init__(self, lab: Lab, folder: Path, timeout: float, clock: dict[str, float] | None = None):
+    def __init__(
+        self,
+        lab: Lab,
+        folder: Path,
+        timeout: float,
+        clock: dict[str, float] | None = None,
+        at_home: tuple[str, ...] = (),
+    ):
         super().__init__(PEERS, False, lambda _text: None, timeout, folder)
         self.lab = lab
         self.clock = clock or {}
+        self.at_home = at_home  # the peers behind a NAT each
 
     def lab_host(self, name: str) -> Host:
         ns_name = name.replace("-", "")
-        return self.lab.hosts.get(ns_name) or self.lab.add(ns_name)
+        return self.lab.hosts.get(ns_name) or self.lab.add(ns_name, behind_nat=name in self.at_home)
 
     def host(self, name: str) -> str:
         return self.lab_host(name).ip
@@ -129,8 +147,8 @@ class LabDemo(Demo):
     def start(self, changes: dict[str, Any]) -> None:
         self.start_coordinator()
         self.fund_launcher()
-        for _ in range(PEERS):
-            self.add_peer()
+        for i in range(PEERS):
+            self.add_peer(price="0" if f"peer-{i}" in self.at_home else None)  # at home: volunteers
         self.wait_offers(PEERS)
         # A bid well over the asks: a peer that lapsed (a partition) is priced lower by the market (its
         # reliability fell) and must still be worth matching again when it returns.
@@ -432,6 +450,64 @@ def scenario_clock(lab: Lab, folder: Path, args: argparse.Namespace) -> Trial:
         demo.close()
 
 
+def scenario_nat(lab: Lab, folder: Path, args: argparse.Namespace) -> Trial:
+    """``nat``: volunteers behind home routers train, are paid, and one comes back after a kill."""
+    demo = LabDemo(lab, folder, args.timeout, at_home=AT_HOME)
+    try:
+        launched = time.time()
+        demo.start({"stop": {"epochs": 400}})
+        home = {a: n for a, n in demo.names().items() if n in AT_HOME}
+
+        def accepted(since: float) -> dict[str, float]:
+            """Each home peer's first report accepted after ``since`` (wall clock)."""
+            found = {}
+            for name in home.values():
+                times = [e["time"] for e in demo.events(name) if e["event"] == "report_accepted"]
+                if any(t >= since for t in times):
+                    found[name] = min(t for t in times if t >= since)
+            return found
+
+        def paid(accounts: list[str]) -> bool | None:
+            view = demo.view()
+            return (
+                True if all(any(p.paid > 0 for p in view.peers if p.account == a) for a in accounts) else None
+            )
+
+        first = demo.wait(
+            "a report accepted from behind a NAT", lambda: min(accepted(0.0).values(), default=None)
+        )
+        demo.wait("both home peers paid", lambda: paid(list(home)))
+        maddrs = [m for p in live_peers(demo.view()) if p.account in home for m in p.maddrs]
+        dialer = lab.hosts["coordinator"]
+        dialed = [_dials(lab, dialer, m) for m in maddrs]
+        victim = AT_HOME[0]
+        trainer = demo.wait(f"{victim}'s trainer", lambda: demo.trainer(victim))
+        killed_at = time.time()
+        for p in [*trainer.children(recursive=True), trainer]:
+            p.kill()
+        back = demo.wait(f"{victim} to report again", lambda: accepted(killed_at).get(victim), interval=0.5)
+        trial = demo.finish(Trial(), wait_end=False)
+        trial.completed = demo.view().state == "running"
+        trial.recovery.append(back - killed_at)
+        trial.checks = {
+            "first_report_s": round(first - launched, 1),
+            "home_paid": bool(paid(list(home))),
+            "addresses": len(maddrs),
+            "private_addresses": sum(not is_relayed(m) for m in maddrs),
+            "dialed": sum(dialed),
+        }
+        return trial
+    finally:
+        demo.close()
+
+
+def _dials(lab: Lab, host: Host, maddr: str) -> bool:
+    """Whether a node on ``host`` connects to ``maddr`` (``bench/dial.py``)."""
+    argv = [sys.executable, "-m", "bench.dial", maddr, "--listen", f"/ip4/{host.ip}/tcp/0"]
+    done = subprocess.run(lab.command(host, argv), capture_output=True, text=True, timeout=60)
+    return done.returncode == 0
+
+
 def scenario_long(lab: Lab, folder: Path, args: argparse.Namespace) -> Trial:
     demo = LabDemo(lab, folder, args.minutes * 60 + args.timeout)
     try:
@@ -528,6 +604,7 @@ RUNNERS: dict[str, Callable[[Lab, Path, argparse.Namespace], Trial]] = {
     "peer-kill": scenario_peer_kill,
     "coordinator-kill": scenario_coordinator_kill,
     "clock": scenario_clock,
+    "nat": scenario_nat,
     "long": scenario_long,
 }
 

@@ -62,6 +62,7 @@ from peer.protocol.schemas import (
     OfferResponse,
     OfferView,
     PeerList,
+    ReachView,
 )
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,24 @@ class Coordinator:
     async def healthz(self, ctx: Context) -> Health:
         return Health(status="ok")
 
+    async def reachability(self, ctx: Context) -> ReachView:
+        """Dial the asking host back at the port it names: whether others can reach it there. Only ever
+        the address the request came from, so the check cannot be pointed at another host; signed, so it
+        counts against the account's rate limit."""
+        address, port = ctx.request.remote or "", ctx.body.port
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(address, port), self.settings.reach_check_timeout
+            )
+        except TimeoutError:
+            reason = f"no answer in {self.settings.reach_check_timeout:g} s"
+        except OSError as e:
+            reason = e.strerror or type(e).__name__
+        else:
+            writer.close()
+            return ReachView(address=address, port=port, reachable=True, reason="connected")
+        return ReachView(address=address, port=port, reachable=False, reason=reason)
+
     async def prometheus(self, ctx: Context) -> web.Response:
         counts = await self.store.counts()
         for state in typing.get_args(states.RunState):
@@ -117,6 +136,17 @@ class Coordinator:
     async def deposit(self, ctx: Context) -> AccountView:
         return await self.store.deposit(
             ctx.now, ctx.envelope, ctx.path_id("account"), to_units(ctx.body.amount)
+        )
+
+    async def withdraw(self, ctx: Context) -> AccountView:
+        return await self.store.withdraw(
+            ctx.now, ctx.envelope, ctx.path_id("account"), to_units(ctx.body.amount)
+        )
+
+    async def transfer(self, ctx: Context) -> AccountView:
+        body = ctx.body
+        return await self.store.transfer(
+            ctx.now, ctx.envelope, ctx.path_id("account"), body.to, to_units(body.amount)
         )
 
     async def account(self, ctx: Context) -> AccountView:
@@ -152,6 +182,9 @@ class Coordinator:
 
     async def heartbeat(self, ctx: Context) -> LeaseView:
         return await self.store.heartbeat(ctx.now, ctx.envelope, ctx.path_id("lease_id"), ctx.body.telemetry)
+
+    async def withdraw_offer(self, ctx: Context) -> OfferResponse:
+        return await self.store.withdraw_offer(ctx.now, ctx.envelope, ctx.path_id("lease_id"))
 
     async def list_peers(self, ctx: Context) -> PeerList:
         return PeerList(peers=await self.store.peers())

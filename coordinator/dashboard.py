@@ -291,7 +291,7 @@ def _ledger(board: Board) -> str:
     return f"""<section data-live id="ledger"><h2>Ledger audit</h2>
 <p class="figures"><span id="ledger-verdict" class="{"ok" if ledger.conserved else "error"}">{verdict}</span>
 <span>deposits <b>{fmt_money(ledger.deposits)}</b></span>
-<span>holdings <b>{fmt_money(ledger.holdings)}</b> (balances, escrow, earnings and fees)</span></p>
+<span>holdings <b>{fmt_money(ledger.holdings)}</b> (balances, escrow, earnings, fees, withdrawn)</span></p>
 </section>"""
 
 

@@ -1,10 +1,13 @@
 """Double-entry ledger: every movement of money is an entry that debits one book and credits another.
 
 Books are named ``external`` (where deposits come from), ``balance:<account>``, ``escrow:<run>``,
-``held:<run>`` (reports' pay waiting for their audits), ``earned:<account>`` and ``fees``. A deposit moves
-money from ``external`` into a balance; escrow, holds, payouts, refunds and fees move it between the other
-books, so the sum of all non-external books (the holdings)
-always equals the deposits. The functions here are pure: they turn a request into entries, or refuse it
+``held:<run>`` (reports' pay waiting for their audits), ``earned:<account>``, ``withdrawn:<account>`` (paid
+out of the market to the account's owner) and ``fees``. A deposit moves money from ``external`` into a
+balance; escrow, holds, payouts, refunds, fees, transfers and withdrawals move it between the other books,
+so the sum of all non-external books (the holdings) always equals the deposits. A withdrawal is recorded in
+the ``withdrawn`` book rather than sent back to ``external``: nothing ever draws from that book, so the
+audit counts every payout among the holdings and the deposits it checks them against stay what was
+deposited. The functions here are pure: they turn a request into entries, or refuse it
 with a reason, given the current books; the store applies the entries in one transaction.
 """
 
@@ -16,7 +19,18 @@ from typing import Literal
 
 EXTERNAL = "external"
 FEES = "fees"
-EntryKind = Literal["deposit", "escrow_hold", "payout", "refund", "fee", "pay_hold", "pay_void", "audit_fee"]
+EntryKind = Literal[
+    "deposit",
+    "escrow_hold",
+    "payout",
+    "refund",
+    "fee",
+    "pay_hold",
+    "pay_void",
+    "audit_fee",
+    "withdrawal",
+    "transfer",
+]
 
 
 def balance_book(account: str) -> str:
@@ -33,6 +47,10 @@ def held_book(run_id: str) -> str:
 
 def earned_book(account: str) -> str:
     return f"earned:{account}"
+
+
+def withdrawn_book(account: str) -> str:
+    return f"withdrawn:{account}"
 
 
 class BookLimit(ValueError):
@@ -102,6 +120,42 @@ def audit_fee(run_id: str, validator: str, units: int) -> list[Entry]:
 
 def refund(run_id: str, owner: str, units: int) -> list[Entry]:
     return [Entry("refund", escrow_book(run_id), balance_book(owner), units)] if units else []
+
+
+def spendable(account: str) -> tuple[str, str]:
+    """The books an account's withdrawal or transfer draws from, in order: its earnings first, then its
+    balance. Earnings first because they are what a renter was paid and wants out, while the balance holds
+    what a launcher keeps to escrow into runs (a launch draws on the balance alone); the balance pays the
+    rest, so a launcher can also take out what it deposited and did not spend."""
+    return earned_book(account), balance_book(account)
+
+
+def _draw(books: Mapping[str, int], account: str, units: int, kind: EntryKind, credit: str) -> list[Entry]:
+    """Entries of ``kind`` that move ``units`` from the :func:`spendable` books of ``account`` to
+    ``credit``, each book in turn until the amount is met; :class:`InsufficientFunds` (for the books
+    together) when they hold less."""
+    available = sum(books.get(book, 0) for book in spendable(account))
+    if available < units:
+        raise InsufficientFunds("+".join(spendable(account)), units, available)
+    entries, left = [], units
+    for book in spendable(account):
+        part = min(left, books.get(book, 0))
+        if part:
+            entries.append(Entry(kind, book, credit, part))
+        left -= part
+    return entries
+
+
+def withdraw(books: Mapping[str, int], account: str, units: int) -> list[Entry]:
+    """Pay ``units`` out of the market to ``account``'s owner: a recorded payout into its ``withdrawn``
+    book, drawn as :func:`spendable` says."""
+    return _draw(books, account, units, "withdrawal", withdrawn_book(account))
+
+
+def transfer(books: Mapping[str, int], sender: str, recipient: str, units: int) -> list[Entry]:
+    """Move ``units`` from ``sender`` (drawn as :func:`spendable` says) into ``recipient``'s balance, where
+    it can escrow runs, be transferred on or be withdrawn."""
+    return _draw(books, sender, units, "transfer", balance_book(recipient))
 
 
 def apply(books: Mapping[str, int], entries: Iterable[Entry], limit: int) -> dict[str, int]:

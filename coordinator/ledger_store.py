@@ -1,5 +1,6 @@
-"""Persistence of accounts and the ledger's checks: deposits, what an account holds, and the audits of the
-books against the deposits and against their entries (incrementally, or every entry for the admin).
+"""Persistence of accounts and the ledger's checks: deposits, withdrawals and transfers, what an account
+holds, and the audits of the books against the deposits and against their entries (incrementally, or
+every entry for the admin).
 
 Every function takes the connection of the write (or read) it is part of;
 :class:`coordinator.store.SQLStore` runs them inside one transaction with the request's nonce. The
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
+from collections.abc import Callable, Mapping
 
 from coordinator import ledger, offer_store, sql
+from coordinator.errors import BadRequest, Conflict, Forbidden
 from peer.protocol.envelope import Envelope
 from peer.protocol.money import from_units
 from peer.protocol.schemas import AccountView
@@ -22,6 +25,65 @@ def deposit(conn: sqlite3.Connection, now: float, env: Envelope, account: str, u
     sql.claim_nonce(conn, env)
     sql.post(conn, ledger.deposit(account, units), now)
     return account_view(conn, account)
+
+
+def withdraw(conn: sqlite3.Connection, now: float, env: Envelope, account: str, units: int) -> AccountView:
+    """Pay ``units`` out of the market to the account's owner, who signs: a recorded payout, drawn from its
+    earnings first, then its balance (:func:`coordinator.ledger.spendable`)."""
+    _claim_as_owner(conn, env, account, "withdraw from")
+    _spend(conn, now, account, units, "withdraw", lambda books: ledger.withdraw(books, account, units))
+    return account_view(conn, account)
+
+
+def transfer(
+    conn: sqlite3.Connection, now: float, env: Envelope, account: str, recipient: str, units: int
+) -> AccountView:
+    """Move ``units`` from the signer's account to ``recipient``'s balance, drawn as a withdrawal is."""
+    _claim_as_owner(conn, env, account, "transfer from")
+    if recipient == account:
+        raise BadRequest(
+            f"to {recipient!r} is the sending account itself: a transfer moves money to another account",
+            field="to",
+        )
+    _spend(
+        conn, now, account, units, "transfer", lambda books: ledger.transfer(books, account, recipient, units)
+    )
+    return account_view(conn, account)
+
+
+def _claim_as_owner(conn: sqlite3.Connection, env: Envelope, account: str, doing: str) -> None:
+    """Claim the request's nonce, then refuse (403) a signer that is not ``account``: only an account's
+    owner moves its money out."""
+    sql.claim_nonce(conn, env)
+    if env.account != account:
+        raise Forbidden(
+            f"account {env.account[:12]}... may not {doing} account {account[:12]}...: only its owner may",
+            field="account",
+        )
+
+
+def _spend(
+    conn: sqlite3.Connection,
+    now: float,
+    account: str,
+    units: int,
+    doing: str,
+    entries: Callable[[Mapping[str, int]], list[ledger.Entry]],
+) -> None:
+    """Post the ``entries`` that move ``units`` out of the account's spendable books, or refuse with 409
+    ``insufficient_funds`` naming ``amount``, quoting it and what the books hold (nothing is written)."""
+    books = sql.books(conn, set(ledger.spendable(account)))
+    try:
+        moved = entries(books)
+    except ledger.InsufficientFunds as e:
+        earned, balance = (from_units(books.get(book, 0)) for book in ledger.spendable(account))
+        raise Conflict(
+            f"amount {from_units(units)} is more than account {account[:12]}... can {doing}: "
+            f"{from_units(e.available)} is available (earned {earned} + balance {balance})",
+            code="insufficient_funds",
+            field="amount",
+        ) from None
+    sql.post(conn, moved, now)
 
 
 def account_view(conn: sqlite3.Connection, account: str) -> AccountView:
@@ -35,6 +97,7 @@ def account_view(conn: sqlite3.Connection, account: str) -> AccountView:
         balance=from_units(sql.book(conn, ledger.balance_book(account))),
         escrow=from_units(escrow),
         earned=from_units(sql.book(conn, ledger.earned_book(account))),
+        withdrawn=from_units(sql.book(conn, ledger.withdrawn_book(account))),
         reputation=offer_store.standing_of(conn, account),
     )
 

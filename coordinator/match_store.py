@@ -1,7 +1,7 @@
 """Persistence of a peer's place in a run (its match, made by a clearing round): the check that the signer
 holds one, joining the run (where its peers reach it), checking in with the run's training group and using its
-rendezvous store (:mod:`coordinator.group_store`), leaving it, and ending a match (a leave, a ban) so that its
-lease returns to the open market.
+rendezvous store (:mod:`coordinator.group_store`), leaving it, ending a match (a leave, a ban) so that its
+lease returns to the open market, and ending a lease with the match it holds (a lapse, a withdrawn offer).
 
 Every function takes the connection of the write (or read) it is part of;
 :class:`coordinator.store.SQLStore` runs them inside one transaction with the request's nonce. The run's
@@ -44,6 +44,8 @@ def active_match(conn: sqlite3.Connection, run_id: str, account: str) -> sqlite3
             f"{who} was dropped from run {run_id!r} when its lease lapsed; nothing is paid after a drop "
             "(post the offer again to be matched anew)"
         )
+    elif rows[0]["state"] == "withdrawn":
+        message = f"{who} withdrew its offer, and with it its place in run {run_id!r}"
     elif rows[0]["state"] == "left":
         message = f"{who} gave its place in run {run_id!r} back"
     elif rows[0]["state"] == "banned":
@@ -144,3 +146,22 @@ def end_match(conn: sqlite3.Connection, run_id: str, match: sqlite3.Row, state: 
         "UPDATE leases SET run_id = NULL, price_units = NULL WHERE id = ? AND run_id = ?",
         (match["lease_id"], run_id),
     )
+
+
+def end_lease(conn: sqlite3.Connection, lease_id: str, lease_state: str, match_state: str) -> list[str]:
+    """End a lease (``lapsed``: its peer went silent; ``released``: its peer withdrew the offer) and the
+    active match it holds (``dropped``, ``withdrawn``): nothing is paid under the match after this, and the
+    run goes on with its other peers. Returns the runs whose match ended; the caller decides their groups
+    anew (:func:`coordinator.group_store.refresh_group`) once every lease it ends is ended, so that peers
+    leaving together change a group once."""
+    run_ids = [
+        row[0]
+        for row in conn.execute(
+            "SELECT run_id FROM matches WHERE lease_id = ? AND state = 'active'", (lease_id,)
+        ).fetchall()
+    ]
+    conn.execute("UPDATE leases SET state = ? WHERE id = ?", (lease_state, lease_id))
+    conn.execute(
+        "UPDATE matches SET state = ? WHERE lease_id = ? AND state = 'active'", (match_state, lease_id)
+    )
+    return run_ids

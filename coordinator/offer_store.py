@@ -1,5 +1,5 @@
-"""Persistence of offers and the leases they open: posting an offer, renewing its lease by heartbeat, the
-book of offers, the peers behind them, and the standing the market prices each peer by.
+"""Persistence of offers and the leases they open: posting an offer, renewing its lease by heartbeat,
+withdrawing it, the book of offers, the peers behind them, and the standing the market prices each peer by.
 
 Every function takes the connection of the write (or read) it is part of;
 :class:`coordinator.store.SQLStore` runs them inside one transaction with the request's nonce. Decisions
@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from coordinator import leases, sql, verification
+from coordinator import group_store, leases, match_store, run_store, runs, sql, verification
 from coordinator.errors import ApiError, Conflict, Forbidden, NotFound
 from coordinator.leases import LeaseConfig
 from peer.protocol.envelope import Envelope
@@ -55,7 +55,9 @@ def lease_view(row: Mapping[str, Any], times: LeaseConfig) -> LeaseView:
 
 
 def offer_view(row: Mapping[str, Any]) -> OfferView:
-    state = "offline" if row["lease_state"] != "active" else "matched" if row["run_id"] else "open"
+    state = {"active": "matched" if row["run_id"] else "open", "released": "withdrawn"}.get(
+        row["lease_state"], "offline"
+    )
     return OfferView(
         account=row["account"],
         price_per_hour=from_units(row["price_units"]),
@@ -146,6 +148,34 @@ def _renew(conn: sqlite3.Connection, lease: Mapping[str, Any], last: float, now:
     return uptime
 
 
+def withdraw(
+    conn: sqlite3.Connection,
+    now: float,
+    env: Envelope,
+    lease_id: str,
+    times: LeaseConfig,
+    policy: runs.RunPolicy,
+) -> OfferResponse:
+    """Withdraw the signer's offer (``rent`` on Ctrl-C, a volunteer node that stops): its lease ends
+    ``released`` and its match in a run, if it holds one, ends ``withdrawn``, the way a lapse drops a match:
+    the run's group forms anew without the peer and the run goes on with its other peers (or pauses below
+    its minimum). Unlike a lapse it costs no reliability: a peer that says it leaves is not one that
+    vanished. The request proves the peer was up until now, so it credits that uptime as a heartbeat
+    would. Refused as a heartbeat is: a lease that does not exist (404), is another account's (403), or
+    has ended (409 ``lease_lapsed``, ``lease_released``)."""
+    sql.claim_nonce(conn, env)
+    found = conn.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
+    _check_lease(found, lease_id, env.account)
+    lease = dict(found)
+    _renew(conn, lease, lease["last_heartbeat"], now, times.ttl)
+    for run_id in match_store.end_lease(conn, lease_id, "released", "withdrawn"):
+        group_store.refresh_group(conn, now, run_id, policy.group)
+        run_store.advance(conn, now, policy, [run_id])
+    lease |= {"state": "released", "last_heartbeat": now}
+    offer = conn.execute(OFFER_QUERY + " WHERE o.account = ?", (env.account,)).fetchone()
+    return OfferResponse(offer=offer_view(offer), lease=lease_view(lease, times))
+
+
 @dataclass(frozen=True)
 class Heartbeat:
     """One signed heartbeat: the lease it renews, when it arrived, the GPUs' telemetry if it carried any."""
@@ -225,8 +255,9 @@ def _check_lease(lease: Mapping[str, Any] | None, lease_id: str, account: str) -
     if lease["account"] != account:
         raise Forbidden(f"lease {lease_id!r} belongs to another account", field="lease_id")
     if lease["state"] != "active":
+        ended = "was released: its offer was withdrawn" if lease["state"] == "released" else "has lapsed"
         raise Conflict(
-            f"lease {lease_id!r} has {lease['state']}; post your offer again for a new lease",
+            f"lease {lease_id!r} {ended}; post your offer again for a new lease",
             code=f"lease_{lease['state']}",
             field="lease_id",
         )

@@ -57,6 +57,10 @@ from peer.protocol.schemas import (
     OfferList,
     OfferResponse,
     PeerList,
+    ReachBody,
+    ReachView,
+    TransferBody,
+    WithdrawBody,
 )
 
 
@@ -85,6 +89,15 @@ ROUTES: Sequence[Route] = (
         content_type="text/html",
     ),
     Route("GET", "/healthz", Coordinator.healthz, "Liveness", response=Health),
+    Route(
+        "POST",
+        "/v1/reachability",
+        Coordinator.reachability,
+        "Dial the asking host back at a port: whether others can reach it (or it is behind a NAT)",
+        auth="signed",
+        body=ReachBody,
+        response=ReachView,
+    ),
     Route("GET", "/openapi.json", openapi, "This OpenAPI document", content_type="application/json"),
     Route("GET", "/metrics", Coordinator.prometheus, "Prometheus metrics", content_type=CONTENT_TYPE_LATEST),
     Route(
@@ -94,6 +107,24 @@ ROUTES: Sequence[Route] = (
         "Credit an account (admin)",
         auth="admin",
         body=DepositBody,
+        response=AccountView,
+    ),
+    Route(
+        "POST",
+        "/v1/accounts/{account}/withdraw",
+        Coordinator.withdraw,
+        "Pay money out of the market to your account's owner: from its earnings first, then its balance",
+        auth="signed",
+        body=WithdrawBody,
+        response=AccountView,
+    ),
+    Route(
+        "POST",
+        "/v1/accounts/{account}/transfer",
+        Coordinator.transfer,
+        "Move money from your account to another account's balance: from earnings first, then balance",
+        auth="signed",
+        body=TransferBody,
         response=AccountView,
     ),
     Route("GET", "/v1/accounts/{account}", Coordinator.account, "An account's money", response=AccountView),
@@ -129,6 +160,14 @@ ROUTES: Sequence[Route] = (
         auth="signed",
         body=HeartbeatBody,
         response=LeaseView,
+    ),
+    Route(
+        "POST",
+        "/v1/leases/{lease_id}/withdraw",
+        Coordinator.withdraw_offer,
+        "Withdraw your offer: its lease ends released (no lapse counted) and its run goes on without you",
+        auth="signed",
+        response=OfferResponse,
     ),
     Route(
         "GET",

@@ -29,6 +29,12 @@ class ServerSettings(BaseSettings):
     lapse_after_heartbeats: float = Field(3.0, gt=1, description="A lease lapses after this many missed H.")
     clearing_interval: float = Field(3.0, gt=0, description="Seconds between market clearing rounds.")
     sweep_interval: float = Field(1.0, gt=0, description="Seconds between checks for lapsed leases.")
+    reach_check_timeout: float = Field(
+        2.5,
+        gt=0,
+        description="Seconds the coordinator waits to connect back to a peer that asks whether it can be "
+        "reached (TCP's first SYN retry is at 1 s).",
+    )
     rate_limit_per_second: float = Field(50.0, gt=0, description="Sustained signed requests per account.")
     rate_limit_burst: float = Field(100.0, gt=0, description="Requests an account may send at once.")
     write_batch_max: int = Field(512, gt=0, description="Most writes committed in one database transaction.")

@@ -89,6 +89,10 @@ class Store(Protocol):
     async def close(self) -> None: ...
     async def lead(self) -> bool: ...
     async def deposit(self, now: float, env: Envelope, account: str, units: int) -> AccountView: ...
+    async def withdraw(self, now: float, env: Envelope, account: str, units: int) -> AccountView: ...
+    async def transfer(
+        self, now: float, env: Envelope, account: str, recipient: str, units: int
+    ) -> AccountView: ...
     async def account(self, account: str) -> AccountView: ...
     async def audit(self, *, incremental: bool) -> ledger.Audit: ...
     async def replay_audit(self, env: Envelope) -> ledger.Audit: ...
@@ -96,6 +100,7 @@ class Store(Protocol):
     async def heartbeat(
         self, now: float, env: Envelope, lease_id: str, telemetry: Telemetry | None = None
     ) -> LeaseView: ...
+    async def withdraw_offer(self, now: float, env: Envelope, lease_id: str) -> OfferResponse: ...
     async def peers(self) -> list[PeerView]: ...
     async def loss_curve(self, run_id: str) -> LossCurve: ...
     async def offers(self) -> list[OfferView]: ...
@@ -220,6 +225,18 @@ class SQLStore:
             Call(ledger_store.deposit, now, env, account, units), Call(sql.remember_refusal, env)
         )
 
+    async def withdraw(self, now: float, env: Envelope, account: str, units: int) -> AccountView:
+        return await self._db.write(
+            Call(ledger_store.withdraw, now, env, account, units), Call(sql.remember_refusal, env)
+        )
+
+    async def transfer(
+        self, now: float, env: Envelope, account: str, recipient: str, units: int
+    ) -> AccountView:
+        return await self._db.write(
+            Call(ledger_store.transfer, now, env, account, recipient, units), Call(sql.remember_refusal, env)
+        )
+
     async def account(self, account: str) -> AccountView:
         return await self._db.read(Call(ledger_store.account_view, account))
 
@@ -247,6 +264,12 @@ class SQLStore:
     ) -> LeaseView:
         beat = offer_store.Heartbeat(now, env, lease_id, telemetry)
         return await self._db.write_batched(self._heartbeats, beat)
+
+    async def withdraw_offer(self, now: float, env: Envelope, lease_id: str) -> OfferResponse:
+        return await self._db.write(
+            Call(offer_store.withdraw, now, env, lease_id, self.lease_config, self.run_policy),
+            Call(sql.remember_refusal, env),
+        )
 
     async def offers(self) -> list[OfferView]:
         return await self._db.read(offer_store.offers)
@@ -420,17 +443,8 @@ def _sweep(
     lapses = leases.lapsed(now, active, lease_config.ttl)
     dropped_from: set[str] = set()
     for lapse in lapses:
-        conn.execute("UPDATE leases SET state = 'lapsed' WHERE id = ?", (lapse.lease_id,))
         conn.execute("UPDATE peers SET lapses = lapses + 1 WHERE account = ?", (lapse.account,))
-        dropped_from.update(
-            row[0]
-            for row in conn.execute(
-                "SELECT run_id FROM matches WHERE lease_id = ? AND state = 'active'", (lapse.lease_id,)
-            ).fetchall()
-        )
-        conn.execute(
-            "UPDATE matches SET state = 'dropped' WHERE lease_id = ? AND state = 'active'", (lapse.lease_id,)
-        )
+        dropped_from.update(match_store.end_lease(conn, lapse.lease_id, "lapsed", "dropped"))
     for run_id in sorted(dropped_from):
         group_store.refresh_group(conn, now, run_id, run_policy.group)
     group_store.refresh_failed(conn, now, run_policy.group)

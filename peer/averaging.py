@@ -291,7 +291,7 @@ class RunAverager(DecentralizedAverager):
             next_chunk_timeout=self._applied[0],
             compression=compression(compression_name),
             state_compression=NoCompression(),
-            allow_state_sharing=True,
+            allow_state_sharing=not dht.client_mode,  # a peer behind a NAT cannot be downloaded from
         )
 
     def set_target_group_size(self, size: int, timeout: float) -> None:

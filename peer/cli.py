@@ -21,10 +21,12 @@ from peer.console import (
     identity_path,
     load_cli_identity,
     metrics_port_option,
+    node_key,
     print_table,
     stop_on_signals,
     write_json_atomically,
 )
+from peer.p2p_key import P2PKeyError, p2p_key_path, peer_id_of, write_p2p_key
 from peer.protocol import __version__
 from peer.protocol.commands import InputError
 from peer.protocol.identity import Identity, IdentityError, save_identity
@@ -104,12 +106,13 @@ def identity_new(path: str | None, force: bool, as_json: bool) -> None:
     new = Identity.generate()
     try:
         save_identity(new, resolved, force=force)
+        write_p2p_key(p2p_key_path(resolved), replace=True)  # a new account, a new node
     except IdentityError as e:
         raise InputError(str(e)) from None
     except OSError as e:
         raise InputError(f"cannot write identity file {resolved}: {e.strerror}") from None
     if as_json:
-        echo_json({"account": new.account, "path": str(resolved)})
+        echo_json({"account": new.account, "path": str(resolved), **_node_id(resolved)})
     else:
         click.echo(new.account)
 
@@ -120,7 +123,10 @@ def identity_new(path: str | None, force: bool, as_json: bool) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 def identity_show(path: str | None, as_json: bool) -> None:
-    """Print the account id (64 hex characters) of a key file.
+    """Print the account id (64 hex characters) of a key file, and the peer id of the node key beside it.
+
+    The account goes to stdout (so that `$(hivemarket identity show)` is the account), the peer id to
+    stderr; `--json` prints both. The peer id is what `peer start` runs as at every start.
 
     \b
     Example:
@@ -128,10 +134,22 @@ def identity_show(path: str | None, as_json: bool) -> None:
     """
     settings = load_settings()
     loaded = load_cli_identity(path, settings)
+    resolved = identity_path(path, settings)
+    node = _node_id(resolved)
     if as_json:
-        echo_json({"account": loaded.account, "path": str(identity_path(path, settings))})
+        echo_json({"account": loaded.account, "path": str(resolved), **node})
     else:
         click.echo(loaded.account)
+        click.echo(f"peer id  {node['peer_id'] or 'none yet (made by the first peer start)'}", err=True)
+
+
+def _node_id(identity_file: Path) -> dict[str, str | None]:
+    """The peer id of the node key beside ``identity_file`` (None before it exists) and its path."""
+    key = p2p_key_path(identity_file)
+    try:
+        return {"peer_id": peer_id_of(key) if key.exists() else None, "p2p_key": str(key)}
+    except P2PKeyError as e:
+        raise InputError(str(e)) from None
 
 
 # -------------------------------------------------------------------------------------------------- peer
@@ -197,7 +215,11 @@ def _maddrs(values: tuple[str, ...], option: str) -> list[str]:
 @click.option(
     "--initial-peers", multiple=True, metavar="MADDR", help="A running peer to join; repeat for more."
 )
-@click.option("--client-mode", is_flag=True, help="Do not accept incoming connections (behind NAT/firewall).")
+@click.option(
+    "--client-mode",
+    is_flag=True,
+    help="Behind a NAT or firewall: dial out only, be dialed through the --initial-peers as relays.",
+)
 @click.option(
     "--identity", "identity_path", type=click.Path(dir_okay=False), help="Key file of your account."
 )
@@ -227,11 +249,18 @@ def peer_start(
 ) -> None:
     """Start a DHT peer node that publishes its signed capability record; stop it with Ctrl-C.
 
+    The node's peer id comes from the node key beside your account key, so it and the printed maddrs
+    (with a fixed --listen port) stay the same across restarts. With --coordinator the node first asks
+    the coordinator to dial it back: a node nobody can dial (behind a home router, say) says so and runs
+    as with --client-mode. It then prints only addresses others can dial: relayed through its initial
+    peers, never its private ones. Behind a NAT with a forwarded port, --announce the public address.
+
     \b
     Example:
       hivemarket peer start --listen /ip4/0.0.0.0/tcp/31337
-      hivemarket peer start --initial-peers /ip4/10.0.0.5/tcp/31337/p2p/12D3KooW...
+      hivemarket peer start --initial-peers /ip4/10.0.0.5/tcp/31337/p2p/Qm...
       hivemarket peer start --coordinator http://10.0.0.2:8470 --metrics-port 9102
+      hivemarket peer start --client-mode --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/QmRelay...
     """
     from peer.metrics import start_peer_metrics
     from peer.node import DEFAULT_LISTEN, NodeError, PeerNode, start_dht, stop_dht
@@ -246,6 +275,16 @@ def peer_start(
 
     probed = probe(benchmark_seconds=settings.probe_seconds)
     hardware, gpus = summary(probed), [gpu["uuid"] for gpu in probed["gpus"]]
+    try:
+        key = node_key(identity_path, settings)
+        peer_id_of(key)  # a damaged key file fails here, naming it, rather than inside p2pd
+    except (P2PKeyError, OSError) as e:
+        raise InputError(str(e)) from None
+    reachable = _reachable(coordinator, loaded, settings, listen_maddrs, announce_maddrs, client_mode)
+    if reachable is False and not bootstrap:
+        raise InputError(
+            "a node others cannot dial needs --initial-peers: reachable peers it joins and is dialed through"
+        )
     with stop_on_signals() as stop:
         try:
             dht, rsa = start_dht(
@@ -253,11 +292,13 @@ def peer_start(
                 initial_peers=bootstrap,
                 listen=listen_maddrs,
                 announce=announce_maddrs,
-                client_mode=client_mode,
+                key=key,
+                reachable=reachable,
             )
         except NodeError as e:
             raise InputError(str(e)) from None
-        node = PeerNode(dht, rsa, loaded, settings, hardware, sorted(set(roles or ("trainer",))))
+        relays = bootstrap if reachable is False else []
+        node = PeerNode(dht, rsa, loaded, settings, hardware, sorted(set(roles or ("trainer",))), relays)
         stop_volunteering = _volunteer(
             coordinator, loaded, identity_path, settings, hardware, gpus, node.roles, listen_maddrs
         )
@@ -285,6 +326,30 @@ def peer_start(
             stop_volunteering(settings.trainer_stop_timeout + 2 * settings.shutdown_timeout)
             stop_dht(dht, settings)
     click.echo("stopped", err=True)
+
+
+def _reachable(
+    coordinator: str | None,
+    loaded: Identity,
+    settings: PeerSettings,
+    listen: list[str],
+    announce: list[str],
+    client_mode: bool,
+) -> bool | None:
+    """Whether others can dial this node: --client-mode says not, --announce says so, else the
+    coordinator's dial-back when there is one (None: unknown, p2pd's AutoNAT decides). Printed."""
+    if client_mode or announce:
+        return not client_mode
+    if coordinator is None:
+        return None
+    from peer.market_cli import call, client_for
+    from peer.reachability import check
+
+    found = call(client_for(coordinator, loaded), lambda c: check(c, listen, settings.reachability))
+    if found is not None:
+        verdict = "others can dial this node" if found.reachable else "others cannot dial this node"
+        click.echo(f"reach    {verdict} ({found.reason})")
+    return None if found is None else found.reachable
 
 
 def _volunteer(
@@ -323,7 +388,7 @@ def peers(initial_peers: tuple[str, ...], as_json: bool) -> None:
 
     \b
     Example:
-      hivemarket peers --initial-peers /ip4/127.0.0.1/tcp/31337/p2p/12D3KooW... --json
+      hivemarket peers --initial-peers /ip4/127.0.0.1/tcp/31337/p2p/Qm... --json
     """
     from peer.node import NodeError, fetch_records, start_dht, stop_dht
 

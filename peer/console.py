@@ -20,6 +20,7 @@ from typing import Any
 
 import click
 
+from peer.p2p_key import p2p_key_path, write_p2p_key
 from peer.protocol.commands import InputError
 from peer.protocol.identity import (
     Identity,
@@ -74,12 +75,21 @@ def identity_path(path: str | None, settings: PeerSettings) -> Path:
     return Path(path) if path else default_identity_path(settings.home)
 
 
+def node_key(path: str | None, settings: PeerSettings) -> Path:
+    """The node key beside the account key (:mod:`peer.p2p_key`), made now for a home that predates it
+    (quietly: `peer start` prints the peer id it gives)."""
+    key = p2p_key_path(identity_path(path, settings))
+    write_p2p_key(key, replace=False)
+    return key
+
+
 def load_cli_identity(path: str | None, settings: PeerSettings, *, create_default: bool = False) -> Identity:
     """Load the identity; the default file is created on first use when ``create_default``."""
     resolved = identity_path(path, settings)
     if path is None and create_default and not resolved.exists():
         identity = Identity.generate()
         save_identity(identity, resolved)
+        write_p2p_key(p2p_key_path(resolved), replace=True)  # its node key, made with it
         click.echo(f"created a new identity at {resolved}", err=True)
         return identity
     try:

@@ -297,8 +297,9 @@ class Demo:
         self.ask(lambda c: c.deposit(self.launcher.account, Decimal(DEMO_FUNDS)), self.admin)
         self.echo(f"launcher  {self.launcher.account[:12]} funded with {DEMO_FUNDS}")
 
-    def add_peer(self, adversary: AdversaryKind | None = None, **env: str) -> str:
-        """Start one more renting peer (``hivemarket rent``) with a fresh identity, cheating the way
+    def add_peer(self, adversary: AdversaryKind | None = None, price: str | None = None, **env: str) -> str:
+        """Start one more renting peer (``hivemarket rent``) with a fresh identity, asking ``price`` (by
+        default 1.00 for the first peer, 0.10 more for each next one; 0 volunteers), cheating the way
         ``adversary`` names if one is given, with ``env`` added to its environment (settings such as
         ``HIVEMARKET_FAST_PATH``); its account."""
         i = len(self.peers)
@@ -306,7 +307,7 @@ class Demo:
         home.mkdir(parents=True)
         identity = Identity.generate()
         save_identity(identity, home / "identity.pem")
-        price = f"{1 + i / 10:.2f}"
+        price = price or f"{1 + i / 10:.2f}"
         listen = f"/ip4/{self.host(f'peer-{i}')}/tcp/0"
         args = ["rent", "--coordinator", self.url, "--price-per-hour", price, "--listen", listen]
         args += ["--metrics-port", "0"] if self.metrics else []

@@ -1,4 +1,4 @@
-"""Market commands of the ``hivemarket`` CLI: rent, offers, market, account, deposit.
+"""Market commands of the ``hivemarket`` CLI: rent, offers, market, account, deposit, withdraw, transfer.
 
 They talk to a coordinator through :class:`peer.protocol.client.CoordinatorClient`; ``peer/cli.py`` imports
 them lazily, when one is used. Exit status follows the rest of the CLI: 0 ok, 1 a
@@ -29,7 +29,7 @@ from peer.protocol.client import (
     CoordinatorUnreachable,
 )
 from peer.protocol.commands import InputError
-from peer.protocol.identity import Identity, IdentityError, load_identity
+from peer.protocol.identity import ACCOUNT_RE, Identity, IdentityError, load_identity
 from peer.protocol.money import fmt_money, parse_money
 from peer.protocol.schemas import AccountView, HardwareSummary, LeaseView, OfferBody, OfferResponse, Telemetry
 from peer.settings import load_settings
@@ -91,11 +91,17 @@ def _gpus(model: str, count: int) -> str:
 
 
 def _print_account(view: AccountView) -> None:
+    """The account's money, each figure with what it means: a renter's balance of 0 is not "no pay"."""
     click.echo(f"account     {view.account}")
-    click.echo(f"balance     {fmt_money(view.balance)}")
-    click.echo(f"escrow      {fmt_money(view.escrow)}")
-    click.echo(f"earned      {fmt_money(view.earned)}")
-    click.echo(f"reputation  {view.reputation:.3f}")
+    for name, value, meaning in (
+        ("balance", fmt_money(view.balance), "deposits, transfers in and refunds, less runs launched"),
+        ("escrow", fmt_money(view.escrow), "held for the runs you launched"),
+        ("earned", fmt_money(view.earned), "pay for verified work and audit fees, not yet taken out"),
+        ("withdrawn", fmt_money(view.withdrawn), "paid out of the market to you"),
+        ("reputation", f"{view.reputation:.3f}", "0..1, from uptime, lapses and audits"),
+    ):
+        click.echo(f"{name:<11} {value:<12} {meaning}")
+    click.echo("withdraw or transfer draws on earned first, then balance")
 
 
 # -------------------------------------------------------------------------------------------------- rent
@@ -119,6 +125,12 @@ def _print_account(view: AccountView) -> None:
     metavar="MADDR",
     help="Address the run's DHT listens on [default: /ip4/0.0.0.0/tcp/0]; 127.0.0.1 for one machine.",
 )
+@click.option(
+    "--announce",
+    multiple=True,
+    metavar="MADDR",
+    help="Public address of the run's DHT, for a port your router forwards to --listen's (behind NAT).",
+)
 @metrics_port_option
 def rent(
     coordinator: str,
@@ -127,10 +139,12 @@ def rent(
     roles: tuple[str, ...],
     min_lease_seconds: int,
     listen: tuple[str, ...],
+    announce: tuple[str, ...],
     metrics_port: int | None,
 ) -> None:
     """Benchmark this machine, post a signed offer, keep its lease alive and train the runs it is matched
-    to, until Ctrl-C. A price of 0 volunteers the machine.
+    to, until Ctrl-C, which stops the trainer and withdraws the offer (no lapse: your reliability is
+    kept). A price of 0 volunteers the machine.
 
     Prints the offer and the lease, then a line whenever the lease changes state or is assigned to a
     run. When assigned, a trainer process joins the run (its log follows); it stops when the match ends.
@@ -138,9 +152,16 @@ def rent(
     retrying.
 
     \b
+    Behind a home router, the trainer finds out at start that nobody can dial it (the coordinator dials
+    it back), trains in client mode and is dialed through the run's reachable peers; with a port your
+    router forwards, --listen on it and --announce the public address instead.
+
+    \b
     Example:
       hivemarket rent --coordinator http://10.0.0.2:8470 --price-per-hour 1.20
       hivemarket rent --price-per-hour 0 --metrics-port 9102
+      hivemarket rent --price-per-hour 1 --listen /ip4/0.0.0.0/tcp/4001 \\
+        --announce /ip4/203.0.113.7/tcp/4001
     """
     from peer.console import identity_path as resolve_identity
     from peer.metrics import start_peer_metrics
@@ -152,10 +173,12 @@ def rent(
     client = client_for(coordinator, load_cli_identity(identity_path, settings, create_default=True))
     try:
         listen_maddrs = parse_maddrs(listen, "--listen") or list(DEFAULT_LISTEN)
+        announce_maddrs = parse_maddrs(announce, "--announce")
     except NodeError as e:
         raise InputError(str(e)) from None
+    identity_file = resolve_identity(identity_path, settings)
     supervisor = TrainerSupervisor(
-        client.coordinator, resolve_identity(identity_path, settings), settings, listen_maddrs
+        client.coordinator, identity_file, settings, listen_maddrs, announce_maddrs
     )
     from peer.hardware import probe, summary
 
@@ -179,33 +202,28 @@ def rent(
 async def _rent_until_signal(
     client: CoordinatorClient, body: OfferBody, supervisor: TrainerSupervisor, gpus: Sequence[str]
 ) -> None:
-    """Hold the lease until SIGINT/SIGTERM, which cancel this task so the session closes cleanly."""
+    """Hold the lease until SIGINT/SIGTERM, which cancel this task: :func:`_hold_lease` then leaves
+    cleanly (stops the trainer, withdraws the offer) and the session closes."""
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
-    try:
+    with contextlib.suppress(asyncio.CancelledError):
         await _hold_lease(client, body, supervisor, gpus)
-    except asyncio.CancelledError:
-        return
-    finally:
-        await supervisor.stop()
 
 
 def serve_runs_in_background(
     client: CoordinatorClient, body: OfferBody, supervisor: TrainerSupervisor, gpus: Sequence[str]
 ) -> Callable[[float], None]:
     """Hold the offer's lease and train its runs on an event loop in a thread (``peer start
-    --coordinator``); returns the function that stops it all within the given number of seconds."""
+    --coordinator``); returns the function that stops it all, leaving as ``rent`` does on Ctrl-C, within
+    the given number of seconds plus the request timeout the withdrawal of the offer may take."""
     loop = asyncio.new_event_loop()
 
     async def main() -> None:
         async with client:
-            try:
-                await _hold_lease(client, body, supervisor, gpus)
-            finally:
-                await supervisor.stop()
+            await _hold_lease(client, body, supervisor, gpus)
 
     task = loop.create_task(main())
 
@@ -220,7 +238,7 @@ def serve_runs_in_background(
     def stop(timeout: float) -> None:
         if not loop.is_closed():
             loop.call_soon_threadsafe(task.cancel)
-        thread.join(timeout)
+        thread.join(timeout + client.settings.request_timeout)
 
     return stop
 
@@ -230,7 +248,10 @@ async def _hold_lease(
 ) -> None:
     """Heartbeat every lease interval, with the telemetry of the GPUs ``gpus`` (their UUIDs) when they
     report any; post the offer again when the lease lapsed or is unknown; keep the trainer in step with
-    the match the lease holds.
+    the match the lease holds. However it ends (cancelled by Ctrl-C or the node stopping, or failing), it
+    leaves cleanly: it stops the trainer, then withdraws the offer (:func:`_withdraw_offer`), so that the
+    lease ends released rather than lapsing later at the cost of the peer's reliability, and the run goes
+    on with its other peers at once.
 
     The trainer is followed in a task of its own: stopping one may take ``trainer_stop_timeout``, and
     heartbeats must go on meanwhile (measured: a lease re-posted after a partition lapsed again while
@@ -271,6 +292,22 @@ async def _hold_lease(
     finally:
         if following is not None:
             following.cancel()
+        await supervisor.stop()
+        await _withdraw_offer(client, lease)
+
+
+async def _withdraw_offer(client: CoordinatorClient, lease: LeaseView) -> None:
+    """Withdraw the offer whose lease is ``lease``, within one request timeout (no retries past it: a
+    peer that is stopping must not hang on a coordinator that is gone); when that fails, say so and go:
+    the lease then lapses as it would have."""
+    try:
+        with contextlib.suppress(AlreadyApplied):  # a retry found the first attempt applied: withdrawn
+            await asyncio.wait_for(client.withdraw_offer(lease.id), client.settings.request_timeout)
+    except (CoordinatorError, CoordinatorUnreachable, TimeoutError) as e:
+        what = f"timed out after {client.settings.request_timeout:g} s" if isinstance(e, TimeoutError) else e
+        click.echo(f"could not withdraw the offer ({what}); its lease {lease.id} will lapse")
+        return
+    click.echo(f"offer withdrawn: lease {lease.id} released")
 
 
 def read_telemetry(gpus: Sequence[str]) -> Telemetry | None:
@@ -425,7 +462,8 @@ def market(coordinator: str, as_json: bool) -> None:
 )
 @json_option
 def account(account_id: str | None, coordinator: str, identity_path: str | None, as_json: bool) -> None:
-    """Show an account's balance, escrow, earnings and reputation (your own by default).
+    """Show an account's money (balance, escrow, earned, withdrawn: each explained) and reputation (your
+    own by default).
 
     \b
     Example:
@@ -433,11 +471,7 @@ def account(account_id: str | None, coordinator: str, identity_path: str | None,
       hivemarket account 170d094c3df1f0c6b3e7f8b6f8f4c1d6e8a0a4c2b9d7e5f3a1c9b7d5e3f1a2b4 --json
     """
     account_id = account_id or load_cli_identity(identity_path, load_settings()).account
-    view = call(client_for(coordinator), lambda c: c.account(account_id))
-    if as_json:
-        echo_json(view.model_dump(mode="json"))
-    else:
-        _print_account(view)
+    _show_account(call(client_for(coordinator), lambda c: c.account(account_id)), as_json)
 
 
 @click.command("deposit")
@@ -463,16 +497,79 @@ def deposit(account_id: str, amount: str, admin_key: str, coordinator: str, as_j
     except IdentityError as e:
         raise InputError(f"--admin-key: {e}") from None
     client = client_for(coordinator, admin)
-    view = call(client, functools.partial(_deposit_once, account=account_id, amount=value))
+    view = call(client, lambda c: _applied_once(c, lambda: c.deposit(account_id, value), account_id))
+    _show_account(view, as_json)
+
+
+async def _applied_once(
+    client: CoordinatorClient, request: Callable[[], Awaitable[AccountView]], account: str
+) -> AccountView:
+    """Send a request that moves money and answers ``account``; when a retry learns the first attempt was
+    applied, read the account instead (the request is never sent twice)."""
+    try:
+        return await request()
+    except AlreadyApplied:
+        return await client.account(account)
+
+
+def _show_account(view: AccountView, as_json: bool) -> None:
     if as_json:
         echo_json(view.model_dump(mode="json"))
     else:
         _print_account(view)
 
 
-async def _deposit_once(client: CoordinatorClient, account: str, amount: Decimal) -> AccountView:
-    """Deposit; when a retry learns the first attempt was applied, read the account instead."""
-    try:
-        return await client.deposit(account, amount)
-    except AlreadyApplied:
-        return await client.account(account)
+identity_option = click.option(
+    "--identity", "identity_path", type=click.Path(dir_okay=False), help="Key file of your account."
+)
+
+
+@click.command("withdraw")
+@click.argument("amount")
+@coordinator_option
+@identity_option
+@json_option
+def withdraw(amount: str, coordinator: str, identity_path: str | None, as_json: bool) -> None:
+    """Pay AMOUNT out of the market to your account: from what you earned first, then your balance.
+
+    The withdrawal is a recorded payout in the coordinator's ledger (shown as `withdrawn` by `hivemarket
+    account`); more than earned and balance hold together is refused, naming what is available. A
+    withdrawal whose answer was lost is retried with the same nonce, so it is applied exactly once.
+
+    \b
+    Example:
+      hivemarket withdraw 0.05
+      hivemarket withdraw 1.25 --identity ./renter.pem --json
+    """
+    value = money_option(amount, "AMOUNT", positive=True)
+    me = load_cli_identity(identity_path, load_settings())
+    view = call(
+        client_for(coordinator, me), lambda c: _applied_once(c, lambda: c.withdraw(value), me.account)
+    )
+    _show_account(view, as_json)
+
+
+@click.command("transfer")
+@click.argument("to", metavar="ACCOUNT")
+@click.argument("amount")
+@coordinator_option
+@identity_option
+@json_option
+def transfer(to: str, amount: str, coordinator: str, identity_path: str | None, as_json: bool) -> None:
+    """Move AMOUNT from your account to ACCOUNT's balance: from what you earned first, then your balance.
+
+    ACCOUNT can launch runs with it, transfer it on or withdraw it. Shows your account afterwards; a
+    transfer whose answer was lost is retried with the same nonce, so it is applied exactly once.
+
+    \b
+    Example:
+      hivemarket transfer 170d094c3df1f0c6b3e7f8b6f8f4c1d6e8a0a4c2b9d7e5f3a1c9b7d5e3f1a2b4 2.50
+    """
+    if not ACCOUNT_RE.fullmatch(to):
+        raise InputError(f"invalid ACCOUNT: {to!r} is not an account id (64 lowercase hex characters)")
+    value = money_option(amount, "AMOUNT", positive=True)
+    me = load_cli_identity(identity_path, load_settings())
+    view = call(
+        client_for(coordinator, me), lambda c: _applied_once(c, lambda: c.transfer(to, value), me.account)
+    )
+    _show_account(view, as_json)

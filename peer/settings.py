@@ -49,7 +49,15 @@ class PeerSettings(BaseSettings):
         description="Address --metrics-port binds; 0.0.0.0 lets a Prometheus on another machine scrape it.",
     )
     bootstrap_wait: float = Field(
-        120.0, gt=0, description="Seconds a matched peer waits for the run's first peer to join."
+        120.0,
+        gt=0,
+        description="Seconds a matched peer waits for the run's first peer to join (behind a NAT: the first "
+        "peer others can dial).",
+    )
+    reachability: Literal["auto", "public", "private"] = Field(
+        "auto",
+        description="Whether other peers can dial this one: auto asks the coordinator to dial it back at "
+        "start; public and private skip the check (private: behind a NAT, dialed through relays).",
     )
     state_load_timeout: float = Field(
         60.0, gt=0, description="Seconds to download the training state from the run's other peers."

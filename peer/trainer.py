@@ -77,13 +77,20 @@ logger = get_logger(__name__)
 
 class Trainer(SetupMixin, StateMixin, RoundsMixin, OverlapMixin):
     def __init__(
-        self, run_id: str, link: RunLink, identity: Identity, settings: PeerSettings, listen: list[str]
+        self,
+        run_id: str,
+        link: RunLink,
+        identity: Identity,
+        settings: PeerSettings,
+        listen: list[str],
+        announce: list[str],
     ):
         self.run_id = run_id
         self.link = link
         self.identity = identity
         self.settings = settings
         self.listen = listen
+        self.announce = announce  # public addresses of the run's DHT (a port forwarded to this host)
         self.stop = threading.Event()
         self.lock = threading.RLock()  # held while parameters change; the averager copies state under it
         self.workdir = settings.home / "runs" / run_id
@@ -421,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--identity", required=True, type=Path)
     parser.add_argument("--listen", action="append", default=[])
+    parser.add_argument("--announce", action="append", default=[])
     args = parser.parse_args(argv)
     use_hivemind_log_handler("in_root_logger")  # this module's INFO lines too, in hivemind's format
     settings = load_settings()
@@ -428,7 +436,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(settings.train_threads)
     identity = load_identity(args.identity)
     with RunLink(args.coordinator, identity, args.run_id, settings.view_refresh_interval) as link:
-        trainer = Trainer(args.run_id, link, identity, settings, args.listen or ["/ip4/127.0.0.1/tcp/0"])
+        listen = args.listen or ["/ip4/127.0.0.1/tcp/0"]
+        trainer = Trainer(args.run_id, link, identity, settings, listen, args.announce)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: trainer.stop.set())
         try:

@@ -25,10 +25,12 @@ from peer.data.reader import DatasetReader
 from peer.deadlines import RoundDeadlines
 from peer.events import AGREEMENT_TOLERANCE
 from peer.hardware import BF16_MIN_CAPABILITY
-from peer.node import NodeError, follow_clock, start_dht
+from peer.node import NodeError, follow_clock, is_relayed, relayed_maddrs, start_dht
+from peer.p2p_key import peer_id_of, write_p2p_key
 from peer.protocol.dataset import DatasetError, ShardInfo
 from peer.protocol.run_schemas import GroupView, RunView
 from peer.protocol.spec import RunSpec, SpecError, validate_spec
+from peer.reachability import Reachability, check
 from peer.run_link import live_peers
 from peer.samples import SampleStream
 from peer.tasks import TaskError, load_task, trained_parameters
@@ -40,8 +42,11 @@ logger = get_logger(__name__)
 
 def direct_host(maddrs: Sequence[str]) -> str | None:
     """The IPv4 address of the first of this peer's multiaddrs that names one (the others connect to it),
-    or None (no multiaddr with a concrete IPv4 address: a client-mode node)."""
+    or None (no multiaddr with a concrete IPv4 address of its own: a node behind a NAT, dialed through
+    relays, or a client-mode one)."""
     for maddr in maddrs:
+        if is_relayed(maddr):
+            continue
         parts = str(maddr).split("/")
         if len(parts) > 2 and parts[1] == "ip4" and parts[2] != "0.0.0.0":
             return parts[2]
@@ -150,26 +155,57 @@ class SetupMixin:
                 raise TrainerExit(EXIT_RETRY, f"dataset {self.manifest.version[:12]}: {e}") from None
 
     def connect(self, view: RunView) -> RunView:
-        """Start the run's DHT from the peers that joined before this one, then join at the coordinator."""
+        """Start the run's DHT from the peers that joined before this one, then join at the coordinator.
+
+        The run's DHT grows from one seed: the first peer in match order that others can dial starts
+        alone, and every other peer waits for a joined peer it can dial. A peer behind a NAT never seeds
+        (nobody could bootstrap from it): it first tells the run it is there (a join without addresses,
+        so that the next peer in match order seeds instead of waiting for it), then waits for a peer it
+        can dial and joins the DHT in client mode, with the peers it bootstrapped from as its relays."""
+        key = self.workdir / "p2p.key"
+        write_p2p_key(key, replace=True)  # a restarted trainer is a new peer of the run's swarm
+        reach = self._reachability()
+        behind_nat = reach is not None and not reach.reachable
+        if behind_nat:
+            assert reach is not None
+            logger.warning(f"Other peers cannot dial this one ({reach.reason}): it trains through relays")
+        present = False  # a peer behind a NAT told the run it is there
         deadline = time.monotonic() + self.settings.bootstrap_wait
         while True:
             live = live_peers(view)
-            if not any(p.account == self.identity.account for p in live):
+            mine = [i for i, p in enumerate(live) if p.account == self.identity.account]
+            if not mine:
                 raise TrainerExit(EXIT_REFUSED, f"this peer is not (or no longer) matched to {self.run_id}")
-            bootstrap = [m for p in live if p.joined and p.account != self.identity.account for m in p.maddrs]
-            if bootstrap or live[0].account == self.identity.account:
+            direct = {p.account: [m for m in p.maddrs if not is_relayed(m)] for p in live if p.joined}
+            bootstrap = [m for account, ms in direct.items() if account != self.identity.account for m in ms]
+            # every peer before this one in match order is behind a NAT and said so: this one seeds
+            seeds = not behind_nat and all(direct.get(p.account) == [] for p in live[: mine[0]])
+            if bootstrap or seeds:
                 break
+            if behind_nat and not present:
+                view, present = self.link.join(peer_id_of(key), []), True
+                continue
             if time.monotonic() > deadline or self.stop.is_set():
-                raise TrainerExit(EXIT_RETRY, "no peer of the run joined to bootstrap from")
+                raise TrainerExit(EXIT_RETRY, "no peer of the run that this one can dial joined")
             self.stop.wait(self.settings.run_poll_interval)
             view = self.link.view() or view
         if self.link.client.clock.offset is not None:  # the run's peers share the coordinator's clock
             follow_clock(self.link.client.clock.offset)
         try:
-            self.dht, _ = start_dht(self.settings, initial_peers=bootstrap, listen=self.listen)
+            self.dht, _ = start_dht(
+                self.settings,
+                initial_peers=bootstrap,
+                listen=self.listen,
+                announce=self.announce,
+                key=key,
+                reachable=None if reach is None else reach.reachable,
+            )
         except NodeError as e:
             raise TrainerExit(EXIT_RETRY, f"the run's DHT did not start: {e}") from None
-        maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
+        if behind_nat:  # never its private addresses: nobody could dial them
+            maddrs = relayed_maddrs(bootstrap, str(self.dht.peer_id))
+        else:
+            maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
         self.averager = RunAverager(
             self.buffers,
             self.dht,
@@ -185,7 +221,10 @@ class SetupMixin:
             compression_name=self.spec.averaging.compression,
         )
         view = self.link.join(str(self.dht.peer_id), maddrs)
-        logger.info(f"Joined run {self.run_id} as {self.dht.peer_id} ({len(bootstrap)} bootstrap addresses)")
+        logger.info(
+            f"Joined run {self.run_id} as {self.dht.peer_id} ({len(bootstrap)} bootstrap addresses), "
+            f"dialed at {', '.join(maddrs)}"
+        )
         group = self._offer_fast_path(maddrs)
         others = [p for p in live_peers(view) if p.joined and p.account != self.identity.account]
         underway = len(others) >= view.peers_min  # they train without this peer (not waiting for it)
@@ -199,6 +238,13 @@ class SetupMixin:
         self._initial_state(bool(bootstrap))
         self.late = underway  # at a run's start the peers begin epoch 0 together: nobody is late
         return view
+
+    def _reachability(self) -> Reachability | None:
+        """Whether other peers can dial this one: announced addresses are taken at their word, else the
+        coordinator dials this host back (:mod:`peer.reachability`)."""
+        if self.announce:
+            return Reachability(True, "--announce")
+        return self.link.call(lambda: check(self.link.client, self.listen, self.settings.reachability))
 
     def _offer_fast_path(self, maddrs: Sequence[str]) -> GroupView | None:
         """Open this peer's reach address for the fast path (:mod:`peer.collective`), unless the run or

@@ -108,7 +108,7 @@ class StateMixin:
         loads is the donor's current one, whatever the priority said."""
         now = time.monotonic()
         due = force or now - self.announced >= self.settings.state_announce_interval
-        if self.averager is None or not due:
+        if self.averager is None or self.averager.client_mode or not due:  # client mode: nothing to share
             return
         self.averager.state_sharing_priority = self.epoch
         self.announced = now

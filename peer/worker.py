@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -22,11 +23,19 @@ from peer.trainer_exit import EXIT_REFUSED
 
 
 class TrainerSupervisor:
-    def __init__(self, coordinator: str, identity: Path, settings: PeerSettings, listen: list[str]):
+    def __init__(
+        self,
+        coordinator: str,
+        identity: Path,
+        settings: PeerSettings,
+        listen: list[str],
+        announce: Sequence[str] = (),
+    ):
         self.coordinator = coordinator  # every URL of --coordinator: the trainer fails over too
         self.identity = identity
         self.settings = settings
         self.listen = listen
+        self.announce = announce  # what the run's DHT publishes instead of its own addresses
         self.match: tuple[str, str] | None = None  # (lease id, run id): a new lease is a new match
         self.run_id: str | None = None
         self.proc: asyncio.subprocess.Process | None = None
@@ -58,6 +67,7 @@ class TrainerSupervisor:
             click.echo(f"trainer for {self.run_id} exited with {code}; starting it again")
         self.starts += 1
         listen = [arg for maddr in self.listen for arg in ("--listen", maddr)]
+        listen += [arg for maddr in self.announce for arg in ("--announce", maddr)]
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",

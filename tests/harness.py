@@ -152,11 +152,16 @@ class PeerSwarm:
         self.root = root
         self.peers: list[PeerProcess] = []
 
-    def start(self, *args: str, env: dict[str, str] | None = None, timeout: float = 60) -> PeerProcess:
+    def start(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 60, home: Path | None = None
+    ) -> PeerProcess:
+        """A new peer in a home of its own, or in ``home`` (a restart of the peer that used it)."""
         n = len(self.peers)
-        home = self.root / f"peer{n}"
-        home.mkdir(parents=True)
+        if home is None:
+            home = self.root / f"peer{n}"
+            home.mkdir(parents=True)
         status_file, log = home / "status.json", home / "peer.log"
+        status_file.unlink(missing_ok=True)
         with log.open("w") as out:
             proc = subprocess.Popen(
                 [

@@ -74,6 +74,33 @@ def test_the_lab_links_hosts_breaks_links_and_removes_everything(tmp_path: Path)
     assert not namespaces & set(netlab.namespaces())
 
 
+def test_a_host_behind_a_home_router_dials_out_and_is_not_dialed(tmp_path: Path):
+    with netlab.Lab() as lab:
+        out, home = lab.add("out"), lab.add("home", behind_nat=True)
+        assert home.behind_nat and home.public_ip == lab.hosts["homert"].ip != home.ip
+        env = dict(os.environ)
+        for host, bind in ((out, out.ip), (home, "0.0.0.0")):
+            lab.spawn(host, [sys.executable, "-m", "http.server", "8000", "--bind", bind],
+                      log=tmp_path / f"{host.name}.log", env=env)  # fmt: skip
+
+        def reaches(source: netlab.Host, ip: str) -> bool:
+            get = f"import urllib.request as u; u.urlopen('http://{ip}:8000', timeout=2)"
+            return (
+                subprocess.run(
+                    lab.command(source, [sys.executable, "-c", get]), capture_output=True
+                ).returncode
+                == 0
+            )
+
+        deadline = time.monotonic() + 20
+        while not reaches(home, out.ip):
+            assert time.monotonic() < deadline, (tmp_path / "out.log").read_text()
+            time.sleep(0.2)
+        assert f"{home.public_ip} - -" in (tmp_path / "out.log").read_text()  # seen as its router
+        assert not reaches(out, home.ip) and not reaches(out, home.public_ip)  # nothing forwarded in
+        assert "masquerade" in netlab.sh("nft", "list", "ruleset", ns=lab.hosts["homert"].ns).stdout
+
+
 def test_a_lab_whose_owner_died_is_swept(tmp_path: Path):
     script = "from bench.netlab import Lab; lab = Lab(); lab.add('x'); print(lab.tag, flush=True); input()"
     owner = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -124,4 +151,14 @@ def test_peers_killed_mid_allreduce_leave_the_others_in_agreement(tmp_path: Path
     expected = {"kills": 3, "rounds_over_deadline": 0, "not_finite": 0, "disagreed": 0, "paths": ["fast"]}
     assert checks == expected, trial  # every round a kill hit ran on the fast path
     assert max(trial.recovery) <= AVERAGING["timeout_seconds"] + 1, trial
+    assert (trial.data_lost, trial.doubled, trial.conserved) == (0, 0, True), trial
+
+
+@pytest.mark.timeout(540)
+def test_volunteers_behind_home_routers_train_are_paid_and_dialed_through_relays(tmp_path: Path):
+    trial = run_trial("nat", tmp_path, options())
+    checks = trial.checks
+    assert checks["home_paid"] and checks["private_addresses"] == 0, trial
+    assert checks["dialed"] == checks["addresses"] >= 2, trial  # every address handed out connects
+    assert trial.completed and trial.recovery, trial  # the killed volunteer reported again
     assert (trial.data_lost, trial.doubled, trial.conserved) == (0, 0, True), trial

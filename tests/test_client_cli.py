@@ -21,6 +21,7 @@ from typing import TypeVar
 import aiohttp
 import pytest
 
+from peer.market_cli import serve_runs_in_background
 from peer.protocol.client import (
     AlreadyApplied,
     ClientSettings,
@@ -28,9 +29,11 @@ from peer.protocol.client import (
     CoordinatorError,
     CoordinatorUnreachable,
 )
-from peer.protocol.identity import Identity, load_identity
+from peer.protocol.identity import Identity, load_identity, save_identity
 from peer.protocol.schemas import HardwareSummary, OfferBody, OfferResponse, OfferView
-from tests.harness import CoordinatorProcess, cli_env, kill_group, run_cli, start_coordinator
+from peer.settings import load_settings
+from peer.worker import TrainerSupervisor
+from tests.harness import CoordinatorProcess, cli_env, kill_group, query_db, run_cli, start_coordinator
 
 T = TypeVar("T")
 FAST_RETRIES = ClientSettings(retries=3, retry_backoff=0.05, retry_backoff_max=0.2, request_timeout=5)
@@ -96,6 +99,37 @@ async def test_non_admin_deposit_is_refused(coordinator: CoordinatorProcess, tmp
     bad_amount = run_cli("deposit", me, "1e3", "--admin-key", admin_key, env=env)
     assert bad_amount.returncode == 2
     assert "AMOUNT" in one_line_error(bad_amount) and "1e3" in bad_amount.stderr
+
+
+async def test_withdraw_and_transfer_through_cli(coordinator: CoordinatorProcess, tmp_path: Path) -> None:
+    env = cli_env(tmp_path / "home", HIVEMARKET_COORDINATOR=coordinator.url)
+    me = load_identity(tmp_path / "home" / "identity.pem").account
+    friend = Identity.generate().account
+    async with CoordinatorClient(coordinator.url, coordinator.admin) as admin:
+        await admin.deposit(me, "5")
+
+        withdrawn = run_cli("withdraw", "1.5", env=env)
+        assert withdrawn.returncode == 0, withdrawn.stderr
+        assert "withdrawn   1.50" in withdrawn.stdout and "paid out of the market to you" in withdrawn.stdout
+        assert "balance     3.50" in withdrawn.stdout  # every figure says what it is
+        sent = run_cli("transfer", friend, "2", "--json", env=env)
+        assert sent.returncode == 0, sent.stderr
+        view = json.loads(sent.stdout)
+        assert (view["account"], view["balance"], view["withdrawn"]) == (me, "1.500000", "1.500000")
+        assert (await admin.account(friend)).balance == Decimal(2)
+
+        over = run_cli("withdraw", "2", env=env)  # more than the account holds: exit 2, nothing moved
+        assert over.returncode == 2
+        line = one_line_error(over)
+        assert "409 insufficient_funds, field amount" in line and "1.500000 is available" in line, line
+        to_self = run_cli("transfer", me, "1", env=env)
+        assert to_self.returncode == 2 and "field to" in one_line_error(to_self)
+        bad = run_cli("transfer", "not-an-account", "1", env=env)
+        assert bad.returncode == 2 and "ACCOUNT" in one_line_error(bad) and "'not-an-account'" in bad.stderr
+        zero = run_cli("withdraw", "0", env=env)
+        assert zero.returncode == 2 and "AMOUNT" in one_line_error(zero)
+        assert (await admin.account(me)).balance == Decimal("1.5")
+        assert (await admin.audit()).conserved
 
 
 # -------------------------------------------------------------------------------------- offers, market
@@ -326,6 +360,60 @@ async def test_rent_holds_its_lease_and_renews_a_lapsed_one(
         assert "stopped" in log.read_text()
     finally:
         kill_group(rent.pid)
+
+
+async def test_ctrl_c_of_rent_withdraws_the_offer_and_records_no_lapse(
+    fast_leases: CoordinatorProcess, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    env = cli_env(home)
+    me = load_identity(home / "identity.pem").account
+    log = tmp_path / "rent.log"
+    with log.open("w") as out:
+        rent = subprocess.Popen(
+            [sys.executable, "-m", "peer", "rent", "--coordinator", fast_leases.url, "--price-per-hour", "0"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    try:
+        async with CoordinatorClient(fast_leases.url) as client:
+            await _wait_for(lambda: _offer_state_is(client, me, "open"), 60, "the offer", rent, log)
+            await asyncio.sleep(1)  # a couple of heartbeats
+            rent.send_signal(signal.SIGINT)
+            assert rent.wait(timeout=30) == 0, log.read_text()
+            (offer,) = [o for o in await client.offers() if o.account == me]
+            assert offer.state == "withdrawn", log.read_text()
+            assert f"offer withdrawn: lease {offer.lease_id} released" in log.read_text()
+            await asyncio.sleep(3)  # twice the lease's 1.5 s life, swept every 0.2 s: it would have lapsed
+            (later,) = [o for o in await client.offers() if o.account == me]
+            assert (later.state, later.reliability) == ("withdrawn", offer.reliability)
+        lapses = query_db(fast_leases.db_url, f"SELECT lapses FROM peers WHERE account = '{me}'")
+        assert lapses == [(0,)]
+    finally:
+        kill_group(rent.pid)
+
+
+async def test_a_volunteer_that_stops_withdraws_its_offer(
+    fast_leases: CoordinatorProcess, tmp_path: Path
+) -> None:
+    """``peer start --coordinator`` stops through serve_runs_in_background's stop: the same leaving."""
+    peer = Identity.generate()
+    save_identity(peer, tmp_path / "peer.pem")
+    client = CoordinatorClient(fast_leases.url, peer, settings=FAST_RETRIES)
+    supervisor = TrainerSupervisor(client.coordinator, tmp_path / "peer.pem", load_settings(), [])
+    stop = serve_runs_in_background(client, offer_body("0"), supervisor, [])
+    try:
+        async with CoordinatorClient(fast_leases.url) as reader:
+            deadline = time.monotonic() + 20
+            while not await _offer_state_is(reader, peer.account, "open"):
+                assert time.monotonic() < deadline, "the volunteer's offer was not posted"
+                await asyncio.sleep(0.1)
+            await asyncio.to_thread(stop, 5)
+            assert await _offer_state_is(reader, peer.account, "withdrawn")
+    finally:
+        stop(0)
 
 
 async def _offer_state_is(client: CoordinatorClient, account: str, state: str) -> bool:

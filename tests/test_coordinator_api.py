@@ -7,6 +7,7 @@ import json
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,7 @@ async def test_deposit_account_and_audit(api: Api) -> None:
         "balance": "12.500000",
         "escrow": "0.000000",
         "earned": "0.000000",
+        "withdrawn": "0.000000",
         "reputation": account["reputation"],
     }
     assert 0 < account["reputation"] <= 1
@@ -203,6 +205,59 @@ async def test_deposit_rejects_bad_amounts_naming_the_field(api: Api, amount: An
     )
     assert error["field"] == "amount" and reason in error["message"], error
     assert (await api.ok("GET", f"/v1/accounts/{alice.account}"))["balance"] == "0.000000"
+
+
+async def test_withdraw_and_transfer_move_money_and_keep_the_ledger_conserved(api: Api) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    before = await api.audit()
+    await api.fund(alice.account, "10")
+    path = f"/v1/accounts/{alice.account}/withdraw"
+    body = json.dumps({"amount": "3"}).encode()
+    headers = sign_request(alice, "POST", path, body)
+    status, mine = await api.call("POST", path, raw=body, headers=headers)
+    assert status == 200, mine
+    assert (mine["balance"], mine["earned"], mine["withdrawn"]) == ("7.000000", "0.000000", "3.000000")
+    error = await api.error(401, "POST", path, raw=body, headers=headers)  # a replay pays out nothing more
+    assert error["code"] == "nonce_replayed"
+
+    sent = await api.ok(
+        "POST", f"/v1/accounts/{alice.account}/transfer", alice, {"to": bob.account, "amount": "2.5"}
+    )
+    assert (sent["balance"], sent["withdrawn"]) == ("4.500000", "3.000000")
+    bobs = await api.ok("POST", f"/v1/accounts/{bob.account}/withdraw", bob, {"amount": "0.5"})
+    assert (bobs["balance"], bobs["withdrawn"]) == ("2.000000", "0.500000")
+
+    after = await api.audit()  # what was withdrawn stays counted among the holdings, against the deposits
+    assert after["conserved"] is True, after
+    assert Decimal(after["deposits"]) - Decimal(before["deposits"]) == 10
+    assert Decimal(after["holdings"]) - Decimal(before["holdings"]) == 10
+
+
+@pytest.mark.parametrize("route", ["withdraw", "transfer"])
+async def test_withdraw_and_transfer_refuse_what_the_account_does_not_hold(api: Api, route: str) -> None:
+    alice, bob, mallory = Identity.generate(), Identity.generate(), Identity.generate()
+    await api.fund(alice.account, "5")
+    path = f"/v1/accounts/{alice.account}/{route}"
+    to = {"to": bob.account} if route == "transfer" else {}
+
+    error = await api.error(409, "POST", path, alice, {**to, "amount": "5.000001"})
+    assert (error["code"], error["field"]) == ("insufficient_funds", "amount"), error
+    assert "amount 5.000001" in error["message"] and "5.000000 is available" in error["message"], error
+    for amount, reason in (("0", "greater than 0"), ("-1", "'-1' is not a non-negative decimal")):
+        error = await api.error(400, "POST", path, alice, {**to, "amount": amount})
+        assert error["field"] == "amount" and reason in error["message"], error
+    error = await api.error(403, "POST", path, mallory, {**to, "amount": "1"})  # only the owner moves it
+    assert error["field"] == "account" and mallory.account[:12] in error["message"], error
+    if route == "transfer":
+        error = await api.error(400, "POST", path, alice, {"to": alice.account, "amount": "1"})
+        assert error["field"] == "to" and "itself" in error["message"], error
+        error = await api.error(400, "POST", path, alice, {"to": "not-an-account", "amount": "1"})
+        assert error["field"] == "to" and "not-an-account" in error["message"], error
+
+    for who, balance in ((alice, "5.000000"), (bob, "0.000000")):  # nothing was written
+        view = await api.ok("GET", f"/v1/accounts/{who.account}")
+        assert (view["balance"], view["withdrawn"]) == (balance, "0.000000"), view
+    assert (await api.audit())["conserved"] is True
 
 
 async def test_body_errors_name_the_problem(api: Api) -> None:
@@ -340,6 +395,43 @@ async def test_heartbeats_renew_and_a_silent_lease_lapses(api: Api) -> None:
     assert again["offer"]["reliability"] < lease_reliability_of_a_new_peer(
         await api.offer(Identity.generate(), "1", A10)
     )
+
+
+async def test_a_withdrawn_offer_ends_released_and_costs_no_reliability(api: Api) -> None:
+    leaving, vanishing, stranger = Identity.generate(), Identity.generate(), Identity.generate()
+    lease = (await api.offer(leaving, "1.0", A10))["lease"]
+    silent = await api.offer(vanishing, "1.0", A10)
+    withdraw = f"/v1/leases/{lease['id']}/withdraw"
+    error = await api.error(403, "POST", withdraw, stranger)  # another account cannot withdraw it
+    assert error["field"] == "lease_id"
+    assert (await api.error(404, "POST", "/v1/leases/doesnotexist/withdraw", leaving))["code"] == "not_found"
+
+    withdrawn = await api.ok("POST", withdraw, leaving)
+    assert (withdrawn["lease"]["id"], withdrawn["lease"]["state"]) == (lease["id"], "released")
+    assert withdrawn["offer"]["state"] == "withdrawn"
+    error = await api.error(409, "POST", withdraw, leaving)  # a second withdrawal: the lease has ended
+    assert (error["code"], error["field"]) == ("lease_released", "lease_id") and "withdrawn" in error[
+        "message"
+    ]
+    assert (await api.error(409, "POST", f"/v1/leases/{lease['id']}/heartbeat", leaving))["code"] == (
+        "lease_released"
+    )
+
+    async def ours() -> dict[str, dict[str, Any]]:
+        listed = await api.ok("GET", f"/v1/offers?q=account in [{leaving.account},{vanishing.account}]")
+        return {o["account"]: o for o in listed["offers"]}
+
+    deadline = time.monotonic() + 10
+    while (await ours())[vanishing.account]["state"] != "offline":  # the other peer's lease lapses
+        assert time.monotonic() < deadline, "the silent lease did not lapse"
+        await asyncio.sleep(0.1)
+    offers = await ours()
+    assert offers[leaving.account]["state"] == "withdrawn"  # never lapses: no lapse is counted
+    assert offers[leaving.account]["reliability"] == withdrawn["offer"]["reliability"]
+    assert offers[vanishing.account]["reliability"] < silent["offer"]["reliability"]  # a lapse costs
+
+    again = await api.offer(leaving, "1.0", A10)  # offering again opens a new lease
+    assert again["lease"]["id"] != lease["id"] and again["offer"]["state"] == "open"
 
 
 async def test_heartbeat_telemetry_reaches_peers_and_the_dashboard(api: Api) -> None:

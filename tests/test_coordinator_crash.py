@@ -1,17 +1,22 @@
 """Crash safety of the coordinator: SIGKILL in the middle of a burst of signed money requests, 20+ times.
 
-Each cycle pre-signs a burst of concurrent requests (admin deposits into three accounts and launcher
-escrows into new runs), fires it at the real server, SIGKILLs the server while requests are in flight,
-restarts it on the same database (a SQLite file; a PostgreSQL database) and checks that:
+Each cycle pre-signs a burst of concurrent requests (admin deposits into three accounts, launcher escrows
+into new runs, and a payer's withdrawals and transfers to the three accounts), fires it at the real
+server, SIGKILLs the server while requests are in flight, restarts it on the same database (a SQLite
+file; a PostgreSQL database) and checks that:
 
-- every acknowledged (2xx) request is there: deposits are in the balances, acknowledged runs exist;
+- every acknowledged (2xx) request is there: deposits and transfers are in the balances, withdrawals in
+  the payer's ``withdrawn``, acknowledged runs exist;
 - nothing is there twice, and replaying every pre-signed request of the cycle (byte for byte, same
   headers) answers 401 ``nonce_replayed`` exactly for the requests that had been applied and a normal
   success for the others, which are then applied exactly once; a second replay changes nothing;
-- afterwards the balances equal the totals of every request applied once, and the ledger is conserved.
+- afterwards the balances equal the totals of every request applied once, and the ledger is conserved
+  (what was withdrawn still counted among its holdings).
 
-Deposit amounts to one account within a cycle are distinct powers of two (times a scale), so the
-balance a restarted server reports tells exactly which of the cycle's deposits it applied. Runs carry
+Deposit and transfer amounts to one account within a cycle are distinct powers of two (times a scale), so
+the balance a restarted server reports tells exactly which of the cycle's deposits and transfers it
+applied; the payer's withdrawals are distinct powers of two too, so its ``withdrawn`` tells which of them
+it applied, and its balance that it paid each out at most once. Runs carry
 unique names, so ``GET /v1/runs`` tells exactly which escrows were applied (and whether any twice).
 """
 
@@ -51,9 +56,12 @@ from tests.harness import (
 
 CYCLES = 20
 RUNS_PER_CYCLE = 12
-DEPOSITS_PER_ACCOUNT = 6  # three accounts: 18 deposits + 12 runs = 30 requests per burst
+DEPOSITS_PER_ACCOUNT = 6  # three accounts: 18 deposits + 12 runs + 6 transfers + 4 withdrawals = 40 requests
 DEPOSIT_SCALE = UNIT // 1000  # the k-th deposit to an account in a cycle is 2**k * 0.001
+TRANSFERS_PER_ACCOUNT = 2  # the k-th transfer to an account is 2**(DEPOSITS_PER_ACCOUNT + k) * 0.001
+WITHDRAWALS = 4  # the payer's k-th withdrawal in a cycle is 2**k * 0.001
 LAUNCHER_FUNDING = 100_000 * UNIT  # far above what the runs of all cycles escrow: no 402
+PAYER_FUNDING = 1_000 * UNIT  # far above what all cycles withdraw and transfer: no 409
 BURST_SPREAD = 0.03  # seconds over which a burst's requests start: some are always in flight
 NO_RATE_LIMIT = {"HIVEMARKET_RATE_LIMIT_PER_SECOND": "1000000", "HIVEMARKET_RATE_LIMIT_BURST": "1000000"}
 
@@ -62,12 +70,12 @@ NO_RATE_LIMIT = {"HIVEMARKET_RATE_LIMIT_PER_SECOND": "1000000", "HIVEMARKET_RATE
 class Signed:
     """One pre-signed request, kept byte for byte so that it can be replayed exactly."""
 
-    kind: str  # "deposit" or "run"
+    kind: str  # "deposit", "run", "transfer" or "withdraw"
     path: str
     body: bytes
     headers: dict[str, str]
-    units: int  # the deposit's amount, or the run's budget
-    account: str = ""  # the deposit's beneficiary
+    units: int  # the deposit's, transfer's or withdrawal's amount, or the run's budget
+    account: str = ""  # the deposit's or transfer's beneficiary
     name: str = ""  # the run's unique name
 
 
@@ -81,6 +89,23 @@ def _signed_post(identity: Identity, path: str, payload: dict[str, Any]) -> tupl
     body = json.dumps(payload).encode()
     headers = {"Content-Type": "application/json", **sign_request(identity, "POST", path, body)}
     return body, headers
+
+
+def _presign_payouts(payer: Identity, accounts: list[str]) -> list[Signed]:
+    """A cycle's transfers from ``payer`` to each of ``accounts`` and its withdrawals."""
+    requests = []
+    for account in accounts:
+        for k in range(TRANSFERS_PER_ACCOUNT):
+            units = 2 ** (DEPOSITS_PER_ACCOUNT + k) * DEPOSIT_SCALE
+            path = f"/v1/accounts/{payer.account}/transfer"
+            body, headers = _signed_post(payer, path, {"to": account, "amount": format_units(units)})
+            requests.append(Signed("transfer", path, body, headers, units, account=account))
+    for k in range(WITHDRAWALS):
+        units = (2**k) * DEPOSIT_SCALE
+        path = f"/v1/accounts/{payer.account}/withdraw"
+        body, headers = _signed_post(payer, path, {"amount": format_units(units)})
+        requests.append(Signed("withdraw", path, body, headers, units))
+    return requests
 
 
 def _presign_cycle(cycle: int, admin: Identity, launcher: Identity, accounts: list[str]) -> list[Signed]:
@@ -182,6 +207,11 @@ def _holdings(url: str, account: str) -> tuple[int, int]:
     return _units(view["balance"]), _units(view["escrow"])
 
 
+def _withdrawn(url: str, account: str) -> int:
+    """What an account withdrew, in units."""
+    return _units(_get_ok(url, f"/v1/accounts/{account}")["withdrawn"])
+
+
 def _run_names(url: str, owner: str) -> Counter[str]:
     return Counter(run["name"] for run in _get_ok(url, "/v1/runs")["runs"] if run["owner"] == owner)
 
@@ -200,33 +230,38 @@ def _sigkill_and_reap(server: CoordinatorProcess) -> None:
 
 
 @pytest.mark.timeout(240)
-def test_sigkill_during_concurrent_deposits_and_escrows_loses_nothing_acknowledged(
+def test_sigkill_during_concurrent_money_requests_loses_nothing_acknowledged(
     tmp_path: Path, databases: Databases
 ) -> None:
     rng_seed = int(os.environ.get("HIVEMARKET_CRASH_SEED", time.time_ns() % 2**32))
     random.seed(rng_seed)
-    admin, launcher = Identity.generate(), Identity.generate()
+    admin, launcher, payer = Identity.generate(), Identity.generate(), Identity.generate()
     others = [Identity.generate().account for _ in range(2)]
     accounts = [launcher.account, *others]
     home = tmp_path / "coordinator"
     server = start_coordinator(home, admin, env=cli_env(home, **NO_RATE_LIMIT), db_url=databases.url())
 
     # What every account holds once each cycle is settled (all its requests applied exactly once).
-    deposited = dict.fromkeys(accounts, 0)
+    held = dict.fromkeys(accounts, 0)
+    deposits = LAUNCHER_FUNDING + PAYER_FUNDING
+    payer_balance, withdrawn = PAYER_FUNDING, 0
     escrowed = 0
     run_names: list[str] = []
     figures: list[tuple[int, int, int]] = []  # per cycle: acknowledged, applied unacknowledged, not applied
     restart_seconds: list[float] = []
     try:
-        path = f"/v1/accounts/{launcher.account}/deposit"
-        body, headers = _signed_post(admin, path, {"amount": format_units(LAUNCHER_FUNDING)})
-        funding = Signed("deposit", path, body, headers, LAUNCHER_FUNDING, account=launcher.account)
-        [outcome] = asyncio.run(_send_all(server.url, [funding]))
-        assert outcome.status == 200, outcome
-        deposited[launcher.account] += LAUNCHER_FUNDING
+        fundings = []
+        for account, units in ((launcher.account, LAUNCHER_FUNDING), (payer.account, PAYER_FUNDING)):
+            path = f"/v1/accounts/{account}/deposit"
+            body, headers = _signed_post(admin, path, {"amount": format_units(units)})
+            fundings.append(Signed("deposit", path, body, headers, units, account=account))
+        outcomes = asyncio.run(_send_all(server.url, fundings))
+        assert all(outcome.status == 200 for outcome in outcomes), outcomes
+        held[launcher.account] += LAUNCHER_FUNDING
 
         for cycle in range(CYCLES):
-            requests = _presign_cycle(cycle, admin, launcher, accounts)
+            requests = _presign_cycle(cycle, admin, launcher, accounts) + _presign_payouts(payer, accounts)
+            random.shuffle(requests)
             kill = (server.proc.pid, random.randrange(1, 8), random.uniform(0, 0.01))
             outcomes = asyncio.run(_send_all(server.url, requests, kill, spread=BURST_SPREAD))
             _sigkill_and_reap(server)
@@ -249,15 +284,36 @@ def test_sigkill_during_concurrent_deposits_and_escrows_loses_nothing_acknowledg
             applied = [False] * len(requests)
             for account in accounts:
                 balance, escrow = _holdings(server.url, account)
-                delta = balance + escrow - deposited[account]
+                delta = balance + escrow - held[account]
                 bits, rest = divmod(delta, DEPOSIT_SCALE)
-                assert delta >= 0 and rest == 0 and bits < 2**DEPOSITS_PER_ACCOUNT, (
+                assert (
+                    delta >= 0 and rest == 0 and bits < 2 ** (DEPOSITS_PER_ACCOUNT + TRANSFERS_PER_ACCOUNT)
+                ), (
                     f"{where}: {account[:12]} holds {format_units(balance + escrow)}, not its settled "
-                    f"{format_units(deposited[account])} plus a subset of this cycle's deposits"
+                    f"{format_units(held[account])} plus a subset of this cycle's deposits and transfers"
                 )
                 for i, r in enumerate(requests):
-                    if r.kind == "deposit" and r.account == account:
+                    if r.kind in ("deposit", "transfer") and r.account == account:
                         applied[i] = bool(bits & (r.units // DEPOSIT_SCALE))
+            paid_balance = _holdings(server.url, payer.account)[0]
+            paid_out = _withdrawn(server.url, payer.account)
+            bits, rest = divmod(paid_out - withdrawn, DEPOSIT_SCALE)
+            assert paid_out >= withdrawn and rest == 0 and bits < 2**WITHDRAWALS, (
+                f"{where}: the payer withdrew {format_units(paid_out)}, not its settled "
+                f"{format_units(withdrawn)} plus a subset of this cycle's withdrawals"
+            )
+            for i, r in enumerate(requests):
+                if r.kind == "withdraw":
+                    applied[i] = bool(bits & (r.units // DEPOSIT_SCALE))
+            moved = sum(
+                r.units
+                for r, a in zip(requests, applied, strict=True)
+                if a and r.kind in ("transfer", "withdraw")
+            )
+            assert paid_balance == payer_balance - moved, (
+                f"{where}: the payer holds {format_units(paid_balance)}, not its settled "
+                f"{format_units(payer_balance)} less the {format_units(moved)} its applied requests moved"
+            )
             names = _run_names(server.url, launcher.account)
             twice = {name: n for name, n in names.items() if n > 1}
             assert not twice, f"{where}: runs created more than once: {twice}"
@@ -274,7 +330,7 @@ def test_sigkill_during_concurrent_deposits_and_escrows_loses_nothing_acknowledg
 
             # Every acknowledged request survived the kill.
             lost = [
-                (r.kind, r.account[:12] or r.name, format_units(r.units))
+                (r.kind, r.account[:12] or r.name or payer.account[:12], format_units(r.units))
                 for r, a, ok in zip(requests, applied, acked, strict=True)
                 if ok and not a
             ]
@@ -309,20 +365,29 @@ def test_sigkill_during_concurrent_deposits_and_escrows_loses_nothing_acknowledg
 
             # Now every request of the cycle is applied exactly once.
             for r in requests:
-                if r.kind == "deposit":
-                    deposited[r.account] += r.units
-                else:
+                if r.kind == "run":
                     escrowed += r.units
                     run_names.append(r.name)
+                elif r.kind == "withdraw":
+                    payer_balance -= r.units
+                    withdrawn += r.units
+                else:
+                    held[r.account] += r.units
+                    if r.kind == "deposit":
+                        deposits += r.units
+                    else:
+                        payer_balance -= r.units
             for account in accounts:
                 balance, escrow = _holdings(server.url, account)
-                assert balance + escrow == deposited[account], f"{where}: {account[:12]} holds a wrong total"
+                assert balance + escrow == held[account], f"{where}: {account[:12]} holds a wrong total"
                 assert escrow == (escrowed if account == launcher.account else 0), f"{where}: wrong escrow"
+            paid = (*_holdings(server.url, payer.account), _withdrawn(server.url, payer.account))
+            assert paid == (payer_balance, 0, withdrawn), f"{where}: the payer holds {paid}"
             assert _run_names(server.url, launcher.account) == Counter(run_names), f"{where}: runs differ"
             audit = _get_ok(server.url, "/v1/ledger/audit")
             assert audit["conserved"] is True, f"{where}: {audit}"
-            assert _units(audit["deposits"]) == sum(deposited.values()), f"{where}: {audit}"
-            assert _units(audit["holdings"]) == sum(deposited.values()), f"{where}: {audit}"
+            assert _units(audit["deposits"]) == deposits, f"{where}: {audit}"
+            assert _units(audit["holdings"]) == deposits, f"{where}: {audit}"
 
             n_acked = sum(acked)
             n_applied = sum(applied)

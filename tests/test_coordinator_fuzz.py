@@ -57,7 +57,15 @@ from peer.protocol.run_schemas import (
     ReportBody,
     RunBody,
 )
-from peer.protocol.schemas import SHA256_HEADER, DepositBody, HardwareSummary, OfferBody
+from peer.protocol.schemas import (
+    SHA256_HEADER,
+    DepositBody,
+    HardwareSummary,
+    OfferBody,
+    ReachBody,
+    TransferBody,
+    WithdrawBody,
+)
 from tests.conftest import Databases
 from tests.harness import CoordinatorProcess, cli_env, group_members, minimal_spec, start_coordinator
 
@@ -88,6 +96,9 @@ EXAMPLES_PLAIN = 30  # GET without parameters
 # Valid bodies: the fuzz mutates these, so that junk reaches every validator and not only the first.
 VALID_BODIES: dict[type, dict[str, Any]] = {
     DepositBody: {"amount": "1.5"},
+    WithdrawBody: {"amount": "0.5"},  # by the launcher, from the 100000 it was given
+    TransferBody: {"to": "ff" * 32, "amount": "0.5"},
+    ReachBody: {"port": 1},  # nothing listens there: answered at once, not reachable
     OfferBody: {
         "price_per_hour": "1.2",
         "hardware": {
@@ -775,6 +786,8 @@ def _owner_of(route: Route, market: Market) -> Identity:
         return market.leaver
     if "/audits" in route.path:
         return market.auditor
+    if route.path.startswith("/v1/accounts/") and route.body is not DepositBody:
+        return market.launcher  # withdraw and transfer: the funded account moves its own money
     owners = {"/v1/offers": market.peer, "/v1/leases/": market.peer, "/v1/runs": market.launcher}
     return next((who for start, who in owners.items() if route.path.startswith(start)), market.server.admin)
 

@@ -6,6 +6,7 @@ import json
 import re
 import signal
 import socket
+import stat
 import time
 import urllib.request
 from pathlib import Path
@@ -41,6 +42,26 @@ def test_peers_lists_a_started_peer_within_15_s(swarm: PeerSwarm, tmp_path: Path
     assert record["roles"] == ["trainer", "validator"]
     assert record["hardware"]["cpu_cores"] >= 1 and "gpu" in record["hardware"]
     assert 0 < record["expires_at"] - time.time() <= 6 + 1
+
+
+def test_a_restarted_peer_keeps_its_peer_id_and_its_addresses(swarm: PeerSwarm) -> None:
+    port = _free_port()
+    first = swarm.start("--listen", f"/ip4/127.0.0.1/tcp/{port}")
+    home, before = first.log.parent, first.status()
+    assert first.stop() == 0
+    again = swarm.start("--listen", f"/ip4/127.0.0.1/tcp/{port}", home=home)
+    after = again.status()
+    assert after["peer_id"] == before["peer_id"]
+    fixed = [m for m in before["maddrs"] if f"/tcp/{port}/" in m]
+    assert fixed and fixed[0] in after["maddrs"]  # the address handed out still reaches this peer
+    assert swarm.start().status()["peer_id"] != before["peer_id"]  # another home, another peer
+    shown = run_cli("identity", "show", "--json", env=cli_env(home))
+    assert json.loads(shown.stdout)["peer_id"] == before["peer_id"]
+    key = Path(json.loads(shown.stdout)["p2p_key"])
+    assert key.parent == home and stat.S_IMODE(key.stat().st_mode) == 0o600
+    plain = run_cli("identity", "show", env=cli_env(home))
+    assert plain.stdout.strip() == before["account"]  # `$(hivemarket identity show)` is the account
+    assert f"peer id  {before['peer_id']}" in plain.stderr
 
 
 def test_status_file_tracks_neighbors(swarm: PeerSwarm) -> None:

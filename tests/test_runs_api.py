@@ -457,6 +457,56 @@ async def test_a_dropped_peer_is_refused_and_its_pay_stops(market: Market) -> No
         await market.conserved()
 
 
+async def test_a_withdrawn_offer_leaves_the_run_which_goes_on_without_a_lapse(market: Market) -> None:
+    async with Peer(market.server.url) as a, Peer(market.server.url) as b:
+        run = await market.launch(peers=(1, 2))
+        await market.clear()
+        await a.join(run.id)
+        await b.join(run.id)
+        paid = (await b.client.report(run.id, report(0, seconds=0.001))).paid
+        await b.go_silent()  # as `rent` does on Ctrl-C: stop renewing, then withdraw
+        withdrawn = await b.client.withdraw_offer(b.lease_id)
+        assert (withdrawn.lease.state, withdrawn.offer.state) == ("released", "withdrawn")
+        view = await market.run(run.id)
+        assert peer_of(view, b.account).state == "withdrawn" and view.state == "running", view
+        await refused(b.client.report(run.id, report(1, seconds=10.0)), 403, "not_in_run", "run_id")
+        await a.client.report(run.id, report(1, seconds=0.001))  # the run goes on with a
+        assert (await market.run(run.id)).samples == 8
+
+        await asyncio.sleep(4 * HEARTBEAT)  # past the lease's life: it never lapses
+        view = await market.run(run.id)
+        assert peer_of(view, b.account).state == "withdrawn" and peer_of(view, b.account).paid == paid
+        (offer,) = [o for o in await market.client.offers() if o.account == b.account]
+        assert (offer.state, offer.reliability) == ("withdrawn", withdrawn.offer.reliability)
+        assert query_db(market.server.db_url, f"SELECT lapses FROM peers WHERE account = '{b.account}'") == [
+            (0,)
+        ]
+        await market.conserved()
+
+
+async def test_withdrawals_and_transfers_draw_on_earnings_first(market: Market) -> None:
+    async with Peer(market.server.url) as a:
+        run = await market.launch(peers=(1, 1))
+        await market.clear()
+        joined_at = peer_of(await a.join(run.id), a.account).joined_at
+        await wait_for_clock(joined_at + 0.3)
+        earned = (await a.client.report(run.id, report(0, seconds=0.25))).paid
+        assert earned > 0
+        await market.admin.deposit(a.account, "1")
+
+        out = await a.client.withdraw(earned + Decimal("0.5"))  # all the earnings, then half the balance
+        assert (out.earned, out.balance, out.withdrawn) == (0, Decimal("0.5"), earned + Decimal("0.5"))
+        launcher_before = (await market.client.account(market.launcher.account)).balance
+        sent = await a.client.transfer(market.launcher.account, Decimal("0.25"))
+        assert (sent.balance, sent.withdrawn) == (Decimal("0.25"), earned + Decimal("0.5"))
+        launcher = await market.client.account(market.launcher.account)
+        assert launcher.balance == launcher_before + Decimal("0.25")
+        error = await refused(a.client.withdraw(Decimal("1")), 409, "insufficient_funds", "amount")
+        assert "0.250000 is available (earned 0.000000 + balance 0.250000)" in error.message, error
+        assert (await a.client.account(a.account)).balance == Decimal("0.25")  # the refusal wrote nothing
+        await market.conserved()
+
+
 async def test_pause_below_the_minimum_and_resume_with_a_replacement(market: Market) -> None:
     url = market.server.url
     async with Peer(url) as a, Peer(url) as b:

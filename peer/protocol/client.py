@@ -87,7 +87,11 @@ from peer.protocol.schemas import (
     OfferView,
     PeerList,
     PeerView,
+    ReachBody,
+    ReachView,
     Telemetry,
+    TransferBody,
+    WithdrawBody,
 )
 
 
@@ -249,6 +253,10 @@ class CoordinatorClient:
         """The service's status ("ok" when it serves requests)."""
         return (await self._request(Health, "GET", "/healthz")).status
 
+    async def reachability(self, port: int) -> ReachView:
+        """Ask the coordinator to dial this host back at ``port`` (see :mod:`peer.reachability`)."""
+        return await self._request(ReachView, "POST", "/v1/reachability", ReachBody(port=port))
+
     async def account(self, account: str) -> AccountView:
         return await self._request(AccountView, "GET", f"/v1/accounts/{_seg(account)}")
 
@@ -256,6 +264,19 @@ class CoordinatorClient:
         """Credit ``account``; the client's identity must be the coordinator's admin key."""
         body = DepositBody(amount=format(amount, "f") if isinstance(amount, Decimal) else amount)
         return await self._request(AccountView, "POST", f"/v1/accounts/{_seg(account)}/deposit", body)
+
+    async def withdraw(self, amount: Decimal) -> AccountView:
+        """Pay ``amount`` out of the market to this identity's account, from its earnings first, then its
+        balance; 409 ``insufficient_funds`` (field ``amount``) when they hold less. Answers the account."""
+        body = WithdrawBody(amount=format(amount, "f"))
+        return await self._request(AccountView, "POST", f"/v1/accounts/{self._me()}/withdraw", body)
+
+    async def transfer(self, to: str, amount: Decimal) -> AccountView:
+        """Move ``amount`` from this identity's account (earnings first, then balance) to the balance of
+        the account ``to``; 409 ``insufficient_funds`` as for :meth:`withdraw`. Answers the sender's
+        account."""
+        body = TransferBody(to=to, amount=format(amount, "f"))
+        return await self._request(AccountView, "POST", f"/v1/accounts/{self._me()}/transfer", body)
 
     async def audit(self) -> LedgerAuditView:
         return await self._request(LedgerAuditView, "GET", "/v1/ledger/audit")
@@ -273,6 +294,11 @@ class CoordinatorClient:
         ``lease_lapsed`` (post the offer again)."""
         body = HeartbeatBody(telemetry=telemetry) if telemetry is not None else b""
         return await self._request(LeaseView, "POST", f"/v1/leases/{_seg(lease_id)}/heartbeat", body)
+
+    async def withdraw_offer(self, lease_id: str) -> OfferResponse:
+        """Withdraw this identity's offer, whose lease is ``lease_id``: the lease ends released, not lapsed
+        (no reliability lost), and a run it trains goes on with its other peers."""
+        return await self._request(OfferResponse, "POST", f"/v1/leases/{_seg(lease_id)}/withdraw", b"")
 
     async def peers(self) -> list[PeerView]:
         return (await self._request(PeerList, "GET", "/v1/peers")).peers
@@ -489,6 +515,14 @@ class CoordinatorClient:
         if status < 400:
             return _parse(model, status, _decode(raw, content_type))
         _raise_error(status, raw, content_type, retried=retried)
+
+    def _me(self) -> str:
+        """This identity's account, as a path segment (for the routes that act on one's own account)."""
+        if self.identity is None:
+            raise ValueError(
+                "moving money out of an account must be signed: create the client with an identity"
+            )
+        return _seg(self.identity.account)
 
     def _open_session(self) -> aiohttp.ClientSession:
         if self._session is None:

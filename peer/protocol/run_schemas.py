@@ -147,7 +147,10 @@ class RunPeerView(View):
     account: AccountId
     lease_id: str
     price_per_hour: Money
-    state: Literal["active", "dropped", "released", "left", "banned"]
+    state: Literal["active", "dropped", "released", "left", "banned", "withdrawn"] = Field(
+        description="dropped: its lease lapsed; withdrawn: its peer withdrew the offer; released: the run "
+        "ended; left: it gave the place back; banned: its reports failed their audits."
+    )
     matched_at: float
     joined: bool = Field(description="Whether the peer has joined the run's swarm.")
     joined_at: float | None = Field(description="When it first joined; its pay counts from then.")
@@ -278,7 +281,9 @@ SQLITE_INT_MAX = 2**63 - 1
 class JoinBody(Body):
     peer_id: str = Field(min_length=1, max_length=100, description="The peer's libp2p id in the run's swarm.")
     maddrs: list[Annotated[str, Field(max_length=300)]] = Field(
-        min_length=1, max_length=16, description="Multiaddrs other peers dial."
+        max_length=16,
+        description="Multiaddrs other peers dial. None: the peer is behind a NAT and cannot be dialed yet "
+        "(it joins again with its relayed addresses once it found a peer to relay for it).",
     )
 
 

@@ -90,18 +90,36 @@ class DepositBody(Body):
     amount: PositiveMoney = Field(description="Amount to credit, > 0.")
 
 
+class WithdrawBody(Body):
+    amount: PositiveMoney = Field(
+        description="Amount to pay out, > 0: drawn from the account's earnings first, then its balance."
+    )
+
+
+class TransferBody(WithdrawBody):
+    """Money moved to another account's balance, drawn as a withdrawal is."""
+
+    to: AccountId = Field(description="The account whose balance is credited; not the sender's own.")
+
+
 class AccountView(View):
     account: AccountId
-    balance: Money
+    balance: Money = Field(
+        description="Deposits, transfers received and runs' refunds, less the budgets of runs launched and "
+        "what was withdrawn or transferred beyond the earnings: what a launch can escrow."
+    )
     escrow: Money = Field(description="Funds held for the runs this account launched.")
-    earned: Money = Field(description="Payouts received for verified work.")
+    earned: Money = Field(
+        description="Pay for verified work and audit fees, less what was withdrawn or transferred from it."
+    )
+    withdrawn: Money = Field(description="Paid out of the market to this account's owner, in all.")
     reputation: float = Field(description="0..1, from lease uptime and lapses (and audits, later).")
 
 
 class LedgerAuditView(View):
     conserved: bool
     deposits: Money
-    holdings: Money = Field(description="Sum of every balance, escrow, earning and fee.")
+    holdings: Money = Field(description="Sum of every balance, escrow, earning, fee and withdrawal.")
     reason: str = Field("", description="Why the ledger is, or is not, conserved; names books that differ.")
     entries_checked: int = Field(
         0,
@@ -153,7 +171,9 @@ class HeartbeatBody(Body):
 class LeaseView(View):
     id: str
     account: AccountId
-    state: Literal["active", "lapsed", "released"]
+    state: Literal["active", "lapsed", "released"] = Field(
+        description="released: its offer was withdrawn (no lapse counted against the peer)."
+    )
     heartbeat_interval: float
     expires_at: float = Field(description="Unix time the lease lapses without a heartbeat.")
     run_id: str | None = None
@@ -170,7 +190,9 @@ class OfferView(View):
     reliability: float
     roles: list[Role]
     min_lease_seconds: int
-    state: Literal["open", "matched", "offline"]
+    state: Literal["open", "matched", "offline", "withdrawn"] = Field(
+        description="offline: its lease lapsed (the peer went silent); withdrawn: its peer withdrew it."
+    )
     lease_id: str | None
     peer_id: str | None
     maddrs: list[str]
@@ -188,6 +210,20 @@ class OfferList(View):
 
 class Health(View):
     status: str
+
+
+class ReachBody(Body):
+    port: int = Field(ge=1, le=65535, description="A TCP port this host listens on, for the coordinator.")
+
+
+class ReachView(View):
+    """Whether the coordinator could open a TCP connection to the asking host at the port it named: the
+    peer's own check that others can dial it (else it is behind a NAT or a firewall)."""
+
+    address: str = Field(description="The asking host's IP address, as the coordinator sees it.")
+    port: int
+    reachable: bool
+    reason: str = Field(description="What the dial gave: connected, refused, timed out, ...")
 
 
 # ---------------------------------------------------------------------------------------------------- market
@@ -217,10 +253,12 @@ class PeerView(View):
     account: AccountId
     gpu: str
     gpu_count: int
-    state: Literal["open", "matched", "offline"]
+    state: Literal["open", "matched", "offline", "withdrawn"]
     reliability: float
     samples: int = Field(description="Samples of its paid reports, every run (audits passed or none).")
-    earned: Money
+    earned: Money = Field(
+        description="As the account's: pay and audit fees not yet withdrawn or transferred."
+    )
     audits_passed: int
     audits_failed: int
     run_id: str | None = Field(description="The run its lease is matched to.")
