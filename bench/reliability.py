@@ -482,15 +482,23 @@ def scenario_nat(lab: Lab, folder: Path, args: argparse.Namespace) -> Trial:
         dialed = [_dials(lab, dialer, m) for m in maddrs]
         victim = AT_HOME[0]
         trainer = demo.wait(f"{victim}'s trainer", lambda: demo.trainer(victim))
-        killed_at = time.time()
+        killed_at, verified = time.time(), demo.view().samples
         for p in [*trainer.children(recursive=True), trainer]:
             p.kill()
         back = demo.wait(f"{victim} to report again", lambda: accepted(killed_at).get(victim), interval=0.5)
+        first_round = min(
+            e["time"]
+            for name in demo.names().values()
+            for e in demo.events(name)
+            if e["event"] == "averaging"
+        )
         trial = demo.finish(Trial(), wait_end=False)
         trial.completed = demo.view().state == "running"
         trial.recovery.append(back - killed_at)
         trial.checks = {
             "first_report_s": round(first - launched, 1),
+            # the goodput column counts the kill too; this is the run's before it
+            "goodput_before_kill": round(verified / (killed_at - first_round), 1),
             "home_paid": bool(paid(list(home))),
             "addresses": len(maddrs),
             "private_addresses": sum(not is_relayed(m) for m in maddrs),

@@ -320,15 +320,7 @@ async def test_rent_holds_its_lease_and_renews_a_lapsed_one(
     env = cli_env(home, HIVEMARKET_RETRY_BACKOFF="0.05")
     me = load_identity(home / "identity.pem").account
     log = tmp_path / "rent.log"
-    command = ["rent", "--coordinator", fast_leases.url, "--price-per-hour", "1.2"]
-    with log.open("w") as out:
-        rent = subprocess.Popen(
-            [sys.executable, "-m", "peer", *command],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+    rent = _start_rent(fast_leases.url, "1.2", env, log)
     try:
         async with CoordinatorClient(fast_leases.url) as client:
 
@@ -369,14 +361,7 @@ async def test_ctrl_c_of_rent_withdraws_the_offer_and_records_no_lapse(
     env = cli_env(home)
     me = load_identity(home / "identity.pem").account
     log = tmp_path / "rent.log"
-    with log.open("w") as out:
-        rent = subprocess.Popen(
-            [sys.executable, "-m", "peer", "rent", "--coordinator", fast_leases.url, "--price-per-hour", "0"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+    rent = _start_rent(fast_leases.url, "0", env, log)
     try:
         async with CoordinatorClient(fast_leases.url) as client:
             await _wait_for(lambda: _offer_state_is(client, me, "open"), 60, "the offer", rent, log)
@@ -454,3 +439,15 @@ async def test_rent_keeps_retrying_while_unreachable(tmp_path: Path) -> None:
         assert rent.wait(timeout=20) == 0, "".join(lines)
     finally:
         kill_group(rent.pid)
+
+
+def _start_rent(url: str, price: str, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`hivemarket rent` at ``price`` in a process group of its own, its output in ``log``."""
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "peer", "rent", "--coordinator", url, "--price-per-hour", price],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )

@@ -433,11 +433,7 @@ async def test_specs_are_validated_with_dotted_fields(market: Market) -> None:
 
 async def test_a_dropped_peer_is_refused_and_its_pay_stops(market: Market) -> None:
     async with Peer(market.server.url) as a, Peer(market.server.url) as b:
-        run = await market.launch(peers=(1, 2))
-        await market.clear()
-        await a.join(run.id)
-        await b.join(run.id)
-        paid = (await b.client.report(run.id, report(0, seconds=0.001))).paid
+        run, paid = await _both_joined_and_b_paid(market, a, b)
         await b.go_silent()
         view = await market.until(
             run.id, "b's match to drop", lambda v: peer_of(v, b.account).state == "dropped"
@@ -459,11 +455,7 @@ async def test_a_dropped_peer_is_refused_and_its_pay_stops(market: Market) -> No
 
 async def test_a_withdrawn_offer_leaves_the_run_which_goes_on_without_a_lapse(market: Market) -> None:
     async with Peer(market.server.url) as a, Peer(market.server.url) as b:
-        run = await market.launch(peers=(1, 2))
-        await market.clear()
-        await a.join(run.id)
-        await b.join(run.id)
-        paid = (await b.client.report(run.id, report(0, seconds=0.001))).paid
+        run, paid = await _both_joined_and_b_paid(market, a, b)
         await b.go_silent()  # as `rent` does on Ctrl-C: stop renewing, then withdraw
         withdrawn = await b.client.withdraw_offer(b.lease_id)
         assert (withdrawn.lease.state, withdrawn.offer.state) == ("released", "withdrawn")
@@ -1083,3 +1075,12 @@ async def test_a_failure_needs_a_second_validator_and_a_false_one_costs_its_vali
         assert [r.pay_state for r in await a.client.reports(run.id)] == ["paid", "voided"]
         assert paid_samples(market, run.id) == first_report.samples  # the voided one is not counted
         await market.conserved()
+
+
+async def _both_joined_and_b_paid(market: Market, a: Peer, b: Peer) -> tuple[RunView, Decimal]:
+    """A run of 1 to 2 peers that ``a`` and ``b`` joined, and what ``b``'s report of epoch 0 is paid."""
+    run = await market.launch(peers=(1, 2))
+    await market.clear()
+    await a.join(run.id)
+    await b.join(run.id)
+    return run, (await b.client.report(run.id, report(0, seconds=0.001))).paid
