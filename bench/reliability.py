@@ -53,7 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -458,10 +458,10 @@ def scenario_nat(lab: Lab, folder: Path, args: argparse.Namespace) -> Trial:
         demo.start({"stop": {"epochs": 400}})
         home = {a: n for a, n in demo.names().items() if n in AT_HOME}
 
-        def accepted(since: float) -> dict[str, float]:
-            """Each home peer's first report accepted after ``since`` (wall clock)."""
+        def accepted(since: float, names: Iterable[str] = home.values()) -> dict[str, float]:
+            """Each of ``names``' first report accepted after ``since`` (wall clock); the home peers'."""
             found = {}
-            for name in home.values():
+            for name in names:
                 times = [e["time"] for e in demo.events(name) if e["event"] == "report_accepted"]
                 if any(t >= since for t in times):
                     found[name] = min(t for t in times if t >= since)
@@ -473,6 +473,7 @@ def scenario_nat(lab: Lab, folder: Path, args: argparse.Namespace) -> Trial:
                 True if all(any(p.paid > 0 for p in view.peers if p.account == a) for a in accounts) else None
             )
 
+        reachable = [n for n in demo.names().values() if n not in AT_HOME]
         first = demo.wait(
             "a report accepted from behind a NAT", lambda: min(accepted(0.0).values(), default=None)
         )
@@ -482,10 +483,17 @@ def scenario_nat(lab: Lab, folder: Path, args: argparse.Namespace) -> Trial:
         dialed = [_dials(lab, dialer, m) for m in maddrs]
         victim = AT_HOME[0]
         trainer = demo.wait(f"{victim}'s trainer", lambda: demo.trainer(victim))
-        killed_at, verified = time.time(), demo.view().samples
+        verified = demo.view().samples
+        killed_at = time.time()
         for p in [*trainer.children(recursive=True), trainer]:
             p.kill()
-        back = demo.wait(f"{victim} to report again", lambda: accepted(killed_at).get(victim), interval=0.5)
+        # a report the killed trainer had in flight may still be acknowledged: count the new trainer's
+        new = demo.wait(
+            f"{victim}'s new trainer", lambda: t if (t := demo.trainer(victim)) != trainer else None
+        )
+        back = demo.wait(
+            f"{victim} to report again", lambda: accepted(new.create_time()).get(victim), interval=0.5
+        )
         first_round = min(
             e["time"]
             for name in demo.names().values()
@@ -497,6 +505,7 @@ def scenario_nat(lab: Lab, folder: Path, args: argparse.Namespace) -> Trial:
         trial.recovery.append(back - killed_at)
         trial.checks = {
             "first_report_s": round(first - launched, 1),
+            "first_report_reachable_s": round(min(accepted(0.0, reachable).values()) - launched, 1),
             # the goodput column counts the kill too; this is the run's before it
             "goodput_before_kill": round(verified / (killed_at - first_round), 1),
             "home_paid": bool(paid(list(home))),

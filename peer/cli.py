@@ -269,6 +269,10 @@ def peer_start(
     listen_maddrs = _maddrs(listen, "--listen") or list(DEFAULT_LISTEN)
     announce_maddrs = _maddrs(announce, "--announce")
     bootstrap = _maddrs(initial_peers, "--initial-peers")
+    if client_mode and not bootstrap:
+        raise InputError(
+            "--client-mode needs --initial-peers: reachable peers it joins and is dialed through"
+        )
     loaded = load_cli_identity(identity_path, settings, create_default=True)
 
     from peer.hardware import probe, summary
@@ -281,10 +285,6 @@ def peer_start(
     except (P2PKeyError, OSError) as e:
         raise InputError(str(e)) from None
     reachable = _reachable(coordinator, loaded, settings, listen_maddrs, announce_maddrs, client_mode)
-    if reachable is False and not bootstrap:
-        raise InputError(
-            "a node others cannot dial needs --initial-peers: reachable peers it joins and is dialed through"
-        )
     with stop_on_signals() as stop:
         try:
             dht, rsa = start_dht(
@@ -297,7 +297,7 @@ def peer_start(
             )
         except NodeError as e:
             raise InputError(str(e)) from None
-        relays = bootstrap if reachable is False else []
+        relays = bootstrap if reachable is False else None
         node = PeerNode(dht, rsa, loaded, settings, hardware, sorted(set(roles or ("trainer",))), relays)
         stop_volunteering = _volunteer(
             coordinator, loaded, identity_path, settings, hardware, gpus, node.roles, listen_maddrs
@@ -310,6 +310,10 @@ def peer_start(
             click.echo(f"account  {loaded.account}")
             for maddr in node.maddrs():
                 click.echo(f"maddr    {maddr}")
+            if not node.maddrs():  # behind a NAT with nobody to relay for it: it still volunteers
+                click.echo(
+                    "maddr    none others can dial (give --initial-peers: reachable peers relay for it)"
+                )
             sys.stdout.flush()
             next_status = 0.0
             while not stop.is_set():
@@ -341,6 +345,7 @@ def _reachable(
     if client_mode or announce:
         return not client_mode
     if coordinator is None:
+        click.echo("reach    not checked (no --coordinator): behind a NAT, start with --client-mode")
         return None
     from peer.market_cli import call, client_for
     from peer.reachability import check

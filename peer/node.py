@@ -253,7 +253,7 @@ class PeerNode:
     settings: PeerSettings
     hardware: dict[str, Any]
     roles: list[str]
-    relays: list[str] = field(default_factory=list)  # behind a NAT: the peers it is dialed through
+    relays: list[str] | None = None  # behind a NAT: the peers it is dialed through (maybe none)
     published_at: float = field(default=0.0)
 
     @property
@@ -262,7 +262,7 @@ class PeerNode:
 
     def maddrs(self) -> list[str]:
         """The addresses others dial this node at: never a private one of a node behind a NAT."""
-        if self.relays:
+        if self.relays is not None:
             return relayed_maddrs(self.relays, self.peer_id)
         return [str(m) for m in self.dht.get_visible_maddrs()]
 

@@ -67,10 +67,12 @@ def test_json_wherever_a_command_reports(path: tuple[str, ...], command: click.C
         ["offers", "--sort"],  # an option without its value
         ["launch", "no-such-spec.toml", "--budget", "1", "--max-price", "1"],
         ["rent", "--price-per-hour", "-1", "--coordinator", "http://127.0.0.1:9"],
+        ["rent", "--price-per-hour", "1", "--coordinator", "http://127.0.0.1:9", "--announce", "/ip4/300.1.2.3/tcp/1"],
+        ["peer", "start", "--client-mode"],  # nobody to be dialed through
         ["peer", "start", "--metrics-port", "70000"],
         ["peers", "--initial-peers", "/ip4/127.0.0.1/tcp/31337"],  # no /p2p/ID: an address, not a peer
     ],
-    ids=lambda args: " ".join(args[:2]),
+    ids=lambda args: " ".join(args[:2] + args[-1:]),
 )
 def test_usage_errors_exit_2_with_one_line(args: list[str], tmp_path) -> None:
     result = CliRunner().invoke(main, args, env={"HIVEMARKET_HOME": str(tmp_path)})
