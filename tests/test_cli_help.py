@@ -67,7 +67,7 @@ def test_json_wherever_a_command_reports(path: tuple[str, ...], command: click.C
         ["offers", "--sort"],  # an option without its value
         ["launch", "no-such-spec.toml", "--budget", "1", "--max-price", "1"],
         ["rent", "--price-per-hour", "-1", "--coordinator", "http://127.0.0.1:9"],
-        ["rent", "--price-per-hour", "1", "--coordinator", "http://127.0.0.1:9", "--announce", "/ip4/300.1.2.3/tcp/1"],
+        ["rent", "--price-per-hour", "1", "--coordinator", "http://x:9", "--announce", "/ip4/300.1.2.3"],
         ["peer", "start", "--client-mode"],  # nobody to be dialed through
         ["peer", "start", "--metrics-port", "70000"],
         ["peers", "--initial-peers", "/ip4/127.0.0.1/tcp/31337"],  # no /p2p/ID: an address, not a peer

@@ -870,8 +870,10 @@ def test_the_coordinator_image_makes_replicas_on_postgresql(
     urls = [wait_listening(containers, log) for _, log in started]
     for url in urls:
         assert get_json(f"{url}/healthz") == (200, {"status": "ok"})
-    # the race for the admin key made one key; the ledger is in PostgreSQL, not on the volume
-    assert [p.name for p in volume.iterdir() if p.is_file()] == ["admin.pem"], list(volume.iterdir())
+    # the race for the admin key made one key (and its node key, made with it); the ledger is in
+    # PostgreSQL, not on the volume
+    files = sorted(p.name for p in volume.iterdir() if p.is_file())
+    assert files == ["admin.p2p.key", "admin.pem"], list(volume.iterdir())
     account = Identity.generate().account
     balances = asyncio.run(deposit_through_each(urls, volume / "admin.pem", account))
     assert [parse_money(b) for b in balances] == [parse_money("2")] * 2, "the replicas share no ledger"

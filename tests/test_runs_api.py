@@ -351,7 +351,6 @@ async def test_report_and_join_refusals_name_the_code_and_field(market: Market) 
         ]
         joins = [
             ({"peer_id": "", "maddrs": ["/ip4/1.2.3.4/tcp/1"]}, "peer_id"),
-            ({"peer_id": "x", "maddrs": []}, "maddrs"),
             ({"peer_id": "x", "maddrs": ["/ip4/1.2.3.4/tcp/1"] * 17}, "maddrs"),
             ({"peer_id": "x", "maddrs": ["a" * 301]}, "maddrs.0"),
         ]

@@ -407,6 +407,7 @@ def test_live_peers_are_the_active_ones_in_match_order() -> None:
 
 class _Priority:
     state_sharing_priority = 0.0
+    client_mode = False  # a peer others can dial: it shares its state
 
 
 def _bare_trainer(local_updates: bool) -> trainer.Trainer:
