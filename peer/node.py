@@ -7,8 +7,9 @@ Reachability (:func:`start_dht`). A node others can dial runs as a full DHT serv
 does by default, relays for peers that cannot be dialed (circuit relay v2, within p2pd's limits: 128
 reservations, 16 circuits per peer, 30 minutes and 4 GiB per relayed connection). A node behind a NAT
 runs in client mode (it dials out; it never serves the DHT), holds a reservation with the reachable
-peers it bootstrapped from, and is dialed through them at :func:`relayed_maddrs`; hole punching
-(p2pd's, with AutoNAT) upgrades such a connection to a direct one where the NAT allows.
+peers it bootstrapped from, and is dialed through them at :func:`relayed_maddrs`; p2pd's hole
+punching (on with AutoNAT) may upgrade such a connection to a direct one where the NAT allows (not
+measured: the network lab tests the relays).
 """
 
 from __future__ import annotations
