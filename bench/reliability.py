@@ -23,7 +23,7 @@ launched on them, and faults put on the hosts' links and processes while it trai
   Figures: seconds from the launch to the first report accepted from behind a NAT (``checks``), the
   killed volunteer's recovery (until it reports again) and the goodput (compare ``clean``'s). Checks:
   the addresses of the home peers the coordinator hands out are all relayed ones, and each connects
-  from another host;
+  from every other host (the coordinator's and the reachable peers');
 - ``long``: a clean run held for ``--minutes`` (10) whose figure is the longest blocked step.
 
 Columns: trials, runs completed, epochs lost (epochs a peer trained and then discarded: a round that
@@ -480,8 +480,8 @@ def scenario_nat(lab: Lab, folder: Path, args: argparse.Namespace) -> Trial:
         )
         demo.wait("both home peers paid", lambda: paid(list(home)))
         maddrs = [m for p in live_peers(demo.view()) if p.account in home for m in p.maddrs]
-        dialer = lab.hosts["coordinator"]
-        dialed = [_dials(lab, dialer, m) for m in maddrs]
+        others = [lab.hosts["coordinator"], *(demo.lab_host(n) for n in reachable)]  # every other host
+        dialed = sum(_dials(lab, host, maddrs) for host in others)
         verified, paused_at = demo.view().samples, time.time()  # the goodput before any kill
         # one volunteer killed and back (--kills 0 skips it: the CI test, whose goal is the NAT)
         recovery = [_kill_and_wait_back(demo, AT_HOME[0], accepted)] if args.kills else []
@@ -502,7 +502,8 @@ def scenario_nat(lab: Lab, folder: Path, args: argparse.Namespace) -> Trial:
             "home_paid": bool(paid(list(home))),
             "addresses": len(maddrs),
             "private_addresses": sum(not is_relayed(m) for m in maddrs),
-            "dialed": sum(dialed),
+            "dialed": dialed,  # (host, address) pairs that connected
+            "dial_pairs": len(others) * len(maddrs),
         }
         return trial
     finally:
@@ -523,11 +524,11 @@ def _kill_and_wait_back(demo: LabDemo, victim: str, accepted: Callable[[float], 
     return back - killed_at
 
 
-def _dials(lab: Lab, host: Host, maddr: str) -> bool:
-    """Whether a node on ``host`` connects to ``maddr`` (``bench/dial.py``)."""
-    argv = [sys.executable, "-m", "bench.dial", maddr, "--listen", f"/ip4/{host.ip}/tcp/0"]
-    done = subprocess.run(lab.command(host, argv), capture_output=True, text=True, timeout=60)
-    return done.returncode == 0
+def _dials(lab: Lab, host: Host, maddrs: list[str]) -> int:
+    """How many of ``maddrs`` a node on ``host`` connects to (``bench/dial.py``)."""
+    argv = [sys.executable, "-m", "bench.dial", *maddrs, "--listen", f"/ip4/{host.ip}/tcp/0"]
+    done = subprocess.run(lab.command(host, argv), capture_output=True, text=True, timeout=120)
+    return sum(line.startswith("connected ") for line in done.stdout.splitlines())
 
 
 def scenario_long(lab: Lab, folder: Path, args: argparse.Namespace) -> Trial:

@@ -159,6 +159,7 @@ def test_volunteers_behind_home_routers_train_are_paid_and_dialed_through_relays
     trial = run_trial("nat", tmp_path, options("--kills", "0"))  # the bench kills a volunteer too
     checks = trial.checks
     assert checks["home_paid"] and checks["private_addresses"] == 0, trial
-    assert checks["dialed"] == checks["addresses"] >= 2, trial  # every address handed out connects
+    assert checks["addresses"] >= 2 and checks["dial_pairs"] == 3 * checks["addresses"], trial
+    assert checks["dialed"] == checks["dial_pairs"], trial  # from every other host, every address
     assert trial.completed, trial
     assert (trial.data_lost, trial.doubled, trial.conserved) == (0, 0, True), trial
