@@ -250,5 +250,8 @@ def test_local_updates_with_fp16_averaging_train_and_keep_the_peers_in_agreement
                 relative_distance(first.param_sketch, second.param_sketch) <= AGREEMENT_TOLERANCE["fp16"]
             ), epoch
         first_loss = sum(r.loss for r in by_epoch[min(both)]) / 2
-        last_loss = sum(r.loss for r in by_epoch[max(both)]) / 2
+        # the last five epochs': one epoch's batch of 128 samples swings the loss (0.12 to 0.67 after the
+        # tenth epoch in one run; CI once drew 0.80 for the last epoch alone, against 2.28 at the first)
+        last = sorted(both)[-5:]
+        last_loss = sum(r.loss for e in last for r in by_epoch[e]) / (2 * len(last))
         assert last_loss < first_loss / 3, (first_loss, last_loss)
