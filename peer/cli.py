@@ -308,9 +308,10 @@ def peer_start(
             node.publish()
             click.echo(f"peer id  {node.peer_id}")
             click.echo(f"account  {loaded.account}")
-            for maddr in node.maddrs():
+            maddrs = node.maddrs()  # a DHT request: asked once
+            for maddr in maddrs:
                 click.echo(f"maddr    {maddr}")
-            if not node.maddrs():  # behind a NAT with nobody to relay for it: it still volunteers
+            if not maddrs:  # behind a NAT with nobody to relay for it: it still volunteers
                 click.echo(
                     "maddr    none others can dial (give --initial-peers: reachable peers relay for it)"
                 )
