@@ -11,8 +11,12 @@ settings of a run spec unless flags change them.
    seed) of ``--epochs`` epochs; each epoch the cheat reports ``--micro-batches`` micro-batches of
    ``--per-peer`` samples, the coordinator's draw picks micro-batches, a validator recomputes them at the
    epoch's start parameters and the trial counts as caught at the first failed audit. Between epochs the
-   model takes an honest step, as the swarm would. Goal: >= 99% within 5 epochs.
-2. False positives. ``--honest-audits`` audits of honest reports, recomputed by a float32 CPU validator
+   model takes an honest step, as the swarm would. Besides the audits, the update the cheat puts into the
+   round (what a fast-path member commits to) is checked against its report as the coordinator does
+   (peer.protocol.commitment); ``poisoned-round`` is caught there. Goal: >= 99% within 5 epochs.
+2. False positives (``FAILED`` counts failed audits and failed round checks: ``ROUNDS`` epochs' updates
+   checked against their reports, ``MAX ROUND DIST`` against peer.protocol.commitment's tolerance).
+   ``--honest-audits`` audits of honest reports, recomputed by a float32 CPU validator
    while the reporting peer computed (a) the same way, (b) on another number of threads, (c) in bfloat16
    autocast (reduced precision), (d) on CUDA, where a GPU is present. Prints the largest sketch distance
    and loss gap per condition against the tolerances, and the count of failed audits. Goal: 0.
@@ -51,11 +55,23 @@ from typing import Any
 
 import torch
 
-from coordinator.verification import AuditPolicy, choose_audits, verdict
+from coordinator.capacity import CapacityPolicy, Delivery, assess, capped_units, entitled_units
+from coordinator.runs import report_pay
+from coordinator.verification import (
+    AuditPolicy,
+    canary_block,
+    canary_due,
+    canary_verdict,
+    choose_audits,
+    claim_rank,
+    validator_banned,
+    verdict,
+)
 from peer.adversary import KINDS, EpochWork, behaviour, local_work
 from peer.data.examples import build_example
 from peer.data.reader import DatasetReader
-from peer.protocol.run_schemas import AuditTask
+from peer.protocol.commitment import binding
+from peer.protocol.run_schemas import AuditResultBody, AuditTask
 from peer.protocol.sketch import grad_seed, params_seed
 from peer.protocol.spec import load_spec
 from peer.samples import train_ids
@@ -70,6 +86,20 @@ PEER = "c" * 64
 GOAL_CATCH = 0.99
 GOAL_COST = 0.05
 LR = 0.1
+# The capacity-liar row (capacity_trials): a machine's samples/s and probed TFLOP/s, what the liar claims
+# over its probe, the log-normal noise of probes and of epochs, a round's seconds, a throttled GPU's speed,
+# each peer's share of an epoch, and the unit price (units an hour per TFLOP/s).
+SPEED, TFLOPS, LIE, PROBE_NOISE, NOISE, ROUND_S, THROTTLE, SHARE, UNIT = (
+    200.0,
+    10.0,
+    4.0,
+    0.05,
+    0.1,
+    0.2,
+    0.6,
+    64,
+    1e5,
+)
 
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -125,7 +155,7 @@ class Epochs:
 
 
 def sketchers(n_params: int, epoch: int) -> tuple[Sketcher, Sketcher]:
-    return Sketcher(n_params, grad_seed(RUN, epoch, PEER)), Sketcher(n_params, params_seed(RUN, epoch))
+    return Sketcher(n_params, grad_seed(RUN, epoch)), Sketcher(n_params, params_seed(RUN, epoch))
 
 
 def start_epoch(
@@ -185,7 +215,8 @@ def catch_trials(
         caught_at.append(None)
         for epoch in range(args.epochs):
             work, param_sketch = start_epoch(task, model, data, stream, snapshots, epoch)
-            report = cheat.contribute(work).micro
+            contribution = cheat.contribute(work)
+            report = contribution.micro
             failed = []
             for i in choose_audits(key, epoch, PEER, len(report), policy):
                 answer = validator.recompute(audit_task(epoch, i, report[i], param_sketch))
@@ -193,6 +224,12 @@ def catch_trials(
                 result = verdict(report[i]["sketch"], report[i]["loss"], answer.sketch, answer.loss, policy)
                 if not result.passed:
                     failed.append(result.distance)
+            # the coordinator's check of the update it sends into the round (its commitment) against its
+            # report (peer.protocol.commitment): what every member of a fast-path round forwards
+            committed = work.sketch(contribution.update)
+            bound, distance = binding(committed, [(len(m["ids"]), m["sketch"]) for m in report])
+            if not bound:
+                failed.append(distance)
             if failed:
                 caught_at[-1] = epoch + 1
                 distances.append(min(failed))
@@ -247,6 +284,7 @@ def honest_audits(setting: Setting, args: argparse.Namespace, policy: AuditPolic
         validator = Validator(RUN, task, task.build_model(0), data.reader, snapshots, agreement=1e-4)
         stream = Epochs(data.ids, 7, args.micro_batches, per_peer)
         distances, gaps, failed, audits, epoch = [], [], 0, 0, 0
+        round_distances: list[float] = []  # the round check of each epoch (peer.protocol.commitment)
         while audits < per_condition:
             work, param_sketch = start_epoch(task, model, data, stream, snapshots, epoch, device)
             with context():
@@ -259,6 +297,10 @@ def honest_audits(setting: Setting, args: argparse.Namespace, policy: AuditPolic
                 gaps.append(abs(micro["loss"] - answer.loss) / max(1.0, abs(answer.loss)))
                 failed += not result.passed
                 audits += 1
+            micro = [(len(m["ids"]), m["sketch"]) for m in contribution.micro]
+            bound, distance = binding(work.sketch(contribution.update), micro)
+            round_distances.append(distance)
+            failed += not bound
             step(model, contribution.update)
             epoch += 1
         results.append(
@@ -268,6 +310,8 @@ def honest_audits(setting: Setting, args: argparse.Namespace, policy: AuditPolic
                 "false_positives": failed,
                 "max_distance": max(distances),
                 "max_loss_gap": max(gaps),
+                "round_checks": len(round_distances),
+                "max_round_distance": max(round_distances),
             }
         )
     return results
@@ -331,7 +375,9 @@ def cost(args: argparse.Namespace, policy: AuditPolicy, setting: Setting) -> dic
             rounds["sketch"].append(sketch_s)
             rounds["audit"].append(audit_s)
     train, sketch, audit = (statistics.median(rounds[k]) for k in ("train", "sketch", "audit"))
-    verification = m * sketch + sketchers_s + snapshot_s + audits_per_report * audit
+    # a validator's canaries: one per block of epochs (coordinator.verification.canary_due)
+    canaries = 1 / canary_block(policy.canary_rate) if policy.canary_rate > 0 else 0.0
+    verification = m * sketch + sketchers_s + snapshot_s + (audits_per_report + canaries) * audit
     return {
         "model": setting.label,
         "parameters": n_params,
@@ -345,8 +391,251 @@ def cost(args: argparse.Namespace, policy: AuditPolicy, setting: Setting) -> dic
         "sketchers_s": sketchers_s,
         "audit_s": audit,
         "audits_per_report": audits_per_report,
+        "canaries_per_epoch": canaries,
         "verification_s": verification,
         "ratio": verification / (m * train),
+    }
+
+
+# ---------------------------------------------------------------------------------------- capacity liar
+
+
+def _lockstep_run(
+    rng: random.Random, claims: dict[str, float], speeds: dict[str, float], epochs: int, throttled: set[str]
+) -> dict[str, Any]:
+    """One run of lock-step epochs priced and measured by coordinator.capacity, as the store does it.
+
+    Each epoch every peer trains an equal share (``SHARE`` samples) at its true speed times run-to-run
+    noise; the epoch lasts as long as the slowest plus a round, and every report's ``seconds`` is that
+    (the trainer counts the round's wait), its wall clock since the previous report the same; reports
+    arrive in a random order. Each match is priced ``UNIT * claim`` an hour (the market's price for its
+    claimed TFLOP/s at one unit price: the same ask per TFLOP-hour)."""
+    policy = CapacityPolicy()
+    tallies = {k: [0, 0, 0.0, 0] for k in claims}  # reports, samples, billed seconds, units paid
+    flagged: dict[str, tuple[str, int]] = {}
+    for epoch in range(epochs):
+        wall = max(SHARE / (speeds[k] * rng.lognormvariate(0, NOISE)) for k in claims) + ROUND_S
+        order = list(claims)
+        rng.shuffle(order)
+        for key in order:
+            seconds = wall * (1 - rng.uniform(0, 0.02))
+            plain = report_pay(wall, round(UNIT * claims[key]), 0.0, seconds, 10**15)
+            t = tallies[key]
+            t[0], t[1], t[2] = t[0] + 1, t[1] + SHARE, t[2] + min(seconds, wall)
+            deliveries = [Delivery(k, claims[k], v[0], v[1], v[2]) for k, v in tallies.items()]
+            verdict = assess(deliveries, key, key in throttled, policy)
+            entitled = entitled_units(round(UNIT * claims[key]), t[2], verdict.pay_factor)
+            t[3] += capped_units(plain.units, entitled, t[3])
+            if verdict.flag is not None and key not in flagged:
+                flagged[key] = (verdict.flag, epoch + 1)
+    return {"per_sample": {k: v[3] / v[1] for k, v in tallies.items()}, "flagged": flagged}
+
+
+def capacity_trials(liar_trials: int, honest_trials: int, epochs: int, seed: int = 0) -> dict[str, Any]:
+    """The ``capacity-liar`` row: ``liar_trials`` runs of three honest peers and one that claims
+    ``LIE`` times its probe on the same machine; ``honest_trials`` runs of four honest peers, one of which
+    throttles (runs at ``THROTTLE`` of its speed and reports it in its heartbeats, clock ratio and all).
+    Peers' probes carry ``PROBE_NOISE`` and their epochs ``NOISE`` (log-normal sigmas). The liar's pay per
+    verified sample is compared with the honest peers' mean in its run; a false positive is an honest or
+    throttling peer flagged ``short`` (its reputation would drop)."""
+    rng = random.Random(seed)
+    ratios, flag_epochs, caught = [], [], 0
+    for _ in range(liar_trials):
+        speeds = {f"h{i}": SPEED for i in range(3)} | {"liar": SPEED}
+        claims = {k: TFLOPS * rng.lognormvariate(0, PROBE_NOISE) for k in speeds}
+        claims["liar"] *= LIE
+        run = _lockstep_run(rng, claims, speeds, epochs, set())
+        honest = statistics.fmean(v for k, v in run["per_sample"].items() if k != "liar")
+        ratios.append(run["per_sample"]["liar"] / honest)
+        flag = run["flagged"].get("liar")
+        if flag is not None and flag[0] == "short":
+            caught += 1
+            flag_epochs.append(flag[1])
+    false_positives = rerated = penalised = 0
+    for _ in range(honest_trials):
+        speeds = {f"h{i}": SPEED for i in range(3)} | {"hot": SPEED * THROTTLE}
+        claims = {k: TFLOPS * rng.lognormvariate(0, PROBE_NOISE) for k in speeds}
+        run = _lockstep_run(rng, claims, speeds, epochs, {"hot"})
+        short = {k for k, (flag, _) in run["flagged"].items() if flag == "short"}
+        false_positives += bool(short)
+        penalised += "hot" in short
+        # re-rated: its heartbeats' clock ratio weighs its ask (coordinator.market_store), or a run's measure
+        # flagged it throttled and replaced its offer's TFLOP/s
+        rerated += THROTTLE < 1 or run["flagged"].get("hot", ("",))[0] == "throttled"
+    return {
+        "liar": {
+            "trials": liar_trials,
+            "lie": LIE,
+            "flagged": caught,
+            "mean_pay_ratio": statistics.fmean(ratios),
+            "max_pay_ratio": max(ratios),
+            "mean_epochs_to_flag": statistics.fmean(flag_epochs) if flag_epochs else None,
+            "max_epochs_to_flag": max(flag_epochs) if flag_epochs else None,
+        },
+        "honest": {
+            "trials": honest_trials,
+            "false_positives": false_positives,
+            "throttled_rerated": rerated,
+            "throttled_penalised": penalised,
+        },
+        "epochs": epochs,
+    }
+
+
+# -------------------------------------------------------------------------------------- lazy validator
+
+LAZY = "d" * 64  # the lazy validator's account
+SOURCE = "e" * 64  # the peer whose audited reports are the canaries' sources
+
+
+def _never(audit: AuditTask) -> AuditResultBody:
+    raise AssertionError("the lazy validator recomputed an audit")
+
+
+def lazy_trials(setting: Setting, args: argparse.Namespace, policy: AuditPolicy) -> dict[str, Any]:
+    """The ``lazy-validator`` row: ``--trials`` runs of up to twice ``--epochs`` epochs, each with the
+    coordinator's draws (coordinator.verification). Each epoch a reporting peer's report (``--micro-batches``
+    micro-batches) draws its audits, which all go to the lazy validator (peer.adversary.LazyValidator) with
+    their claims leaked to it: it sends the claims back and they pass. A second peer's report is audited by
+    an honest validator; its passed micro-batches of the last ``canary_window`` epochs are the canaries'
+    sources, whose claims the API hides (so the lazy validator answers a canary with the sketch and loss of
+    a micro-batch it computed itself). Canaries come as the coordinator deals them (canary_due, one source
+    drawn under the key). Fees: one unit per audited sample, held until the validator passes a canary,
+    forfeit at its ban. Caught: the first wrong canary; banned: ``ban_after`` wrong canaries."""
+    task, data, per_peer = setting.task, setting.data, args.per_peer or setting.per_peer
+    block = canary_block(policy.canary_rate) if policy.canary_rate > 0 else 0
+    caught_at: list[int | None] = []
+    banned_at: list[int | None] = []
+    distances: list[float] = []
+    faked = earned = forfeit = still_held = 0
+    for trial in range(args.trials):
+        key, model = secrets.token_bytes(32), task.build_model(trial)
+        snapshots = Snapshots(keep=policy.canary_window + 1)
+        honest = Validator(RUN, task, task.build_model(0), data.reader, snapshots, agreement=1e-4)
+        lazy = behaviour("lazy-validator")
+        reporter = Epochs(data.ids, trial, args.micro_batches, per_peer)
+        other = Epochs(data.ids, 10_000 + trial, args.micro_batches, per_peer)
+        own = Epochs(data.ids, 20_000 + trial, 1, per_peer)
+        sources: list[tuple[int, int, dict[str, Any], list[float]]] = []  # epoch, index, claim, params
+        last_block: int | None = None
+        held = failures = 0
+        caught_at.append(None)
+        banned_at.append(None)
+        for epoch in range(2 * args.epochs):
+            work, param_sketch = start_epoch(task, model, data, reporter, snapshots, epoch)
+            report = behaviour(None).contribute(work)
+            for i in choose_audits(key, epoch, PEER, len(report.micro), policy):
+                claim = report.micro[i]
+                leaked = (claim["sketch"], claim["loss"])
+                answer = lazy.answer(
+                    audit_task(epoch, i, claim, param_sketch), _never, lambda t, known=leaked: known
+                )
+                assert answer.sketch is not None and answer.loss is not None
+                assert verdict(claim["sketch"], claim["loss"], answer.sketch, answer.loss, policy).passed
+                faked += 1
+                held += len(claim["ids"])
+            usable = [s for s in sources if s[0] > epoch - policy.canary_window]
+            if usable and canary_due(key, LAZY, epoch, policy.canary_rate, last_block):
+                last_block = epoch // block
+                source = min(usable, key=lambda s: claim_rank(key, LAZY, f"canary:{s[0]}-{s[1]}"))
+                sources.remove(source)  # never the same micro-batch twice to one validator
+                src_epoch, index, claim, params = source
+                canary = audit_task(src_epoch, index, claim, params).model_copy(update={"account": SOURCE})
+                answer = lazy.answer(canary, _never, lambda t: None)  # the source's claims are hidden
+                assert answer.sketch is not None and answer.loss is not None
+                result = canary_verdict(claim["sketch"], claim["loss"], answer.sketch, answer.loss, policy)
+                if result.passed:
+                    earned += held + len(claim["ids"])
+                    held = 0
+                else:
+                    failures += 1
+                    if caught_at[-1] is None:
+                        caught_at[-1] = epoch + 1
+                        distances.append(result.distance)
+                    if validator_banned(failures, policy) is not None:
+                        banned_at[-1] = epoch + 1
+                        forfeit += held
+                        held = 0
+                        break
+            # the other peer's report, audited by an honest validator: its passed audits become sources
+            seed = lambda i, e=epoch: micro_seed(RUN, e, SOURCE, i)  # noqa: E731
+            theirs = local_work(task, model, data.reader, other.next(), work.sketch, seed).compute(False)
+            for i in choose_audits(key, epoch, SOURCE, len(theirs.micro), policy):
+                claim = theirs.micro[i]
+                task_i = audit_task(epoch, i, claim, param_sketch).model_copy(update={"account": SOURCE})
+                checked = honest.recompute(task_i)
+                assert checked.sketch is not None and checked.loss is not None, checked.declined
+                if verdict(claim["sketch"], claim["loss"], checked.sketch, checked.loss, policy).passed:
+                    sources.append((epoch, i, claim, param_sketch))
+            # the lazy peer trains honestly (its made-up answers are its own earlier sketches)
+            seed_own = lambda i, e=epoch: micro_seed(RUN, e, LAZY, i)  # noqa: E731
+            lazy.contribute(local_work(task, model, data.reader, own.next(), work.sketch, seed_own))
+            step(model, report.update)
+        still_held += held
+    within = [e for e in caught_at if e is not None and e <= args.epochs]
+    caught = [e for e in caught_at if e is not None]
+    banned = [e for e in banned_at if e is not None]
+    return {
+        "kind": "lazy-validator",
+        "trials": args.trials,
+        "caught": len(within),
+        "rate": len(within) / args.trials,
+        "mean_epochs_to_catch": statistics.fmean(caught) if caught else None,
+        "max_epochs_to_catch": max(caught) if caught else None,
+        "min_distance": min(distances) if distances else None,
+        "banned": len(banned),
+        "max_epochs_to_ban": max(banned) if banned else None,
+        "faked_audits": faked,
+        "fees_earned": earned,
+        "fees_forfeit": forfeit,
+        "fees_still_held": still_held,
+    }
+
+
+def honest_canaries(setting: Setting, args: argparse.Namespace, policy: AuditPolicy) -> dict[str, Any]:
+    """``--honest-canaries`` canaries answered by an honest float32 CPU validator, spread over the honest
+    rows' conditions: the source's claim computed the same way, on 1 thread, in bfloat16 autocast (and on
+    CUDA where present) for a passed source; for a confirmed failure's source, the known answer is another
+    validator's recomputation on 1 thread. Counts wrong verdicts (goal 0) and the largest distance."""
+    task, data, per_peer = setting.task, setting.data, args.per_peer or setting.per_peer
+    found = conditions()
+    names = [*found, "confirmed failure: answer recomputed on 1 thread"]
+    per_condition = -(-args.honest_canaries // len(names))
+    distances: list[float] = []
+    failed = checked = 0
+    for name in names:
+        context, device = found.get(name, (contextlib.nullcontext, "cpu"))
+        model = task.build_model(2).to(device)
+        snapshots = Snapshots(keep=2)
+        validator = Validator(RUN, task, task.build_model(0), data.reader, snapshots, agreement=1e-4)
+        stream = Epochs(data.ids, 11, args.micro_batches, per_peer)
+        done, epoch = 0, 0
+        while done < per_condition:
+            work, param_sketch = start_epoch(task, model, data, stream, snapshots, epoch, device)
+            with context():
+                contribution = behaviour(None).contribute(work)
+            for i, micro in enumerate(contribution.micro):
+                canary = audit_task(epoch, i, micro, param_sketch)
+                expected = (micro["sketch"], micro["loss"])
+                if name not in found:
+                    with threads(1):
+                        known = validator.recompute(canary)
+                    assert known.sketch is not None and known.loss is not None
+                    expected = (known.sketch, known.loss)
+                answer = validator.recompute(canary)
+                assert answer.sketch is not None and answer.loss is not None, answer.declined
+                result = canary_verdict(expected[0], expected[1], answer.sketch, answer.loss, policy)
+                distances.append(result.distance)
+                failed += not result.passed
+                done += 1
+            step(model, contribution.update)
+            epoch += 1
+        checked += done
+    return {
+        "canaries": checked,
+        "false_positives": failed,
+        "max_distance": max(distances),
+        "conditions": names,
     }
 
 
@@ -363,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         "--per-peer", type=int, default=None, help="samples per micro-batch (trials) [the example spec's]"
     )
     parser.add_argument("--honest-audits", type=int, default=3000)
+    parser.add_argument("--honest-canaries", type=int, default=1000, help="canaries for honest validators")
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--cost-micro-batches", type=int, default=64, help="per peer and epoch")
     parser.add_argument(
@@ -371,29 +661,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cost-dim", type=int, default=128)
     parser.add_argument("--cost-layers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=7, help="micro-batches timed for the cost")
+    parser.add_argument("--capacity-trials", type=int, default=100, help="capacity-liar runs")
+    parser.add_argument(
+        "--capacity-honest-trials", type=int, default=1000, help="honest runs, one throttling"
+    )
+    parser.add_argument("--capacity-epochs", type=int, default=10)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     policy = AuditPolicy.default()
     with tempfile.TemporaryDirectory(prefix="bench-verification-") as folder:
         setting = load_setting(args.task, Path(folder))
-        catch = [catch_trials(setting, kind, args, policy) for kind in KINDS]
+        catch = [catch_trials(setting, kind, args, policy) for kind in (*KINDS, "poisoned-round")]
         honest = honest_audits(setting, args, policy)
+        lazy = lazy_trials(setting, args, policy)
+        canaries = honest_canaries(setting, args, policy)
         spend = cost(args, policy, cost_setting(args, setting, Path(folder)))
+    liar = capacity_trials(args.capacity_trials, args.capacity_honest_trials, args.capacity_epochs)
     result = {
+        "capacity": liar,
         "task": setting.label,
         "policy": {
             "rate": policy.rate,
             "min_audits": policy.min_audits,
             "tolerance": policy.tolerance,
             "loss_tolerance": policy.loss_tolerance,
+            "canary_rate": policy.canary_rate,
+            "canary_window": policy.canary_window,
         },
         "catch": catch,
         "honest": honest,
+        "validators": {"lazy": lazy, "honest": canaries},
         "cost": spend,
         "goals": {
             "catch_rate": all(c["rate"] >= GOAL_CATCH for c in catch),
             "false_positives": sum(h["false_positives"] for h in honest) == 0,
             "cost": spend["ratio"] <= GOAL_COST,
+            "validators": lazy["rate"] >= GOAL_CATCH
+            and lazy["fees_earned"] == 0
+            and canaries["false_positives"] == 0,
+            "capacity": liar["liar"]["max_pay_ratio"] <= 1.1
+            and liar["liar"]["flagged"] == liar["liar"]["trials"]
+            and (liar["liar"]["max_epochs_to_flag"] or 99) <= 3
+            and liar["honest"]["false_positives"] == 0,
         },
     }
     if args.json:
@@ -415,19 +724,43 @@ def main(argv: list[str] | None = None) -> int:
             f"{c['mean_epochs_to_catch'] or 0:>13.2f}{c['max_epochs_to_catch'] or 0:>5}"
             f"{c['min_distance'] or 0:>14.3f}"
         )
-    print(f"\n{'HONEST PEER COMPUTED':<32}{'AUDITS':>7}{'FAILED':>8}{'MAX DISTANCE':>14}{'MAX LOSS GAP':>14}")
+    print(
+        f"\n{'HONEST PEER COMPUTED':<32}{'AUDITS':>7}{'FAILED':>8}{'MAX DISTANCE':>14}{'MAX LOSS GAP':>14}"
+        f"{'ROUNDS':>8}{'MAX ROUND DIST':>16}"
+    )
     for h in honest:
         print(
             f"{h['condition']:<32}{h['audits']:>7}{h['false_positives']:>8}{h['max_distance']:>14.2e}"
-            f"{h['max_loss_gap']:>14.2e}"
+            f"{h['max_loss_gap']:>14.2e}{h['round_checks']:>8}{h['max_round_distance']:>16.2e}"
         )
+    lv, hc = lazy, canaries
+    print(
+        f"\nlazy-validator (canary_rate {policy.canary_rate:g}, window {policy.canary_window}): caught "
+        f"within {args.epochs} epochs {lv['caught']}/{lv['trials']} ({lv['rate']:.1%}), mean "
+        f"{lv['mean_epochs_to_catch'] or 0:.2f} epochs, at most {lv['max_epochs_to_catch']}; banned from "
+        f"validating {lv['banned']}/{lv['trials']} within {lv['max_epochs_to_ban']} epochs; "
+        f"{lv['faked_audits']} audits faked, fees earned {lv['fees_earned']}, forfeit {lv['fees_forfeit']}, "
+        f"still held {lv['fees_still_held']}; min canary distance {lv['min_distance'] or 0:.3f}\n"
+        f"honest validators on canaries: {hc['false_positives']} of {hc['canaries']} failed "
+        f"(max distance {hc['max_distance']:.2e})"
+    )
+    cl, ch = liar["liar"], liar["honest"]
+    print(
+        f"\ncapacity-liar (claims {cl['lie']:g}x its probe; {liar['epochs']} lock-step epochs): flagged "
+        f"{cl['flagged']}/{cl['trials']} within {cl['max_epochs_to_flag']} epochs (mean "
+        f"{cl['mean_epochs_to_flag'] or 0:.2f}); pay per verified sample {cl['mean_pay_ratio']:.3f}x an "
+        f"honest peer's (at most {cl['max_pay_ratio']:.3f}x)\n  honest runs with a throttling peer: "
+        f"{ch['false_positives']} of {ch['trials']} flagged an honest peer short; throttling peer re-rated "
+        f"{ch['throttled_rerated']}, penalised {ch['throttled_penalised']}"
+    )
     c = spend
     print(
         f"\ncost: {c['peers']} peers x {c['micro_batches']} micro-batches of {c['per_peer']} "
         f"(target {c['target']}), {c['model']} ({c['parameters']:,} parameters)\n"
         f"  training {c['train_s'] * 1000:.1f} ms/epoch; sketches {c['sketch_s'] * 1000:.1f} ms, "
         f"sketchers drawn {c['sketchers_s'] * 1000:.1f} ms, snapshot {c['snapshot_s'] * 1000:.2f} ms, "
-        f"{c['audits_per_report']:.2f} audits x {c['audit_s'] * 1000:.2f} ms\n"
+        f"({c['audits_per_report']:.2f} audits + {c['canaries_per_epoch']:.2f} canaries) x "
+        f"{c['audit_s'] * 1000:.2f} ms\n"
         f"  verification / training = {c['ratio']:.2%} (goal <= {GOAL_COST:.0%})"
     )
     goals = result["goals"]

@@ -39,6 +39,7 @@ from peer.protocol.run_schemas import (
     AuditList,
     AuditTaskList,
     AuditView,
+    BlameView,
     GroupView,
     LossCurve,
     QuoteView,
@@ -82,6 +83,12 @@ OFFER_FIELDS = {
     "reliability": FieldKind.NUMBER,
     "state": FieldKind.STRING,
     "min_lease_seconds": FieldKind.NUMBER,
+    # measured by the probe (NVML; offers without a reading match no term on them) and by runs
+    "watts": FieldKind.NUMBER,
+    "watts_per_tflop": FieldKind.NUMBER,
+    "headroom_c": FieldKind.NUMBER,
+    "claimed_tflops": FieldKind.NUMBER,
+    "capacity": FieldKind.STRING,
 }
 
 
@@ -279,6 +286,9 @@ class Coordinator:
         units, where ``since`` is the later of the match's join and its previous report and the price is the
         matched hourly price, capped by what the escrow holds (see :func:`coordinator.runs.report_pay`)."""
         return await self.store.report(ctx.now, ctx.envelope, ctx.path_id("run_id"), ctx.body)
+
+    async def blame_round(self, ctx: Context) -> BlameView:
+        return await self.store.blame_round(ctx.now, ctx.envelope, ctx.path_id("run_id"), ctx.body)
 
     async def list_reports(self, ctx: Context) -> ReportList:
         return ReportList(reports=await self.store.reports(ctx.path_id("run_id")))
@@ -504,4 +514,10 @@ def _filter_record(offer: OfferView) -> dict[str, Any]:
     )
     record["price"] = offer.price_per_hour
     record["min_lease_seconds"] = offer.min_lease_seconds
+    record["watts"] = offer.power_w
+    record["watts_per_tflop"] = offer.watts_per_tflop
+    record["headroom_c"] = offer.thermal_headroom_c
+    # an offer never re-rated claims what it is rated at; "ok" lets 'capacity!=short' keep it
+    record["claimed_tflops"] = offer.claimed_tflops if offer.claimed_tflops is not None else offer.tflops
+    record["capacity"] = offer.capacity_flag or "ok"
     return record

@@ -15,7 +15,7 @@ import sqlite3
 from typing import Any
 
 from coordinator import ledger, sql, verification
-from coordinator.errors import Conflict, NotFound
+from coordinator.errors import Conflict, Forbidden, NotFound
 from coordinator.verification import AuditPolicy
 from peer.protocol.money import from_units
 from peer.protocol.run_schemas import AuditResultBody, AuditTask, AuditView, ReportBody
@@ -34,7 +34,11 @@ def policy_json(spec: RunSpec) -> str:
 
 
 def policy_of(run: sqlite3.Row) -> AuditPolicy:
-    return AuditPolicy(**VerificationSpec.model_validate_json(run["audit_policy"]).model_dump())
+    """The run's stored policy; a run stored before canaries existed keeps none (``canary_rate`` 0), so
+    that an upgrade does not start holding the fees of a run already going."""
+    stored = json.loads(run["audit_policy"])
+    stored.setdefault("canary_rate", 0.0)
+    return AuditPolicy(**VerificationSpec.model_validate(stored).model_dump())
 
 
 def open_audits(
@@ -64,37 +68,50 @@ def open_audits(
     return len(indices)
 
 
+#: A claim ranks up to this many times its limit of the oldest audits it may take (coordinator.verification
+#: claim_rank), so that a run with thousands pending does not rank them all on every claim.
+CLAIM_POOL = 4
+
+
 def claim(
-    conn: sqlite3.Connection, now: float, run_id: str, validator: str, limit: int, claim_timeout: float
+    conn: sqlite3.Connection,
+    now: float,
+    run: sqlite3.Row,
+    validator: str,
+    limit: int,
+    claim_timeout: float,
+    audit_timeout: float,
 ) -> list[AuditTask]:
-    """Give ``validator`` up to ``limit`` pending audits of other peers' reports, oldest first: the ones
-    it holds, unclaimed ones, and ones whose validator has not answered within ``claim_timeout``; never
-    ones it declined or let lapse. Holding an audit again does not extend the hold, so that nobody can
-    sit on an audit until it expires (which would leave the audited report unpaid)."""
+    """Give ``validator`` up to ``limit`` pending audits of other peers' reports: the ones it holds, then
+    unclaimed ones and ones whose validator has not answered within ``claim_timeout``, older epochs first
+    (they leave the validators' windows first) and, within an epoch, in an order drawn under the run's
+    key (:func:`coordinator.verification.claim_rank`); never ones it declined or let lapse, nor canaries
+    given to another. Holding an audit again does not extend the hold, so that nobody can sit on an audit
+    until it expires (which would leave the audited report unpaid). A claim may also carry a canary
+    (:func:`add_canary`). A validator banned from validating the run is refused (403)."""
+    run_id, key = run["id"], bytes.fromhex(run["audit_key"])
+    tally = _tally(conn, run_id, validator)
+    if tally is not None and tally["validator_ban"]:
+        raise Forbidden(
+            f"account {validator[:12]}... may no longer validate run {run_id!r}: {tally['validator_ban']}",
+            code="validator_banned",
+            field="run_id",
+        )
     rows = conn.execute(
         """SELECT a.*, p.body FROM audits a
            JOIN reports p ON p.run_id = a.run_id AND p.account = a.account AND p.epoch = a.epoch
            WHERE a.run_id = ? AND a.state = 'pending' AND a.account != ?
-             AND (a.validator IS NULL OR a.validator = ? OR a.claimed_at < ?)
+             AND (a.validator IS NULL OR a.validator = ? OR (a.claimed_at < ? AND a.canary_of IS NULL))
              AND a.declined NOT LIKE '%"' || ? || '"%'
-           ORDER BY a.created_at, a.id LIMIT ?""",
-        (run_id, validator, validator, now - claim_timeout, validator, limit),
+           ORDER BY CASE WHEN a.validator = ? THEN 0 ELSE 1 END, a.epoch, a.created_at, a.id LIMIT ?""",
+        (run_id, validator, validator, now - claim_timeout, validator, validator, limit * CLAIM_POOL),
     ).fetchall()
-    tasks = []
+
+    def order(row: sqlite3.Row) -> tuple[bool, int, bytes]:
+        return row["validator"] != validator, row["epoch"], verification.claim_rank(key, validator, row["id"])
+
+    rows = sorted(rows, key=order)[:limit]
     for row in rows:
-        report: dict[str, Any] = json.loads(row["body"])
-        tasks.append(
-            AuditTask(
-                id=row["id"],
-                run_id=run_id,
-                epoch=row["epoch"],
-                account=row["account"],
-                index=row["idx"],
-                ids=report["micro_batches"][row["idx"]]["ids"],
-                param_sketch=report["param_sketch"],
-                device=report.get("device", "cpu"),
-            )
-        )
         if row["validator"] not in (None, validator):  # taken over: the lapsed holder never gets it back
             declined = [*json.loads(row["declined"]), row["validator"]]
             conn.execute("UPDATE audits SET declined = ? WHERE id = ?", (json.dumps(declined), row["id"]))
@@ -102,7 +119,107 @@ def claim(
             conn.execute(
                 "UPDATE audits SET validator = ?, claimed_at = ? WHERE id = ?", (validator, now, row["id"])
             )
-    return tasks
+    real = [r for r in rows if r["canary_of"] is None]
+    if real and len(rows) < limit:
+        canary = add_canary(conn, now, run, validator, max(r["epoch"] for r in real), audit_timeout)
+        if canary is not None:
+            rows.append(canary)
+    rows.sort(key=lambda r: (r["epoch"], verification.claim_rank(key, validator, r["id"])))
+    return [_task(run_id, row) for row in rows]
+
+
+def _task(run_id: str, row: sqlite3.Row) -> AuditTask:
+    """What a validator is told of an audit (a canary's row reads the same)."""
+    report: dict[str, Any] = json.loads(row["body"])
+    return AuditTask(
+        id=row["id"],
+        run_id=run_id,
+        epoch=row["epoch"],
+        account=row["account"],
+        index=row["idx"],
+        ids=report["micro_batches"][row["idx"]]["ids"],
+        param_sketch=report["param_sketch"],
+        device=report.get("device", "cpu"),
+    )
+
+
+def add_canary(
+    conn: sqlite3.Connection, now: float, run: sqlite3.Row, validator: str, epoch: int, audit_timeout: float
+) -> sqlite3.Row | None:
+    """Give ``validator`` a canary with its claim of audits of ``epoch`` when one is due
+    (:func:`coordinator.verification.canary_due`) and the run holds a source: a decided audit of another
+    account's report, of the run's last ``canary_window`` epochs and no later than ``epoch`` (the
+    validator holds them), that passed (the claim is the answer) or failed on two validators' word (their
+    recomputation is the answer), and whose micro-batch this validator never held. The source is drawn
+    under the run's key. The canary is a new audit row held by the validator (``canary_of`` names the
+    source) with the source's epoch, account and micro-batch: its task reads like any other. Returns the
+    row, or None."""
+    run_id, policy, key = run["id"], policy_of(run), bytes.fromhex(run["audit_key"])
+    tally = _tally(conn, run_id, validator)
+    last_block = tally["canary_block"] if tally is not None else None
+    if not verification.canary_due(key, validator, epoch, policy.canary_rate, last_block):
+        return None
+    newest = run["last_epoch"] if run["last_epoch"] is not None else epoch
+    sources = conn.execute(
+        """SELECT s.* FROM audits s
+           WHERE s.run_id = ? AND s.canary_of IS NULL AND s.epoch >= ? AND s.epoch <= ?
+             AND s.account != ? AND s.validator != ?
+             AND (s.state = 'passed' OR (s.state = 'failed' AND s.first_failure IS NOT NULL
+                                         AND s.answer IS NOT NULL))
+             AND s.declined NOT LIKE '%"' || ? || '"%'
+             AND COALESCE(s.first_failure, '') NOT LIKE '%"' || ? || '"%'
+             AND NOT EXISTS (SELECT 1 FROM audits x WHERE x.run_id = s.run_id AND x.account = s.account
+                             AND x.epoch = s.epoch AND x.idx = s.idx AND x.validator = ?)""",
+        (
+            run_id,
+            newest - policy.canary_window + 1,
+            epoch,
+            validator,
+            validator,
+            validator,
+            validator,
+            validator,
+        ),
+    ).fetchall()
+    if not sources:
+        return None
+    source = min(sources, key=lambda r: verification.claim_rank(key, validator, f"canary:{r['id']}"))
+    canary_id = f"audit-{secrets.token_hex(8)}"
+    conn.execute(
+        """INSERT INTO audits (id, run_id, epoch, account, idx, samples, state, created_at, deadline,
+                               validator, claimed_at, canary_of)
+           VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)""",
+        (
+            canary_id,
+            run_id,
+            source["epoch"],
+            source["account"],
+            source["idx"],
+            source["samples"],
+            now,
+            now + audit_timeout,
+            validator,
+            now,
+            source["id"],
+        ),
+    )
+    _count_account(conn, run_id, validator)
+    conn.execute(
+        "UPDATE run_accounts SET canary_block = ? WHERE run_id = ? AND account = ?",
+        (epoch // verification.canary_block(policy.canary_rate), run_id, validator),
+    )
+    return conn.execute(
+        """SELECT a.*, p.body FROM audits a
+           JOIN reports p ON p.run_id = a.run_id AND p.account = a.account AND p.epoch = a.epoch
+           WHERE a.id = ?""",
+        (canary_id,),
+    ).fetchone()
+
+
+def _tally(conn: sqlite3.Connection, run_id: str, account: str) -> sqlite3.Row | None:
+    return conn.execute(
+        "SELECT * FROM run_accounts WHERE run_id = ? AND account = ?", (run_id, account)
+    ).fetchone()
 
 
 def submit(
@@ -131,6 +248,8 @@ def submit(
             code="audit_not_held",
             field="audit_id",
         )
+    if audit["canary_of"] is not None:
+        return _answer_canary(conn, now, run, validator, audit, body)
     if body.declined is not None:
         declined = [*json.loads(audit["declined"]), validator]
         conn.execute(
@@ -171,30 +290,159 @@ def submit(
     elif first is not None:
         paid.append(first["validator"])
         reason += f"; confirms the failure reported by {first['validator'][:12]}..."
-    total = 0
-    for who in paid:
-        units = min(sql.book(conn, ledger.escrow_book(run["id"])), fee)
-        sql.post(conn, ledger.audit_fee(run["id"], who, units), now)
-        _count_account(conn, run["id"], who, fees=units)
-        total += units
+    total = sum(_earn_fee(conn, now, run, who, fee) for who in paid)
     state = "passed" if result.passed else "failed"
+    answer = json.dumps({"sketch": body.sketch, "loss": body.loss})  # a confirmed failure's known answer
     conn.execute(
-        """UPDATE audits SET state = ?, distance = ?, reason = ?, fee_units = ?, decided_at = ?
+        """UPDATE audits SET state = ?, distance = ?, reason = ?, fee_units = ?, decided_at = ?, answer = ?
            WHERE id = ?""",
-        (state, result.distance, reason, total, now, audit_id),
+        (state, result.distance, reason, total, now, answer, audit_id),
     )
-    column = "audits_passed" if result.passed else "audits_failed"
-    conn.execute(f"UPDATE peers SET {column} = {column} + 1 WHERE account = ?", (audit["account"],))
-    passed = int(result.passed)
-    _count_account(conn, run["id"], audit["account"], passed=passed, failed=1 - passed)
+    count_verdict(conn, run["id"], audit["account"], result.passed)
     settle_report(conn, now, run["id"], audit["account"], audit["epoch"])
     return _row(conn, audit_id)
+
+
+def _earn_fee(conn: sqlite3.Connection, now: float, run: sqlite3.Row, validator: str, fee: int) -> int:
+    """Pay ``validator`` an audit's ``fee`` from the run's escrow (as far as it holds), or, in a run with
+    canaries, hold it until the validator passes a canary (:func:`release_fees`): a validator that fakes
+    its answers is not paid for them before they are checked, and forfeits them when it is banned from
+    validating. Returns the units earned (paid or held)."""
+    units = min(sql.book(conn, ledger.escrow_book(run["id"])), fee)
+    if policy_of(run).canary_rate > 0:
+        sql.post(conn, ledger.hold_fee(run["id"], units), now)
+        _count_account(conn, run["id"], validator)
+        conn.execute(
+            "UPDATE run_accounts SET fee_held_units = fee_held_units + ? WHERE run_id = ? AND account = ?",
+            (units, run["id"], validator),
+        )
+    else:
+        sql.post(conn, ledger.audit_fee(run["id"], validator, units), now)
+        _count_account(conn, run["id"], validator, fees=units)
+    return units
+
+
+def release_fees(conn: sqlite3.Connection, now: float, run_id: str, validator: str | None = None) -> None:
+    """Pay the fees held for ``validator`` (every validator of the run with None: the run ends, and a
+    validator never caught is owed them) but one banned from validating, whose held fees are forfeit."""
+    where, args = ("AND account = ?", (run_id, validator)) if validator else ("", (run_id,))
+    for row in conn.execute(
+        f"SELECT * FROM run_accounts WHERE run_id = ? AND fee_held_units > 0 {where}", args
+    ).fetchall():
+        units = row["fee_held_units"]
+        if row["validator_ban"]:
+            sql.post(conn, ledger.void_pay(run_id, units), now)
+        else:
+            sql.post(conn, ledger.release_fee(run_id, row["account"], units), now)
+            _count_account(conn, run_id, row["account"], fees=units)
+        conn.execute(
+            "UPDATE run_accounts SET fee_held_units = 0 WHERE run_id = ? AND account = ?",
+            (run_id, row["account"]),
+        )
+
+
+def _answer_canary(
+    conn: sqlite3.Connection,
+    now: float,
+    run: sqlite3.Row,
+    validator: str,
+    canary: sqlite3.Row,
+    body: AuditResultBody,
+) -> sqlite3.Row:
+    """Decide a canary. Declined: it ends (expired) with no fee and no blame, as a real audit the validator
+    cannot recompute would go to another. Answered: compared with the answer the coordinator holds
+    (:func:`coordinator.verification.canary_verdict`). Right: the validator earns the audit's fee (from
+    the escrow, as for any audit) and every fee held for it is paid. Wrong: no fee, its reputation drops
+    as for an overturned verdict, and after ``ban_after`` wrong canaries it may no longer validate the run
+    (:func:`ban_validator`). The source report's pay and its peer's standing never change."""
+    run_id, policy = run["id"], policy_of(run)
+    if body.declined is not None:
+        conn.execute(
+            "UPDATE audits SET state = 'expired', reason = ?, decided_at = ? WHERE id = ?",
+            (f"declined: {body.declined}"[:300], now, canary["id"]),
+        )
+        return _row(conn, canary["id"])
+    assert body.sketch is not None and body.loss is not None
+    source = _row(conn, canary["canary_of"])
+    report = _report(conn, run_id, canary["account"], canary["epoch"])
+    if source["state"] == "passed":
+        expected = json.loads(report["body"])["micro_batches"][canary["idx"]]
+    else:  # a confirmed failure: the claim is wrong, the validators' recomputation is the answer
+        expected = json.loads(source["answer"])
+    result = verification.canary_verdict(expected["sketch"], expected["loss"], body.sketch, body.loss, policy)
+    fee = 0
+    if result.passed:
+        fee = _earn_fee(
+            conn,
+            now,
+            run,
+            validator,
+            verification.audit_fee(report["paid_units"], canary["samples"], report["samples"]),
+        )
+        conn.execute(
+            "UPDATE run_accounts SET canaries_passed = canaries_passed + 1 WHERE run_id = ? AND account = ?",
+            (run_id, validator),
+        )
+        release_fees(conn, now, run_id, validator)
+    else:
+        conn.execute(
+            "UPDATE peers SET verdicts_overturned = verdicts_overturned + 1 WHERE account = ?", (validator,)
+        )
+        conn.execute(
+            "UPDATE run_accounts SET canaries_failed = canaries_failed + 1 WHERE run_id = ? AND account = ?",
+            (run_id, validator),
+        )
+    conn.execute(
+        """UPDATE audits SET state = ?, distance = ?, reason = ?, fee_units = ?, decided_at = ?, answer = ?
+           WHERE id = ?""",
+        (
+            "passed" if result.passed else "failed",
+            result.distance,
+            result.reason,
+            fee,
+            now,
+            json.dumps({"sketch": body.sketch, "loss": body.loss}),
+            canary["id"],
+        ),
+    )
+    tally = _tally(conn, run_id, validator)
+    why = verification.validator_banned(tally["canaries_failed"] if tally else 0, policy)
+    if why is not None and not (tally and tally["validator_ban"]):
+        ban_validator(conn, now, run_id, validator, why)
+    return _row(conn, canary["id"])
+
+
+def ban_validator(conn: sqlite3.Connection, now: float, run_id: str, validator: str, why: str) -> None:
+    """``validator`` may no longer validate the run (it still trains and reports, and its reports are
+    audited as before): its claims are refused, the audits it holds go to others (never back to it), its
+    pending canaries end, and the fees held for it go back to the escrow."""
+    conn.execute(
+        "UPDATE run_accounts SET validator_ban = ? WHERE run_id = ? AND account = ?", (why, run_id, validator)
+    )
+    for row in conn.execute(
+        "SELECT * FROM audits WHERE run_id = ? AND state = 'pending' AND validator = ?", (run_id, validator)
+    ).fetchall():
+        if row["canary_of"] is not None:
+            conn.execute(
+                "UPDATE audits SET state = 'expired', reason = 'its validator was banned from validating',"
+                " decided_at = ? WHERE id = ?",
+                (now, row["id"]),
+            )
+        else:
+            declined = json.dumps([*json.loads(row["declined"]), validator])
+            conn.execute(
+                "UPDATE audits SET validator = NULL, claimed_at = NULL, declined = ? WHERE id = ?",
+                (declined, row["id"]),
+            )
+    release_fees(conn, now, run_id, validator)  # banned: forfeit
 
 
 #: The matches of an audit's possible validators: the run's joined peers with an active match, but the
 #: audited one (``a`` is the audit, ``m`` the match).
 _VALIDATOR_MATCH = (
     "m.run_id = a.run_id AND m.state = 'active' AND m.joined_at IS NOT NULL AND m.account != a.account"
+    " AND NOT EXISTS (SELECT 1 FROM run_accounts v WHERE v.run_id = m.run_id AND v.account = m.account"
+    " AND v.validator_ban IS NOT NULL)"
 )
 
 
@@ -210,7 +458,8 @@ def _validators(conn: sqlite3.Connection, audit: sqlite3.Row) -> set[str]:
 
 def failed_epochs(conn: sqlite3.Connection, run_id: str, account: str) -> int:
     (count,) = conn.execute(
-        "SELECT COUNT(DISTINCT epoch) FROM audits WHERE run_id = ? AND account = ? AND state = 'failed'",
+        "SELECT COUNT(DISTINCT epoch) FROM audits"
+        " WHERE run_id = ? AND account = ? AND state = 'failed' AND canary_of IS NULL",
         (run_id, account),
     ).fetchone()
     return count
@@ -225,6 +474,13 @@ def count_paid(conn: sqlite3.Connection, run_id: str, lease_id: str, samples: in
         " WHERE run_id = ? AND lease_id = ?",
         (samples, units, run_id, lease_id),
     )
+
+
+def count_verdict(conn: sqlite3.Connection, run_id: str, account: str, passed: bool) -> None:
+    """Count a decided check of ``account``'s work: its reputation (``peers``) and its run's tallies."""
+    column = "audits_passed" if passed else "audits_failed"
+    conn.execute(f"UPDATE peers SET {column} = {column} + 1 WHERE account = ?", (account,))
+    _count_account(conn, run_id, account, passed=int(passed), failed=int(not passed))
 
 
 def _count_account(
@@ -251,7 +507,7 @@ def settle_report(conn: sqlite3.Connection, now: float, run_id: str, account: st
     states = [
         r["state"]
         for r in conn.execute(
-            "SELECT state FROM audits WHERE run_id = ? AND account = ? AND epoch = ?",
+            "SELECT state FROM audits WHERE run_id = ? AND account = ? AND epoch = ? AND canary_of IS NULL",
             (run_id, account, epoch),
         )
     ]
@@ -335,7 +591,10 @@ def audit_views(conn: sqlite3.Connection, run_id: str) -> list[AuditView]:
     return [
         _view(row)
         for row in conn.execute(
-            "SELECT * FROM audits WHERE run_id = ? ORDER BY epoch, account, idx", (run_id,)
+            # a pending canary is not listed: a second audit of a decided micro-batch would give it away
+            "SELECT * FROM audits WHERE run_id = ? AND (canary_of IS NULL OR state != 'pending')"
+            " ORDER BY epoch, account, idx",
+            (run_id,),
         )
     ]
 
@@ -358,6 +617,7 @@ def _view(row: sqlite3.Row) -> AuditView:
         reason=row["reason"],
         fee=from_units(row["fee_units"]),
         first_failure=json.loads(row["first_failure"]) if row["first_failure"] else None,
+        canary_of=row["canary_of"] if row["state"] != "pending" else None,
         created_at=row["created_at"],
         decided_at=row["decided_at"],
     )

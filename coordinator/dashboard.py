@@ -170,12 +170,17 @@ def _offers(board: Board) -> str:
             f"{o.tflops:.2f}",
             fmt_money(o.price_per_hour),
             f"{o.reliability:.3f}",
+            _capacity(
+                o.capacity_flag, o.tflops / o.claimed_tflops if o.claimed_tflops else None, o.capacity_reason
+            ),
             _state(o.state),
         ]
         for o in board.offers
     ]
     table = _table(
-        "offers-table", ["account", "GPU", "VRAM GB", "TFLOP/s", "price/h", "reliability", "state"], rows
+        "offers-table",
+        ["account", "GPU", "VRAM GB", "TFLOP/s", "price/h", "reliability", "capacity", "state"],
+        rows,
     )
     return f'<section data-live id="offers"><h2>Offers ({len(rows)})</h2>{error}{table}</section>'
 
@@ -226,12 +231,23 @@ def _run_detail(board: Board) -> str:
             fmt_money(p.paid),
             f"{p.audits_passed}/{p.audits_failed}",
             fmt_money(p.fees),
+            _capacity(p.capacity_flag, p.capacity_ratio, p.capacity_reason),
         ]
         for p in run.peers
     ]
     table = _table(
         "run-peers-table",
-        ["account", "state", "joined", "epoch", "samples", "paid", "audits passed/failed", "audit fees"],
+        [
+            "account",
+            "state",
+            "joined",
+            "epoch",
+            "samples",
+            "paid",
+            "audits passed/failed",
+            "audit fees",
+            "capacity",
+        ],
         rows,
     )
     group = run.group
@@ -261,6 +277,7 @@ def _peers(board: Board) -> str:
                 str(p.samples),
                 fmt_money(p.earned),
                 f"{p.audits_passed}/{p.audits_failed}",
+                _capacity(p.capacity_flag, None, None),
                 _reading(t.power_w if t else None, "W"),
                 _reading(t.temperature_c if t else None, "°C"),
                 _reading(t.utilization_pct if t else None, "%"),
@@ -276,6 +293,7 @@ def _peers(board: Board) -> str:
             "verified samples",
             "earned",
             "audits",
+            "capacity",
             "power",
             "temperature",
             "GPU busy",
@@ -311,6 +329,18 @@ def _account(account: str) -> str:
 
 def _state(state: str) -> str:
     return f'<span class="state state-{_e(state)}">{_e(state)}</span>'
+
+
+def _capacity(flag: str | None, ratio: float | None, reason: str | None) -> str:
+    """A peer's delivered capacity (:mod:`coordinator.capacity`): its flag and the ratio delivered over
+    claimed ("short 0.25x"), or the measured ratio alone while unflagged, with the measurement behind it
+    as the title, so that whoever rents or runs on it sees at a glance a claim its runs did not see
+    delivered; "-" before any measurement."""
+    if flag is None and ratio is None:
+        return "-"
+    text = " ".join(part for part in (flag, None if ratio is None else f"{ratio:.2f}x") if part)
+    title = f' title="{_e(reason)}"' if reason else ""
+    return f'<span class="capacity capacity-{_e(flag or "measured")}"{title}>{_e(text)}</span>'
 
 
 def _reading(value: float | None, unit: str) -> str:
@@ -415,6 +445,8 @@ polyline.series-0, polyline.series-1 { fill: none; }
 .state-offline, .state-failed, .state-cancelled, .state-dropped, .state-banned, .error {
   background: #fed7d7; }
 .error { padding: .2em .5em; }
+.capacity { padding: 0 .4em; border-radius: 3px; }
+.capacity-short { background: #fed7d7; } .capacity-throttled { background: #fefcbf; }
 form label { margin-right: 1em; }
 """
 

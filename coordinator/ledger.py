@@ -118,6 +118,17 @@ def audit_fee(run_id: str, validator: str, units: int) -> list[Entry]:
     return [Entry("audit_fee", escrow_book(run_id), earned_book(validator), units)] if units else []
 
 
+def hold_fee(run_id: str, units: int) -> list[Entry]:
+    """Set a validator's audit fee aside until it passes a canary (or the run ends): the fee of an audit it
+    may have faked is not paid before its answers are checked. Void it with :func:`void_pay`."""
+    return [Entry("pay_hold", escrow_book(run_id), held_book(run_id), units)] if units else []
+
+
+def release_fee(run_id: str, validator: str, units: int) -> list[Entry]:
+    """Pay a validator the fees held for it."""
+    return [Entry("audit_fee", held_book(run_id), earned_book(validator), units)] if units else []
+
+
 def refund(run_id: str, owner: str, units: int) -> list[Entry]:
     return [Entry("refund", escrow_book(run_id), balance_book(owner), units)] if units else []
 

@@ -21,8 +21,8 @@ from peer.protocol.schemas import ClearingRoundView
 from peer.protocol.spec import RunSpec
 
 _ASKS_QUERY = """
-    SELECT l.id AS lease_id, o.account, o.price_units, o.tflops, o.vram_gb, p.uptime, p.lapses,
-           p.audits_passed, p.audits_failed, p.verdicts_overturned
+    SELECT l.id AS lease_id, o.account, o.price_units, o.tflops, o.claimed_tflops, o.clock_ratio, o.vram_gb,
+           p.uptime, p.lapses, p.audits_passed, p.audits_failed, p.verdicts_overturned, p.shortfalls
     FROM leases l JOIN offers o ON o.lease_id = l.id JOIN peers p ON p.account = o.account
     WHERE l.state = 'active' AND l.run_id IS NULL AND o.roles LIKE '%"trainer"%'
       -- a peer that gave a run its place back (it cannot train it) or was banned from it sits out
@@ -61,12 +61,13 @@ def clear(
     _record_shortfalls(conn, shortfalls)
     if env is None and not asks:
         return None
+    tflops = {ask.account: ask.tflops for ask in asks}
     for match in result.matches:
         units = to_units(match.price_per_hour)
         conn.execute(
-            "INSERT INTO matches (run_id, lease_id, account, price_units, state, matched_at)"
-            " VALUES (?, ?, ?, ?, 'active', ?)",
-            (match.run_id, lease_of[match.account], match.account, units, now),
+            "INSERT INTO matches (run_id, lease_id, account, price_units, state, matched_at, tflops)"
+            " VALUES (?, ?, ?, ?, 'active', ?, ?)",
+            (match.run_id, lease_of[match.account], match.account, units, now, tflops[match.account]),
         )
         conn.execute(
             "UPDATE leases SET run_id = ?, price_units = ? WHERE id = ?",
@@ -142,11 +143,14 @@ def _record_shortfalls(conn: sqlite3.Connection, reasons: dict[str, str | None])
 def _asks(conn: sqlite3.Connection) -> tuple[list[market.Ask], dict[str, str]]:
     asks, lease_of = [], {}
     for row in conn.execute(_ASKS_QUERY):
+        # a GPU whose heartbeats report its clocks held down is priced on what it runs at now, unless a run
+        # re-rated its offer: its tflops are then what it delivered, throttled, and are not cut twice
+        clock_ratio = 1.0 if row["claimed_tflops"] is not None else (row["clock_ratio"] or 1.0)
         asks.append(
             market.Ask(
                 account=row["account"],
                 price_per_hour=from_units(row["price_units"]),
-                tflops=row["tflops"],
+                tflops=row["tflops"] * clock_ratio,
                 vram_gb=row["vram_gb"],
                 reliability=offer_store.standing(row),
             )

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from coordinator import group_store, leases, match_store, run_store, runs, sql, verification
+from coordinator import capacity, group_store, leases, match_store, run_store, runs, sql, verification
 from coordinator.errors import ApiError, Conflict, Forbidden, NotFound
 from coordinator.leases import LeaseConfig
 from peer.protocol.envelope import Envelope
@@ -25,7 +25,7 @@ from peer.protocol.schemas import LeaseView, OfferBody, OfferResponse, OfferView
 
 OFFER_QUERY = """
     SELECT o.*, l.state AS lease_state, l.run_id, l.last_heartbeat, l.price_units AS lease_price_units,
-           p.uptime, p.lapses, p.audits_passed, p.audits_failed, p.verdicts_overturned
+           p.uptime, p.lapses, p.audits_passed, p.audits_failed, p.verdicts_overturned, p.shortfalls
     FROM offers o JOIN leases l ON l.id = o.lease_id JOIN peers p ON p.account = o.account
 """
 
@@ -36,9 +36,10 @@ def standing_of(conn: sqlite3.Connection, account: str) -> float:
 
 
 def standing(row: Mapping[str, Any]) -> float:
-    """A peer's reliability as the market prices it: uptime against lapses, times its audit reputation."""
+    """A peer's reliability as the market prices it: uptime against lapses, times its audit reputation; a
+    capacity shortfall no throttling explained (:mod:`coordinator.capacity`) weighs as a failed audit."""
     return leases.reliability(row["uptime"], row["lapses"]) * verification.reputation(
-        row["audits_passed"], row["audits_failed"] + row["verdicts_overturned"]
+        row["audits_passed"], row["audits_failed"] + row["verdicts_overturned"] + row["shortfalls"]
     )
 
 
@@ -69,6 +70,12 @@ def offer_view(row: Mapping[str, Any]) -> OfferView:
         roles=json.loads(row["roles"]),
         min_lease_seconds=row["min_lease_seconds"],
         state=state,
+        claimed_tflops=row["claimed_tflops"],
+        capacity_flag=row["capacity_flag"],
+        capacity_reason=row["capacity_reason"],
+        power_w=row["probe_power_w"],
+        thermal_headroom_c=row["thermal_headroom_c"],
+        watts_per_tflop=capacity.watts_per_tflop(row["probe_power_w"], row["tflops"]),
         lease_id=row["lease_id"],
         peer_id=row["peer_id"],
         maddrs=json.loads(row["maddrs"]),
@@ -90,7 +97,8 @@ def post_offer(
     settle_claim = sql.send_claims(conn, [env])
     conn.execute("INSERT INTO peers (account) VALUES (?) ON CONFLICT DO NOTHING", (account,))
     row = conn.execute(
-        "SELECT p.uptime, p.lapses, p.audits_passed, p.audits_failed, p.verdicts_overturned,"
+        "SELECT p.uptime, p.lapses, p.audits_passed, p.audits_failed, p.verdicts_overturned, p.shortfalls,"
+        " o.tflops AS rated_tflops, o.claimed_tflops, o.capacity_flag, o.capacity_reason,"
         " l.id, l.last_heartbeat, l.run_id, l.price_units"
         " FROM peers p LEFT JOIN offers o ON o.account = p.account"
         " LEFT JOIN leases l ON l.id = o.lease_id AND l.state = 'active'"
@@ -114,13 +122,18 @@ def post_offer(
             (lease["id"], account, now, now),
         )
     hw = body.hardware
+    # An offer flagged short keeps its measured capacity, claim and flag when its peer posts it again
+    # (``rent`` re-posts after a lapse): a claim a run did not see delivered is not taken back at its word.
+    # One re-rated for throttling is rated on the fresh probe it posts (after cooling down), its flag cleared.
+    short = row["capacity_flag"] == "short"
+    tflops = min(hw.tflops, row["rated_tflops"]) if short else hw.tflops
     offer = {
         "account": account,
         "price_units": to_units(body.price_per_hour),
         "gpu": hw.gpu,
         "gpu_count": hw.gpu_count,
         "vram_gb": hw.vram_gb,
-        "tflops": hw.tflops,
+        "tflops": tflops,
         "ram_gb": hw.ram_gb,
         "cpu_cores": hw.cpu_cores,
         "roles": json.dumps(sorted(set(body.roles))),
@@ -129,6 +142,11 @@ def post_offer(
         "maddrs": json.dumps(body.maddrs),
         "lease_id": lease["id"],
         "updated_at": now,
+        "probe_power_w": hw.power_w,
+        "thermal_headroom_c": hw.thermal_headroom_c,
+        "claimed_tflops": row["claimed_tflops"] if short else None,
+        "capacity_flag": row["capacity_flag"] if short else None,
+        "capacity_reason": row["capacity_reason"] if short else None,
     }
     conn.execute(
         f"INSERT INTO offers ({', '.join(offer)}) VALUES ({', '.join('?' * len(offer))})"
@@ -212,6 +230,7 @@ def heartbeats(
     renewed: dict[str, float] = {}  # lease -> its last heartbeat
     uptime: dict[str, float] = {}  # account -> uptime credited
     telemetry: dict[str, tuple[float | None, float | None, float | None, float]] = {}  # account -> last
+    throttling: dict[str, tuple[float | None, float | None]] = {}  # account -> (clock ratio, since) or None
     outcomes: list[LeaseView | ApiError] = []
     for beat, error, replay in zip(beats, checked, replays, strict=True):
         if replay is not None or error is not None:
@@ -224,6 +243,9 @@ def heartbeats(
         if beat.telemetry is not None:
             t = beat.telemetry
             telemetry[lease["account"]] = (t.power_w, t.temperature_c, t.utilization_pct, beat.now)
+            if t.throttled is not None:  # None: the GPU does not say, which changes nothing
+                throttled = (t.clock_ratio or 1.0, beat.now)
+                throttling[lease["account"]] = throttled if t.throttled else (None, None)
         outcomes.append(lease_view(lease, times))
     if renewed:
         conn.execute(
@@ -244,6 +266,11 @@ def heartbeats(
             "UPDATE offers SET power_w = v.column2, temperature_c = v.column3, utilization_pct = v.column4,"
             f" telemetry_at = v.column5 FROM (VALUES {marks}) AS v WHERE offers.account = v.column1",
             [value for account, values in telemetry.items() for value in (account, *values)],
+        )
+    for account, (ratio, at) in throttling.items():  # rare: only heartbeats that report throttling
+        conn.execute(
+            "UPDATE offers SET clock_ratio = ?, throttled_at = COALESCE(?, throttled_at) WHERE account = ?",
+            (ratio, at, account),
         )
     return outcomes
 
@@ -300,6 +327,7 @@ def _peer_view(row: sqlite3.Row) -> PeerView:
         earned=from_units(row["earned"]),
         audits_passed=row["audits_passed"],
         audits_failed=row["audits_failed"],
+        capacity_flag=offer.capacity_flag,
         run_id=row["run_id"] if offer.state == "matched" else None,
         telemetry=telemetry,
         telemetry_at=row["telemetry_at"],

@@ -17,7 +17,18 @@ import logging
 import sqlite3
 from typing import Any
 
-from coordinator import audit_store, group_store, ledger, match_store, run_store, runs, sql, verification
+from coordinator import (
+    audit_store,
+    capacity,
+    group_store,
+    ledger,
+    match_store,
+    round_store,
+    run_store,
+    runs,
+    sql,
+    verification,
+)
 from coordinator.errors import BadRequest, Conflict
 from peer.protocol import states
 from peer.protocol.envelope import Envelope
@@ -26,6 +37,8 @@ from peer.protocol.run_schemas import (
     AuditResultBody,
     AuditTask,
     AuditView,
+    BlameBody,
+    BlameView,
     LossCurve,
     LossPoint,
     MicroBatchView,
@@ -82,6 +95,7 @@ def add_report(
     since = max(match["joined_at"], match["last_report_at"] or match["joined_at"])
     escrow = sql.book(conn, ledger.escrow_book(run_id))
     pay = runs.report_pay(now, match["price_units"], since, body.seconds, escrow)
+    pay = _delivered_pay(conn, match, pay, body.samples, min(body.seconds, max(0.0, now - since)), policy)
     audits = audit_store.open_audits(conn, now, run, env.account, body, policy.audit_timeout)
     if audits:
         sql.post(conn, ledger.hold_pay(run_id, pay.units), now)
@@ -132,6 +146,8 @@ def add_report(
            WHERE id = ? AND (last_epoch IS NULL OR last_epoch <= ?)""",
         (body.epoch, body.loss, body.loss, body.epoch, body.epoch, run_id, body.epoch),
     )
+    for account in round_store.record(conn, now, run, env.account, body):
+        _ban_if_due(conn, now, run, account, policy)
     audit_store.expire(conn, now, run_id)  # a run with no other peer has nobody to audit the report
     run_store.advance(conn, now, policy, [run_id])
     row = conn.execute(
@@ -141,10 +157,101 @@ def add_report(
     return _report_view(row)
 
 
+def _delivered_pay(
+    conn: sqlite3.Connection,
+    match: sqlite3.Row,
+    pay: runs.Pay,
+    samples: int,
+    billed: float,
+    policy: runs.RunPolicy,
+) -> runs.Pay:
+    """Count a report in its match's tallies, measure the match's delivered capacity against the run's
+    other matches and cut the report's pay to what the match delivered (:mod:`coordinator.capacity`);
+    re-rate and flag the peer's offer, and count a shortfall against its reputation, when the verdict says
+    so (the first time for a match). Matches made before the tallies existed carry no TFLOP/s and are left
+    alone. The report's energy is its peer's last reported power times its billed seconds."""
+    run_id, lease_id, account = match["run_id"], match["lease_id"], match["account"]
+    offer = conn.execute("SELECT power_w, throttled_at FROM offers WHERE account = ?", (account,)).fetchone()
+    power = offer["power_w"] if offer is not None else None
+    conn.execute(
+        """UPDATE matches SET billed_reports = billed_reports + 1, billed_samples = billed_samples + ?,
+               billed_seconds = billed_seconds + ?, energy_j = energy_j + ?,
+               energy_samples = energy_samples + ?
+           WHERE run_id = ? AND lease_id = ?""",
+        (samples, billed, (power or 0.0) * billed, samples if power is not None else 0, run_id, lease_id),
+    )
+    if match["tflops"] is None:
+        conn.execute(
+            "UPDATE matches SET billed_units = billed_units + ? WHERE run_id = ? AND lease_id = ?",
+            (pay.units, run_id, lease_id),
+        )
+        return pay
+    deliveries = [
+        capacity.Delivery(
+            r["lease_id"], r["tflops"], r["billed_reports"], r["billed_samples"], r["billed_seconds"]
+        )
+        for r in conn.execute(
+            "SELECT lease_id, tflops, billed_reports, billed_samples, billed_seconds FROM matches"
+            " WHERE run_id = ? AND tflops IS NOT NULL",
+            (run_id,),
+        )
+    ]
+    throttled = offer is not None and (offer["throttled_at"] or -1.0) >= match["matched_at"]
+    verdict = capacity.assess(deliveries, lease_id, throttled, policy.capacity)
+    entitled = capacity.entitled_units(
+        match["price_units"], match["billed_seconds"] + billed, verdict.pay_factor
+    )
+    units = capacity.capped_units(pay.units, entitled, match["billed_units"])
+    first_flag = verdict.flag is not None and match["capacity_flag"] is None
+    conn.execute(
+        """UPDATE matches SET billed_units = billed_units + ?, capacity_ratio = ?,
+               capacity_flag = COALESCE(capacity_flag, ?), capacity_reason = ?
+           WHERE run_id = ? AND lease_id = ?""",
+        (
+            units,
+            None if verdict.delivered_tflops is None else verdict.ratio,
+            verdict.flag,
+            None if verdict.delivered_tflops is None else verdict.reason,
+            run_id,
+            lease_id,
+        ),
+    )
+    if verdict.flag is not None and verdict.delivered_tflops is not None:
+        conn.execute(
+            """UPDATE offers SET claimed_tflops = COALESCE(claimed_tflops, tflops), tflops = ?,
+                   capacity_flag = ?, capacity_reason = ?
+               WHERE account = ?""",
+            (verdict.delivered_tflops, verdict.flag, f"run {run_id}: {verdict.reason}", account),
+        )
+    if first_flag and verdict.flag == "short":
+        conn.execute("UPDATE peers SET shortfalls = shortfalls + 1 WHERE account = ?", (account,))
+        logger.info(f"Peer {account[:12]}... falls short of its claim in run {run_id}: {verdict.reason}")
+    if units == pay.units and verdict.flag is None:
+        return pay
+    cut = (
+        f"; cut to {units} units: {verdict.pay_factor.numerator / verdict.pay_factor.denominator:.3f} of "
+        f"its hourly price entitles its match to {entitled} units, {match['billed_units']} given before"
+        if units < pay.units
+        else ""
+    )
+    return runs.Pay(units, f"{pay.reason}; {verdict.reason}{cut}")
+
+
 def reports(conn: sqlite3.Connection, run_id: str) -> list[ReportView]:
-    run_store.get_run(conn, run_id)
+    run = run_store.get_run(conn, run_id)
+    hidden = canary_sources_from(run)
+    # a canary handed out stays unanswered a while (its validator answers its claims an epoch or so
+    # later): its source's claims stay hidden until it is decided, whatever the window
+    canaries = {
+        (r["account"], r["epoch"])
+        for r in conn.execute(
+            "SELECT account, epoch FROM audits"
+            " WHERE run_id = ? AND canary_of IS NOT NULL AND state = 'pending'",
+            (run_id,),
+        )
+    }
     return [
-        _report_view(row)
+        _report_view(row, hidden, (row["account"], row["epoch"]) in canaries)
         for row in conn.execute("SELECT * FROM reports WHERE run_id = ? ORDER BY epoch, account", (run_id,))
     ]
 
@@ -163,8 +270,24 @@ def loss_curve(conn: sqlite3.Connection, run_id: str) -> LossCurve:
     )
 
 
-def _report_view(row: sqlite3.Row) -> ReportView:
+def canary_sources_from(run: sqlite3.Row) -> int | None:
+    """The first epoch whose reports may still be drawn as canaries (the run's last ``canary_window``
+    epochs while it takes reports, in a run with canaries), or None: their claims stay hidden, else a
+    validator could answer a canary with the claim of its source instead of recomputing it."""
+    policy = audit_store.policy_of(run)
+    if policy.rate <= 0 or policy.canary_rate <= 0 or run["last_epoch"] is None:
+        return None
+    if run["state"] not in states.REPORTING:
+        return None
+    return run["last_epoch"] - policy.canary_window + 1
+
+
+def _report_view(row: sqlite3.Row, hidden_from: int | None = None, canary: bool = False) -> ReportView:
+    """A report as the API shows it: the claimed losses and sketches hidden while its audits are pending,
+    while it may serve as a canary's source (epochs from ``hidden_from``) and while a canary drawn from it
+    is pending (``canary``)."""
     extra: dict[str, Any] = json.loads(row["body"])
+    hidden = canary or row["pay_state"] == "held" or (hidden_from is not None and row["epoch"] >= hidden_from)
     return ReportView(
         run_id=row["run_id"],
         account=row["account"],
@@ -182,7 +305,7 @@ def _report_view(row: sqlite3.Row) -> ReportView:
         # validator could send the claim back instead of recomputing it
         micro_batches=[
             MicroBatchView(ids=b["ids"], loss=None, sketch=None)
-            if row["pay_state"] == "held"
+            if hidden
             else MicroBatchView.model_validate(b)
             for b in extra["micro_batches"]
         ],
@@ -206,7 +329,9 @@ def claim_audits(
             code="not_joined",
             field="run_id",
         )
-    return audit_store.claim(conn, now, run_id, env.account, limit, policy.audit_claim_timeout)
+    return audit_store.claim(
+        conn, now, run, env.account, limit, policy.audit_claim_timeout, policy.audit_timeout
+    )
 
 
 def submit_audit(
@@ -227,20 +352,61 @@ def submit_audit(
     match_store.active_match(conn, run_id, env.account)
     audit = audit_store.submit(conn, now, run, env.account, audit_id, body)
     if audit["state"] == "failed":
-        why = verification.banned(
-            audit_store.failed_epochs(conn, run_id, audit["account"]), audit_store.policy_of(run)
-        )
-        match = conn.execute(
-            "SELECT * FROM matches WHERE run_id = ? AND account = ? AND state = 'active'",
-            (run_id, audit["account"]),
-        ).fetchone()
-        if why is not None and match is not None:
-            match_store.end_match(conn, run_id, match, "banned")
-            group_store.refresh_group(conn, now, run_id, policy.group)
-            audit_store.forfeit(conn, now, run_id, audit["account"])
-            logger.info(f"Peer {audit['account'][:12]}... is banned from run {run_id}: {why}")
+        _ban_if_due(conn, now, run, audit["account"], policy)
     run_store.advance(conn, now, policy, [run_id])
     return audit_store.audit_view(conn, audit_id)
+
+
+def blame_round(
+    conn: sqlite3.Connection, now: float, env: Envelope, run_id: str, body: BlameBody, policy: runs.RunPolicy
+) -> BlameView:
+    """Record a member's blame of a fast-path round on the run's current group version
+    (:func:`coordinator.round_store.blame`). An accused whose epoch fails is banned at once, not after
+    ``ban_after`` failed epochs: no round with it in the group is applied, so the run would stay at that
+    epoch. A blame of another version is refused (409 ``stale_version``): its members are no longer known."""
+    sql.claim_nonce(conn, env)
+    run = run_store.get_run(conn, run_id)
+    run_store.refuse_unless(run, states.REPORTING, "rounds are blamed while it runs, is paused or settles")
+    match_store.active_match(conn, run_id, env.account)
+    group = group_store.current(conn, run_id)
+    if group is None or group.version != body.version or env.account not in group.members:
+        current = None if group is None else group.version
+        raise Conflict(
+            f"group version {body.version} is not the run's current version with this member (current: "
+            f"{current})",
+            code="stale_version",
+            field="version",
+        )
+    failed = round_store.blame(conn, now, run_id, env.account, body, group.members)
+    for account in failed:  # at once: every round with it would be refused, at the same epoch, forever
+        _ban(conn, now, run_id, account, policy, f"most of its round blamed it at epoch {body.epoch}")
+    run_store.advance(conn, now, policy, [run_id])
+    return BlameView(failed=failed)
+
+
+def _ban_if_due(
+    conn: sqlite3.Connection, now: float, run: sqlite3.Row, account: str, policy: runs.RunPolicy
+) -> None:
+    """Ban ``account`` from the run once its failed epochs reach the run's ``ban_after``."""
+    run_id = run["id"]
+    why = verification.banned(audit_store.failed_epochs(conn, run_id, account), audit_store.policy_of(run))
+    if why is not None:
+        _ban(conn, now, run_id, account, policy, why)
+
+
+def _ban(
+    conn: sqlite3.Connection, now: float, run_id: str, account: str, policy: runs.RunPolicy, why: str
+) -> None:
+    """End ``account``'s match in the run as banned (its lease returns to the market, its reports are
+    refused, the pay still held for its reports is forfeit) and form the group without it."""
+    match = conn.execute(
+        "SELECT * FROM matches WHERE run_id = ? AND account = ? AND state = 'active'", (run_id, account)
+    ).fetchone()
+    if match is not None:
+        match_store.end_match(conn, run_id, match, "banned")
+        group_store.refresh_group(conn, now, run_id, policy.group)
+        audit_store.forfeit(conn, now, run_id, account)
+        logger.info(f"Peer {account[:12]}... is banned from run {run_id}: {why}")
 
 
 def audits(conn: sqlite3.Connection, run_id: str) -> list[AuditView]:

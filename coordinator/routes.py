@@ -25,6 +25,8 @@ from peer.protocol.run_schemas import (
     AuditResultBody,
     AuditTaskList,
     AuditView,
+    BlameBody,
+    BlameView,
     CheckinBody,
     GroupView,
     JoinBody,
@@ -267,6 +269,16 @@ ROUTES: Sequence[Route] = (
     ),
     Route(
         "GET", "/v1/runs/{run_id}/reports", Coordinator.list_reports, "A run's reports", response=ReportList
+    ),
+    Route(
+        "POST",
+        "/v1/runs/{run_id}/blames",
+        Coordinator.blame_round,
+        "Blame the members of a fast-path round you refused that revealed other than they committed to; "
+        "an epoch fails once most of the round's other members blame it",
+        auth="signed",
+        body=BlameBody,
+        response=BlameView,
     ),
     Route(
         "GET",

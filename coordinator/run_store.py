@@ -118,6 +118,7 @@ def end_run(conn: sqlite3.Connection, now: float, run_id: str, owner: str, step:
     held pay goes back to the escrow), refund what the escrow holds to the owner, release the active
     matches and free their leases, so the peers return to the open market."""
     audit_store.expire(conn, now, run_id, ending=True)
+    audit_store.release_fees(conn, now, run_id)  # validators never caught are paid what was held
     sql.post(conn, ledger.refund(run_id, owner, sql.book(conn, ledger.escrow_book(run_id))), now)
     conn.execute(
         "UPDATE runs SET state = ?, state_since = ?, reason = ? WHERE id = ?",
@@ -274,6 +275,15 @@ def _peer_view(m: sqlite3.Row, tally: sqlite3.Row | None) -> RunPeerView:
         audits_passed=tally["audits_passed"] if tally else 0,
         audits_failed=tally["audits_failed"] if tally else 0,
         fees=from_units(tally["fee_units"] if tally else 0),
+        fees_held=from_units(tally["fee_held_units"] if tally else 0),
+        canaries_passed=tally["canaries_passed"] if tally else 0,
+        canaries_failed=tally["canaries_failed"] if tally else 0,
+        validator_ban=tally["validator_ban"] if tally else None,
+        tflops=m["tflops"],
+        capacity_ratio=m["capacity_ratio"],
+        capacity_flag=m["capacity_flag"],
+        capacity_reason=m["capacity_reason"],
+        energy_j_per_sample=m["energy_j"] / m["energy_samples"] if m["energy_samples"] else None,
     )
 
 

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
+from coordinator.capacity import CapacityPolicy
 from coordinator.groups import GroupConfig
 from peer.protocol.states import ENDED, RunState
 
@@ -32,6 +33,7 @@ class RunPolicy:
     audit_timeout: float = 120.0
     audit_claim_timeout: float = 30.0
     group: GroupConfig = field(default_factory=GroupConfig)  # the training group (coordinator.groups)
+    capacity: CapacityPolicy = field(default_factory=CapacityPolicy)  # coordinator.capacity
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,9 @@ class Pay:
 
 
 def report_pay(now: float, price_units: int, since: float, seconds: float, escrow_units: int) -> Pay:
-    """What a report earns: the matched hourly price for the compute time it claims, capped by wall clock.
+    """What a report earns before its match's delivered capacity is counted: the matched hourly price for
+    the compute time it claims, capped by wall clock (:mod:`coordinator.capacity` then cuts it to what the
+    match delivered).
 
     ``units = floor(price_units * min(seconds, now - since) / 3600)``, where ``since`` is when the peer
     joined or last reported, whichever is later: a peer cannot claim more compute time than has passed

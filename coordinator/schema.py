@@ -314,6 +314,71 @@ MIGRATIONS = (
                      AND e.debit = 'escrow:' || run_accounts.run_id
                      AND e.credit = 'earned:' || run_accounts.account)
     """,
+    # The commitments to fast-path rounds that reports forward (coordinator.round_store): each is checked
+    # against its member's own report once both are in (checked_at, distance); and the members' blames
+    # after a round whose result did not match the commitments.
+    """
+    CREATE TABLE round_commitments (
+        run_id TEXT NOT NULL,
+        epoch BIGINT NOT NULL,
+        account TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        update_sketch TEXT NOT NULL,
+        checked_at DOUBLE PRECISION,
+        distance DOUBLE PRECISION,
+        PRIMARY KEY (run_id, epoch, account, version)
+    );
+    CREATE TABLE round_blames (
+        run_id TEXT NOT NULL,
+        epoch BIGINT NOT NULL,
+        version BIGINT NOT NULL,
+        accuser TEXT NOT NULL,
+        accused TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (run_id, epoch, version, accused, accuser)
+    )
+    """,
+    # Delivered capacity and energy (coordinator.capacity). Offers: the probe's power draw and thermal
+    # headroom, the TFLOP/s claimed before a re-rating replaced them, the flag and why, the last heartbeat
+    # that reported throttling and the clock ratio it reported. Matches: the TFLOP/s they were priced on
+    # and their tallies over accepted reports (reports, samples, billed seconds, pay, energy), the
+    # measured ratio and flag. Peers: shortfalls not explained by throttling (they weigh on reputation).
+    # Matches made before carry no TFLOP/s and are never measured.
+    """
+    ALTER TABLE offers ADD COLUMN claimed_tflops DOUBLE PRECISION;
+    ALTER TABLE offers ADD COLUMN probe_power_w DOUBLE PRECISION;
+    ALTER TABLE offers ADD COLUMN thermal_headroom_c DOUBLE PRECISION;
+    ALTER TABLE offers ADD COLUMN capacity_flag TEXT;
+    ALTER TABLE offers ADD COLUMN capacity_reason TEXT;
+    ALTER TABLE offers ADD COLUMN throttled_at DOUBLE PRECISION;
+    ALTER TABLE offers ADD COLUMN clock_ratio DOUBLE PRECISION;
+    ALTER TABLE matches ADD COLUMN tflops DOUBLE PRECISION;
+    ALTER TABLE matches ADD COLUMN billed_reports BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE matches ADD COLUMN billed_samples BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE matches ADD COLUMN billed_seconds DOUBLE PRECISION NOT NULL DEFAULT 0;
+    ALTER TABLE matches ADD COLUMN billed_units BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE matches ADD COLUMN energy_j DOUBLE PRECISION NOT NULL DEFAULT 0;
+    ALTER TABLE matches ADD COLUMN energy_samples BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE matches ADD COLUMN capacity_ratio DOUBLE PRECISION;
+    ALTER TABLE matches ADD COLUMN capacity_flag TEXT;
+    ALTER TABLE matches ADD COLUMN capacity_reason TEXT;
+    ALTER TABLE peers ADD COLUMN shortfalls BIGINT NOT NULL DEFAULT 0
+    """,
+    # Canaries (coordinator.verification, "checking the checkers"): an audit row drawn from a decided
+    # audit (canary_of names it); the answer a validator sent (the known answer of a confirmed failure);
+    # per validator and run: fees held until it passes a canary, its canaries, its last canary's block and
+    # why it may no longer validate the run.
+    """
+    ALTER TABLE audits ADD COLUMN canary_of TEXT;
+    ALTER TABLE audits ADD COLUMN answer TEXT;
+    ALTER TABLE run_accounts ADD COLUMN fee_held_units BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE run_accounts ADD COLUMN canaries_passed BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE run_accounts ADD COLUMN canaries_failed BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE run_accounts ADD COLUMN canary_block BIGINT;
+    ALTER TABLE run_accounts ADD COLUMN validator_ban TEXT;
+    CREATE INDEX audits_canary_of ON audits (canary_of) WHERE canary_of IS NOT NULL
+    """,
 )
 
 POSTGRES_BASELINE_VERSION = 7

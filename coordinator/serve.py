@@ -8,6 +8,7 @@ import click
 import uvloop
 
 from coordinator.app import Coordinator
+from coordinator.capacity import CapacityPolicy
 from coordinator.db import StoreUnavailable
 from coordinator.groups import GroupConfig
 from coordinator.leases import LeaseConfig
@@ -95,6 +96,11 @@ def serve(
                 audit_timeout=settings.audit_timeout,
                 audit_claim_timeout=settings.audit_claim_timeout,
                 group=GroupConfig(regroup_seconds=settings.group_regroup_seconds),
+                capacity=CapacityPolicy(
+                    tolerance=settings.capacity_tolerance,
+                    flag_ratio=settings.capacity_flag_ratio,
+                    min_reports=settings.capacity_min_reports,
+                ),
             ),
         )
     except ValueError as e:

@@ -106,6 +106,24 @@ class ServerSettings(BaseSettings):
         "so one may only remove the uploads that no replica is still writing).",
     )
 
+    capacity_tolerance: float = Field(
+        1.1,
+        ge=1,
+        description="Pay follows delivered capacity: a match is paid its hourly price times min(1, delivered "
+        "/ claimed * this), so run-to-run noise between honest peers costs them nothing "
+        "(coordinator.capacity).",
+    )
+    capacity_flag_ratio: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="A peer delivering less than this share of the capacity it claimed (against the run's "
+        "best peer) is re-rated and flagged; short of it without reported throttling, it loses reputation.",
+    )
+    capacity_min_reports: int = Field(
+        2, ge=1, description="Reports of a match before its delivered capacity can flag it."
+    )
+
     @property
     def lease_ttl(self) -> float:
         return self.heartbeat_interval * self.lapse_after_heartbeats

@@ -50,6 +50,8 @@ from peer.protocol.run_schemas import (
     AuditResultBody,
     AuditTask,
     AuditView,
+    BlameBody,
+    BlameView,
     CheckinBody,
     GroupView,
     JoinBody,
@@ -119,6 +121,7 @@ class Store(Protocol):
         self, account: str, run_id: str, body: RendezvousGetBody
     ) -> dict[str, bytes]: ...
     async def report(self, now: float, env: Envelope, run_id: str, body: ReportBody) -> ReportView: ...
+    async def blame_round(self, now: float, env: Envelope, run_id: str, body: BlameBody) -> BlameView: ...
     async def reports(self, run_id: str) -> list[ReportView]: ...
     async def accepts_model(self, run_id: str) -> bool: ...
     async def check_uploader(self, account: str, run_id: str) -> None: ...
@@ -336,6 +339,12 @@ class SQLStore:
     async def report(self, now: float, env: Envelope, run_id: str, body: ReportBody) -> ReportView:
         return await self._db.write(
             Call(report_store.add_report, now, env, run_id, body, self.run_policy),
+            Call(sql.remember_refusal, env),
+        )
+
+    async def blame_round(self, now: float, env: Envelope, run_id: str, body: BlameBody) -> BlameView:
+        return await self._db.write(
+            Call(report_store.blame_round, now, env, run_id, body, self.run_policy),
             Call(sql.remember_refusal, env),
         )
 

@@ -30,6 +30,7 @@ import hashlib
 import hmac
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -53,6 +54,8 @@ class AuditPolicy:
     tolerance: float
     loss_tolerance: float
     ban_after: int
+    canary_rate: float = 0.0  # runs stored before canaries: none
+    canary_window: int = 4
 
     @classmethod
     def default(cls) -> AuditPolicy:
@@ -123,6 +126,18 @@ def report_outcome(states: list[AuditState]) -> tuple[PayState, str]:
     return "paid", f"{len(states)} audits passed" if states else "not audited"
 
 
+def blame_verdict(accusers: set[str], accused: str, members: Sequence[str]) -> tuple[bool, str]:
+    """Whether a fast-path round's ``accused`` member is failed, given who of the round's ``members``
+    blamed it: when more than half of the others did. Every honest member reaches the same verdict on the
+    same revealed bytes, so an honest majority fails a liar and a lying minority cannot frame anyone; in a
+    round of two the other member's word is final, as an audit's is in a run of two peers. Pure."""
+    others = [m for m in members if m != accused]
+    votes = len(accusers & set(others))
+    if others and votes * 2 > len(others):
+        return True, f"blamed by {votes} of the round's {len(others)} other members"
+    return False, f"blamed by {votes} of {len(others)} other members; more than half must"
+
+
 def banned(failed_epochs: int, policy: AuditPolicy) -> str | None:
     """Why a peer with ``failed_epochs`` voided reports in a run is banned from it, or None."""
     if failed_epochs >= policy.ban_after:
@@ -143,3 +158,67 @@ def audit_fee(report_units: int, audited_samples: int, report_samples: int) -> i
     if report_samples <= 0:
         return 0
     return math.floor(Fraction(report_units) * audited_samples / report_samples)
+
+
+# ------------------------------------------------------------------------------- checking the checkers
+#
+# A validator does not vote: it sends back the sketch and loss it recomputed. One that never recomputes can
+# only send a claim it learnt (from a colluding reporter, or the API once a report is decided) or a made-up
+# answer. A canary is an audit of a micro-batch whose right answer the coordinator already holds; the
+# validator cannot tell it from a real audit (same task, an epoch it holds, a source report whose claims
+# the API hides while it can serve as one), so a made-up answer fails it. See docs/verification.md.
+
+
+def claim_rank(key: bytes, validator: str, audit_id: str) -> bytes:
+    """Where a pending audit stands in ``validator``'s claims (lowest first, within an epoch): HMAC-SHA256
+    of (validator, audit) under the run's secret key. First-come oldest-first handed every validator the
+    same order, so a validator racing to claim knew which audits it would get; under the key nobody can
+    compute the order, and two validators claiming at once take different audits."""
+    return hmac.new(key, f"claim\n{validator}\n{audit_id}".encode(), hashlib.sha256).digest()
+
+
+def canary_block(rate: float) -> int:
+    """Epochs per canary at ``rate``: a validator gets one canary in each block of this many epochs."""
+    return max(1, round(1 / rate))
+
+
+def canary_due(key: bytes, validator: str, epoch: int, rate: float, last_block: int | None) -> bool:
+    """Whether a claim that hands ``validator`` audits of ``epoch`` should carry a canary.
+
+    Stratified, not a coin per audit: the epochs are cut into blocks of :func:`canary_block` epochs, and in
+    each block the canary is due from one epoch drawn with HMAC-SHA256 of (validator, block) under the run's
+    key, until a claim carries it (``last_block``: the block of the validator's last canary). So a
+    validator that fakes any epoch risks a canary, and one that fakes all of them meets one within a block
+    (where the run has a source for it): a coin per audit at the same cost needs about 4.6 expected
+    canaries for a 99% catch, four times as many."""
+    if rate <= 0:
+        return False
+    block = canary_block(rate)
+    number = epoch // block
+    if last_block is not None and number <= last_block:
+        return False
+    digest = hmac.new(key, f"canary\n{validator}\n{number}".encode(), hashlib.sha256).digest()
+    return epoch % block >= int.from_bytes(digest[:8], "big") % block
+
+
+def canary_verdict(
+    expected_sketch: list[float],
+    expected_loss: float,
+    answer_sketch: list[float],
+    answer_loss: float,
+    policy: AuditPolicy,
+) -> Verdict:
+    """Whether a validator answered a canary right: its sketch and loss within the audit tolerances of the
+    answer the coordinator holds (the claim of a passed audit, or the recomputation that confirmed a failed
+    one). The same comparison as :func:`verdict`, so an honest validator fails a canary only where it
+    would fail an honest audit (0 of 1,000 in bench/verification.py)."""
+    result = verdict(expected_sketch, expected_loss, answer_sketch, answer_loss, policy)
+    return Verdict(result.passed, result.distance, f"canary: {result.reason}")
+
+
+def validator_banned(canaries_failed: int, policy: AuditPolicy) -> str | None:
+    """Why a validator that answered ``canaries_failed`` canaries of a run wrongly may no longer validate
+    it, or None: after ``ban_after``, as a peer whose reports fail."""
+    if canaries_failed >= policy.ban_after:
+        return f"{canaries_failed} canary audits answered wrongly (ban after {policy.ban_after})"
+    return None

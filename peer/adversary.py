@@ -12,8 +12,18 @@ puts into the all-reduce and the micro-batches it reports (sample ids, loss, gra
   copied from the ones it computed, and weighs its update in the all-reduce by the inflated count;
 - ``replay``: computes its first epoch honestly, then sends that epoch's update again every epoch,
   reporting sketches of the old gradients under the new epoch's projections;
+- ``capacity-liar``: trains and reports honestly, but its offer claims ``HIVEMARKET_CAPACITY_LIE`` (4)
+  times the TFLOP/s its probe measured, to be matched at that many times the hourly price; the
+  coordinator's measure of delivered capacity catches it (:mod:`coordinator.capacity`), not audits;
 - ``noisy-round`` (fast path only): works and reports honestly, then sends a noisy update into the
-  all-reduce; audits cannot see it, the round's commitment check does (:mod:`peer.collective`).
+  all-reduce; audits cannot see it, the round's commitment check does (:mod:`peer.collective`), and the
+  members' reveal of what each sent finds it;
+- ``lazy-validator``: trains and reports honestly, but answers the audits it validates without
+  recomputing them (:class:`LazyValidator`); the coordinator's canaries catch it;
+- ``poisoned-round`` (fast path only): works and reports honestly, then sends, and commits to, four times
+  the opposite of its update (gradient ascent, which wrecks the model when applied). The round's check
+  passes, since it committed to what it sent; the coordinator's check of its commitment against its own
+  report does not (:mod:`peer.protocol.commitment`).
 
 None of them can produce the sketch of a gradient it did not compute, so an audit of any micro-batch
 they did not compute fails. A cheater would write its own code, of course; these exist so that users
@@ -30,13 +40,23 @@ import torch
 
 from peer.data.loader import map_tensors
 from peer.data.reader import DatasetReader
+from peer.protocol.run_schemas import AuditResultBody, AuditTask
 from peer.settings import AdversaryKind
 from peer.sketch import Sketcher
 from peer.tasks import Task, trained_parameters
 from peer.validator import compute_micro_batches
 
-#: The cheats that audits catch (``demo --adversaries``); ``noisy-round`` cheats the round instead.
-KINDS: tuple[AdversaryKind, ...] = tuple(k for k in get_args(AdversaryKind) if k != "noisy-round")
+#: The capacity liar: caught by the coordinator's measure of delivered capacity, not by audits.
+CAPACITY_LIAR: AdversaryKind = "capacity-liar"
+#: The cheats of a fast-path round: they report honestly; the round's checks catch them (peer.collective,
+#: peer.protocol.commitment).
+ROUND_KINDS: tuple[AdversaryKind, ...] = ("noisy-round", "poisoned-round")
+#: The cheats that audits catch (``demo --adversaries``).
+KINDS: tuple[AdversaryKind, ...] = tuple(
+    k for k in get_args(AdversaryKind) if k not in (*ROUND_KINDS, CAPACITY_LIAR, "lazy-validator")
+)
+#: The cheats of a validator (``demo --adversaries``): they report honestly, canaries catch them.
+VALIDATOR_KINDS: tuple[AdversaryKind, ...] = ("lazy-validator",)
 
 
 @dataclass
@@ -100,6 +120,16 @@ class Honest:
     def tamper(self, sent: torch.Tensor) -> None:
         """Change what goes into a fast-path round after the commitment to it was signed (an honest peer
         sends what it committed to)."""
+
+    def answer(
+        self,
+        audit: AuditTask,
+        recompute: Callable[[AuditTask], AuditResultBody],
+        claim: Callable[[AuditTask], tuple[list[float], float] | None],
+    ) -> AuditResultBody:
+        """The answer to an audit this peer validates: an honest validator recomputes it (``claim``, what
+        it could learn of the audited report's claim, is there for :class:`LazyValidator`)."""
+        return recompute(audit)
 
 
 class FreeRider(Honest):
@@ -176,13 +206,60 @@ class Replay(Honest):
 class NoisyRound(Honest):
     """Computes and reports honestly (every audit of its reports passes), then adds noise as large as its
     update to what it sends into the fast path's all-reduce, after committing to the honest update. The
-    commitment check makes every member refuse such a round (:mod:`peer.collective`)."""
+    commitment check makes every member refuse such a round, and the reveal that follows, where it sends
+    the same noise again, blames it (:mod:`peer.collective`)."""
 
     kind = "noisy-round"
 
     def tamper(self, sent: torch.Tensor) -> None:
         scale = float(sent.norm()) / max(1.0, sent.numel()) ** 0.5
         sent.add_(torch.randn_like(sent), alpha=scale or 1e-3)
+
+
+class PoisonedRound(Honest):
+    """Reports its honest micro-batches and puts ``-scale`` times its honest update into the round."""
+
+    kind = "poisoned-round"
+
+    def __init__(self, scale: float = 4.0):
+        self.scale = scale
+
+    def contribute(self, work: EpochWork) -> Contribution:
+        honest = work.compute(False)
+        return Contribution(honest.micro, [u.mul(-self.scale) for u in honest.update])
+
+
+class LazyValidator(Honest):
+    """Trains and reports honestly, but never recomputes an audit: it answers with the audited report's
+    claimed sketch and loss when it can learn them (``claim``: a colluding reporter, or the API, which
+    shows a report's claims once its audits are decided and it can no longer be a canary's source), and
+    otherwise with a made-up answer, the sketch and loss of a micro-batch it computed itself. A made-up
+    answer fails any audit; an echoed claim passes an honest report's audit but not a canary whose
+    claim it cannot learn, nor one drawn from a confirmed failure (:mod:`coordinator.verification`)."""
+
+    kind = "lazy-validator"
+
+    def __init__(self) -> None:
+        self.own: dict[str, Any] | None = None  # a micro-batch of its last contribution
+
+    def contribute(self, work: EpochWork) -> Contribution:
+        contribution = work.compute(False)
+        if contribution.micro:
+            self.own = contribution.micro[-1]
+        return contribution
+
+    def answer(
+        self,
+        audit: AuditTask,
+        recompute: Callable[[AuditTask], AuditResultBody],
+        claim: Callable[[AuditTask], tuple[list[float], float] | None],
+    ) -> AuditResultBody:
+        known = claim(audit)
+        if known is not None:
+            return AuditResultBody(sketch=known[0], loss=known[1])
+        if self.own is None:
+            return AuditResultBody(declined="this peer has not computed anything yet")
+        return AuditResultBody(sketch=self.own["sketch"], loss=self.own["loss"])
 
 
 def behaviour(kind: AdversaryKind | None) -> Honest:
@@ -193,5 +270,8 @@ def behaviour(kind: AdversaryKind | None) -> Honest:
         "inflated-samples": InflatedSamples,
         "replay": Replay,
         "noisy-round": NoisyRound,
+        "poisoned-round": PoisonedRound,
+        CAPACITY_LIAR: Honest,  # it trains honestly: its lie is in its offer (peer.market_cli)
+        "lazy-validator": LazyValidator,
     }
     return Honest() if kind is None else cheats[kind]()

@@ -17,9 +17,12 @@ epoch's round is two collectives on it, issued together (in fp32):
 Before anyone applies the result, each member checks it against the commitments: sketches are linear,
 so the sketch of the weighted mean must equal the weighted mean of the committed sketches, within float
 rounding. A member that sends something other than what it committed to (noise added after committing,
-say) makes the check fail on every member, and no one applies the round. (Who lied is found by the
-"pay for what is delivered" work; here nobody applies it.) Every member sees the same gathered
-commitments and the same sum, so all members reach the same verdict.
+say) makes the check fail on every member, and no one applies the round. Every member sees the same
+gathered commitments and the same sum, so all members reach the same verdict. The sketches use the
+epoch's gradient seed, the one the members' reports use, and every member's report carries the round's
+gathered commitments: the coordinator then checks each member's committed update against the
+micro-batches its own report commits to (:mod:`peer.protocol.commitment`), which catches a member that
+sends, and commits to, an update other than the one its audited work adds up to.
 
 Every collective has a deadline (:class:`peer.deadlines.RoundDeadlines`, from measured rounds); a member
 that dies mid-round closes its sockets and the others' collective fails within a fraction of a second
@@ -41,10 +44,10 @@ this path unpickles anything.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -57,9 +60,10 @@ import torch.distributed as dist
 from hivemind.utils import get_logger
 
 from peer.deadlines import RoundDeadlines
-from peer.protocol.identity import Identity, verify_signature
+from peer.protocol.commitment import COMMITMENT_BYTES, Commitment
+from peer.protocol.identity import Identity
 from peer.protocol.run_schemas import CheckinBody, GroupMemberView, GroupView
-from peer.protocol.sketch import SKETCH_DIMS, relative_distance, seed_of
+from peer.protocol.sketch import SKETCH_DIMS, grad_seed, relative_distance
 from peer.rendezvous import LONG_POLL_MS, CoordinatorStore
 from peer.sketch import Sketcher
 
@@ -69,12 +73,9 @@ logger = get_logger(__name__)
 #: rounding of the sum (fp32), or of each member's part sent in fp16. Measured on digits and random
 #: tensors: fp32 below 1e-6, fp16 below 1e-3; an added noise of 1% of the update's norm gives about 1e-2.
 TAMPER_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3}
+REVEAL_TAG = 7  # the point-to-point messages of a refused round's reveal (FastPath.blame)
 POLL_SECONDS = 0.05  # how often a waiting collective looks whether a newer group version formed
 REACH_RECHECK_SECONDS = 0.5  # how often a late group build checks that the others still answer
-_HEADER = struct.Struct("<qqqd")  # version, epoch, rank, weight
-_SKETCHES = struct.Struct(f"<{2 * SKETCH_DIMS}d")  # update sketch, parameter sketch
-SIGNATURE_BYTES = 64
-COMMITMENT_BYTES = _HEADER.size + _SKETCHES.size + SIGNATURE_BYTES
 
 
 class RoundFailed(RuntimeError):
@@ -92,44 +93,6 @@ class BuildStopped(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Commitment:
-    """What a member says it puts into a round, signed with its account's key."""
-
-    version: int
-    epoch: int
-    rank: int
-    weight: float
-    update: tuple[float, ...]  # sketch of the update it sends (before scaling by its share)
-    params: tuple[float, ...]  # sketch of its parameters at the epoch's start
-    signature: bytes = b""
-
-    def message(self, run_id: str) -> bytes:
-        return (
-            b"hivemarket-round\0"
-            + run_id.encode()
-            + b"\0"
-            + _HEADER.pack(self.version, self.epoch, self.rank, self.weight)
-            + _SKETCHES.pack(*self.update, *self.params)
-        )
-
-    def signed(self, run_id: str, identity: Identity) -> Commitment:
-        return Commitment(**{**self.__dict__, "signature": identity.sign(self.message(run_id))})
-
-    def encode(self) -> bytes:
-        header = _HEADER.pack(self.version, self.epoch, self.rank, self.weight)
-        return header + _SKETCHES.pack(*self.update, *self.params) + self.signature
-
-    @classmethod
-    def decode(cls, raw: bytes) -> Commitment:
-        if len(raw) != COMMITMENT_BYTES:
-            raise ValueError(f"a commitment is {COMMITMENT_BYTES} bytes, got {len(raw)}")
-        version, epoch, rank, weight = _HEADER.unpack_from(raw)
-        values = _SKETCHES.unpack_from(raw, _HEADER.size)
-        signature = raw[_HEADER.size + _SKETCHES.size :]
-        return cls(version, epoch, rank, weight, values[:SKETCH_DIMS], values[SKETCH_DIMS:], signature)
-
-
-@dataclass(frozen=True)
 class FastRound:
     """What a round on the fast path gave.
 
@@ -143,9 +106,11 @@ class FastRound:
 
     outcome: Literal["averaged", "out_of_step", "rejected", "failed"]
     reason: str = ""
-    gathered: dict[str, Any] = field(default_factory=dict)  # account -> {"account", "params"}
+    gathered: dict[str, Any] = field(default_factory=dict)  # account -> {"account", "params", "commitment"}
     epochs: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0  # the all-reduce itself
+    mismatch: bool = False  # rejected because the result did not match the commitments
+    blamed: list[str] = field(default_factory=list)  # members that revealed other than they committed to
 
 
 def verdict(
@@ -157,7 +122,7 @@ def verdict(
         who = f"rank {rank} ({account[:12]}...)"
         if c.version != version or c.rank != rank:
             return "rejected", f"{who} committed to version {c.version} rank {c.rank}"
-        if not verify_signature(account, c.signature, c.message(run_id)):
+        if not c.verifies(run_id, account):
             return "rejected", f"{who}'s commitment is not signed by its account"
         if not (math.isfinite(c.weight) and c.weight > 0):
             return "rejected", f"{who} committed to weight {c.weight!r}"
@@ -217,6 +182,17 @@ def _aborted(pg: dist.ProcessGroup, pending: dist.Work | None) -> bool:
     return True
 
 
+def _finished(work: dist.Work, ends: float) -> bool:
+    """Whether ``work`` (a point-to-point send or receive: gloo gives those no future, and they complete
+    only inside ``wait``) completed without error by the monotonic time ``ends``."""
+    try:
+        work.wait(datetime.timedelta(seconds=max(0.001, ends - time.monotonic())))
+    except Exception as e:  # out of time, or a connection that broke: nothing came
+        logger.debug(f"A revealed update did not arrive: {e!r}")
+        return False
+    return True
+
+
 def reaches(address: str, account: str, timeout: float, attempts: int = 3) -> bool:
     """Whether ``address`` accepts a connection within ``timeout`` seconds and answers as ``account``, in
     one of ``attempts`` tries: one slow answer (a busy peer's listener thread waits for the GIL) must not
@@ -271,8 +247,8 @@ class FastPath:
         self.deadlines = deadlines
         self.reach_timeout = reach_timeout
         self.regroup_timeout = regroup_timeout
-        self.sketcher = Sketcher(n_params, seed_of("hivemarket-round", run_id))
         self.flat = torch.zeros(n_params)
+        self._sketchers: dict[int, Sketcher] = {}  # the epoch's gradient sketcher, see _sketcher()
         self.group: GroupView | None = None  # the version the process group below belongs to
         self.pg: dist.ProcessGroup | None = None
         self._retired: list[tuple[dist.ProcessGroup, dist.Work | None]] = []  # see discard()
@@ -470,7 +446,49 @@ class FastPath:
         result = self.reduce(**round_args)
         if result.outcome == "averaged":
             self.unload(buffers)
+        elif result.mismatch:
+            result = self.blame(buffers, weight, result)
         return result
+
+    def blame(self, buffers: Sequence[torch.Tensor], weight: float, rejected: FastRound) -> FastRound:
+        """After a round whose result did not match the commitments, find who lied: every member sends the
+        update it put in (weight-scaled) to every other, point to point, and checks each one it receives
+        against its sender's commitment. A member whose update does not come within the deadline is
+        blamed too: one that will not show what it sent cannot be told from one that lied. Honest members
+        receive the same bytes, so they blame alike (``blamed``); the trainer sends that to the
+        coordinator (:func:`coordinator.round_store.blame`), which fails the member's epoch once most of
+        the round's other members blame it. Nothing is applied. A member that reveals what it committed
+        to after sending something else is not found this way (the round is still refused). It takes
+        ``buffers`` as :meth:`average` left them (the synchronous round's, unchanged); it costs each
+        member the round's bytes once per other member, and only after a refused round."""
+        assert self.pg is not None and self.group is not None
+        members = [m.account for m in self.group.members]
+        commitments = [Commitment.decode(bytes.fromhex(rejected.gathered[a]["commitment"])) for a in members]
+        self.load(buffers, weight)
+        self.tamper(self.flat)  # a liar's reveal: what it sends
+        others = [r for r in range(len(members)) if r != self.rank]
+        revealed = {r: torch.empty_like(self.flat) for r in others}
+        sends = [self.pg.send([self.flat], r, REVEAL_TAG) for r in others]
+        receives = {r: self.pg.recv([revealed[r]], r, REVEAL_TAG) for r in others}
+        ends = time.monotonic() + self.deadlines.round() * len(members)
+        sketcher = self._sketcher(commitments[0].epoch)
+        blamed, late = [], None
+        for r in others:
+            if not _finished(receives[r], ends):
+                blamed.append(members[r])
+                late = receives[r]
+                continue
+            c = commitments[r]
+            sketch = [x / c.weight for x in sketcher([revealed[r]])]
+            if relative_distance(sketch, list(c.update)) > TAMPER_TOLERANCE["fp32"]:
+                blamed.append(members[r])
+        if late is not None or not all(_finished(w, ends) for w in sends):
+            self.discard(pending=late)  # a member that did not answer leaves this group unusable
+        found = (
+            ", ".join(f"{a[:12]}..." for a in blamed) or "nobody (every member revealed what it committed to)"
+        )
+        reason = f"{rejected.reason}; revealed other than committed, or nothing: {found}"
+        return dataclasses.replace(rejected, reason=reason, blamed=blamed)
 
     def views(self, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
         """The round's flat tensor as views shaped like ``shapes`` (the mean, once :meth:`reduce` averaged
@@ -521,12 +539,13 @@ class FastPath:
         weighted sum could overflow fp16), so the all-reduce waits for the gather."""
         assert self.pg is not None and self.group is not None
         group, members = self.group, [m.account for m in self.group.members]
+        sketcher = self._sketcher(epoch)
         mine = Commitment(
             group.version,
             epoch,
             self.rank,
             self.weight,
-            tuple(x / self.weight for x in self.sketcher([self.flat])),
+            tuple(x / self.weight for x in sketcher([self.flat])),
             tuple(float(x) for x in param_sketch),
         ).signed(self.run_id, self.identity)
         sent = torch.frombuffer(bytearray(mine.encode()), dtype=torch.uint8)
@@ -545,7 +564,9 @@ class FastPath:
         outcome, why = verdict(commitments, members, self.run_id, group.version, epoch)
         pairs = list(zip(members, commitments, strict=True))
         epochs = {a: c.epoch for a, c in pairs}
-        gathered = {a: {"account": a, "params": list(c.params)} for a, c in pairs}
+        gathered = {
+            a: {"account": a, "params": list(c.params), "commitment": c.encode().hex()} for a, c in pairs
+        }
         total = sum(c.weight for c in commitments)
         started = time.monotonic()
         try:
@@ -568,7 +589,7 @@ class FastPath:
         if mean and self.divisor != 1.0:
             self.flat.div_(self.divisor)
             self.divisor = 1.0
-        result = [x / self.divisor for x in self.sketcher([self.flat])]
+        result = [x / self.divisor for x in sketcher([self.flat])]
         if all(math.isfinite(x) for c in commitments for x in c.update):
             distance = relative_distance(result, expected_sketch(commitments))
             why = (
@@ -582,8 +603,18 @@ class FastPath:
             )
             matches = not all(math.isfinite(x) for x in result)
         if not matches:
-            return FastRound("rejected", why, gathered, epochs, seconds)
+            return FastRound("rejected", why, gathered, epochs, seconds, mismatch=True)
         return FastRound("averaged", "", gathered, epochs, seconds)
+
+    def _sketcher(self, epoch: int) -> Sketcher:
+        """The sketcher of ``epoch``'s gradients: the seed the members' reports use, so that the
+        coordinator can check a commitment against the committing member's report. Kept for the last two
+        epochs (an overlapped round's epoch and the one computing beside it)."""
+        if epoch not in self._sketchers:
+            self._sketchers[epoch] = Sketcher(self.flat.numel(), grad_seed(self.run_id, epoch))
+            for old in sorted(self._sketchers)[:-2]:
+                del self._sketchers[old]
+        return self._sketchers[epoch]
 
     def _wait(
         self, work: dist.Work, deadline: float, newer: Callable[[], bool], pending: dist.Work | None = None

@@ -37,7 +37,7 @@ from peer.node import reap
 from peer.protocol.client import CoordinatorClient
 from peer.protocol.identity import Identity, save_identity
 from peer.protocol.money import PLACES
-from peer.protocol.run_schemas import AuditView, ReportView, RunBody, RunView
+from peer.protocol.run_schemas import AuditView, ReportView, RunBody, RunPeerView, RunView
 from peer.settings import AdversaryKind, load_settings
 
 T = TypeVar("T")
@@ -483,12 +483,13 @@ def ledger(
 
 def parse_adversaries(text: str) -> list[AdversaryKind]:
     """``free-rider,replay`` -> the kinds; ValueError naming an unknown one."""
-    from peer.adversary import KINDS
+    from peer.adversary import CAPACITY_LIAR, KINDS, ROUND_KINDS, VALIDATOR_KINDS
 
+    known = (*KINDS, *ROUND_KINDS, CAPACITY_LIAR, *VALIDATOR_KINDS)
     kinds = [k.strip() for k in text.split(",") if k.strip()]
     for kind in kinds:
-        if kind not in KINDS:
-            raise ValueError(f"{kind!r} is not a cheat this demo knows (known: {', '.join(KINDS)})")
+        if kind not in known:
+            raise ValueError(f"{kind!r} is not a cheat this demo knows (known: {', '.join(known)})")
     return kinds  # type: ignore[return-value]
 
 
@@ -496,20 +497,38 @@ def adversaries(
     run: RunView, reports: list[ReportView], audits: list[AuditView], cheats: dict[str, AdversaryKind]
 ) -> list[dict[str, Any]]:
     """Each cheat: whether an audit caught it, whether it was banned, what it was paid in all and for the
-    epochs whose audits it failed (nothing, if the market works)."""
+    epochs whose audits it failed (nothing, if the market works). A capacity liar is caught when the run
+    flags it ``short`` (:mod:`coordinator.capacity`); its row compares its pay per paid sample with the
+    honest peers' (``honest_paid_per_sample``: theirs together)."""
+
+    def per_sample(peers: list[Any]) -> str | None:
+        samples = sum(p.samples for p in peers)
+        return f"{sum((p.paid for p in peers), Decimal(0)) / samples:.9f}" if samples else None
+
+    honest = per_sample([p for p in run.peers if p.account not in cheats])
     rows = []
     for account, kind in cheats.items():
         mine = [p for p in run.peers if p.account == account]
+        if kind == "lazy-validator":
+            rows.append(_lazy_validator(account, mine, audits))
+            continue
         failed = {a.epoch for a in audits if a.account == account and a.state == "failed"}
         paid_for_failed = sum(
             (r.paid for r in reports if r.account == account and r.epoch in failed and r.pay_state == "paid"),
             Decimal(0),
         )
+        flags = sorted({p.capacity_flag for p in mine if p.capacity_flag})
         rows.append(
             {
                 "kind": kind,
                 "account": account,
-                "caught": bool(failed),
+                "caught": "short" in flags if kind == "capacity-liar" else bool(failed),
+                "capacity_flags": flags,
+                "capacity_ratio": min(
+                    (p.capacity_ratio for p in mine if p.capacity_ratio is not None), default=None
+                ),
+                "paid_per_sample": per_sample(mine),
+                "honest_paid_per_sample": honest,
                 "banned": any(p.state == "banned" for p in mine),
                 "failed_epochs": sorted(failed),
                 "paid": str(sum((p.paid for p in mine), Decimal(0))),
@@ -517,6 +536,22 @@ def adversaries(
             }
         )
     return rows
+
+
+def _lazy_validator(account: str, mine: list[RunPeerView], audits: list[AuditView]) -> dict[str, Any]:
+    """A cheat of a validator (``lazy-validator``), caught by canaries: ``failed_epochs`` are the epochs of
+    the canaries it answered wrong, ``banned`` means banned from validating the run, and
+    ``paid_for_failed_epochs`` is what it earned in fees for the audits it faked (it recomputed none)."""
+    failed = {a.epoch for a in audits if a.canary_of and a.validator == account and a.state == "failed"}
+    return {
+        "kind": "lazy-validator",
+        "account": account,
+        "caught": bool(failed),
+        "banned": any(p.validator_ban for p in mine),
+        "failed_epochs": sorted(failed),
+        "paid": str(sum((p.paid for p in mine), Decimal(0))),
+        "paid_for_failed_epochs": str(sum((p.fees for p in mine), Decimal(0))),
+    }
 
 
 def example_dataset(spec_name: str) -> str:
@@ -642,6 +677,24 @@ def print_result(result: dict[str, Any]) -> None:
             note = f"spent {row['spent']}, refunded {row['refunded']} of {row['budget']}"
         elif row.get("dropped"):
             note = f"killed mid-run; paid for reports after that: {row['paid_after_drop']}"
+        elif row["account"] in cheats and cheats[row["account"]]["kind"] == "capacity-liar":
+            cheat = cheats[row["account"]]
+            caught = "flagged short" if cheat["caught"] else "NOT FLAGGED"
+            ratio = cheat["capacity_ratio"]
+            delivered = f", delivered {ratio:.0%} of its claim" if ratio is not None else ""
+            note = (
+                f"capacity-liar: {caught}{delivered}; paid {cheat['paid_per_sample']} a sample, "
+                f"honest peers {cheat['honest_paid_per_sample']}"
+            )
+        elif row["account"] in cheats and cheats[row["account"]]["kind"] == "lazy-validator":
+            cheat = cheats[row["account"]]
+            caught = (
+                f"caught by canaries at epochs {cheat['failed_epochs']}" if cheat["caught"] else "NOT CAUGHT"
+            )
+            banned = ", banned from validating" if cheat["banned"] else ""
+            note = (
+                f"lazy-validator: {caught}{banned}; fees for faked audits: {cheat['paid_for_failed_epochs']}"
+            )
         elif row["account"] in cheats:
             cheat = cheats[row["account"]]
             caught = f"caught at epochs {cheat['failed_epochs']}" if cheat["caught"] else "NOT CAUGHT"

@@ -37,7 +37,18 @@ GPU_COPY_BYTES: int = 2**30
 BF16_MIN_CAPABILITY: tuple[int, int] = (8, 0)
 GIB: int = 2**30
 
-NVML_FIELDS: tuple[str, ...] = ("power_w", "temperature_c", "utilization_pct")
+NVML_FIELDS: tuple[str, ...] = (
+    "power_w",
+    "temperature_c",
+    "utilization_pct",
+    "thermal_headroom_c",
+    "throttled",
+    "clock_ratio",
+)
+#: NVML's clock throttle reasons that mean "slowed for heat or power" (not idle, not an application cap):
+#: SW power cap, HW slowdown, SW thermal, HW thermal, HW power brake. A GPU held down by one of them
+#: delivers less than its probe measured, through no fault of its peer (coordinator.capacity).
+THROTTLE_REASONS: int = 0x4 | 0x8 | 0x20 | 0x40 | 0x80
 
 
 def read_nvml(uuids: Sequence[str]) -> list[dict[str, float | None]]:
@@ -82,10 +93,14 @@ def combined(readings: Sequence[dict[str, float | None]]) -> dict[str, float | N
         return [r[key] for r in readings if r.get(key) is not None]  # type: ignore[misc]
 
     power, temperature, utilization = values("power_w"), values("temperature_c"), values("utilization_pct")
+    throttled, clocks = values("throttled"), values("clock_ratio")
     return {
         "power_w": sum(power) if power else None,
         "temperature_c": max(temperature) if temperature else None,
         "utilization_pct": sum(utilization) / len(utilization) if utilization else None,
+        # the swarm waits for its slowest GPU: one throttled GPU throttles the peer
+        "throttled": any(throttled) if throttled else None,
+        "clock_ratio": min(clocks) if clocks and any(throttled) else None,
     }
 
 
@@ -101,13 +116,23 @@ def _read_nvml_device(pynvml: Any, handle: Any) -> dict[str, float | None]:
     def query(read: Callable[[], float]) -> float | None:
         try:
             return float(read())
-        except pynvml.NVMLError:
+        except (pynvml.NVMLError, AttributeError):  # AttributeError: a pynvml too old for the query
             return None
 
+    temperature = query(lambda: pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU))
+    slowdown = query(
+        lambda: pynvml.nvmlDeviceGetTemperatureThreshold(handle, pynvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN)
+    )
+    reasons = query(lambda: pynvml.nvmlDeviceGetCurrentClocksThrottleReasons(handle))
+    clock = query(lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_GRAPHICS))
+    top = query(lambda: pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_GRAPHICS))
     return {
         "power_w": query(lambda: pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0),  # NVML reports mW
-        "temperature_c": query(lambda: pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)),
+        "temperature_c": temperature,
         "utilization_pct": query(lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
+        "thermal_headroom_c": None if temperature is None or slowdown is None else slowdown - temperature,
+        "throttled": None if reasons is None else bool(int(reasons) & THROTTLE_REASONS),
+        "clock_ratio": min(1.0, clock / top) if clock and top else None,
     }
 
 
@@ -212,6 +237,9 @@ def benchmark(benchmark_seconds: float = BENCHMARK_SECONDS, use_cuda: bool | Non
 def probe(benchmark_seconds: float = BENCHMARK_SECONDS) -> dict[str, Any]:
     """Describe this machine and benchmark it; the result is what `hivemarket peer probe --json` prints."""
     gpu_count = _cuda_device_count()
+    # benchmark first: the GPUs' NVML readings just after it are the power a loaded GPU draws (an offer's
+    # power_w), not what it draws idle
+    measured = benchmark(benchmark_seconds, use_cuda=gpu_count > 0)
     result: dict[str, Any] = {
         "cpu": {
             "model": _cpu_model(),
@@ -222,7 +250,7 @@ def probe(benchmark_seconds: float = BENCHMARK_SECONDS) -> dict[str, Any]:
         "gpus": _gpus(gpu_count),
         "torch_version": str(torch.__version__),
         "cuda_available": gpu_count > 0,
-        "benchmark": benchmark(benchmark_seconds, use_cuda=gpu_count > 0),
+        "benchmark": measured,
     }
     logger.debug("hardware probe: %s", result)
     return result
@@ -233,6 +261,8 @@ def summary(probe_result: dict[str, Any]) -> dict[str, Any]:
     gpus = probe_result["gpus"]
     bench = probe_result["benchmark"]
     best = bench.get("bf16_tflops") if gpus else None
+    power = [g["power_w"] for g in gpus if g.get("power_w") is not None]
+    headroom = [g["thermal_headroom_c"] for g in gpus if g.get("thermal_headroom_c") is not None]
     return {
         "gpu": str(gpus[0]["name"]) if gpus else "cpu",
         "gpu_count": len(gpus),
@@ -240,4 +270,8 @@ def summary(probe_result: dict[str, Any]) -> dict[str, Any]:
         "tflops": float(best if best is not None else bench["fp32_tflops"]),
         "ram_gb": float(probe_result["ram_gb"]),
         "cpu_cores": int(probe_result["cpu"]["logical_cores"]),
+        # NVML's, where a GPU has it (null on CPUs, without pynvml, or on GPUs that do not say): what the
+        # offer draws and how close the hottest GPU runs to slowing down
+        "power_w": sum(power) if power else None,
+        "thermal_headroom_c": min(headroom) if headroom else None,
     }

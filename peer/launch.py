@@ -28,7 +28,7 @@ from peer.protocol.client import CoordinatorClient
 from peer.protocol.commands import InputError
 from peer.protocol.dataset import Manifest
 from peer.protocol.money import fmt_money
-from peer.protocol.run_schemas import QuoteBody, QuoteView, RunBody, RunView, unauditable
+from peer.protocol.run_schemas import QuoteBody, QuoteView, RunBody, RunPeerView, RunView, unauditable
 from peer.protocol.spec import RunSpec, SpecError, load_spec
 from peer.protocol.states import ENDED
 from peer.settings import load_settings
@@ -219,7 +219,7 @@ def print_run(view: RunView) -> None:
         click.echo(f"model     {view.model.bytes} bytes, sha256 {view.model.sha256}")
     if view.peers:
         print_table(
-            ["PEER", "STATE", "PRICE/H", "SAMPLES", "PAID", "FEES", "AUDITS"],
+            ["PEER", "STATE", "PRICE/H", "SAMPLES", "PAID", "FEES", "AUDITS", "CAPACITY"],
             [
                 [
                     p.account[:12],
@@ -229,12 +229,24 @@ def print_run(view: RunView) -> None:
                     fmt_money(p.paid),
                     fmt_money(p.fees),
                     f"{p.audits_passed}/{p.audits_failed}",
+                    capacity_cell(p),
                 ]
                 for p in view.peers
             ],
             right=["PRICE/H", "SAMPLES", "PAID", "FEES", "AUDITS"],
-            note="(AUDITS: passed/failed audits of the peer's reports; FEES: earned auditing others)",
+            note="(AUDITS: passed/failed audits of the peer's reports; FEES: earned auditing others; "
+            "CAPACITY: delivered per TFLOP/s claimed over the run's best peer, and its flag)",
         )
+        for p in view.peers:
+            if p.capacity_flag is not None:
+                click.echo(f"{p.account[:12]} {p.capacity_flag}: {p.capacity_reason}")
+
+
+def capacity_cell(p: RunPeerView) -> str:
+    """A match's delivered capacity as ``runs show`` prints it ("short 0.25x", "0.98x"; "-" before it is
+    measured), so that a launcher sees which peer does not deliver what it is paid for."""
+    ratio = None if p.capacity_ratio is None else f"{p.capacity_ratio:.2f}x"
+    return " ".join(part for part in (p.capacity_flag, ratio) if part) or "-"
 
 
 @click.command("launch")

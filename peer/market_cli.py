@@ -184,9 +184,12 @@ def rent(
 
     probed = probe(benchmark_seconds=settings.probe_seconds)
     gpus = [gpu["uuid"] for gpu in probed["gpus"]]
+    hardware = summary(probed)
+    if settings.adversary == "capacity-liar":  # demonstrations: claim more than the probe measured
+        hardware["tflops"] *= settings.capacity_lie
     body = OfferBody(
         price_per_hour=f"{price:f}",
-        hardware=HardwareSummary(**summary(probed)),
+        hardware=HardwareSummary(**hardware),
         roles=sorted(set(roles or ("trainer",))),
         min_lease_seconds=min_lease_seconds,
     )

@@ -64,6 +64,7 @@ class RunLink:
         self._peek_started = -math.inf  # when the last background fetch began (time.monotonic)
         self._claiming: concurrent.futures.Future[list[AuditTask]] | None = None
         self._claim_pause = 0.0  # seconds the next claim waits first: claims refused for load back off
+        self.not_validating: str | None = None  # why the coordinator refuses this peer's claims for good
         self._asked = 0  # how many audits the claim in flight asked for
         self._unanswered = 0  # reports queued or being sent
         self._answering = 0  # audit answers being sent
@@ -168,6 +169,8 @@ class RunLink:
         costs the training loop no round trip unless auditing is behind. None, and not behind, when the
         coordinator cannot be reached or refuses otherwise (this peer is not joined yet, the run ended):
         auditing never stops training."""
+        if self.not_validating is not None:  # banned from validating the run: it only trains
+            return [], False
         claim = self._claiming
         if claim is not None and not claim.done():
             if not wait:
@@ -185,6 +188,10 @@ class RunLink:
         try:
             tasks = claim.result()
         except CoordinatorError as e:
+            if e.code == "validator_banned":  # wrong canaries: no more claims, training goes on
+                self.not_validating = str(e)
+                logger.warning(f"This peer may no longer validate {self.run_id}: {e}")
+                return [], False
             if not e.for_load:
                 logger.warning(f"No audits taken: {e}")
                 return [], False

@@ -14,7 +14,16 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: The cheats :mod:`peer.adversary` can play (named here so that reading settings never imports torch).
-AdversaryKind = Literal["free-rider", "random-gradient", "inflated-samples", "replay", "noisy-round"]
+AdversaryKind = Literal[
+    "free-rider",
+    "random-gradient",
+    "inflated-samples",
+    "replay",
+    "noisy-round",
+    "poisoned-round",
+    "capacity-liar",
+    "lazy-validator",
+]
 
 
 class PeerSettings(BaseSettings):
@@ -137,10 +146,16 @@ class PeerSettings(BaseSettings):
         description="Recent epochs whose start parameters a peer keeps (on the CPU) to audit others.",
     )
     audits_per_claim: int = Field(8, ge=1, le=64, description="Most audits a peer takes at once.")
+    capacity_lie: float = Field(
+        4.0,
+        gt=0,
+        description="Demonstrations and tests only: how many times its probed TFLOP/s a capacity-liar "
+        "(HIVEMARKET_ADVERSARY=capacity-liar) claims in its offer.",
+    )
     adversary: AdversaryKind | None = Field(
         None,
         description="Demonstrations and tests only: this peer cheats in the named way (peer.adversary) so "
-        "that its audits fail (or, noisy-round, the fast path's commitment check refuses its rounds).",
+        "that its audits fail (or, noisy-round and poisoned-round, the fast path's round checks catch it).",
     )
 
 

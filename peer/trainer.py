@@ -58,7 +58,15 @@ from peer.model_file import model_bytes
 from peer.node import stop_dht
 from peer.protocol.client import CoordinatorError, CoordinatorUnreachable
 from peer.protocol.identity import Identity, load_identity
-from peer.protocol.run_schemas import AuditResultBody, MicroBatch, ReportBody, RunView
+from peer.protocol.run_schemas import (
+    AuditResultBody,
+    AuditTask,
+    MicroBatch,
+    ReportBody,
+    ReportView,
+    RoundCommitment,
+    RunView,
+)
 from peer.protocol.sketch import grad_seed
 from peer.protocol.spec import describe
 from peer.protocol.states import BIDDING, REPORTING
@@ -114,6 +122,7 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin, OverlapMixin):
         self.saved = threading.Event()  # no checkpoint is being written
         self.saved.set()
         self.late = False  # the state was just loaded from the swarm, mid-epoch (_epoch)
+        self.witness: tuple[int, dict[str, Any]] | None = None  # (epoch, its fast round's gathered)
         self.announced = -float("inf")  # when the epoch was last announced in the DHT (_announce)
         self.events = EventLog(self.workdir / "events.jsonl")
         link.on_accepted = lambda body: self.events.write(
@@ -182,7 +191,7 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin, OverlapMixin):
         late, self.late = self.late and len(live) > 1, False
         ids = [] if late else self.stream.take(spec.batch.target, live)
         self._fetch_shards()
-        sketch = Sketcher(self.n_params, grad_seed(self.run_id, epoch, self.identity.account))
+        sketch = Sketcher(self.n_params, grad_seed(self.run_id, epoch))
         self._predict()  # an overlapped epoch computes where the round in flight takes the parameters
         param_sketch = self._start_of(epoch)
         start = None
@@ -281,6 +290,7 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin, OverlapMixin):
         if not done.samples:
             return
         loss = sum(m["loss"] * len(m["ids"]) for m in done.micro) / done.samples
+        gathered = self.witness[1] if self.witness is not None and self.witness[0] == done.epoch else {}
         try:
             body = ReportBody(
                 epoch=done.epoch,
@@ -291,6 +301,11 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin, OverlapMixin):
                 param_sketch=done.param_sketch,
                 micro_batches=[MicroBatch(**m) for m in done.micro],
                 device=device_name(self.device),
+                round=[
+                    RoundCommitment(account=a, commitment=g["commitment"])
+                    for a, g in gathered.items()
+                    if "commitment" in g
+                ],
             )
         except ValidationError as e:  # a loss that is not finite, say: no report, training goes on
             logger.warning(f"Epoch {done.epoch} is not reported: {describe(e, 'report')}")
@@ -362,11 +377,26 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin, OverlapMixin):
         if self.validator is None:
             return
         began, behind = time.monotonic(), False
+        shown: dict[tuple[int, str], ReportView] | None = None
+
+        def claim_of(audit: AuditTask) -> tuple[list[float], float] | None:
+            """What a lazy validator (peer.adversary) can learn of an audited claim: what the API shows
+            (fetched once a round, and only when asked: an honest validator never asks)."""
+            nonlocal shown
+            if shown is None:
+                listed = self.link.call(lambda: self.link.client.reports(self.run_id))
+                shown = {(r.epoch, r.account): r for r in listed}
+            report = shown.get((audit.epoch, audit.account))
+            batch = report.micro_batches[audit.index] if report else None
+            if batch is None or batch.sketch is None or batch.loss is None:
+                return None
+            return batch.sketch, batch.loss
+
         while not self.stop.is_set():
             tasks, behind = self.link.claimed_audits(self.settings.audits_per_claim, wait=behind)
             for audit in tasks:
                 try:
-                    result = self.validator.recompute(audit)
+                    result = self.behaviour.answer(audit, self.validator.recompute, claim_of)
                 except Exception as e:  # a dataset or task failure here must not stop training
                     logger.warning(f"Audit {audit.id} could not be recomputed: {e!r}")
                     result = AuditResultBody(declined=f"recomputation failed: {e!r}"[:300])

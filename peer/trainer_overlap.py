@@ -224,6 +224,7 @@ class OverlapMixin:
                 self.in_flight = None
                 self._apply(None, update=update, advance=advance)
             if flight.done is not None and result.gathered:
+                self.witness = (flight.epoch, result.gathered)
                 self._report(flight.done, len(result.gathered))
             return "averaged", None
         if outcome != "skipped":

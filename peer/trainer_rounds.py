@@ -20,7 +20,7 @@ from hivemind.utils import get_logger
 
 from peer.averaging import NO_SAMPLES_WEIGHT, restore
 from peer.events import in_agreement
-from peer.protocol.run_schemas import CheckinBody, GroupView, RunView
+from peer.protocol.run_schemas import BlameBody, CheckinBody, GroupView, RunView
 from peer.run_link import live_peers
 from peer.trainer_state import FROM_PEERS
 
@@ -102,7 +102,9 @@ class RoundsMixin:
         self, epoch: int, gathered: dict[str, Any], param_sketch: list[float], seconds: float
     ) -> tuple[str, int, bool, float]:
         """The outcome of a round that averaged (on either path), given what its members gathered: this
-        peer gives way (loads the group's state) when its parameters differ from the group's."""
+        peer gives way (loads the group's state) when its parameters differ from the group's. What the
+        members gathered goes into this epoch's report (the fast path's commitments, :meth:`_report`)."""
+        self.witness = (epoch, gathered)
         size = len(gathered)
         if self._defers_to_group(gathered, param_sketch):
             logger.warning(f"Epoch {epoch}: parameters differ from the group's; loading theirs")
@@ -167,12 +169,26 @@ class RoundsMixin:
             f"Epoch {epoch}: the fast-path round is not applied ({result.outcome}: {result.reason})"
         )
         self.events.write("round_refused", epoch=epoch, outcome=result.outcome, reason=result.reason[:300])
+        accused = [a for a in result.blamed if a != self.identity.account]
+        if accused:
+            self._blame(epoch, group.version, accused, result.reason)
         if result.outcome == "failed":
             self.fast.regroup(group.version)
         ahead = max(result.epochs.values(), default=epoch) > epoch or self._reported(self.link.peek(), epoch)
         if ahead and self._catch_up(epoch) is not None:
             return "caught_up", 1, False, 0.0
         return "redo", 1, False, 0.0
+
+    def _blame(self, epoch: int, version: int, accused: list[str], reason: str) -> None:
+        """Tell the coordinator whom this peer's reveal blamed for a refused round; it fails their epoch
+        once most of the round's other members agree (:mod:`coordinator.round_store`)."""
+        body = BlameBody(epoch=epoch, version=version, accused=accused, reason=reason[-300:])
+        try:
+            view = self.link.call(lambda: self.link.client.blame(self.run_id, body))
+        except Exception as e:  # the group moved on, or the coordinator is away: the next refusal tells again
+            logger.warning(f"Epoch {epoch}: could not blame {len(accused)} members of the round: {e!r}")
+            return
+        self.events.write("round_blamed", epoch=epoch, accused=accused, failed=view.failed)
 
     def _newer(self, group: GroupView, began: float) -> Callable[[], bool]:
         """Whether a round on ``group`` that began at ``began`` should stop waiting: a newer version

@@ -178,7 +178,7 @@ class Validator:
         self.agreement = agreement
         self.fetch = fetch
         self.device = device
-        self._sketchers: OrderedDict[tuple[int, str], Sketcher] = OrderedDict()
+        self._sketchers: OrderedDict[int, Sketcher] = OrderedDict()
         self._loaded: Snapshot | None = None  # recomputing leaves the parameters as they were loaded
         self.random = uses_randomness(model)
         self.device_name = device_name(device or torch.device("cpu"))
@@ -212,12 +212,11 @@ class Validator:
             batch = map_tensors(batch, lambda t: t.to(device))
         seed = micro_seed(self.run_id, audit.epoch, audit.account, audit.index)
         loss, grads = micro_batch_gradient(self.task, self.model, self.params, batch, seed)
-        return AuditResultBody(sketch=self._sketcher(audit.epoch, audit.account)(grads), loss=loss)
+        return AuditResultBody(sketch=self._sketcher(audit.epoch)(grads), loss=loss)
 
-    def _sketcher(self, epoch: int, account: str) -> Sketcher:
-        key = (epoch, account)
-        if key not in self._sketchers:
-            self._sketchers[key] = Sketcher(self.n_params, grad_seed(self.run_id, epoch, account))
-            while len(self._sketchers) > 2:  # each holds a model-sized vector of signs
+    def _sketcher(self, epoch: int) -> Sketcher:
+        if epoch not in self._sketchers:
+            self._sketchers[epoch] = Sketcher(self.n_params, grad_seed(self.run_id, epoch))
+            while len(self._sketchers) > 2:  # each holds a vector of signs a block long
                 self._sketchers.popitem(last=False)
-        return self._sketchers[key]
+        return self._sketchers[epoch]

@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from cryptography.hazmat.primitives import serialization
 
 from peer.collective import (
-    COMMITMENT_BYTES,
     BuildStopped,
-    Commitment,
     FastPath,
     ReachListener,
     expected_sketch,
@@ -26,6 +25,7 @@ from peer.collective import (
     verdict,
 )
 from peer.deadlines import RoundDeadlines
+from peer.protocol.commitment import COMMITMENT_BYTES, Commitment
 from peer.protocol.identity import Identity
 from peer.protocol.run_schemas import GroupMemberView, GroupView
 from peer.protocol.sketch import SKETCH_DIMS
@@ -148,7 +148,17 @@ def _member(rank: int, size: int, store_path: str, keys: list[bytes], out: mp.Qu
             param_sketch=[0.0] * SKETCH_DIMS,
             wait_deadline=10.0,
         )
-        out.put((rank, index, result.outcome, result.reason, float(values[0][0]), float(values[1][0])))
+        out.put(
+            (
+                rank,
+                index,
+                result.outcome,
+                result.reason,
+                float(values[0][0]),
+                float(values[1][0]),
+                result.blamed,
+            )
+        )
         if fast.pg is None:  # the group broke: nothing more to do on it
             break
     fast.close()
@@ -174,8 +184,8 @@ def test_rounds_average_refuse_tampering_and_fail_for_everyone_when_a_member_die
             results: dict[tuple[int, int], tuple] = {}
             expected_rounds = {0: 5, 1: 5, 2: 4}
             while len(results) < sum(expected_rounds.values()):
-                rank, index, outcome, reason, first, second = out.get(timeout=150)
-                results[(rank, index)] = (outcome, reason, first, second)
+                rank, index, outcome, reason, first, second, blamed = out.get(timeout=150)
+                results[(rank, index)] = (outcome, reason, first, second, blamed)
     finally:
         for p in procs:
             p.join(timeout=20)
@@ -184,20 +194,23 @@ def test_rounds_average_refuse_tampering_and_fail_for_everyone_when_a_member_die
     weights = [1.0, 2.0, 3.0]
     mean_first = sum(w * (r + 1) for r, w in enumerate(weights)) / sum(weights)
     mean_second = sum(w * -r for r, w in enumerate(weights)) / sum(weights)
+    accounts = [Identity(serialization.load_pem_private_key(k, None)).account for k in keys]
     for rank in range(size):  # round 0: every member holds the weighted mean
-        outcome, _, first, second = results[(rank, 0)]
+        outcome, _, first, second, _ = results[(rank, 0)]
         assert outcome == "averaged"
         assert first == pytest.approx(mean_first, rel=1e-6) and second == pytest.approx(mean_second, rel=1e-6)
-    for rank in range(size):  # round 1: rank 1 added noise after committing: nobody applies it
-        outcome, reason, first, _ = results[(rank, 1)]
+    for rank in range(size):  # round 1: rank 1 added noise after committing: nobody applies it, and the
+        # others' reveal blames it (its own finds the others revealed what they committed to)
+        outcome, reason, first, _, blamed = results[(rank, 1)]
         assert outcome == "rejected" and "commitments" in reason, reason
+        assert blamed == ([] if rank == 1 else [accounts[1]]), (rank, reason)
         assert first == rank + 1  # the buffers are as the member left them
     for rank in range(size):  # round 2: rank 2 is an epoch ahead: found before anything is summed
         assert results[(rank, 2)][0] == "out_of_step"
     for rank in range(size):
         assert results[(rank, 3)][0] == "averaged"
     for rank in range(2):  # round 4: rank 2 died mid-round: the round fails for the others, unapplied
-        outcome, reason, first, _ = results[(rank, 4)]
+        outcome, reason, first, _, _ = results[(rank, 4)]
         assert outcome == "failed", reason
         assert first == rank + 1
     for p in procs:

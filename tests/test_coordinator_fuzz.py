@@ -49,6 +49,7 @@ from peer.protocol.identity import Identity
 from peer.protocol.run_schemas import (
     AuditClaimBody,
     AuditResultBody,
+    BlameBody,
     CheckinBody,
     JoinBody,
     QuoteBody,
@@ -99,6 +100,8 @@ VALID_BODIES: dict[type, dict[str, Any]] = {
     WithdrawBody: {"amount": "0.5"},  # by the launcher, from the 100000 it was given
     TransferBody: {"to": "ff" * 32, "amount": "0.5"},
     ReachBody: {"port": 1},  # nothing listens there: answered at once, not reachable
+    # by ``accuser`` of ``accused`` in ``blame_run`` (the fixture fills in the version and the account)
+    BlameBody: {"epoch": 0, "version": 1, "accused": ["00" * 32], "reason": "fuzz"},
     OfferBody: {
         "price_per_hour": "1.2",
         "hardware": {
@@ -183,6 +186,8 @@ class Market:
     audited: Identity  # reported in ``audit_run``: the audits there are of its micro-batches
     auditor: Identity  # in ``audit_run`` too, holding every audit in ``audit_ids``
     member: Identity  # rank 0 of version 1 of ``group_run``'s group
+    accuser: Identity  # in ``blame_run``'s group with ``accused``, which its first valid blame bans
+    accused: Identity
     lease_id: str = ""
     run_id: str = ""  # a recruiting run (the fuzz of /cancel cancels it)
     live_run: str = ""  # a running run that takes joins and reports
@@ -191,6 +196,7 @@ class Market:
     leaving_run: str = ""  # running with ``leaver``, who can give its place back
     audit_run: str = ""  # running with ``audited`` and ``auditor``
     group_run: str = ""  # running with ``member``, whose group only the rendezvous routes use
+    blame_run: str = ""  # running with ``accuser`` and ``accused``, both in its group
     audit_ids: list[str] = field(default_factory=list)
     statuses: dict[str, Counter[int]] = field(default_factory=dict)
     _conn: http.client.HTTPConnection | None = None
@@ -288,7 +294,7 @@ def market(tmp_path_factory: pytest.TempPathFactory, databases: Databases) -> It
     server = start_coordinator(
         home, Identity.generate(), env=cli_env(home, **SERVER_ENV), db_url=databases.url()
     )
-    m = Market(server, *(Identity.generate() for _ in range(9)))
+    m = Market(server, *(Identity.generate() for _ in range(11)))
     try:
         for model, body in VALID_BODIES.items():
             model.model_validate(body)  # the templates the fuzz mutates are valid to begin with
@@ -305,6 +311,13 @@ def market(tmp_path_factory: pytest.TempPathFactory, databases: Databases) -> It
         target = f"/v1/runs/{m.group_run}/rendezvous/set"
         status, written = m.signed(m.member, "POST", target, VALID_BODIES[RendezvousSetBody])
         assert status == 200, written
+        m.blame_run = m.run_with_peer(m.accuser, m.accused, target=1 << 40)
+        for who in (m.accuser, m.accused):
+            checkin = {**VALID_BODIES[CheckinBody], "version": None}
+            status, group = m.signed(who, "POST", f"/v1/runs/{m.blame_run}/group", checkin)
+            assert status == 200, group
+        assert len(group["members"]) == 2, group
+        VALID_BODIES[BlameBody].update(version=group["version"], accused=[m.accused.account])
         m.leaving_run = m.run_with_peer(m.leaver, target=1)
         m.audit_run = m.run_with_peer(m.audited, m.auditor, target=1 << 40)
         m.audits_to_hold(40)
@@ -766,6 +779,8 @@ def _runs_of(route: Route, market: Market) -> list[str]:
         return [market.live_run]
     if "/rendezvous/" in route.path:
         return [market.group_run]
+    if route.path.endswith("/blames"):
+        return [market.blame_run]
     if route.path.endswith("/model"):
         return [market.settling_run] if route.method == "PUT" else [market.modeled_run]
     if route.path.endswith("/cancel"):
@@ -783,6 +798,8 @@ def _owner_of(route: Route, market: Market) -> Identity:
         return market.worker
     if "/rendezvous/" in route.path:
         return market.member
+    if route.path.endswith("/blames"):
+        return market.accuser
     if route.path.endswith("/model"):
         return market.finisher
     if route.path.endswith("/leave"):

@@ -1,19 +1,25 @@
 """The dashboard and the metrics of a running ``hivemarket demo``, as a user sees them: in a real headless
-Chromium, and scraped the way Prometheus scrapes.
+Chromium, and scraped the way Prometheus scrapes. And the delivered-capacity flag of a peer that claims
+more than it delivers (coordinator.capacity), on the offers, run-peers and peers tables, on both stores.
 
 The screenshot is kept in tests/artifacts/dashboard.png (ignored by git) for people to look at.
 """
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from coordinator.dashboard import _capacity
 from tests.browser import Browser
+from tests.conftest import Databases
 from tests.harness import DemoProcess, group_members, kill_group, prometheus_series, wait_until
+from tests.test_capacity_api import LIE, Pace, RatedPeer
+from tests.test_runs_api import H100, own_market, peer_of
 
 SCREENSHOT = Path(__file__).parent / "artifacts" / "dashboard.png"
 
@@ -29,6 +35,17 @@ return {
   ledger: document.getElementById("ledger-verdict")?.textContent || "",
   filter_error: document.getElementById("filter-error")?.textContent || null,
 };
+"""
+
+
+# Each table's capacity cells by the account of their row: the marker's text and its title (the reason).
+CAPACITY_CELLS = """
+const cells = id => Object.fromEntries([...document.querySelectorAll(`#${id} tbody tr`)].map(row => [
+  row.querySelector("code")?.title,
+  {text: row.querySelector(".capacity")?.textContent ?? null,
+   title: row.querySelector(".capacity")?.getAttribute("title") ?? null},
+]));
+return {offers: cells("offers-table"), run_peers: cells("run-peers-table"), peers: cells("peers-table")};
 """
 
 
@@ -101,3 +118,49 @@ def test_dashboard_and_metrics_of_a_running_demo(tmp_path: Path) -> None:
         kill_group(demo.proc.pid)
     assert not group_members(demo.proc.pid), "the demo left processes behind"
     assert not group_members(browser.proc.pid), "chromium left processes behind"
+
+
+@pytest.mark.timeout(180)
+async def test_dashboard_flags_a_peer_short_of_its_claim(tmp_path: Path, databases: Databases) -> None:
+    """Three peers of a run, one claiming 4x an H100, report the same work at the same pace: the page shows
+    the liar's flag and ratio ("short 0.25x") with the measurement as the title, in the offers, run-peers
+    and peers tables, and nothing against the honest peers (the browser runs in a thread, so that the
+    peers' heartbeats go on meanwhile)."""
+    async with own_market(tmp_path, databases, "100") as market:
+        url = market.server.url
+        async with RatedPeer(url) as a, RatedPeer(url) as b, RatedPeer(url, H100.tflops * LIE) as liar:
+            run = await market.launch(peers=(3, 3), target=1000)
+            await market.clear()
+            pace = Pace(market, run.id)
+            await pace.join(a, b, liar)
+            for epoch in range(3):
+                for p in (a, b, liar):
+                    view = await pace.report(p, epoch)
+            reason = peer_of(view, liar.account).capacity_reason
+            assert peer_of(view, liar.account).capacity_flag == "short" and reason is not None
+
+            browser = await asyncio.to_thread(Browser)
+            try:
+                await asyncio.to_thread(browser.get, f"{url}/?run={run.id}")
+                cells = await asyncio.to_thread(browser.run, CAPACITY_CELLS)
+            finally:
+                await asyncio.to_thread(browser.close)
+            assert cells["offers"][liar.account]["text"] == f"short {1 / LIE:.2f}x", cells
+            assert cells["offers"][liar.account]["title"] == f"run {run.id}: {reason}", cells
+            assert cells["run_peers"][liar.account] == {"text": f"short {1 / LIE:.2f}x", "title": reason}
+            assert cells["peers"][liar.account]["text"] == "short", cells
+            for p in (a, b):
+                assert cells["offers"][p.account]["text"] is None, cells  # "-": never re-rated
+                assert cells["run_peers"][p.account]["text"] == "1.00x", cells  # measured, not flagged
+                assert cells["peers"][p.account]["text"] is None, cells
+            await market.conserved()
+        assert not group_members(browser.proc.pid), "chromium left processes behind"
+
+
+def test_capacity_marker_escapes_its_reason() -> None:
+    cell = _capacity("short", 0.25, 'run r: <script>alert("x")</script> & more')
+    assert cell == (
+        '<span class="capacity capacity-short" title="run r: &lt;script&gt;alert(&quot;x&quot;)'
+        '&lt;/script&gt; &amp; more">short 0.25x</span>'
+    )
+    assert _capacity(None, None, None) == "-"

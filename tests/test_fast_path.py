@@ -114,26 +114,71 @@ def test_a_killed_member_breaks_its_round_for_all_and_the_survivors_go_on_while_
 
 
 @pytest.mark.timeout(240)
-def test_a_member_that_sends_other_than_it_committed_to_gets_no_round_applied(tmp_path: Path):
+def test_a_member_that_sends_other_than_it_committed_to_gets_no_round_applied_and_is_blamed(tmp_path: Path):
+    """peer.adversary's noisy-round adds noise after committing: every member refuses the round, their
+    reveal finds who sent other than it committed to, and the coordinator bans it once the others blame
+    it; the others then train on without it."""
     with local_market(tmp_path, peers=2, timeout=180) as (demo, accounts):
         cheat = demo.add_peer(adversary="noisy-round")
         demo.wait_offers(3)
-        run = _launch(demo, peers_min=3, peers_max=3, epochs=40)
-        everyone = [*accounts, cheat]
+        run = _launch(demo, peers_min=2, peers_max=3, epochs=40)
 
-        def refused() -> bool:
-            return all(
-                sum(1 for e in demo.events(demo.peers[a].name) if e["event"] == "round_refused") >= 3
-                for a in everyone
-            )
+        def banned() -> bool:
+            view = demo.ask(lambda c: c.run(run.id))
+            return any(p.account == cheat and p.state == "banned" for p in view.peers)
 
-        wait_until(refused, 150, "every member to refuse three rounds")
-        for account in everyone:
+        wait_until(banned, 150, "the noisy member to be banned")
+        banned_at = time.time()
+        failed = [a for a in demo.ask(lambda c: c.audits(run.id)) if a.state == "failed"]
+        assert failed and {a.account for a in failed} == {cheat}, failed
+        assert all(a.index == -1 and "not what it committed to" in a.reason for a in failed), failed
+        for account in accounts:
             events = demo.events(demo.peers[account].name)
-            rounds = [e for e in events if e["event"] == "round_refused"]
-            assert all(e["outcome"] == "rejected" and "commitments" in e["reason"] for e in rounds), rounds
-            assert not [e for e in _epochs(demo, account) if e["outcome"] == "averaged"]
-        assert demo.ask(lambda c: c.reports(run.id)) == []  # nothing applied, nothing reported or paid
+            refused = [e for e in events if e["event"] == "round_refused"]
+            assert refused and all("commitments" in e["reason"] for e in refused), refused
+            blamed = [e for e in events if e["event"] == "round_blamed"]
+            assert blamed and all(e["accused"] == [cheat] for e in blamed), blamed
+            # no round with the noisy member in it was applied
+            averaged = [e for e in _epochs(demo, account) if e["outcome"] == "averaged"]
+            assert all(e["time"] > banned_at or e["group"] < 3 for e in averaged), averaged[:3]
+        final, _ = demo.follow(run)
+        assert final.state == "finished", final.reason
+        reports = demo.ask(lambda c: c.reports(run.id))
+        assert not [r for r in reports if r.account == cheat]
+        assert _assert_agreement(reports, set(accounts)) >= 10
+
+
+@pytest.mark.timeout(240)
+def test_a_member_that_sends_and_commits_to_another_update_than_its_reports_is_failed_and_banned(
+    tmp_path: Path,
+):
+    """peer.adversary's poisoned-round reports honestly (its audits pass) and sends, committing to it,
+    four times the opposite of its update: the round's own check passes, the coordinator's check of the
+    forwarded commitment against its report fails its epochs until the ban; the others train on."""
+    with local_market(tmp_path, peers=2, timeout=180) as (demo, accounts):
+        cheat = demo.add_peer(adversary="poisoned-round")
+        demo.wait_offers(3)
+        run = _launch(demo, peers_min=2, peers_max=3, epochs=60)
+
+        def banned() -> bool:
+            view = demo.ask(lambda c: c.run(run.id))
+            return any(p.account == cheat and p.state == "banned" for p in view.peers)
+
+        wait_until(banned, 150, "the poisoner to be banned")
+        banned_at = time.time()
+        failed = [a for a in demo.ask(lambda c: c.audits(run.id)) if a.state == "failed"]
+        assert failed and {a.account for a in failed} == {cheat}, failed
+        assert all(a.index == -1 and "round commitment" in a.reason for a in failed), failed
+        final, _ = demo.follow(run)
+        assert final.state == "finished", final.reason
+        reports = demo.ask(lambda c: c.reports(run.id))
+        assert not [r for r in reports if r.account == cheat and r.pay_state == "paid"]
+        assert _assert_agreement(reports, set(accounts)) >= 10
+        for account in accounts:  # the honest members went on averaging without it
+            after = [
+                e for e in _epochs(demo, account) if e["time"] > banned_at and e["outcome"] == "averaged"
+            ]
+            assert after and after[-1]["group"] == 2, after[-3:]
 
 
 @pytest.mark.timeout(300)

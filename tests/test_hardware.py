@@ -82,9 +82,11 @@ def test_benchmark_leaves_torch_global_state_alone() -> None:
 def test_summary_of_real_probe(probed: tuple[dict[str, Any], float]) -> None:
     result = probed[0]
     flat = hardware.summary(result)
-    assert set(flat) == set(SUMMARY_TYPES)
+    assert set(flat) == set(SUMMARY_TYPES) | {"power_w", "thermal_headroom_c"}
     for key, expected in SUMMARY_TYPES.items():
         assert type(flat[key]) is expected, key
+    if not torch.cuda.is_available():  # NVML's readings: none without a GPU
+        assert (flat["power_w"], flat["thermal_headroom_c"]) == (None, None)
     assert flat["cpu_cores"] == os.cpu_count()
     assert flat["ram_gb"] == result["ram_gb"]
     if not torch.cuda.is_available():
@@ -126,7 +128,13 @@ def test_summary_of_two_gpu_probe() -> None:
         "tflops": 612.5,
         "ram_gb": 251.5,
         "cpu_cores": 32,
+        "power_w": None,
+        "thermal_headroom_c": None,
     }
+    result["gpus"][0] |= {"power_w": 300.0, "thermal_headroom_c": 20.0}
+    result["gpus"][1] |= {"power_w": 250.0, "thermal_headroom_c": 12.0}  # the offer: summed, the least
+    assert hardware.summary(result)["power_w"] == 550.0
+    assert hardware.summary(result)["thermal_headroom_c"] == 12.0
     result["benchmark"]["bf16_tflops"] = None  # pre-Ampere GPU: bf16 not measured, fall back to fp32
     assert hardware.summary(result)["tflops"] == 51.2
 
@@ -191,9 +199,11 @@ def test_read_nvml_matches_by_uuid_and_shuts_down(monkeypatch: pytest.MonkeyPatc
     fake = _fake_pynvml()
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     readings = hardware.read_nvml(["aaaa-0000", "bbbb-0000", "cccc-0000"])
+    # the fake has no throttle, clock or threshold queries (an old pynvml): those read as None
+    unknown = {"thermal_headroom_c": None, "throttled": None, "clock_ratio": None}
     assert readings == [
-        {"power_w": 250.5, "temperature_c": 61.0, "utilization_pct": 87.0},
-        {"power_w": 250.5, "temperature_c": None, "utilization_pct": 87.0},
+        {"power_w": 250.5, "temperature_c": 61.0, "utilization_pct": 87.0, **unknown},
+        {"power_w": 250.5, "temperature_c": None, "utilization_pct": 87.0, **unknown},
         dict.fromkeys(hardware.NVML_FIELDS),
     ]
     assert fake.calls == ["init", "shutdown"]
@@ -204,3 +214,21 @@ def test_read_nvml_shuts_down_after_query_failure(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     assert hardware.read_nvml(["aaaa-0000"]) == [dict.fromkeys(hardware.NVML_FIELDS)]
     assert fake.calls == ["init", "shutdown"]
+
+
+def test_read_nvml_reports_throttling_headroom_and_clocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU slowed for heat reports it (heartbeats carry it, so the market re-rates it instead of holding
+    its shortfall against it), its headroom to the slowdown temperature and its clock over the maximum."""
+    fake = _fake_pynvml()
+    fake.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN, fake.NVML_CLOCK_GRAPHICS = 1, 0
+    fake.nvmlDeviceGetTemperatureThreshold = lambda h, kind: 83
+    fake.nvmlDeviceGetCurrentClocksThrottleReasons = lambda h: 0x40 if h == "aa" else 0x1  # HW thermal; idle
+    fake.nvmlDeviceGetClockInfo = lambda h, kind: 990 if h == "aa" else 1980
+    fake.nvmlDeviceGetMaxClockInfo = lambda h, kind: 1980
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    hot, idle = hardware.read_nvml(["aaaa-0000", "bbbb-0000"])
+    assert (hot["throttled"], hot["clock_ratio"], hot["thermal_headroom_c"]) == (True, 0.5, 22.0)
+    assert (idle["throttled"], idle["clock_ratio"], idle["thermal_headroom_c"]) == (False, 1.0, None)
+    both = hardware.combined([hot, idle])
+    assert (both["throttled"], both["clock_ratio"]) == (True, 0.5)
+    assert hardware.combined([idle])["clock_ratio"] is None  # not throttled: nothing to re-weight

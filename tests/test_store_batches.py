@@ -18,6 +18,7 @@ from coordinator.db import Call, StoreUnavailable
 from coordinator.errors import Conflict, Forbidden, NonceReplayed, NonceReused, NotFound
 from coordinator.leases import LeaseConfig
 from coordinator.postgres import PostgresDatabase
+from coordinator.schema import MIGRATIONS
 from coordinator.store import SQLStore, open_store
 from peer.protocol.envelope import Envelope
 from peer.protocol.schemas import HardwareSummary, OfferBody, Telemetry
@@ -243,3 +244,44 @@ async def _kill_the_writer(store: SQLStore) -> None:
     assert all("writer process" in str(o) for o in outcomes[:-1]), outcomes
     assert writer.pid not in {p.pid for p in store._db._process._processes.values()}  # type: ignore[union-attr]
     assert ("before",) in await rows(store, "SELECT account FROM peers")
+
+
+async def _catalog(url: str) -> tuple[int, dict[str, set[str]]]:
+    """The schema version a new database of ``url`` reaches and its tables' columns."""
+    opened = open_store(url, TIMES, synchronous="FULL", batch_max=64)
+    await opened.open()
+    query = (
+        "SELECT table_name AS t, column_name AS c FROM information_schema.columns"
+        " WHERE table_schema = current_schema()"
+        if url.startswith("postgresql")
+        else "SELECT m.name AS t, p.name AS c FROM sqlite_master m JOIN pragma_table_info(m.name) p"
+        " WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%'"
+    )
+
+    def read(conn: Any) -> tuple[int, list[tuple[str, str]]]:
+        version = conn.execute("SELECT version FROM schema_version").fetchone()["version"]
+        return version, [(row["t"], row["c"]) for row in conn.execute(query)]
+
+    try:
+        version, rows = await opened._db.read(read)  # type: ignore[attr-defined]
+    finally:
+        await opened.close()
+    tables: dict[str, set[str]] = {}
+    for table, column in rows:
+        tables.setdefault(table, set()).add(column)
+    return version, tables
+
+
+async def test_both_engines_reach_the_last_migration_with_the_same_columns(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    """PostgreSQL starts from its baseline and runs the shared scripts after it: each script appended to
+    MIGRATIONS (capacity, canaries, round commitments...) must run there too and leave the columns it
+    leaves on SQLite, or the store's queries break on one engine only."""
+    lite = await _catalog(f"sqlite:///{tmp_path}/market.db")
+    pg = await _catalog(postgres_server.database())
+    assert lite[0] == pg[0] == len(MIGRATIONS)
+    assert pg[1] == lite[1]
+    assert {"claimed_tflops", "capacity_flag", "throttled_at", "clock_ratio"} <= pg[1]["offers"]
+    assert {"tflops", "billed_units", "capacity_ratio", "capacity_flag"} <= pg[1]["matches"]
+    assert "shortfalls" in pg[1]["peers"]

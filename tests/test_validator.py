@@ -52,7 +52,7 @@ def epoch_of(setup: Setup, model: torch.nn.Module, epoch: int, first_id: int):
         model,
         setup.reader,
         chunks,
-        Sketcher(n_params, grad_seed(RUN, epoch, PEER)),
+        Sketcher(n_params, grad_seed(RUN, epoch)),
         lambda index: micro_seed(RUN, epoch, PEER, index),
         spare_ids=lambda n: list(range(first_id + 64, first_id + 64 + n)),
     )

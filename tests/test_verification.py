@@ -14,9 +14,14 @@ from coordinator.verification import (
     AuditPolicy,
     audit_fee,
     banned,
+    canary_block,
+    canary_due,
+    canary_verdict,
     choose_audits,
+    claim_rank,
     report_outcome,
     reputation,
+    validator_banned,
     verdict,
 )
 from peer.protocol.sketch import relative_distance
@@ -95,3 +100,39 @@ def test_bans_reputation_and_fees() -> None:
     assert reputation(0, 1) == 0.5 and reputation(90, 1) == pytest.approx(100 / 110)
     assert reputation(0, 2) < reputation(0, 1)
     assert audit_fee(1000, 32, 96) == 333 and audit_fee(0, 32, 96) == 0 and audit_fee(7, 1, 0) == 0
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.5, 0.25, 0.2, 0.1])
+def test_a_validator_meets_one_canary_in_each_block_at_an_epoch_under_the_key(rate: float) -> None:
+    """Stratified: a validator that claims every epoch gets exactly one canary per block of epochs, at an
+    epoch drawn under the run's key (different validators, different epochs)."""
+    block = canary_block(rate)
+    assert block == round(1 / rate)
+    given_at: dict[str, list[int]] = {}
+    for validator in ("a" * 64, "b" * 64, "c" * 64, "d" * 64):
+        last: int | None = None
+        for epoch in range(40 * block):
+            if canary_due(KEY, validator, epoch, rate, last):
+                given_at.setdefault(validator, []).append(epoch)
+                last = epoch // block
+        assert [e // block for e in given_at[validator]] == list(range(40))  # one in every block
+    if block > 1:
+        assert len({tuple(e % block for e in epochs) for epochs in given_at.values()}) > 1
+    # a canary not taken at its epoch (no source, no claim) stays due for the rest of its block only
+    due = next(e for e in range(block) if canary_due(KEY, "a" * 64, e, rate, None))
+    assert all(canary_due(KEY, "a" * 64, e, rate, None) for e in range(due, block))
+    assert not canary_due(KEY, "a" * 64, block - 1, rate, 0)
+    assert not canary_due(KEY, "a" * 64, 3, 0.0, None)  # rate 0: no canaries
+
+
+def test_claims_are_ranked_under_the_key_and_canaries_judged_like_audits() -> None:
+    ids = [f"audit-{i:016x}" for i in range(50)]
+    mine = sorted(ids, key=lambda i: claim_rank(KEY, "a" * 64, i))
+    assert mine != ids and mine != sorted(ids, key=lambda i: claim_rank(KEY, "b" * 64, i))
+    assert mine != sorted(ids, key=lambda i: claim_rank(bytes(32), "a" * 64, i))  # another run's key
+    known = [0.5, -0.25] * 16
+    right = canary_verdict(known, 1.0, [x * 1.01 for x in known], 1.0, POLICY)
+    wrong = canary_verdict(known, 1.0, [-x for x in known], 1.0, POLICY)
+    assert right.passed and not wrong.passed and wrong.reason.startswith("canary: gradient sketch is 2")
+    assert validator_banned(1, POLICY) is None
+    assert validator_banned(2, POLICY) == "2 canary audits answered wrongly (ban after 2)"

@@ -50,6 +50,8 @@ from peer.protocol.run_schemas import (
     AuditTask,
     AuditTaskList,
     AuditView,
+    BlameBody,
+    BlameView,
     CheckinBody,
     GroupView,
     JoinBody,
@@ -333,6 +335,12 @@ class CoordinatorClient:
     async def leave(self, run_id: str) -> RunView:
         """Give up this identity's place in a run (a run it cannot train); the run recruits another peer."""
         return await self._request(RunView, "POST", f"/v1/runs/{_seg(run_id)}/leave", b"")
+
+    async def blame(self, run_id: str, body: BlameBody) -> BlameView:
+        """Blame the members of a fast-path round this peer refused that revealed other than they committed
+        to (:meth:`coordinator.app.Coordinator.blame_round`); answers whom that failed. 409
+        ``stale_version`` once the run's group moved on from ``body.version``."""
+        return await self._request(BlameView, "POST", f"/v1/runs/{_seg(run_id)}/blames", body)
 
     async def group_checkin(self, run_id: str, body: CheckinBody) -> GroupView:
         """Check in with the run's group: where this peer is reached, the version it is on, a version whose

@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from peer.protocol.commitment import COMMITMENT_BYTES
 from peer.protocol.schemas import AccountId, Body, Money, PositiveMoney, View, field_error
 from peer.protocol.sketch import SKETCH_DIMS
 from peer.protocol.spec import RunSpec, describe
@@ -163,6 +164,29 @@ class RunPeerView(View):
     audits_passed: int = Field(0, description="Audits of its reports in this run that passed.")
     audits_failed: int = Field(0, description="Audits of its reports in this run that failed.")
     fees: Money = Field(Decimal(0), description="Earned in this run by auditing other peers' reports.")
+    fees_held: Money = Field(
+        Decimal(0), description="Audit fees held until it passes a canary or the run ends (forfeit: banned)."
+    )
+    canaries_passed: int = Field(0, description="Canary audits it answered right in this run.")
+    canaries_failed: int = Field(0, description="Canary audits it answered wrong in this run.")
+    validator_ban: str | None = Field(
+        None, description="Why it may no longer validate this run (wrong canaries), or null."
+    )
+    tflops: float | None = Field(None, description="The capacity its match was priced on (TFLOP/s).")
+    capacity_ratio: float | None = Field(
+        None,
+        description="What it delivers per TFLOP/s claimed over the run's best peer's (coordinator.capacity); "
+        "null until measured. Its pay is scaled by min(1, ratio * HIVEMARKET_CAPACITY_TOLERANCE).",
+    )
+    capacity_flag: Literal["short", "throttled"] | None = Field(
+        None, description="short: well below its claim, unexplained; throttled: explained by throttling."
+    )
+    capacity_reason: str | None = Field(None, description="The measurement behind the ratio and flag.")
+    energy_j_per_sample: float | None = Field(
+        None,
+        description="Joules per sample of its accepted reports: its heartbeats' power times their billed "
+        "seconds (null without power readings).",
+    )
 
 
 class ModelView(View):
@@ -295,6 +319,17 @@ class MicroBatch(Body):
     sketch: Sketch = Field(description="Random projection of the micro-batch's gradient.")
 
 
+class RoundCommitment(Body):
+    """A member's signed commitment to what it put into the fast-path round that applied an epoch
+    (:class:`peer.protocol.commitment.Commitment`, encoded), as the reporting peer gathered it."""
+
+    account: AccountId
+    commitment: str = Field(
+        pattern=f"^[0-9a-f]{{{2 * COMMITMENT_BYTES}}}$",
+        description=f"The commitment's {COMMITMENT_BYTES} bytes in lowercase hex, signed by `account`.",
+    )
+
+
 class ReportBody(Body):
     """A peer's contribution for one epoch; ``samples`` must equal the number of ids of its micro-batches."""
 
@@ -312,6 +347,12 @@ class ReportBody(Body):
         description="What computed the gradients (`cpu`, or the GPU's name): random layers such as dropout "
         "draw the same masks only on the same kind of device.",
     )
+    round: list[RoundCommitment] = Field(
+        default_factory=list,
+        max_length=1024,
+        description="The commitments gathered in the fast-path round that applied this epoch (empty on "
+        "hivemind's path): the coordinator checks each against its member's own report.",
+    )
 
     @model_validator(mode="after")
     def _samples_are_the_ids(self) -> ReportBody:
@@ -323,6 +364,23 @@ class ReportBody(Body):
         if len(set(ids)) != len(ids):
             raise field_error("micro_batches", "a sample id appears twice in one epoch's report")
         return self
+
+
+class BlameBody(Body):
+    """A member's accusation after a fast-path round whose result did not match the commitments: every
+    member revealed what it had put in, and the ``accused`` revealed other than it committed to
+    (:mod:`peer.collective`). A member's epoch fails once most of the round's other members blame it."""
+
+    epoch: int = Field(ge=0, le=1 << 40)
+    version: int = Field(ge=1, le=1 << 62, description="The group version the round ran on.")
+    accused: list[AccountId] = Field(min_length=1, max_length=64)
+    reason: str = Field("", max_length=300)
+
+
+class BlameView(View):
+    failed: list[AccountId] = Field(
+        description="The accused whom most of the round's other members have now blamed: their epoch failed."
+    )
 
 
 class MicroBatchView(View):
@@ -427,6 +485,11 @@ class AuditView(View):
     first_failure: dict[str, str] | None = Field(
         None,
         description="A failure waiting for (or decided by) a second validator: its validator and reason.",
+    )
+    canary_of: str | None = Field(
+        None,
+        description="A decided canary: the audit whose known answer it checked its validator against "
+        "(pending canaries are not listed).",
     )
     created_at: float
     decided_at: float | None

@@ -141,6 +141,16 @@ class HardwareSummary(Body):
     tflops: float = Field(gt=0, le=1_000_000, description="Measured by the probe's benchmark.")
     ram_gb: float = Field(ge=0, le=1_000_000)
     cpu_cores: int = Field(ge=1, le=100_000)
+    power_w: float | None = Field(
+        None, ge=0, le=100_000, description="Power the GPUs drew at the end of the probe's benchmark (NVML)."
+    )
+    thermal_headroom_c: float | None = Field(
+        None,
+        ge=-300,
+        le=300,
+        description="Degrees C between the hottest GPU and the temperature where it starts to slow down "
+        "(NVML); null where the GPU does not say.",
+    )
 
 
 class OfferBody(Body):
@@ -160,6 +170,14 @@ class Telemetry(Body):
     power_w: float | None = Field(None, ge=0, le=100_000)
     temperature_c: float | None = Field(None, ge=-100, le=300)
     utilization_pct: float | None = Field(None, ge=0, le=100)
+    throttled: bool | None = Field(
+        None,
+        description="Whether a GPU's clocks are held down for heat or power now (NVML's throttle reasons): "
+        "a shortfall of delivered capacity it explains is re-rated, not held against the peer.",
+    )
+    clock_ratio: float | None = Field(
+        None, gt=0, le=1, description="The slowest GPU's graphics clock over its maximum, while throttled."
+    )
 
 
 class HeartbeatBody(Body):
@@ -193,6 +211,18 @@ class OfferView(View):
     state: Literal["open", "matched", "offline", "withdrawn"] = Field(
         description="offline: its lease lapsed (the peer went silent); withdrawn: its peer withdrew it."
     )
+    claimed_tflops: float | None = Field(
+        None, description="What the peer's probe claimed, when a run measured less and re-rated tflops."
+    )
+    capacity_flag: Literal["short", "throttled"] | None = Field(
+        None,
+        description="short: a run measured it well below its claim, unexplained (its reputation dropped); "
+        "throttled: the same, explained by throttling its heartbeats reported (re-rated only).",
+    )
+    capacity_reason: str | None = Field(None, description="What the run measured, when flagged.")
+    power_w: float | None = Field(None, description="Its probe's power draw, watts (NVML).")
+    thermal_headroom_c: float | None = Field(None, description="Its probe's thermal headroom, degrees C.")
+    watts_per_tflop: float | None = Field(None, description="power_w / tflops.")
     lease_id: str | None
     peer_id: str | None
     maddrs: list[str]
@@ -261,6 +291,9 @@ class PeerView(View):
     )
     audits_passed: int
     audits_failed: int
+    capacity_flag: Literal["short", "throttled"] | None = Field(
+        None, description="As its offer's: a run measured it well below the capacity it claimed."
+    )
     run_id: str | None = Field(description="The run its lease is matched to.")
     telemetry: Telemetry | None = Field(description="Its last heartbeat's telemetry, if it sent any.")
     telemetry_at: float | None

@@ -12,8 +12,14 @@ coordinates into random buckets, does the same job slower on a CPU: scattered ad
 read; peers sketch every micro-batch, so this is on the training path.) The signs come
 from a seed that everyone derives the same way:
 
-    gradient sketches:  seed("hivemarket-grad",   run_id, epoch, account)  (a peer cannot reuse another's)
-    parameter sketches: seed("hivemarket-params", run_id, epoch)           (comparable across peers)
+    gradient sketches:  seed("hivemarket-grad",   run_id, epoch)  (every member's alike: see below)
+    parameter sketches: seed("hivemarket-params", run_id, epoch)  (comparable across peers)
+
+Every member of an epoch sketches its gradients with the same signs, so that a fast-path round's
+commitments (the sketch of the update a member sends, the weighted mean of its micro-batches' gradients)
+can be checked both against the round's result and against the member's report
+(:mod:`peer.protocol.commitment`). A peer gains nothing by copying another's sketches: audits recompute
+the samples its own report names, which no other peer was assigned.
 
 seed(...) = the first 8 bytes (little-endian) of BLAKE2b-128 over the parts joined by "\\n", masked to 63
 bits for torch.Generator.
@@ -40,8 +46,8 @@ def seed_of(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def grad_seed(run_id: str, epoch: int, account: str) -> int:
-    return seed_of("hivemarket-grad", run_id, epoch, account)
+def grad_seed(run_id: str, epoch: int) -> int:
+    return seed_of("hivemarket-grad", run_id, epoch)
 
 
 def params_seed(run_id: str, epoch: int) -> int:

@@ -173,6 +173,20 @@ class VerificationSpec(Section):
     ban_after: int = Field(
         2, ge=1, le=1000, description="Failed epochs after which a peer is banned from the run."
     )
+    canary_rate: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="Share of a validator's epochs that carry one canary: an audit whose answer the "
+        "coordinator already holds (docs/verification.md); 0 turns canaries off and pays audit fees at once.",
+    )
+    canary_window: int = Field(
+        4,
+        ge=1,
+        le=1000,
+        description="Canaries are drawn from the run's last this many epochs (at most the peers' "
+        "HIVEMARKET_AUDIT_WINDOW), whose claimed sketches stay hidden while the run takes reports.",
+    )
 
 
 class PriceSpec(Section):

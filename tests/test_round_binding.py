@@ -1,0 +1,116 @@
+"""The coordinator's check of fast-path round commitments against each member's own report
+(coordinator.round_store, peer.protocol.commitment), through the signed API on SQLite and PostgreSQL: a
+member that reports honestly but sent, and committed to, another update into the round fails the epoch
+like a cheat caught by an audit, whoever forwards its commitment and whichever arrives first; an honest
+member is never failed; a forged or misdated commitment is refused with the report that carries it.
+The market, its peers and fast leases are tests/test_runs_api.py's."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from peer.protocol.commitment import Commitment, binding
+from peer.protocol.run_schemas import ReportBody, RoundCommitment
+from peer.protocol.sketch import SKETCH_DIMS
+from tests.conftest import Databases
+from tests.test_runs_api import AUDITED, Market, Peer, own_market, peer_of, refused, report
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+async def market(tmp_path: Path, databases: Databases) -> AsyncIterator[Market]:
+    async with own_market(tmp_path, databases, "100") as market:
+        yield market
+
+
+def committed(run_id: str, peer: Peer, body: ReportBody, *, scale: float = 1.0) -> RoundCommitment:
+    """``peer``'s signed commitment to ``scale`` times the update its report ``body`` adds up to (1: what
+    an honest member sends; -4: peer.adversary's poisoned-round)."""
+    total = sum(len(m.ids) for m in body.micro_batches)
+    mean = [sum(len(m.ids) * m.sketch[d] for m in body.micro_batches) / total for d in range(SKETCH_DIMS)]
+    c = Commitment(1, body.epoch, 0, float(total), tuple(scale * x for x in mean), tuple(body.param_sketch))
+    return RoundCommitment(account=peer.account, commitment=c.signed(run_id, peer.identity).encode().hex())
+
+
+def with_round(body: ReportBody, *commitments: RoundCommitment) -> ReportBody:
+    return body.model_copy(update={"round": list(commitments)})
+
+
+def test_binding_accepts_rounding_and_refuses_another_update() -> None:
+    micro = [(3, [0.5, -0.25] * 16), (1, [0.125, 1.0] * 16)]
+    mean = [(3 * a + b) / 4 for a, b in zip(micro[0][1], micro[1][1], strict=True)]
+    assert binding(mean, micro) == (True, 0.0)
+    assert binding([x * (1 + 1e-6) for x in mean], micro)[0]
+    ok, distance = binding([x * 1.05 for x in mean], micro)
+    assert not ok and 0.01 < distance < 0.05  # relative to the parts, which are larger than the mean
+    assert binding([-4 * x for x in mean], micro)[0] is False
+    assert binding(mean[:-1], micro) == (False, float("inf"))  # a sketch of another length
+    # gradients that cancel: rounding is judged against the parts, not the near-zero mean
+    cancel = [(1, [1.0] * 32), (1, [-1.0] * 32)]
+    assert binding([1e-6] * 32, cancel)[0] and not binding([0.1] * 32, cancel)[0]
+
+
+async def test_a_member_that_sent_another_update_fails_the_epoch_and_is_banned_after_repeats(
+    market: Market,
+) -> None:
+    url = market.server.url
+    async with Peer(url) as a, Peer(url) as b, Peer(url) as c:  # c: a validator left once a is banned
+        run = await market.launch(peers=(3, 3), target=1000, verification=AUDITED)
+        await market.clear()
+        for p in (a, b, c):
+            await p.join(run.id)
+        bodies = {p.account: [report(e, samples=6, seconds=0.2) for e in range(2)] for p in (a, b)}
+        # epoch 0: the poisoner's commitment reaches the coordinator first, with the honest member's report
+        for epoch in range(2):
+            mine, theirs = bodies[a.account][epoch], bodies[b.account][epoch]
+            witness = [committed(run.id, a, mine, scale=-4.0), committed(run.id, b, theirs)]
+            if epoch == 0:
+                await b.client.report(run.id, with_round(theirs, *witness))
+                await a.client.report(run.id, with_round(mine, *witness))
+            else:  # epoch 1: its own report comes first and forwards its own commitment
+                await a.client.report(run.id, with_round(mine, *witness))
+                await b.client.report(run.id, with_round(theirs, *witness))
+        audits = await a.client.audits(run.id)
+        rounds = [x for x in audits if x.index == -1]
+        assert [(x.account, x.epoch, x.state) for x in rounds] == [
+            (a.account, 0, "failed"),
+            (a.account, 1, "failed"),
+        ]
+        assert all("round commitment" in x.reason and x.distance and x.distance > 1 for x in rounds)
+        reports = {(r.account, r.epoch): r for r in await a.client.reports(run.id)}
+        assert reports[(a.account, 0)].pay_state == reports[(a.account, 1)].pay_state == "voided"
+        assert {reports[(b.account, e)].pay_state for e in range(2)} == {"held"}  # its audits are pending
+        view = await market.run(run.id)
+        assert peer_of(view, a.account).state == "banned" and peer_of(view, b.account).state == "active"
+        assert peer_of(view, a.account).audits_failed == 2 and peer_of(view, b.account).audits_failed == 0
+        await market.conserved()
+
+
+async def test_forged_or_misdated_commitments_are_refused_with_their_report(market: Market) -> None:
+    async with Peer(market.server.url) as a, Peer(market.server.url) as b:
+        run = await market.launch(peers=(2, 2), target=1000, verification=AUDITED)
+        await market.clear()
+        await a.join(run.id)
+        await b.join(run.id)
+        body = report(0, samples=6, seconds=0.2)
+        forged = committed(run.id, a, body).model_copy(update={"account": b.account})  # signed by a
+        await refused(
+            a.client.report(run.id, with_round(body, forged)), 400, "bad_request", "round[0].commitment"
+        )
+        misdated = committed(run.id, a, report(1, samples=6))
+        await refused(
+            a.client.report(run.id, with_round(body, committed(run.id, a, body), misdated)),
+            400,
+            "bad_request",
+            "round[1].commitment",
+        )
+        assert await a.client.reports(run.id) == []  # nothing of either refused report was kept
+        with pytest.raises(ValueError, match="commitment"):
+            RoundCommitment(account=a.account, commitment="ab" * 10)
+        await a.client.report(run.id, with_round(body, committed(run.id, a, body)))
+        assert [x.index for x in await a.client.audits(run.id)] == [0, 1]  # an honest one adds no failure
+        await market.conserved()
