@@ -147,7 +147,10 @@ def add_report(
         (body.epoch, body.loss, body.loss, body.epoch, body.epoch, run_id, body.epoch),
     )
     for account in round_store.record(conn, now, run, env.account, body):
-        _ban_if_due(conn, now, run, account, policy)
+        # at once: its own two signatures prove it, and each round until a ban is applied by everyone
+        _ban(
+            conn, now, run_id, account, policy, f"its round commitment of epoch {body.epoch} is not its work"
+        )
     audit_store.expire(conn, now, run_id)  # a run with no other peer has nobody to audit the report
     run_store.advance(conn, now, policy, [run_id])
     row = conn.execute(

@@ -6,9 +6,11 @@ A member's update is the samples-weighted mean of its micro-batches' gradients, 
 commits to and validators audit, so its committed update sketch must be their weighted mean. A member
 that computes and reports honestly (every audit of its reports passes) but sends, and commits to,
 another update fails that check: its epoch is failed like one caught by an audit (a failed audit row
-with ``index`` -1, "the round": its pay is voided if still held, its reputation drops, it is banned
-after the run's ``ban_after`` failed epochs). The proof is its own two signatures, so no forwarding peer
-can frame it; commitments whose signature does not verify are refused with the report that carries them.
+with ``index`` -1, "the round": its pay is voided if still held, its reputation drops), and it is banned
+at once rather than after the run's ``ban_after`` failed epochs, since every round it poisons before the
+ban has been applied by everyone. The proof is its own two signatures (an honest member's commitment is
+within float rounding of its report, about 2e-7 against a tolerance of 1e-3), so no forwarding peer can
+frame it; commitments whose signature does not verify are refused with the report that carries them.
 
 A commitment is checked once both it and its member's report are in, whichever comes second. Runs with
 local updates send parameter changes, not gradients, into their rounds: nothing to check there.

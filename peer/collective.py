@@ -60,19 +60,15 @@ import torch.distributed as dist
 from hivemind.utils import get_logger
 
 from peer.deadlines import RoundDeadlines
-from peer.protocol.commitment import COMMITMENT_BYTES, Commitment
+from peer.protocol.commitment import COMMITMENT_BYTES, TAMPER_TOLERANCE, Commitment, matches
 from peer.protocol.identity import Identity
 from peer.protocol.run_schemas import CheckinBody, GroupMemberView, GroupView
-from peer.protocol.sketch import SKETCH_DIMS, grad_seed, relative_distance
+from peer.protocol.sketch import grad_seed, relative_distance
 from peer.rendezvous import LONG_POLL_MS, CoordinatorStore
 from peer.sketch import Sketcher
 
 logger = get_logger(__name__)
 
-#: How far the sketch of a round's result may be from the weighted mean of the committed sketches: float
-#: rounding of the sum (fp32), or of each member's part sent in fp16. Measured on digits and random
-#: tensors: fp32 below 1e-6, fp16 below 1e-3; an added noise of 1% of the update's norm gives about 1e-2.
-TAMPER_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3}
 REVEAL_TAG = 7  # the point-to-point messages of a refused round's reveal (FastPath.blame)
 POLL_SECONDS = 0.05  # how often a waiting collective looks whether a newer group version formed
 REACH_RECHECK_SECONDS = 0.5  # how often a late group build checks that the others still answer
@@ -130,12 +126,6 @@ def verdict(
     if len(epochs) > 1:
         return "out_of_step", f"members at epochs {sorted(epochs)} (this peer at {epoch})"
     return "ok", ""
-
-
-def expected_sketch(commitments: Sequence[Commitment]) -> list[float]:
-    """The sketch the weighted mean of the committed updates must have (sketches are linear)."""
-    total = sum(c.weight for c in commitments)
-    return [sum(c.weight * c.update[d] for c in commitments) / total for d in range(SKETCH_DIMS)]
 
 
 class ReachListener:
@@ -590,19 +580,8 @@ class FastPath:
             self.flat.div_(self.divisor)
             self.divisor = 1.0
         result = [x / self.divisor for x in sketcher([self.flat])]
-        if all(math.isfinite(x) for c in commitments for x in c.update):
-            distance = relative_distance(result, expected_sketch(commitments))
-            why = (
-                f"the result is {distance:.3g} from the members' commitments "
-                f"(tolerance {TAMPER_TOLERANCE[self.precision]:g}): a member sent something else"
-            )
-            matches = distance <= TAMPER_TOLERANCE[self.precision]
-        else:  # an honest overflow overflows the result too, and every member skips that step alike
-            why = (
-                "a member committed to a non-finite update, yet the result is finite: it sent something else"
-            )
-            matches = not all(math.isfinite(x) for x in result)
-        if not matches:
+        ok, why = matches(result, commitments, self.precision)
+        if not ok:
             return FastRound("rejected", why, gathered, epochs, seconds, mismatch=True)
         return FastRound("averaged", "", gathered, epochs, seconds)
 

@@ -20,8 +20,11 @@ from hivemind.utils import get_logger
 
 from peer.averaging import NO_SAMPLES_WEIGHT, restore
 from peer.events import in_agreement
+from peer.protocol.commitment import TAMPER_TOLERANCE, Commitment, matches
 from peer.protocol.run_schemas import BlameBody, CheckinBody, GroupView, RunView
+from peer.protocol.sketch import grad_seed
 from peer.run_link import live_peers
+from peer.sketch import Sketcher
 from peer.trainer_state import FROM_PEERS
 
 logger = get_logger(__name__)
@@ -83,11 +86,20 @@ class RoundsMixin:
                 self.group_target = len(live)
             except Exception as e:  # the round still forms, after the matchmaking time
                 logger.warning(f"Could not tell the averager to expect {len(live)} peers: {e!r}")
+        sketcher = Sketcher(self.n_params, grad_seed(self.run_id, epoch))
+        weight = max(samples, NO_SAMPLES_WEIGHT)
+        mine = Commitment(0, epoch, 0, float(weight), tuple(sketcher(self.buffers)), tuple(param_sketch))
+        for b in self.buffers:  # peer.adversary's noisy-round: something else than it committed to
+            self.behaviour.tamper(b)
         result = self.averager.average(
             self.buffers,
             epoch=epoch,
-            weight=samples,
-            gather={"account": self.identity.account, "params": param_sketch},
+            weight=weight,
+            gather={
+                "account": self.identity.account,
+                "params": param_sketch,
+                "commitment": mine.signed(self.run_id, self.identity).encode().hex(),
+            },
             timeout=self.averager.deadlines.step(self.spec.averaging.matchmaking_seconds),
             moved_on=lambda: self._reported(self.link.peek(), epoch),
         )
@@ -96,7 +108,38 @@ class RoundsMixin:
             if self._catch_up(epoch) is not None:
                 return "caught_up", 1, False, 0.0
             return "redo", 1, False, 0.0
+        ok, why = self._check_commitments(epoch, result.gathered, sketcher)
+        if not ok:  # every honest member sees the same result and commitments, and refuses alike
+            logger.warning(f"Epoch {epoch}: the averaging round is not applied ({why})")
+            self.events.write("round_refused", epoch=epoch, outcome="rejected", reason=why[:300])
+            return "redo", 1, False, 0.0
         return self._averaged(epoch, result.gathered, param_sketch, result.seconds)
+
+    def _check_commitments(
+        self, epoch: int, gathered: dict[str, Any], sketcher: Sketcher
+    ) -> tuple[bool, str]:
+        """Whether a round on hivemind's path gave the weighted mean of what its members committed to
+        (each member's commitment travels, signed, in hivemind's gather): the fast path's check
+        (:func:`peer.protocol.commitment.matches`), at the run's compression's rounding. A member whose
+        commitment is missing, unsigned or of another epoch refuses the round. Nobody is blamed here:
+        hivemind's all-reduce gives no member another's whole update to reveal. Rounds in 8-bit are not
+        checked (:data:`peer.protocol.commitment.TAMPER_TOLERANCE` says why); their commitments still
+        reach the coordinator with the reports."""
+        compression = self.spec.averaging.compression
+        if compression not in TAMPER_TOLERANCE:
+            return True, ""
+        commitments = []
+        for data in gathered.values():
+            account = data.get("account") if isinstance(data, dict) else None
+            raw = data.get("commitment") if isinstance(data, dict) else None
+            try:
+                c = Commitment.decode(bytes.fromhex(raw))
+            except (TypeError, ValueError):
+                return False, f"member {str(account)[:12]}... sent no commitment"
+            if not isinstance(account, str) or c.epoch != epoch or not c.verifies(self.run_id, account):
+                return False, f"member {str(account)[:12]}...'s commitment is not its own for epoch {epoch}"
+            commitments.append(c)
+        return matches(sketcher(self.buffers), commitments, compression)
 
     def _averaged(
         self, epoch: int, gathered: dict[str, Any], param_sketch: list[float], seconds: float

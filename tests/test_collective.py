@@ -20,12 +20,11 @@ from peer.collective import (
     BuildStopped,
     FastPath,
     ReachListener,
-    expected_sketch,
     reaches,
     verdict,
 )
 from peer.deadlines import RoundDeadlines
-from peer.protocol.commitment import COMMITMENT_BYTES, Commitment
+from peer.protocol.commitment import COMMITMENT_BYTES, Commitment, expected_sketch
 from peer.protocol.identity import Identity
 from peer.protocol.run_schemas import GroupMemberView, GroupView
 from peer.protocol.sketch import SKETCH_DIMS

@@ -149,14 +149,17 @@ def test_a_member_that_sends_other_than_it_committed_to_gets_no_round_applied_an
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("path", ["fast", "hivemind"])
 def test_a_member_that_sends_and_commits_to_another_update_than_its_reports_is_failed_and_banned(
-    tmp_path: Path,
+    tmp_path: Path, path: str
 ):
     """peer.adversary's poisoned-round reports honestly (its audits pass) and sends, committing to it,
     four times the opposite of its update: the round's own check passes, the coordinator's check of the
-    forwarded commitment against its report fails its epochs until the ban; the others train on."""
-    with local_market(tmp_path, peers=2, timeout=180) as (demo, accounts):
-        cheat = demo.add_peer(adversary="poisoned-round")
+    forwarded commitment against its report fails its epochs until the ban; the others train on. On
+    hivemind's path the signed commitments travel in hivemind's gather."""
+    env = {} if path == "fast" else {"HIVEMARKET_FAST_PATH": "false"}
+    with local_market(tmp_path, peers=2, timeout=180, **env) as (demo, accounts):
+        cheat = demo.add_peer(adversary="poisoned-round", **env)
         demo.wait_offers(3)
         run = _launch(demo, peers_min=2, peers_max=3, epochs=60)
 
@@ -178,7 +181,7 @@ def test_a_member_that_sends_and_commits_to_another_update_than_its_reports_is_f
             after = [
                 e for e in _epochs(demo, account) if e["time"] > banned_at and e["outcome"] == "averaged"
             ]
-            assert after and after[-1]["group"] == 2, after[-3:]
+            assert after and after[-1]["group"] == 2 and {e["path"] for e in after} == {path}, after[-3:]
 
 
 @pytest.mark.timeout(300)

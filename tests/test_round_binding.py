@@ -54,39 +54,41 @@ def test_binding_accepts_rounding_and_refuses_another_update() -> None:
     assert binding([1e-6] * 32, cancel)[0] and not binding([0.1] * 32, cancel)[0]
 
 
-async def test_a_member_that_sent_another_update_fails_the_epoch_and_is_banned_after_repeats(
+async def test_a_member_that_sent_another_update_fails_the_epoch_and_is_banned_at_once(
     market: Market,
 ) -> None:
     url = market.server.url
-    async with Peer(url) as a, Peer(url) as b, Peer(url) as c:  # c: a validator left once a is banned
-        run = await market.launch(peers=(3, 3), target=1000, verification=AUDITED)
+    async with Peer(url) as a, Peer(url) as b, Peer(url) as c, Peer(url) as d:  # c: a validator left
+        run = await market.launch(peers=(4, 4), target=1000, verification=AUDITED)
         await market.clear()
-        for p in (a, b, c):
+        for p in (a, b, c, d):
             await p.join(run.id)
-        bodies = {p.account: [report(e, samples=6, seconds=0.2) for e in range(2)] for p in (a, b)}
-        # epoch 0: the poisoner's commitment reaches the coordinator first, with the honest member's report
-        for epoch in range(2):
-            mine, theirs = bodies[a.account][epoch], bodies[b.account][epoch]
-            witness = [committed(run.id, a, mine, scale=-4.0), committed(run.id, b, theirs)]
-            if epoch == 0:
-                await b.client.report(run.id, with_round(theirs, *witness))
-                await a.client.report(run.id, with_round(mine, *witness))
-            else:  # epoch 1: its own report comes first and forwards its own commitment
-                await a.client.report(run.id, with_round(mine, *witness))
-                await b.client.report(run.id, with_round(theirs, *witness))
+        bodies = {p.account: report(0, samples=6, seconds=0.2) for p in (a, b, d)}
+        poisoned = {p.account: committed(run.id, p, bodies[p.account], scale=-4.0) for p in (a, d)}
+        honest = committed(run.id, b, bodies[b.account])
+        # a's commitment reaches the coordinator first, forwarded with the honest member's report
+        await b.client.report(run.id, with_round(bodies[b.account], poisoned[a.account], honest))
+        await a.client.report(run.id, with_round(bodies[a.account], poisoned[a.account], honest))
+        # d's own report comes first and forwards its own commitment
+        await d.client.report(run.id, with_round(bodies[d.account], poisoned[d.account], honest))
         audits = await a.client.audits(run.id)
-        rounds = [x for x in audits if x.index == -1]
-        assert [(x.account, x.epoch, x.state) for x in rounds] == [
-            (a.account, 0, "failed"),
-            (a.account, 1, "failed"),
-        ]
-        assert all("round commitment" in x.reason and x.distance and x.distance > 1 for x in rounds)
-        reports = {(r.account, r.epoch): r for r in await a.client.reports(run.id)}
-        assert reports[(a.account, 0)].pay_state == reports[(a.account, 1)].pay_state == "voided"
-        assert {reports[(b.account, e)].pay_state for e in range(2)} == {"held"}  # its audits are pending
+        rounds = sorted((x.account, x.epoch, x.state) for x in audits if x.index == -1)
+        assert rounds == sorted([(a.account, 0, "failed"), (d.account, 0, "failed")])
+        assert all(
+            "round commitment" in x.reason and x.distance and x.distance > 1 for x in audits if x.index == -1
+        )
+        reports = {r.account: r for r in await a.client.reports(run.id)}
+        assert reports[a.account].pay_state == reports[d.account].pay_state == "voided"
+        assert reports[b.account].pay_state == "held"  # its audits are pending, nothing held against it
         view = await market.run(run.id)
-        assert peer_of(view, a.account).state == "banned" and peer_of(view, b.account).state == "active"
-        assert peer_of(view, a.account).audits_failed == 2 and peer_of(view, b.account).audits_failed == 0
+        assert [peer_of(view, p.account).state for p in (a, b, c, d)] == [
+            "banned",
+            "active",
+            "active",
+            "banned",
+        ]
+        assert peer_of(view, a.account).audits_failed == 1 and peer_of(view, b.account).audits_failed == 0
+        await refused(a.client.report(run.id, report(1, samples=6)), 403, "not_in_run", "run_id")
         await market.conserved()
 
 
