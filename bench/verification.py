@@ -16,10 +16,11 @@ settings of a run spec unless flags change them.
    (peer.protocol.commitment); ``poisoned-round`` is caught there. Goal: >= 99% within 5 epochs.
 2. False positives (``FAILED`` counts failed audits and failed round checks: ``ROUNDS`` epochs' updates
    checked against their reports, ``MAX ROUND DIST`` against peer.protocol.commitment's tolerance).
-   ``--honest-audits`` audits of honest reports, recomputed by a float32 CPU validator
-   while the reporting peer computed (a) the same way, (b) on another number of threads, (c) in bfloat16
-   autocast (reduced precision), (d) on CUDA, where a GPU is present. Prints the largest sketch distance
-   and loss gap per condition against the tolerances, and the count of failed audits. Goal: 0.
+   ``--honest-audits`` audits of honest reports (and ``--honest-rounds`` round checks), recomputed by a
+   float32 CPU validator while the reporting peer computed (a) the same way, (b) on another number of
+   threads, (c) in bfloat16 autocast (reduced precision), (d) on CUDA, where a GPU is present. Prints
+   the largest sketch distance and loss gap per condition against the tolerances, and the count of
+   failed audits. Goal: 0.
 3. Cost. For one peer of a ``--peers``-peer swarm whose epoch is ``--cost-micro-batches`` micro-batches
    of the task's (its example spec's micro-batch; for digits, ``--cost-per-peer`` samples of the bytes-lm
    transformer instead, ``--cost-dim``, ``--cost-layers``: the digits MLP does too little work per sample
@@ -33,7 +34,8 @@ settings of a run spec unless flags change them.
 
     python bench/verification.py [--task digits-mlp|embed-lora|causal-lm]
                                  [--trials N] [--epochs E] [--micro-batches M] [--per-peer B]
-                                 [--honest-audits N] [--cost-micro-batches M] [--cost-per-peer B]
+                                 [--honest-audits N] [--honest-rounds N] [--cost-micro-batches M]
+                                 [--cost-per-peer B]
                                  [--cost-dim D] [--cost-layers L] [--repeat R] [--json]
 """
 
@@ -86,10 +88,11 @@ PEER = "c" * 64
 GOAL_CATCH = 0.99
 GOAL_COST = 0.05
 LR = 0.1
-# The capacity-liar row (capacity_trials): a machine's samples/s and probed TFLOP/s, what the liar claims
-# over its probe, the log-normal noise of probes and of epochs, a round's seconds, a throttled GPU's speed,
-# each peer's share of an epoch, and the unit price (units an hour per TFLOP/s).
-SPEED, TFLOPS, LIE, PROBE_NOISE, NOISE, ROUND_S, THROTTLE, SHARE, UNIT = (
+# The capacity-liar row (capacity_trials): the reference machine's samples/s and probed TFLOP/s, what the
+# liar claims over its probe, the log-normal noise of probes and of epochs, a round's seconds, a throttled
+# GPU's speed (and clock ratio), each peer's share of an epoch, the unit price (units an hour per TFLOP/s),
+# and the share of its compute time a peer reporting a tiny ``seconds`` reports.
+SPEED, TFLOPS, LIE, PROBE_NOISE, NOISE, ROUND_S, THROTTLE, SHARE, UNIT, TINY = (
     200.0,
     10.0,
     4.0,
@@ -99,6 +102,7 @@ SPEED, TFLOPS, LIE, PROBE_NOISE, NOISE, ROUND_S, THROTTLE, SHARE, UNIT = (
     0.6,
     64,
     1e5,
+    0.01,
 )
 
 
@@ -278,6 +282,7 @@ def honest_audits(setting: Setting, args: argparse.Namespace, policy: AuditPolic
     results = []
     found = conditions()
     per_condition = -(-args.honest_audits // len(found))
+    rounds_per_condition = -(-args.honest_rounds // len(found))
     for name, (context, device) in found.items():
         model = task.build_model(1).to(device)
         snapshots = Snapshots(keep=2)
@@ -285,11 +290,11 @@ def honest_audits(setting: Setting, args: argparse.Namespace, policy: AuditPolic
         stream = Epochs(data.ids, 7, args.micro_batches, per_peer)
         distances, gaps, failed, audits, epoch = [], [], 0, 0, 0
         round_distances: list[float] = []  # the round check of each epoch (peer.protocol.commitment)
-        while audits < per_condition:
+        while audits < per_condition or len(round_distances) < rounds_per_condition:
             work, param_sketch = start_epoch(task, model, data, stream, snapshots, epoch, device)
             with context():
                 contribution = behaviour(None).contribute(work)
-            for i, micro in enumerate(contribution.micro):
+            for i, micro in enumerate(contribution.micro if audits < per_condition else []):
                 answer = validator.recompute(audit_task(epoch, i, micro, param_sketch))
                 assert answer.sketch is not None and answer.loss is not None, answer.declined
                 result = verdict(micro["sketch"], micro["loss"], answer.sketch, answer.loss, policy)
@@ -401,64 +406,92 @@ def cost(args: argparse.Namespace, policy: AuditPolicy, setting: Setting) -> dic
 
 
 def _lockstep_run(
-    rng: random.Random, claims: dict[str, float], speeds: dict[str, float], epochs: int, throttled: set[str]
+    rng: random.Random,
+    claims: dict[str, float],
+    speeds: dict[str, float],
+    epochs: int,
+    clocks: dict[str, float] | None = None,
+    shrink: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """One run of lock-step epochs priced and measured by coordinator.capacity, as the store does it.
 
     Each epoch every peer trains an equal share (``SHARE`` samples) at its true speed times run-to-run
-    noise; the epoch lasts as long as the slowest plus a round, and every report's ``seconds`` is that
-    (the trainer counts the round's wait), its wall clock since the previous report the same; reports
-    arrive in a random order. Each match is priced ``UNIT * claim`` an hour (the market's price for its
-    claimed TFLOP/s at one unit price: the same ask per TFLOP-hour)."""
+    noise, and reports that compute time as its ``seconds`` (times ``shrink[k]`` for a peer that
+    under-reports it); the epoch's wall clock is the slowest peer's compute plus a round, and caps what
+    each report is billed; reports arrive in a random order. Each match is priced ``UNIT * claim`` an hour
+    (the market's price for its claimed TFLOP/s at one unit price: the same ask per TFLOP-hour). A peer in
+    ``clocks`` reported throttling after its match, at that clock ratio."""
     policy = CapacityPolicy()
+    clocks, shrink = clocks or {}, shrink or {}
     tallies = {k: [0, 0, 0.0, 0] for k in claims}  # reports, samples, billed seconds, units paid
     flagged: dict[str, tuple[str, int]] = {}
+    ratios: dict[str, float] = {}  # each match's lowest measured ratio
     for epoch in range(epochs):
-        wall = max(SHARE / (speeds[k] * rng.lognormvariate(0, NOISE)) for k in claims) + ROUND_S
+        compute = {k: SHARE / (speeds[k] * rng.lognormvariate(0, NOISE)) for k in claims}
+        wall = max(compute.values()) + ROUND_S
         order = list(claims)
         rng.shuffle(order)
         for key in order:
-            seconds = wall * (1 - rng.uniform(0, 0.02))
+            seconds = compute[key] * shrink.get(key, 1.0)
             plain = report_pay(wall, round(UNIT * claims[key]), 0.0, seconds, 10**15)
             t = tallies[key]
             t[0], t[1], t[2] = t[0] + 1, t[1] + SHARE, t[2] + min(seconds, wall)
             deliveries = [Delivery(k, claims[k], v[0], v[1], v[2]) for k, v in tallies.items()]
-            verdict = assess(deliveries, key, key in throttled, policy)
+            verdict = assess(deliveries, key, clocks.get(key), policy)
             entitled = entitled_units(round(UNIT * claims[key]), t[2], verdict.pay_factor)
             t[3] += capped_units(plain.units, entitled, t[3])
+            if verdict.delivered_tflops is not None:
+                ratios[key] = min(ratios.get(key, 1.0), verdict.ratio)
             if verdict.flag is not None and key not in flagged:
                 flagged[key] = (verdict.flag, epoch + 1)
-    return {"per_sample": {k: v[3] / v[1] for k, v in tallies.items()}, "flagged": flagged}
+    return {"per_sample": {k: v[3] / v[1] for k, v in tallies.items()}, "flagged": flagged, "ratios": ratios}
+
+
+def _peers(rng: random.Random, sizes: dict[str, int]) -> tuple[dict[str, float], dict[str, float]]:
+    """Claims and true speeds of honest peers of ``sizes`` times the reference machine (probes noisy)."""
+    speeds = {k: SPEED * n for k, n in sizes.items()}
+    return {k: TFLOPS * n * rng.lognormvariate(0, PROBE_NOISE) for k, n in sizes.items()}, speeds
 
 
 def capacity_trials(liar_trials: int, honest_trials: int, epochs: int, seed: int = 0) -> dict[str, Any]:
-    """The ``capacity-liar`` row: ``liar_trials`` runs of three honest peers and one that claims
-    ``LIE`` times its probe on the same machine; ``honest_trials`` runs of four honest peers, one of which
-    throttles (runs at ``THROTTLE`` of its speed and reports it in its heartbeats, clock ratio and all).
-    Peers' probes carry ``PROBE_NOISE`` and their epochs ``NOISE`` (log-normal sigmas). The liar's pay per
-    verified sample is compared with the honest peers' mean in its run; a false positive is an honest or
-    throttling peer flagged ``short`` (its reputation would drop)."""
+    """The ``capacity-liar`` row: ``liar_trials`` runs of three honest peers of 1x, 2x and 3x the
+    reference machine, and one on the reference machine that claims ``LIE`` times its probe, reporting its
+    compute time (``liar``) or a ``LIE``-th of it to look as fast as it claims (``hiding``, the same runs
+    again); ``honest_trials`` runs of honest peers of 1x, 2x and 3x, one that throttles after its match
+    (runs at ``THROTTLE`` of its speed and reports that clock ratio in its heartbeats) and one that
+    reports ``TINY`` of its compute time as its ``seconds``. Peers' probes carry ``PROBE_NOISE`` and their
+    epochs ``NOISE`` (log-normal sigmas). The liar's pay per verified sample is compared with the honest
+    peers' mean in its run; a false positive is an honest or throttling peer flagged ``short`` (its
+    reputation would drop)."""
     rng = random.Random(seed)
-    ratios, flag_epochs, caught = [], [], 0
+    sizes = {"h1": 1, "h2": 2, "h3": 3}
+    ratios, hiding, flag_epochs, caught, hidden_flags = [], [], [], 0, 0
     for _ in range(liar_trials):
-        speeds = {f"h{i}": SPEED for i in range(3)} | {"liar": SPEED}
-        claims = {k: TFLOPS * rng.lognormvariate(0, PROBE_NOISE) for k in speeds}
+        claims, speeds = _peers(rng, sizes | {"liar": 1})
         claims["liar"] *= LIE
-        run = _lockstep_run(rng, claims, speeds, epochs, set())
-        honest = statistics.fmean(v for k, v in run["per_sample"].items() if k != "liar")
-        ratios.append(run["per_sample"]["liar"] / honest)
-        flag = run["flagged"].get("liar")
-        if flag is not None and flag[0] == "short":
-            caught += 1
-            flag_epochs.append(flag[1])
+        state = rng.getstate()
+        for shrink, paid in (({}, ratios), ({"liar": 1 / LIE}, hiding)):
+            rng.setstate(state)  # the same epochs, the liar reporting its seconds or hiding them
+            run = _lockstep_run(rng, claims, speeds, epochs, shrink=shrink)
+            honest = statistics.fmean(v for k, v in run["per_sample"].items() if k != "liar")
+            paid.append(run["per_sample"]["liar"] / honest)
+            flag = run["flagged"].get("liar")
+            if shrink:
+                hidden_flags += flag is not None
+            elif flag is not None and flag[0] == "short":
+                caught += 1
+                flag_epochs.append(flag[1])
     false_positives = rerated = penalised = 0
+    min_ratio, sizes_paid = 1.0, []
     for _ in range(honest_trials):
-        speeds = {f"h{i}": SPEED for i in range(3)} | {"hot": SPEED * THROTTLE}
-        claims = {k: TFLOPS * rng.lognormvariate(0, PROBE_NOISE) for k in speeds}
-        run = _lockstep_run(rng, claims, speeds, epochs, {"hot"})
+        claims, speeds = _peers(rng, sizes | {"hot": 1, "tiny": 1})
+        speeds["hot"] *= THROTTLE
+        run = _lockstep_run(rng, claims, speeds, epochs, clocks={"hot": THROTTLE}, shrink={"tiny": TINY})
         short = {k for k, (flag, _) in run["flagged"].items() if flag == "short"}
-        false_positives += bool(short)
+        false_positives += bool(short - {"tiny"})
         penalised += "hot" in short
+        min_ratio = min(min_ratio, *(run["ratios"].get(k, 1.0) for k in sizes))
+        sizes_paid.append(run["per_sample"]["h3"] / run["per_sample"]["h1"])
         # re-rated: its heartbeats' clock ratio weighs its ask (coordinator.market_store), or a run's measure
         # flagged it throttled and replaced its offer's TFLOP/s
         rerated += THROTTLE < 1 or run["flagged"].get("hot", ("",))[0] == "throttled"
@@ -471,10 +504,16 @@ def capacity_trials(liar_trials: int, honest_trials: int, epochs: int, seed: int
             "max_pay_ratio": max(ratios),
             "mean_epochs_to_flag": statistics.fmean(flag_epochs) if flag_epochs else None,
             "max_epochs_to_flag": max(flag_epochs) if flag_epochs else None,
+            "hiding_mean_pay_ratio": statistics.fmean(hiding),
+            "hiding_max_pay_ratio": max(hiding),
+            "hiding_flagged": hidden_flags,
         },
         "honest": {
             "trials": honest_trials,
             "false_positives": false_positives,
+            "min_ratio": min_ratio,
+            # a 3x peer's pay per verified sample over a 1x peer's in the same run (each's probe noise)
+            "size_pay_ratio": statistics.fmean(sizes_paid),
             "throttled_rerated": rerated,
             "throttled_penalised": penalised,
         },
@@ -652,6 +691,7 @@ def main(argv: list[str] | None = None) -> int:
         "--per-peer", type=int, default=None, help="samples per micro-batch (trials) [the example spec's]"
     )
     parser.add_argument("--honest-audits", type=int, default=3000)
+    parser.add_argument("--honest-rounds", type=int, default=1000, help="honest epochs' round checks")
     parser.add_argument("--honest-canaries", type=int, default=1000, help="canaries for honest validators")
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--cost-micro-batches", type=int, default=64, help="per peer and epoch")
@@ -663,7 +703,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=7, help="micro-batches timed for the cost")
     parser.add_argument("--capacity-trials", type=int, default=100, help="capacity-liar runs")
     parser.add_argument(
-        "--capacity-honest-trials", type=int, default=1000, help="honest runs, one throttling"
+        "--capacity-honest-trials",
+        type=int,
+        default=1000,
+        help="honest runs of 1x, 2x, 3x peers, one throttling, one reporting a tiny seconds",
     )
     parser.add_argument("--capacity-epochs", type=int, default=10)
     parser.add_argument("--json", action="store_true")
@@ -749,9 +792,13 @@ def main(argv: list[str] | None = None) -> int:
         f"\ncapacity-liar (claims {cl['lie']:g}x its probe; {liar['epochs']} lock-step epochs): flagged "
         f"{cl['flagged']}/{cl['trials']} within {cl['max_epochs_to_flag']} epochs (mean "
         f"{cl['mean_epochs_to_flag'] or 0:.2f}); pay per verified sample {cl['mean_pay_ratio']:.3f}x an "
-        f"honest peer's (at most {cl['max_pay_ratio']:.3f}x)\n  honest runs with a throttling peer: "
-        f"{ch['false_positives']} of {ch['trials']} flagged an honest peer short; throttling peer re-rated "
-        f"{ch['throttled_rerated']}, penalised {ch['throttled_penalised']}"
+        f"honest peer's (at most {cl['max_pay_ratio']:.3f}x); reporting 1/{cl['lie']:g} of its seconds "
+        f"instead: flagged {cl['hiding_flagged']}, paid {cl['hiding_mean_pay_ratio']:.3f}x (at most "
+        f"{cl['hiding_max_pay_ratio']:.3f}x)\n  honest runs of 1x, 2x, 3x peers, a throttling one and one "
+        f"reporting {TINY:g} of its seconds: {ch['false_positives']} of {ch['trials']} flagged an honest "
+        f"peer short (lowest ratio {ch['min_ratio']:.2f}); a 3x peer paid {ch['size_pay_ratio']:.3f}x a 1x "
+        f"peer's per sample; throttling peer re-rated {ch['throttled_rerated']}, penalised "
+        f"{ch['throttled_penalised']}"
     )
     c = spend
     print(

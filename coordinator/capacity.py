@@ -4,18 +4,36 @@ no I/O); :mod:`coordinator.report_store` gathers the run's tallies at each repor
 return, with the reason.
 
 Why: a match's hourly price is ``unit price * claimed TFLOP/s * reliability`` (:mod:`coordinator.market`)
-and a report is paid that price for its billable time. Lock-step training makes an epoch's wall clock the
-same for every member, so a peer that claims four times the TFLOP/s its machine has was matched at four
-times the hourly price and earned four times an honest peer's pay per verified sample, while the swarm
-waited for it.
+and a report is paid that price for its billable time, so a peer that claims four times the TFLOP/s its
+machine has was matched at four times the hourly price and, doing the same work in the same time as an
+honest peer on the same machine, earned four times its pay per verified sample, while the swarm waited
+for it.
 
 The measure. Per match, over its accepted reports: ``samples`` and ``billed`` seconds (each report's
 ``min(seconds, wall clock since the previous report or the join)``, the time its pay is counted on). A
-peer's delivered rate per claimed TFLOP/s is ``samples / billed / claimed``; the run's reference is the
-best such rate among its matches (a peer cannot raise it by claiming more: claiming more lowers its own),
-and a peer's ``ratio`` is its rate over the reference: 1 for the peer that delivers most per TFLOP/s it
-claimed, ``1/4`` for one that claims four times what it delivers beside honest peers. Its delivered
-capacity is ``claimed * ratio`` TFLOP/s: what its claim would be were it rated like the reference.
+report's ``seconds`` is its epoch's compute time (from the epoch's start to the end of its micro-batches,
+without the wait in the round: :class:`peer.trainer_overlap.EpochDone`), so a fast GPU that trains its
+share in a third of a slow one's time shows three times its rate, and is billed a third of the time at
+three times the price: honest peers of every size are paid alike per verified sample. A peer's delivered
+rate per claimed TFLOP/s is ``samples / billed / claimed``.
+
+The reference (:func:`assess`) is the lower median of that rate over the run's *other active* matches that
+have reported, and is only taken when at least ``min_others`` (2) of them have: a peer is compared against
+the others, not against the best one, so no single peer sets anyone's reference. (The best rate was the
+reference before; one peer reporting a tiny ``seconds`` made it huge and cut every other match to nothing.
+A dropped or banned match is left out: it no longer speaks for the run, nor does one whose work failed
+an audit, since a peer that computes nothing reports next to no ``seconds`` and looks very fast
+(:mod:`coordinator.report_store` passes only the others that count). The *lower* median of an even
+count is the smaller of the middle two, which flags no more than the median would; with two others, one
+of them cannot raise it alone.) A peer's ``ratio`` is its rate over the reference, at most 1: a match
+whose own rate is above the reference is never cut. ``1/4`` for one that claims four times what it
+delivers beside honest peers. Its delivered capacity is ``claimed * ratio`` TFLOP/s: what its claim would
+be were it rated like the others.
+
+Why the seconds cannot be gamed: a peer that under-reports its ``seconds`` to look as fast as it claims is
+not flagged, but it is billed for those fewer seconds at the higher price its claim got it, so its pay
+per verified sample stays an honest peer's; over-reporting is capped by the wall clock, and lowers its
+rate. Either way the claim buys nothing.
 
 The pay rule (:func:`entitled_units`). A match is entitled, over all its reports, to its hourly price for
 its billed time, scaled by ``min(1, ratio * tolerance)``: the hourly price of the capacity it delivered,
@@ -27,12 +45,21 @@ claim the peer does not deliver, and a first report paid before the run had a re
 by the next ones. Nothing is taken back: the money not paid stays in the escrow (the ledger is conserved
 as before: every unit paid or held still moves from the escrow by one entry).
 
-The verdict (:func:`assess`). Once a match has ``min_reports`` reports and another match of the run has
-one, a ratio below ``flag_ratio`` (0.5) re-rates the peer: its offer's TFLOP/s become the delivered
-capacity (later rounds price and match it on that), and the match and offer are flagged. If a heartbeat
-of the peer reported throttling (NVML: clocks held down for heat or power) since it was matched, the flag
-is ``throttled`` and nothing else follows; otherwise it is ``short`` and the peer's reputation drops as
-for a failed audit (once per match).
+The verdict (:func:`assess`). Once a match has ``min_reports`` reports and is measured, a ratio below
+``flag_ratio`` (0.5) re-rates the peer: its offer's TFLOP/s become the delivered capacity (later rounds
+price and match it on that), and the match and offer are flagged. Throttling (NVML: clocks held down for
+heat or power, reported in the peer's heartbeats) explains a shortfall only as far as the clock ratio the
+heartbeats reported does. With ``clock`` the lowest reported since the match over the one the match was
+priced at (:mod:`coordinator.market_store` weighs a throttled ask by its clock ratio), a throttled peer
+is expected to deliver ``clock`` of its claim, and is judged on that as any peer is on its claim: the flag
+is ``throttled`` and nothing else follows when ``ratio >= flag_ratio * clock``; below, or without a
+report of throttling, it is ``short`` and the peer's reputation drops as for a failed audit (once per
+match). (A margin of the tolerance alone, ``ratio * tolerance >= clock``, flagged about 5% of honest
+peers throttled to 60% short in the bench: an epoch's noise is 10%, and the first verdict comes at the
+second report.) A heartbeat that says "throttled" without a clock ratio counts as clock 1 and explains
+nothing: else an over-claimer that always says so would never be flagged, and its claim would come back
+at its next post (a ``throttled`` re-rating is lifted by a fresh probe). The clock ratio a peer reports
+before it is matched weighs its own ask, so reporting one low only prices it lower.
 """
 
 from __future__ import annotations
@@ -55,6 +82,8 @@ class CapacityPolicy:
     tolerance: float = 1.1
     flag_ratio: float = 0.5
     min_reports: int = 2
+    # other reporting matches the reference needs: with one, either peer's word would set the other's
+    min_others: int = 2
 
 
 @dataclass(frozen=True)
@@ -88,34 +117,54 @@ class Assessment:
     reason: str
 
 
-def assess(deliveries: Sequence[Delivery], key: str, throttled: bool, policy: CapacityPolicy) -> Assessment:
-    """The assessment of match ``key`` among the run's ``deliveries`` (its own included).
+def assess(
+    deliveries: Sequence[Delivery], key: str, clock: float | None, policy: CapacityPolicy
+) -> Assessment:
+    """The assessment of match ``key`` among ``deliveries``: the run's active matches, its own included.
 
-    Not measured (ratio 1, full pay) while it has no report or no other match of the run has one: there is
-    nothing to compare it with. ``throttled``: a heartbeat of its peer reported throttling since the match.
+    Not measured (ratio 1, full pay) while it has no report or fewer than ``policy.min_others`` other
+    matches have one: there is no reference to compare it with. ``clock``: how far reported throttling
+    explains a shortfall (the lowest clock ratio its peer's heartbeats reported while throttled since the
+    match, over the clock ratio the match was priced at; 1 when they gave none); None when its heartbeats
+    reported no throttling since the match.
     """
     mine = next((d for d in deliveries if d.key == key), None)
     own = mine.rate if mine is not None else None
-    others = [r for d in deliveries if d.key != key and (r := d.rate) is not None]
-    if mine is None or own is None or not others:
-        return Assessment(1.0, None, Fraction(1), None, "not measured: no other peer of the run to compare")
-    best = max(own, *others)
-    ratio = own / best
+    others = sorted(r for d in deliveries if d.key != key and (r := d.rate) is not None)
+    if mine is None or own is None or len(others) < policy.min_others:
+        return Assessment(
+            1.0,
+            None,
+            Fraction(1),
+            None,
+            f"not measured: {len(others)} other peers of the run have reported, {policy.min_others} needed",
+        )
+    reference = others[(len(others) - 1) // 2]  # the lower median: one outlier cannot move it
+    ratio = min(1.0, own / reference)  # above the others' median: delivered its claim, never cut
     delivered = mine.claimed_tflops * ratio
     factor = min(Fraction(1), Fraction(ratio) * Fraction(policy.tolerance))
     measured = (
         f"delivered {ratio:.0%} of the {mine.claimed_tflops:g} TFLOP/s claimed ({delivered:.3g} TFLOP/s "
-        f"at the run's best rate, {mine.samples} samples in {mine.billed:.1f} s over {mine.reports} reports)"
+        f"at the median rate of the run's {len(others)} other peers, {mine.samples} samples in "
+        f"{mine.billed:.1f} s over {mine.reports} reports)"
     )
     if ratio >= policy.flag_ratio or mine.reports < policy.min_reports:
         return Assessment(ratio, delivered, factor, None, measured)
-    if throttled:
-        return Assessment(ratio, delivered, factor, "throttled", f"{measured}; it reported throttling")
+    if clock is not None and ratio >= policy.flag_ratio * clock:  # judged on what its clocks allow
+        return Assessment(
+            ratio, delivered, factor, "throttled", f"{measured}; it reported throttling to {clock:.0%} clocks"
+        )
+    why = (
+        "without throttling"
+        if clock is None
+        else f"more than the throttling it reported explains ({clock:.0%} clocks)"
+        if clock < 1
+        else "with throttling reported without a clock ratio below the one it was priced at, which explains "
+        "nothing"
+    )
     # flagged short, it is paid for what it delivered without the slack meant for honest noise
     short = min(Fraction(1), Fraction(ratio))
-    return Assessment(
-        ratio, delivered, short, "short", f"{measured}; below {policy.flag_ratio:g} without throttling"
-    )
+    return Assessment(ratio, delivered, short, "short", f"{measured}; below {policy.flag_ratio:g} {why}")
 
 
 def entitled_units(price_units: int, billed: float, factor: Fraction) -> int:

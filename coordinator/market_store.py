@@ -56,7 +56,7 @@ def clear(
     if env is None and not bids:  # nothing to clear, and reading every ask would hold the writer for nothing
         _record_shortfalls(conn, {})
         return None
-    asks, lease_of = _asks(conn)
+    asks, lease_of, clock_of = _asks(conn)
     result, shortfalls = market.clear_round(asks, bids, config)
     _record_shortfalls(conn, shortfalls)
     if env is None and not asks:
@@ -65,9 +65,17 @@ def clear(
     for match in result.matches:
         units = to_units(match.price_per_hour)
         conn.execute(
-            "INSERT INTO matches (run_id, lease_id, account, price_units, state, matched_at, tflops)"
-            " VALUES (?, ?, ?, ?, 'active', ?, ?)",
-            (match.run_id, lease_of[match.account], match.account, units, now, tflops[match.account]),
+            "INSERT INTO matches (run_id, lease_id, account, price_units, state, matched_at, tflops,"
+            " priced_clock_ratio) VALUES (?, ?, ?, ?, 'active', ?, ?, ?)",
+            (
+                match.run_id,
+                lease_of[match.account],
+                match.account,
+                units,
+                now,
+                tflops[match.account],
+                clock_of[match.account],
+            ),
         )
         conn.execute(
             "UPDATE leases SET run_id = ?, price_units = ? WHERE id = ?",
@@ -110,7 +118,7 @@ def quote(
         if same
         else []
     )
-    asks, _ = _asks(conn)
+    asks, _, _ = _asks(conn)
     return quotes.quote(asks, _bids(conn), bid, spec, measured, body.flops_per_sample, quote_config, config)
 
 
@@ -140,8 +148,10 @@ def _record_shortfalls(conn: sqlite3.Connection, reasons: dict[str, str | None])
         )
 
 
-def _asks(conn: sqlite3.Connection) -> tuple[list[market.Ask], dict[str, str]]:
-    asks, lease_of = [], {}
+def _asks(conn: sqlite3.Connection) -> tuple[list[market.Ask], dict[str, str], dict[str, float]]:
+    """The book's asks, each ask's lease and the clock ratio it is weighed by (kept with a match: throttling
+    explains a shortfall only beyond the clock ratio it was priced at, :mod:`coordinator.capacity`)."""
+    asks, lease_of, clock_of = [], {}, {}
     for row in conn.execute(_ASKS_QUERY):
         # a GPU whose heartbeats report its clocks held down is priced on what it runs at now, unless a run
         # re-rated its offer: its tflops are then what it delivered, throttled, and are not cut twice
@@ -156,7 +166,8 @@ def _asks(conn: sqlite3.Connection) -> tuple[list[market.Ask], dict[str, str]]:
             )
         )
         lease_of[row["account"]] = row["lease_id"]
-    return asks, lease_of
+        clock_of[row["account"]] = clock_ratio
+    return asks, lease_of, clock_of
 
 
 def _bids(conn: sqlite3.Connection) -> list[market.Bid]:

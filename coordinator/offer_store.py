@@ -272,6 +272,13 @@ def heartbeats(
             "UPDATE offers SET clock_ratio = ?, throttled_at = COALESCE(?, throttled_at) WHERE account = ?",
             (ratio, at, account),
         )
+        if ratio is not None:  # its match keeps the lowest: throttling explains no more than that
+            conn.execute(
+                "UPDATE matches SET throttled_clock_ratio = CASE WHEN throttled_clock_ratio IS NULL"
+                " OR throttled_clock_ratio > ? THEN ? ELSE throttled_clock_ratio END"
+                " WHERE account = ? AND state = 'active'",
+                (ratio, ratio, account),
+            )
     return outcomes
 
 

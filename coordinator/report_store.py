@@ -169,12 +169,12 @@ def _delivered_pay(
     policy: runs.RunPolicy,
 ) -> runs.Pay:
     """Count a report in its match's tallies, measure the match's delivered capacity against the run's
-    other matches and cut the report's pay to what the match delivered (:mod:`coordinator.capacity`);
+    other active matches and cut the report's pay to what it delivered (:mod:`coordinator.capacity`);
     re-rate and flag the peer's offer, and count a shortfall against its reputation, when the verdict says
     so (the first time for a match). Matches made before the tallies existed carry no TFLOP/s and are left
     alone. The report's energy is its peer's last reported power times its billed seconds."""
     run_id, lease_id, account = match["run_id"], match["lease_id"], match["account"]
-    offer = conn.execute("SELECT power_w, throttled_at FROM offers WHERE account = ?", (account,)).fetchone()
+    offer = conn.execute("SELECT power_w FROM offers WHERE account = ?", (account,)).fetchone()
     power = offer["power_w"] if offer is not None else None
     conn.execute(
         """UPDATE matches SET billed_reports = billed_reports + 1, billed_samples = billed_samples + ?,
@@ -194,13 +194,19 @@ def _delivered_pay(
             r["lease_id"], r["tflops"], r["billed_reports"], r["billed_samples"], r["billed_seconds"]
         )
         for r in conn.execute(
-            "SELECT lease_id, tflops, billed_reports, billed_samples, billed_seconds FROM matches"
-            " WHERE run_id = ? AND tflops IS NOT NULL",
-            (run_id,),
+            # the active ones: a dropped or banned match no longer speaks for the run's pace, nor one whose
+            # work failed an audit (a free-rider's seconds are next to nothing: it would look very fast)
+            "SELECT lease_id, tflops, billed_reports, billed_samples, billed_seconds FROM matches m"
+            " WHERE run_id = ? AND tflops IS NOT NULL AND state = 'active' AND (lease_id = ? OR NOT EXISTS"
+            " (SELECT 1 FROM audits a WHERE a.run_id = m.run_id AND a.account = m.account"
+            " AND a.state = 'failed' AND a.canary_of IS NULL))",
+            (run_id, lease_id),
         )
     ]
-    throttled = offer is not None and (offer["throttled_at"] or -1.0) >= match["matched_at"]
-    verdict = capacity.assess(deliveries, lease_id, throttled, policy.capacity)
+    # throttling explains a shortfall only beyond the clock ratio the match was already priced at
+    throttled = match["throttled_clock_ratio"]
+    clock = None if throttled is None else throttled / (match["priced_clock_ratio"] or 1.0)
+    verdict = capacity.assess(deliveries, lease_id, clock, policy.capacity)
     entitled = capacity.entitled_units(
         match["price_units"], match["billed_seconds"] + billed, verdict.pay_factor
     )
@@ -379,6 +385,13 @@ def blame_round(
             f"{current})",
             code="stale_version",
             field="version",
+        )
+    last = run["last_epoch"]  # a refused round is at the epoch after the last one applied
+    lowest, highest = (0, 1) if last is None else (last, last + 2)
+    if not lowest <= body.epoch <= highest:
+        raise BadRequest(
+            f"epoch {body.epoch} is not a round the run is at (its last reported epoch: {last})",
+            field="epoch",
         )
     failed = round_store.blame(conn, now, run_id, env.account, body, group.members)
     for account in failed:  # at once: every round with it would be refused, at the same epoch, forever

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 from coordinator import audit_store, verification
 from coordinator.errors import BadRequest
-from peer.protocol.commitment import Commitment, binding
+from peer.protocol.commitment import Commitment, binding, claim_digest
 from peer.protocol.run_schemas import BlameBody, ReportBody
 
 ROUND_INDEX = -1  # the ``idx`` of the audit row a failed round check leaves (a micro-batch's is >= 0)
@@ -54,9 +54,9 @@ def record(
         if not c.verifies(run["id"], forwarded.account):
             raise BadRequest(f"{field} is not signed by account {forwarded.account[:12]}...", field=field)
         conn.execute(
-            """INSERT INTO round_commitments (run_id, epoch, account, version, update_sketch)
-               VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
-            (run["id"], body.epoch, forwarded.account, c.version, json.dumps(list(c.update))),
+            """INSERT INTO round_commitments (run_id, epoch, account, version, update_sketch, claim)
+               VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
+            (run["id"], body.epoch, forwarded.account, c.version, json.dumps(list(c.update)), c.claim.hex()),
         )
     members = {account, *(f.account for f in body.round)}
     return [m for m in sorted(members) if not _check(conn, now, run["id"], m, body.epoch)]
@@ -64,25 +64,42 @@ def record(
 
 def _check(conn: sqlite3.Connection, now: float, run_id: str, account: str, epoch: int) -> bool:
     """Check ``account``'s unchecked commitments of ``epoch`` against its report (when it is in); False
-    when one does not match, which fails the epoch."""
+    when one does not match, which fails the epoch. Only a commitment that names this very report (its
+    claim digest) is evidence: one made for an attempt of the epoch that was never applied (a refused
+    round, redone on other samples) is set aside."""
     report = conn.execute(
         "SELECT * FROM reports WHERE run_id = ? AND account = ? AND epoch = ?", (run_id, account, epoch)
     ).fetchone()
     if report is None:
         return True
-    micro = [(len(m["ids"]), m["sketch"]) for m in json.loads(report["body"])["micro_batches"]]
+    batches = json.loads(report["body"])["micro_batches"]
+    micro = [(len(m["ids"]), m["sketch"]) for m in batches]
+    claim = claim_digest([(m["ids"], m["sketch"]) for m in batches]).hex()
+    conn.execute(
+        """UPDATE round_commitments SET checked_at = ?
+           WHERE run_id = ? AND epoch = ? AND account = ? AND checked_at IS NULL AND claim != ?""",
+        (now, run_id, epoch, account, claim),
+    )
     rows = conn.execute(
         """SELECT version, update_sketch FROM round_commitments
-           WHERE run_id = ? AND epoch = ? AND account = ? AND checked_at IS NULL""",
-        (run_id, epoch, account),
+           WHERE run_id = ? AND epoch = ? AND account = ? AND checked_at IS NULL AND claim = ?""",
+        (run_id, epoch, account, claim),
     ).fetchall()
     worst: tuple[float, int] | None = None
     for row in rows:
         ok, distance = binding(json.loads(row["update_sketch"]), micro)
         conn.execute(
             """UPDATE round_commitments SET checked_at = ?, distance = ?
-               WHERE run_id = ? AND epoch = ? AND account = ? AND version = ?""",
-            (now, distance if math.isfinite(distance) else None, run_id, epoch, account, row["version"]),
+               WHERE run_id = ? AND epoch = ? AND account = ? AND version = ? AND claim = ?""",
+            (
+                now,
+                distance if math.isfinite(distance) else None,
+                run_id,
+                epoch,
+                account,
+                row["version"],
+                claim,
+            ),
         )
         if not ok and (worst is None or distance > worst[0]):
             worst = (distance, row["version"])
@@ -107,7 +124,8 @@ def fail_round(
 ) -> bool:
     """Fail ``account``'s ``epoch`` for what it put into a round, like a failed audit: a failed audit row
     with index -1 (once per epoch), its reputation, and its report's held pay voided if the report is in
-    (one that comes later is voided when its audits settle). True when this failed it (not before)."""
+    and still held (one that comes later is voided when its audits settle; one already paid, or never
+    audited, keeps its pay). True when this failed it (not before)."""
     if conn.execute(
         "SELECT 1 FROM audits WHERE run_id = ? AND account = ? AND epoch = ? AND idx = ?",
         (run_id, account, epoch, ROUND_INDEX),

@@ -324,9 +324,10 @@ MIGRATIONS = (
         account TEXT NOT NULL,
         version BIGINT NOT NULL,
         update_sketch TEXT NOT NULL,
+        claim TEXT NOT NULL,
         checked_at DOUBLE PRECISION,
         distance DOUBLE PRECISION,
-        PRIMARY KEY (run_id, epoch, account, version)
+        PRIMARY KEY (run_id, epoch, account, version, claim)
     );
     CREATE TABLE round_blames (
         run_id TEXT NOT NULL,
@@ -378,6 +379,14 @@ MIGRATIONS = (
     ALTER TABLE run_accounts ADD COLUMN canary_block BIGINT;
     ALTER TABLE run_accounts ADD COLUMN validator_ban TEXT;
     CREATE INDEX audits_canary_of ON audits (canary_of) WHERE canary_of IS NOT NULL
+    """,
+    # Throttling explains a shortfall only as far as its reported clock ratio does (coordinator.capacity):
+    # per match, the clock ratio its ask was weighed by when it was matched (NULL: 1) and the lowest one
+    # its peer's heartbeats reported while throttled since (1 when one said throttled without a ratio;
+    # NULL: none said throttled).
+    """
+    ALTER TABLE matches ADD COLUMN priced_clock_ratio DOUBLE PRECISION;
+    ALTER TABLE matches ADD COLUMN throttled_clock_ratio DOUBLE PRECISION
     """,
 )
 

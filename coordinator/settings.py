@@ -117,8 +117,9 @@ class ServerSettings(BaseSettings):
         0.5,
         gt=0,
         le=1,
-        description="A peer delivering less than this share of the capacity it claimed (against the run's "
-        "best peer) is re-rated and flagged; short of it without reported throttling, it loses reputation.",
+        description="A peer delivering less than this share of the capacity it claimed (against the median "
+        "of the run's other peers) is re-rated and flagged; short of it beyond what the clock ratio it "
+        "reported throttled explains, it loses reputation.",
     )
     capacity_min_reports: int = Field(
         2, ge=1, description="Reports of a match before its delivered capacity can flag it."

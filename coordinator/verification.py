@@ -126,16 +126,25 @@ def report_outcome(states: list[AuditState]) -> tuple[PayState, str]:
     return "paid", f"{len(states)} audits passed" if states else "not audited"
 
 
+#: The fewest members whose blame fails another: a blame is a member's word, not a proof the coordinator
+#: can check, so one member alone (in a round of two) can never have its partner failed and banned.
+MIN_ACCUSERS = 2
+
+
 def blame_verdict(accusers: set[str], accused: str, members: Sequence[str]) -> tuple[bool, str]:
     """Whether a fast-path round's ``accused`` member is failed, given who of the round's ``members``
-    blamed it: when more than half of the others did. Every honest member reaches the same verdict on the
-    same revealed bytes, so an honest majority fails a liar and a lying minority cannot frame anyone; in a
-    round of two the other member's word is final, as an audit's is in a run of two peers. Pure."""
+    blamed it: when more than half of the others did, and at least :data:`MIN_ACCUSERS`. Honest members
+    that received the same revealed bytes blame alike, so an honest majority fails a liar and a lying
+    minority cannot frame anyone. In a round of two nobody is failed this way: the round stays refused
+    (the run stalls at that epoch while the liar is in it) rather than an honest peer being banned on
+    its partner's word. Pure."""
     others = [m for m in members if m != accused]
     votes = len(accusers & set(others))
-    if others and votes * 2 > len(others):
+    if votes >= MIN_ACCUSERS and votes * 2 > len(others):
         return True, f"blamed by {votes} of the round's {len(others)} other members"
-    return False, f"blamed by {votes} of {len(others)} other members; more than half must"
+    return False, (
+        f"blamed by {votes} of {len(others)} other members; more than half, and {MIN_ACCUSERS} at least, must"
+    )
 
 
 def banned(failed_epochs: int, policy: AuditPolicy) -> str | None:

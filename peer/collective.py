@@ -60,12 +60,12 @@ import torch.distributed as dist
 from hivemind.utils import get_logger
 
 from peer.deadlines import RoundDeadlines
-from peer.protocol.commitment import COMMITMENT_BYTES, TAMPER_TOLERANCE, Commitment, matches
+from peer.protocol.commitment import COMMITMENT_BYTES, NO_CLAIM, TAMPER_TOLERANCE, Commitment, matches
 from peer.protocol.identity import Identity
 from peer.protocol.run_schemas import CheckinBody, GroupMemberView, GroupView
-from peer.protocol.sketch import grad_seed, relative_distance
+from peer.protocol.sketch import relative_distance
 from peer.rendezvous import LONG_POLL_MS, CoordinatorStore
-from peer.sketch import Sketcher
+from peer.sketch import EpochSketchers
 
 logger = get_logger(__name__)
 
@@ -238,7 +238,9 @@ class FastPath:
         self.reach_timeout = reach_timeout
         self.regroup_timeout = regroup_timeout
         self.flat = torch.zeros(n_params)
-        self._sketchers: dict[int, Sketcher] = {}  # the epoch's gradient sketcher, see _sketcher()
+        # the epochs' gradient sketchers: the seed the members' reports use, so that the coordinator can
+        # check a commitment against the committing member's report
+        self._sketchers = EpochSketchers(n_params, run_id)
         self.group: GroupView | None = None  # the version the process group below belongs to
         self.pg: dist.ProcessGroup | None = None
         self._retired: list[tuple[dist.ProcessGroup, dist.Work | None]] = []  # see discard()
@@ -444,11 +446,12 @@ class FastPath:
         """After a round whose result did not match the commitments, find who lied: every member sends the
         update it put in (weight-scaled) to every other, point to point, and checks each one it receives
         against its sender's commitment. A member whose update does not come within the deadline is
-        blamed too: one that will not show what it sent cannot be told from one that lied. Honest members
-        receive the same bytes, so they blame alike (``blamed``); the trainer sends that to the
-        coordinator (:func:`coordinator.round_store.blame`), which fails the member's epoch once most of
-        the round's other members blame it. Nothing is applied. A member that reveals what it committed
-        to after sending something else is not found this way (the round is still refused). It takes
+        blamed too: one that will not show what it sent cannot be told from one that lied (so is an honest
+        member too slow for the deadline). Honest members that a liar sent the same bytes blame alike
+        (``blamed``); the trainer sends that to the coordinator (:func:`coordinator.round_store.blame`),
+        which fails the member's epoch once most of the round's other members, and two at least, blame
+        it. Nothing is applied. Not found this way (the round is still refused): a member that reveals
+        what it committed to after sending something else, or different bytes to different members. It takes
         ``buffers`` as :meth:`average` left them (the synchronous round's, unchanged); it costs each
         member the round's bytes once per other member, and only after a refused round."""
         assert self.pg is not None and self.group is not None
@@ -461,7 +464,7 @@ class FastPath:
         sends = [self.pg.send([self.flat], r, REVEAL_TAG) for r in others]
         receives = {r: self.pg.recv([revealed[r]], r, REVEAL_TAG) for r in others}
         ends = time.monotonic() + self.deadlines.round() * len(members)
-        sketcher = self._sketcher(commitments[0].epoch)
+        sketcher = self._sketchers(commitments[0].epoch)
         blamed, late = [], None
         for r in others:
             if not _finished(receives[r], ends):
@@ -513,6 +516,7 @@ class FastPath:
         wait_deadline: float,
         newer: Callable[[], bool] = lambda: False,
         mean: bool = False,
+        claim: bytes = NO_CLAIM,
     ) -> FastRound:
         """The round of what :meth:`load` put in: when the outcome is ``averaged`` the flat tensor holds
         the members' weighted sum (``divisor`` is their total weight: :meth:`unload` divides), or with
@@ -529,7 +533,7 @@ class FastPath:
         weighted sum could overflow fp16), so the all-reduce waits for the gather."""
         assert self.pg is not None and self.group is not None
         group, members = self.group, [m.account for m in self.group.members]
-        sketcher = self._sketcher(epoch)
+        sketcher = self._sketchers(epoch)
         mine = Commitment(
             group.version,
             epoch,
@@ -537,6 +541,7 @@ class FastPath:
             self.weight,
             tuple(x / self.weight for x in sketcher([self.flat])),
             tuple(float(x) for x in param_sketch),
+            claim,
         ).signed(self.run_id, self.identity)
         sent = torch.frombuffer(bytearray(mine.encode()), dtype=torch.uint8)
         received = [torch.empty(COMMITMENT_BYTES, dtype=torch.uint8) for _ in members]
@@ -584,16 +589,6 @@ class FastPath:
         if not ok:
             return FastRound("rejected", why, gathered, epochs, seconds, mismatch=True)
         return FastRound("averaged", "", gathered, epochs, seconds)
-
-    def _sketcher(self, epoch: int) -> Sketcher:
-        """The sketcher of ``epoch``'s gradients: the seed the members' reports use, so that the
-        coordinator can check a commitment against the committing member's report. Kept for the last two
-        epochs (an overlapped round's epoch and the one computing beside it)."""
-        if epoch not in self._sketchers:
-            self._sketchers[epoch] = Sketcher(self.flat.numel(), grad_seed(self.run_id, epoch))
-            for old in sorted(self._sketchers)[:-2]:
-                del self._sketchers[old]
-        return self._sketchers[epoch]
 
     def _wait(
         self, work: dist.Work, deadline: float, newer: Callable[[], bool], pending: dist.Work | None = None

@@ -235,7 +235,7 @@ def print_run(view: RunView) -> None:
             ],
             right=["PRICE/H", "SAMPLES", "PAID", "FEES", "AUDITS"],
             note="(AUDITS: passed/failed audits of the peer's reports; FEES: earned auditing others; "
-            "CAPACITY: delivered per TFLOP/s claimed over the run's best peer, and its flag)",
+            "CAPACITY: delivered per TFLOP/s claimed over the run's other peers' median, and its flag)",
         )
         for p in view.peers:
             if p.capacity_flag is not None:

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import torch
 
-from peer.protocol.sketch import SKETCH_DIMS
+from peer.protocol.sketch import SKETCH_DIMS, grad_seed
 
 
 class Sketcher:
@@ -67,3 +67,20 @@ class Sketcher:
         for block, value in zip(blocks, torch.cat(sums).double().tolist(), strict=True):
             sketch[block] += value
         return sketch
+
+
+class EpochSketchers:
+    """The gradient sketchers of the last few epochs (``grad_seed(run_id, epoch)``), drawn once each:
+    a trainer, its fast path and a validator each sketch an epoch's gradients many times, and each
+    sketcher holds signs a block long on every device it was used on."""
+
+    def __init__(self, length: int, run_id: str, keep: int = 2):
+        self.length, self.run_id, self.keep = length, run_id, keep
+        self._by_epoch: dict[int, Sketcher] = {}
+
+    def __call__(self, epoch: int) -> Sketcher:
+        if epoch not in self._by_epoch:
+            self._by_epoch[epoch] = Sketcher(self.length, grad_seed(self.run_id, epoch))
+            for old in sorted(self._by_epoch)[: -self.keep]:
+                del self._by_epoch[old]
+        return self._by_epoch[epoch]

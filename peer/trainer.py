@@ -34,7 +34,6 @@ the step). The samples of a step come from :mod:`peer.samples`, the exit codes f
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import queue
 import signal
 import sys
@@ -59,6 +58,7 @@ from peer.node import stop_dht
 from peer.protocol.client import CoordinatorError, CoordinatorUnreachable
 from peer.protocol.identity import Identity, load_identity
 from peer.protocol.run_schemas import (
+    MAX_ROUND_MEMBERS,
     AuditResultBody,
     AuditTask,
     MicroBatch,
@@ -67,7 +67,6 @@ from peer.protocol.run_schemas import (
     RoundCommitment,
     RunView,
 )
-from peer.protocol.sketch import grad_seed
 from peer.protocol.spec import describe
 from peer.protocol.states import BIDDING, REPORTING
 from peer.run_link import RunLink, live_peers
@@ -191,7 +190,7 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin, OverlapMixin):
         late, self.late = self.late and len(live) > 1, False
         ids = [] if late else self.stream.take(spec.batch.target, live)
         self._fetch_shards()
-        sketch = Sketcher(self.n_params, grad_seed(self.run_id, epoch))
+        sketch = self.sketchers(epoch)
         self._predict()  # an overlapped epoch computes where the round in flight takes the parameters
         param_sketch = self._start_of(epoch)
         start = None
@@ -226,7 +225,7 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin, OverlapMixin):
         if not self._settle_in_flight():  # it found this peer out of step and loaded the group's state
             self._epoch_event(done, "caught_up", computed, report_wait)
             return
-        averaged = self._average(epoch, samples, live, param_sketch, group)
+        averaged = self._average(epoch, samples, live, param_sketch, group, done.claim)
         outcome, group_size, reportable, allreduce_s = averaged
         if outcome in ("averaged", "alone") and not all(bool(torch.isfinite(b).all()) for b in self.buffers):
             # The group averaged the same values, so every member skips this step alike and they stay in
@@ -243,7 +242,10 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin, OverlapMixin):
             return
         self._apply(start)
         if reportable:  # else out of step: its gradients were taken at parameters no validator holds
-            self._report(dataclasses.replace(done, seconds=time.monotonic() - started), group_size)
+            # its compute time, as on the overlapped path: the round's wait is the slowest member's pace,
+            # and counted in it every peer would show the same samples/s whatever it delivers
+            # (coordinator.capacity measures and bills each peer on its own seconds)
+            self._report(done, group_size)
 
     def _epoch_event(
         self,
@@ -291,6 +293,10 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin, OverlapMixin):
             return
         loss = sum(m["loss"] * len(m["ids"]) for m in done.micro) / done.samples
         gathered = self.witness[1] if self.witness is not None and self.witness[0] == done.epoch else {}
+        # keyed by account on the fast path, by peer id on hivemind's: each entry names its account
+        signed = [(g["account"], g["commitment"]) for g in gathered.values() if "commitment" in g]
+        mine = next((i for i, (a, _) in enumerate(signed) if a == self.identity.account), 0)
+        signed = (signed[mine:] + signed[:mine])[:MAX_ROUND_MEMBERS]  # its own first, then the next ones
         try:
             body = ReportBody(
                 epoch=done.epoch,
@@ -301,11 +307,7 @@ class Trainer(SetupMixin, StateMixin, RoundsMixin, OverlapMixin):
                 param_sketch=done.param_sketch,
                 micro_batches=[MicroBatch(**m) for m in done.micro],
                 device=device_name(self.device),
-                round=[
-                    RoundCommitment(account=a, commitment=g["commitment"])
-                    for a, g in gathered.items()
-                    if "commitment" in g
-                ],
+                round=[RoundCommitment(account=a, commitment=c) for a, c in signed],
             )
         except ValidationError as e:  # a loss that is not finite, say: no report, training goes on
             logger.warning(f"Epoch {done.epoch} is not reported: {describe(e, 'report')}")

@@ -35,6 +35,7 @@ from hivemind.utils import get_logger
 
 from peer.averaging import NO_SAMPLES_WEIGHT, TrainingState
 from peer.collective import FastRound
+from peer.protocol.commitment import claim_digest
 from peer.protocol.run_schemas import GroupView
 
 logger = get_logger(__name__)
@@ -48,7 +49,14 @@ class EpochDone:
     samples: int
     micro: list[dict[str, Any]]
     param_sketch: list[float]
-    seconds: float  # from the epoch's start to its round's start
+    # its compute time: from the epoch's start to the end of its micro-batches, before its round (the
+    # report's ``seconds``, which the coordinator bills and measures its delivered capacity on)
+    seconds: float
+
+    @property
+    def claim(self) -> bytes:
+        """The digest of the micro-batches it will report, which its round commitment names."""
+        return claim_digest([(m["ids"], m["sketch"]) for m in self.micro])
 
 
 @dataclass
@@ -182,6 +190,7 @@ class OverlapMixin:
                 self.fast.reduce,
                 epoch=done.epoch,
                 param_sketch=done.param_sketch,
+                claim=done.claim,
                 mean=True,  # _update_of() applies the flat tensor's views
                 # the members wait for the slowest one's next epoch in the gather, beside their own
                 wait_deadline=self.fast.deadlines.overlapped(

@@ -22,7 +22,6 @@ from peer.averaging import NO_SAMPLES_WEIGHT, restore
 from peer.events import in_agreement
 from peer.protocol.commitment import TAMPER_TOLERANCE, Commitment, matches
 from peer.protocol.run_schemas import BlameBody, CheckinBody, GroupView, RunView
-from peer.protocol.sketch import grad_seed
 from peer.run_link import live_peers
 from peer.sketch import Sketcher
 from peer.trainer_state import FROM_PEERS
@@ -49,10 +48,18 @@ class RoundsMixin:
         return max(reported, default=-1) >= epoch
 
     def _average(
-        self, epoch: int, samples: int, live: list[str], param_sketch: list[float], group: GroupView | None
+        self,
+        epoch: int,
+        samples: int,
+        live: list[str],
+        param_sketch: list[float],
+        group: GroupView | None,
+        claim: bytes,
     ) -> tuple[str, int, bool, float]:
         """All-reduce this epoch's update: (the outcome, the group's size, whether this peer's work of
-        the epoch can be reported, the all-reduce's seconds). Outcomes:
+        the epoch can be reported, the all-reduce's seconds); ``claim`` is the digest of the micro-batches
+        it will report, which its round commitment names (:func:`peer.protocol.commitment.claim_digest`).
+        Outcomes:
 
         - ``alone``: the only live peer; its own update is the step;
         - ``averaged``: the buffers hold the group's average, to apply. Not reportable when this peer's
@@ -67,7 +74,7 @@ class RoundsMixin:
         assert self.averager is not None
         if self.fast is not None and self.fast.usable(group):
             if len(group.members) > 1:
-                return self._fast_average(epoch, samples, group, param_sketch)
+                return self._fast_average(epoch, samples, group, param_sketch, claim)
             # The coordinator's group is this peer alone while other peers are live (their trainers are
             # starting or coming back): wait for the version that takes them in, as a round waits for
             # its members (hivemind's averager had waited out its matchmaking for peers on the fast path).
@@ -86,9 +93,11 @@ class RoundsMixin:
                 self.group_target = len(live)
             except Exception as e:  # the round still forms, after the matchmaking time
                 logger.warning(f"Could not tell the averager to expect {len(live)} peers: {e!r}")
-        sketcher = Sketcher(self.n_params, grad_seed(self.run_id, epoch))
+        sketcher = self.sketchers(epoch)
         weight = max(samples, NO_SAMPLES_WEIGHT)
-        mine = Commitment(0, epoch, 0, float(weight), tuple(sketcher(self.buffers)), tuple(param_sketch))
+        mine = Commitment(
+            0, epoch, 0, float(weight), tuple(sketcher(self.buffers)), tuple(param_sketch), claim
+        )
         for b in self.buffers:  # peer.adversary's noisy-round: something else than it committed to
             self.behaviour.tamper(b)
         result = self.averager.average(
@@ -184,7 +193,7 @@ class RoundsMixin:
             return None
 
     def _fast_average(
-        self, epoch: int, samples: int, group: GroupView, param_sketch: list[float]
+        self, epoch: int, samples: int, group: GroupView, param_sketch: list[float], claim: bytes
     ) -> tuple[str, int, bool, float]:
         """The epoch's round on the fast path (:mod:`peer.collective`); the outcomes are :meth:`_average`'s.
         A round applied by no one (it broke, its members were at different epochs, or its result did not
@@ -203,6 +212,7 @@ class RoundsMixin:
             epoch=epoch,
             weight=max(samples, NO_SAMPLES_WEIGHT),
             param_sketch=param_sketch,
+            claim=claim,
             wait_deadline=self.fast.deadlines.step(self.spec.averaging.matchmaking_seconds),
             newer=self._newer(group, time.monotonic()),
         )

@@ -33,6 +33,7 @@ from peer.protocol.spec import RunSpec, SpecError, validate_spec
 from peer.reachability import Reachability, check
 from peer.run_link import live_peers
 from peer.samples import SampleStream
+from peer.sketch import EpochSketchers
 from peer.tasks import TaskError, load_task, trained_parameters
 from peer.trainer_exit import EXIT_REFUSED, EXIT_RETRY, TrainerExit
 from peer.validator import Snapshots, Validator
@@ -105,6 +106,7 @@ class SetupMixin:
         self.epoch_audit_s = 0.0  # ... and before this one (the event log's audit_s)
         self.load_wait = 0.0  # seconds this epoch waited for the state of peers further on (load_s)
         self.n_params = sum(p.numel() for p in self.params)
+        self.sketchers = EpochSketchers(self.n_params, self.run_id)  # the epochs' gradient sketches
         self.n_model_params = sum(p.numel() for p in self.model.parameters())  # frozen ones too
         self._open_dataset()
         if self.spec.verification.rate > 0:

@@ -21,8 +21,8 @@ import torch
 from peer.data.loader import map_tensors
 from peer.data.reader import DatasetReader
 from peer.protocol.run_schemas import AuditResultBody, AuditTask
-from peer.protocol.sketch import grad_seed, relative_distance, seed_of
-from peer.sketch import Sketcher
+from peer.protocol.sketch import relative_distance, seed_of
+from peer.sketch import EpochSketchers, Sketcher
 from peer.tasks import Task, load_trained_state, trained_parameters, trained_state
 
 
@@ -178,7 +178,7 @@ class Validator:
         self.agreement = agreement
         self.fetch = fetch
         self.device = device
-        self._sketchers: OrderedDict[int, Sketcher] = OrderedDict()
+        self._sketchers = EpochSketchers(self.n_params, run_id)
         self._loaded: Snapshot | None = None  # recomputing leaves the parameters as they were loaded
         self.random = uses_randomness(model)
         self.device_name = device_name(device or torch.device("cpu"))
@@ -212,11 +212,4 @@ class Validator:
             batch = map_tensors(batch, lambda t: t.to(device))
         seed = micro_seed(self.run_id, audit.epoch, audit.account, audit.index)
         loss, grads = micro_batch_gradient(self.task, self.model, self.params, batch, seed)
-        return AuditResultBody(sketch=self._sketcher(audit.epoch)(grads), loss=loss)
-
-    def _sketcher(self, epoch: int) -> Sketcher:
-        if epoch not in self._sketchers:
-            self._sketchers[epoch] = Sketcher(self.n_params, grad_seed(self.run_id, epoch))
-            while len(self._sketchers) > 2:  # each holds a vector of signs a block long
-                self._sketchers.popitem(last=False)
-        return self._sketchers[epoch]
+        return AuditResultBody(sketch=self._sketchers(audit.epoch)(grads), loss=loss)

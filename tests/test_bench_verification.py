@@ -18,8 +18,8 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "verification.py"
 
 @pytest.mark.timeout(300)
 def test_the_verification_bench_catches_every_cheat_and_no_honest_peer() -> None:
-    small = ["--trials", "5", "--honest-audits", "90", "--cost-micro-batches", "8", "--repeat", "2", "--json"]
-    small += ["--honest-canaries", "60"]
+    small = ["--trials", "5", "--honest-audits", "90", "--honest-rounds", "30", "--cost-micro-batches", "8"]
+    small += ["--repeat", "2", "--json", "--honest-canaries", "60"]
     done = subprocess.run([sys.executable, str(BENCH), *small], capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
@@ -34,6 +34,9 @@ def test_the_verification_bench_catches_every_cheat_and_no_honest_peer() -> None
     for honest in result["honest"]:
         assert honest["false_positives"] == 0 and honest["audits"] >= 30, honest
         assert honest["max_distance"] < result["policy"]["tolerance"], honest
+        assert honest["round_checks"] >= 10 and honest["max_round_distance"] < 1e-3, (
+            honest
+        )  # BINDING_TOLERANCE
     lazy, canaries = result["validators"]["lazy"], result["validators"]["honest"]
     assert lazy["kind"] == "lazy-validator" and lazy["caught"] == lazy["trials"] == 5, lazy  # within 5 epochs
     assert lazy["banned"] == 5 and lazy["faked_audits"] > 0, lazy

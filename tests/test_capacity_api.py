@@ -1,8 +1,11 @@
 """Delivered capacity (coordinator.capacity) through the signed API, on SQLite and PostgreSQL: a peer whose
-offer claims four times the TFLOP/s of the peers beside it, reporting the same work at the same pace, is
-flagged ``short`` within 3 reports, re-rated, paid no more per sample than they are and loses reputation,
-while they are never flagged; a peer whose heartbeats report throttling is re-rated and flagged
-``throttled`` without losing reputation. The market, its peers and fast leases are tests/test_runs_api.py's.
+offer claims four times the TFLOP/s of the peers beside it, reporting the same work in the same compute
+time, is flagged ``short`` within 3 reports, re-rated, paid no more per sample than they are and loses
+reputation, while they are never flagged; honest peers of 1x, 2x and 3x, each reporting its compute time,
+are neither cut nor flagged, nor is anyone when one peer reports a tiny ``seconds``; a peer whose
+heartbeats report throttling with a clock ratio that explains its shortfall is re-rated and flagged
+``throttled`` without losing reputation, one that reports throttling without a clock ratio is ``short``.
+The market, its peers and fast leases are tests/test_runs_api.py's.
 
 Every report is sent once the wall clock has passed its ``seconds`` since the peer's previous report (or
 its join), so that each is billed exactly its ``seconds`` and the peers' measured rates differ by what they
@@ -23,13 +26,24 @@ from peer.launch import print_run
 from peer.protocol.run_schemas import RunPeerView, RunView
 from peer.protocol.schemas import HardwareSummary, OfferBody, OfferView, Telemetry
 from tests.conftest import Databases
-from tests.test_runs_api import H100, HEARTBEAT, Market, Peer, own_market, peer_of, report, wait_for_clock
+from tests.test_runs_api import (
+    AUDITED,
+    H100,
+    HEARTBEAT,
+    Market,
+    Peer,
+    _answer,
+    own_market,
+    peer_of,
+    report,
+    wait_for_clock,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
 LIE = 4.0  # how many times an honest H100's TFLOP/s the liar claims
 SAMPLES = 8  # per report of a peer that delivers what it claims
-SECONDS = 0.3  # the compute time every report claims: the lock-step epoch's wall clock
+SECONDS = 0.3  # the compute time a report of a share on an honest H100 claims
 EPOCHS = 6  # enough for the later reports to make up for a first one paid before any comparison
 
 
@@ -64,8 +78,9 @@ class RatedPeer(Peer):
                 self.throttling_reported.set()
             await asyncio.sleep(HEARTBEAT / 4)
 
-    async def throttle(self, clock_ratio: float, timeout: float = 10.0) -> None:
-        """Report throttling from now on and wait until the coordinator has taken a heartbeat saying so."""
+    async def throttle(self, clock_ratio: float | None, timeout: float = 10.0) -> None:
+        """Report throttling from now on (at ``clock_ratio``, or None: without one) and wait until the
+        coordinator has taken a heartbeat saying so."""
         self.telemetry = Telemetry(power_w=300.0, throttled=True, clock_ratio=clock_ratio)
         await asyncio.wait_for(self.throttling_reported.wait(), timeout)
 
@@ -83,10 +98,12 @@ class Pace:
             assert joined is not None
             self.since[p.account] = joined
 
-    async def report(self, peer: Peer, epoch: int, samples: int = SAMPLES) -> RunView:
-        """``peer``'s report of ``epoch``; the run's view after it."""
-        await wait_for_clock(self.since[peer.account] + SECONDS)  # billed: min(seconds, wall clock) = seconds
-        accepted = await peer.client.report(self.run_id, report(epoch, samples, seconds=SECONDS))
+    async def report(
+        self, peer: Peer, epoch: int, samples: int = SAMPLES, seconds: float = SECONDS
+    ) -> RunView:
+        """``peer``'s report of ``epoch``, claiming ``seconds`` of compute; the run's view after it."""
+        await wait_for_clock(self.since[peer.account] + seconds)  # billed: min(seconds, wall clock) = seconds
+        accepted = await peer.client.report(self.run_id, report(epoch, samples, seconds=seconds))
         self.since[peer.account] = accepted.accepted_at
         return await self.market.run(self.run_id)
 
@@ -195,6 +212,95 @@ async def test_a_peer_reporting_throttling_is_rerated_and_flagged_throttled_with
         assert rerated.tflops == pytest.approx(H100.tflops / 4)
         # explained by throttling: no shortfall, its reputation is whole (uptime only grows)
         assert rerated.reliability >= before[hot.account].reliability
+        await market.conserved()
+
+
+async def test_throttling_reported_without_a_clock_ratio_explains_nothing(market: Market) -> None:
+    """An over-claimer whose heartbeats say "throttled" but give no clock ratio is flagged ``short``, loses
+    reputation, and posting its claim again does not take the re-rating back."""
+    url = market.server.url
+    async with RatedPeer(url) as a, RatedPeer(url) as b, RatedPeer(url, H100.tflops * LIE) as liar:
+        run = await market.launch(peers=(3, 3), target=1000)
+        await market.clear()
+        before = await offers_of(market)
+        await liar.throttle(clock_ratio=None)
+        pace = Pace(market, run.id)
+        await pace.join(a, b, liar)
+        for epoch in range(3):
+            for p in (a, b, liar):
+                view = await pace.report(p, epoch)
+        mine = peer_of(view, liar.account)
+        assert mine.capacity_flag == "short" and mine.capacity_ratio == pytest.approx(1 / LIE)
+        assert mine.capacity_reason is not None and "without a clock ratio" in mine.capacity_reason
+        rerated = (await offers_of(market))[liar.account]
+        assert rerated.reliability < before[liar.account].reliability  # a shortfall, held against it
+        again = await liar.client.post_offer(OfferBody(price_per_hour=liar.price, hardware=liar.hardware))
+        assert again.offer.tflops == pytest.approx(H100.tflops) and again.offer.capacity_flag == "short"
+        await market.conserved()
+
+
+async def test_a_peer_reporting_a_tiny_seconds_cuts_no_one_and_peers_of_every_size_are_paid_alike(
+    market: Market,
+) -> None:
+    """Honest peers of 1x, 2x and 3x an H100 train the same share in their compute times (``SECONDS``,
+    ``SECONDS / 2``, ``SECONDS / 3``) beside one that reports a hundredth of its compute time: no one is
+    flagged or cut, and the three honest ones are paid alike per sample (the 3x for a third of the time at
+    three times the price)."""
+    url = market.server.url
+    sizes = (1, 2, 3)
+    async with (
+        RatedPeer(url, H100.tflops) as x1,
+        RatedPeer(url, H100.tflops * 2) as x2,
+        RatedPeer(url, H100.tflops * 3) as x3,
+        RatedPeer(url) as tiny,
+    ):
+        honest = dict(zip((x1, x2, x3), sizes, strict=True))
+        run = await market.launch(peers=(4, 4), target=1000)
+        await market.clear()
+        pace = Pace(market, run.id)
+        await pace.join(x1, x2, x3, tiny)
+        for epoch in range(3):
+            for p in (tiny, x1, x2, x3):  # the tiny one first: every later report is measured beside it
+                seconds = SECONDS / 100 if p is tiny else SECONDS / honest[p]
+                view = await pace.report(p, epoch, seconds=seconds)
+                for q in (x1, x2, x3):
+                    mine = peer_of(view, q.account)
+                    assert mine.capacity_flag is None and mine.capacity_ratio in (None, 1.0), view
+        peers = [peer_of(view, p.account) for p in (x1, x2, x3)]
+        assert all(p.capacity_ratio == 1.0 for p in peers), peers
+        assert peer_of(view, tiny.account).capacity_flag is None
+        paid = [per_sample(p) for p in peers]
+        assert max(paid) / min(paid) < Decimal("1.05"), paid  # the old rule for each: no cut
+        await market.conserved()
+
+
+async def test_peers_whose_work_failed_an_audit_set_no_reference(market: Market) -> None:
+    """Two free-riders beside two honest peers: they compute nothing, so their ``seconds`` are next to
+    nothing and they would be the majority of an honest peer's others, its reference a hundred times its
+    rate. Once an audit of their work failed (one failed epoch: not banned yet), they no longer count, and
+    the honest peers are neither flagged nor cut."""
+    url = market.server.url
+    async with RatedPeer(url) as a, RatedPeer(url) as b, RatedPeer(url) as f1, RatedPeer(url) as f2:
+        run = await market.launch(peers=(4, 4), target=1000, verification=AUDITED)
+        await market.clear()
+        pace = Pace(market, run.id)
+        await pace.join(a, b, f1, f2)
+        bodies = {}
+        for f in (f1, f2):
+            await pace.report(f, 0, seconds=SECONDS / 100)
+            bodies[f.account] = report(0, SAMPLES, seconds=SECONDS / 100)
+        for validator in (a, b):  # their epoch 0 was made up: a finds it, b confirms it
+            for task in await validator.client.claim_audits(run.id, 8):
+                answer = _answer(bodies[task.account], task.index, wrong=True)
+                await validator.client.submit_audit(run.id, task.id, answer)
+        view = await market.run(run.id)
+        for f in (f1, f2):
+            assert peer_of(view, f.account).state == "active" and peer_of(view, f.account).audits_failed, view
+        for epoch in range(3):
+            for p in (a, b):
+                view = await pace.report(p, epoch)
+                mine = peer_of(view, p.account)
+                assert mine.capacity_flag is None and mine.capacity_ratio is None, view
         await market.conserved()
 
 

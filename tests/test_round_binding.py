@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from peer.protocol.commitment import Commitment, binding
-from peer.protocol.run_schemas import ReportBody, RoundCommitment
+from peer.protocol.commitment import Commitment, binding, claim_digest
+from peer.protocol.run_schemas import BlameBody, ReportBody, RoundCommitment
 from peer.protocol.sketch import SKETCH_DIMS
 from tests.conftest import Databases
+from tests.test_groups_api import checkin, running
 from tests.test_runs_api import AUDITED, Market, Peer, own_market, peer_of, refused, report
 
 pytestmark = pytest.mark.timeout(120)
@@ -32,7 +33,9 @@ def committed(run_id: str, peer: Peer, body: ReportBody, *, scale: float = 1.0) 
     an honest member sends; -4: peer.adversary's poisoned-round)."""
     total = sum(len(m.ids) for m in body.micro_batches)
     mean = [sum(len(m.ids) * m.sketch[d] for m in body.micro_batches) / total for d in range(SKETCH_DIMS)]
-    c = Commitment(1, body.epoch, 0, float(total), tuple(scale * x for x in mean), tuple(body.param_sketch))
+    claim = claim_digest([(m.ids, m.sketch) for m in body.micro_batches])
+    update = tuple(scale * x for x in mean)
+    c = Commitment(1, body.epoch, 0, float(total), update, tuple(body.param_sketch), claim)
     return RoundCommitment(account=peer.account, commitment=c.signed(run_id, peer.identity).encode().hex())
 
 
@@ -103,7 +106,9 @@ async def test_forged_or_misdated_commitments_are_refused_with_their_report(mark
         await refused(
             a.client.report(run.id, with_round(body, forged)), 400, "bad_request", "round[0].commitment"
         )
-        misdated = committed(run.id, a, report(1, samples=6))
+        misdated = committed(run.id, b, report(1, samples=6))
+        twice = with_round(body, committed(run.id, a, body), committed(run.id, a, body))
+        await refused(a.client.report(run.id, twice), 400, "bad_request", "round")
         await refused(
             a.client.report(run.id, with_round(body, committed(run.id, a, body), misdated)),
             400,
@@ -116,3 +121,64 @@ async def test_forged_or_misdated_commitments_are_refused_with_their_report(mark
         await a.client.report(run.id, with_round(body, committed(run.id, a, body)))
         assert [x.index for x in await a.client.audits(run.id)] == [0, 1]  # an honest one adds no failure
         await market.conserved()
+
+
+async def test_a_commitment_made_for_a_redone_attempt_of_the_epoch_frames_nobody(market: Market) -> None:
+    """An honest member that redid an epoch (a refused round, other samples) signed a commitment for a
+    claim it never reported; another member forwarding that one does not get it failed: only a commitment
+    naming the member's very report (its claim digest) is held against it."""
+    async with Peer(market.server.url) as a, Peer(market.server.url) as b:
+        run = await market.launch(peers=(2, 2), target=1000, verification=AUDITED)
+        await market.clear()
+        await a.join(run.id)
+        await b.join(run.id)
+        first, redone = report(0, samples=6, seconds=0.2), report(0, samples=4, seconds=0.2)
+        redone = redone.model_copy(
+            update={
+                "micro_batches": [
+                    m.model_copy(update={"ids": [100 + i for i in m.ids]}) for m in redone.micro_batches
+                ]
+            }
+        )
+        stale = committed(run.id, a, first)  # a's first attempt: 6 samples, ids 0-5
+        await b.client.report(run.id, with_round(report(0, samples=6, seconds=0.2), stale))
+        await a.client.report(run.id, with_round(redone, committed(run.id, a, redone)))
+        assert not [x for x in await a.client.audits(run.id) if x.index == -1]
+        assert peer_of(await market.run(run.id), a.account).state == "active"
+        await market.conserved()
+
+
+async def test_blames_fail_a_member_only_on_most_of_the_others_word_and_never_on_one(market: Market) -> None:
+    url = market.server.url
+    async with Peer(url) as a, Peer(url) as b, Peer(url) as c:
+        run = await running(market, a, b, c, verification=AUDITED)
+        for p in (a, b, c):
+            group = await checkin(p, run.id)
+        assert len(group.members) == 3, group
+        version = group.version
+        body = BlameBody(epoch=0, version=version, accused=[c.account], reason="revealed noise")
+        assert (await a.client.blame(run.id, body)).failed == []  # one word is not enough
+        await refused(
+            a.client.blame(run.id, body.model_copy(update={"epoch": 7})), 400, "bad_request", "epoch"
+        )
+        stranger = body.model_copy(update={"accused": ["ab" * 32]})
+        await refused(a.client.blame(run.id, stranger), 400, "bad_request", "accused")
+        assert (await b.client.blame(run.id, body)).failed == [c.account]  # two of the two others
+        audits = [x for x in await a.client.audits(run.id) if x.index == -1]
+        assert [(x.account, x.state) for x in audits] == [(c.account, "failed")]
+        assert "not what it committed to" in audits[0].reason
+        view = await market.run(run.id)
+        assert [peer_of(view, p.account).state for p in (a, b, c)] == ["active", "active", "banned"]
+        await refused(a.client.blame(run.id, body), 409, "stale_version", "version")  # the group moved on
+        await market.conserved()
+
+
+async def test_in_a_round_of_two_a_blame_bans_nobody(market: Market) -> None:
+    async with Peer(market.server.url) as a, Peer(market.server.url) as b:
+        run = await running(market, a, b, verification=AUDITED)
+        for p in (a, b):
+            group = await checkin(p, run.id)
+        body = BlameBody(epoch=0, version=group.version, accused=[b.account])
+        assert (await a.client.blame(run.id, body)).failed == []
+        assert peer_of(await market.run(run.id), b.account).state == "active"
+        assert not [x for x in await a.client.audits(run.id) if x.index == -1]

@@ -284,4 +284,5 @@ async def test_both_engines_reach_the_last_migration_with_the_same_columns(
     assert pg[1] == lite[1]
     assert {"claimed_tflops", "capacity_flag", "throttled_at", "clock_ratio"} <= pg[1]["offers"]
     assert {"tflops", "billed_units", "capacity_ratio", "capacity_flag"} <= pg[1]["matches"]
+    assert {"priced_clock_ratio", "throttled_clock_ratio"} <= pg[1]["matches"]
     assert "shortfalls" in pg[1]["peers"]

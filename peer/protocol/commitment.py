@@ -2,8 +2,8 @@
 member's contribution report (both sides need them: members gather and check commitments in the round,
 the coordinator checks each against the member's own report).
 
-Both sketches in a commitment use the epoch's gradient seed (:func:`peer.protocol.sketch.grad_seed`), the
-one every member's micro-batch sketches use, so that:
+A commitment's update sketch uses the epoch's gradient seed (:func:`peer.protocol.sketch.grad_seed`), the
+one every member's micro-batch sketches use (its parameter sketch uses the parameters' seed), so that:
 
 - in the round, the sketch of the weighted mean must equal the weighted mean of the committed update
   sketches (sketches are linear): a member that sends something other than what it committed to is seen
@@ -20,18 +20,21 @@ Plain Python (struct and the identity's Ed25519), so the coordinator never impor
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from peer.protocol.identity import Identity, verify_signature
+from peer.protocol.identity import Identity, IdentityError, verify_signature
 from peer.protocol.sketch import SKETCH_DIMS, relative_distance
 
 _HEADER = struct.Struct("<qqqd")  # version, epoch, rank, weight
 _SKETCHES = struct.Struct(f"<{2 * SKETCH_DIMS}d")  # update sketch, parameter sketch
+CLAIM_BYTES = 32  # SHA-256 of the micro-batches the member will report: claim_digest()
 SIGNATURE_BYTES = 64
-COMMITMENT_BYTES = _HEADER.size + _SKETCHES.size + SIGNATURE_BYTES
+COMMITMENT_BYTES = _HEADER.size + _SKETCHES.size + CLAIM_BYTES + SIGNATURE_BYTES
 
 #: How far a member's committed update sketch may be from the weighted mean of its reported micro-batch
 #: sketches, relative to the larger of the two and of the micro-batches' own weighted norms (so that
@@ -51,6 +54,7 @@ class Commitment:
     weight: float
     update: tuple[float, ...]  # sketch of the update it sends (before scaling by its share)
     params: tuple[float, ...]  # sketch of its parameters at the epoch's start
+    claim: bytes = b"\0" * CLAIM_BYTES  # claim_digest() of the micro-batches whose mean the update is
     signature: bytes = b""
 
     def message(self, run_id: str) -> bytes:
@@ -60,17 +64,23 @@ class Commitment:
             + b"\0"
             + _HEADER.pack(self.version, self.epoch, self.rank, self.weight)
             + _SKETCHES.pack(*self.update, *self.params)
+            + self.claim
         )
 
     def signed(self, run_id: str, identity: Identity) -> Commitment:
         return Commitment(**{**self.__dict__, "signature": identity.sign(self.message(run_id))})
 
     def verifies(self, run_id: str, account: str) -> bool:
-        return verify_signature(account, self.signature, self.message(run_id))
+        """Whether ``account`` signed this commitment (False for an account that is not a key at all: a
+        member's gather names it, and what a member sends is checked before it is used)."""
+        try:
+            return verify_signature(account, self.signature, self.message(run_id))
+        except IdentityError:
+            return False
 
     def encode(self) -> bytes:
         header = _HEADER.pack(self.version, self.epoch, self.rank, self.weight)
-        return header + _SKETCHES.pack(*self.update, *self.params) + self.signature
+        return header + _SKETCHES.pack(*self.update, *self.params) + self.claim + self.signature
 
     @classmethod
     def decode(cls, raw: bytes) -> Commitment:
@@ -78,8 +88,19 @@ class Commitment:
             raise ValueError(f"a commitment is {COMMITMENT_BYTES} bytes, got {len(raw)}")
         version, epoch, rank, weight = _HEADER.unpack_from(raw)
         values = _SKETCHES.unpack_from(raw, _HEADER.size)
-        signature = raw[_HEADER.size + _SKETCHES.size :]
-        return cls(version, epoch, rank, weight, values[:SKETCH_DIMS], values[SKETCH_DIMS:], signature)
+        at = _HEADER.size + _SKETCHES.size
+        claim, signature = raw[at : at + CLAIM_BYTES], raw[at + CLAIM_BYTES :]
+        return cls(version, epoch, rank, weight, values[:SKETCH_DIMS], values[SKETCH_DIMS:], claim, signature)
+
+
+def claim_digest(micro: Sequence[tuple[Sequence[int], Sequence[float]]]) -> bytes:
+    """SHA-256 of a report's micro-batches (their ids and sketches, in order, as compact JSON): what a
+    round commitment names, so that the coordinator holds a commitment against a member's report only
+    when it was made for that very report. A member that redid an epoch (a refused round, new samples)
+    signed commitments for claims it never reported; without the digest any other member could forward
+    one of those and have an honest member failed."""
+    canonical = [[list(ids), list(sketch)] for ids, sketch in micro]
+    return hashlib.sha256(json.dumps(canonical, separators=(",", ":")).encode()).digest()
 
 
 def binding(update: Sequence[float], micro: Sequence[tuple[int, Sequence[float]]]) -> tuple[bool, float]:
@@ -131,3 +152,6 @@ def matches(result: Sequence[float], commitments: Sequence[Commitment], precisio
         f"the result is {distance:.3g} from the members' commitments (tolerance {tolerance:g}): "
         "a member sent something else"
     )
+
+
+NO_CLAIM = claim_digest([])  # a member with no samples this epoch (it reports nothing)

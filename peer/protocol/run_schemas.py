@@ -175,8 +175,9 @@ class RunPeerView(View):
     tflops: float | None = Field(None, description="The capacity its match was priced on (TFLOP/s).")
     capacity_ratio: float | None = Field(
         None,
-        description="What it delivers per TFLOP/s claimed over the run's best peer's (coordinator.capacity); "
-        "null until measured. Its pay is scaled by min(1, ratio * HIVEMARKET_CAPACITY_TOLERANCE).",
+        description="What it delivers per TFLOP/s claimed over the median of the run's other peers, at most "
+        "1 (coordinator.capacity); null until measured. Its pay is scaled by "
+        "min(1, ratio * HIVEMARKET_CAPACITY_TOLERANCE).",
     )
     capacity_flag: Literal["short", "throttled"] | None = Field(
         None, description="short: well below its claim, unexplained; throttled: explained by throttling."
@@ -319,6 +320,11 @@ class MicroBatch(Body):
     sketch: Sketch = Field(description="Random projection of the micro-batch's gradient.")
 
 
+#: The most commitments a report forwards (a larger round's members each forward this many, starting at
+#: their own, so that every member's commitment reaches the coordinator: peer.trainer).
+MAX_ROUND_MEMBERS = 256
+
+
 class RoundCommitment(Body):
     """A member's signed commitment to what it put into the fast-path round that applied an epoch
     (:class:`peer.protocol.commitment.Commitment`, encoded), as the reporting peer gathered it."""
@@ -349,9 +355,9 @@ class ReportBody(Body):
     )
     round: list[RoundCommitment] = Field(
         default_factory=list,
-        max_length=1024,
-        description="The commitments gathered in the fast-path round that applied this epoch (empty on "
-        "hivemind's path): the coordinator checks each against its member's own report.",
+        max_length=MAX_ROUND_MEMBERS,
+        description="The signed commitments gathered in the round that applied this epoch, one per "
+        "member (on either path): the coordinator checks each against its member's own report.",
     )
 
     @model_validator(mode="after")
@@ -363,6 +369,9 @@ class ReportBody(Body):
             )
         if len(set(ids)) != len(ids):
             raise field_error("micro_batches", "a sample id appears twice in one epoch's report")
+        accounts = [c.account for c in self.round]
+        if len(set(accounts)) != len(accounts):
+            raise field_error("round", "a member's commitment appears twice; each member has one per round")
         return self
 
 
