@@ -463,7 +463,7 @@ class FastPath:
         revealed = {r: torch.empty_like(self.flat) for r in others}
         sends = [self.pg.send([self.flat], r, REVEAL_TAG) for r in others]
         receives = {r: self.pg.recv([revealed[r]], r, REVEAL_TAG) for r in others}
-        ends = time.monotonic() + self.deadlines.round() * len(members)
+        ends = time.monotonic() + self.deadlines.reveal(len(members))
         sketcher = self._sketchers(commitments[0].epoch)
         blamed, late = [], None
         for r in others:

@@ -73,6 +73,11 @@ class RoundDeadlines:
     def overlapped(self, matchmaking: float, epoch_seconds: float) -> float:
         return self.step(matchmaking) + OVERLAP_EPOCHS * epoch_seconds
 
+    def reveal(self, members: int) -> float:
+        """A refused round's reveal (:meth:`peer.collective.FastPath.blame`): each member receives every
+        other's update once, ``members - 1`` round payloads against a round's two."""
+        return self.round() * max(1, members - 1)
+
     def straggle(self) -> float:
         if not self.rounds:  # a peer that just joined: its first round is as late as the others' next
             return self.floor

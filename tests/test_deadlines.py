@@ -57,3 +57,10 @@ def test_an_overlapped_round_waits_up_to_an_epoch_and_a_half_beyond_the_step_dea
     assert d.step(1.0) == 8.0
     assert d.overlapped(1.0, epoch_seconds=20.0) == 38.0  # past the ceiling: the wait runs beside compute
     assert d.overlapped(1.0, epoch_seconds=0.05) == pytest.approx(8.075)  # tiny epochs: the step deadline
+
+
+def test_a_reveal_waits_a_round_for_each_other_member() -> None:
+    d = RoundDeadlines(ceiling=30.0, floor=0.5)
+    for _ in range(5):
+        d.observe(0.2)
+    assert d.reveal(4) == pytest.approx(3 * d.round()) and d.reveal(1) == d.round()

@@ -49,6 +49,21 @@ def _epochs(demo: Demo, account: str) -> list[dict[str, Any]]:
     return [e for e in demo.events(demo.peers[account].name) if e["event"] == "epoch"]
 
 
+def _banned_for_its_round(demo: Demo, run: RunView, cheat: str, reason: str) -> float:
+    """Wait for ``cheat`` to be banned from ``run``; the only failed checks are its rounds' (index -1,
+    ``reason`` in their reason). Returns when the ban was seen."""
+
+    def banned() -> bool:
+        view = demo.ask(lambda c: c.run(run.id))
+        return any(p.account == cheat and p.state == "banned" for p in view.peers)
+
+    wait_until(banned, 150, f"{cheat[:12]}... to be banned for its rounds")
+    failed = [a for a in demo.ask(lambda c: c.audits(run.id)) if a.state == "failed"]
+    assert failed and {a.account for a in failed} == {cheat}, failed
+    assert all(a.index == -1 and reason in a.reason for a in failed), failed
+    return time.time()
+
+
 def _assert_agreement(reports: list[ReportView], accounts: set[str]) -> int:
     """Every epoch two of ``accounts`` reported, they reported it from the same parameters; how many."""
     by_epoch: dict[int, list[ReportView]] = defaultdict(list)
@@ -122,16 +137,7 @@ def test_a_member_that_sends_other_than_it_committed_to_gets_no_round_applied_an
         cheat = demo.add_peer(adversary="noisy-round")
         demo.wait_offers(3)
         run = _launch(demo, peers_min=2, peers_max=3, epochs=40)
-
-        def banned() -> bool:
-            view = demo.ask(lambda c: c.run(run.id))
-            return any(p.account == cheat and p.state == "banned" for p in view.peers)
-
-        wait_until(banned, 150, "the noisy member to be banned")
-        banned_at = time.time()
-        failed = [a for a in demo.ask(lambda c: c.audits(run.id)) if a.state == "failed"]
-        assert failed and {a.account for a in failed} == {cheat}, failed
-        assert all(a.index == -1 and "not what it committed to" in a.reason for a in failed), failed
+        banned_at = _banned_for_its_round(demo, run, cheat, "not what it committed to")
         for account in accounts:
             events = demo.events(demo.peers[account].name)
             # refused for its result (and, once the ban formed a new group version, the old one failed)
@@ -164,16 +170,7 @@ def test_a_member_that_sends_and_commits_to_another_update_than_its_reports_is_f
         cheat = demo.add_peer(adversary="poisoned-round", **env)
         demo.wait_offers(3)
         run = _launch(demo, peers_min=2, peers_max=3, epochs=60)
-
-        def banned() -> bool:
-            view = demo.ask(lambda c: c.run(run.id))
-            return any(p.account == cheat and p.state == "banned" for p in view.peers)
-
-        wait_until(banned, 150, "the poisoner to be banned")
-        banned_at = time.time()
-        failed = [a for a in demo.ask(lambda c: c.audits(run.id)) if a.state == "failed"]
-        assert failed and {a.account for a in failed} == {cheat}, failed
-        assert all(a.index == -1 and "round commitment" in a.reason for a in failed), failed
+        banned_at = _banned_for_its_round(demo, run, cheat, "round commitment")
         final, _ = demo.follow(run)
         assert final.state == "finished", final.reason
         reports = demo.ask(lambda c: c.reports(run.id))
